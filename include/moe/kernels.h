@@ -1,0 +1,48 @@
+// moe/kernels.h: the CPU kernels (OpenMP + OpenBLAS), templated on float and double.
+//
+// Each kernel has a naive scalar twin in src/kernels/ref/ref.h with the same signature; the
+// tests compare the two. Shapes are row-major; every function states its shapes first.
+#pragma once
+
+#include <cstdint>
+
+namespace moe {
+
+enum class Activation { relu, gelu, silu };
+
+const char* activation_name(Activation a);
+
+namespace cpu {
+
+// C[m, n] = alpha * op(A) op(B) + beta * C, op(A) [m, k], op(B) [k, n]; A, B, C row-major with
+// leading dimensions lda, ldb, ldc. trans_a means A is stored [k, m]. Empty products are skipped
+// (with k == 0, C is scaled by beta). Runs on all threads outside a parallel region and on the
+// calling thread inside one.
+template <class T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+          int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
+
+// out[rows, cols] = softmax(in) per row; lse[rows] = logsumexp of each row (may be null).
+template <class T>
+void softmax_rows(T* out, T* lse, const T* in, int64_t rows, int64_t cols);
+
+// For each row of in[rows, cols]: idx[rows, k] and val[rows, k] of the k largest values, largest
+// first; ties go to the lowest column index. Requires 1 <= k <= cols and no NaN.
+template <class T>
+void topk_rows(int32_t* idx, T* val, const T* in, int64_t rows, int64_t cols, int64_t k);
+
+// out[n] = act(in[n]); din[n] = dout * act'(in) (writes din).
+template <class T>
+void act_forward(Activation act, T* out, const T* in, int64_t n);
+template <class T>
+void act_backward(Activation act, T* din, const T* dout, const T* in, int64_t n);
+
+// SwiGLU (Shazeer 2020): h[n] = silu(a_gate) * a_up, and its backward (writes da_gate, da_up).
+template <class T>
+void swiglu_forward(T* h, const T* a_gate, const T* a_up, int64_t n);
+template <class T>
+void swiglu_backward(T* da_gate, T* da_up, const T* dh, const T* a_gate, const T* a_up,
+                     int64_t n);
+
+}  // namespace cpu
+}  // namespace moe

@@ -1,0 +1,104 @@
+// moe/moe_layer.h: the Mixture-of-Experts layer, forward and backward.
+//
+// x [N, D] -> y [N, D]. A router scores every token against every expert, keeps the top K, and
+// the token's output is the weighted sum of those experts' FFN outputs, plus the shared experts.
+// The forward also returns the balancing losses (Switch aux loss, router z-loss) and routing
+// statistics; the backward differentiates the output and both losses.
+//
+// Dispatch (DESIGN.md section 6): a counting sort of (token, slot) pairs by expert gives
+// contiguous per-expert row blocks; each expert runs as GEMMs on its block; the combine writes
+// each token's weighted sum directly, with no atomics. src/moe/moe_ref.h holds the per-token
+// loop that serves as its reference.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "moe/arena.h"
+#include "moe/moe_config.h"
+#include "moe/rng.h"
+#include "moe/tensor.h"
+
+namespace moe {
+
+// The weights of X experts of one kind (routed: X = E, shared: X = S), width F.
+struct ExpertWeights {
+  Tensor w_gate;  // [X, F, D], SwiGLU only
+  Tensor w_up;    // [X, F, D]
+  Tensor w_down;  // [X, D, F]
+  Tensor b_gate;  // [X, F], SwiGLU with biases only
+  Tensor b_up;    // [X, F], with biases only
+  Tensor b_down;  // [X, D], with biases only
+};
+
+struct MoeParams {
+  Tensor w_router;       // [E, D]
+  ExpertWeights experts;
+  ExpertWeights shared;  // S > 0 only
+  Tensor w_shared_gate;  // [1, D], shared_gate only
+
+  // Allocates every tensor the config needs, zero-filled.
+  static MoeParams zeros(const MoeConfig& cfg, DType dtype);
+  // Calls f(name, tensor) for every defined tensor, in a fixed order.
+  void for_each(const std::function<void(const std::string&, Tensor&)>& f);
+  void for_each(const std::function<void(const std::string&, const Tensor&)>& f) const;
+  int64_t numel() const;
+};
+
+// Routing statistics of one forward call.
+struct RoutingStats {
+  std::vector<int64_t> routed;  // [E] (token, slot) pairs the router sent to each expert
+  std::vector<int64_t> kept;    // [E] of those, kept within capacity
+  int64_t n_tokens = 0;
+  int64_t capacity = 0;         // per expert; 0 when dropless
+  double dropped_fraction = 0;  // dropped pairs / (N * K)
+  double load_imbalance = 0;    // max(routed) / mean(routed)
+  double router_entropy = 0;    // mean over tokens of -sum_e p log p (nats)
+  double aux_loss = 0;
+  double z_loss = 0;
+  std::string str() const;      // a human-readable table
+};
+
+struct MoeOutput {
+  Tensor y;          // [N, D], in the arena
+  double aux_loss = 0;
+  double z_loss = 0;
+  RoutingStats stats;
+};
+
+class MoeLayer {
+ public:
+  MoeLayer(const MoeConfig& cfg, DType dtype = DType::F32);
+
+  const MoeConfig& config() const { return cfg_; }
+  DType dtype() const { return dtype_; }
+  MoeParams& params() { return params_; }
+  const MoeParams& params() const { return params_; }
+  MoeParams& grads() { return grads_; }
+
+  // Router and expert inputs N(0, 1/fan_in), output projections N(0, 1/F), biases zero.
+  void init(Rng& rng);
+  void zero_grad();
+
+  // x [N, D] -> y [N, D]. Activations the backward needs go to `arena`, which must not be
+  // reset before backward(). x must stay alive until then too.
+  MoeOutput forward(const Tensor& x, Arena& arena);
+
+  // dy [N, D] -> dx [N, D] (written); parameter gradients accumulate into grads(). d_aux and
+  // d_z are the gradients of the objective with respect to the two losses (1 when they are
+  // added to the training loss).
+  void backward(const Tensor& dy, Tensor& dx, Arena& arena, double d_aux = 1.0,
+                double d_z = 1.0);
+
+  struct Saved;  // what forward keeps for backward (moe_layer.cpp)
+
+ private:
+  MoeConfig cfg_;
+  DType dtype_;
+  MoeParams params_;
+  MoeParams grads_;
+  std::shared_ptr<Saved> saved_;
+};
+
+}  // namespace moe

@@ -1,0 +1,32 @@
+// moe/rng.h: a seeded random number generator (xoshiro256**, seeded through splitmix64).
+//
+// A run is a function of its seed: every random draw in the engine comes from an Rng, drawn in
+// a fixed order on one thread, so results do not depend on the thread count.
+#pragma once
+
+#include <cstdint>
+
+#include "moe/tensor.h"
+
+namespace moe {
+
+class Rng {
+ public:
+  explicit Rng(uint64_t seed = 0);
+  uint64_t next_u64();
+  double uniform();                        // [0, 1)
+  double uniform(double lo, double hi);    // [lo, hi)
+  double normal();                         // N(0, 1), Box-Muller
+  int64_t randint(int64_t lo, int64_t hi); // [lo, hi)
+
+  // Fills a float tensor with N(mean, std) or U(lo, hi).
+  void fill_normal(Tensor& t, double mean, double std);
+  void fill_uniform(Tensor& t, double lo, double hi);
+
+ private:
+  uint64_t s_[4];
+  bool has_spare_ = false;
+  double spare_ = 0;
+};
+
+}  // namespace moe

@@ -1,0 +1,87 @@
+// moe/tensor.h: a dense, row-major tensor of float32, float64, int32 or int64.
+//
+// A Tensor either owns its buffer (Tensor::empty / zeros, 64-byte aligned) or views memory that
+// somebody else owns (Tensor::view, used for arena-backed activations). Copies share the buffer;
+// clone() copies the data. Typed access checks the dtype: data<float>() on a float64 tensor throws.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moe/error.h"
+
+namespace moe {
+
+enum class DType { F32, F64, I32, I64 };
+
+using Shape = std::vector<int64_t>;
+
+size_t dtype_size(DType dtype);
+const char* dtype_name(DType dtype);
+std::string shape_str(const Shape& shape);
+int64_t shape_numel(const Shape& shape);
+
+template <class T>
+constexpr DType dtype_of();
+template <>
+constexpr DType dtype_of<float>() { return DType::F32; }
+template <>
+constexpr DType dtype_of<double>() { return DType::F64; }
+template <>
+constexpr DType dtype_of<int32_t>() { return DType::I32; }
+template <>
+constexpr DType dtype_of<int64_t>() { return DType::I64; }
+
+class Tensor {
+ public:
+  Tensor() = default;
+
+  // An owning tensor; its contents are unspecified (NaN-filled in debug builds).
+  static Tensor empty(const Shape& shape, DType dtype);
+  static Tensor zeros(const Shape& shape, DType dtype);
+  // A non-owning view of `data`, which must outlive every use of the view.
+  static Tensor view(void* data, const Shape& shape, DType dtype);
+
+  bool defined() const { return data_ != nullptr || numel() == 0; }
+  DType dtype() const { return dtype_; }
+  const Shape& shape() const { return shape_; }
+  int64_t ndim() const { return static_cast<int64_t>(shape_.size()); }
+  int64_t size(int64_t dim) const;
+  int64_t numel() const { return shape_numel(shape_); }
+  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
+  std::string str() const;  // "f32[2, 3]"
+
+  template <class T>
+  T* data() {
+    check_dtype(dtype_of<T>());
+    return static_cast<T*>(data_);
+  }
+  template <class T>
+  const T* data() const {
+    check_dtype(dtype_of<T>());
+    return static_cast<const T*>(data_);
+  }
+  void* raw() { return data_; }
+  const void* raw() const { return data_; }
+
+  Tensor clone() const;
+  Tensor to(DType dtype) const;  // converting copy (float types only)
+  void fill(double value);       // float types only
+  // Element i as double, for tests and diagnostics (float types only).
+  double at(int64_t i) const;
+
+  // Throws unless the shape and dtype are exactly these; `what` names the tensor in the message.
+  void expect(const char* where, const char* what, const Shape& shape, DType dtype) const;
+
+ private:
+  void check_dtype(DType want) const;
+
+  std::shared_ptr<void> owner_;
+  void* data_ = nullptr;
+  Shape shape_;
+  DType dtype_ = DType::F32;
+};
+
+}  // namespace moe

@@ -1,0 +1,158 @@
+// Tensor storage, dtype bookkeeping and conversions.
+#include "moe/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace moe {
+
+size_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::F32: return 4;
+    case DType::F64: return 8;
+    case DType::I32: return 4;
+    case DType::I64: return 8;
+  }
+  return 0;
+}
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::F32: return "f32";
+    case DType::F64: return "f64";
+    case DType::I32: return "i32";
+    case DType::I64: return "i64";
+  }
+  return "?";
+}
+
+std::string shape_str(const Shape& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+int64_t shape_numel(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+namespace {
+
+void check_shape(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    MOE_CHECK(d >= 0, "tensor", "negative dimension in shape {}", shape_str(shape));
+    MOE_CHECK(d == 0 || n <= std::numeric_limits<int64_t>::max() / 16 / d, "tensor",
+              "shape {} is too large", shape_str(shape));
+    n *= d;
+  }
+}
+
+template <class T>
+void fill_typed(void* p, int64_t n, double v) {
+  T* t = static_cast<T*>(p);
+  for (int64_t i = 0; i < n; ++i) t[i] = static_cast<T>(v);
+}
+
+}  // namespace
+
+Tensor Tensor::empty(const Shape& shape, DType dtype) {
+  check_shape(shape);
+  Tensor t;
+  t.shape_ = shape;
+  t.dtype_ = dtype;
+  size_t bytes = (t.nbytes() + 63) / 64 * 64;
+  if (bytes == 0) bytes = 64;
+  void* p = std::aligned_alloc(64, bytes);
+  MOE_CHECK(p != nullptr, "tensor", "out of memory allocating {} bytes for {}", bytes, t.str());
+  t.owner_ = std::shared_ptr<void>(p, [](void* q) { std::free(q); });
+  t.data_ = p;
+#ifdef MOE_DEBUG
+  if (dtype == DType::F32 || dtype == DType::F64) t.fill(std::numeric_limits<double>::quiet_NaN());
+#endif
+  return t;
+}
+
+Tensor Tensor::zeros(const Shape& shape, DType dtype) {
+  Tensor t = empty(shape, dtype);
+  std::memset(t.data_, 0, t.nbytes());
+  return t;
+}
+
+Tensor Tensor::view(void* data, const Shape& shape, DType dtype) {
+  check_shape(shape);
+  Tensor t;
+  t.shape_ = shape;
+  t.dtype_ = dtype;
+  t.data_ = data;
+  return t;
+}
+
+int64_t Tensor::size(int64_t dim) const {
+  MOE_CHECK(dim >= 0 && dim < ndim(), "tensor", "dimension {} out of range for {}", dim, str());
+  return shape_[static_cast<size_t>(dim)];
+}
+
+std::string Tensor::str() const { return std::string(dtype_name(dtype_)) + shape_str(shape_); }
+
+Tensor Tensor::clone() const {
+  Tensor t = empty(shape_, dtype_);
+  if (nbytes() > 0) std::memcpy(t.data_, data_, nbytes());
+  return t;
+}
+
+Tensor Tensor::to(DType dtype) const {
+  if (dtype == dtype_) return clone();
+  MOE_CHECK((dtype_ == DType::F32 || dtype_ == DType::F64) &&
+                (dtype == DType::F32 || dtype == DType::F64),
+            "tensor", "conversion from {} to {} is not supported", dtype_name(dtype_),
+            dtype_name(dtype));
+  Tensor t = empty(shape_, dtype);
+  const int64_t n = numel();
+  if (dtype == DType::F64) {
+    const float* s = static_cast<const float*>(data_);
+    double* d = t.data<double>();
+    for (int64_t i = 0; i < n; ++i) d[i] = s[i];
+  } else {
+    const double* s = static_cast<const double*>(data_);
+    float* d = t.data<float>();
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<float>(s[i]);
+  }
+  return t;
+}
+
+void Tensor::fill(double value) {
+  switch (dtype_) {
+    case DType::F32: fill_typed<float>(data_, numel(), value); break;
+    case DType::F64: fill_typed<double>(data_, numel(), value); break;
+    case DType::I32: fill_typed<int32_t>(data_, numel(), value); break;
+    case DType::I64: fill_typed<int64_t>(data_, numel(), value); break;
+  }
+}
+
+double Tensor::at(int64_t i) const {
+  MOE_CHECK(i >= 0 && i < numel(), "tensor", "index {} out of range for {}", i, str());
+  switch (dtype_) {
+    case DType::F32: return static_cast<const float*>(data_)[i];
+    case DType::F64: return static_cast<const double*>(data_)[i];
+    case DType::I32: return static_cast<const int32_t*>(data_)[i];
+    case DType::I64: return static_cast<double>(static_cast<const int64_t*>(data_)[i]);
+  }
+  return 0;
+}
+
+void Tensor::expect(const char* where, const char* what, const Shape& shape, DType dtype) const {
+  MOE_CHECK(shape_ == shape && dtype_ == dtype, where, "{} must be {}{}, got {}", what,
+            dtype_name(dtype), shape_str(shape), str());
+  MOE_CHECK(data_ != nullptr || numel() == 0, where, "{} is not allocated", what);
+}
+
+void Tensor::check_dtype(DType want) const {
+  MOE_CHECK(want == dtype_, "tensor", "accessed {} tensor {} as {}", dtype_name(dtype_), str(),
+            dtype_name(want));
+}
+
+}  // namespace moe

@@ -1,0 +1,130 @@
+// MoeConfig: validation, fine-grained segmentation, JSON.
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "moe/error.h"
+#include "moe/moe_config.h"
+
+namespace moe {
+
+void MoeConfig::validate() const {
+  const char* w = "moe.config";
+  MOE_CHECK(d_model >= 1, w, "d_model must be >= 1, got {}", d_model);
+  MOE_CHECK(d_ffn >= 1, w, "d_ffn must be >= 1, got {}", d_ffn);
+  MOE_CHECK(n_experts >= 1 && n_experts <= (1 << 30), w, "n_experts must be in [1, 2^30], got {}",
+            n_experts);
+  MOE_CHECK(top_k >= 1 && top_k <= n_experts, w,
+            "top_k must be in [1, n_experts = {}], got {}", n_experts, top_k);
+  MOE_CHECK(n_shared >= 0, w, "n_shared must be >= 0, got {}", n_shared);
+  MOE_CHECK(d_shared_ffn >= 0, w, "d_shared_ffn must be >= 0 (0 means d_ffn), got {}",
+            d_shared_ffn);
+  MOE_CHECK(!shared_gate || n_shared > 0, w, "shared_gate needs n_shared > 0");
+  MOE_CHECK(std::isfinite(capacity_factor), w, "capacity_factor must be finite, got {}",
+            capacity_factor);
+  MOE_CHECK(std::isfinite(aux_loss_coef) && aux_loss_coef >= 0, w,
+            "aux_loss_coef must be finite and >= 0, got {}", aux_loss_coef);
+  MOE_CHECK(std::isfinite(z_loss_coef) && z_loss_coef >= 0, w,
+            "z_loss_coef must be finite and >= 0, got {}", z_loss_coef);
+}
+
+std::string MoeConfig::summary() const {
+  std::string s = fmt::format("D={} E={} K={} F={} act={}{}{}", d_model, n_experts, top_k, d_ffn,
+                              to_string(act), expert_bias ? " bias" : "",
+                              renormalize ? " renorm" : "");
+  if (n_shared > 0)
+    s += fmt::format(" shared={}x{}{}", n_shared, shared_width(), shared_gate ? " gated" : "");
+  if (capacity_factor > 0)
+    s += fmt::format(" CF={} drop={}", capacity_factor, to_string(drop_policy));
+  return s;
+}
+
+MoeConfig fine_grained(const MoeConfig& cfg, int64_t m) {
+  cfg.validate();
+  MOE_CHECK(m >= 1, "moe.fine_grained", "segmentation factor m must be >= 1, got {}", m);
+  MOE_CHECK(cfg.d_ffn % m == 0, "moe.fine_grained",
+            "d_ffn = {} is not divisible by m = {}", cfg.d_ffn, m);
+  MOE_CHECK(cfg.n_shared == 0 || cfg.shared_width() % m == 0, "moe.fine_grained",
+            "shared expert width {} is not divisible by m = {}", cfg.shared_width(), m);
+  MoeConfig out = cfg;
+  out.n_experts = cfg.n_experts * m;
+  out.top_k = cfg.top_k * m;
+  out.d_ffn = cfg.d_ffn / m;
+  out.n_shared = cfg.n_shared * m;
+  out.d_shared_ffn = cfg.n_shared > 0 ? cfg.shared_width() / m : 0;
+  return out;
+}
+
+const char* to_string(ExpertAct a) {
+  switch (a) {
+    case ExpertAct::relu: return "relu";
+    case ExpertAct::gelu: return "gelu";
+    case ExpertAct::swiglu: return "swiglu";
+  }
+  return "?";
+}
+
+const char* to_string(DropPolicy p) { return p == DropPolicy::position ? "position" : "score"; }
+
+ExpertAct parse_expert_act(const std::string& s) {
+  if (s == "relu") return ExpertAct::relu;
+  if (s == "gelu") return ExpertAct::gelu;
+  if (s == "swiglu") return ExpertAct::swiglu;
+  throw_error("moe.config", fmt::format("unknown expert activation '{}' (relu, gelu, swiglu)", s));
+}
+
+DropPolicy parse_drop_policy(const std::string& s) {
+  if (s == "position") return DropPolicy::position;
+  if (s == "score") return DropPolicy::score;
+  throw_error("moe.config", fmt::format("unknown drop policy '{}' (position, score)", s));
+}
+
+void to_json(nlohmann::json& j, const MoeConfig& c) {
+  j = {{"d_model", c.d_model},
+       {"d_ffn", c.d_ffn},
+       {"n_experts", c.n_experts},
+       {"top_k", c.top_k},
+       {"act", to_string(c.act)},
+       {"expert_bias", c.expert_bias},
+       {"renormalize", c.renormalize},
+       {"n_shared", c.n_shared},
+       {"d_shared_ffn", c.d_shared_ffn},
+       {"shared_gate", c.shared_gate},
+       {"capacity_factor", c.capacity_factor},
+       {"drop_policy", to_string(c.drop_policy)},
+       {"aux_loss_coef", c.aux_loss_coef},
+       {"z_loss_coef", c.z_loss_coef}};
+}
+
+void from_json(const nlohmann::json& j, MoeConfig& c) {
+  MOE_CHECK(j.is_object(), "moe.config", "expected a JSON object, got {}", j.type_name());
+  static const char* known[] = {"d_model",      "d_ffn",       "n_experts",       "top_k",
+                                "act",          "expert_bias", "renormalize",     "n_shared",
+                                "d_shared_ffn", "shared_gate", "capacity_factor", "drop_policy",
+                                "aux_loss_coef", "z_loss_coef"};
+  for (const auto& [key, value] : j.items()) {
+    bool ok = false;
+    for (const char* k : known) ok = ok || key == k;
+    MOE_CHECK(ok, "moe.config", "unknown key '{}'", key);
+  }
+  try {
+    c = MoeConfig{};
+    c.d_model = j.value("d_model", c.d_model);
+    c.d_ffn = j.value("d_ffn", c.d_ffn);
+    c.n_experts = j.value("n_experts", c.n_experts);
+    c.top_k = j.value("top_k", c.top_k);
+    c.act = parse_expert_act(j.value("act", std::string(to_string(c.act))));
+    c.expert_bias = j.value("expert_bias", c.expert_bias);
+    c.renormalize = j.value("renormalize", c.renormalize);
+    c.n_shared = j.value("n_shared", c.n_shared);
+    c.d_shared_ffn = j.value("d_shared_ffn", c.d_shared_ffn);
+    c.shared_gate = j.value("shared_gate", c.shared_gate);
+    c.capacity_factor = j.value("capacity_factor", c.capacity_factor);
+    c.drop_policy = parse_drop_policy(j.value("drop_policy", std::string("position")));
+    c.aux_loss_coef = j.value("aux_loss_coef", c.aux_loss_coef);
+    c.z_loss_coef = j.value("z_loss_coef", c.z_loss_coef);
+  } catch (const nlohmann::json::exception& e) {
+    throw_error("moe.config", fmt::format("bad value: {}", e.what()));
+  }
+}
+
+}  // namespace moe

@@ -1,0 +1,101 @@
+// Expert FFN forward and backward (see expert_ffn.h). Gradients w.r.t. W are GEMMs over the
+// block's rows; the bias gradients are column sums in row order, so they are deterministic.
+#include "moe/expert_ffn.h"
+
+#include "moe/kernels.h"
+
+namespace moe {
+
+namespace {
+
+template <class T>
+T* at(const Tensor& t, int64_t offset) {
+  return t.raw() ? const_cast<T*>(t.data<T>()) + offset : nullptr;
+}
+
+template <class T>
+void add_bias(T* y, const T* b, int64_t n, int64_t cols) {
+  if (!b) return;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < cols; ++c) y[i * cols + c] += b[c];
+}
+
+template <class T>
+void add_colsum(T* db, const T* dy, int64_t n, int64_t cols) {
+  if (!db) return;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < cols; ++c) db[c] += dy[i * cols + c];
+}
+
+Activation plain_act(ExpertAct act) {
+  return act == ExpertAct::relu ? Activation::relu : Activation::gelu;
+}
+
+}  // namespace
+
+template <class T>
+FfnView<T> ffn_view(const ExpertWeights& w, int64_t index, int64_t d_model, int64_t d_ffn) {
+  const int64_t fd = d_ffn * d_model;
+  return FfnView<T>{at<T>(w.w_gate, index * fd),    at<T>(w.w_up, index * fd),
+                    at<T>(w.w_down, index * fd),    at<T>(w.b_gate, index * d_ffn),
+                    at<T>(w.b_up, index * d_ffn),   at<T>(w.b_down, index * d_model)};
+}
+
+template <class T>
+void ffn_forward(ExpertAct act, const FfnView<T>& w, int64_t n, int64_t d_model, int64_t d_ffn,
+                 const T* x, T* y, T* a_gate, T* a_up, T* h) {
+  if (n == 0) return;
+  const int64_t D = d_model, F = d_ffn;
+  cpu::gemm<T>(false, true, n, F, D, T(1), x, D, w.w_up, D, T(0), a_up, F);
+  add_bias(a_up, w.b_up, n, F);
+  if (act == ExpertAct::swiglu) {
+    cpu::gemm<T>(false, true, n, F, D, T(1), x, D, w.w_gate, D, T(0), a_gate, F);
+    add_bias(a_gate, w.b_gate, n, F);
+    cpu::swiglu_forward<T>(h, a_gate, a_up, n * F);
+  } else {
+    cpu::act_forward<T>(plain_act(act), h, a_up, n * F);
+  }
+  cpu::gemm<T>(false, true, n, D, F, T(1), h, F, w.w_down, F, T(0), y, D);
+  add_bias(y, w.b_down, n, D);
+}
+
+template <class T>
+void ffn_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g, int64_t n,
+                  int64_t d_model, int64_t d_ffn, const T* x, const T* dy, const T* a_gate,
+                  const T* a_up, const T* h, T* dh, T* da_gate, T* dx) {
+  if (n == 0) return;
+  const int64_t D = d_model, F = d_ffn;
+  // y = h W_down^T + b_down
+  cpu::gemm<T>(true, false, D, F, n, T(1), dy, D, h, F, T(1), g.w_down, F);
+  add_colsum(g.b_down, dy, n, D);
+  cpu::gemm<T>(false, false, n, F, D, T(1), dy, D, w.w_down, F, T(0), dh, F);
+  // h -> pre-activations; da_up overwrites dh in place.
+  T* da_up = dh;
+  if (act == ExpertAct::swiglu) {
+    cpu::swiglu_backward<T>(da_gate, da_up, dh, a_gate, a_up, n * F);
+  } else {
+    cpu::act_backward<T>(plain_act(act), da_up, dh, a_up, n * F);
+  }
+  // a_up = x W_up^T + b_up (and the same for a_gate)
+  cpu::gemm<T>(true, false, F, D, n, T(1), da_up, F, x, D, T(1), g.w_up, D);
+  add_colsum(g.b_up, da_up, n, F);
+  cpu::gemm<T>(false, false, n, D, F, T(1), da_up, F, w.w_up, D, T(0), dx, D);
+  if (act == ExpertAct::swiglu) {
+    cpu::gemm<T>(true, false, F, D, n, T(1), da_gate, F, x, D, T(1), g.w_gate, D);
+    add_colsum(g.b_gate, da_gate, n, F);
+    cpu::gemm<T>(false, false, n, D, F, T(1), da_gate, F, w.w_gate, D, T(1), dx, D);
+  }
+}
+
+#define MOE_INSTANTIATE(T)                                                                   \
+  template FfnView<T> ffn_view<T>(const ExpertWeights&, int64_t, int64_t, int64_t);                \
+  template void ffn_forward<T>(ExpertAct, const FfnView<T>&, int64_t, int64_t, int64_t,      \
+                               const T*, T*, T*, T*, T*);                                    \
+  template void ffn_backward<T>(ExpertAct, const FfnView<T>&, const FfnView<T>&, int64_t,    \
+                                int64_t, int64_t, const T*, const T*, const T*, const T*,    \
+                                const T*, T*, T*, T*);
+MOE_INSTANTIATE(float)
+MOE_INSTANTIATE(double)
+#undef MOE_INSTANTIATE
+
+}  // namespace moe

@@ -1,0 +1,45 @@
+// The expert FFN on a block of rows, forward and backward: the GEMMs every expert runs.
+//
+// x [n, D] -> y [n, D] through hidden width F:
+//   SwiGLU:     a_gate = x W_gate^T + b_gate, a_up = x W_up^T + b_up, h = silu(a_gate) * a_up
+//   ReLU/GELU:  a_up = x W_up^T + b_up, h = act(a_up)
+//   y = h W_down^T + b_down
+// Used for routed experts (on their row block), shared experts and the dense FFN (on all rows).
+#pragma once
+
+#include <cstdint>
+
+#include "moe/moe_config.h"
+#include "moe/moe_layer.h"
+
+namespace moe {
+
+// One expert's tensors (weights, or their gradients) as pointers; null where absent.
+template <class T>
+struct FfnView {
+  T* w_gate = nullptr;  // [F, D]
+  T* w_up = nullptr;    // [F, D]
+  T* w_down = nullptr;  // [D, F]
+  T* b_gate = nullptr;  // [F]
+  T* b_up = nullptr;    // [F]
+  T* b_down = nullptr;  // [D]
+};
+
+// Expert `index` of `w`, whose tensors are [X, F, D], [X, D, F], [X, F], [X, D]. The view is
+// writable (it also serves gradients); pass weights only to functions that read them.
+template <class T>
+FfnView<T> ffn_view(const ExpertWeights& w, int64_t index, int64_t d_model, int64_t d_ffn);
+
+// Forward on n rows. Saves a_gate (SwiGLU only), a_up and h, each [n, F], for the backward.
+template <class T>
+void ffn_forward(ExpertAct act, const FfnView<T>& w, int64_t n, int64_t d_model, int64_t d_ffn,
+                 const T* x, T* y, T* a_gate, T* a_up, T* h);
+
+// Backward on n rows: dx [n, D] written, gradients accumulated into g. dh and da_gate are
+// [n, F] scratch (da_gate unused unless SwiGLU).
+template <class T>
+void ffn_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g, int64_t n,
+                  int64_t d_model, int64_t d_ffn, const T* x, const T* dy, const T* a_gate,
+                  const T* a_up, const T* h, T* dh, T* da_gate, T* dx);
+
+}  // namespace moe

@@ -1,0 +1,117 @@
+// `moe bench layer`: the MoE layer against a dense SwiGLU FFN with the same active FLOPs, in one
+// run on the same engine and thread count: forward and forward+backward, medians after warm-up.
+#include <fmt/core.h>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "layer_options.h"
+#include "moe/dense_ffn.h"
+#include "moe/moe_layer.h"
+#include "moe/threading.h"
+#include "timing.h"
+
+namespace moe::cli {
+
+namespace {
+
+struct BenchLayer {
+  LayerOptions opt;
+  int warmup = 2;
+  int reps = 10;
+  bool json = false;
+};
+
+int run_bench_layer(BenchLayer& b) {
+  const MoeConfig cfg = b.opt.finish();
+  MOE_CHECK(b.reps >= 1 && b.warmup >= 0, "bench", "--reps must be >= 1 and --warmup >= 0");
+  set_num_threads(b.opt.threads);
+  const int64_t N = b.opt.tokens, D = cfg.d_model;
+  Rng rng(b.opt.seed);
+  MoeLayer layer(cfg);
+  layer.init(rng);
+  // Same active FLOPs: K experts of width F per token, plus the shared experts, as one FFN.
+  const int64_t dense_width = cfg.top_k * cfg.d_ffn + cfg.n_shared * cfg.shared_width();
+  DenseFfn dense(D, dense_width, cfg.act, cfg.expert_bias);
+  dense.init(rng);
+  Tensor x = Tensor::empty({N, D}, DType::F32);
+  Tensor dy = Tensor::empty({N, D}, DType::F32);
+  Tensor dx = Tensor::empty({N, D}, DType::F32);
+  rng.fill_normal(x, 0, 1);
+  rng.fill_normal(dy, 0, 1);
+  Arena arena;
+
+  RoutingStats stats;
+  const double moe_fwd = median_ms(b.warmup, b.reps, [&] {
+    arena.reset();
+    stats = layer.forward(x, arena).stats;
+  });
+  const double moe_fwdbwd = median_ms(b.warmup, b.reps, [&] {
+    arena.reset();
+    layer.forward(x, arena);
+    layer.backward(dy, dx, arena);
+  });
+  const double dense_fwd = median_ms(b.warmup, b.reps, [&] {
+    arena.reset();
+    dense.forward(x, arena);
+  });
+  const double dense_fwdbwd = median_ms(b.warmup, b.reps, [&] {
+    arena.reset();
+    dense.forward(x, arena);
+    dense.backward(dy, dx, arena);
+  });
+  const int mats = cfg.act == ExpertAct::swiglu ? 3 : 2;
+  const double fwd_flops = 2.0 * static_cast<double>(N * D * dense_width * mats);
+  if (b.json) {
+    nlohmann::json j = {{"config", cfg},
+                        {"tokens", N},
+                        {"threads", num_threads()},
+                        {"moe_fwd_ms", moe_fwd},
+                        {"moe_fwdbwd_ms", moe_fwdbwd},
+                        {"dense_fwd_ms", dense_fwd},
+                        {"dense_fwdbwd_ms", dense_fwdbwd},
+                        {"fwd_ratio", moe_fwd / dense_fwd},
+                        {"fwdbwd_ratio", moe_fwdbwd / dense_fwdbwd},
+                        {"dense_fwd_gflops", fwd_flops / dense_fwd / 1e6},
+                        {"dense_fwdbwd_gflops", 3 * fwd_flops / dense_fwdbwd / 1e6},
+                        {"load_imbalance", stats.load_imbalance}};
+    fmt::print("{}\n", j.dump());
+    return 0;
+  }
+  fmt::print("MoE layer {}  N={}  threads={}\n", cfg.summary(), N, num_threads());
+  fmt::print("dense SwiGLU-equivalent FFN width {} (same active FLOPs)\n\n", dense_width);
+  fmt::print("{:<22}{:>12}{:>12}{:>10}\n", "", "MoE ms", "dense ms", "ratio");
+  fmt::print("{:<22}{:>12.2f}{:>12.2f}{:>10.3f}\n", "forward", moe_fwd, dense_fwd,
+             moe_fwd / dense_fwd);
+  fmt::print("{:<22}{:>12.2f}{:>12.2f}{:>10.3f}\n", "forward+backward", moe_fwdbwd, dense_fwdbwd,
+             moe_fwdbwd / dense_fwdbwd);
+  fmt::print("\ndense throughput: {:.1f} GFLOP/s forward, {:.1f} GFLOP/s forward+backward\n",
+             fwd_flops / dense_fwd / 1e6, 3 * fwd_flops / dense_fwdbwd / 1e6);
+  fmt::print("load imbalance of the random router: {:.3f}\n", stats.load_imbalance);
+  return 0;
+}
+
+}  // namespace
+
+Run add_bench(CLI::App& app) {
+  auto* bench = app.add_subcommand("bench", "measure speed against the limit (dense FFN)");
+  bench->require_subcommand(1);
+  auto b = std::make_shared<BenchLayer>();
+  b->opt.tokens = 2048;
+  b->opt.cfg.d_model = 512;
+  b->opt.cfg.d_ffn = 1408;
+  b->opt.cfg.n_experts = 8;
+  b->opt.cfg.top_k = 2;
+  auto* layer = bench->add_subcommand(
+      "layer", "MoE layer vs a dense SwiGLU FFN with the same active FLOPs (medians, ms)");
+  b->opt.add_to(layer);
+  layer->add_option("--warmup", b->warmup, "untimed runs first")->capture_default_str();
+  layer->add_option("--reps", b->reps, "timed runs (the median is reported)")
+      ->capture_default_str();
+  layer->add_flag("--json", b->json,
+                  "print one JSON object (moe_fwd_ms, moe_fwdbwd_ms, dense_fwd_ms, "
+                  "dense_fwdbwd_ms, ...)");
+  return [b] { return run_bench_layer(*b); };
+}
+
+}  // namespace moe::cli

@@ -1,0 +1,16 @@
+// The `moe` CLI: each subcommand lives in its own cmd_*.cpp and registers itself here.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace moe::cli {
+
+// A subcommand's run function; returns the process exit status.
+using Run = std::function<int()>;
+
+// Adds the subcommand to `app` and returns the function that runs it once parsed.
+Run add_demo(CLI::App& app);
+Run add_bench(CLI::App& app);
+
+}  // namespace moe::cli

@@ -1,0 +1,45 @@
+// `moe`: one binary, one subcommand per job. Exit status: 0 success, 2 bad usage or input,
+// 1 anything else; messages go to stderr.
+#include <fmt/core.h>
+
+#include <cstdio>
+#include <utility>
+#include <vector>
+
+#include "commands.h"
+#include "moe/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "moe.cpp: a Mixture-of-Experts engine (MoE layers with every routing method, training, "
+      "inference of HuggingFace MoE checkpoints)",
+      "moe"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "moe.cpp 0.1.0");
+  std::vector<std::pair<CLI::App*, moe::cli::Run>> commands;
+  auto add = [&](moe::cli::Run (*adder)(CLI::App&)) {
+    const size_t before = app.get_subcommands({}).size();
+    moe::cli::Run run = adder(app);
+    commands.emplace_back(app.get_subcommands({})[before], std::move(run));
+  };
+  add(moe::cli::add_demo);
+  add(moe::cli::add_bench);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);
+    return rc == 0 ? 0 : 2;
+  }
+  try {
+    for (auto& [sub, run] : commands)
+      if (sub->parsed()) return run();
+  } catch (const moe::Error& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    fmt::print(stderr, "run 'moe <command> --help' for the options\n");
+    return 2;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 1;
+  }
+  return 1;
+}
