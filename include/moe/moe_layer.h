@@ -70,6 +70,11 @@ struct MoeOutput {
 class MoeLayer {
  public:
   MoeLayer(const MoeConfig& cfg, DType dtype = DType::F32);
+  // A layer owns its weights: moving is fine, copying (which would share them) is not allowed.
+  MoeLayer(MoeLayer&&) = default;
+  MoeLayer& operator=(MoeLayer&&) = default;
+  MoeLayer(const MoeLayer&) = delete;
+  MoeLayer& operator=(const MoeLayer&) = delete;
 
   const MoeConfig& config() const { return cfg_; }
   DType dtype() const { return dtype_; }

@@ -1,0 +1,148 @@
+// Shared helpers for the MoE layer tests: the option matrix, random layers, tensor comparison.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "moe/moe_layer.h"
+
+namespace moe::test {
+
+struct NamedConfig {
+  std::string name;
+  MoeConfig cfg;
+};
+inline void PrintTo(const NamedConfig& c, std::ostream* os) { *os << c.name << " (" << c.cfg.summary() << ")"; }
+
+inline MoeConfig base_config() {
+  MoeConfig c;
+  c.d_model = 6;
+  c.d_ffn = 5;
+  c.n_experts = 4;
+  c.top_k = 2;
+  c.aux_loss_coef = 0.1;  // larger than the defaults, so the losses weigh in the gradients
+  c.z_loss_coef = 0.05;
+  return c;
+}
+
+// Every expert, router, shared-expert, capacity and balancing option of the layer.
+inline std::vector<NamedConfig> option_matrix() {
+  std::vector<NamedConfig> v;
+  auto add = [&](const std::string& name, auto&& edit) {
+    MoeConfig c = base_config();
+    edit(c);
+    v.push_back({name, c});
+  };
+  add("swiglu_top2_renorm", [](MoeConfig&) {});
+  add("relu_top1_switch", [](MoeConfig& c) {
+    c.act = ExpertAct::relu;
+    c.top_k = 1;
+    c.renormalize = false;
+  });
+  add("swiglu_top1_renorm", [](MoeConfig& c) { c.top_k = 1; });
+  add("gelu_top2_norenorm_bias", [](MoeConfig& c) {
+    c.act = ExpertAct::gelu;
+    c.renormalize = false;
+    c.expert_bias = true;
+  });
+  add("swiglu_bias", [](MoeConfig& c) { c.expert_bias = true; });
+  add("relu_bias", [](MoeConfig& c) {
+    c.act = ExpertAct::relu;
+    c.expert_bias = true;
+  });
+  add("k_equals_e", [](MoeConfig& c) { c.top_k = c.n_experts; });
+  add("one_expert", [](MoeConfig& c) {
+    c.n_experts = 1;
+    c.top_k = 1;
+  });
+  add("shared1", [](MoeConfig& c) { c.n_shared = 1; });
+  add("shared2_gated", [](MoeConfig& c) {
+    c.n_shared = 2;
+    c.d_shared_ffn = 3;
+    c.shared_gate = true;
+    c.expert_bias = true;
+  });
+  add("capacity_position", [](MoeConfig& c) { c.capacity_factor = 0.5; });
+  add("capacity_score", [](MoeConfig& c) {
+    c.capacity_factor = 0.5;
+    c.drop_policy = DropPolicy::score;
+  });
+  add("capacity_score_norenorm_gelu", [](MoeConfig& c) {
+    c.capacity_factor = 0.75;
+    c.drop_policy = DropPolicy::score;
+    c.renormalize = false;
+    c.act = ExpertAct::gelu;
+  });
+  add("fine_grained_m2", [](MoeConfig& c) {
+    c.d_ffn = 6;
+    c.n_shared = 1;
+    c = fine_grained(c, 2);
+  });
+  add("no_losses", [](MoeConfig& c) {
+    c.aux_loss_coef = 0;
+    c.z_loss_coef = 0;
+  });
+  return v;
+}
+
+// A layer with random weights (std 0.5, so routing margins are wide) in the given dtype.
+inline MoeLayer random_layer(const MoeConfig& cfg, DType dtype, uint64_t seed) {
+  MoeLayer layer(cfg, dtype);
+  Rng rng(seed);
+  layer.params().for_each([&](const std::string&, Tensor& t) { rng.fill_normal(t, 0, 0.5); });
+  return layer;
+}
+
+inline Tensor random_tensor(const Shape& shape, DType dtype, uint64_t seed, double std = 1.0) {
+  Tensor t = Tensor::empty(shape, dtype);
+  Rng rng(seed);
+  rng.fill_normal(t, 0, std);
+  return t;
+}
+
+// Copies every parameter of `from` into `to` (converting dtype).
+inline void copy_params(const MoeParams& from, MoeParams& to) {
+  std::vector<Tensor> src;
+  from.for_each([&](const std::string&, const Tensor& t) { src.push_back(t); });
+  size_t i = 0;
+  to.for_each([&](const std::string&, Tensor& t) {
+    Tensor c = src[i++].to(t.dtype());
+    std::memcpy(t.raw(), c.raw(), t.nbytes());
+  });
+}
+
+inline double max_abs(const Tensor& t) {
+  double m = 0;
+  for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, std::abs(t.at(i)));
+  return m;
+}
+
+// Max |a - b| <= atol + rtol * max|b|, reporting the worst element.
+inline void expect_close(const Tensor& a, const Tensor& b, double rtol, double atol,
+                         const std::string& what) {
+  ASSERT_EQ(a.shape(), b.shape()) << what;
+  double worst = 0;
+  int64_t at = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    const double d = std::abs(a.at(i) - b.at(i));
+    if (!(d <= worst)) {
+      worst = d;
+      at = i;
+    }
+  }
+  const double bound = atol + rtol * max_abs(b);
+  EXPECT_LE(worst, bound) << what << ": worst at " << at << ": " << a.at(at) << " vs "
+                          << b.at(at);
+}
+
+inline bool bit_equal(const Tensor& a, const Tensor& b) {
+  return a.shape() == b.shape() && a.dtype() == b.dtype() &&
+         std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+}
+
+}  // namespace moe::test

@@ -1,0 +1,112 @@
+// Bad configurations and bad inputs give a clear moe::Error, never a crash.
+#include <gtest/gtest.h>
+
+#include <limits>
+#include <nlohmann/json.hpp>
+
+#include "moe_test_util.h"
+
+namespace moe {
+
+namespace {
+
+// Runs fn, expects moe::Error whose message contains `needle`.
+template <class Fn>
+void expect_error(Fn&& fn, const std::string& needle) {
+  try {
+    fn();
+    ADD_FAILURE() << "no error; expected one containing: " << needle;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
+        << "message: " << e.what() << "\nexpected to contain: " << needle;
+  }
+}
+
+MoeConfig edited(void (*edit)(MoeConfig&)) {
+  MoeConfig c = test::base_config();
+  edit(c);
+  return c;
+}
+
+}  // namespace
+
+TEST(Errors, BadConfigurations) {
+  struct Case {
+    void (*edit)(MoeConfig&);
+    const char* needle;
+  };
+  const Case cases[] = {
+      {[](MoeConfig& c) { c.top_k = 5; }, "top_k must be in [1, n_experts = 4], got 5"},
+      {[](MoeConfig& c) { c.top_k = 0; }, "top_k must be in [1, n_experts = 4], got 0"},
+      {[](MoeConfig& c) { c.n_experts = 0; }, "n_experts must be in [1, 2^30], got 0"},
+      {[](MoeConfig& c) { c.d_model = 0; }, "d_model must be >= 1, got 0"},
+      {[](MoeConfig& c) { c.d_ffn = -3; }, "d_ffn must be >= 1, got -3"},
+      {[](MoeConfig& c) { c.n_shared = -1; }, "n_shared must be >= 0"},
+      {[](MoeConfig& c) { c.d_shared_ffn = -1; }, "d_shared_ffn must be >= 0"},
+      {[](MoeConfig& c) { c.shared_gate = true; }, "shared_gate needs n_shared > 0"},
+      {[](MoeConfig& c) { c.capacity_factor = std::numeric_limits<double>::quiet_NaN(); },
+       "capacity_factor must be finite"},
+      {[](MoeConfig& c) { c.capacity_factor = std::numeric_limits<double>::infinity(); },
+       "capacity_factor must be finite"},
+      {[](MoeConfig& c) { c.aux_loss_coef = -1; }, "aux_loss_coef must be finite and >= 0"},
+      {[](MoeConfig& c) { c.z_loss_coef = std::numeric_limits<double>::infinity(); },
+       "z_loss_coef must be finite and >= 0"},
+  };
+  for (const Case& c : cases) {
+    const MoeConfig cfg = edited(c.edit);
+    expect_error([&] { MoeLayer layer(cfg); }, std::string("[moe.config] ") + c.needle);
+  }
+  expect_error([] { MoeLayer layer(test::base_config(), DType::I32); }, "dtype must be f32 or f64");
+}
+
+TEST(Errors, BadInputs) {
+  MoeLayer layer = test::random_layer(test::base_config(), DType::F32, 1);
+  Arena arena;
+  expect_error([&] { layer.forward(Tensor::zeros({4, 7}, DType::F32), arena); },
+               "[moe.forward] x must be f32[N, 6], got f32[4, 7]");
+  expect_error([&] { layer.forward(Tensor::zeros({4, 6}, DType::F64), arena); },
+               "x must be f32[N, 6], got f64[4, 6]");
+  expect_error([&] { layer.forward(Tensor::zeros({6}, DType::F32), arena); },
+               "x must be f32[N, 6], got f32[6]");
+  expect_error([&] { layer.forward(Tensor::zeros({0, 6}, DType::F32), arena); },
+               "x has no tokens");
+  Tensor x = Tensor::zeros({4, 6}, DType::F32);
+  x.data<float>()[2 * 6 + 5] = std::numeric_limits<float>::quiet_NaN();
+  expect_error([&] { layer.forward(x, arena); },
+               "input x has a non-finite value (nan) at row 2, column 5");
+  x.data<float>()[2 * 6 + 5] = std::numeric_limits<float>::infinity();
+  expect_error([&] { layer.forward(x, arena); }, "input x has a non-finite value (inf)");
+
+  // NaN in the router weights is named too.
+  MoeLayer bad = test::random_layer(test::base_config(), DType::F32, 2);
+  bad.params().w_router.data<float>()[0] = std::numeric_limits<float>::quiet_NaN();
+  expect_error([&] { bad.forward(Tensor::zeros({4, 6}, DType::F32), arena); },
+               "router logits (check the router weights) has a non-finite value");
+
+  // Backward: wrong shapes and NaN gradients.
+  Tensor good = test::random_tensor({4, 6}, DType::F32, 3);
+  layer.forward(good, arena);
+  Tensor dx = Tensor::zeros({4, 6}, DType::F32);
+  expect_error([&] { layer.backward(Tensor::zeros({5, 6}, DType::F32), dx, arena); },
+               "[moe.backward] dy must be f32[4, 6], got f32[5, 6]");
+  Tensor dy = Tensor::zeros({4, 6}, DType::F32);
+  dy.data<float>()[7] = std::numeric_limits<float>::quiet_NaN();
+  expect_error([&] { layer.backward(dy, dx, arena); },
+               "upstream gradient dy has a non-finite value (nan) at row 1, column 1");
+}
+
+TEST(Errors, ConfigJson) {
+  nlohmann::json j = test::base_config();
+  EXPECT_EQ(j.get<MoeConfig>().top_k, 2);
+  j["top_kk"] = 3;
+  expect_error([&] { (void)j.get<MoeConfig>(); }, "unknown key 'top_kk'");
+  j.erase("top_kk");
+  j["act"] = "tanh";
+  expect_error([&] { (void)j.get<MoeConfig>(); }, "unknown expert activation 'tanh'");
+  j["act"] = "relu";
+  j["top_k"] = "two";
+  expect_error([&] { (void)j.get<MoeConfig>(); }, "[moe.config] bad value");
+  expect_error([] { (void)nlohmann::json::array().get<MoeConfig>(); }, "expected a JSON object");
+}
+
+}  // namespace moe
