@@ -17,7 +17,9 @@ struct NamedConfig {
   std::string name;
   MoeConfig cfg;
 };
-inline void PrintTo(const NamedConfig& c, std::ostream* os) { *os << c.name << " (" << c.cfg.summary() << ")"; }
+inline void PrintTo(const NamedConfig& c, std::ostream* os) {
+  *os << c.name << " (" << c.cfg.summary() << ")";
+}
 
 inline MoeConfig base_config() {
   MoeConfig c;
@@ -136,8 +138,7 @@ inline void expect_close(const Tensor& a, const Tensor& b, double rtol, double a
     }
   }
   const double bound = atol + rtol * max_abs(b);
-  EXPECT_LE(worst, bound) << what << ": worst at " << at << ": " << a.at(at) << " vs "
-                          << b.at(at);
+  EXPECT_LE(worst, bound) << what << ": worst at " << at << ": " << a.at(at) << " vs " << b.at(at);
 }
 
 inline bool bit_equal(const Tensor& a, const Tensor& b) {

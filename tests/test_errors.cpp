@@ -62,14 +62,19 @@ TEST(Errors, BadConfigurations) {
 TEST(Errors, BadInputs) {
   MoeLayer layer = test::random_layer(test::base_config(), DType::F32, 1);
   Arena arena;
-  expect_error([&] { layer.forward(Tensor::zeros({4, 7}, DType::F32), arena); },
-               "[moe.forward] x must be f32[N, 6], got f32[4, 7]");
-  expect_error([&] { layer.forward(Tensor::zeros({4, 6}, DType::F64), arena); },
-               "x must be f32[N, 6], got f64[4, 6]");
+  expect_error(
+      [&] {
+        layer.forward(Tensor::zeros({4, 7}, DType::F32), arena);
+      },
+      "[moe.forward] x must be f32[N, 6], got f32[4, 7]");
+  expect_error(
+      [&] {
+        layer.forward(Tensor::zeros({4, 6}, DType::F64), arena);
+      },
+      "x must be f32[N, 6], got f64[4, 6]");
   expect_error([&] { layer.forward(Tensor::zeros({6}, DType::F32), arena); },
                "x must be f32[N, 6], got f32[6]");
-  expect_error([&] { layer.forward(Tensor::zeros({0, 6}, DType::F32), arena); },
-               "x has no tokens");
+  expect_error([&] { layer.forward(Tensor::zeros({0, 6}, DType::F32), arena); }, "x has no tokens");
   Tensor x = Tensor::zeros({4, 6}, DType::F32);
   x.data<float>()[2 * 6 + 5] = std::numeric_limits<float>::quiet_NaN();
   expect_error([&] { layer.forward(x, arena); },
@@ -80,15 +85,21 @@ TEST(Errors, BadInputs) {
   // NaN in the router weights is named too.
   MoeLayer bad = test::random_layer(test::base_config(), DType::F32, 2);
   bad.params().w_router.data<float>()[0] = std::numeric_limits<float>::quiet_NaN();
-  expect_error([&] { bad.forward(Tensor::zeros({4, 6}, DType::F32), arena); },
-               "router logits (check the router weights) has a non-finite value");
+  expect_error(
+      [&] {
+        bad.forward(Tensor::zeros({4, 6}, DType::F32), arena);
+      },
+      "router logits (check the router weights) has a non-finite value");
 
   // Backward: wrong shapes and NaN gradients.
   Tensor good = test::random_tensor({4, 6}, DType::F32, 3);
   layer.forward(good, arena);
   Tensor dx = Tensor::zeros({4, 6}, DType::F32);
-  expect_error([&] { layer.backward(Tensor::zeros({5, 6}, DType::F32), dx, arena); },
-               "[moe.backward] dy must be f32[4, 6], got f32[5, 6]");
+  expect_error(
+      [&] {
+        layer.backward(Tensor::zeros({5, 6}, DType::F32), dx, arena);
+      },
+      "[moe.backward] dy must be f32[4, 6], got f32[5, 6]");
   Tensor dy = Tensor::zeros({4, 6}, DType::F32);
   dy.data<float>()[7] = std::numeric_limits<float>::quiet_NaN();
   expect_error([&] { layer.backward(dy, dx, arena); },

@@ -113,8 +113,7 @@ class FiniteDifferences : public ::testing::TestWithParam<test::NamedConfig> {};
 TEST_P(FiniteDifferences, OptimizedLayer) { check_gradients(GetParam().cfg, false, 31); }
 TEST_P(FiniteDifferences, ReferenceLayer) { check_gradients(GetParam().cfg, true, 41); }
 
-INSTANTIATE_TEST_SUITE_P(AllOptions, FiniteDifferences,
-                         ::testing::ValuesIn(test::option_matrix()),
+INSTANTIATE_TEST_SUITE_P(AllOptions, FiniteDifferences, ::testing::ValuesIn(test::option_matrix()),
                          [](const auto& p) { return p.param.name; });
 
 }  // namespace moe

@@ -84,7 +84,8 @@ TYPED_TEST(KernelTest, SoftmaxMatchesReference) {
     EXPECT_LE(max_abs_diff(l0, l1), tol * 100);
     for (int64_t r = 0; r < rows; ++r) {
       double s = 0;
-      for (int64_t c = 0; c < cols; ++c) s += static_cast<double>(p0[static_cast<size_t>(r * cols + c)]);
+      for (int64_t c = 0; c < cols; ++c)
+        s += static_cast<double>(p0[static_cast<size_t>(r * cols + c)]);
       EXPECT_NEAR(s, 1.0, 10 * tol);
     }
   }

@@ -22,8 +22,8 @@ struct LayerRun {
 };
 
 // Forward and backward of the optimized layer; y and dx copied out of the arena.
-LayerRun run_layer(MoeLayer& layer, const Tensor& x, const Tensor& dy, Arena& arena, double d_aux = 1,
-              double d_z = 1) {
+LayerRun run_layer(MoeLayer& layer, const Tensor& x, const Tensor& dy, Arena& arena,
+                   double d_aux = 1, double d_z = 1) {
   LayerRun r;
   arena.reset();
   layer.zero_grad();

@@ -23,17 +23,17 @@ class Error : public std::runtime_error {
 }  // namespace moe
 
 // MOE_CHECK(cond, "where", "format {}", args...): throws moe::Error when cond is false.
-#define MOE_CHECK(cond, where, ...)                         \
-  do {                                                      \
+#define MOE_CHECK(cond, where, ...)                                   \
+  do {                                                                \
     if (!(cond)) ::moe::throw_error(where, fmt::format(__VA_ARGS__)); \
   } while (0)
 
 #ifdef MOE_DEBUG
-#define MOE_ASSERT(cond)                                                                      \
-  do {                                                                                        \
-    if (!(cond))                                                                              \
-      ::moe::throw_error("internal", fmt::format("assertion failed: {} at {}:{}", #cond,       \
-                                                  __FILE__, __LINE__));                       \
+#define MOE_ASSERT(cond)                                                                           \
+  do {                                                                                             \
+    if (!(cond))                                                                                   \
+      ::moe::throw_error("internal",                                                               \
+                         fmt::format("assertion failed: {} at {}:{}", #cond, __FILE__, __LINE__)); \
   } while (0)
 #else
 #define MOE_ASSERT(cond) \

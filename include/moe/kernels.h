@@ -41,8 +41,7 @@ void act_backward(Activation act, T* din, const T* dout, const T* in, int64_t n)
 template <class T>
 void swiglu_forward(T* h, const T* a_gate, const T* a_up, int64_t n);
 template <class T>
-void swiglu_backward(T* da_gate, T* da_up, const T* dh, const T* a_gate, const T* a_up,
-                     int64_t n);
+void swiglu_backward(T* da_gate, T* da_up, const T* dh, const T* a_gate, const T* a_up, int64_t n);
 
 }  // namespace cpu
 }  // namespace moe

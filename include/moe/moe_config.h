@@ -18,10 +18,10 @@ enum class ExpertAct { relu, gelu, swiglu };
 enum class DropPolicy { position, score };
 
 struct MoeConfig {
-  int64_t d_model = 0;         // D
-  int64_t d_ffn = 0;           // F, hidden width of each routed expert
-  int64_t n_experts = 0;       // E
-  int64_t top_k = 1;           // K, experts per token
+  int64_t d_model = 0;    // D
+  int64_t d_ffn = 0;      // F, hidden width of each routed expert
+  int64_t n_experts = 0;  // E
+  int64_t top_k = 1;      // K, experts per token
   ExpertAct act = ExpertAct::swiglu;
   bool expert_bias = false;    // biases on every expert projection
   bool renormalize = true;     // divide the K selected probabilities by their sum (Mixtral)
@@ -30,8 +30,8 @@ struct MoeConfig {
   bool shared_gate = false;    // scale the shared output by sigmoid(x . w_shared_gate) (Qwen2-MoE)
   double capacity_factor = 0;  // capacity = ceil(CF * N * K / E) per expert; CF <= 0: dropless
   DropPolicy drop_policy = DropPolicy::position;
-  double aux_loss_coef = 0.01;   // alpha of the Switch/GShard load-balancing loss
-  double z_loss_coef = 0.001;    // beta of the ST-MoE router z-loss
+  double aux_loss_coef = 0.01;  // alpha of the Switch/GShard load-balancing loss
+  double z_loss_coef = 0.001;   // beta of the ST-MoE router z-loss
 
   int64_t shared_width() const { return d_shared_ffn > 0 ? d_shared_ffn : d_ffn; }
   // Throws moe::Error naming the first bad field.

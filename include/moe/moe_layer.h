@@ -33,7 +33,7 @@ struct ExpertWeights {
 };
 
 struct MoeParams {
-  Tensor w_router;       // [E, D]
+  Tensor w_router;  // [E, D]
   ExpertWeights experts;
   ExpertWeights shared;  // S > 0 only
   Tensor w_shared_gate;  // [1, D], shared_gate only
@@ -57,11 +57,11 @@ struct RoutingStats {
   double router_entropy = 0;    // mean over tokens of -sum_e p log p (nats)
   double aux_loss = 0;
   double z_loss = 0;
-  std::string str() const;      // a human-readable table
+  std::string str() const;  // a human-readable table
 };
 
 struct MoeOutput {
-  Tensor y;          // [N, D], in the arena
+  Tensor y;  // [N, D], in the arena
   double aux_loss = 0;
   double z_loss = 0;
   RoutingStats stats;
@@ -93,8 +93,7 @@ class MoeLayer {
   // dy [N, D] -> dx [N, D] (written); parameter gradients accumulate into grads(). d_aux and
   // d_z are the gradients of the objective with respect to the two losses (1 when they are
   // added to the training loss).
-  void backward(const Tensor& dy, Tensor& dx, Arena& arena, double d_aux = 1.0,
-                double d_z = 1.0);
+  void backward(const Tensor& dy, Tensor& dx, Arena& arena, double d_aux = 1.0, double d_z = 1.0);
 
   struct Saved;  // what forward keeps for backward (moe_layer.cpp)
 

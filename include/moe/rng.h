@@ -14,10 +14,10 @@ class Rng {
  public:
   explicit Rng(uint64_t seed = 0);
   uint64_t next_u64();
-  double uniform();                        // [0, 1)
-  double uniform(double lo, double hi);    // [lo, hi)
-  double normal();                         // N(0, 1), Box-Muller
-  int64_t randint(int64_t lo, int64_t hi); // [lo, hi)
+  double uniform();                         // [0, 1)
+  double uniform(double lo, double hi);     // [lo, hi)
+  double normal();                          // N(0, 1), Box-Muller
+  int64_t randint(int64_t lo, int64_t hi);  // [lo, hi)
 
   // Fills a float tensor with N(mean, std) or U(lo, hi).
   void fill_normal(Tensor& t, double mean, double std);

@@ -13,8 +13,8 @@ void MoeConfig::validate() const {
   MOE_CHECK(d_ffn >= 1, w, "d_ffn must be >= 1, got {}", d_ffn);
   MOE_CHECK(n_experts >= 1 && n_experts <= (1 << 30), w, "n_experts must be in [1, 2^30], got {}",
             n_experts);
-  MOE_CHECK(top_k >= 1 && top_k <= n_experts, w,
-            "top_k must be in [1, n_experts = {}], got {}", n_experts, top_k);
+  MOE_CHECK(top_k >= 1 && top_k <= n_experts, w, "top_k must be in [1, n_experts = {}], got {}",
+            n_experts, top_k);
   MOE_CHECK(n_shared >= 0, w, "n_shared must be >= 0, got {}", n_shared);
   MOE_CHECK(d_shared_ffn >= 0, w, "d_shared_ffn must be >= 0 (0 means d_ffn), got {}",
             d_shared_ffn);
@@ -28,9 +28,9 @@ void MoeConfig::validate() const {
 }
 
 std::string MoeConfig::summary() const {
-  std::string s = fmt::format("D={} E={} K={} F={} act={}{}{}", d_model, n_experts, top_k, d_ffn,
-                              to_string(act), expert_bias ? " bias" : "",
-                              renormalize ? " renorm" : "");
+  std::string s =
+      fmt::format("D={} E={} K={} F={} act={}{}{}", d_model, n_experts, top_k, d_ffn,
+                  to_string(act), expert_bias ? " bias" : "", renormalize ? " renorm" : "");
   if (n_shared > 0)
     s += fmt::format(" shared={}x{}{}", n_shared, shared_width(), shared_gate ? " gated" : "");
   if (capacity_factor > 0)
@@ -41,8 +41,8 @@ std::string MoeConfig::summary() const {
 MoeConfig fine_grained(const MoeConfig& cfg, int64_t m) {
   cfg.validate();
   MOE_CHECK(m >= 1, "moe.fine_grained", "segmentation factor m must be >= 1, got {}", m);
-  MOE_CHECK(cfg.d_ffn % m == 0, "moe.fine_grained",
-            "d_ffn = {} is not divisible by m = {}", cfg.d_ffn, m);
+  MOE_CHECK(cfg.d_ffn % m == 0, "moe.fine_grained", "d_ffn = {} is not divisible by m = {}",
+            cfg.d_ffn, m);
   MOE_CHECK(cfg.n_shared == 0 || cfg.shared_width() % m == 0, "moe.fine_grained",
             "shared expert width {} is not divisible by m = {}", cfg.shared_width(), m);
   MoeConfig out = cfg;
@@ -97,9 +97,9 @@ void to_json(nlohmann::json& j, const MoeConfig& c) {
 
 void from_json(const nlohmann::json& j, MoeConfig& c) {
   MOE_CHECK(j.is_object(), "moe.config", "expected a JSON object, got {}", j.type_name());
-  static const char* known[] = {"d_model",      "d_ffn",       "n_experts",       "top_k",
-                                "act",          "expert_bias", "renormalize",     "n_shared",
-                                "d_shared_ffn", "shared_gate", "capacity_factor", "drop_policy",
+  static const char* known[] = {"d_model",       "d_ffn",       "n_experts",       "top_k",
+                                "act",           "expert_bias", "renormalize",     "n_shared",
+                                "d_shared_ffn",  "shared_gate", "capacity_factor", "drop_policy",
                                 "aux_loss_coef", "z_loss_coef"};
   for (const auto& [key, value] : j.items()) {
     bool ok = false;

@@ -47,8 +47,8 @@ void backward_t(ExpertAct act, ExpertWeights& w, ExpertWeights& g, int64_t D, in
   T* dh = arena.alloc<T>(N * F);
   T* dag = act == ExpertAct::swiglu ? arena.alloc<T>(N * F) : nullptr;
   ffn_backward<T>(act, ffn_view<T>(w, 0, D, F), ffn_view<T>(g, 0, D, F), N, D, F, x.data<T>(),
-                  dy.data<T>(), static_cast<T*>(a_gate), static_cast<T*>(a_up),
-                  static_cast<T*>(h), dh, dag, dx.data<T>());
+                  dy.data<T>(), static_cast<T*>(a_gate), static_cast<T*>(a_up), static_cast<T*>(h),
+                  dh, dag, dx.data<T>());
 }
 }  // namespace
 

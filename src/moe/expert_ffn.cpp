@@ -36,9 +36,9 @@ Activation plain_act(ExpertAct act) {
 template <class T>
 FfnView<T> ffn_view(const ExpertWeights& w, int64_t index, int64_t d_model, int64_t d_ffn) {
   const int64_t fd = d_ffn * d_model;
-  return FfnView<T>{at<T>(w.w_gate, index * fd),    at<T>(w.w_up, index * fd),
-                    at<T>(w.w_down, index * fd),    at<T>(w.b_gate, index * d_ffn),
-                    at<T>(w.b_up, index * d_ffn),   at<T>(w.b_down, index * d_model)};
+  return FfnView<T>{at<T>(w.w_gate, index * fd),  at<T>(w.w_up, index * fd),
+                    at<T>(w.w_down, index * fd),  at<T>(w.b_gate, index * d_ffn),
+                    at<T>(w.b_up, index * d_ffn), at<T>(w.b_down, index * d_model)};
 }
 
 template <class T>
@@ -87,13 +87,13 @@ void ffn_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g, int64
   }
 }
 
-#define MOE_INSTANTIATE(T)                                                                   \
+#define MOE_INSTANTIATE(T)                                                                         \
   template FfnView<T> ffn_view<T>(const ExpertWeights&, int64_t, int64_t, int64_t);                \
-  template void ffn_forward<T>(ExpertAct, const FfnView<T>&, int64_t, int64_t, int64_t,      \
-                               const T*, T*, T*, T*, T*);                                    \
-  template void ffn_backward<T>(ExpertAct, const FfnView<T>&, const FfnView<T>&, int64_t,    \
-                                int64_t, int64_t, const T*, const T*, const T*, const T*,    \
-                                const T*, T*, T*, T*);
+  template void ffn_forward<T>(ExpertAct, const FfnView<T>&, int64_t, int64_t, int64_t, const T*,  \
+                               T*, T*, T*, T*);                                                    \
+  template void ffn_backward<T>(ExpertAct, const FfnView<T>&, const FfnView<T>&, int64_t, int64_t, \
+                                int64_t, const T*, const T*, const T*, const T*, const T*, T*, T*, \
+                                T*);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

@@ -2,10 +2,11 @@
 // the backward of all of it. The math is in docs/routing.md; the reference is moe_ref.cpp.
 #include "moe/moe_layer.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <omp.h>
 
 #include "moe/expert_ffn.h"
 #include "moe/kernels.h"
@@ -79,29 +80,29 @@ int64_t MoeParams::numel() const {
 // Layer
 
 struct MoeLayer::Saved {
-  int64_t n = 0;            // tokens
-  int64_t m = 0;            // kept (token, slot) pairs = rows of the sorted block
+  int64_t n = 0;  // tokens
+  int64_t m = 0;  // kept (token, slot) pairs = rows of the sorted block
   int64_t capacity = 0;
-  Tensor x;                 // [N, D], the caller's input
-  void* probs = nullptr;    // [N, E]
-  void* lse = nullptr;      // [N]
-  int32_t* top_idx = nullptr;  // [N, K]
-  void* top_p = nullptr;    // [N, K] probabilities of the selected experts
-  void* weight = nullptr;   // [N, K] combine weights (renormalized or not)
-  int64_t* offsets = nullptr;  // [E + 1] row offsets of each expert's kept block
-  int64_t* routed = nullptr;   // [E] pairs routed to each expert before capacity
-  int32_t* row_pair = nullptr; // [M] the pair (t * K + j) of each sorted row
-  int32_t* pair_row = nullptr; // [N * K] the sorted row of each pair, -1 when dropped
-  void* xs = nullptr;       // [M, D] gathered inputs
-  void* ys = nullptr;       // [M, D] expert outputs (unweighted)
-  void* a_gate = nullptr;   // [M, F]
-  void* a_up = nullptr;     // [M, F]
-  void* h = nullptr;        // [M, F]
-  void* sh_y = nullptr;     // [N, D] sum of the shared experts' outputs (ungated)
-  void* sh_a_gate = nullptr;  // [S, N, Fs]
-  void* sh_a_up = nullptr;    // [S, N, Fs]
-  void* sh_h = nullptr;       // [S, N, Fs]
-  void* sh_g = nullptr;       // [N] shared gate sigmoid
+  Tensor x;                     // [N, D], the caller's input
+  void* probs = nullptr;        // [N, E]
+  void* lse = nullptr;          // [N]
+  int32_t* top_idx = nullptr;   // [N, K]
+  void* top_p = nullptr;        // [N, K] probabilities of the selected experts
+  void* weight = nullptr;       // [N, K] combine weights (renormalized or not)
+  int64_t* offsets = nullptr;   // [E + 1] row offsets of each expert's kept block
+  int64_t* routed = nullptr;    // [E] pairs routed to each expert before capacity
+  int32_t* row_pair = nullptr;  // [M] the pair (t * K + j) of each sorted row
+  int32_t* pair_row = nullptr;  // [N * K] the sorted row of each pair, -1 when dropped
+  void* xs = nullptr;           // [M, D] gathered inputs
+  void* ys = nullptr;           // [M, D] expert outputs (unweighted)
+  void* a_gate = nullptr;       // [M, F]
+  void* a_up = nullptr;         // [M, F]
+  void* h = nullptr;            // [M, F]
+  void* sh_y = nullptr;         // [N, D] sum of the shared experts' outputs (ungated)
+  void* sh_a_gate = nullptr;    // [S, N, Fs]
+  void* sh_a_up = nullptr;      // [S, N, Fs]
+  void* sh_h = nullptr;         // [S, N, Fs]
+  void* sh_g = nullptr;         // [N] shared gate sigmoid
   bool valid = false;
 };
 
@@ -158,8 +159,8 @@ T sigmoid(T v) {
 }
 
 template <class T>
-MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, MoeLayer::Saved& s,
-                       const Tensor& x, Arena& arena) {
+MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, MoeLayer::Saved& s, const Tensor& x,
+                       Arena& arena) {
   const char* w = "moe.forward";
   const int64_t D = cfg.d_model, E = cfg.n_experts, K = cfg.top_k, F = cfg.d_ffn;
   MOE_CHECK(x.ndim() == 2 && x.size(1) == D && x.dtype() == dtype_of<T>(), w,
@@ -204,11 +205,11 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, MoeLayer::Saved&
   for (int64_t p = 0; p < N * K; ++p) sorted[cursor[top_idx[p]]++] = static_cast<int32_t>(p);
 
   // Capacity: each expert keeps at most C pairs, the first ones or the highest-scoring ones.
-  const int64_t C = cfg.capacity_factor > 0
-                        ? static_cast<int64_t>(std::ceil(cfg.capacity_factor *
-                                                         static_cast<double>(N * K) /
-                                                         static_cast<double>(E)))
-                        : N;
+  const int64_t C =
+      cfg.capacity_factor > 0
+          ? static_cast<int64_t>(std::ceil(cfg.capacity_factor * static_cast<double>(N * K) /
+                                           static_cast<double>(E)))
+          : N;
   s.capacity = cfg.capacity_factor > 0 ? C : 0;
   int32_t* pair_row = arena.alloc<int32_t>(N * K);
   std::fill_n(pair_row, N * K, -1);
@@ -243,8 +244,8 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, MoeLayer::Saved&
     std::memcpy(xs + r * D, xp + (row_pair[r] / K) * D, static_cast<size_t>(D) * sizeof(T));
   for_each_expert(E, [&](int64_t e) {
     const int64_t r0 = offsets[e], n = offsets[e + 1] - offsets[e];
-    ffn_forward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), n, D, F, xs + r0 * D,
-                   ys + r0 * D, a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F);
+    ffn_forward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), n, D, F, xs + r0 * D, ys + r0 * D,
+                   a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F);
   });
 
   // Shared experts run on every token.
@@ -260,15 +261,14 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, MoeLayer::Saved&
     for (int64_t e = 0; e < S; ++e) {
       T* out = e == 0 ? sh_y : tmp;
       ffn_forward<T>(cfg.act, ffn_view<T>(params.shared, e, D, Fs), N, D, Fs, xp, out,
-                     sa_gate ? sa_gate + e * N * Fs : nullptr, sa_up + e * N * Fs,
-                     sh + e * N * Fs);
+                     sa_gate ? sa_gate + e * N * Fs : nullptr, sa_up + e * N * Fs, sh + e * N * Fs);
       if (e > 0)
         for (int64_t i = 0; i < N * D; ++i) sh_y[i] += tmp[i];
     }
     if (cfg.shared_gate) {
       sh_g = arena.alloc<T>(N);
-      cpu::gemm<T>(false, true, N, 1, D, T(1), xp, D, params.w_shared_gate.data<T>(), D, T(0),
-                   sh_g, 1);
+      cpu::gemm<T>(false, true, N, 1, D, T(1), xp, D, params.w_shared_gate.data<T>(), D, T(0), sh_g,
+                   1);
       for (int64_t t = 0; t < N; ++t) sh_g[t] = sigmoid(sh_g[t]);
     }
     s.sh_a_gate = sa_gate;
@@ -351,9 +351,8 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, MoeLayer::Saved&
 }
 
 template <class T>
-void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads,
-                   MoeLayer::Saved& s, const Tensor& dy_t, Tensor& dx_t, Arena& arena,
-                   double d_aux, double d_z) {
+void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, MoeLayer::Saved& s,
+                   const Tensor& dy_t, Tensor& dx_t, Arena& arena, double d_aux, double d_z) {
   const char* w = "moe.backward";
   MOE_CHECK(s.valid, w, "backward() called without a forward() before it");
   const int64_t D = cfg.d_model, E = cfg.n_experts, K = cfg.top_k, F = cfg.d_ffn;
@@ -448,8 +447,8 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads,
     for (int64_t e = 0; e < S; ++e) {
       ffn_backward<T>(cfg.act, ffn_view<T>(params.shared, e, D, Fs),
                       ffn_view<T>(grads.shared, e, D, Fs), N, D, Fs, xp, dsh,
-                      sa_gate ? sa_gate + e * N * Fs : nullptr, sa_up + e * N * Fs,
-                      sh + e * N * Fs, sdh, sda_gate, sdx);
+                      sa_gate ? sa_gate + e * N * Fs : nullptr, sa_up + e * N * Fs, sh + e * N * Fs,
+                      sdh, sda_gate, sdx);
       for (int64_t i = 0; i < N * D; ++i) dx[i] += sdx[i];
     }
   }
@@ -457,8 +456,8 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads,
   // Router. dp: gradient w.r.t. the probabilities, from the combine weights and the aux loss;
   // then the softmax backward and the z-loss, both per token.
   T* dlogits = arena.alloc<T>(N * E);
-  const T aux_scale = static_cast<T>(d_aux * cfg.aux_loss_coef * static_cast<double>(E) /
-                                     static_cast<double>(N));
+  const T aux_scale =
+      static_cast<T>(d_aux * cfg.aux_loss_coef * static_cast<double>(E) / static_cast<double>(N));
   const T z_scale = static_cast<T>(d_z * cfg.z_loss_coef * 2.0 / static_cast<double>(N));
   const T nk = static_cast<T>(N * K);
 #pragma omp parallel for schedule(static)
@@ -481,8 +480,7 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads,
     for (int64_t e = 0; e < E; ++e) g[e] = p[e] * (g[e] - pg) + z_scale * lse[t] * p[e];
   }
   cpu::gemm<T>(true, false, E, D, N, T(1), dlogits, E, xp, D, T(1), grads.w_router.data<T>(), D);
-  cpu::gemm<T>(false, false, N, D, E, T(1), dlogits, E, params.w_router.data<T>(), D, T(1), dx,
-               D);
+  cpu::gemm<T>(false, false, N, D, E, T(1), dlogits, E, params.w_router.data<T>(), D, T(1), dx, D);
   s.valid = false;
 }
 

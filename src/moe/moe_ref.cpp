@@ -13,11 +13,11 @@ namespace {
 
 template <class T>
 struct Routing {
-  std::vector<T> probs, lse;      // [N, E], [N]
-  std::vector<int32_t> idx;       // [N, K]
-  std::vector<T> top_p, weight;   // [N, K]
-  std::vector<uint8_t> kept;      // [N, K]
-  std::vector<int64_t> routed;    // [E]
+  std::vector<T> probs, lse;     // [N, E], [N]
+  std::vector<int32_t> idx;      // [N, K]
+  std::vector<T> top_p, weight;  // [N, K]
+  std::vector<uint8_t> kept;     // [N, K]
+  std::vector<int64_t> routed;   // [E]
 };
 
 template <class T>
@@ -52,8 +52,8 @@ Routing<T> route(const MoeConfig& cfg, const MoeParams& params, const T* x, int6
     }
   }
   if (cfg.capacity_factor > 0) {
-    const auto C = static_cast<size_t>(std::ceil(cfg.capacity_factor * static_cast<double>(N * K) /
-                                                 static_cast<double>(E)));
+    const auto C = static_cast<size_t>(
+        std::ceil(cfg.capacity_factor * static_cast<double>(N * K) / static_cast<double>(E)));
     for (int64_t e = 0; e < E; ++e) {
       std::vector<size_t> pairs;  // in token order
       for (size_t p = 0; p < r.idx.size(); ++p)
@@ -149,8 +149,8 @@ RefOutput forward_impl(const MoeConfig& cfg, const MoeParams& params, const Tens
     for (int64_t j = 0; j < K; ++j) {
       const size_t p = static_cast<size_t>(t * K + j);
       if (!r.kept[p]) continue;
-      ffn_token<T>(cfg.act, ffn_view<T>(params.experts, r.idx[p], D, F), D, F, x + t * D,
-                   ye.data(), ag.data(), au.data(), h.data());
+      ffn_token<T>(cfg.act, ffn_view<T>(params.experts, r.idx[p], D, F), D, F, x + t * D, ye.data(),
+                   ag.data(), au.data(), h.data());
       for (int64_t d = 0; d < D; ++d) y[t * D + d] += r.weight[p] * ye[static_cast<size_t>(d)];
     }
     const T g = shared_gate<T>(cfg, params, x + t * D);
@@ -164,11 +164,11 @@ RefOutput forward_impl(const MoeConfig& cfg, const MoeParams& params, const Tens
   for (int64_t e = 0; e < E; ++e) {
     double pm = 0;
     for (int64_t t = 0; t < N; ++t) pm += r.probs[static_cast<size_t>(t * E + e)];
-    aux += static_cast<double>(r.routed[static_cast<size_t>(e)]) / static_cast<double>(N * K) *
-           pm / static_cast<double>(N);
+    aux += static_cast<double>(r.routed[static_cast<size_t>(e)]) / static_cast<double>(N * K) * pm /
+           static_cast<double>(N);
   }
-  for (int64_t t = 0; t < N; ++t) z += static_cast<double>(r.lse[static_cast<size_t>(t)] *
-                                                           r.lse[static_cast<size_t>(t)]);
+  for (int64_t t = 0; t < N; ++t)
+    z += static_cast<double>(r.lse[static_cast<size_t>(t)] * r.lse[static_cast<size_t>(t)]);
   out.aux_loss = cfg.aux_loss_coef * static_cast<double>(E) * aux;
   out.z_loss = cfg.z_loss_coef * z / static_cast<double>(N);
   out.top_idx = r.idx;
@@ -256,9 +256,9 @@ void backward_impl(const MoeConfig& cfg, const MoeParams& params, const Tensor& 
     for (int64_t e = 0; e < E; ++e) pdp += pr[e] * dp[static_cast<size_t>(e)];
     const T lse = r.lse[static_cast<size_t>(t)];
     for (int64_t e = 0; e < E; ++e) {
-      const T dl = pr[e] * (dp[static_cast<size_t>(e)] - pdp) +
-                   static_cast<T>(d_z * cfg.z_loss_coef * 2.0 / static_cast<double>(N)) * lse *
-                       pr[e];
+      const T dl =
+          pr[e] * (dp[static_cast<size_t>(e)] - pdp) +
+          static_cast<T>(d_z * cfg.z_loss_coef * 2.0 / static_cast<double>(N)) * lse * pr[e];
       for (int64_t d = 0; d < D; ++d) {
         gwr[e * D + d] += dl * xt_[d];
         dxt_[d] += dl * wr[e * D + d];
@@ -281,8 +281,8 @@ RefOutput moe_forward(const MoeConfig& cfg, const MoeParams& params, const Tenso
   return forward_impl<float>(cfg, params, x);
 }
 
-void moe_backward(const MoeConfig& cfg, const MoeParams& params, const Tensor& x,
-                  const Tensor& dy, double d_aux, double d_z, Tensor& dx, MoeParams& grads) {
+void moe_backward(const MoeConfig& cfg, const MoeParams& params, const Tensor& x, const Tensor& dy,
+                  double d_aux, double d_z, Tensor& dx, MoeParams& grads) {
   check_inputs(cfg, x);
   dy.expect("moe.ref", "dy", x.shape(), x.dtype());
   dx.expect("moe.ref", "dx", x.shape(), x.dtype());

@@ -42,13 +42,18 @@ int run_demo(Demo& d) {
   });
   if (d.json) {
     const RoutingStats& s = out.stats;
-    nlohmann::json j = {{"config", cfg},         {"tokens", N},
-                        {"routed", s.routed},    {"kept", s.kept},
-                        {"capacity", s.capacity}, {"dropped_fraction", s.dropped_fraction},
+    nlohmann::json j = {{"config", cfg},
+                        {"tokens", N},
+                        {"routed", s.routed},
+                        {"kept", s.kept},
+                        {"capacity", s.capacity},
+                        {"dropped_fraction", s.dropped_fraction},
                         {"load_imbalance", s.load_imbalance},
                         {"router_entropy", s.router_entropy},
-                        {"aux_loss", s.aux_loss}, {"z_loss", s.z_loss},
-                        {"forward_ms", fwd_ms},  {"backward_ms", bwd_ms},
+                        {"aux_loss", s.aux_loss},
+                        {"z_loss", s.z_loss},
+                        {"forward_ms", fwd_ms},
+                        {"backward_ms", bwd_ms},
                         {"grad_norm", std::sqrt(gnorm)}};
     fmt::print("{}\n", j.dump());
     return 0;

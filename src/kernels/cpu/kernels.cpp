@@ -1,11 +1,12 @@
 // Row-wise and element-wise CPU kernels: softmax, top-k, activations. Parallel over rows or
 // chunks of elements; each output element is computed by one thread in a fixed order, so the
 // results do not depend on the thread count.
+#include "moe/kernels.h"
+
 #include <algorithm>
 #include <cmath>
 
 #include "kernels/ref/ref.h"
-#include "moe/kernels.h"
 
 namespace moe {
 
@@ -114,8 +115,7 @@ void swiglu_forward(T* h, const T* a_gate, const T* a_up, int64_t n) {
 }
 
 template <class T>
-void swiglu_backward(T* da_gate, T* da_up, const T* dh, const T* a_gate, const T* a_up,
-                     int64_t n) {
+void swiglu_backward(T* da_gate, T* da_up, const T* dh, const T* a_gate, const T* a_up, int64_t n) {
 #pragma omp parallel for schedule(static) if (n > kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     // Read every input before writing, so the outputs may alias the inputs.
@@ -128,12 +128,12 @@ void swiglu_backward(T* da_gate, T* da_up, const T* dh, const T* a_gate, const T
   }
 }
 
-#define MOE_INSTANTIATE(T)                                                                   \
-  template void softmax_rows<T>(T*, T*, const T*, int64_t, int64_t);                         \
-  template void topk_rows<T>(int32_t*, T*, const T*, int64_t, int64_t, int64_t);             \
-  template void act_forward<T>(Activation, T*, const T*, int64_t);                           \
-  template void act_backward<T>(Activation, T*, const T*, const T*, int64_t);                \
-  template void swiglu_forward<T>(T*, const T*, const T*, int64_t);                          \
+#define MOE_INSTANTIATE(T)                                                       \
+  template void softmax_rows<T>(T*, T*, const T*, int64_t, int64_t);             \
+  template void topk_rows<T>(int32_t*, T*, const T*, int64_t, int64_t, int64_t); \
+  template void act_forward<T>(Activation, T*, const T*, int64_t);               \
+  template void act_backward<T>(Activation, T*, const T*, const T*, int64_t);    \
+  template void swiglu_forward<T>(T*, const T*, const T*, int64_t);              \
   template void swiglu_backward<T>(T*, T*, const T*, const T*, const T*, int64_t);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)

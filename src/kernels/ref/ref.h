@@ -105,8 +105,7 @@ void swiglu_forward(T* h, const T* a_gate, const T* a_up, int64_t n) {
   for (int64_t i = 0; i < n; ++i) h[i] = silu(a_gate[i]) * a_up[i];
 }
 template <class T>
-void swiglu_backward(T* da_gate, T* da_up, const T* dh, const T* a_gate, const T* a_up,
-                     int64_t n) {
+void swiglu_backward(T* da_gate, T* da_up, const T* dh, const T* a_gate, const T* a_up, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     da_gate[i] = dh[i] * a_up[i] * silu_grad(a_gate[i]);
     da_up[i] = dh[i] * silu(a_gate[i]);

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what moe.cpp needs from Debian 12's packages. With --test, also what the test suite
+# needs (GoogleTest, and PyTorch for the oracle tests). Uses sudo when not run as root.
+set -euo pipefail
+
+packages=(build-essential cmake ninja-build pkg-config
+          libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev libfmt-dev)
+if [[ "${1:-}" == "--test" ]]; then
+  packages+=(libgtest-dev libgmock-dev libbenchmark-dev python3 python3-torch python3-numpy)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [[ ${#missing[@]} -eq 0 ]]; then
+  exit 0
+fi
+
+as_root=()
+[[ $(id -u) -eq 0 ]] || as_root=(sudo)
+echo "installing: ${missing[*]}"
+"${as_root[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq --no-install-recommends \
+  "${missing[@]}" >/dev/null

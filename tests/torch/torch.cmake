@@ -1,0 +1,42 @@
+# tests/torch/torch.cmake: the PyTorch oracle. moe_oracle.py computes reference forwards, losses
+# and gradients with PyTorch autograd; moe_torch_tests compares our layer against them.
+#
+# The oracle is part of the suite, never skipped: a machine without PyTorch fails the configure.
+# It runs under Debian's /usr/bin/python3 because that is where python3-torch installs.
+
+find_program(MOE_TORCH_PYTHON python3 PATHS /usr/bin NO_DEFAULT_PATH)
+if(NOT MOE_TORCH_PYTHON)
+  message(FATAL_ERROR "The PyTorch oracle needs /usr/bin/python3 with torch: "
+                      "apt-get install python3 python3-torch")
+endif()
+execute_process(
+  COMMAND ${MOE_TORCH_PYTHON} -c "import torch"
+  RESULT_VARIABLE _moe_torch_rc
+  OUTPUT_QUIET
+  ERROR_VARIABLE _moe_torch_err)
+if(NOT _moe_torch_rc EQUAL 0)
+  string(STRIP "${_moe_torch_err}" _moe_torch_err)
+  string(REGEX MATCH "[^\n]*$" _moe_torch_err "${_moe_torch_err}")  # the exception, not the trace
+  message(FATAL_ERROR "The PyTorch oracle needs torch in ${MOE_TORCH_PYTHON} "
+                      "(`${MOE_TORCH_PYTHON} -c \"import torch\"` failed: ${_moe_torch_err}): "
+                      "apt-get install python3-torch")
+endif()
+
+set(MOE_TORCH_CASES ${CMAKE_CURRENT_BINARY_DIR}/torch_cases.json)
+
+# The cases are written at test time, not build time, so ctest alone regenerates them.
+add_test(NAME torch_oracle_generate
+  COMMAND ${MOE_TORCH_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/moe_oracle.py ${MOE_TORCH_CASES})
+set_tests_properties(torch_oracle_generate PROPERTIES FIXTURES_SETUP torch_cases)
+
+add_executable(moe_torch_tests ${CMAKE_CURRENT_LIST_DIR}/test_torch_oracle.cpp)
+target_include_directories(moe_torch_tests PRIVATE ${PROJECT_SOURCE_DIR}/src)
+target_compile_options(moe_torch_tests PRIVATE ${MOE_WARNINGS})
+target_link_libraries(moe_torch_tests PRIVATE moe_core GTest::gtest GTest::gtest_main)
+
+# One ctest test for the whole binary: gtest_discover_tests would list the tests at build time,
+# and the test bodies iterate over cases that only exist once torch_oracle_generate has run.
+add_test(NAME torch_oracle COMMAND moe_torch_tests)
+set_tests_properties(torch_oracle PROPERTIES
+  FIXTURES_REQUIRED torch_cases
+  ENVIRONMENT "MOE_TORCH_CASES=${MOE_TORCH_CASES}")
