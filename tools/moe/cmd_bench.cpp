@@ -42,24 +42,26 @@ int run_bench_layer(BenchLayer& b) {
   Arena arena;
 
   RoutingStats stats;
-  const double moe_fwd = median_ms(b.warmup, b.reps, [&] {
-    arena.reset();
-    stats = layer.forward(x, arena).stats;
-  });
-  const double moe_fwdbwd = median_ms(b.warmup, b.reps, [&] {
-    arena.reset();
-    layer.forward(x, arena);
-    layer.backward(dy, dx, arena);
-  });
-  const double dense_fwd = median_ms(b.warmup, b.reps, [&] {
-    arena.reset();
-    dense.forward(x, arena);
-  });
-  const double dense_fwdbwd = median_ms(b.warmup, b.reps, [&] {
-    arena.reset();
-    dense.forward(x, arena);
-    dense.backward(dy, dx, arena);
-  });
+  const std::vector<double> ms = interleaved_median_ms(b.warmup, b.reps,
+                                                       {[&] {
+                                                          arena.reset();
+                                                          stats = layer.forward(x, arena).stats;
+                                                        },
+                                                        [&] {
+                                                          arena.reset();
+                                                          layer.forward(x, arena);
+                                                          layer.backward(dy, dx, arena);
+                                                        },
+                                                        [&] {
+                                                          arena.reset();
+                                                          dense.forward(x, arena);
+                                                        },
+                                                        [&] {
+                                                          arena.reset();
+                                                          dense.forward(x, arena);
+                                                          dense.backward(dy, dx, arena);
+                                                        }});
+  const double moe_fwd = ms[0], moe_fwdbwd = ms[1], dense_fwd = ms[2], dense_fwdbwd = ms[3];
   const int mats = cfg.act == ExpertAct::swiglu ? 3 : 2;
   const double fwd_flops = 2.0 * static_cast<double>(N * D * dense_width * mats);
   if (b.json) {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <vector>
 
 namespace moe::cli {
@@ -20,6 +21,28 @@ double median_ms(int warmup, int reps, Fn&& fn) {
   }
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2];
+}
+
+// Times several functions round-robin (one run of each per round), so that drift in the
+// machine's speed affects all of them alike; returns each one's median in milliseconds.
+inline std::vector<double> interleaved_median_ms(int warmup, int reps,
+                                                 const std::vector<std::function<void()>>& fns) {
+  for (int i = 0; i < warmup; ++i)
+    for (const auto& fn : fns) fn();
+  std::vector<std::vector<double>> ms(fns.size());
+  for (int i = 0; i < reps; ++i)
+    for (size_t f = 0; f < fns.size(); ++f) {
+      const auto t0 = std::chrono::steady_clock::now();
+      fns[f]();
+      const auto t1 = std::chrono::steady_clock::now();
+      ms[f].push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    }
+  std::vector<double> out;
+  for (auto& v : ms) {
+    std::sort(v.begin(), v.end());
+    out.push_back(v[v.size() / 2]);
+  }
+  return out;
 }
 
 }  // namespace moe::cli
