@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "moe/moe_layer.h"
+#include "moe/moe_ref.h"
 
 namespace moe::test {
 
@@ -85,12 +86,43 @@ inline std::vector<NamedConfig> option_matrix() {
     c.n_shared = 1;
     c = fine_grained(c, 2);
   });
+  add("jitter", [](MoeConfig& c) { c.jitter_eps = 0.1; });
+  add("explore", [](MoeConfig& c) {
+    c.n_experts = 6;
+    c.explore_prob = 0.4;
+  });
+  add("switch_jitter_capacity", [](MoeConfig& c) {
+    c.top_k = 1;
+    c.renormalize = false;
+    c.jitter_eps = 0.05;
+    c.capacity_factor = 1.0;
+  });
+  add("frozen_router", [](MoeConfig& c) { c.freeze_router = true; });
+  add("frozen_experts", [](MoeConfig& c) {
+    c.frozen_experts = {0, 2};
+    c.expert_bias = true;
+  });
   add("no_losses", [](MoeConfig& c) {
     c.aux_loss_coef = 0;
     c.z_loss_coef = 0;
   });
   return v;
 }
+
+// Fixed routing noise, replayed identically by the layer and the reference (training mode).
+struct Noise {
+  std::vector<double> normal, uniform;
+  explicit Noise(uint64_t seed, size_t n = 20000) {
+    Rng rng(seed);
+    for (size_t i = 0; i < n; ++i) normal.push_back(rng.normal());
+    for (size_t i = 0; i < n; ++i) uniform.push_back(rng.uniform());
+  }
+  void apply(MoeLayer& layer) const {
+    layer.set_training(true);
+    layer.set_noise(&normal, &uniform);
+  }
+  ref::RefOptions options() const { return {true, &normal, &uniform}; }
+};
 
 // A layer with random weights (std 0.5, so routing margins are wide) in the given dtype.
 inline MoeLayer random_layer(const MoeConfig& cfg, DType dtype, uint64_t seed) {

@@ -25,11 +25,12 @@ struct Objective {
   Tensor& x;
   const Tensor& r;
   bool use_reference;
+  const test::Noise& noise;
 
   // L at the current parameters, and the routing it took.
   double eval(std::vector<int32_t>* idx, std::vector<uint8_t>* kept) {
-    ref::RefOutput ro = ref::moe_forward(cfg, params, x);
-    if (idx) *idx = ro.top_idx;
+    ref::RefOutput ro = ref::moe_forward(cfg, params, x, noise.options());
+    if (idx) *idx = ro.expert;
     if (kept) *kept = ro.kept;
     double aux = ro.aux_loss, z = ro.z_loss;
     Tensor y = ro.y;
@@ -37,6 +38,7 @@ struct Objective {
     if (!use_reference) {
       MoeLayer layer(cfg, DType::F64);
       test::copy_params(params, layer.params());
+      noise.apply(layer);
       MoeOutput out = layer.forward(x, arena);
       y = out.y;
       aux = out.aux_loss;
@@ -54,28 +56,43 @@ void check_gradients(const MoeConfig& cfg, bool use_reference, uint64_t seed) {
   Tensor x = test::random_tensor({N, cfg.d_model}, DType::F64, seed + 1);
   Tensor r = test::random_tensor({N, cfg.d_model}, DType::F64, seed + 2);
   MoeParams& params = layer.params();
+  const test::Noise noise(seed + 3);
 
   // Analytic gradients.
   Tensor dx = Tensor::empty(x.shape(), DType::F64);
   MoeParams grads = MoeParams::zeros(cfg, DType::F64);
   if (use_reference) {
-    ref::moe_backward(cfg, params, x, r, kDAux, kDZ, dx, grads);
+    ref::moe_backward(cfg, params, x, r, kDAux, kDZ, dx, grads, noise.options());
   } else {
     Arena arena;
+    noise.apply(layer);
     layer.zero_grad();
     layer.forward(x, arena);
     layer.backward(r, dx, arena, kDAux, kDZ);
     test::copy_params(layer.grads(), grads);
   }
 
-  Objective obj{cfg, params, x, r, use_reference};
+  Objective obj{cfg, params, x, r, use_reference, noise};
   std::vector<int32_t> idx0, idx;
   std::vector<uint8_t> kept0, kept;
   obj.eval(&idx0, &kept0);
   int64_t checked = 0, skipped = 0;
+  // Frozen parameters (fine-tuning switches) must get exactly zero gradient instead.
+  auto frozen = [&](const std::string& name, int64_t i, const Tensor& t) {
+    if (name == "router.weight") return cfg.freeze_router;
+    if (name.rfind("experts.", 0) != 0) return false;
+    const int64_t e = i / (t.numel() / cfg.n_experts);
+    for (int64_t f : cfg.frozen_experts)
+      if (f == e) return true;
+    return false;
+  };
   auto check = [&](const std::string& name, Tensor& value, const Tensor& grad) {
     double* v = value.data<double>();
     for (int64_t i = 0; i < value.numel(); ++i) {
+      if (frozen(name, i, value)) {
+        ASSERT_EQ(grad.at(i), 0.0) << name << "[" << i << "] is frozen";
+        continue;
+      }
       const double saved = v[i];
       v[i] = saved + kStep;
       const double lp = obj.eval(&idx, &kept);

@@ -44,18 +44,20 @@ void compare_with_reference(MoeLayer& layer, int64_t n_tokens, uint64_t seed,
   Tensor dy = test::random_tensor({n_tokens, D}, dtype, seed + 2);
   Arena arena;
   const double d_aux = 0.7, d_z = 1.3;
+  const test::Noise noise(seed + 3);
+  noise.apply(layer);
   LayerRun fast = run_layer(layer, x, dy, arena, d_aux, d_z);
 
-  ref::RefOutput ro = ref::moe_forward(cfg, layer.params(), x);
+  ref::RefOutput ro = ref::moe_forward(cfg, layer.params(), x, noise.options());
   MoeParams rg = MoeParams::zeros(cfg, dtype);
   Tensor rdx = Tensor::empty(x.shape(), dtype);
-  ref::moe_backward(cfg, layer.params(), x, dy, d_aux, d_z, rdx, rg);
+  ref::moe_backward(cfg, layer.params(), x, dy, d_aux, d_z, rdx, rg, noise.options());
 
   // Routing must agree exactly.
   std::vector<int64_t> routed(static_cast<size_t>(E), 0), kept(static_cast<size_t>(E), 0);
-  for (size_t p = 0; p < ro.top_idx.size(); ++p) {
-    ++routed[static_cast<size_t>(ro.top_idx[p])];
-    kept[static_cast<size_t>(ro.top_idx[p])] += ro.kept[p];
+  for (size_t p = 0; p < ro.expert.size(); ++p) {
+    ++routed[static_cast<size_t>(ro.expert[p])];
+    kept[static_cast<size_t>(ro.expert[p])] += ro.kept[p];
   }
   EXPECT_EQ(fast.out.stats.routed, routed);
   EXPECT_EQ(fast.out.stats.kept, kept);

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <nlohmann/json_fwd.hpp>
 #include <string>
+#include <vector>
 
 namespace moe {
 
@@ -16,6 +17,11 @@ enum class ExpertAct { relu, gelu, swiglu };
 // Which tokens an expert over capacity keeps: the first ones in token order, or those with the
 // highest router probability for that expert (ties to the earlier token).
 enum class DropPolicy { position, score };
+
+// The routing method (docs/routing.md has each one's equations and source).
+enum class RouterKind {
+  topk,  // softmax top-k (Shazeer et al. 2017 without noise; Switch with K = 1; Mixtral)
+};
 
 struct MoeConfig {
   int64_t d_model = 0;    // D
@@ -32,6 +38,11 @@ struct MoeConfig {
   DropPolicy drop_policy = DropPolicy::position;
   double aux_loss_coef = 0.01;  // alpha of the Switch/GShard load-balancing loss
   double z_loss_coef = 0.001;   // beta of the ST-MoE router z-loss
+  RouterKind router = RouterKind::topk;
+  double jitter_eps = 0;    // training: router input times U(1 - eps, 1 + eps) (Switch)
+  double explore_prob = 0;  // training: a slot's expert replaced by a random one with this p
+  bool freeze_router = false;           // no router gradient, no router state update
+  std::vector<int64_t> frozen_experts;  // experts whose weights get no gradient
 
   int64_t shared_width() const { return d_shared_ffn > 0 ? d_shared_ffn : d_ffn; }
   // Throws moe::Error naming the first bad field.
@@ -46,6 +57,8 @@ MoeConfig fine_grained(const MoeConfig& cfg, int64_t m);
 
 const char* to_string(ExpertAct a);
 const char* to_string(DropPolicy p);
+const char* to_string(RouterKind r);
+RouterKind parse_router_kind(const std::string& s);
 ExpertAct parse_expert_act(const std::string& s);
 DropPolicy parse_drop_policy(const std::string& s);
 

@@ -18,6 +18,7 @@
 #include "moe/arena.h"
 #include "moe/moe_config.h"
 #include "moe/rng.h"
+#include "moe/router.h"
 #include "moe/tensor.h"
 
 namespace moe {
@@ -38,7 +39,7 @@ struct MoeParams {
   ExpertWeights shared;  // S > 0 only
   Tensor w_shared_gate;  // [1, D], shared_gate only
 
-  // Allocates every tensor the config needs, zero-filled.
+  // Allocates every tensor the config (and its router) needs, zero-filled.
   static MoeParams zeros(const MoeConfig& cfg, DType dtype);
   // Calls f(name, tensor) for every defined tensor, in a fixed order.
   void for_each(const std::function<void(const std::string&, Tensor&)>& f);
@@ -78,11 +79,23 @@ class MoeLayer {
 
   const MoeConfig& config() const { return cfg_; }
   DType dtype() const { return dtype_; }
+  Router& router() { return *router_; }
+
+  // Training mode (the default) enables the routers' noise, jitter and exploration.
+  void set_training(bool training) { training_ = training; }
+  bool training() const { return training_; }
+  // Replays these draws (each list in order, from the start at every forward) instead of the
+  // layer's random stream; nullptr for both returns to drawing. For tests against references.
+  void set_noise(const std::vector<double>* normal, const std::vector<double>* uniform);
+  // Once per optimizer step: router state updates (DeepSeek-V3's bias), from the routing of
+  // the last forward. Does nothing for a frozen router.
+  void after_step();
   MoeParams& params() { return params_; }
   const MoeParams& params() const { return params_; }
   MoeParams& grads() { return grads_; }
 
-  // Router and expert inputs N(0, 1/fan_in), output projections N(0, 1/F), biases zero.
+  // Router and expert inputs N(0, 1/fan_in), output projections N(0, 1/F), biases zero; the
+  // layer's routing noise stream is seeded from rng too.
   void init(Rng& rng);
   void zero_grad();
 
@@ -102,7 +115,13 @@ class MoeLayer {
   DType dtype_;
   MoeParams params_;
   MoeParams grads_;
+  std::unique_ptr<Router> router_;
+  Rng rng_;
+  bool training_ = true;
+  const std::vector<double>* noise_normal_ = nullptr;
+  const std::vector<double>* noise_uniform_ = nullptr;
   std::shared_ptr<Saved> saved_;
+  std::vector<int64_t> last_routed_;
 };
 
 }  // namespace moe

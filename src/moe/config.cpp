@@ -25,6 +25,15 @@ void MoeConfig::validate() const {
             "aux_loss_coef must be finite and >= 0, got {}", aux_loss_coef);
   MOE_CHECK(std::isfinite(z_loss_coef) && z_loss_coef >= 0, w,
             "z_loss_coef must be finite and >= 0, got {}", z_loss_coef);
+  MOE_CHECK(std::isfinite(jitter_eps) && jitter_eps >= 0 && jitter_eps < 1, w,
+            "jitter_eps must be in [0, 1), got {}", jitter_eps);
+  MOE_CHECK(std::isfinite(explore_prob) && explore_prob >= 0 && explore_prob <= 1, w,
+            "explore_prob must be in [0, 1], got {}", explore_prob);
+  for (size_t i = 0; i < frozen_experts.size(); ++i) {
+    MOE_CHECK(frozen_experts[i] >= 0 && frozen_experts[i] < n_experts, w,
+              "frozen_experts[{}] = {} is not an expert index in [0, {})", i, frozen_experts[i],
+              n_experts);
+  }
 }
 
 std::string MoeConfig::summary() const {
@@ -35,6 +44,11 @@ std::string MoeConfig::summary() const {
     s += fmt::format(" shared={}x{}{}", n_shared, shared_width(), shared_gate ? " gated" : "");
   if (capacity_factor > 0)
     s += fmt::format(" CF={} drop={}", capacity_factor, to_string(drop_policy));
+  if (router != RouterKind::topk) s += fmt::format(" router={}", to_string(router));
+  if (jitter_eps > 0) s += fmt::format(" jitter={}", jitter_eps);
+  if (explore_prob > 0) s += fmt::format(" explore={}", explore_prob);
+  if (freeze_router) s += " frozen-router";
+  if (!frozen_experts.empty()) s += fmt::format(" frozen-experts={}", frozen_experts.size());
   return s;
 }
 
@@ -65,6 +79,29 @@ const char* to_string(ExpertAct a) {
 
 const char* to_string(DropPolicy p) { return p == DropPolicy::position ? "position" : "score"; }
 
+namespace {
+struct RouterName {
+  RouterKind kind;
+  const char* name;
+};
+constexpr RouterName kRouterNames[] = {{RouterKind::topk, "topk"}};
+}  // namespace
+
+const char* to_string(RouterKind r) {
+  for (const RouterName& n : kRouterNames)
+    if (n.kind == r) return n.name;
+  return "?";
+}
+
+RouterKind parse_router_kind(const std::string& s) {
+  std::string known;
+  for (const RouterName& n : kRouterNames) {
+    if (s == n.name) return n.kind;
+    known += known.empty() ? n.name : std::string(", ") + n.name;
+  }
+  throw_error("moe.config", fmt::format("unknown router '{}' ({})", s, known));
+}
+
 ExpertAct parse_expert_act(const std::string& s) {
   if (s == "relu") return ExpertAct::relu;
   if (s == "gelu") return ExpertAct::gelu;
@@ -92,7 +129,12 @@ void to_json(nlohmann::json& j, const MoeConfig& c) {
        {"capacity_factor", c.capacity_factor},
        {"drop_policy", to_string(c.drop_policy)},
        {"aux_loss_coef", c.aux_loss_coef},
-       {"z_loss_coef", c.z_loss_coef}};
+       {"z_loss_coef", c.z_loss_coef},
+       {"router", to_string(c.router)},
+       {"jitter_eps", c.jitter_eps},
+       {"explore_prob", c.explore_prob},
+       {"freeze_router", c.freeze_router},
+       {"frozen_experts", c.frozen_experts}};
 }
 
 void from_json(const nlohmann::json& j, MoeConfig& c) {
@@ -100,7 +142,8 @@ void from_json(const nlohmann::json& j, MoeConfig& c) {
   static const char* known[] = {"d_model",       "d_ffn",       "n_experts",       "top_k",
                                 "act",           "expert_bias", "renormalize",     "n_shared",
                                 "d_shared_ffn",  "shared_gate", "capacity_factor", "drop_policy",
-                                "aux_loss_coef", "z_loss_coef"};
+                                "aux_loss_coef", "z_loss_coef", "router", "jitter_eps",
+                                "explore_prob", "freeze_router", "frozen_experts"};
   for (const auto& [key, value] : j.items()) {
     bool ok = false;
     for (const char* k : known) ok = ok || key == k;
@@ -122,6 +165,11 @@ void from_json(const nlohmann::json& j, MoeConfig& c) {
     c.drop_policy = parse_drop_policy(j.value("drop_policy", std::string("position")));
     c.aux_loss_coef = j.value("aux_loss_coef", c.aux_loss_coef);
     c.z_loss_coef = j.value("z_loss_coef", c.z_loss_coef);
+    c.router = parse_router_kind(j.value("router", std::string("topk")));
+    c.jitter_eps = j.value("jitter_eps", c.jitter_eps);
+    c.explore_prob = j.value("explore_prob", c.explore_prob);
+    c.freeze_router = j.value("freeze_router", c.freeze_router);
+    c.frozen_experts = j.value("frozen_experts", c.frozen_experts);
   } catch (const nlohmann::json::exception& e) {
     throw_error("moe.config", fmt::format("bad value: {}", e.what()));
   }

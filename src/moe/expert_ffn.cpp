@@ -66,7 +66,8 @@ void ffn_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g, int64
   if (n == 0) return;
   const int64_t D = d_model, F = d_ffn;
   // y = h W_down^T + b_down
-  cpu::gemm<T>(true, false, D, F, n, T(1), dy, D, h, F, T(1), g.w_down, F);
+  const bool train = g.w_up != nullptr;  // a frozen expert passes gradients through only
+  if (train) cpu::gemm<T>(true, false, D, F, n, T(1), dy, D, h, F, T(1), g.w_down, F);
   add_colsum(g.b_down, dy, n, D);
   cpu::gemm<T>(false, false, n, F, D, T(1), dy, D, w.w_down, F, T(0), dh, F);
   // h -> pre-activations; da_up overwrites dh in place.
@@ -77,11 +78,11 @@ void ffn_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g, int64
     cpu::act_backward<T>(plain_act(act), da_up, dh, a_up, n * F);
   }
   // a_up = x W_up^T + b_up (and the same for a_gate)
-  cpu::gemm<T>(true, false, F, D, n, T(1), da_up, F, x, D, T(1), g.w_up, D);
+  if (train) cpu::gemm<T>(true, false, F, D, n, T(1), da_up, F, x, D, T(1), g.w_up, D);
   add_colsum(g.b_up, da_up, n, F);
   cpu::gemm<T>(false, false, n, D, F, T(1), da_up, F, w.w_up, D, T(0), dx, D);
   if (act == ExpertAct::swiglu) {
-    cpu::gemm<T>(true, false, F, D, n, T(1), da_gate, F, x, D, T(1), g.w_gate, D);
+    if (train) cpu::gemm<T>(true, false, F, D, n, T(1), da_gate, F, x, D, T(1), g.w_gate, D);
     add_colsum(g.b_gate, da_gate, n, F);
     cpu::gemm<T>(false, false, n, D, F, T(1), da_gate, F, w.w_gate, D, T(1), dx, D);
   }

@@ -35,8 +35,8 @@ template <class T>
 void ffn_forward(ExpertAct act, const FfnView<T>& w, int64_t n, int64_t d_model, int64_t d_ffn,
                  const T* x, T* y, T* a_gate, T* a_up, T* h);
 
-// Backward on n rows: dx [n, D] written, gradients accumulated into g. dh and da_gate are
-// [n, F] scratch (da_gate unused unless SwiGLU).
+// Backward on n rows: dx [n, D] written, gradients accumulated into g (an empty view, as for a
+// frozen expert, accumulates nothing). dh and da_gate are [n, F] scratch (da_gate SwiGLU only).
 template <class T>
 void ffn_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g, int64_t n,
                   int64_t d_model, int64_t d_ffn, const T* x, const T* dy, const T* a_gate,

@@ -34,7 +34,7 @@ MoeParams MoeParams::zeros(const MoeConfig& cfg, DType dtype) {
     return w;
   };
   MoeParams p;
-  p.w_router = Tensor::zeros({E, D}, dtype);
+  p.w_router = Tensor::zeros({make_router(cfg)->logit_rows(), D}, dtype);
   p.experts = experts(E, F);
   if (cfg.n_shared > 0) p.shared = experts(cfg.n_shared, cfg.shared_width());
   if (cfg.shared_gate) p.w_shared_gate = Tensor::zeros({1, D}, dtype);
@@ -80,19 +80,19 @@ int64_t MoeParams::numel() const {
 // Layer
 
 struct MoeLayer::Saved {
-  int64_t n = 0;  // tokens
-  int64_t m = 0;  // kept (token, slot) pairs = rows of the sorted block
-  int64_t capacity = 0;
+  int64_t n = 0;                // tokens
+  int64_t p = 0;                // pairs in the routing plan
+  int64_t m = 0;                // kept pairs = rows of the sorted block
   Tensor x;                     // [N, D], the caller's input
-  void* probs = nullptr;        // [N, E]
-  void* lse = nullptr;          // [N]
-  int32_t* top_idx = nullptr;   // [N, K]
-  void* top_p = nullptr;        // [N, K] probabilities of the selected experts
-  void* weight = nullptr;       // [N, K] combine weights (renormalized or not)
+  const void* xr = nullptr;     // [N, D] the router's input (x, or x times the jitter)
+  const void* jitter = nullptr; // [N, D] the jitter factors, when jittering
+  int64_t r = 0;                // router rows
+  const int64_t* token_offsets = nullptr;  // [N + 1] from the plan
+  const void* weight = nullptr;            // [P] from the plan
+  const int32_t* expert = nullptr;         // [P] from the plan
   int64_t* offsets = nullptr;   // [E + 1] row offsets of each expert's kept block
-  int64_t* routed = nullptr;    // [E] pairs routed to each expert before capacity
-  int32_t* row_pair = nullptr;  // [M] the pair (t * K + j) of each sorted row
-  int32_t* pair_row = nullptr;  // [N * K] the sorted row of each pair, -1 when dropped
+  int32_t* row_pair = nullptr;  // [M] the pair of each sorted row
+  int32_t* pair_row = nullptr;  // [P] the sorted row of each pair, -1 when dropped
   void* xs = nullptr;           // [M, D] gathered inputs
   void* ys = nullptr;           // [M, D] expert outputs (unweighted)
   void* a_gate = nullptr;       // [M, F]
@@ -111,6 +111,7 @@ MoeLayer::MoeLayer(const MoeConfig& cfg, DType dtype)
   cfg_.validate();
   MOE_CHECK(dtype == DType::F32 || dtype == DType::F64, "moe.layer",
             "dtype must be f32 or f64, got {}", dtype_name(dtype));
+  router_ = make_router(cfg_);
   params_ = MoeParams::zeros(cfg_, dtype);
   grads_ = MoeParams::zeros(cfg_, dtype);
 }
@@ -126,10 +127,20 @@ void MoeLayer::init(Rng& rng) {
       rng.fill_normal(t, 0, sd);
     }
   });
+  rng_ = Rng(rng.next_u64());
 }
 
 void MoeLayer::zero_grad() {
   grads_.for_each([](const std::string&, Tensor& t) { t.fill(0); });
+}
+
+void MoeLayer::set_noise(const std::vector<double>* normal, const std::vector<double>* uniform) {
+  noise_normal_ = normal;
+  noise_uniform_ = uniform;
+}
+
+void MoeLayer::after_step() {
+  if (!cfg_.freeze_router && !last_routed_.empty()) router_->after_step(last_routed_);
 }
 
 namespace {
@@ -158,61 +169,33 @@ T sigmoid(T v) {
   return T(1) / (T(1) + std::exp(-v));
 }
 
+bool is_frozen(const MoeConfig& cfg, int64_t e) {
+  return std::find(cfg.frozen_experts.begin(), cfg.frozen_experts.end(), e) !=
+         cfg.frozen_experts.end();
+}
+
+// Counting sort of the plan's pairs by expert (stable: token order within an expert), then
+// capacity: each expert keeps at most C pairs, C = ceil(CF * P / E), the first ones or those
+// with the highest score. Fills offsets [E + 1], row_pair [M] and pair_row [P]; returns M.
 template <class T>
-MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, MoeLayer::Saved& s, const Tensor& x,
-                       Arena& arena) {
-  const char* w = "moe.forward";
-  const int64_t D = cfg.d_model, E = cfg.n_experts, K = cfg.top_k, F = cfg.d_ffn;
-  MOE_CHECK(x.ndim() == 2 && x.size(1) == D && x.dtype() == dtype_of<T>(), w,
-            "x must be {}[N, {}], got {}", dtype_name(dtype_of<T>()), D, x.str());
-  const int64_t N = x.size(0);
-  MOE_CHECK(N >= 1, w, "x has no tokens");
-  MOE_CHECK(N * K < (int64_t(1) << 31), w, "N * K = {} exceeds 2^31 rows", N * K);
-  const T* xp = x.data<T>();
-  check_finite(w, "input x", xp, N, D);
-
-  s = MoeLayer::Saved{};
-  s.n = N;
-  s.x = x;
-
-  // Router: logits = x W_r^T, probabilities, top-k.
-  T* logits = arena.alloc<T>(N * E);
-  T* probs = arena.alloc<T>(N * E);
-  T* lse = arena.alloc<T>(N);
-  cpu::gemm<T>(false, true, N, E, D, T(1), xp, D, params.w_router.data<T>(), D, T(0), logits, E);
-  check_finite(w, "router logits (check the router weights)", logits, N, E);
-  cpu::softmax_rows<T>(probs, lse, logits, N, E);
-  int32_t* top_idx = arena.alloc<int32_t>(N * K);
-  T* top_p = arena.alloc<T>(N * K);
-  T* weight = arena.alloc<T>(N * K);
-  cpu::topk_rows<T>(top_idx, top_p, probs, N, E, K);
-  for (int64_t t = 0; t < N; ++t) {
-    T sum = 0;
-    for (int64_t j = 0; j < K; ++j) sum += top_p[t * K + j];
-    for (int64_t j = 0; j < K; ++j)
-      weight[t * K + j] = cfg.renormalize ? top_p[t * K + j] / sum : top_p[t * K + j];
-  }
-
-  // Counting sort of the (token, slot) pairs by expert, stable in token order.
-  int64_t* routed = arena.alloc<int64_t>(E);
-  int64_t* offsets = arena.alloc<int64_t>(E + 1);
+int64_t dispatch(const MoeConfig& cfg, const RoutingPlan<T>& plan, Arena& arena, int64_t* routed,
+                 int64_t* offsets, int32_t*& row_pair, int32_t* pair_row, int64_t& capacity) {
+  const int64_t E = cfg.n_experts, P = plan.n_pairs;
   std::fill_n(routed, E, 0);
-  for (int64_t p = 0; p < N * K; ++p) ++routed[top_idx[p]];
+  for (int64_t p = 0; p < P; ++p) ++routed[plan.expert[p]];
   int64_t* cursor = arena.alloc<int64_t>(E + 1);
   cursor[0] = 0;
   for (int64_t e = 0; e < E; ++e) cursor[e + 1] = cursor[e] + routed[e];
-  int32_t* sorted = arena.alloc<int32_t>(N * K);
-  for (int64_t p = 0; p < N * K; ++p) sorted[cursor[top_idx[p]]++] = static_cast<int32_t>(p);
+  int32_t* sorted = arena.alloc<int32_t>(P);
+  for (int64_t p = 0; p < P; ++p) sorted[cursor[plan.expert[p]]++] = static_cast<int32_t>(p);
 
-  // Capacity: each expert keeps at most C pairs, the first ones or the highest-scoring ones.
-  const int64_t C =
-      cfg.capacity_factor > 0
-          ? static_cast<int64_t>(std::ceil(cfg.capacity_factor * static_cast<double>(N * K) /
-                                           static_cast<double>(E)))
-          : N;
-  s.capacity = cfg.capacity_factor > 0 ? C : 0;
-  int32_t* pair_row = arena.alloc<int32_t>(N * K);
-  std::fill_n(pair_row, N * K, -1);
+  const bool capped = cfg.capacity_factor > 0;
+  const int64_t C = capped ? static_cast<int64_t>(std::ceil(
+                                 cfg.capacity_factor * static_cast<double>(P) /
+                                 static_cast<double>(E)))
+                           : P;
+  capacity = capped ? C : 0;
+  std::fill_n(pair_row, P, -1);
   offsets[0] = 0;
   int64_t begin = 0;
   for (int64_t e = 0; e < E; ++e) {
@@ -220,7 +203,7 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, MoeLayer::Saved&
     const int64_t count = routed[e];
     if (count > C && cfg.drop_policy == DropPolicy::score) {
       std::stable_sort(block, block + count,
-                       [&](int32_t a, int32_t b) { return top_p[a] > top_p[b]; });
+                       [&](int32_t a, int32_t b) { return plan.score[a] > plan.score[b]; });
     }
     const int64_t keep = std::min(count, C);
     // Compact the kept pairs of expert e to rows offsets[e] .. offsets[e] + keep.
@@ -229,11 +212,73 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, MoeLayer::Saved&
     begin += count;
   }
   const int64_t M = offsets[E];
-  int32_t* row_pair = sorted;  // its first M entries are now the kept pairs in row order
+  row_pair = sorted;  // its first M entries are now the kept pairs in row order
   for (int64_t r = 0; r < M; ++r) pair_row[row_pair[r]] = static_cast<int32_t>(r);
-  s.m = M;
+  return M;
+}
 
-  // Gather, experts, combine.
+template <class T>
+MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool training,
+                       NoiseSource& noise, MoeLayer::Saved& s, const Tensor& x, Arena& arena) {
+  const char* w = "moe.forward";
+  const int64_t D = cfg.d_model, E = cfg.n_experts, F = cfg.d_ffn;
+  MOE_CHECK(x.ndim() == 2 && x.size(1) == D && x.dtype() == dtype_of<T>(), w,
+            "x must be {}[N, {}], got {}", dtype_name(dtype_of<T>()), D, x.str());
+  const int64_t N = x.size(0);
+  MOE_CHECK(N >= 1, w, "x has no tokens");
+  MOE_CHECK(N * E < (int64_t(1) << 31), w, "N * E = {} exceeds 2^31", N * E);
+  const T* xp = x.data<T>();
+  check_finite(w, "input x", xp, N, D);
+
+  s = MoeLayer::Saved{};
+  s.n = N;
+  s.x = x;
+
+  // Router input: x, times U(1 - eps, 1 + eps) jitter in training (Switch Transformer).
+  const T* xr = xp;
+  if (training && cfg.jitter_eps > 0) {
+    T* jitter = arena.alloc<T>(N * D);
+    T* xj = arena.alloc<T>(N * D);
+    noise.uniform(jitter, N * D);
+    const T lo = static_cast<T>(1 - cfg.jitter_eps), width = static_cast<T>(2 * cfg.jitter_eps);
+    for (int64_t i = 0; i < N * D; ++i) {
+      jitter[i] = lo + width * jitter[i];
+      xj[i] = xp[i] * jitter[i];
+    }
+    s.jitter = jitter;
+    xr = xj;
+  }
+  s.xr = xr;
+
+  // Router: logits = xr W_r^T over all its rows, then the routing method.
+  const int64_t R = router.logit_rows();
+  s.r = R;
+  T* logits = arena.alloc<T>(N * R);
+  cpu::gemm<T>(false, true, N, R, D, T(1), xr, D, params.w_router.data<T>(), D, T(0), logits, R);
+  check_finite(w, "router logits (check the router weights)", logits, N, R);
+  RouterForward<T> rf;
+  rf.n_tokens = N;
+  rf.logits = logits;
+  rf.training = training;
+  rf.noise = &noise;
+  rf.arena = &arena;
+  router.forward(rf);
+  const RoutingPlan<T>& plan = rf.plan;
+  const int64_t P = plan.n_pairs;
+  MOE_CHECK(P < (int64_t(1) << 31), w, "{} (token, expert) pairs exceed 2^31", P);
+
+  // Dispatch: sort pairs by expert, apply capacity, gather rows.
+  int64_t* routed = arena.alloc<int64_t>(E);
+  int64_t* offsets = arena.alloc<int64_t>(E + 1);
+  int32_t* row_pair = nullptr;
+  int32_t* pair_row = arena.alloc<int32_t>(P);
+  int64_t capacity = 0;
+  const int64_t M = dispatch(cfg, plan, arena, routed, offsets, row_pair, pair_row, capacity);
+  int32_t* pair_token = arena.alloc<int32_t>(P);
+  for (int64_t t = 0; t < N; ++t)
+    for (int64_t p = plan.token_offsets[t]; p < plan.token_offsets[t + 1]; ++p)
+      pair_token[p] = static_cast<int32_t>(t);
+
   T* xs = arena.alloc<T>(M * D);
   T* ys = arena.alloc<T>(M * D);
   T* a_gate = cfg.act == ExpertAct::swiglu ? arena.alloc<T>(M * F) : nullptr;
@@ -241,11 +286,11 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, MoeLayer::Saved&
   T* h = arena.alloc<T>(M * F);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < M; ++r)
-    std::memcpy(xs + r * D, xp + (row_pair[r] / K) * D, static_cast<size_t>(D) * sizeof(T));
+    std::memcpy(xs + r * D, xp + pair_token[row_pair[r]] * D, static_cast<size_t>(D) * sizeof(T));
   for_each_expert(E, [&](int64_t e) {
     const int64_t r0 = offsets[e], n = offsets[e + 1] - offsets[e];
-    ffn_forward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), n, D, F, xs + r0 * D, ys + r0 * D,
-                   a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F);
+    ffn_forward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), n, D, F, xs + r0 * D,
+                   ys + r0 * D, a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F);
   });
 
   // Shared experts run on every token.
@@ -261,14 +306,15 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, MoeLayer::Saved&
     for (int64_t e = 0; e < S; ++e) {
       T* out = e == 0 ? sh_y : tmp;
       ffn_forward<T>(cfg.act, ffn_view<T>(params.shared, e, D, Fs), N, D, Fs, xp, out,
-                     sa_gate ? sa_gate + e * N * Fs : nullptr, sa_up + e * N * Fs, sh + e * N * Fs);
+                     sa_gate ? sa_gate + e * N * Fs : nullptr, sa_up + e * N * Fs,
+                     sh + e * N * Fs);
       if (e > 0)
         for (int64_t i = 0; i < N * D; ++i) sh_y[i] += tmp[i];
     }
     if (cfg.shared_gate) {
       sh_g = arena.alloc<T>(N);
-      cpu::gemm<T>(false, true, N, 1, D, T(1), xp, D, params.w_shared_gate.data<T>(), D, T(0), sh_g,
-                   1);
+      cpu::gemm<T>(false, true, N, 1, D, T(1), xp, D, params.w_shared_gate.data<T>(), D, T(0),
+                   sh_g, 1);
       for (int64_t t = 0; t < N; ++t) sh_g[t] = sigmoid(sh_g[t]);
     }
     s.sh_a_gate = sa_gate;
@@ -276,6 +322,7 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, MoeLayer::Saved&
     s.sh_h = sh;
   }
 
+  // Combine: each token writes its own weighted sum, pairs in plan order.
   Tensor y = arena.tensor({N, D}, dtype_of<T>());
   T* yp = y.data<T>();
 #pragma omp parallel for schedule(static)
@@ -287,56 +334,40 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, MoeLayer::Saved&
     } else {
       std::fill_n(out, D, T(0));
     }
-    for (int64_t j = 0; j < K; ++j) {
-      const int32_t r = pair_row[t * K + j];
+    for (int64_t p = plan.token_offsets[t]; p < plan.token_offsets[t + 1]; ++p) {
+      const int32_t r = pair_row[p];
       if (r < 0) continue;
-      const T wt = weight[t * K + j];
+      const T wt = plan.weight[p];
       const T* src = ys + r * D;
       for (int64_t d = 0; d < D; ++d) out[d] += wt * src[d];
     }
   }
 
-  // Balancing losses. f_i: fraction of the N*K router choices that went to expert i;
-  // P_i: mean router probability of expert i.
   MoeOutput out;
   out.y = y;
+  out.aux_loss = rf.aux_loss;
+  out.z_loss = rf.z_loss;
   RoutingStats& st = out.stats;
   st.n_tokens = N;
-  st.capacity = s.capacity;
+  st.capacity = capacity;
   st.routed.assign(routed, routed + E);
   st.kept.resize(static_cast<size_t>(E));
-  double aux = 0, z = 0, entropy = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    double p_mean = 0;
-    for (int64_t t = 0; t < N; ++t) p_mean += probs[t * E + e];
-    p_mean /= static_cast<double>(N);
-    aux += static_cast<double>(routed[e]) / static_cast<double>(N * K) * p_mean;
-    st.kept[static_cast<size_t>(e)] = offsets[e + 1] - offsets[e];
-  }
-  aux *= cfg.aux_loss_coef * static_cast<double>(E);
-  for (int64_t t = 0; t < N; ++t) {
-    z += static_cast<double>(lse[t]) * static_cast<double>(lse[t]);
-    for (int64_t e = 0; e < E; ++e) {
-      const double p = probs[t * E + e];
-      if (p > 0) entropy -= p * std::log(p);
-    }
-  }
-  z *= cfg.z_loss_coef / static_cast<double>(N);
-  out.aux_loss = st.aux_loss = aux;
-  out.z_loss = st.z_loss = z;
-  st.router_entropy = entropy / static_cast<double>(N);
-  st.dropped_fraction = static_cast<double>(N * K - M) / static_cast<double>(N * K);
+  for (int64_t e = 0; e < E; ++e) st.kept[static_cast<size_t>(e)] = offsets[e + 1] - offsets[e];
+  st.aux_loss = rf.aux_loss;
+  st.z_loss = rf.z_loss;
+  st.router_entropy = rf.entropy;
+  st.dropped_fraction = P > 0 ? static_cast<double>(P - M) / static_cast<double>(P) : 0;
   const int64_t max_routed = *std::max_element(routed, routed + E);
   st.load_imbalance =
-      static_cast<double>(max_routed) / (static_cast<double>(N * K) / static_cast<double>(E));
+      P > 0 ? static_cast<double>(max_routed) / (static_cast<double>(P) / static_cast<double>(E))
+            : 0;
 
-  s.probs = probs;
-  s.lse = lse;
-  s.top_idx = top_idx;
-  s.top_p = top_p;
-  s.weight = weight;
+  s.p = P;
+  s.m = M;
+  s.token_offsets = plan.token_offsets;
+  s.weight = plan.weight;
+  s.expert = plan.expert;
   s.offsets = offsets;
-  s.routed = routed;
   s.row_pair = row_pair;
   s.pair_row = pair_row;
   s.xs = xs;
@@ -351,45 +382,43 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, MoeLayer::Saved&
 }
 
 template <class T>
-void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, MoeLayer::Saved& s,
-                   const Tensor& dy_t, Tensor& dx_t, Arena& arena, double d_aux, double d_z) {
+void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Router& router,
+                   MoeLayer::Saved& s, const Tensor& dy_t, Tensor& dx_t, Arena& arena,
+                   double d_aux, double d_z) {
   const char* w = "moe.backward";
   MOE_CHECK(s.valid, w, "backward() called without a forward() before it");
-  const int64_t D = cfg.d_model, E = cfg.n_experts, K = cfg.top_k, F = cfg.d_ffn;
-  const int64_t N = s.n, M = s.m;
+  const int64_t D = cfg.d_model, E = cfg.n_experts, F = cfg.d_ffn;
+  const int64_t N = s.n, M = s.m, P = s.p, R = s.r;
   dy_t.expect(w, "dy", {N, D}, dtype_of<T>());
   dx_t.expect(w, "dx", {N, D}, dtype_of<T>());
   const T* dy = dy_t.data<T>();
   T* dx = dx_t.data<T>();
   check_finite(w, "upstream gradient dy", dy, N, D);
   const T* xp = s.x.data<T>();
-  const T* probs = static_cast<const T*>(s.probs);
-  const T* lse = static_cast<const T*>(s.lse);
-  const T* top_p = static_cast<const T*>(s.top_p);
   const T* weight = static_cast<const T*>(s.weight);
   const T* ys = static_cast<const T*>(s.ys);
   const T* xs = static_cast<const T*>(s.xs);
 
-  // Combine: y_t = sum_j w_tj ys[row(t, j)]. dw_tj = <dy_t, ys[row]>, dys[row] = w_tj dy_t.
-  T* dw = arena.alloc<T>(N * K);
+  // Combine: y_t = sum_p w_p ys[row(p)]. dw_p = <dy_t, ys[row]>, dys[row] = w_p dy_t.
+  T* dw = arena.alloc<T>(P);
   T* dys = arena.alloc<T>(M * D);
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < N; ++t) {
-    for (int64_t j = 0; j < K; ++j) {
-      const int32_t r = s.pair_row[t * K + j];
+    for (int64_t p = s.token_offsets[t]; p < s.token_offsets[t + 1]; ++p) {
+      const int32_t r = s.pair_row[p];
       T acc = 0;
       if (r >= 0) {
-        const T wt = weight[t * K + j];
+        const T wt = weight[p];
         for (int64_t d = 0; d < D; ++d) {
           acc += dy[t * D + d] * ys[r * D + d];
           dys[r * D + d] = wt * dy[t * D + d];
         }
       }
-      dw[t * K + j] = acc;
+      dw[p] = acc;
     }
   }
 
-  // Experts.
+  // Experts; a frozen expert still passes its input gradient but accumulates no weight gradient.
   T* dxs = arena.alloc<T>(M * D);
   T* dh = arena.alloc<T>(M * F);
   T* da_gate = cfg.act == ExpertAct::swiglu ? arena.alloc<T>(M * F) : nullptr;
@@ -398,18 +427,18 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Mo
   const T* h = static_cast<const T*>(s.h);
   for_each_expert(E, [&](int64_t e) {
     const int64_t r0 = s.offsets[e], n = s.offsets[e + 1] - s.offsets[e];
-    ffn_backward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F),
-                    ffn_view<T>(grads.experts, e, D, F), n, D, F, xs + r0 * D, dys + r0 * D,
-                    a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F, dh + r0 * F,
-                    da_gate ? da_gate + r0 * F : nullptr, dxs + r0 * D);
+    const FfnView<T> g = is_frozen(cfg, e) ? FfnView<T>{} : ffn_view<T>(grads.experts, e, D, F);
+    ffn_backward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), g, n, D, F, xs + r0 * D,
+                    dys + r0 * D, a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F,
+                    dh + r0 * F, da_gate ? da_gate + r0 * F : nullptr, dxs + r0 * D);
   });
-  // dx_t = sum_j dxs[row(t, j)], in slot order.
+  // dx_t = sum of its pairs' rows of dxs, in plan order.
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < N; ++t) {
     T* out = dx + t * D;
     std::fill_n(out, D, T(0));
-    for (int64_t j = 0; j < K; ++j) {
-      const int32_t r = s.pair_row[t * K + j];
+    for (int64_t p = s.token_offsets[t]; p < s.token_offsets[t + 1]; ++p) {
+      const int32_t r = s.pair_row[p];
       if (r < 0) continue;
       for (int64_t d = 0; d < D; ++d) out[d] += dxs[r * D + d];
     }
@@ -447,55 +476,52 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Mo
     for (int64_t e = 0; e < S; ++e) {
       ffn_backward<T>(cfg.act, ffn_view<T>(params.shared, e, D, Fs),
                       ffn_view<T>(grads.shared, e, D, Fs), N, D, Fs, xp, dsh,
-                      sa_gate ? sa_gate + e * N * Fs : nullptr, sa_up + e * N * Fs, sh + e * N * Fs,
-                      sdh, sda_gate, sdx);
+                      sa_gate ? sa_gate + e * N * Fs : nullptr, sa_up + e * N * Fs,
+                      sh + e * N * Fs, sdh, sda_gate, sdx);
       for (int64_t i = 0; i < N * D; ++i) dx[i] += sdx[i];
     }
   }
 
-  // Router. dp: gradient w.r.t. the probabilities, from the combine weights and the aux loss;
-  // then the softmax backward and the z-loss, both per token.
-  T* dlogits = arena.alloc<T>(N * E);
-  const T aux_scale =
-      static_cast<T>(d_aux * cfg.aux_loss_coef * static_cast<double>(E) / static_cast<double>(N));
-  const T z_scale = static_cast<T>(d_z * cfg.z_loss_coef * 2.0 / static_cast<double>(N));
-  const T nk = static_cast<T>(N * K);
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < N; ++t) {
-    T* g = dlogits + t * E;
-    for (int64_t e = 0; e < E; ++e) g[e] = aux_scale * static_cast<T>(s.routed[e]) / nk;
-    if (cfg.renormalize) {
-      T sum = 0, dot = 0;
-      for (int64_t j = 0; j < K; ++j) {
-        sum += top_p[t * K + j];
-        dot += dw[t * K + j] * weight[t * K + j];
-      }
-      for (int64_t j = 0; j < K; ++j) g[s.top_idx[t * K + j]] += (dw[t * K + j] - dot) / sum;
-    } else {
-      for (int64_t j = 0; j < K; ++j) g[s.top_idx[t * K + j]] += dw[t * K + j];
-    }
-    const T* p = probs + t * E;
-    T pg = 0;
-    for (int64_t e = 0; e < E; ++e) pg += p[e] * g[e];
-    for (int64_t e = 0; e < E; ++e) g[e] = p[e] * (g[e] - pg) + z_scale * lse[t] * p[e];
+  // Router: the routing method turns weight and loss gradients into logit gradients; then
+  // logits = xr W_r^T gives dW_r (unless frozen) and the input gradient through xr.
+  T* dlogits = arena.alloc<T>(N * R);
+  router.backward(dw, d_aux, d_z, dlogits);
+  const T* xr = static_cast<const T*>(s.xr);
+  if (!cfg.freeze_router)
+    cpu::gemm<T>(true, false, R, D, N, T(1), dlogits, R, xr, D, T(1), grads.w_router.data<T>(),
+                 D);
+  if (s.jitter) {
+    const T* jitter = static_cast<const T*>(s.jitter);
+    T* dxr = arena.alloc<T>(N * D);
+    cpu::gemm<T>(false, false, N, D, R, T(1), dlogits, R, params.w_router.data<T>(), D, T(0), dxr,
+                 D);
+    for (int64_t i = 0; i < N * D; ++i) dx[i] += dxr[i] * jitter[i];
+  } else {
+    cpu::gemm<T>(false, false, N, D, R, T(1), dlogits, R, params.w_router.data<T>(), D, T(1), dx,
+                 D);
   }
-  cpu::gemm<T>(true, false, E, D, N, T(1), dlogits, E, xp, D, T(1), grads.w_router.data<T>(), D);
-  cpu::gemm<T>(false, false, N, D, E, T(1), dlogits, E, params.w_router.data<T>(), D, T(1), dx, D);
   s.valid = false;
 }
 
 }  // namespace
 
 MoeOutput MoeLayer::forward(const Tensor& x, Arena& arena) {
-  if (dtype_ == DType::F64) return forward_impl<double>(cfg_, params_, *saved_, x, arena);
-  return forward_impl<float>(cfg_, params_, *saved_, x, arena);
+  NoiseSource noise = noise_normal_ || noise_uniform_
+                          ? NoiseSource(noise_normal_, noise_uniform_)
+                          : NoiseSource(&rng_);
+  MoeOutput out =
+      dtype_ == DType::F64
+          ? forward_impl<double>(cfg_, params_, *router_, training_, noise, *saved_, x, arena)
+          : forward_impl<float>(cfg_, params_, *router_, training_, noise, *saved_, x, arena);
+  last_routed_ = out.stats.routed;
+  return out;
 }
 
 void MoeLayer::backward(const Tensor& dy, Tensor& dx, Arena& arena, double d_aux, double d_z) {
   if (dtype_ == DType::F64) {
-    backward_impl<double>(cfg_, params_, grads_, *saved_, dy, dx, arena, d_aux, d_z);
+    backward_impl<double>(cfg_, params_, grads_, *router_, *saved_, dy, dx, arena, d_aux, d_z);
   } else {
-    backward_impl<float>(cfg_, params_, grads_, *saved_, dy, dx, arena, d_aux, d_z);
+    backward_impl<float>(cfg_, params_, grads_, *router_, *saved_, dy, dx, arena, d_aux, d_z);
   }
 }
 

@@ -11,60 +11,75 @@ namespace moe::ref {
 
 namespace {
 
+// The routing of a batch: the router's plan, plus capacity decided one expert at a time.
 template <class T>
 struct Routing {
-  std::vector<T> probs, lse;     // [N, E], [N]
-  std::vector<int32_t> idx;      // [N, K]
-  std::vector<T> top_p, weight;  // [N, K]
-  std::vector<uint8_t> kept;     // [N, K]
-  std::vector<int64_t> routed;   // [E]
+  std::unique_ptr<Router> router;
+  Arena arena;
+  RoutingPlan<T> plan;
+  std::vector<T> xr, jitter;      // [N, D] router input and jitter factors (empty: none)
+  std::vector<uint8_t> kept;      // [P]
+  double aux = 0, z = 0;
 };
 
 template <class T>
-Routing<T> route(const MoeConfig& cfg, const MoeParams& params, const T* x, int64_t N) {
-  const int64_t D = cfg.d_model, E = cfg.n_experts, K = cfg.top_k;
-  const T* wr = params.w_router.data<T>();
-  Routing<T> r;
-  r.probs.resize(static_cast<size_t>(N * E));
-  r.lse.resize(static_cast<size_t>(N));
-  r.idx.resize(static_cast<size_t>(N * K));
-  r.top_p.resize(static_cast<size_t>(N * K));
-  r.weight.resize(static_cast<size_t>(N * K));
-  r.kept.assign(static_cast<size_t>(N * K), 1);
-  r.routed.assign(static_cast<size_t>(E), 0);
-  std::vector<T> logits(static_cast<size_t>(E));
-  for (int64_t t = 0; t < N; ++t) {
-    for (int64_t e = 0; e < E; ++e) {
-      T acc = 0;
-      for (int64_t d = 0; d < D; ++d) acc += x[t * D + d] * wr[e * D + d];
-      logits[static_cast<size_t>(e)] = acc;
-    }
-    softmax_rows<T>(&r.probs[static_cast<size_t>(t * E)], &r.lse[static_cast<size_t>(t)],
-                    logits.data(), 1, E);
-    topk_rows<T>(&r.idx[static_cast<size_t>(t * K)], &r.top_p[static_cast<size_t>(t * K)],
-                 &r.probs[static_cast<size_t>(t * E)], 1, E, K);
-    T sum = 0;
-    for (int64_t j = 0; j < K; ++j) sum += r.top_p[static_cast<size_t>(t * K + j)];
-    for (int64_t j = 0; j < K; ++j) {
-      const size_t p = static_cast<size_t>(t * K + j);
-      r.weight[p] = cfg.renormalize ? r.top_p[p] / sum : r.top_p[p];
-      ++r.routed[static_cast<size_t>(r.idx[p])];
+std::unique_ptr<Routing<T>> route(const MoeConfig& cfg, const MoeParams& params, const T* x,
+                                  int64_t N, const RefOptions& opt) {
+  const int64_t D = cfg.d_model, E = cfg.n_experts;
+  auto r = std::make_unique<Routing<T>>();
+  r->router = make_router(cfg);
+  const int64_t R = r->router->logit_rows();
+  NoiseSource noise(opt.normal, opt.uniform);
+  r->xr.assign(x, x + N * D);
+  if (opt.training && cfg.jitter_eps > 0) {
+    r->jitter.resize(static_cast<size_t>(N * D));
+    noise.uniform(r->jitter.data(), N * D);
+    for (size_t i = 0; i < r->jitter.size(); ++i) {
+      r->jitter[i] = static_cast<T>(1 - cfg.jitter_eps + 2 * cfg.jitter_eps * r->jitter[i]);
+      r->xr[i] *= r->jitter[i];
     }
   }
+  const T* wr = params.w_router.data<T>();
+  std::vector<T> logits(static_cast<size_t>(N * R));
+  for (int64_t t = 0; t < N; ++t)
+    for (int64_t e = 0; e < R; ++e) {
+      T acc = 0;
+      for (int64_t d = 0; d < D; ++d) acc += r->xr[static_cast<size_t>(t * D + d)] * wr[e * D + d];
+      logits[static_cast<size_t>(t * R + e)] = acc;
+    }
+  RouterForward<T> f;
+  f.n_tokens = N;
+  f.logits = logits.data();
+  f.training = opt.training;
+  f.noise = &noise;
+  f.arena = &r->arena;
+  r->router->forward(f);
+  r->plan = f.plan;
+  r->aux = f.aux_loss;
+  r->z = f.z_loss;
+  const int64_t P = f.plan.n_pairs;
+  r->kept.assign(static_cast<size_t>(P), 1);
   if (cfg.capacity_factor > 0) {
     const auto C = static_cast<size_t>(
-        std::ceil(cfg.capacity_factor * static_cast<double>(N * K) / static_cast<double>(E)));
+        std::ceil(cfg.capacity_factor * static_cast<double>(P) / static_cast<double>(E)));
     for (int64_t e = 0; e < E; ++e) {
-      std::vector<size_t> pairs;  // in token order
-      for (size_t p = 0; p < r.idx.size(); ++p)
-        if (r.idx[p] == e) pairs.push_back(p);
+      std::vector<int64_t> pairs;  // in token order
+      for (int64_t p = 0; p < P; ++p)
+        if (f.plan.expert[p] == e) pairs.push_back(p);
       if (cfg.drop_policy == DropPolicy::score)
-        std::stable_sort(pairs.begin(), pairs.end(),
-                         [&](size_t a, size_t b) { return r.top_p[a] > r.top_p[b]; });
-      for (size_t i = C; i < pairs.size(); ++i) r.kept[pairs[i]] = 0;
+        std::stable_sort(pairs.begin(), pairs.end(), [&](int64_t a, int64_t b) {
+          return f.plan.score[a] > f.plan.score[b];
+        });
+      for (size_t i = C; i < pairs.size(); ++i) r->kept[static_cast<size_t>(pairs[i])] = 0;
     }
   }
   return r;
+}
+
+bool frozen(const MoeConfig& cfg, int64_t e) {
+  for (int64_t f : cfg.frozen_experts)
+    if (f == e) return true;
+  return false;
 }
 
 // One token through one expert; a_gate, a_up, h are [F] buffers the backward reuses.
@@ -96,9 +111,11 @@ template <class T>
 void ffn_token_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g, int64_t D,
                         int64_t F, const T* x, const T* dy, const T* a_gate, const T* a_up,
                         const T* h, T* dx) {
+  const bool train = g.w_up != nullptr;
   for (int64_t d = 0; d < D; ++d) {
     if (g.b_down) g.b_down[d] += dy[d];
-    for (int64_t f = 0; f < F; ++f) g.w_down[d * F + f] += dy[d] * h[f];
+    if (train)
+      for (int64_t f = 0; f < F; ++f) g.w_down[d * F + f] += dy[d] * h[f];
   }
   for (int64_t f = 0; f < F; ++f) {
     T dh = 0;
@@ -112,13 +129,13 @@ void ffn_token_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g,
     }
     if (g.b_up) g.b_up[f] += da_up;
     for (int64_t d = 0; d < D; ++d) {
-      g.w_up[f * D + d] += da_up * x[d];
+      if (train) g.w_up[f * D + d] += da_up * x[d];
       dx[d] += da_up * w.w_up[f * D + d];
     }
     if (act == ExpertAct::swiglu) {
       if (g.b_gate) g.b_gate[f] += da_gate;
       for (int64_t d = 0; d < D; ++d) {
-        g.w_gate[f * D + d] += da_gate * x[d];
+        if (train) g.w_gate[f * D + d] += da_gate * x[d];
         dx[d] += da_gate * w.w_gate[f * D + d];
       }
     }
@@ -134,11 +151,13 @@ T shared_gate(const MoeConfig& cfg, const MoeParams& params, const T* x) {
 }
 
 template <class T>
-RefOutput forward_impl(const MoeConfig& cfg, const MoeParams& params, const Tensor& xt) {
-  const int64_t D = cfg.d_model, E = cfg.n_experts, K = cfg.top_k, N = xt.size(0);
+RefOutput forward_impl(const MoeConfig& cfg, const MoeParams& params, const Tensor& xt,
+                       const RefOptions& opt) {
+  const int64_t D = cfg.d_model, N = xt.size(0);
   const int64_t F = cfg.d_ffn, Fs = cfg.shared_width();
   const T* x = xt.data<T>();
-  Routing<T> r = route<T>(cfg, params, x, N);
+  auto r = route<T>(cfg, params, x, N, opt);
+  const RoutingPlan<T>& plan = r->plan;
   RefOutput out;
   out.y = Tensor::zeros({N, D}, dtype_of<T>());
   T* y = out.y.data<T>();
@@ -146,12 +165,11 @@ RefOutput forward_impl(const MoeConfig& cfg, const MoeParams& params, const Tens
   std::vector<T> ye(static_cast<size_t>(D)), ag(static_cast<size_t>(Fmax)),
       au(static_cast<size_t>(Fmax)), h(static_cast<size_t>(Fmax));
   for (int64_t t = 0; t < N; ++t) {
-    for (int64_t j = 0; j < K; ++j) {
-      const size_t p = static_cast<size_t>(t * K + j);
-      if (!r.kept[p]) continue;
-      ffn_token<T>(cfg.act, ffn_view<T>(params.experts, r.idx[p], D, F), D, F, x + t * D, ye.data(),
-                   ag.data(), au.data(), h.data());
-      for (int64_t d = 0; d < D; ++d) y[t * D + d] += r.weight[p] * ye[static_cast<size_t>(d)];
+    for (int64_t p = plan.token_offsets[t]; p < plan.token_offsets[t + 1]; ++p) {
+      if (!r->kept[static_cast<size_t>(p)]) continue;
+      ffn_token<T>(cfg.act, ffn_view<T>(params.experts, plan.expert[p], D, F), D, F, x + t * D,
+                   ye.data(), ag.data(), au.data(), h.data());
+      for (int64_t d = 0; d < D; ++d) y[t * D + d] += plan.weight[p] * ye[static_cast<size_t>(d)];
     }
     const T g = shared_gate<T>(cfg, params, x + t * D);
     for (int64_t e = 0; e < cfg.n_shared; ++e) {
@@ -160,56 +178,48 @@ RefOutput forward_impl(const MoeConfig& cfg, const MoeParams& params, const Tens
       for (int64_t d = 0; d < D; ++d) y[t * D + d] += g * ye[static_cast<size_t>(d)];
     }
   }
-  double aux = 0, z = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    double pm = 0;
-    for (int64_t t = 0; t < N; ++t) pm += r.probs[static_cast<size_t>(t * E + e)];
-    aux += static_cast<double>(r.routed[static_cast<size_t>(e)]) / static_cast<double>(N * K) * pm /
-           static_cast<double>(N);
-  }
-  for (int64_t t = 0; t < N; ++t)
-    z += static_cast<double>(r.lse[static_cast<size_t>(t)] * r.lse[static_cast<size_t>(t)]);
-  out.aux_loss = cfg.aux_loss_coef * static_cast<double>(E) * aux;
-  out.z_loss = cfg.z_loss_coef * z / static_cast<double>(N);
-  out.top_idx = r.idx;
-  out.kept = r.kept;
+  out.aux_loss = r->aux;
+  out.z_loss = r->z;
+  out.token_offsets.assign(plan.token_offsets, plan.token_offsets + N + 1);
+  out.expert.assign(plan.expert, plan.expert + plan.n_pairs);
+  out.kept = r->kept;
   return out;
 }
 
 template <class T>
 void backward_impl(const MoeConfig& cfg, const MoeParams& params, const Tensor& xt,
-                   const Tensor& dyt, double d_aux, double d_z, Tensor& dxt, MoeParams& grads) {
-  const int64_t D = cfg.d_model, E = cfg.n_experts, K = cfg.top_k, N = xt.size(0);
+                   const Tensor& dyt, double d_aux, double d_z, Tensor& dxt, MoeParams& grads,
+                   const RefOptions& opt) {
+  const int64_t D = cfg.d_model, N = xt.size(0);
   const int64_t F = cfg.d_ffn, Fs = cfg.shared_width();
   const T* x = xt.data<T>();
   const T* dy = dyt.data<T>();
   T* dx = dxt.data<T>();
-  Routing<T> r = route<T>(cfg, params, x, N);
+  auto r = route<T>(cfg, params, x, N, opt);
+  const RoutingPlan<T>& plan = r->plan;
   const int64_t Fmax = std::max(F, Fs);
   std::vector<T> ye(static_cast<size_t>(D)), dye(static_cast<size_t>(D)),
       sh(static_cast<size_t>(D)), ag(static_cast<size_t>(Fmax)), au(static_cast<size_t>(Fmax)),
-      h(static_cast<size_t>(Fmax)), dp(static_cast<size_t>(E));
-  const T* wr = params.w_router.data<T>();
-  T* gwr = grads.w_router.data<T>();
+      h(static_cast<size_t>(Fmax));
+  std::vector<T> dw(static_cast<size_t>(plan.n_pairs), T(0));
   for (int64_t t = 0; t < N; ++t) {
     const T* xt_ = x + t * D;
     const T* dyt_ = dy + t * D;
     T* dxt_ = dx + t * D;
     std::fill_n(dxt_, D, T(0));
-    // Routed experts: y_t += w_j * E_j(x_t).
-    std::vector<T> dw(static_cast<size_t>(K), T(0));
-    for (int64_t j = 0; j < K; ++j) {
-      const size_t p = static_cast<size_t>(t * K + j);
-      if (!r.kept[p]) continue;
-      ffn_token<T>(cfg.act, ffn_view<T>(params.experts, r.idx[p], D, F), D, F, xt_, ye.data(),
+    // Routed experts: y_t += w_p * E_p(x_t).
+    for (int64_t p = plan.token_offsets[t]; p < plan.token_offsets[t + 1]; ++p) {
+      if (!r->kept[static_cast<size_t>(p)]) continue;
+      const int32_t e = plan.expert[p];
+      ffn_token<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), D, F, xt_, ye.data(),
                    ag.data(), au.data(), h.data());
       for (int64_t d = 0; d < D; ++d) {
-        dw[static_cast<size_t>(j)] += dyt_[d] * ye[static_cast<size_t>(d)];
-        dye[static_cast<size_t>(d)] = r.weight[p] * dyt_[d];
+        dw[static_cast<size_t>(p)] += dyt_[d] * ye[static_cast<size_t>(d)];
+        dye[static_cast<size_t>(d)] = plan.weight[p] * dyt_[d];
       }
-      ffn_token_backward<T>(cfg.act, ffn_view<T>(params.experts, r.idx[p], D, F),
-                            ffn_view<T>(grads.experts, r.idx[p], D, F), D, F, xt_, dye.data(),
-                            ag.data(), au.data(), h.data(), dxt_);
+      const FfnView<T> g = frozen(cfg, e) ? FfnView<T>{} : ffn_view<T>(grads.experts, e, D, F);
+      ffn_token_backward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), g, D, F, xt_,
+                            dye.data(), ag.data(), au.data(), h.data(), dxt_);
     }
     // Shared experts: y_t += g_t * sum_s E_s(x_t).
     if (cfg.n_shared > 0) {
@@ -234,37 +244,22 @@ void backward_impl(const MoeConfig& cfg, const MoeParams& params, const Tensor& 
         }
       }
     }
-    // Router: gradient w.r.t. the probabilities, then through the softmax.
-    for (int64_t e = 0; e < E; ++e)
-      dp[static_cast<size_t>(e)] =
-          static_cast<T>(d_aux * cfg.aux_loss_coef * static_cast<double>(E) *
-                         static_cast<double>(r.routed[static_cast<size_t>(e)]) /
-                         static_cast<double>(N * K) / static_cast<double>(N));
-    T sum = 0, dot = 0;
-    for (int64_t j = 0; j < K; ++j) {
-      const size_t p = static_cast<size_t>(t * K + j);
-      sum += r.top_p[p];
-      dot += dw[static_cast<size_t>(j)] * r.weight[p];
-    }
-    for (int64_t j = 0; j < K; ++j) {
-      const size_t p = static_cast<size_t>(t * K + j);
-      const T dwj = dw[static_cast<size_t>(j)];
-      dp[static_cast<size_t>(r.idx[p])] += cfg.renormalize ? (dwj - dot) / sum : dwj;
-    }
-    const T* pr = &r.probs[static_cast<size_t>(t * E)];
-    T pdp = 0;
-    for (int64_t e = 0; e < E; ++e) pdp += pr[e] * dp[static_cast<size_t>(e)];
-    const T lse = r.lse[static_cast<size_t>(t)];
-    for (int64_t e = 0; e < E; ++e) {
-      const T dl =
-          pr[e] * (dp[static_cast<size_t>(e)] - pdp) +
-          static_cast<T>(d_z * cfg.z_loss_coef * 2.0 / static_cast<double>(N)) * lse * pr[e];
+  }
+  // Router: the routing method maps weight gradients to logit gradients; logits = xr W_r^T.
+  const int64_t R = r->router->logit_rows();
+  std::vector<T> dlogits(static_cast<size_t>(N * R));
+  r->router->backward(dw.data(), d_aux, d_z, dlogits.data());
+  const T* wr = params.w_router.data<T>();
+  T* gwr = grads.w_router.data<T>();
+  for (int64_t t = 0; t < N; ++t)
+    for (int64_t e = 0; e < R; ++e) {
+      const T dl = dlogits[static_cast<size_t>(t * R + e)];
       for (int64_t d = 0; d < D; ++d) {
-        gwr[e * D + d] += dl * xt_[d];
-        dxt_[d] += dl * wr[e * D + d];
+        const size_t i = static_cast<size_t>(t * D + d);
+        if (!cfg.freeze_router) gwr[e * D + d] += dl * r->xr[i];
+        dx[t * D + d] += dl * wr[e * D + d] * (r->jitter.empty() ? T(1) : r->jitter[i]);
       }
     }
-  }
 }
 
 void check_inputs(const MoeConfig& cfg, const Tensor& x) {
@@ -275,21 +270,23 @@ void check_inputs(const MoeConfig& cfg, const Tensor& x) {
 
 }  // namespace
 
-RefOutput moe_forward(const MoeConfig& cfg, const MoeParams& params, const Tensor& x) {
+RefOutput moe_forward(const MoeConfig& cfg, const MoeParams& params, const Tensor& x,
+                      const RefOptions& opt) {
   check_inputs(cfg, x);
-  if (x.dtype() == DType::F64) return forward_impl<double>(cfg, params, x);
-  return forward_impl<float>(cfg, params, x);
+  if (x.dtype() == DType::F64) return forward_impl<double>(cfg, params, x, opt);
+  return forward_impl<float>(cfg, params, x, opt);
 }
 
 void moe_backward(const MoeConfig& cfg, const MoeParams& params, const Tensor& x, const Tensor& dy,
-                  double d_aux, double d_z, Tensor& dx, MoeParams& grads) {
+                  double d_aux, double d_z, Tensor& dx, MoeParams& grads,
+                  const RefOptions& opt) {
   check_inputs(cfg, x);
   dy.expect("moe.ref", "dy", x.shape(), x.dtype());
   dx.expect("moe.ref", "dx", x.shape(), x.dtype());
   if (x.dtype() == DType::F64) {
-    backward_impl<double>(cfg, params, x, dy, d_aux, d_z, dx, grads);
+    backward_impl<double>(cfg, params, x, dy, d_aux, d_z, dx, grads, opt);
   } else {
-    backward_impl<float>(cfg, params, x, dy, d_aux, d_z, dx, grads);
+    backward_impl<float>(cfg, params, x, dy, d_aux, d_z, dx, grads, opt);
   }
 }
 

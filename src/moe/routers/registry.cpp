@@ -1,0 +1,28 @@
+// The router registry: which class implements each RouterKind.
+#include "moe/error.h"
+#include "moe/router.h"
+#include "moe/routers/topk.h"
+
+namespace moe {
+
+std::unique_ptr<Router> make_router(const MoeConfig& cfg) {
+  cfg.validate();
+  switch (cfg.router) {
+    case RouterKind::topk: return std::make_unique<routing::TopkRouter>(cfg);
+  }
+  throw_error("moe.router", fmt::format("router {} is not implemented", to_string(cfg.router)));
+}
+
+const char* Router::name() const { return to_string(cfg_.router); }
+
+double NoiseSource::next(bool normal) {
+  if (rng_) return normal ? rng_->normal() : rng_->uniform();
+  const std::vector<double>* v = normal ? normal_ : uniform_;
+  size_t& pos = normal ? normal_pos_ : uniform_pos_;
+  MOE_CHECK(v != nullptr && pos < v->size(), "moe.noise",
+            "the routing asked for more {} draws than were given ({})",
+            normal ? "normal" : "uniform", v ? v->size() : 0);
+  return (*v)[pos++];
+}
+
+}  // namespace moe

@@ -1,0 +1,85 @@
+// Softmax top-k routing (Shazeer et al. 2017 without the noise; Switch Transformer with K = 1;
+// Mixtral with renormalization), with optional exploration: in training, each slot's expert is
+// replaced with probability explore_prob by a uniformly drawn expert the token does not use yet.
+#include "moe/routers/topk.h"
+
+#include "moe/routers/common.h"
+
+namespace moe::routing {
+
+template <class T>
+void TopkRouter::fwd(RouterForward<T>& f) {
+  const int64_t N = f.n_tokens, E = cfg_.n_experts, K = cfg_.top_k;
+  Arena& arena = *f.arena;
+  T* probs = arena.alloc<T>(N * E);
+  T* lse = arena.alloc<T>(N);
+  cpu::softmax_rows<T>(probs, lse, f.logits, N, E);
+  RoutingPlan<T> plan = uniform_plan<T>(arena, N, K);
+  cpu::topk_rows<T>(plan.expert, plan.score, probs, N, E, K);
+  if (f.training && cfg_.explore_prob > 0 && K < E) explore(plan, probs, N, *f.noise);
+  int64_t* counts = arena.alloc<int64_t>(E);
+  std::fill_n(counts, E, 0);
+  for (int64_t p = 0; p < N * K; ++p) ++counts[plan.expert[p]];
+  for (int64_t t = 0; t < N; ++t)
+    topk_weights(plan.weight + t * K, plan.score + t * K, K, cfg_.renormalize);
+  f.plan = plan;
+  f.aux_loss = balance_loss(probs, counts, N * K, N, E, cfg_.aux_loss_coef);
+  f.z_loss = z_loss(lse, N, cfg_.z_loss_coef);
+  f.entropy = mean_entropy(probs, N, E);
+  saved_ = {N, probs, lse, plan.expert, plan.score, plan.weight, counts};
+}
+
+template <class T>
+void TopkRouter::explore(RoutingPlan<T>& plan, const T* probs, int64_t n, NoiseSource& noise) {
+  // Two uniforms per slot, all drawn up front: u decides whether to replace, r which expert.
+  const int64_t E = cfg_.n_experts, K = cfg_.top_k;
+  std::vector<T> u(static_cast<size_t>(2 * n * K));
+  noise.uniform(u.data(), 2 * n * K);
+  std::vector<uint8_t> used(static_cast<size_t>(E));
+  for (int64_t t = 0; t < n; ++t) {
+    std::fill(used.begin(), used.end(), 0);
+    for (int64_t j = 0; j < K; ++j) used[static_cast<size_t>(plan.expert[t * K + j])] = 1;
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t p = t * K + j;
+      if (!(u[static_cast<size_t>(p)] < static_cast<T>(cfg_.explore_prob))) continue;
+      // The r-th unused expert in index order, r uniform over the E - K unused ones.
+      const T r = u[static_cast<size_t>(n * K + p)];
+      int64_t pick = std::min<int64_t>(static_cast<int64_t>(r * static_cast<T>(E - K)), E - K - 1);
+      int64_t e = 0;
+      for (;; ++e)
+        if (!used[static_cast<size_t>(e)] && pick-- == 0) break;
+      used[static_cast<size_t>(plan.expert[p])] = 0;
+      used[static_cast<size_t>(e)] = 1;
+      plan.expert[p] = static_cast<int32_t>(e);
+      plan.score[p] = probs[t * E + e];
+    }
+  }
+}
+
+template <class T>
+void TopkRouter::bwd(const T* dweight, double d_aux, double d_z, T* dlogits) {
+  const int64_t N = saved_.n, E = cfg_.n_experts, K = cfg_.top_k;
+  const T* probs = static_cast<const T*>(saved_.probs);
+  const T* lse = static_cast<const T*>(saved_.lse);
+  const T* top_p = static_cast<const T*>(saved_.top_p);
+  const T* weight = static_cast<const T*>(saved_.weight);
+  const T zs = static_cast<T>(d_z * cfg_.z_loss_coef * 2.0 / static_cast<double>(N));
+  std::vector<T> dp(static_cast<size_t>(K));
+  for (int64_t t = 0; t < N; ++t) {
+    T* g = dlogits + t * E;
+    std::fill_n(g, E, T(0));
+    balance_loss_grad(g, saved_.counts, N * K, N, E, cfg_.aux_loss_coef, d_aux);
+    topk_weights_backward(dp.data(), dweight + t * K, weight + t * K, top_p + t * K, K,
+                          cfg_.renormalize);
+    for (int64_t j = 0; j < K; ++j) g[saved_.expert[t * K + j]] += dp[static_cast<size_t>(j)];
+    softmax_backward_row(g, probs + t * E, E);
+    for (int64_t e = 0; e < E; ++e) g[e] += zs * lse[t] * probs[t * E + e];
+  }
+}
+
+template void TopkRouter::fwd<float>(RouterForward<float>&);
+template void TopkRouter::fwd<double>(RouterForward<double>&);
+template void TopkRouter::bwd<float>(const float*, double, double, float*);
+template void TopkRouter::bwd<double>(const double*, double, double, double*);
+
+}  // namespace moe::routing
