@@ -39,9 +39,9 @@ struct MoeConfig {
   double aux_loss_coef = 0.01;  // alpha of the Switch/GShard load-balancing loss
   double z_loss_coef = 0.001;   // beta of the ST-MoE router z-loss
   RouterKind router = RouterKind::topk;
-  double jitter_eps = 0;    // training: router input times U(1 - eps, 1 + eps) (Switch)
-  double explore_prob = 0;  // training: a slot's expert replaced by a random one with this p
-  bool freeze_router = false;           // no router gradient, no router state update
+  double jitter_eps = 0;       // training: router input times U(1 - eps, 1 + eps) (Switch)
+  double explore_prob = 0;     // training: a slot's expert replaced by a random one with this p
+  bool freeze_router = false;  // no router gradient, no router state update
   std::vector<int64_t> frozen_experts;  // experts whose weights get no gradient
 
   int64_t shared_width() const { return d_shared_ffn > 0 ? d_shared_ffn : d_ffn; }

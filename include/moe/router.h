@@ -65,9 +65,9 @@ struct RouterForward {
   Arena* arena = nullptr;
   // outputs
   RoutingPlan<T> plan;
-  double aux_loss = 0;        // balancing losses, already scaled by their coefficients
+  double aux_loss = 0;  // balancing losses, already scaled by their coefficients
   double z_loss = 0;
-  double entropy = 0;         // mean router entropy (nats), for the statistics
+  double entropy = 0;  // mean router entropy (nats), for the statistics
 };
 
 class Router {

@@ -139,11 +139,11 @@ void to_json(nlohmann::json& j, const MoeConfig& c) {
 
 void from_json(const nlohmann::json& j, MoeConfig& c) {
   MOE_CHECK(j.is_object(), "moe.config", "expected a JSON object, got {}", j.type_name());
-  static const char* known[] = {"d_model",       "d_ffn",       "n_experts",       "top_k",
-                                "act",           "expert_bias", "renormalize",     "n_shared",
-                                "d_shared_ffn",  "shared_gate", "capacity_factor", "drop_policy",
-                                "aux_loss_coef", "z_loss_coef", "router", "jitter_eps",
-                                "explore_prob", "freeze_router", "frozen_experts"};
+  static const char* known[] = {"d_model",       "d_ffn",         "n_experts",       "top_k",
+                                "act",           "expert_bias",   "renormalize",     "n_shared",
+                                "d_shared_ffn",  "shared_gate",   "capacity_factor", "drop_policy",
+                                "aux_loss_coef", "z_loss_coef",   "router",          "jitter_eps",
+                                "explore_prob",  "freeze_router", "frozen_experts"};
   for (const auto& [key, value] : j.items()) {
     bool ok = false;
     for (const char* k : known) ok = ok || key == k;

@@ -80,29 +80,29 @@ int64_t MoeParams::numel() const {
 // Layer
 
 struct MoeLayer::Saved {
-  int64_t n = 0;                // tokens
-  int64_t p = 0;                // pairs in the routing plan
-  int64_t m = 0;                // kept pairs = rows of the sorted block
-  Tensor x;                     // [N, D], the caller's input
-  const void* xr = nullptr;     // [N, D] the router's input (x, or x times the jitter)
-  const void* jitter = nullptr; // [N, D] the jitter factors, when jittering
-  int64_t r = 0;                // router rows
+  int64_t n = 0;                           // tokens
+  int64_t p = 0;                           // pairs in the routing plan
+  int64_t m = 0;                           // kept pairs = rows of the sorted block
+  Tensor x;                                // [N, D], the caller's input
+  const void* xr = nullptr;                // [N, D] the router's input (x, or x times the jitter)
+  const void* jitter = nullptr;            // [N, D] the jitter factors, when jittering
+  int64_t r = 0;                           // router rows
   const int64_t* token_offsets = nullptr;  // [N + 1] from the plan
   const void* weight = nullptr;            // [P] from the plan
   const int32_t* expert = nullptr;         // [P] from the plan
-  int64_t* offsets = nullptr;   // [E + 1] row offsets of each expert's kept block
-  int32_t* row_pair = nullptr;  // [M] the pair of each sorted row
-  int32_t* pair_row = nullptr;  // [P] the sorted row of each pair, -1 when dropped
-  void* xs = nullptr;           // [M, D] gathered inputs
-  void* ys = nullptr;           // [M, D] expert outputs (unweighted)
-  void* a_gate = nullptr;       // [M, F]
-  void* a_up = nullptr;         // [M, F]
-  void* h = nullptr;            // [M, F]
-  void* sh_y = nullptr;         // [N, D] sum of the shared experts' outputs (ungated)
-  void* sh_a_gate = nullptr;    // [S, N, Fs]
-  void* sh_a_up = nullptr;      // [S, N, Fs]
-  void* sh_h = nullptr;         // [S, N, Fs]
-  void* sh_g = nullptr;         // [N] shared gate sigmoid
+  int64_t* offsets = nullptr;              // [E + 1] row offsets of each expert's kept block
+  int32_t* row_pair = nullptr;             // [M] the pair of each sorted row
+  int32_t* pair_row = nullptr;             // [P] the sorted row of each pair, -1 when dropped
+  void* xs = nullptr;                      // [M, D] gathered inputs
+  void* ys = nullptr;                      // [M, D] expert outputs (unweighted)
+  void* a_gate = nullptr;                  // [M, F]
+  void* a_up = nullptr;                    // [M, F]
+  void* h = nullptr;                       // [M, F]
+  void* sh_y = nullptr;                    // [N, D] sum of the shared experts' outputs (ungated)
+  void* sh_a_gate = nullptr;               // [S, N, Fs]
+  void* sh_a_up = nullptr;                 // [S, N, Fs]
+  void* sh_h = nullptr;                    // [S, N, Fs]
+  void* sh_g = nullptr;                    // [N] shared gate sigmoid
   bool valid = false;
 };
 
@@ -190,10 +190,10 @@ int64_t dispatch(const MoeConfig& cfg, const RoutingPlan<T>& plan, Arena& arena,
   for (int64_t p = 0; p < P; ++p) sorted[cursor[plan.expert[p]]++] = static_cast<int32_t>(p);
 
   const bool capped = cfg.capacity_factor > 0;
-  const int64_t C = capped ? static_cast<int64_t>(std::ceil(
-                                 cfg.capacity_factor * static_cast<double>(P) /
-                                 static_cast<double>(E)))
-                           : P;
+  const int64_t C =
+      capped ? static_cast<int64_t>(
+                   std::ceil(cfg.capacity_factor * static_cast<double>(P) / static_cast<double>(E)))
+             : P;
   capacity = capped ? C : 0;
   std::fill_n(pair_row, P, -1);
   offsets[0] = 0;
@@ -289,8 +289,8 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, 
     std::memcpy(xs + r * D, xp + pair_token[row_pair[r]] * D, static_cast<size_t>(D) * sizeof(T));
   for_each_expert(E, [&](int64_t e) {
     const int64_t r0 = offsets[e], n = offsets[e + 1] - offsets[e];
-    ffn_forward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), n, D, F, xs + r0 * D,
-                   ys + r0 * D, a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F);
+    ffn_forward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), n, D, F, xs + r0 * D, ys + r0 * D,
+                   a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F);
   });
 
   // Shared experts run on every token.
@@ -306,15 +306,14 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, 
     for (int64_t e = 0; e < S; ++e) {
       T* out = e == 0 ? sh_y : tmp;
       ffn_forward<T>(cfg.act, ffn_view<T>(params.shared, e, D, Fs), N, D, Fs, xp, out,
-                     sa_gate ? sa_gate + e * N * Fs : nullptr, sa_up + e * N * Fs,
-                     sh + e * N * Fs);
+                     sa_gate ? sa_gate + e * N * Fs : nullptr, sa_up + e * N * Fs, sh + e * N * Fs);
       if (e > 0)
         for (int64_t i = 0; i < N * D; ++i) sh_y[i] += tmp[i];
     }
     if (cfg.shared_gate) {
       sh_g = arena.alloc<T>(N);
-      cpu::gemm<T>(false, true, N, 1, D, T(1), xp, D, params.w_shared_gate.data<T>(), D, T(0),
-                   sh_g, 1);
+      cpu::gemm<T>(false, true, N, 1, D, T(1), xp, D, params.w_shared_gate.data<T>(), D, T(0), sh_g,
+                   1);
       for (int64_t t = 0; t < N; ++t) sh_g[t] = sigmoid(sh_g[t]);
     }
     s.sh_a_gate = sa_gate;
@@ -383,8 +382,8 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, 
 
 template <class T>
 void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Router& router,
-                   MoeLayer::Saved& s, const Tensor& dy_t, Tensor& dx_t, Arena& arena,
-                   double d_aux, double d_z) {
+                   MoeLayer::Saved& s, const Tensor& dy_t, Tensor& dx_t, Arena& arena, double d_aux,
+                   double d_z) {
   const char* w = "moe.backward";
   MOE_CHECK(s.valid, w, "backward() called without a forward() before it");
   const int64_t D = cfg.d_model, E = cfg.n_experts, F = cfg.d_ffn;
@@ -476,8 +475,8 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
     for (int64_t e = 0; e < S; ++e) {
       ffn_backward<T>(cfg.act, ffn_view<T>(params.shared, e, D, Fs),
                       ffn_view<T>(grads.shared, e, D, Fs), N, D, Fs, xp, dsh,
-                      sa_gate ? sa_gate + e * N * Fs : nullptr, sa_up + e * N * Fs,
-                      sh + e * N * Fs, sdh, sda_gate, sdx);
+                      sa_gate ? sa_gate + e * N * Fs : nullptr, sa_up + e * N * Fs, sh + e * N * Fs,
+                      sdh, sda_gate, sdx);
       for (int64_t i = 0; i < N * D; ++i) dx[i] += sdx[i];
     }
   }
@@ -488,8 +487,7 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
   router.backward(dw, d_aux, d_z, dlogits);
   const T* xr = static_cast<const T*>(s.xr);
   if (!cfg.freeze_router)
-    cpu::gemm<T>(true, false, R, D, N, T(1), dlogits, R, xr, D, T(1), grads.w_router.data<T>(),
-                 D);
+    cpu::gemm<T>(true, false, R, D, N, T(1), dlogits, R, xr, D, T(1), grads.w_router.data<T>(), D);
   if (s.jitter) {
     const T* jitter = static_cast<const T*>(s.jitter);
     T* dxr = arena.alloc<T>(N * D);
@@ -506,9 +504,8 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
 }  // namespace
 
 MoeOutput MoeLayer::forward(const Tensor& x, Arena& arena) {
-  NoiseSource noise = noise_normal_ || noise_uniform_
-                          ? NoiseSource(noise_normal_, noise_uniform_)
-                          : NoiseSource(&rng_);
+  NoiseSource noise = noise_normal_ || noise_uniform_ ? NoiseSource(noise_normal_, noise_uniform_)
+                                                      : NoiseSource(&rng_);
   MoeOutput out =
       dtype_ == DType::F64
           ? forward_impl<double>(cfg_, params_, *router_, training_, noise, *saved_, x, arena)

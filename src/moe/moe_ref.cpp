@@ -17,8 +17,8 @@ struct Routing {
   std::unique_ptr<Router> router;
   Arena arena;
   RoutingPlan<T> plan;
-  std::vector<T> xr, jitter;      // [N, D] router input and jitter factors (empty: none)
-  std::vector<uint8_t> kept;      // [P]
+  std::vector<T> xr, jitter;  // [N, D] router input and jitter factors (empty: none)
+  std::vector<uint8_t> kept;  // [P]
   double aux = 0, z = 0;
 };
 
@@ -67,9 +67,8 @@ std::unique_ptr<Routing<T>> route(const MoeConfig& cfg, const MoeParams& params,
       for (int64_t p = 0; p < P; ++p)
         if (f.plan.expert[p] == e) pairs.push_back(p);
       if (cfg.drop_policy == DropPolicy::score)
-        std::stable_sort(pairs.begin(), pairs.end(), [&](int64_t a, int64_t b) {
-          return f.plan.score[a] > f.plan.score[b];
-        });
+        std::stable_sort(pairs.begin(), pairs.end(),
+                         [&](int64_t a, int64_t b) { return f.plan.score[a] > f.plan.score[b]; });
       for (size_t i = C; i < pairs.size(); ++i) r->kept[static_cast<size_t>(pairs[i])] = 0;
     }
   }
@@ -211,15 +210,15 @@ void backward_impl(const MoeConfig& cfg, const MoeParams& params, const Tensor& 
     for (int64_t p = plan.token_offsets[t]; p < plan.token_offsets[t + 1]; ++p) {
       if (!r->kept[static_cast<size_t>(p)]) continue;
       const int32_t e = plan.expert[p];
-      ffn_token<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), D, F, xt_, ye.data(),
-                   ag.data(), au.data(), h.data());
+      ffn_token<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), D, F, xt_, ye.data(), ag.data(),
+                   au.data(), h.data());
       for (int64_t d = 0; d < D; ++d) {
         dw[static_cast<size_t>(p)] += dyt_[d] * ye[static_cast<size_t>(d)];
         dye[static_cast<size_t>(d)] = plan.weight[p] * dyt_[d];
       }
       const FfnView<T> g = frozen(cfg, e) ? FfnView<T>{} : ffn_view<T>(grads.experts, e, D, F);
-      ffn_token_backward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), g, D, F, xt_,
-                            dye.data(), ag.data(), au.data(), h.data(), dxt_);
+      ffn_token_backward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), g, D, F, xt_, dye.data(),
+                            ag.data(), au.data(), h.data(), dxt_);
     }
     // Shared experts: y_t += g_t * sum_s E_s(x_t).
     if (cfg.n_shared > 0) {
@@ -278,8 +277,7 @@ RefOutput moe_forward(const MoeConfig& cfg, const MoeParams& params, const Tenso
 }
 
 void moe_backward(const MoeConfig& cfg, const MoeParams& params, const Tensor& x, const Tensor& dy,
-                  double d_aux, double d_z, Tensor& dx, MoeParams& grads,
-                  const RefOptions& opt) {
+                  double d_aux, double d_z, Tensor& dx, MoeParams& grads, const RefOptions& opt) {
   check_inputs(cfg, x);
   dy.expect("moe.ref", "dy", x.shape(), x.dtype());
   dx.expect("moe.ref", "dx", x.shape(), x.dtype());

@@ -32,8 +32,8 @@ RefOutput moe_forward(const MoeConfig& cfg, const MoeParams& params, const Tenso
                       const RefOptions& opt = {});
 
 // dx [N, D] written; parameter gradients accumulate into grads. Recomputes the forward.
-void moe_backward(const MoeConfig& cfg, const MoeParams& params, const Tensor& x,
-                  const Tensor& dy, double d_aux, double d_z, Tensor& dx, MoeParams& grads,
+void moe_backward(const MoeConfig& cfg, const MoeParams& params, const Tensor& x, const Tensor& dy,
+                  double d_aux, double d_z, Tensor& dx, MoeParams& grads,
                   const RefOptions& opt = {});
 
 }  // namespace moe::ref

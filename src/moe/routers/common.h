@@ -53,8 +53,8 @@ double balance_loss(const T* probs, const int64_t* counts, int64_t total, int64_
   for (int64_t i = 0; i < e; ++i) {
     double pm = 0;
     for (int64_t t = 0; t < n; ++t) pm += static_cast<double>(probs[t * e + i]);
-    loss += static_cast<double>(counts[i]) / static_cast<double>(total) * pm /
-            static_cast<double>(n);
+    loss +=
+        static_cast<double>(counts[i]) / static_cast<double>(total) * pm / static_cast<double>(n);
   }
   return coef * static_cast<double>(e) * loss;
 }
@@ -65,7 +65,8 @@ void balance_loss_grad(T* dprobs_row, const int64_t* counts, int64_t total, int6
                        double coef, double d) {
   const double s = d * coef * static_cast<double>(e) / static_cast<double>(n);
   for (int64_t i = 0; i < e; ++i)
-    dprobs_row[i] += static_cast<T>(s * static_cast<double>(counts[i]) / static_cast<double>(total));
+    dprobs_row[i] +=
+        static_cast<T>(s * static_cast<double>(counts[i]) / static_cast<double>(total));
 }
 
 // Combine weights from the selected probabilities: w_j = p_j / sum_k p_k, or w_j = p_j.

@@ -19,11 +19,11 @@ class TopkRouter : public RouterImpl<TopkRouter> {
 
   struct Saved {
     int64_t n = 0;
-    const void* probs = nullptr;   // [N, E]
-    const void* lse = nullptr;     // [N]
+    const void* probs = nullptr;      // [N, E]
+    const void* lse = nullptr;        // [N]
     const int32_t* expert = nullptr;  // [N, K]
-    const void* top_p = nullptr;   // [N, K]
-    const void* weight = nullptr;  // [N, K]
+    const void* top_p = nullptr;      // [N, K]
+    const void* weight = nullptr;     // [N, K]
     const int64_t* counts = nullptr;  // [E]
   } saved_;
 };
