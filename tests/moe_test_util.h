@@ -102,6 +102,60 @@ inline std::vector<NamedConfig> option_matrix() {
     c.frozen_experts = {0, 2};
     c.expert_bias = true;
   });
+  add("switch_router", [](MoeConfig& c) {
+    c.router = RouterKind::switch_top1;
+    c.top_k = 1;
+    c.renormalize = false;
+    c.jitter_eps = 0.1;
+  });
+  add("noisy_topk", [](MoeConfig& c) {
+    c.router = RouterKind::noisy_topk;
+    c.n_experts = 5;
+  });
+  add("gshard", [](MoeConfig& c) {
+    c.router = RouterKind::gshard;
+    c.capacity_factor = 1.0;
+    c.capacity_group = 5;
+    c.drop_policy = DropPolicy::slot;
+  });
+  add("expert_choice", [](MoeConfig& c) {
+    c.router = RouterKind::expert_choice;
+    c.capacity_factor = 1.5;
+  });
+  add("soft", [](MoeConfig& c) { c.router = RouterKind::soft; });
+  add("hierarchical_dense", [](MoeConfig& c) {
+    c.router = RouterKind::hierarchical;
+    c.n_experts = 6;
+    c.hme_groups = 2;
+  });
+  add("hierarchical_sparse", [](MoeConfig& c) {
+    c.router = RouterKind::hierarchical;
+    c.n_experts = 8;
+    c.hme_groups = 2;
+    c.hme_group_k = 1;
+    c.hme_expert_k = 2;
+  });
+  add("hierarchical_sparse_norenorm", [](MoeConfig& c) {
+    c.router = RouterKind::hierarchical;
+    c.n_experts = 6;
+    c.hme_groups = 3;
+    c.hme_group_k = 2;
+    c.hme_expert_k = 1;
+    c.renormalize = false;
+  });
+  add("deepseek_groups", [](MoeConfig& c) {
+    c.router = RouterKind::deepseek;
+    c.n_experts = 8;
+    c.n_group = 4;
+    c.topk_group = 2;
+    c.routed_scaling_factor = 2.5;
+    c.seq_len = 4;
+  });
+  add("deepseek_plain", [](MoeConfig& c) {
+    c.router = RouterKind::deepseek;
+    c.renormalize = false;
+    c.n_shared = 1;
+  });
   add("no_losses", [](MoeConfig& c) {
     c.aux_loss_coef = 0;
     c.z_loss_coef = 0;

@@ -14,13 +14,21 @@ namespace moe {
 // (silu(x W_gate^T + b_gate) * (x W_up^T + b_up)) W_down^T + b_down.
 enum class ExpertAct { relu, gelu, swiglu };
 
-// Which tokens an expert over capacity keeps: the first ones in token order, or those with the
-// highest router probability for that expert (ties to the earlier token).
-enum class DropPolicy { position, score };
+// Which tokens an expert over capacity keeps: the first ones in token order, those with the
+// highest router score (ties to the earlier token), or first choices before second choices
+// (each in token order; GShard's order).
+enum class DropPolicy { position, score, slot };
 
 // The routing method (docs/routing.md has each one's equations and source).
 enum class RouterKind {
-  topk,  // softmax top-k (Shazeer et al. 2017 without noise; Switch with K = 1; Mixtral)
+  topk,           // softmax top-k (Mixtral; Shazeer et al. 2017 without the noise)
+  switch_top1,    // Switch Transformer: top-1, no renormalization (with jitter_eps)
+  noisy_topk,     // Shazeer et al. 2017: noisy top-k with importance and load losses
+  gshard,         // GShard top-2 with random second expert and group capacity
+  expert_choice,  // Zhou et al. 2022: each expert picks its top C tokens
+  soft,           // Jacobs et al. 1991: every expert, softmax-weighted
+  hierarchical,   // Jordan and Jacobs 1994: a two-level tree of gates
+  deepseek,       // DeepSeek-V3: sigmoid, selection bias, group-limited top-k
 };
 
 struct MoeConfig {
@@ -43,6 +51,17 @@ struct MoeConfig {
   double explore_prob = 0;     // training: a slot's expert replaced by a random one with this p
   bool freeze_router = false;  // no router gradient, no router state update
   std::vector<int64_t> frozen_experts;  // experts whose weights get no gradient
+  int64_t capacity_group = 0;           // tokens per capacity group (GShard); 0: the whole batch
+  int64_t seq_len = 0;  // tokens per sequence for sequence-wise losses; 0: whole batch
+  // hierarchical: groups under the root, kept groups and kept experts per group (0: all)
+  int64_t hme_groups = 0;
+  int64_t hme_group_k = 0;
+  int64_t hme_expert_k = 0;
+  // deepseek: expert groups, groups kept, output scale, selection-bias update rate
+  int64_t n_group = 1;
+  int64_t topk_group = 1;
+  double routed_scaling_factor = 1.0;
+  double bias_update_rate = 0.001;
 
   int64_t shared_width() const { return d_shared_ffn > 0 ? d_shared_ffn : d_ffn; }
   // Throws moe::Error naming the first bad field.

@@ -80,6 +80,9 @@ class Router {
   const char* name() const;
   // Rows of the router weight: E for most routers.
   virtual int64_t logit_rows() const { return cfg_.n_experts; }
+  // True when the method limits each expert's tokens itself (expert choice): the layer then
+  // applies no capacity of its own.
+  virtual bool applies_capacity() const { return false; }
 
   virtual void forward(RouterForward<float>& f) = 0;
   virtual void forward(RouterForward<double>& f) = 0;
@@ -91,6 +94,11 @@ class Router {
   // Called once per optimizer step with the tokens each expert received (DeepSeek-V3's
   // auxiliary-loss-free bias update); most routers do nothing.
   virtual void after_step(const std::vector<int64_t>& /*routed*/) {}
+
+  // The per-expert selection bias [E] of routers that have one (DeepSeek-V3's
+  // e_score_correction_bias): router state, saved with the model but not trained by gradient.
+  // nullptr for the others.
+  virtual std::vector<double>* selection_bias() { return nullptr; }
 
  protected:
   MoeConfig cfg_;

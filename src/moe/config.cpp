@@ -29,6 +29,58 @@ void MoeConfig::validate() const {
             "jitter_eps must be in [0, 1), got {}", jitter_eps);
   MOE_CHECK(std::isfinite(explore_prob) && explore_prob >= 0 && explore_prob <= 1, w,
             "explore_prob must be in [0, 1], got {}", explore_prob);
+  MOE_CHECK(capacity_group >= 0, w, "capacity_group must be >= 0, got {}", capacity_group);
+  MOE_CHECK(seq_len >= 0, w, "seq_len must be >= 0, got {}", seq_len);
+  switch (router) {
+    case RouterKind::topk: break;
+    case RouterKind::switch_top1:
+      MOE_CHECK(top_k == 1 && !renormalize, w,
+                "router switch needs top_k = 1 and renormalize = false, got top_k = {}, "
+                "renormalize = {}",
+                top_k, renormalize);
+      break;
+    case RouterKind::noisy_topk:
+      MOE_CHECK(top_k < n_experts, w, "router noisy_topk needs top_k < n_experts, got {} >= {}",
+                top_k, n_experts);
+      break;
+    case RouterKind::gshard:
+      MOE_CHECK(top_k == 2 && n_experts >= 2, w,
+                "router gshard needs top_k = 2 and n_experts >= 2, got top_k = {}, n_experts = {}",
+                top_k, n_experts);
+      break;
+    case RouterKind::expert_choice:
+      MOE_CHECK(capacity_factor > 0, w,
+                "router expert_choice needs capacity_factor > 0 (experts per token on "
+                "average), got {}",
+                capacity_factor);
+      break;
+    case RouterKind::soft: break;
+    case RouterKind::hierarchical:
+      MOE_CHECK(hme_groups >= 1 && n_experts % hme_groups == 0, w,
+                "router hierarchical needs hme_groups >= 1 dividing n_experts = {}, got {}",
+                n_experts, hme_groups);
+      MOE_CHECK(hme_group_k >= 0 && hme_group_k <= hme_groups, w,
+                "hme_group_k must be in [0, hme_groups = {}], got {}", hme_groups, hme_group_k);
+      MOE_CHECK(hme_expert_k >= 0 && hme_expert_k <= n_experts / hme_groups, w,
+                "hme_expert_k must be in [0, experts per group = {}], got {}",
+                n_experts / hme_groups, hme_expert_k);
+      break;
+    case RouterKind::deepseek:
+      MOE_CHECK(n_group >= 1 && n_experts % n_group == 0, w,
+                "n_group must be >= 1 and divide n_experts = {}, got {}", n_experts, n_group);
+      MOE_CHECK(topk_group >= 1 && topk_group <= n_group, w,
+                "topk_group must be in [1, n_group = {}], got {}", n_group, topk_group);
+      MOE_CHECK(top_k <= topk_group * (n_experts / n_group), w,
+                "top_k = {} exceeds the experts in the kept groups ({} groups of {})", top_k,
+                topk_group, n_experts / n_group);
+      MOE_CHECK(n_group == 1 || n_experts / n_group >= 2, w,
+                "groups need at least 2 experts (group score = sum of the best two)");
+      MOE_CHECK(std::isfinite(routed_scaling_factor) && routed_scaling_factor > 0, w,
+                "routed_scaling_factor must be finite and > 0, got {}", routed_scaling_factor);
+      MOE_CHECK(std::isfinite(bias_update_rate) && bias_update_rate >= 0, w,
+                "bias_update_rate must be finite and >= 0, got {}", bias_update_rate);
+      break;
+  }
   for (size_t i = 0; i < frozen_experts.size(); ++i) {
     MOE_CHECK(frozen_experts[i] >= 0 && frozen_experts[i] < n_experts, w,
               "frozen_experts[{}] = {} is not an expert index in [0, {})", i, frozen_experts[i],
@@ -77,14 +129,30 @@ const char* to_string(ExpertAct a) {
   return "?";
 }
 
-const char* to_string(DropPolicy p) { return p == DropPolicy::position ? "position" : "score"; }
+const char* to_string(DropPolicy p) {
+  switch (p) {
+    case DropPolicy::position: return "position";
+    case DropPolicy::score: return "score";
+    case DropPolicy::slot: return "slot";
+  }
+  return "?";
+}
 
 namespace {
 struct RouterName {
   RouterKind kind;
   const char* name;
 };
-constexpr RouterName kRouterNames[] = {{RouterKind::topk, "topk"}};
+constexpr RouterName kRouterNames[] = {
+    {RouterKind::topk, "topk"},
+    {RouterKind::switch_top1, "switch"},
+    {RouterKind::noisy_topk, "noisy_topk"},
+    {RouterKind::gshard, "gshard"},
+    {RouterKind::expert_choice, "expert_choice"},
+    {RouterKind::soft, "soft"},
+    {RouterKind::hierarchical, "hierarchical"},
+    {RouterKind::deepseek, "deepseek"},
+};
 }  // namespace
 
 const char* to_string(RouterKind r) {
@@ -112,7 +180,8 @@ ExpertAct parse_expert_act(const std::string& s) {
 DropPolicy parse_drop_policy(const std::string& s) {
   if (s == "position") return DropPolicy::position;
   if (s == "score") return DropPolicy::score;
-  throw_error("moe.config", fmt::format("unknown drop policy '{}' (position, score)", s));
+  if (s == "slot") return DropPolicy::slot;
+  throw_error("moe.config", fmt::format("unknown drop policy '{}' (position, score, slot)", s));
 }
 
 void to_json(nlohmann::json& j, const MoeConfig& c) {
@@ -134,21 +203,24 @@ void to_json(nlohmann::json& j, const MoeConfig& c) {
        {"jitter_eps", c.jitter_eps},
        {"explore_prob", c.explore_prob},
        {"freeze_router", c.freeze_router},
-       {"frozen_experts", c.frozen_experts}};
+       {"frozen_experts", c.frozen_experts},
+       {"capacity_group", c.capacity_group},
+       {"seq_len", c.seq_len},
+       {"hme_groups", c.hme_groups},
+       {"hme_group_k", c.hme_group_k},
+       {"hme_expert_k", c.hme_expert_k},
+       {"n_group", c.n_group},
+       {"topk_group", c.topk_group},
+       {"routed_scaling_factor", c.routed_scaling_factor},
+       {"bias_update_rate", c.bias_update_rate}};
 }
 
 void from_json(const nlohmann::json& j, MoeConfig& c) {
   MOE_CHECK(j.is_object(), "moe.config", "expected a JSON object, got {}", j.type_name());
-  static const char* known[] = {"d_model",       "d_ffn",         "n_experts",       "top_k",
-                                "act",           "expert_bias",   "renormalize",     "n_shared",
-                                "d_shared_ffn",  "shared_gate",   "capacity_factor", "drop_policy",
-                                "aux_loss_coef", "z_loss_coef",   "router",          "jitter_eps",
-                                "explore_prob",  "freeze_router", "frozen_experts"};
-  for (const auto& [key, value] : j.items()) {
-    bool ok = false;
-    for (const char* k : known) ok = ok || key == k;
-    MOE_CHECK(ok, "moe.config", "unknown key '{}'", key);
-  }
+  // The known keys are those to_json writes.
+  const nlohmann::json defaults = MoeConfig{};
+  for (const auto& [key, value] : j.items())
+    MOE_CHECK(defaults.contains(key), "moe.config", "unknown key '{}'", key);
   try {
     c = MoeConfig{};
     c.d_model = j.value("d_model", c.d_model);
@@ -170,6 +242,15 @@ void from_json(const nlohmann::json& j, MoeConfig& c) {
     c.explore_prob = j.value("explore_prob", c.explore_prob);
     c.freeze_router = j.value("freeze_router", c.freeze_router);
     c.frozen_experts = j.value("frozen_experts", c.frozen_experts);
+    c.capacity_group = j.value("capacity_group", c.capacity_group);
+    c.seq_len = j.value("seq_len", c.seq_len);
+    c.hme_groups = j.value("hme_groups", c.hme_groups);
+    c.hme_group_k = j.value("hme_group_k", c.hme_group_k);
+    c.hme_expert_k = j.value("hme_expert_k", c.hme_expert_k);
+    c.n_group = j.value("n_group", c.n_group);
+    c.topk_group = j.value("topk_group", c.topk_group);
+    c.routed_scaling_factor = j.value("routed_scaling_factor", c.routed_scaling_factor);
+    c.bias_update_rate = j.value("bias_update_rate", c.bias_update_rate);
   } catch (const nlohmann::json::exception& e) {
     throw_error("moe.config", fmt::format("bad value: {}", e.what()));
   }

@@ -175,10 +175,12 @@ bool is_frozen(const MoeConfig& cfg, int64_t e) {
 }
 
 // Counting sort of the plan's pairs by expert (stable: token order within an expert), then
-// capacity: each expert keeps at most C pairs, C = ceil(CF * P / E), the first ones or those
-// with the highest score. Fills offsets [E + 1], row_pair [M] and pair_row [P]; returns M.
+// capacity: tokens are split into groups of cfg.capacity_group (0: one group), and in each group
+// an expert keeps at most C_g = ceil(CF * P_g / E) of its pairs (P_g: the group's pairs), chosen
+// by the drop policy. Fills offsets [E + 1], row_pair [M] and pair_row [P]; returns M.
 template <class T>
-int64_t dispatch(const MoeConfig& cfg, const RoutingPlan<T>& plan, Arena& arena, int64_t* routed,
+int64_t dispatch(const MoeConfig& cfg, bool capped, const RoutingPlan<T>& plan,
+                 const int32_t* pair_token, int64_t n_tokens, Arena& arena, int64_t* routed,
                  int64_t* offsets, int32_t*& row_pair, int32_t* pair_row, int64_t& capacity) {
   const int64_t E = cfg.n_experts, P = plan.n_pairs;
   std::fill_n(routed, E, 0);
@@ -189,29 +191,45 @@ int64_t dispatch(const MoeConfig& cfg, const RoutingPlan<T>& plan, Arena& arena,
   int32_t* sorted = arena.alloc<int32_t>(P);
   for (int64_t p = 0; p < P; ++p) sorted[cursor[plan.expert[p]]++] = static_cast<int32_t>(p);
 
-  const bool capped = cfg.capacity_factor > 0;
-  const int64_t C =
-      capped ? static_cast<int64_t>(
-                   std::ceil(cfg.capacity_factor * static_cast<double>(P) / static_cast<double>(E)))
-             : P;
-  capacity = capped ? C : 0;
+  const int64_t G = cfg.capacity_group > 0 ? cfg.capacity_group : n_tokens;
+  auto group_capacity = [&](int64_t g) {
+    const int64_t t0 = g * G, t1 = std::min(n_tokens, t0 + G);
+    const double pairs = static_cast<double>(plan.token_offsets[t1] - plan.token_offsets[t0]);
+    return static_cast<int64_t>(std::ceil(cfg.capacity_factor * pairs / static_cast<double>(E)));
+  };
+  capacity = capped ? group_capacity(0) : 0;
   std::fill_n(pair_row, P, -1);
   offsets[0] = 0;
+  int64_t out = 0;  // compaction cursor: kept pairs move left, never past unread ones
   int64_t begin = 0;
   for (int64_t e = 0; e < E; ++e) {
-    int32_t* block = sorted + begin;
-    const int64_t count = routed[e];
-    if (count > C && cfg.drop_policy == DropPolicy::score) {
-      std::stable_sort(block, block + count,
-                       [&](int32_t a, int32_t b) { return plan.score[a] > plan.score[b]; });
+    const int64_t end = begin + routed[e];
+    for (int64_t lo = begin; lo < end;) {
+      // The pairs of this expert from one group are contiguous (token order).
+      const int64_t g = pair_token[sorted[lo]] / G;
+      int64_t hi = lo;
+      while (hi < end && pair_token[sorted[hi]] / G == g) ++hi;
+      int64_t keep = hi - lo;
+      if (capped && keep > group_capacity(g)) {
+        int32_t* block = sorted + lo;
+        if (cfg.drop_policy == DropPolicy::score) {
+          std::stable_sort(block, block + keep,
+                           [&](int32_t a, int32_t b) { return plan.score[a] > plan.score[b]; });
+        } else if (cfg.drop_policy == DropPolicy::slot) {
+          auto slot = [&](int32_t p) { return p - plan.token_offsets[pair_token[p]]; };
+          std::stable_sort(block, block + keep,
+                           [&](int32_t a, int32_t b) { return slot(a) < slot(b); });
+        }
+        keep = group_capacity(g);
+      }
+      std::memmove(sorted + out, sorted + lo, static_cast<size_t>(keep) * sizeof(int32_t));
+      out += keep;
+      lo = hi;
     }
-    const int64_t keep = std::min(count, C);
-    // Compact the kept pairs of expert e to rows offsets[e] .. offsets[e] + keep.
-    std::memmove(sorted + offsets[e], block, static_cast<size_t>(keep) * sizeof(int32_t));
-    offsets[e + 1] = offsets[e] + keep;
-    begin += count;
+    offsets[e + 1] = out;
+    begin = end;
   }
-  const int64_t M = offsets[E];
+  const int64_t M = out;
   row_pair = sorted;  // its first M entries are now the kept pairs in row order
   for (int64_t r = 0; r < M; ++r) pair_row[row_pair[r]] = static_cast<int32_t>(r);
   return M;
@@ -273,11 +291,13 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, 
   int32_t* row_pair = nullptr;
   int32_t* pair_row = arena.alloc<int32_t>(P);
   int64_t capacity = 0;
-  const int64_t M = dispatch(cfg, plan, arena, routed, offsets, row_pair, pair_row, capacity);
   int32_t* pair_token = arena.alloc<int32_t>(P);
   for (int64_t t = 0; t < N; ++t)
     for (int64_t p = plan.token_offsets[t]; p < plan.token_offsets[t + 1]; ++p)
       pair_token[p] = static_cast<int32_t>(t);
+  const bool capped = cfg.capacity_factor > 0 && !router.applies_capacity();
+  const int64_t M = dispatch(cfg, capped, plan, pair_token, N, arena, routed, offsets, row_pair,
+                             pair_row, capacity);
 
   T* xs = arena.alloc<T>(M * D);
   T* ys = arena.alloc<T>(M * D);

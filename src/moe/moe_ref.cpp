@@ -18,6 +18,7 @@ struct Routing {
   Arena arena;
   RoutingPlan<T> plan;
   std::vector<T> xr, jitter;  // [N, D] router input and jitter factors (empty: none)
+  std::vector<T> logits;      // [N, R], kept alive for the router's backward
   std::vector<uint8_t> kept;  // [P]
   double aux = 0, z = 0;
 };
@@ -40,7 +41,8 @@ std::unique_ptr<Routing<T>> route(const MoeConfig& cfg, const MoeParams& params,
     }
   }
   const T* wr = params.w_router.data<T>();
-  std::vector<T> logits(static_cast<size_t>(N * R));
+  std::vector<T>& logits = r->logits;
+  logits.resize(static_cast<size_t>(N * R));
   for (int64_t t = 0; t < N; ++t)
     for (int64_t e = 0; e < R; ++e) {
       T acc = 0;
@@ -59,17 +61,32 @@ std::unique_ptr<Routing<T>> route(const MoeConfig& cfg, const MoeParams& params,
   r->z = f.z_loss;
   const int64_t P = f.plan.n_pairs;
   r->kept.assign(static_cast<size_t>(P), 1);
-  if (cfg.capacity_factor > 0) {
-    const auto C = static_cast<size_t>(
-        std::ceil(cfg.capacity_factor * static_cast<double>(P) / static_cast<double>(E)));
-    for (int64_t e = 0; e < E; ++e) {
-      std::vector<int64_t> pairs;  // in token order
-      for (int64_t p = 0; p < P; ++p)
-        if (f.plan.expert[p] == e) pairs.push_back(p);
-      if (cfg.drop_policy == DropPolicy::score)
-        std::stable_sort(pairs.begin(), pairs.end(),
-                         [&](int64_t a, int64_t b) { return f.plan.score[a] > f.plan.score[b]; });
-      for (size_t i = C; i < pairs.size(); ++i) r->kept[static_cast<size_t>(pairs[i])] = 0;
+  if (cfg.capacity_factor > 0 && !r->router->applies_capacity()) {
+    // Per group of tokens and per expert: sort the expert's pairs by the policy, keep C_g.
+    const int64_t G = cfg.capacity_group > 0 ? cfg.capacity_group : N;
+    for (int64_t t0 = 0; t0 < N; t0 += G) {
+      const int64_t t1 = std::min(N, t0 + G);
+      const double pairs = static_cast<double>(f.plan.token_offsets[t1] - f.plan.token_offsets[t0]);
+      const auto C =
+          static_cast<size_t>(std::ceil(cfg.capacity_factor * pairs / static_cast<double>(E)));
+      for (int64_t e = 0; e < E; ++e) {
+        struct Pair {
+          int64_t p, slot;
+          T score;
+        };
+        std::vector<Pair> pairs_e;  // in token order
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t p = f.plan.token_offsets[t]; p < f.plan.token_offsets[t + 1]; ++p)
+            if (f.plan.expert[p] == e)
+              pairs_e.push_back({p, p - f.plan.token_offsets[t], f.plan.score[p]});
+        if (cfg.drop_policy == DropPolicy::score)
+          std::stable_sort(pairs_e.begin(), pairs_e.end(),
+                           [](const Pair& a, const Pair& b) { return a.score > b.score; });
+        if (cfg.drop_policy == DropPolicy::slot)
+          std::stable_sort(pairs_e.begin(), pairs_e.end(),
+                           [](const Pair& a, const Pair& b) { return a.slot < b.slot; });
+        for (size_t i = C; i < pairs_e.size(); ++i) r->kept[static_cast<size_t>(pairs_e[i].p)] = 0;
+      }
     }
   }
   return r;

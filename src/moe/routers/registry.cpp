@@ -1,14 +1,21 @@
-// The router registry: which class implements each RouterKind.
+// The router registry: which factory builds each RouterKind.
 #include "moe/error.h"
 #include "moe/router.h"
-#include "moe/routers/topk.h"
+#include "moe/routers/routers.h"
 
 namespace moe {
 
 std::unique_ptr<Router> make_router(const MoeConfig& cfg) {
   cfg.validate();
   switch (cfg.router) {
-    case RouterKind::topk: return std::make_unique<routing::TopkRouter>(cfg);
+    case RouterKind::topk:
+    case RouterKind::switch_top1: return routing::make_topk(cfg);
+    case RouterKind::noisy_topk: return routing::make_noisy_topk(cfg);
+    case RouterKind::gshard: return routing::make_gshard(cfg);
+    case RouterKind::expert_choice: return routing::make_expert_choice(cfg);
+    case RouterKind::soft: return routing::make_soft(cfg);
+    case RouterKind::hierarchical: return routing::make_hierarchical(cfg);
+    case RouterKind::deepseek: return routing::make_deepseek(cfg);
   }
   throw_error("moe.router", fmt::format("router {} is not implemented", to_string(cfg.router)));
 }

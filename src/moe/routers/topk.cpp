@@ -1,11 +1,35 @@
 // Softmax top-k routing (Shazeer et al. 2017 without the noise; Switch Transformer with K = 1;
 // Mixtral with renormalization), with optional exploration: in training, each slot's expert is
 // replaced with probability explore_prob by a uniformly drawn expert the token does not use yet.
-#include "moe/routers/topk.h"
-
 #include "moe/routers/common.h"
+#include "moe/routers/routers.h"
 
 namespace moe::routing {
+
+namespace {
+
+class TopkRouter : public RouterImpl<TopkRouter> {
+ public:
+  using RouterImpl::RouterImpl;
+  template <class T>
+  void fwd(RouterForward<T>& f);
+  template <class T>
+  void bwd(const T* dweight, double d_aux, double d_z, T* dlogits);
+
+ private:
+  template <class T>
+  void explore(RoutingPlan<T>& plan, const T* probs, int64_t n, NoiseSource& noise);
+
+  struct Saved {
+    int64_t n = 0;
+    const void* probs = nullptr;      // [N, E]
+    const void* lse = nullptr;        // [N]
+    const int32_t* expert = nullptr;  // [N, K]
+    const void* top_p = nullptr;      // [N, K]
+    const void* weight = nullptr;     // [N, K]
+    const int64_t* counts = nullptr;  // [E]
+  } saved_;
+};
 
 template <class T>
 void TopkRouter::fwd(RouterForward<T>& f) {
@@ -77,9 +101,10 @@ void TopkRouter::bwd(const T* dweight, double d_aux, double d_z, T* dlogits) {
   }
 }
 
-template void TopkRouter::fwd<float>(RouterForward<float>&);
-template void TopkRouter::fwd<double>(RouterForward<double>&);
-template void TopkRouter::bwd<float>(const float*, double, double, float*);
-template void TopkRouter::bwd<double>(const double*, double, double, double*);
+}  // namespace
+
+std::unique_ptr<Router> make_topk(const MoeConfig& cfg) {
+  return std::make_unique<TopkRouter>(cfg);
+}
 
 }  // namespace moe::routing

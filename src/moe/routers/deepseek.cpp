@@ -1,0 +1,160 @@
+// DeepSeek-V3 routing (DeepSeek-AI 2024, section 2.1.2): sigmoid affinities s; a per-expert
+// selection bias b (auxiliary-loss-free balancing: b_i += rate * sign(mean load - load_i) after
+// each step) steers which experts are chosen but not their weights; group-limited selection
+// (keep topk_group of n_group groups by the sum of each group's two best s + b, excluded groups
+// masked with -inf); weights s over the selected, normalized when `renormalize`
+// (norm_topk_prob), times routed_scaling_factor; the sequence-wise balance loss (eq. 17-20).
+#include <cmath>
+#include <limits>
+
+#include "moe/routers/common.h"
+#include "moe/routers/routers.h"
+
+namespace moe::routing {
+
+namespace {
+
+class DeepseekRouter : public RouterImpl<DeepseekRouter> {
+ public:
+  explicit DeepseekRouter(const MoeConfig& cfg)
+      : RouterImpl(cfg), bias_(static_cast<size_t>(cfg.n_experts), 0.0) {}
+  std::vector<double>* selection_bias() override { return &bias_; }
+
+  void after_step(const std::vector<int64_t>& routed) override {
+    double mean = 0;
+    for (int64_t c : routed) mean += static_cast<double>(c);
+    mean /= static_cast<double>(routed.size());
+    for (size_t i = 0; i < bias_.size(); ++i) {
+      const double d = mean - static_cast<double>(routed[i]);
+      bias_[i] += cfg_.bias_update_rate * static_cast<double>((d > 0) - (d < 0));
+    }
+  }
+
+  template <class T>
+  void fwd(RouterForward<T>& f) {
+    const int64_t N = f.n_tokens, E = cfg_.n_experts, K = cfg_.top_k;
+    const int64_t NG = cfg_.n_group, GS = E / NG;
+    Arena& arena = *f.arena;
+    T* s = arena.alloc<T>(N * E);
+    for (int64_t i = 0; i < N * E; ++i) s[i] = T(1) / (T(1) + std::exp(-f.logits[i]));
+    RoutingPlan<T> plan = uniform_plan<T>(arena, N, K);
+    T* sel_s = arena.alloc<T>(N * K);
+    std::vector<T> choice(static_cast<size_t>(E)), gscore(static_cast<size_t>(NG)), v(2);
+    std::vector<int32_t> gkeep(static_cast<size_t>(cfg_.topk_group)), vi(2);
+    std::vector<T> gval(static_cast<size_t>(cfg_.topk_group)), top_v(static_cast<size_t>(K));
+    for (int64_t t = 0; t < N; ++t) {
+      for (int64_t e = 0; e < E; ++e)
+        choice[static_cast<size_t>(e)] =
+            s[t * E + e] + static_cast<T>(bias_[static_cast<size_t>(e)]);
+      if (NG > 1) {
+        for (int64_t g = 0; g < NG; ++g) {
+          cpu::topk_rows<T>(vi.data(), v.data(), choice.data() + g * GS, 1, GS, 2);
+          gscore[static_cast<size_t>(g)] = v[0] + v[1];
+        }
+        cpu::topk_rows<T>(gkeep.data(), gval.data(), gscore.data(), 1, NG, cfg_.topk_group);
+        for (int64_t g = 0; g < NG; ++g) {
+          if (std::find(gkeep.begin(), gkeep.end(), g) != gkeep.end()) continue;
+          std::fill_n(choice.begin() + g * GS, GS, -std::numeric_limits<T>::infinity());
+        }
+      }
+      cpu::topk_rows<T>(plan.expert + t * K, top_v.data(), choice.data(), 1, E, K);
+      for (int64_t j = 0; j < K; ++j) sel_s[t * K + j] = s[t * E + plan.expert[t * K + j]];
+      topk_weights(plan.weight + t * K, sel_s + t * K, K, cfg_.renormalize);
+      for (int64_t j = 0; j < K; ++j) {
+        plan.weight[t * K + j] *= static_cast<T>(cfg_.routed_scaling_factor);
+        plan.score[t * K + j] = sel_s[t * K + j];
+      }
+    }
+    // Sequence-wise balance loss, averaged over the sequences of the batch.
+    const int64_t L = cfg_.seq_len > 0 ? cfg_.seq_len : N;
+    const int64_t n_seq = (N + L - 1) / L;
+    int64_t* counts = arena.alloc<int64_t>(n_seq * E);
+    std::fill_n(counts, n_seq * E, 0);
+    for (int64_t p = 0; p < N * K; ++p) ++counts[(p / K / L) * E + plan.expert[p]];
+    T* ssum = arena.alloc<T>(N);
+    double loss = 0;
+    for (int64_t q = 0; q < n_seq; ++q) {
+      const int64_t t0 = q * L, t1 = std::min(N, t0 + L), T_ = t1 - t0;
+      for (int64_t e = 0; e < E; ++e) {
+        double pm = 0;
+        for (int64_t t = t0; t < t1; ++t) {
+          if (e == 0) {
+            ssum[t] = 0;
+            for (int64_t i = 0; i < E; ++i) ssum[t] += s[t * E + i];
+          }
+          pm += static_cast<double>(s[t * E + e] / ssum[t]);
+        }
+        const double fi = static_cast<double>(E) / static_cast<double>(K * T_) *
+                          static_cast<double>(counts[q * E + e]);
+        loss += fi * pm / static_cast<double>(T_);
+      }
+    }
+    f.plan = plan;
+    f.aux_loss = cfg_.aux_loss_coef * loss / static_cast<double>(n_seq);
+    f.entropy = 0;
+    for (int64_t t = 0; t < N; ++t)
+      for (int64_t e = 0; e < E; ++e) {
+        const double p = static_cast<double>(s[t * E + e] / ssum[t]);
+        if (p > 0) f.entropy -= p * std::log(p) / static_cast<double>(N);
+      }
+    sv_ = {N, L, n_seq, s, sel_s, plan.expert, plan.weight, counts, ssum};
+  }
+
+  template <class T>
+  void bwd(const T* dweight, double d_aux, double /*d_z*/, T* dlogits) {
+    const int64_t N = sv_.n, E = cfg_.n_experts, K = cfg_.top_k;
+    const T* s = static_cast<const T*>(sv_.s);
+    const T* sel_s = static_cast<const T*>(sv_.sel_s);
+    const T* weight = static_cast<const T*>(sv_.weight);
+    const T* ssum = static_cast<const T*>(sv_.ssum);
+    const T rsf = static_cast<T>(cfg_.routed_scaling_factor);
+    std::vector<T> du(static_cast<size_t>(K)), u(static_cast<size_t>(K)),
+        ds(static_cast<size_t>(K));
+    std::vector<T> dsn(static_cast<size_t>(E));
+    for (int64_t t = 0; t < N; ++t) {
+      T* g = dlogits + t * E;
+      std::fill_n(g, E, T(0));
+      // w = rsf * u, u = s_sel (/ sum s_sel).
+      for (int64_t j = 0; j < K; ++j) {
+        du[static_cast<size_t>(j)] = rsf * dweight[t * K + j];
+        u[static_cast<size_t>(j)] = weight[t * K + j] / rsf;
+      }
+      topk_weights_backward(ds.data(), du.data(), u.data(), sel_s + t * K, K, cfg_.renormalize);
+      for (int64_t j = 0; j < K; ++j) g[sv_.expert[t * K + j]] += ds[static_cast<size_t>(j)];
+      // Balance loss: P_i = mean_t s_ti / sum_j s_tj, weighted by f_i.
+      const int64_t q = t / sv_.seq, t0 = q * sv_.seq, T_ = std::min(N, t0 + sv_.seq) - t0;
+      const double scale =
+          d_aux * cfg_.aux_loss_coef / static_cast<double>(sv_.n_seq) / static_cast<double>(T_);
+      T dot = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        const double fi = static_cast<double>(E) / static_cast<double>(K * T_) *
+                          static_cast<double>(sv_.counts[q * E + e]);
+        dsn[static_cast<size_t>(e)] = static_cast<T>(scale * fi);
+        dot += dsn[static_cast<size_t>(e)] * s[t * E + e] / ssum[t];
+      }
+      for (int64_t e = 0; e < E; ++e) g[e] += (dsn[static_cast<size_t>(e)] - dot) / ssum[t];
+      // s = sigmoid(l).
+      for (int64_t e = 0; e < E; ++e) g[e] *= s[t * E + e] * (T(1) - s[t * E + e]);
+    }
+  }
+
+ private:
+  std::vector<double> bias_;  // [E] selection bias (e_score_correction_bias)
+  struct Saved {
+    int64_t n = 0, seq = 0, n_seq = 0;
+    const void* s = nullptr;          // [N, E] sigmoid affinities
+    const void* sel_s = nullptr;      // [N, K] affinities of the selected experts
+    const int32_t* expert = nullptr;  // [N, K]
+    const void* weight = nullptr;     // [N, K]
+    const int64_t* counts = nullptr;  // [sequences, E] selections per expert
+    const void* ssum = nullptr;       // [N] sum of s over all experts
+  } sv_;
+};
+
+}  // namespace
+
+std::unique_ptr<Router> make_deepseek(const MoeConfig& cfg) {
+  return std::make_unique<DeepseekRouter>(cfg);
+}
+
+}  // namespace moe::routing
