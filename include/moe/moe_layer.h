@@ -62,7 +62,8 @@ struct RoutingStats {
 };
 
 struct MoeOutput {
-  Tensor y;  // [N, D], in the arena
+  Tensor y;           // [N, D], in the arena
+  Tensor top_expert;  // i32[N], in the arena: each token's highest-weight expert, -1 if none
   double aux_loss = 0;
   double z_loss = 0;
   RoutingStats stats;

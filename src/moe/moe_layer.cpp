@@ -364,6 +364,17 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, 
 
   MoeOutput out;
   out.y = y;
+  out.top_expert = arena.tensor({N}, DType::I32);
+  int32_t* top = out.top_expert.data<int32_t>();
+  for (int64_t t = 0; t < N; ++t) {
+    top[t] = -1;
+    T best = 0;
+    for (int64_t p = plan.token_offsets[t]; p < plan.token_offsets[t + 1]; ++p)
+      if (top[t] < 0 || plan.weight[p] > best) {
+        top[t] = plan.expert[p];
+        best = plan.weight[p];
+      }
+  }
   out.aux_loss = rf.aux_loss;
   out.z_loss = rf.z_loss;
   RoutingStats& st = out.stats;

@@ -1,9 +1,12 @@
 // tests/torch/test_torch_oracle.cpp: the MoE layer against PyTorch, in float64 and float32.
 //
 // moe_oracle.py computes every case's output, losses and gradients with PyTorch autograd in
-// float64, written from the math alone; here our layer runs on the same config, weights and
-// inputs, and every tensor is compared. The case file comes in the environment variable
-// MOE_TORCH_CASES (ctest sets it, after the torch_oracle_generate test has written the file).
+// float64, written from the math alone (docs/routing.md, every routing method); here our layer
+// runs on the same config, weights, inputs, training mode, random draws (replayed through
+// set_noise) and DeepSeek selection bias, and every tensor is compared, with the routing counts,
+// the exact zeros of frozen weights and DeepSeek's bias after a step. The case file comes in the
+// environment variable MOE_TORCH_CASES (ctest sets it, after the torch_oracle_generate test has
+// written the file).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -35,11 +38,11 @@ using nlohmann::json;
 // only summation order differs.
 // float32: the table below, scale = max|ref| (1 when ref is all zero). The inputs are rounded to
 // float32 and every step runs in float32; the router gradient, which sums the output, softmax and
-// both loss paths, loses the most. The bounds sit 4.5x to 7x above the worst errors measured
-// over all cases (router.weight 6.0e-7, y 4.2e-7, weight gradients 4.3e-7, dx 3.3e-7, z_loss
-// 1.1e-7, aux_loss 3.0e-8), the same with 1 to 8 threads and with -march=native. The routing
-// decisions themselves agree exactly: the generator keeps every one at least 1e-4 (relative)
-// away from its boundary.
+// both loss paths, loses the most. The bounds sit 4.3x to 7x above the worst errors measured
+// over all cases (router.weight 6.0e-7, y 4.2e-7, weight gradients 4.3e-7, dx 3.7e-7, z_loss
+// 1.1e-7, aux_loss 1.2e-7 from noisy top-k's CV^2 losses), the same with 1 to 8 threads. The
+// routing decisions themselves agree exactly: the generator keeps every one (and every random
+// draw against its threshold) at least 1e-4 (relative) away from its boundary.
 constexpr double kTolF64 = 1e-10;
 
 struct Tolerance {
@@ -48,7 +51,7 @@ struct Tolerance {
 };
 constexpr Tolerance kTolF32[] = {
     {"y", 2e-6},
-    {"aux_loss", 2e-7},
+    {"aux_loss", 5e-7},
     {"z_loss", 5e-7},
     {"dx", 2e-6},
     {"router.weight", 3e-6},
@@ -67,7 +70,7 @@ constexpr Tolerance kTolF32[] = {
     {"shared.gate", 2e-6},
 };
 
-constexpr size_t kMinCases = 15;
+constexpr size_t kMinCases = 40;
 
 double tolerance(const std::string& tensor, DType dtype) {
   if (dtype == DType::F64) return kTolF64;
@@ -158,9 +161,29 @@ std::set<std::string> keys(const json& object) {
   return out;
 }
 
+// Every slice e of an expert gradient [E, ...] of a frozen expert must be exactly zero, and
+// with a frozen router the whole router gradient.
+void expect_frozen_zero(MoeLayer& layer, const MoeConfig& cfg) {
+  layer.grads().for_each([&](const std::string& n, Tensor& g) {
+    const bool router = n == "router.weight";
+    if (router && !cfg.freeze_router) return;
+    if (!router && n.rfind("experts.", 0) != 0) return;
+    const int64_t E = cfg.n_experts, per = router ? g.numel() : g.numel() / E;
+    const std::vector<int64_t> all = {-1};
+    for (int64_t e : router ? all : cfg.frozen_experts) {
+      const int64_t begin = router ? 0 : e * per;
+      int64_t nonzero = 0;
+      for (int64_t i = begin; i < begin + per; ++i) nonzero += g.at(i) != 0.0;
+      EXPECT_EQ(nonzero, 0) << n << (router ? "" : " of frozen expert " + std::to_string(e))
+                            << ": gradient entries that are not exactly zero";
+    }
+  });
+}
+
 void run_case(const json& c, DType dtype, Report& report) {
   const std::string name = c.at("name").get<std::string>();
   const MoeConfig cfg = c.at("config").get<MoeConfig>();
+  const std::string router = c.at("config").value("router", std::string("topk"));
 
   if (c.contains("fine_grained")) {
     // the generator segments the config itself; ours must agree
@@ -185,7 +208,20 @@ void run_case(const json& c, DType dtype, Report& report) {
   });
   const Tensor x = tensor_of(c.at("x"), dtype);
   const Tensor dy = tensor_of(c.at("dy"), dtype);
-  const int64_t N = x.size(0), E = cfg.n_experts, K = cfg.top_k;
+  const int64_t N = x.size(0), E = cfg.n_experts;
+
+  // The random draws torch used (jitter, noise, sampling, exploration), replayed in order, and
+  // DeepSeek's selection bias.
+  layer.set_training(c.at("training").get<bool>());
+  const auto normal = c.at("noise").at("normal").get<std::vector<double>>();
+  const auto uniform = c.at("noise").at("uniform").get<std::vector<double>>();
+  layer.set_noise(&normal, &uniform);
+  std::vector<double>* bias = layer.router().selection_bias();
+  ASSERT_EQ(bias != nullptr, c.contains("selection_bias")) << "a selection bias, ours vs torch";
+  if (bias != nullptr) {
+    ASSERT_EQ(static_cast<int64_t>(bias->size()), E);
+    *bias = c.at("selection_bias").get<std::vector<double>>();
+  }
 
   Arena arena;
   MoeOutput out = layer.forward(x, arena);
@@ -193,20 +229,17 @@ void run_case(const json& c, DType dtype, Report& report) {
   compare_scalar("aux_loss", out.aux_loss, c.at("aux_loss").get<double>(), dtype, name, report);
   compare_scalar("z_loss", out.z_loss, c.at("z_loss").get<double>(), dtype, name, report);
 
-  // Routing: torch's top-K and capacity decisions, counted per expert.
-  const auto top_idx = c.at("top_idx").get<std::vector<int64_t>>();
-  const auto kept = c.at("kept").get<std::vector<int64_t>>();
-  ASSERT_EQ(static_cast<int64_t>(top_idx.size()), N * K);
-  ASSERT_EQ(static_cast<int64_t>(kept.size()), N * K);
-  std::vector<int64_t> routed_ref(E, 0), kept_ref(E, 0);
-  for (int64_t i = 0; i < N * K; ++i) {
-    routed_ref[top_idx[i]] += 1;
-    kept_ref[top_idx[i]] += kept[i];
-  }
-  EXPECT_EQ(out.stats.routed, routed_ref) << "pairs routed per expert";
-  EXPECT_EQ(out.stats.kept, kept_ref) << "pairs kept per expert";
+  // Routing: torch's (token, expert) pairs before and after capacity, counted per expert.
+  EXPECT_EQ(out.stats.routed, c.at("routed").get<std::vector<int64_t>>())
+      << "pairs routed per expert";
+  EXPECT_EQ(out.stats.kept, c.at("kept").get<std::vector<int64_t>>()) << "pairs kept per expert";
   EXPECT_EQ(out.stats.capacity, c.at("capacity").get<int64_t>());
   EXPECT_EQ(out.stats.n_tokens, N);
+  if (router == "expert_choice") {
+    // every expert takes exactly its C tokens
+    const int64_t C = c.at("tokens_per_expert").get<int64_t>();
+    EXPECT_EQ(out.stats.routed, std::vector<int64_t>(E, C)) << "expert choice: C tokens each";
+  }
 
   layer.zero_grad();
   Tensor dx = Tensor::empty(x.shape(), dtype);
@@ -215,6 +248,16 @@ void run_case(const json& c, DType dtype, Report& report) {
   layer.grads().for_each([&](const std::string& n, Tensor& g) {
     compare(n, g, ref_of(c.at("grads").at(n)), dtype, name, report);
   });
+  expect_frozen_zero(layer, cfg);
+
+  if (bias != nullptr) {
+    // DeepSeek-V3's auxiliary-loss-free update from this forward's routed counts
+    layer.after_step();
+    const auto want = c.at("selection_bias_after_step").get<std::vector<double>>();
+    ASSERT_EQ(bias->size(), want.size());
+    for (size_t i = 0; i < want.size(); ++i)
+      EXPECT_NEAR((*bias)[i], want[i], 1e-15) << "selection bias after the step, expert " << i;
+  }
 }
 
 void run_all(DType dtype) {

@@ -1,0 +1,47 @@
+// moe/optimizer.h: AdamW (Loshchilov and Hutter 2019), decoupled weight decay, computed in the
+// same order as torch.optim.AdamW so that trajectories can be compared step for step.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "moe/tensor.h"
+
+namespace moe {
+
+struct AdamWConfig {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+};
+
+class AdamW {
+ public:
+  explicit AdamW(const AdamWConfig& cfg);
+
+  // Registers a parameter and its gradient buffer (same shape and float dtype). Moments start
+  // at zero. `decay` false exempts it from weight decay.
+  void add(const std::string& name, Tensor param, Tensor grad, bool decay = true);
+
+  // One update of every registered parameter at learning rate lr:
+  //   p -= lr * wd * p;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+  //   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+  void step(double lr);
+  void step() { step(cfg_.lr); }
+  int64_t steps() const { return t_; }
+  const AdamWConfig& config() const { return cfg_; }
+
+ private:
+  struct Slot {
+    std::string name;
+    Tensor param, grad, m, v;
+    bool decay;
+  };
+  AdamWConfig cfg_;
+  std::vector<Slot> slots_;
+  int64_t t_ = 0;
+};
+
+}  // namespace moe

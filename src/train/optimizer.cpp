@@ -1,0 +1,59 @@
+// AdamW, element by element in torch.optim.AdamW's order of operations.
+#include "moe/optimizer.h"
+
+#include <cmath>
+
+namespace moe {
+
+AdamW::AdamW(const AdamWConfig& cfg) : cfg_(cfg) {
+  MOE_CHECK(std::isfinite(cfg.lr) && cfg.lr >= 0, "adamw", "lr must be finite and >= 0, got {}",
+            cfg.lr);
+  MOE_CHECK(cfg.beta1 >= 0 && cfg.beta1 < 1 && cfg.beta2 >= 0 && cfg.beta2 < 1, "adamw",
+            "betas must be in [0, 1), got {} and {}", cfg.beta1, cfg.beta2);
+  MOE_CHECK(cfg.eps > 0, "adamw", "eps must be > 0, got {}", cfg.eps);
+  MOE_CHECK(cfg.weight_decay >= 0, "adamw", "weight_decay must be >= 0, got {}", cfg.weight_decay);
+}
+
+void AdamW::add(const std::string& name, Tensor param, Tensor grad, bool decay) {
+  MOE_CHECK(param.shape() == grad.shape() && param.dtype() == grad.dtype(), "adamw",
+            "gradient of {} is {}, the parameter is {}", name, grad.str(), param.str());
+  MOE_CHECK(param.dtype() == DType::F32 || param.dtype() == DType::F64, "adamw",
+            "{} must be a float tensor, got {}", name, param.str());
+  slots_.push_back({name, param, grad, Tensor::zeros(param.shape(), DType::F64),
+                    Tensor::zeros(param.shape(), DType::F64), decay});
+}
+
+namespace {
+template <class T>
+void update(T* p, const T* g, double* m, double* v, int64_t n, double lr, double wd, double b1,
+            double b2, double eps, double bc1, double bc2_sqrt) {
+  const double step_size = lr / bc1;
+  for (int64_t i = 0; i < n; ++i) {
+    double pi = static_cast<double>(p[i]);
+    const double gi = static_cast<double>(g[i]);
+    pi *= 1 - lr * wd;
+    m[i] = b1 * m[i] + (1 - b1) * gi;
+    v[i] = b2 * v[i] + (1 - b2) * gi * gi;
+    const double denom = std::sqrt(v[i]) / bc2_sqrt + eps;
+    p[i] = static_cast<T>(pi - step_size * m[i] / denom);
+  }
+}
+}  // namespace
+
+void AdamW::step(double lr) {
+  ++t_;
+  const double bc1 = 1 - std::pow(cfg_.beta1, static_cast<double>(t_));
+  const double bc2_sqrt = std::sqrt(1 - std::pow(cfg_.beta2, static_cast<double>(t_)));
+  for (Slot& s : slots_) {
+    const double wd = s.decay ? cfg_.weight_decay : 0.0;
+    if (s.param.dtype() == DType::F64) {
+      update(s.param.data<double>(), s.grad.data<double>(), s.m.data<double>(), s.v.data<double>(),
+             s.param.numel(), lr, wd, cfg_.beta1, cfg_.beta2, cfg_.eps, bc1, bc2_sqrt);
+    } else {
+      update(s.param.data<float>(), s.grad.data<float>(), s.m.data<double>(), s.v.data<double>(),
+             s.param.numel(), lr, wd, cfg_.beta1, cfg_.beta2, cfg_.eps, bc1, bc2_sqrt);
+    }
+  }
+}
+
+}  // namespace moe
