@@ -28,7 +28,26 @@ void LayerOptions::add_to(CLI::App* cmd) {
                   "expert capacity = ceil(CF * N * K / E); <= 0 means dropless")
       ->capture_default_str();
   cmd->add_option("--drop", drop, "which tokens an expert over capacity keeps")
-      ->check(CLI::IsMember({"position", "score"}))
+      ->check(CLI::IsMember({"position", "score", "slot"}))
+      ->capture_default_str();
+  cmd->add_option("--capacity-group", cfg.capacity_group,
+                  "tokens per capacity group (GShard); 0: the whole batch")
+      ->capture_default_str();
+  cmd->add_option("--router", router,
+                  "routing method: topk, switch, noisy_topk, gshard, expert_choice, soft, "
+                  "hierarchical, deepseek (docs/routing.md)")
+      ->capture_default_str();
+  cmd->add_option("--jitter", cfg.jitter_eps, "router input jitter epsilon (training)")
+      ->capture_default_str();
+  cmd->add_option("--explore", cfg.explore_prob, "probability of a random expert per slot")
+      ->capture_default_str();
+  cmd->add_option("--hme-groups", cfg.hme_groups, "hierarchical: groups under the root");
+  cmd->add_option("--hme-group-k", cfg.hme_group_k, "hierarchical: groups kept (0: all)");
+  cmd->add_option("--hme-expert-k", cfg.hme_expert_k,
+                  "hierarchical: experts kept per group (0: all)");
+  cmd->add_option("--n-group", cfg.n_group, "deepseek: expert groups")->capture_default_str();
+  cmd->add_option("--topk-group", cfg.topk_group, "deepseek: groups kept")->capture_default_str();
+  cmd->add_option("--scaling", cfg.routed_scaling_factor, "deepseek: routed scaling factor")
       ->capture_default_str();
   cmd->add_option("--segment", segment,
                   "fine-grained segmentation: E*m experts of width F/m, top K*m")
@@ -44,6 +63,7 @@ void LayerOptions::add_to(CLI::App* cmd) {
 MoeConfig LayerOptions::finish() {
   cfg.act = parse_expert_act(act);
   cfg.drop_policy = parse_drop_policy(drop);
+  cfg.router = parse_router_kind(router);
   MOE_CHECK(tokens >= 1, "options", "--tokens must be >= 1, got {}", tokens);
   cfg.validate();
   return segment == 1 ? cfg : fine_grained(cfg, segment);

@@ -13,6 +13,7 @@ struct LayerOptions {
   int64_t tokens = 0;
   std::string act = "swiglu";
   std::string drop = "position";
+  std::string router = "topk";
   int64_t segment = 1;  // fine-grained segmentation factor m
   int threads = 0;
   uint64_t seed = 0;
