@@ -81,6 +81,7 @@ class NoisyTopkRouter : public RouterImpl<NoisyTopkRouter> {
       }
     }
     f.plan = plan;
+    f.entropy = mean_entropy(plan.weight, N, K);  // of the gates, zero off the top K
     f.aux_loss =
         cfg_.aux_loss_coef * (cv_squared(importance, &g_importance_) + cv_squared(load, &g_load_));
     n_ = N;
