@@ -98,6 +98,8 @@ class MoeLayer {
   // Router and expert inputs N(0, 1/fan_in), output projections N(0, 1/F), biases zero; the
   // layer's routing noise stream is seeded from rng too.
   void init(Rng& rng);
+  // Seeds the routing noise stream alone (weights untouched).
+  void reseed_noise(uint64_t seed) { rng_ = Rng(seed); }
   void zero_grad();
 
   // x [N, D] -> y [N, D]. Activations the backward needs go to `arena`, which must not be

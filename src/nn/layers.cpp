@@ -1,0 +1,209 @@
+// Transformer pieces, forward and backward (see layers.h). Row-parallel loops write disjoint
+// rows; every reduction runs in a fixed order, so results do not depend on the thread count.
+#include "nn/layers.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "moe/kernels.h"
+
+namespace moe::nn {
+
+template <class T>
+void embedding_forward(T* out, const int32_t* tokens, const T* table, int64_t n, int64_t d) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    std::memcpy(out + i * d, table + static_cast<int64_t>(tokens[i]) * d,
+                static_cast<size_t>(d) * sizeof(T));
+}
+
+template <class T>
+void embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int64_t n, int64_t d) {
+  for (int64_t i = 0; i < n; ++i) {
+    T* row = dtable + static_cast<int64_t>(tokens[i]) * d;
+    for (int64_t j = 0; j < d; ++j) row[j] += dout[i * d + j];
+  }
+}
+
+template <class T>
+void rmsnorm_forward(T* out, T* rstd, const T* x, const T* g, int64_t n, int64_t d, double eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xi = x + i * d;
+    T ss = 0;
+    for (int64_t j = 0; j < d; ++j) ss += xi[j] * xi[j];
+    const T r = T(1) / std::sqrt(ss / static_cast<T>(d) + static_cast<T>(eps));
+    rstd[i] = r;
+    for (int64_t j = 0; j < d; ++j) out[i * d + j] = xi[j] * r * g[j];
+  }
+}
+
+template <class T>
+void rmsnorm_backward(T* dx, T* dg, const T* dout, const T* x, const T* g, const T* rstd, int64_t n,
+                      int64_t d) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xi = x + i * d;
+    const T* dy = dout + i * d;
+    const T r = rstd[i];
+    T dot = 0;  // mean over j of xhat_j * g_j * dy_j
+    for (int64_t j = 0; j < d; ++j) dot += xi[j] * r * g[j] * dy[j];
+    dot /= static_cast<T>(d);
+    for (int64_t j = 0; j < d; ++j) dx[i * d + j] = r * (g[j] * dy[j] - xi[j] * r * dot);
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < d; ++j) dg[j] += dout[i * d + j] * x[i * d + j] * rstd[i];
+}
+
+template <class T>
+void rope_tables(T* cos, T* sin, int64_t max_len, int64_t hd, double base) {
+  const int64_t half = hd / 2;
+  for (int64_t p = 0; p < max_len; ++p)
+    for (int64_t i = 0; i < half; ++i) {
+      const double theta = std::pow(base, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
+      cos[p * half + i] = static_cast<T>(std::cos(static_cast<double>(p) * theta));
+      sin[p * half + i] = static_cast<T>(std::sin(static_cast<double>(p) * theta));
+    }
+}
+
+template <class T>
+void rope_apply(T* x, const T* cos, const T* sin, int64_t b, int64_t t, int64_t heads, int64_t hd,
+                bool inverse) {
+  const int64_t half = hd / 2;
+  const T sign = inverse ? T(-1) : T(1);
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < b * t; ++row) {
+    const int64_t pos = row % t;
+    for (int64_t hh = 0; hh < heads; ++hh) {
+      T* v = x + (row * heads + hh) * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        const T c = cos[pos * half + i], s = sign * sin[pos * half + i];
+        const T a = v[i], bb = v[i + half];
+        v[i] = a * c - bb * s;
+        v[i + half] = bb * c + a * s;
+      }
+    }
+  }
+}
+
+template <class T>
+void attention_forward(T* out, T* probs, const T* q, const T* k, const T* v, int64_t b, int64_t t,
+                       int64_t h, int64_t kv, int64_t hd) {
+  const int64_t group = h / kv;
+  const T scale = T(1) / std::sqrt(static_cast<T>(hd));
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < b * h; ++task) {
+    const int64_t bi = task / h, hh = task % h, g = hh / group;
+    const T* qb = q + (bi * t * h + hh) * hd;  // row stride h * hd
+    const T* kb = k + (bi * t * kv + g) * hd;  // row stride kv * hd
+    const T* vb = v + (bi * t * kv + g) * hd;
+    T* p = probs + task * t * t;
+    cpu::gemm<T>(false, true, t, t, hd, scale, qb, h * hd, kb, kv * hd, T(0), p, t);
+    for (int64_t i = 0; i < t; ++i) {
+      T* row = p + i * t;
+      T mx = row[0];
+      for (int64_t j = 1; j <= i; ++j) mx = std::max(mx, row[j]);
+      T sum = 0;
+      for (int64_t j = 0; j <= i; ++j) {
+        row[j] = std::exp(row[j] - mx);
+        sum += row[j];
+      }
+      for (int64_t j = 0; j <= i; ++j) row[j] /= sum;
+      for (int64_t j = i + 1; j < t; ++j) row[j] = 0;
+    }
+    cpu::gemm<T>(false, false, t, hd, t, T(1), p, t, vb, kv * hd, T(0),
+                 out + (bi * t * h + hh) * hd, h * hd);
+  }
+}
+
+template <class T>
+void attention_backward(T* dq, T* dk, T* dv, T* scratch, const T* dout, const T* q, const T* k,
+                        const T* v, const T* probs, int64_t b, int64_t t, int64_t h, int64_t kv,
+                        int64_t hd) {
+  const int64_t group = h / kv;
+  const T scale = T(1) / std::sqrt(static_cast<T>(hd));
+  // One task per (sequence, KV head): its query heads in order, so the KV gradients of a group
+  // are summed in a fixed order by one thread.
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < b * kv; ++task) {
+    const int64_t bi = task / kv, g = task % kv;
+    T* dp = scratch + static_cast<int64_t>(omp_get_thread_num()) * 2 * t * t;
+    const T* kb = k + (bi * t * kv + g) * hd;
+    const T* vb = v + (bi * t * kv + g) * hd;
+    T* dkb = dk + (bi * t * kv + g) * hd;
+    T* dvb = dv + (bi * t * kv + g) * hd;
+    for (int64_t i = 0; i < t; ++i) {
+      std::fill_n(dkb + i * kv * hd, hd, T(0));
+      std::fill_n(dvb + i * kv * hd, hd, T(0));
+    }
+    for (int64_t hh = g * group; hh < (g + 1) * group; ++hh) {
+      const T* p = probs + (bi * h + hh) * t * t;
+      const T* dob = dout + (bi * t * h + hh) * hd;
+      const T* qb = q + (bi * t * h + hh) * hd;
+      T* dqb = dq + (bi * t * h + hh) * hd;
+      // dV += P^T dO; dP = dO V^T; dS = P (dP - rowsum(dP P)).
+      cpu::gemm<T>(true, false, t, hd, t, T(1), p, t, dob, h * hd, T(1), dvb, kv * hd);
+      cpu::gemm<T>(false, true, t, t, hd, T(1), dob, h * hd, vb, kv * hd, T(0), dp, t);
+      for (int64_t i = 0; i < t; ++i) {
+        T* row = dp + i * t;
+        const T* pr = p + i * t;
+        T dot = 0;
+        for (int64_t j = 0; j <= i; ++j) dot += row[j] * pr[j];
+        for (int64_t j = 0; j <= i; ++j) row[j] = pr[j] * (row[j] - dot);
+        for (int64_t j = i + 1; j < t; ++j) row[j] = 0;
+      }
+      // S = scale Q K^T: dQ = scale dS K, dK += scale dS^T Q.
+      cpu::gemm<T>(false, false, t, hd, t, scale, dp, t, kb, kv * hd, T(0), dqb, h * hd);
+      cpu::gemm<T>(true, false, t, hd, t, scale, dp, t, qb, h * hd, T(1), dkb, kv * hd);
+    }
+  }
+}
+
+template <class T>
+double cross_entropy(T* dlogits, const T* logits, const int32_t* targets, int64_t n, int64_t v,
+                     double scale) {
+  // Per-row losses summed afterwards in row order: the same sum for any thread count.
+  std::vector<double> row_loss(static_cast<size_t>(n));
+  const T g = static_cast<T>(scale / static_cast<double>(n));
+#pragma omp parallel for schedule(static) if (n * v > 32768)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* z = logits + i * v;
+    T mx = z[0];
+    for (int64_t j = 1; j < v; ++j) mx = std::max(mx, z[j]);
+    T sum = 0;
+    for (int64_t j = 0; j < v; ++j) sum += std::exp(z[j] - mx);
+    const T lse = mx + std::log(sum);
+    row_loss[static_cast<size_t>(i)] = static_cast<double>(lse - z[targets[i]]);
+    if (dlogits) {
+      for (int64_t j = 0; j < v; ++j) dlogits[i * v + j] = g * std::exp(z[j] - lse);
+      dlogits[i * v + targets[i]] -= g;
+    }
+  }
+  double loss = 0;
+  for (double l : row_loss) loss += l;
+  return loss / static_cast<double>(n);
+}
+
+#define MOE_INSTANTIATE(T)                                                                       \
+  template void embedding_forward<T>(T*, const int32_t*, const T*, int64_t, int64_t);            \
+  template void embedding_backward<T>(T*, const T*, const int32_t*, int64_t, int64_t);           \
+  template void rmsnorm_forward<T>(T*, T*, const T*, const T*, int64_t, int64_t, double);        \
+  template void rmsnorm_backward<T>(T*, T*, const T*, const T*, const T*, const T*, int64_t,     \
+                                    int64_t);                                                    \
+  template void rope_tables<T>(T*, T*, int64_t, int64_t, double);                                \
+  template void rope_apply<T>(T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, bool); \
+  template void attention_forward<T>(T*, T*, const T*, const T*, const T*, int64_t, int64_t,     \
+                                     int64_t, int64_t, int64_t);                                 \
+  template void attention_backward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const T*,    \
+                                      const T*, int64_t, int64_t, int64_t, int64_t, int64_t);    \
+  template double cross_entropy<T>(T*, const T*, const int32_t*, int64_t, int64_t, double);
+MOE_INSTANTIATE(float)
+MOE_INSTANTIATE(double)
+#undef MOE_INSTANTIATE
+
+}  // namespace moe::nn

@@ -1,0 +1,51 @@
+// The transformer's pieces, each a forward and a backward side by side (docs/model.md has the
+// equations). Outputs first, then inputs, then sizes; shapes in the first comment line.
+// Activation gradients are written, parameter gradients accumulated.
+#pragma once
+
+#include <cstdint>
+
+namespace moe::nn {
+
+// out [N, D] = E[tokens[n]]; tokens [N] already validated to be in [0, V).
+template <class T>
+void embedding_forward(T* out, const int32_t* tokens, const T* table, int64_t n, int64_t d);
+// dtable [V, D] += scatter of dout [N, D] by token (in row order: deterministic).
+template <class T>
+void embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int64_t n, int64_t d);
+
+// out [N, D] = x / rms(x) * g; rstd [N] = 1 / rms(x) saved for the backward.
+template <class T>
+void rmsnorm_forward(T* out, T* rstd, const T* x, const T* g, int64_t n, int64_t d, double eps);
+// dx [N, D] written; dg [D] accumulated.
+template <class T>
+void rmsnorm_backward(T* dx, T* dg, const T* dout, const T* x, const T* g, const T* rstd, int64_t n,
+                      int64_t d);
+
+// Rotary tables cos, sin [max_len, hd / 2] for theta_i = base^(-2i / hd).
+template <class T>
+void rope_tables(T* cos, T* sin, int64_t max_len, int64_t hd, double base);
+// Rotates x [B*T, heads, hd] in place, position = row % T ("rotate half" layout); inverse
+// rotates back (the backward of the rotation).
+template <class T>
+void rope_apply(T* x, const T* cos, const T* sin, int64_t b, int64_t t, int64_t heads, int64_t hd,
+                bool inverse);
+
+// Causal grouped-query attention. q [B*T, H, hd], k and v [B*T, KV, hd] (rotated already) ->
+// out [B*T, H, hd]; probs [B, H, T, T] saved (zero above the diagonal).
+template <class T>
+void attention_forward(T* out, T* probs, const T* q, const T* k, const T* v, int64_t b, int64_t t,
+                       int64_t h, int64_t kv, int64_t hd);
+// dq [B*T, H, hd], dk and dv [B*T, KV, hd] written. scratch: threads * 2 * T * T elements.
+template <class T>
+void attention_backward(T* dq, T* dk, T* dv, T* scratch, const T* dout, const T* q, const T* k,
+                        const T* v, const T* probs, int64_t b, int64_t t, int64_t h, int64_t kv,
+                        int64_t hd);
+
+// Mean cross-entropy of logits [N, V] against targets [N]; dlogits (may be null) = scale *
+// (softmax - onehot) / N.
+template <class T>
+double cross_entropy(T* dlogits, const T* logits, const int32_t* targets, int64_t n, int64_t v,
+                     double scale);
+
+}  // namespace moe::nn

@@ -1,0 +1,190 @@
+// The language model: finite differences of its loss in double precision for every parameter,
+// overfitting one batch, the same bits for any thread count, and its errors.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "moe/model.h"
+#include "moe/optimizer.h"
+#include "moe/threading.h"
+
+namespace moe {
+
+namespace {
+
+ModelConfig tiny_config() {
+  ModelConfig c;
+  c.vocab_size = 11;
+  c.d_model = 8;
+  c.n_layers = 2;
+  c.n_heads = 2;
+  c.n_kv_heads = 1;
+  c.d_ffn = 12;
+  c.max_seq_len = 8;
+  c.moe_every = 2;  // layer 1 is MoE, layer 0 dense
+  c.moe.d_model = 8;
+  c.moe.d_ffn = 6;
+  c.moe.n_experts = 4;
+  c.moe.top_k = 2;
+  c.moe.aux_loss_coef = 0.1;
+  c.moe.z_loss_coef = 0.05;
+  return c;
+}
+
+Tensor tokens_for(const ModelConfig& c, int64_t b, int64_t t1, uint64_t seed) {
+  Tensor tok = Tensor::empty({b, t1}, DType::I32);
+  Rng rng(seed);
+  for (int64_t i = 0; i < tok.numel(); ++i)
+    tok.data<int32_t>()[i] = static_cast<int32_t>(rng.randint(0, c.vocab_size));
+  return tok;
+}
+
+Model random_model(const ModelConfig& c, DType dtype, uint64_t seed, double std = 0.3) {
+  Model m(c, dtype);
+  Rng rng(seed);
+  for (NamedParam& p : m.params()) {
+    rng.fill_normal(p.value, 0, std);
+    if (p.name.find("norm") != std::string::npos)
+      for (int64_t i = 0; i < p.value.numel(); ++i)
+        p.value.data<double>()[i] = 1 + 0.1 * rng.normal();
+  }
+  return m;
+}
+
+void check_model_gradients(const ModelConfig& c, uint64_t seed) {
+  Model m = random_model(c, DType::F64, seed);
+  Tensor tok = tokens_for(c, 2, 6, seed + 1);
+  Arena arena;
+  m.zero_grad();
+  const double loss = m.forward_backward(tok, arena).loss;
+  ASSERT_TRUE(std::isfinite(loss));
+  int64_t checked = 0;
+  for (NamedParam& p : m.params()) {
+    double* v = p.value.data<double>();
+    for (int64_t i = 0; i < p.value.numel(); ++i) {
+      const double saved = v[i], h = 1e-6;
+      v[i] = saved + h;
+      arena.reset();
+      const double lp = m.forward(tok, arena).loss;
+      v[i] = saved - h;
+      arena.reset();
+      const double lm = m.forward(tok, arena).loss;
+      v[i] = saved;
+      const double numeric = (lp - lm) / (2 * h);
+      const double analytic = p.grad.at(i);
+      ASSERT_NEAR(analytic, numeric, 1e-6 * std::max(1.0, std::abs(analytic)))
+          << p.name << "[" << i << "]";
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, m.n_params());
+}
+
+}  // namespace
+
+TEST(Model, FiniteDifferencesDenseAndMoe) { check_model_gradients(tiny_config(), 1); }
+
+TEST(Model, FiniteDifferencesTiedAllMoeGroupedHeads) {
+  ModelConfig c = tiny_config();
+  c.tie_embeddings = true;
+  c.moe_every = 1;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 4;  // H * head_dim = 16 != D
+  c.moe.n_shared = 1;
+  c.moe.capacity_factor = 1.0;
+  check_model_gradients(c, 2);
+}
+
+TEST(Model, OverfitsOneBatch) {
+  ModelConfig c = tiny_config();
+  c.vocab_size = 16;
+  c.d_model = 32;
+  c.moe.d_model = 32;
+  c.moe.d_ffn = 32;
+  c.d_ffn = 64;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.max_seq_len = 16;
+  Model m(c, DType::F32);
+  Rng rng(3);
+  m.init(rng);
+  AdamW opt(AdamWConfig{3e-3, 0.9, 0.95, 1e-8, 0.0});
+  for (NamedParam& p : m.params()) opt.add(p.name, p.value, p.grad, p.decay);
+  Tensor tok = tokens_for(c, 4, 17, 4);
+  Arena arena;
+  double first = 0, last = 0;
+  for (int step = 0; step < 300; ++step) {
+    arena.reset();
+    m.zero_grad();
+    const ModelOutput out = m.forward_backward(tok, arena);
+    if (step == 0) first = out.ce_loss;
+    last = out.ce_loss;
+    opt.step();
+  }
+  EXPECT_GT(first, 2.0);
+  EXPECT_LT(last, 0.05) << "cross-entropy after 300 steps on one batch";
+}
+
+TEST(Model, SameBitsWithOneAndTwoThreads) {
+  ModelConfig c = tiny_config();
+  c.d_model = 64;
+  c.moe.d_model = 64;
+  c.moe.n_experts = 16;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.max_seq_len = 32;
+  c.moe_every = 1;
+  Tensor tok = tokens_for(c, 4, 33, 5);
+  std::vector<std::vector<float>> grads[2];
+  double losses[2];
+  for (int run = 0; run < 2; ++run) {
+    set_num_threads(run + 1);
+    Model m(c, DType::F32);
+    Rng rng(6);
+    m.init(rng);
+    Arena arena;
+    m.zero_grad();
+    losses[run] = m.forward_backward(tok, arena).loss;
+    for (NamedParam& p : m.params())
+      grads[run].emplace_back(p.grad.data<float>(), p.grad.data<float>() + p.grad.numel());
+  }
+  set_num_threads(0);
+  EXPECT_EQ(losses[0], losses[1]);
+  EXPECT_TRUE(grads[0] == grads[1]);
+}
+
+TEST(Model, BadConfigAndTokens) {
+  auto expect_error = [](const auto& fn, const std::string& needle) {
+    try {
+      fn();
+      ADD_FAILURE() << "no error; expected " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  ModelConfig c = tiny_config();
+  c.n_kv_heads = 3;
+  expect_error([&] { Model m(c); }, "n_kv_heads must be >= 1 and divide n_heads = 2, got 3");
+  c = tiny_config();
+  c.moe.d_model = 5;
+  expect_error([&] { Model m(c); }, "moe.d_model = 5 must equal d_model = 8");
+  c = tiny_config();
+  c.vocab_size = 1;
+  expect_error([&] { Model m(c); }, "vocab_size must be >= 2");
+  Model m(tiny_config());
+  Arena arena;
+  Tensor tok = tokens_for(tiny_config(), 1, 4, 7);
+  tok.data<int32_t>()[2] = 11;
+  expect_error([&] { m.forward(tok, arena); },
+               "token 11 at [0, 2] is outside the vocabulary [0, 11)");
+  expect_error([&] { m.forward(tokens_for(tiny_config(), 1, 10, 7), arena); },
+               "sequence length 9 exceeds max_seq_len = 8");
+  expect_error(
+      [&] {
+        m.forward(Tensor::zeros({2, 4}, DType::F32), arena);
+      },
+      "tokens must be i32[B, T+1]");
+}
+
+}  // namespace moe
