@@ -100,6 +100,7 @@ class MoeLayer {
   void init(Rng& rng);
   // Seeds the routing noise stream alone (weights untouched).
   void reseed_noise(uint64_t seed) { rng_ = Rng(seed); }
+  Rng& noise_rng() { return rng_; }
   void zero_grad();
 
   // x [N, D] -> y [N, D]. Activations the backward needs go to `arena`, which must not be

@@ -10,6 +10,13 @@
 
 namespace moe {
 
+// The complete state of an Rng, for checkpoints.
+struct RngState {
+  uint64_t s[4];
+  bool has_spare;
+  double spare;
+};
+
 class Rng {
  public:
   explicit Rng(uint64_t seed = 0);
@@ -22,6 +29,9 @@ class Rng {
   // Fills a float tensor with N(mean, std) or U(lo, hi).
   void fill_normal(Tensor& t, double mean, double std);
   void fill_uniform(Tensor& t, double lo, double hi);
+
+  RngState state() const;
+  void set_state(const RngState& st);
 
  private:
   uint64_t s_[4];

@@ -79,4 +79,18 @@ void Rng::fill_uniform(Tensor& t, double lo, double hi) {
   }
 }
 
+RngState Rng::state() const {
+  RngState st{};
+  for (int i = 0; i < 4; ++i) st.s[i] = s_[i];
+  st.has_spare = has_spare_;
+  st.spare = spare_;
+  return st;
+}
+
+void Rng::set_state(const RngState& st) {
+  for (int i = 0; i < 4; ++i) s_[i] = st.s[i];
+  has_spare_ = st.has_spare;
+  spare_ = st.spare;
+}
+
 }  // namespace moe

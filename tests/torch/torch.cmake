@@ -40,3 +40,22 @@ add_test(NAME torch_oracle COMMAND moe_torch_tests)
 set_tests_properties(torch_oracle PROPERTIES
   FIXTURES_REQUIRED torch_cases
   ENVIRONMENT "MOE_TORCH_CASES=${MOE_TORCH_CASES}")
+
+# The language model's oracle: lm_oracle.py computes the losses, gradients and an AdamW
+# trajectory of small models (docs/model.md); moe_lm_torch_tests compares our model against them.
+set(MOE_LM_TORCH_CASES ${CMAKE_CURRENT_BINARY_DIR}/lm_torch_cases.json)
+
+add_test(NAME lm_torch_oracle_generate
+  COMMAND ${MOE_TORCH_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/lm_oracle.py ${MOE_LM_TORCH_CASES})
+set_tests_properties(lm_torch_oracle_generate PROPERTIES FIXTURES_SETUP lm_torch_cases)
+
+add_executable(moe_lm_torch_tests ${CMAKE_CURRENT_LIST_DIR}/test_lm_oracle.cpp)
+target_include_directories(moe_lm_torch_tests PRIVATE ${PROJECT_SOURCE_DIR}/src)
+target_compile_options(moe_lm_torch_tests PRIVATE ${MOE_WARNINGS})
+target_link_libraries(moe_lm_torch_tests PRIVATE moe_core GTest::gtest GTest::gtest_main)
+
+# One ctest test for the whole binary, as above.
+add_test(NAME lm_torch_oracle COMMAND moe_lm_torch_tests)
+set_tests_properties(lm_torch_oracle PROPERTIES
+  FIXTURES_REQUIRED lm_torch_cases
+  ENVIRONMENT "MOE_LM_TORCH_CASES=${MOE_LM_TORCH_CASES}")
