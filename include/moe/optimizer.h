@@ -33,6 +33,11 @@ class AdamW {
   int64_t steps() const { return t_; }
   const AdamWConfig& config() const { return cfg_; }
 
+  // The moments (as "m.<name>", "v.<name>", f64) and the step count, for checkpoints.
+  void save(const std::string& path) const;
+  // Restores what save() wrote; every registered parameter must be present with its shape.
+  void load(const std::string& path);
+
  private:
   struct Slot {
     std::string name;

@@ -2,6 +2,9 @@
 #include "moe/optimizer.h"
 
 #include <cmath>
+#include <cstring>
+
+#include "moe/safetensors.h"
 
 namespace moe {
 
@@ -54,6 +57,28 @@ void AdamW::step(double lr) {
              s.param.numel(), lr, wd, cfg_.beta1, cfg_.beta2, cfg_.eps, bc1, bc2_sqrt);
     }
   }
+}
+
+void AdamW::save(const std::string& path) const {
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const Slot& s : slots_) {
+    tensors.emplace_back("m." + s.name, s.m);
+    tensors.emplace_back("v." + s.name, s.v);
+  }
+  save_safetensors(path, tensors, {{"step", std::to_string(t_)}});
+}
+
+void AdamW::load(const std::string& path) {
+  const SafetensorsFile f = load_safetensors(path);
+  for (Slot& s : slots_)
+    for (auto [prefix, dst] : {std::pair{"m.", &s.m}, std::pair{"v.", &s.v}}) {
+      const Tensor& src = f.at(prefix + s.name);
+      src.expect("adamw.load", (prefix + s.name).c_str(), dst->shape(), DType::F64);
+      std::memcpy(dst->raw(), src.raw(), src.nbytes());
+    }
+  auto it = f.metadata.find("step");
+  MOE_CHECK(it != f.metadata.end(), "adamw.load", "{} has no step count", path);
+  t_ = std::stoll(it->second);
 }
 
 }  // namespace moe

@@ -12,5 +12,6 @@ using Run = std::function<int()>;
 // Adds the subcommand to `app` and returns the function that runs it once parsed.
 Run add_demo(CLI::App& app);
 Run add_bench(CLI::App& app);
+Run add_train(CLI::App& app);
 
 }  // namespace moe::cli

@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
     moe::cli::Run run = adder(app);
     commands.emplace_back(app.get_subcommands({})[before], std::move(run));
   };
+  add(moe::cli::add_train);
   add(moe::cli::add_demo);
   add(moe::cli::add_bench);
   try {

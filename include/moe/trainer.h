@@ -1,0 +1,97 @@
+// moe/trainer.h: training a language model: AdamW with warmup and cosine decay, gradient
+// clipping and accumulation, a guard against non-finite values, validation, logs, and atomic
+// checkpoints that resume bit for bit.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <nlohmann/json_fwd.hpp>
+#include <string>
+#include <vector>
+
+#include "moe/data.h"
+#include "moe/model.h"
+#include "moe/optimizer.h"
+
+namespace moe {
+
+struct TrainConfig {
+  int64_t batch = 16;      // sequences per micro-batch
+  int64_t seq_len = 128;   // tokens per sequence
+  int64_t steps = 1000;    // optimizer steps
+  int64_t grad_accum = 1;  // micro-batches per step
+  double lr = 3e-3;        // peak learning rate
+  double min_lr = 3e-4;    // end of the cosine decay
+  int64_t warmup = 50;     // linear warmup steps
+  double weight_decay = 0.1;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double clip = 1.0;  // global gradient-norm clip; 0: none
+  int64_t eval_every = 100;
+  int64_t eval_batches = 8;
+  int64_t save_every = 250;  // 0: only at the end
+  int64_t keep = 2;          // checkpoints kept
+  int64_t val_every = 20;    // every n-th document goes to validation
+  uint64_t seed = 0;
+
+  void validate() const;
+  // The learning rate at step (0-based): linear warmup, then cosine from lr to min_lr.
+  double lr_at(int64_t step) const;
+};
+
+void to_json(nlohmann::json& j, const TrainConfig& c);
+void from_json(const nlohmann::json& j, TrainConfig& c);
+
+// One optimizer step's numbers (the fields of the --log lines).
+struct StepLog {
+  int64_t step = 0;  // 1-based: the number of steps done
+  double loss = 0, ce_loss = 0, aux_loss = 0, z_loss = 0, lr = 0, grad_norm = 0;
+  double tokens_per_s = 0, load_imbalance = 0;
+};
+
+class Trainer {
+ public:
+  // Builds the model (initialized from cfg.seed) and splits the corpus.
+  Trainer(const ModelConfig& model, const TrainConfig& cfg, const Corpus& corpus);
+  ~Trainer();
+
+  Model& model() { return *model_; }
+  const TrainConfig& config() const { return cfg_; }
+  int64_t step() const { return step_; }
+  int64_t train_tokens() const;
+  int64_t val_tokens() const;
+
+  // One optimizer step. Throws moe::Error naming the tensor and step when the loss or a gradient
+  // is not finite; the parameters are then left as they were before the step.
+  StepLog train_step();
+  // Mean validation loss over cfg.eval_batches fixed batches.
+  double evaluate();
+
+  // Writes out_dir/step-NNNNNN (config.json, model.safetensors, optimizer.safetensors,
+  // trainer_state.json) through a temporary folder renamed into place, then points
+  // out_dir/latest at it; keeps the newest cfg.keep checkpoints.
+  std::string save(const std::string& out_dir);
+  // Restores a checkpoint folder (or an out_dir holding `latest`): weights, optimizer, step,
+  // data position and every random stream.
+  void resume(const std::string& dir);
+
+  // Generates n bytes after the prompt (temperature sampling, seeded), for a look at the model.
+  std::string sample(const std::string& prompt, int64_t n, double temperature, uint64_t seed);
+
+ private:
+  ModelConfig mcfg_;
+  TrainConfig cfg_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<AdamW> opt_;
+  TokenStream train_, val_;
+  std::unique_ptr<BatchSampler> sampler_;
+  Arena arena_;
+  Tensor batch_;
+  int64_t step_ = 0;
+};
+
+// Model presets by name ("tiny", "small", ...); throws listing the names when unknown.
+ModelConfig model_preset(const std::string& name);
+std::vector<std::string> model_preset_names();
+
+}  // namespace moe

@@ -1,0 +1,373 @@
+// The trainer (see moe/trainer.h).
+#include "moe/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "moe/safetensors.h"
+
+namespace moe {
+
+namespace fs = std::filesystem;
+
+// ---------------------------------------------------------------------------------------------
+// Config
+
+void TrainConfig::validate() const {
+  const char* w = "train.config";
+  MOE_CHECK(batch >= 1 && seq_len >= 1, w, "batch and seq_len must be >= 1, got {} and {}",
+            batch, seq_len);
+  MOE_CHECK(steps >= 1 && grad_accum >= 1, w, "steps and grad_accum must be >= 1, got {} and {}",
+            steps, grad_accum);
+  MOE_CHECK(std::isfinite(lr) && lr > 0 && std::isfinite(min_lr) && min_lr >= 0 && min_lr <= lr,
+            w, "need 0 <= min_lr <= lr, got lr {} and min_lr {}", lr, min_lr);
+  MOE_CHECK(warmup >= 0, w, "warmup must be >= 0, got {}", warmup);
+  MOE_CHECK(weight_decay >= 0 && clip >= 0, w, "weight_decay and clip must be >= 0");
+  MOE_CHECK(eval_every >= 0 && eval_batches >= 1 && save_every >= 0 && keep >= 1, w,
+            "eval_every, save_every >= 0 and eval_batches, keep >= 1 required");
+  MOE_CHECK(val_every >= 2, w, "val_every must be >= 2, got {}", val_every);
+}
+
+double TrainConfig::lr_at(int64_t step) const {
+  if (step < warmup) return lr * static_cast<double>(step + 1) / static_cast<double>(warmup);
+  const double span = static_cast<double>(std::max<int64_t>(1, steps - warmup));
+  const double progress = std::min(1.0, static_cast<double>(step - warmup) / span);
+  return min_lr + 0.5 * (lr - min_lr) * (1 + std::cos(M_PI * progress));
+}
+
+void to_json(nlohmann::json& j, const TrainConfig& c) {
+  j = {{"batch", c.batch},         {"seq_len", c.seq_len},
+       {"steps", c.steps},         {"grad_accum", c.grad_accum},
+       {"lr", c.lr},               {"min_lr", c.min_lr},
+       {"warmup", c.warmup},       {"weight_decay", c.weight_decay},
+       {"beta1", c.beta1},         {"beta2", c.beta2},
+       {"clip", c.clip},           {"eval_every", c.eval_every},
+       {"eval_batches", c.eval_batches}, {"save_every", c.save_every},
+       {"keep", c.keep},           {"val_every", c.val_every},
+       {"seed", c.seed}};
+}
+
+void from_json(const nlohmann::json& j, TrainConfig& c) {
+  const nlohmann::json defaults = TrainConfig{};
+  for (const auto& [key, value] : j.items())
+    MOE_CHECK(defaults.contains(key), "train.config", "unknown key '{}'", key);
+  try {
+    nlohmann::json merged = defaults;
+    merged.update(j);
+    c.batch = merged["batch"];
+    c.seq_len = merged["seq_len"];
+    c.steps = merged["steps"];
+    c.grad_accum = merged["grad_accum"];
+    c.lr = merged["lr"];
+    c.min_lr = merged["min_lr"];
+    c.warmup = merged["warmup"];
+    c.weight_decay = merged["weight_decay"];
+    c.beta1 = merged["beta1"];
+    c.beta2 = merged["beta2"];
+    c.clip = merged["clip"];
+    c.eval_every = merged["eval_every"];
+    c.eval_batches = merged["eval_batches"];
+    c.save_every = merged["save_every"];
+    c.keep = merged["keep"];
+    c.val_every = merged["val_every"];
+    c.seed = merged["seed"];
+  } catch (const nlohmann::json::exception& e) {
+    throw_error("train.config", fmt::format("bad value: {}", e.what()));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Presets
+
+namespace {
+
+ModelConfig byte_model(int64_t d, int64_t layers, int64_t heads, int64_t kv, int64_t experts,
+                       int64_t k, int64_t expert_ffn, int64_t dense_ffn) {
+  ModelConfig c;
+  c.vocab_size = ByteTokenizer::kVocabSize;
+  c.d_model = d;
+  c.n_layers = layers;
+  c.n_heads = heads;
+  c.n_kv_heads = kv;
+  c.d_ffn = dense_ffn;
+  c.max_seq_len = 512;
+  c.moe.d_model = d;
+  c.moe.n_experts = experts;
+  c.moe.top_k = k;
+  c.moe.d_ffn = expert_ffn;
+  return c;
+}
+
+}  // namespace
+
+std::vector<std::string> model_preset_names() { return {"tiny", "small", "small-dense"}; }
+
+ModelConfig model_preset(const std::string& name) {
+  // tiny: for tests. small: the default MoE model, 8 experts top-2 of width 256 (the active
+  // FFN width equals small-dense's 512).
+  if (name == "tiny") return byte_model(64, 2, 4, 2, 4, 2, 128, 256);
+  if (name == "small") return byte_model(128, 4, 4, 2, 8, 2, 256, 512);
+  if (name == "small-dense") {
+    ModelConfig c = byte_model(128, 4, 4, 2, 8, 2, 256, 512);
+    c.moe_every = 0;
+    return c;
+  }
+  std::string names;
+  for (const std::string& n : model_preset_names()) names += (names.empty() ? "" : ", ") + n;
+  throw_error("preset", fmt::format("unknown preset '{}' ({})", name, names));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trainer
+
+Trainer::Trainer(const ModelConfig& model, const TrainConfig& cfg, const Corpus& corpus)
+    : mcfg_(model), cfg_(cfg) {
+  cfg_.validate();
+  MOE_CHECK(cfg_.seq_len <= mcfg_.max_seq_len, "train",
+            "seq_len {} exceeds the model's max_seq_len {}", cfg_.seq_len, mcfg_.max_seq_len);
+  MOE_CHECK(mcfg_.vocab_size >= ByteTokenizer::kVocabSize, "train",
+            "the byte tokenizer needs vocab_size >= {}, the model has {}",
+            ByteTokenizer::kVocabSize, mcfg_.vocab_size);
+  model_ = std::make_unique<Model>(mcfg_, DType::F32);
+  Rng rng(cfg_.seed);
+  model_->init(rng);
+  opt_ = std::make_unique<AdamW>(
+      AdamWConfig{cfg_.lr, cfg_.beta1, cfg_.beta2, 1e-8, cfg_.weight_decay});
+  for (NamedParam& p : model_->params()) opt_->add(p.name, p.value, p.grad, p.decay);
+  split_corpus(corpus, cfg_.val_every, train_, val_);
+  const auto window = static_cast<size_t>(cfg_.seq_len + 1);
+  if (val_.ids.size() <= window) {
+    // Too few documents to hold some out: validate on the last tenth of the text instead.
+    const size_t cut = train_.ids.size() - std::max(train_.ids.size() / 10, window + 1);
+    MOE_CHECK(cut > window, "train", "the corpus has {} tokens, too few for windows of {}",
+              train_.ids.size(), window);
+    val_.ids.insert(val_.ids.end(), train_.ids.begin() + static_cast<int64_t>(cut),
+                    train_.ids.end());
+    val_.lang.insert(val_.lang.end(), train_.lang.begin() + static_cast<int64_t>(cut),
+                     train_.lang.end());
+    train_.ids.resize(cut);
+    train_.lang.resize(cut);
+  }
+  sampler_ = std::make_unique<BatchSampler>(train_, cfg_.batch, cfg_.seq_len, rng.next_u64());
+  batch_ = Tensor::empty({cfg_.batch, cfg_.seq_len + 1}, DType::I32);
+}
+
+Trainer::~Trainer() = default;
+
+int64_t Trainer::train_tokens() const { return static_cast<int64_t>(train_.ids.size()); }
+int64_t Trainer::val_tokens() const { return static_cast<int64_t>(val_.ids.size()); }
+
+StepLog Trainer::train_step() {
+  const auto t0 = std::chrono::steady_clock::now();
+  StepLog log;
+  log.step = step_ + 1;
+  model_->zero_grad();
+  model_->set_training(true);
+  double imbalance = 0;
+  int64_t moe_layers = 0;
+  for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
+    sampler_->next(batch_);
+    arena_.reset();
+    ModelOutput out;
+    try {
+      out = model_->forward_backward(batch_, arena_, 1.0 / static_cast<double>(cfg_.grad_accum));
+    } catch (const Error& e) {
+      // A layer's own guard (a NaN reaching an MoE layer, say) stops the step too.
+      throw_error("train", fmt::format("step {}: {}", log.step, e.what()));
+    }
+    MOE_CHECK(std::isfinite(out.loss), "train",
+              "step {}: the loss is not finite ({}; cross-entropy {}, aux {}, z {})", log.step,
+              out.loss, out.ce_loss, out.aux_loss, out.z_loss);
+    const double n = static_cast<double>(cfg_.grad_accum);
+    log.loss += out.loss / n;
+    log.ce_loss += out.ce_loss / n;
+    log.aux_loss += out.aux_loss / n;
+    log.z_loss += out.z_loss / n;
+    for (const RoutingStats& s : out.routing) {
+      imbalance += s.load_imbalance;
+      ++moe_layers;
+    }
+  }
+  // Gradient norm, with the guard: a non-finite gradient stops the step before any update.
+  double sq = 0;
+  for (NamedParam& p : model_->params()) {
+    const float* g = p.grad.data<float>();
+    double s = 0;
+    for (int64_t i = 0; i < p.grad.numel(); ++i) s += static_cast<double>(g[i]) * g[i];
+    MOE_CHECK(std::isfinite(s), "train", "step {}: the gradient of {} is not finite", log.step,
+              p.name);
+    sq += s;
+  }
+  log.grad_norm = std::sqrt(sq);
+  if (cfg_.clip > 0 && log.grad_norm > cfg_.clip) {
+    const float scale = static_cast<float>(cfg_.clip / log.grad_norm);
+    for (NamedParam& p : model_->params()) {
+      float* g = p.grad.data<float>();
+      for (int64_t i = 0; i < p.grad.numel(); ++i) g[i] *= scale;
+    }
+  }
+  log.lr = cfg_.lr_at(step_);
+  opt_->step(log.lr);
+  for (MoeLayer* m : model_->moe_layers()) m->after_step();
+  ++step_;
+  log.load_imbalance = moe_layers > 0 ? imbalance / static_cast<double>(moe_layers) : 0;
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  log.tokens_per_s =
+      static_cast<double>(cfg_.batch * cfg_.seq_len * cfg_.grad_accum) / std::max(secs, 1e-9);
+  return log;
+}
+
+double Trainer::evaluate() {
+  model_->set_training(false);
+  BatchSampler sampler(val_, cfg_.batch, cfg_.seq_len, cfg_.seed + 12345);
+  double total = 0;
+  for (int64_t b = 0; b < cfg_.eval_batches; ++b) {
+    sampler.next(batch_);
+    arena_.reset();
+    total += model_->forward(batch_, arena_).ce_loss;
+  }
+  model_->set_training(true);
+  return total / static_cast<double>(cfg_.eval_batches);
+}
+
+namespace {
+
+nlohmann::json rng_json(const Rng& r) {
+  const RngState s = r.state();
+  return {{"s", {s.s[0], s.s[1], s.s[2], s.s[3]}}, {"has_spare", s.has_spare},
+          {"spare", s.spare}};
+}
+
+void rng_from_json(const nlohmann::json& j, Rng& r) {
+  RngState s{};
+  for (int i = 0; i < 4; ++i) s.s[i] = j.at("s").at(static_cast<size_t>(i)).get<uint64_t>();
+  s.has_spare = j.at("has_spare").get<bool>();
+  s.spare = j.at("spare").get<double>();
+  r.set_state(s);
+}
+
+std::string step_name(int64_t step) { return fmt::format("step-{:06d}", step); }
+
+}  // namespace
+
+std::string Trainer::save(const std::string& out_dir) {
+  fs::create_directories(out_dir);
+  const std::string name = step_name(step_);
+  const fs::path final_dir = fs::path(out_dir) / name;
+  const fs::path tmp_dir = fs::path(out_dir) / ("." + name + ".tmp");
+  fs::remove_all(tmp_dir);
+  fs::create_directories(tmp_dir);
+  nlohmann::json config = {{"model_type", "moe_cpp"}, {"moe_cpp", mcfg_}};
+  write_file_atomic((tmp_dir / "config.json").string(), config.dump(2) + "\n");
+  std::vector<std::pair<std::string, Tensor>> weights;
+  for (NamedParam& p : model_->params()) weights.emplace_back(p.name, p.value);
+  save_safetensors((tmp_dir / "model.safetensors").string(), weights, {{"format", "pt"}});
+  opt_->save((tmp_dir / "optimizer.safetensors").string());
+  nlohmann::json state = {{"step", step_},
+                          {"train", cfg_},
+                          {"data_rng", rng_json(sampler_->rng())},
+                          {"moe_layers", nlohmann::json::array()}};
+  for (MoeLayer* m : model_->moe_layers()) {
+    nlohmann::json layer = {{"noise_rng", rng_json(m->noise_rng())}};
+    if (const std::vector<double>* b = m->router().selection_bias()) layer["selection_bias"] = *b;
+    state["moe_layers"].push_back(layer);
+  }
+  write_file_atomic((tmp_dir / "trainer_state.json").string(), state.dump(2) + "\n");
+  fs::remove_all(final_dir);
+  fs::rename(tmp_dir, final_dir);
+  write_file_atomic((fs::path(out_dir) / "latest").string(), name + "\n");
+  // Keep the newest cfg_.keep checkpoints.
+  std::vector<std::string> steps;
+  for (const auto& e : fs::directory_iterator(out_dir)) {
+    const std::string n = e.path().filename().string();
+    if (e.is_directory() && n.rfind("step-", 0) == 0) steps.push_back(n);
+  }
+  std::sort(steps.begin(), steps.end());
+  for (size_t i = 0; i + static_cast<size_t>(cfg_.keep) < steps.size(); ++i)
+    fs::remove_all(fs::path(out_dir) / steps[i]);
+  return final_dir.string();
+}
+
+void Trainer::resume(const std::string& dir) {
+  fs::path ckpt(dir);
+  if (fs::exists(ckpt / "latest")) {
+    std::ifstream f(ckpt / "latest");
+    std::string name;
+    f >> name;
+    ckpt /= name;
+  }
+  MOE_CHECK(fs::exists(ckpt / "trainer_state.json"), "resume",
+            "{} is not a checkpoint (no trainer_state.json)", ckpt.string());
+  const SafetensorsFile weights = load_safetensors((ckpt / "model.safetensors").string());
+  for (NamedParam& p : model_->params()) {
+    const Tensor& src = weights.at(p.name);
+    src.expect("resume", p.name.c_str(), p.value.shape(), p.value.dtype());
+    std::memcpy(p.value.raw(), src.raw(), src.nbytes());
+  }
+  opt_->load((ckpt / "optimizer.safetensors").string());
+  std::ifstream f(ckpt / "trainer_state.json");
+  nlohmann::json state;
+  try {
+    state = nlohmann::json::parse(f);
+    step_ = state.at("step").get<int64_t>();
+    rng_from_json(state.at("data_rng"), sampler_->rng());
+    std::vector<MoeLayer*> layers = model_->moe_layers();
+    const auto& ls = state.at("moe_layers");
+    MOE_CHECK(ls.size() == layers.size(), "resume", "the checkpoint has {} MoE layers, the model {}",
+              ls.size(), layers.size());
+    for (size_t i = 0; i < layers.size(); ++i) {
+      rng_from_json(ls[i].at("noise_rng"), layers[i]->noise_rng());
+      if (std::vector<double>* b = layers[i]->router().selection_bias())
+        *b = ls[i].at("selection_bias").get<std::vector<double>>();
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw_error("resume", fmt::format("bad trainer_state.json in {}: {}", ckpt.string(), e.what()));
+  }
+}
+
+std::string Trainer::sample(const std::string& prompt, int64_t n, double temperature,
+                            uint64_t seed) {
+  model_->set_training(false);
+  Rng rng(seed);
+  std::vector<int32_t> ids = {ByteTokenizer::kBos};
+  for (int32_t b : ByteTokenizer::encode(prompt)) ids.push_back(b);
+  std::vector<int32_t> out;
+  const int64_t V = mcfg_.vocab_size;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(ids.size()) - mcfg_.max_seq_len);
+    const int64_t T = static_cast<int64_t>(ids.size()) - start;
+    Tensor tok = Tensor::empty({1, T}, DType::I32);
+    std::copy(ids.begin() + start, ids.end(), tok.data<int32_t>());
+    Arena arena;
+    const Tensor logits = model_->logits(tok, arena);
+    const float* last = logits.data<float>() + (T - 1) * V;
+    std::vector<double> p(static_cast<size_t>(V));
+    double mx = last[0], sum = 0;
+    for (int64_t v = 1; v < V; ++v) mx = std::max(mx, static_cast<double>(last[v]));
+    for (int64_t v = 0; v < V; ++v) {
+      p[static_cast<size_t>(v)] = std::exp((last[v] - mx) / std::max(temperature, 1e-6));
+      sum += p[static_cast<size_t>(v)];
+    }
+    double u = rng.uniform() * sum;
+    int32_t next = static_cast<int32_t>(V - 1);
+    for (int64_t v = 0; v < V; ++v) {
+      u -= p[static_cast<size_t>(v)];
+      if (u <= 0) {
+        next = static_cast<int32_t>(v);
+        break;
+      }
+    }
+    if (next == ByteTokenizer::kEos) break;
+    ids.push_back(next);
+    out.push_back(next);
+  }
+  model_->set_training(true);
+  return ByteTokenizer::decode(out);
+}
+
+}  // namespace moe

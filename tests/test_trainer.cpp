@@ -1,0 +1,172 @@
+// Training: the schedule, checkpoints that round-trip, a stop and resume that continues bit for
+// bit, and the guard against non-finite values.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <limits>
+#include <nlohmann/json.hpp>
+
+#include "moe/safetensors.h"
+#include "moe/trainer.h"
+
+namespace moe {
+
+namespace {
+
+Corpus toy_corpus() {
+  Corpus c;
+  c.languages = {"en", "de"};
+  Rng rng(1);
+  for (int i = 0; i < 200; ++i) {
+    std::string text;
+    for (int w = 0; w < 12; ++w) text += (i % 2 ? "der die das " : "the cat sat ");
+    c.docs.push_back({text + std::to_string(i), i % 2});
+  }
+  return c;
+}
+
+ModelConfig toy_model() {
+  ModelConfig m = model_preset("tiny");
+  m.d_model = 32;
+  m.moe.d_model = 32;
+  m.moe.d_ffn = 32;
+  m.d_ffn = 64;
+  m.max_seq_len = 32;
+  m.moe.router = RouterKind::noisy_topk;  // exercises the routing noise streams too
+  m.moe.n_experts = 4;
+  return m;
+}
+
+TrainConfig toy_train(int64_t steps) {
+  TrainConfig t;
+  t.batch = 4;
+  t.seq_len = 16;
+  t.steps = steps;
+  t.warmup = 2;
+  t.eval_batches = 2;
+  t.keep = 3;
+  return t;
+}
+
+std::string temp_dir(const std::string& name) {
+  const auto p = std::filesystem::temp_directory_path() / ("moe_test_" + name);
+  std::filesystem::remove_all(p);
+  return p.string();
+}
+
+}  // namespace
+
+TEST(Trainer, WarmupThenCosine) {
+  TrainConfig t;
+  t.lr = 1.0;
+  t.min_lr = 0.1;
+  t.warmup = 10;
+  t.steps = 110;
+  EXPECT_DOUBLE_EQ(t.lr_at(0), 0.1);
+  EXPECT_DOUBLE_EQ(t.lr_at(9), 1.0);
+  EXPECT_DOUBLE_EQ(t.lr_at(10), 1.0);
+  EXPECT_NEAR(t.lr_at(60), 0.55, 1e-12);
+  EXPECT_NEAR(t.lr_at(110), 0.1, 1e-12);
+}
+
+TEST(Trainer, StopAndResumeIsBitIdentical) {
+  const Corpus corpus = toy_corpus();
+  const std::string dir = temp_dir("resume");
+  // One run of 8 steps straight through.
+  std::vector<double> straight;
+  {
+    Trainer t(toy_model(), toy_train(8), corpus);
+    for (int i = 0; i < 8; ++i) straight.push_back(t.train_step().loss);
+  }
+  // The same run stopped after 5 steps, saved, and resumed in a fresh trainer.
+  std::vector<double> resumed;
+  {
+    Trainer t(toy_model(), toy_train(8), corpus);
+    for (int i = 0; i < 5; ++i) resumed.push_back(t.train_step().loss);
+    t.save(dir);
+  }
+  {
+    Trainer t(toy_model(), toy_train(8), corpus);
+    t.resume(dir);
+    EXPECT_EQ(t.step(), 5);
+    for (int i = 0; i < 3; ++i) resumed.push_back(t.train_step().loss);
+  }
+  ASSERT_EQ(straight.size(), resumed.size());
+  for (size_t i = 0; i < straight.size(); ++i) EXPECT_EQ(straight[i], resumed[i]) << "step " << i;
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Trainer, CheckpointRoundTripsAndKeepsTheNewest) {
+  const Corpus corpus = toy_corpus();
+  const std::string dir = temp_dir("ckpt");
+  TrainConfig cfg = toy_train(5);
+  cfg.keep = 2;
+  Trainer t(toy_model(), cfg, corpus);
+  for (int i = 0; i < 5; ++i) {
+    t.train_step();
+    t.save(dir);
+  }
+  // Only the two newest remain, and latest names the last.
+  EXPECT_FALSE(std::filesystem::exists(dir + "/step-000003"));
+  EXPECT_TRUE(std::filesystem::exists(dir + "/step-000004"));
+  EXPECT_TRUE(std::filesystem::exists(dir + "/step-000005/model.safetensors"));
+  const SafetensorsFile f = load_safetensors(dir + "/step-000005/model.safetensors");
+  for (NamedParam& p : t.model().params()) {
+    const Tensor& s = f.at(p.name);
+    ASSERT_EQ(s.shape(), p.value.shape()) << p.name;
+    EXPECT_EQ(std::memcmp(s.raw(), p.value.raw(), s.nbytes()), 0) << p.name;
+  }
+  // Nothing temporary is left behind.
+  for (const auto& e : std::filesystem::directory_iterator(dir))
+    EXPECT_EQ(e.path().filename().string().find(".tmp"), std::string::npos) << e.path();
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Trainer, NonFiniteValuesStopTheStepAndSayWhere) {
+  const Corpus corpus = toy_corpus();
+  Trainer t(toy_model(), toy_train(5), corpus);
+  t.train_step();
+  // Poison one weight: the loss becomes NaN and the step says so; the weights stay untouched.
+  NamedParam& p = t.model().params()[3];
+  p.value.data<float>()[0] = std::numeric_limits<float>::quiet_NaN();
+  try {
+    t.train_step();
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("step 2"), std::string::npos) << m;
+    EXPECT_TRUE(m.find("not finite") != std::string::npos ||
+                m.find("non-finite") != std::string::npos)
+        << m;
+  }
+  EXPECT_EQ(t.step(), 1);
+  // A NaN that reaches only a gradient is named by its tensor.
+  Trainer t2(toy_model(), toy_train(5), corpus);
+  NamedParam& head = t2.model().params().back();  // lm_head: its NaN poisons only the logits
+  head.value.data<float>()[0] = std::numeric_limits<float>::infinity();
+  try {
+    t2.train_step();
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("step 1"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Trainer, BadConfigsAreClearErrors) {
+  TrainConfig t = toy_train(5);
+  t.seq_len = 64;  // longer than the model's max_seq_len of 32
+  try {
+    Trainer tr(toy_model(), t, toy_corpus());
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("seq_len 64 exceeds the model's max_seq_len 32"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(model_preset("huge"), Error);
+  nlohmann::json j = {{"stepz", 3}};
+  EXPECT_THROW((void)j.get<TrainConfig>(), Error);
+}
+
+}  // namespace moe

@@ -1,0 +1,183 @@
+// `moe train`: trains an MoE language model; with no arguments, the default small MoE model on
+// the multilingual fortunes corpus, in about five minutes on two cores.
+#include <fmt/core.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "moe/threading.h"
+#include "moe/trainer.h"
+
+namespace moe::cli {
+
+namespace {
+
+struct TrainArgs {
+  std::string preset = "small";
+  std::string config;
+  std::vector<std::string> data;
+  std::string out = "out/train";
+  std::string resume;
+  std::string log;
+  std::string router;
+  int64_t experts = 0, top_k = 0;
+  int threads = 0;
+  int64_t sample = 300;
+  TrainConfig train;
+};
+
+std::string hms(double seconds) {
+  const auto s = static_cast<int64_t>(seconds + 0.5);
+  return s >= 3600 ? fmt::format("{}:{:02d}:{:02d}", s / 3600, s / 60 % 60, s % 60)
+                   : fmt::format("{}:{:02d}", s / 60, s % 60);
+}
+
+// The progress line: redrawn in place on a terminal, printed every few steps otherwise.
+class Progress {
+ public:
+  explicit Progress(int64_t total) : total_(total), tty_(isatty(STDERR_FILENO) != 0) {}
+  void update(const StepLog& s, double elapsed, int64_t done_here) {
+    const double per_step = elapsed / static_cast<double>(std::max<int64_t>(1, done_here));
+    const double eta = per_step * static_cast<double>(total_ - s.step);
+    const int width = 24;
+    const int filled = static_cast<int>(width * s.step / std::max<int64_t>(1, total_));
+    const std::string line = fmt::format(
+        "step {:>5}/{} [{}{}] loss {:.4f} aux {:.4f} imbalance {:.2f} | {:.0f} tok/s | ETA {}",
+        s.step, total_, std::string(static_cast<size_t>(filled), '#'),
+        std::string(static_cast<size_t>(width - filled), '-'), s.loss, s.aux_loss, s.load_imbalance,
+        s.tokens_per_s, hms(eta));
+    if (tty_) {
+      fmt::print(stderr, "\r{}\x1b[K", line);
+    } else if (s.step == 1 || s.step % std::max<int64_t>(1, total_ / 40) == 0 || s.step == total_) {
+      fmt::print(stderr, "{}\n", line);
+    }
+  }
+  void message(const std::string& m) { fmt::print(stderr, "{}{}\n", tty_ ? "\r\x1b[K" : "", m); }
+
+ private:
+  int64_t total_;
+  bool tty_;
+};
+
+int run_train(TrainArgs& a) {
+  set_num_threads(a.threads);
+  ModelConfig mcfg = model_preset(a.preset);
+  if (!a.config.empty()) {
+    std::ifstream f(a.config);
+    MOE_CHECK(f.good(), "train", "cannot read --config {}", a.config);
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(f);
+    } catch (const nlohmann::json::exception& e) {
+      throw_error("train", fmt::format("--config {} is not valid JSON: {}", a.config, e.what()));
+    }
+    mcfg = j.get<ModelConfig>();
+  }
+  if (!a.router.empty()) mcfg.moe.router = parse_router_kind(a.router);
+  if (a.experts > 0) mcfg.moe.n_experts = a.experts;
+  if (a.top_k > 0) mcfg.moe.top_k = a.top_k;
+  mcfg.validate();
+  const Corpus corpus = a.data.empty() ? load_fortunes() : load_text(a.data);
+  Trainer trainer(mcfg, a.train, corpus);
+  if (!a.resume.empty()) trainer.resume(a.resume);
+  Model& model = trainer.model();
+  fmt::print("moe train: {} layers, d_model {}, {} MoE layers ({}), {:.2f}M parameters\n",
+             mcfg.n_layers, mcfg.d_model, model.moe_layers().size(),
+             model.moe_layers().empty() ? std::string("dense") : mcfg.moe.summary(),
+             static_cast<double>(model.n_params()) / 1e6);
+  fmt::print("data: {} documents in {} languages, {} training and {} validation tokens\n",
+             corpus.docs.size(), corpus.languages.size(), trainer.train_tokens(),
+             trainer.val_tokens());
+  fmt::print(
+      "training: {} steps of {} x {} tokens, lr {} (warmup {}, cosine to {}), {} threads{}\n",
+      a.train.steps, a.train.batch * a.train.grad_accum, a.train.seq_len, a.train.lr,
+      a.train.warmup, a.train.min_lr, num_threads(),
+      trainer.step() > 0 ? fmt::format(", resumed at step {}", trainer.step()) : "");
+  std::fflush(stdout);
+  std::ofstream log;
+  if (!a.log.empty()) {
+    log.open(a.log, trainer.step() > 0 ? std::ios::app : std::ios::trunc);
+    MOE_CHECK(log.good(), "train", "cannot write --log {}", a.log);
+  }
+  Progress progress(a.train.steps);
+  const auto t0 = std::chrono::steady_clock::now();
+  const int64_t first = trainer.step();
+  while (trainer.step() < a.train.steps) {
+    const StepLog s = trainer.train_step();
+    if (log.is_open())
+      log << nlohmann::json{{"step", s.step},
+                            {"loss", s.loss},
+                            {"aux_loss", s.aux_loss},
+                            {"z_loss", s.z_loss},
+                            {"lr", s.lr},
+                            {"grad_norm", s.grad_norm},
+                            {"tokens_per_s", s.tokens_per_s},
+                            {"load_imbalance", s.load_imbalance}}
+                 .dump()
+          << "\n";
+    const double elapsed =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    progress.update(s, elapsed, s.step - first);
+    const bool last = s.step == a.train.steps;
+    if ((a.train.eval_every > 0 && s.step % a.train.eval_every == 0) || last) {
+      const double val = trainer.evaluate();
+      progress.message(fmt::format("step {:>5}: validation loss {:.4f} ({:.3f} bits per byte)",
+                                   s.step, val, val / std::log(2.0)));
+      if (log.is_open()) log << nlohmann::json{{"step", s.step}, {"val_loss", val}}.dump() << "\n";
+    }
+    if ((a.train.save_every > 0 && s.step % a.train.save_every == 0) || last) trainer.save(a.out);
+    if (log.is_open()) log.flush();
+  }
+  fmt::print("checkpoint: {}/{}\n", a.out, fmt::format("step-{:06d}", trainer.step()));
+  if (a.sample > 0) {
+    fmt::print("\nsample:\n{}\n", trainer.sample("", a.sample, 0.8, a.train.seed));
+  }
+  return 0;
+}
+
+}  // namespace
+
+Run add_train(CLI::App& app) {
+  auto a = std::make_shared<TrainArgs>();
+  a->train.steps = 1200;  // about five minutes on two cores
+  a->train.eval_every = 200;
+  auto* cmd = app.add_subcommand(
+      "train",
+      "train an MoE language model (default: the small MoE preset on the fortunes corpus)");
+  cmd->add_option("--preset", a->preset, "model preset: tiny, small, small-dense")
+      ->capture_default_str();
+  cmd->add_option("--config", a->config, "model config JSON (overrides --preset)");
+  cmd->add_option("--data", a->data,
+                  "text files or folders (default: the fortunes in 5 languages)");
+  cmd->add_option("--out", a->out, "checkpoint folder")->capture_default_str();
+  cmd->add_option("--resume", a->resume, "continue from this checkpoint (or its folder)");
+  cmd->add_option("--log", a->log, "write one JSON object per step and per validation");
+  cmd->add_option("--steps", a->train.steps, "optimizer steps")->capture_default_str();
+  cmd->add_option("--batch", a->train.batch, "sequences per micro-batch")->capture_default_str();
+  cmd->add_option("--seq-len", a->train.seq_len, "tokens per sequence")->capture_default_str();
+  cmd->add_option("--grad-accum", a->train.grad_accum, "micro-batches per step")
+      ->capture_default_str();
+  cmd->add_option("--lr", a->train.lr, "peak learning rate")->capture_default_str();
+  cmd->add_option("--min-lr", a->train.min_lr, "final learning rate")->capture_default_str();
+  cmd->add_option("--warmup", a->train.warmup, "warmup steps")->capture_default_str();
+  cmd->add_option("--weight-decay", a->train.weight_decay, "AdamW weight decay")
+      ->capture_default_str();
+  cmd->add_option("--clip", a->train.clip, "gradient-norm clip (0: none)")->capture_default_str();
+  cmd->add_option("--eval-every", a->train.eval_every, "steps between validations")
+      ->capture_default_str();
+  cmd->add_option("--save-every", a->train.save_every, "steps between checkpoints")
+      ->capture_default_str();
+  cmd->add_option("--router", a->router, "override the MoE routing method");
+  cmd->add_option("--experts", a->experts, "override the number of experts");
+  cmd->add_option("--top-k", a->top_k, "override experts per token");
+  cmd->add_option("--seed", a->train.seed, "random seed")->capture_default_str();
+  cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
+  cmd->add_option("--sample", a->sample, "bytes to generate at the end (0: none)")
+      ->capture_default_str();
+  return [a] { return run_train(*a); };
+}
+
+}  // namespace moe::cli
