@@ -19,12 +19,12 @@ namespace fs = std::filesystem;
 
 void TrainConfig::validate() const {
   const char* w = "train.config";
-  MOE_CHECK(batch >= 1 && seq_len >= 1, w, "batch and seq_len must be >= 1, got {} and {}",
-            batch, seq_len);
+  MOE_CHECK(batch >= 1 && seq_len >= 1, w, "batch and seq_len must be >= 1, got {} and {}", batch,
+            seq_len);
   MOE_CHECK(steps >= 1 && grad_accum >= 1, w, "steps and grad_accum must be >= 1, got {} and {}",
             steps, grad_accum);
-  MOE_CHECK(std::isfinite(lr) && lr > 0 && std::isfinite(min_lr) && min_lr >= 0 && min_lr <= lr,
-            w, "need 0 <= min_lr <= lr, got lr {} and min_lr {}", lr, min_lr);
+  MOE_CHECK(std::isfinite(lr) && lr > 0 && std::isfinite(min_lr) && min_lr >= 0 && min_lr <= lr, w,
+            "need 0 <= min_lr <= lr, got lr {} and min_lr {}", lr, min_lr);
   MOE_CHECK(warmup >= 0, w, "warmup must be >= 0, got {}", warmup);
   MOE_CHECK(weight_decay >= 0 && clip >= 0, w, "weight_decay and clip must be >= 0");
   MOE_CHECK(eval_every >= 0 && eval_batches >= 1 && save_every >= 0 && keep >= 1, w,
@@ -40,14 +40,22 @@ double TrainConfig::lr_at(int64_t step) const {
 }
 
 void to_json(nlohmann::json& j, const TrainConfig& c) {
-  j = {{"batch", c.batch},         {"seq_len", c.seq_len},
-       {"steps", c.steps},         {"grad_accum", c.grad_accum},
-       {"lr", c.lr},               {"min_lr", c.min_lr},
-       {"warmup", c.warmup},       {"weight_decay", c.weight_decay},
-       {"beta1", c.beta1},         {"beta2", c.beta2},
-       {"clip", c.clip},           {"eval_every", c.eval_every},
-       {"eval_batches", c.eval_batches}, {"save_every", c.save_every},
-       {"keep", c.keep},           {"val_every", c.val_every},
+  j = {{"batch", c.batch},
+       {"seq_len", c.seq_len},
+       {"steps", c.steps},
+       {"grad_accum", c.grad_accum},
+       {"lr", c.lr},
+       {"min_lr", c.min_lr},
+       {"warmup", c.warmup},
+       {"weight_decay", c.weight_decay},
+       {"beta1", c.beta1},
+       {"beta2", c.beta2},
+       {"clip", c.clip},
+       {"eval_every", c.eval_every},
+       {"eval_batches", c.eval_batches},
+       {"save_every", c.save_every},
+       {"keep", c.keep},
+       {"val_every", c.val_every},
        {"seed", c.seed}};
 }
 
@@ -215,8 +223,7 @@ StepLog Trainer::train_step() {
   for (MoeLayer* m : model_->moe_layers()) m->after_step();
   ++step_;
   log.load_imbalance = moe_layers > 0 ? imbalance / static_cast<double>(moe_layers) : 0;
-  const double secs =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   log.tokens_per_s =
       static_cast<double>(cfg_.batch * cfg_.seq_len * cfg_.grad_accum) / std::max(secs, 1e-9);
   return log;
@@ -239,8 +246,7 @@ namespace {
 
 nlohmann::json rng_json(const Rng& r) {
   const RngState s = r.state();
-  return {{"s", {s.s[0], s.s[1], s.s[2], s.s[3]}}, {"has_spare", s.has_spare},
-          {"spare", s.spare}};
+  return {{"s", {s.s[0], s.s[1], s.s[2], s.s[3]}}, {"has_spare", s.has_spare}, {"spare", s.spare}};
 }
 
 void rng_from_json(const nlohmann::json& j, Rng& r) {
@@ -318,8 +324,8 @@ void Trainer::resume(const std::string& dir) {
     rng_from_json(state.at("data_rng"), sampler_->rng());
     std::vector<MoeLayer*> layers = model_->moe_layers();
     const auto& ls = state.at("moe_layers");
-    MOE_CHECK(ls.size() == layers.size(), "resume", "the checkpoint has {} MoE layers, the model {}",
-              ls.size(), layers.size());
+    MOE_CHECK(ls.size() == layers.size(), "resume",
+              "the checkpoint has {} MoE layers, the model {}", ls.size(), layers.size());
     for (size_t i = 0; i < layers.size(); ++i) {
       rng_from_json(ls[i].at("noise_rng"), layers[i]->noise_rng());
       if (std::vector<double>* b = layers[i]->router().selection_bias())
@@ -339,7 +345,8 @@ std::string Trainer::sample(const std::string& prompt, int64_t n, double tempera
   std::vector<int32_t> out;
   const int64_t V = mcfg_.vocab_size;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(ids.size()) - mcfg_.max_seq_len);
+    const int64_t start =
+        std::max<int64_t>(0, static_cast<int64_t>(ids.size()) - mcfg_.max_seq_len);
     const int64_t T = static_cast<int64_t>(ids.size()) - start;
     Tensor tok = Tensor::empty({1, T}, DType::I32);
     std::copy(ids.begin() + start, ids.end(), tok.data<int32_t>());
