@@ -7,6 +7,7 @@
 #include "moe/model.h"
 #include "moe/optimizer.h"
 #include "moe/threading.h"
+#include "moe/trainer.h"
 
 namespace moe {
 
@@ -185,6 +186,33 @@ TEST(Model, BadConfigAndTokens) {
         m.forward(Tensor::zeros({2, 4}, DType::F32), arena);
       },
       "tokens must be i32[B, T+1]");
+}
+
+}  // namespace moe
+
+namespace moe {
+
+TEST(Model, ParameterCountsMatchTheAllocatedModel) {
+  for (const char* preset : {"tiny", "small", "small-dense"}) {
+    SCOPED_TRACE(preset);
+    ModelConfig c = model_preset(preset);
+    EXPECT_EQ(count_params(c).total, Model(c).n_params());
+  }
+  ModelConfig c = tiny_config();
+  c.tie_embeddings = true;
+  c.first_dense = 1;
+  c.moe_every = 1;
+  c.n_layers = 3;
+  c.moe.n_shared = 2;
+  c.moe.d_shared_ffn = 5;
+  c.moe.shared_gate = true;
+  c.moe.expert_bias = true;
+  c.moe.router = RouterKind::noisy_topk;
+  const ParamCount n = count_params(c);
+  EXPECT_EQ(n.total, Model(c).n_params());
+  // Active: everything but (E - K) / E of the routed experts.
+  EXPECT_EQ(n.total - n.active,
+            n.routed_experts / c.moe.n_experts * (c.moe.n_experts - c.moe.top_k));
 }
 
 }  // namespace moe

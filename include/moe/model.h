@@ -49,6 +49,23 @@ struct ModelConfig {
 void to_json(nlohmann::json& j, const ModelConfig& c);
 void from_json(const nlohmann::json& j, ModelConfig& c);
 
+// Parameter counts computed from the config alone (no weights are allocated), so that they work
+// for models of any size. Active = the parameters one token touches: everything but the routed
+// experts, plus top_k of each MoE layer's routed experts; the embedding and the output head are
+// counted in full (as Mixtral's published 12.9B active is).
+struct ParamCount {
+  int64_t total = 0;
+  int64_t active = 0;
+  int64_t embedding = 0;       // embedding + untied output head
+  int64_t attention = 0;       // all layers
+  int64_t dense_ffn = 0;       // all dense layers
+  int64_t routed_experts = 0;  // all MoE layers
+  int64_t shared_experts = 0;  // all MoE layers
+  int64_t router = 0;          // all MoE layers
+  int64_t norms = 0;
+};
+ParamCount count_params(const ModelConfig& cfg);
+
 // A named parameter and its gradient buffer.
 struct NamedParam {
   std::string name;

@@ -90,6 +90,13 @@ class Trainer {
   int64_t step_ = 0;
 };
 
+// The checkpoint folder `dir` names: itself, or the one its `latest` file points at.
+std::string resolve_checkpoint(const std::string& dir);
+// Copies every parameter of the model from a safetensors file (names and shapes must match).
+void load_weights(Model& model, const std::string& path);
+// A float32 model from a checkpoint folder written by Trainer::save (or its out_dir).
+std::unique_ptr<Model> load_model(const std::string& dir);
+
 // Model presets by name ("tiny", "small", ...); throws listing the names when unknown.
 ModelConfig model_preset(const std::string& name);
 std::vector<std::string> model_preset_names();

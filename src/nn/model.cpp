@@ -91,6 +91,36 @@ void from_json(const nlohmann::json& j, ModelConfig& c) {
   }
 }
 
+ParamCount count_params(const ModelConfig& c) {
+  c.validate();
+  ParamCount n;
+  const int64_t D = c.d_model, hd = c.head_size();
+  n.embedding = c.vocab_size * D * (c.tie_embeddings ? 1 : 2);
+  n.norms = D * (2 * c.n_layers + 1);
+  int64_t active_experts = 0;
+  const MoeConfig& m = c.moe;
+  const int64_t mats = m.act == ExpertAct::swiglu ? 3 : 2;
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    n.attention += D * hd * (2 * c.n_heads + 2 * c.n_kv_heads);
+    if (!c.is_moe_layer(i)) {
+      n.dense_ffn += 3 * D * c.d_ffn;
+      continue;
+    }
+    const int64_t bias = m.expert_bias ? (mats - 1) * m.d_ffn + D : 0;
+    const int64_t expert = mats * D * m.d_ffn + bias;
+    const int64_t sbias = m.expert_bias ? (mats - 1) * m.shared_width() + D : 0;
+    n.routed_experts += m.n_experts * expert;
+    active_experts += m.top_k * expert;
+    n.shared_experts += m.n_shared * (mats * D * m.shared_width() + sbias);
+    n.router += make_router(m)->logit_rows() * D + (m.shared_gate ? D : 0);
+  }
+  const int64_t common =
+      n.embedding + n.norms + n.attention + n.dense_ffn + n.shared_experts + n.router;
+  n.total = common + n.routed_experts;
+  n.active = common + active_experts;
+  return n;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Model
 

@@ -243,6 +243,17 @@ double Trainer::evaluate() {
 }
 
 namespace {
+// Router state saved with the weights: "<layer>.moe.router.selection_bias" (f64 [E]).
+std::string bias_name(const Model& model, size_t moe_index) {
+  size_t k = 0;
+  for (int64_t i = 0; i < model.config().n_layers; ++i)
+    if (model.config().is_moe_layer(i) && k++ == moe_index)
+      return fmt::format("layers.{}.moe.router.selection_bias", i);
+  return "";
+}
+}  // namespace
+
+namespace {
 
 nlohmann::json rng_json(const Rng& r) {
   const RngState s = r.state();
@@ -272,6 +283,13 @@ std::string Trainer::save(const std::string& out_dir) {
   write_file_atomic((tmp_dir / "config.json").string(), config.dump(2) + "\n");
   std::vector<std::pair<std::string, Tensor>> weights;
   for (NamedParam& p : model_->params()) weights.emplace_back(p.name, p.value);
+  std::vector<MoeLayer*> layers = model_->moe_layers();
+  for (size_t i = 0; i < layers.size(); ++i)
+    if (std::vector<double>* b = layers[i]->router().selection_bias()) {
+      Tensor t = Tensor::empty({static_cast<int64_t>(b->size())}, DType::F64);
+      std::copy(b->begin(), b->end(), t.data<double>());
+      weights.emplace_back(bias_name(*model_, i), t);
+    }
   save_safetensors((tmp_dir / "model.safetensors").string(), weights, {{"format", "pt"}});
   opt_->save((tmp_dir / "optimizer.safetensors").string());
   nlohmann::json state = {{"step", step_},
@@ -299,7 +317,7 @@ std::string Trainer::save(const std::string& out_dir) {
   return final_dir.string();
 }
 
-void Trainer::resume(const std::string& dir) {
+std::string resolve_checkpoint(const std::string& dir) {
   fs::path ckpt(dir);
   if (fs::exists(ckpt / "latest")) {
     std::ifstream f(ckpt / "latest");
@@ -307,14 +325,52 @@ void Trainer::resume(const std::string& dir) {
     f >> name;
     ckpt /= name;
   }
-  MOE_CHECK(fs::exists(ckpt / "trainer_state.json"), "resume",
-            "{} is not a checkpoint (no trainer_state.json)", ckpt.string());
-  const SafetensorsFile weights = load_safetensors((ckpt / "model.safetensors").string());
-  for (NamedParam& p : model_->params()) {
+  MOE_CHECK(fs::exists(ckpt / "config.json") && fs::exists(ckpt / "model.safetensors"),
+            "checkpoint", "{} is not a checkpoint (no config.json and model.safetensors)",
+            ckpt.string());
+  return ckpt.string();
+}
+
+void load_weights(Model& model, const std::string& path) {
+  const SafetensorsFile weights = load_safetensors(path);
+  for (NamedParam& p : model.params()) {
     const Tensor& src = weights.at(p.name);
-    src.expect("resume", p.name.c_str(), p.value.shape(), p.value.dtype());
+    src.expect(path.c_str(), p.name.c_str(), p.value.shape(), p.value.dtype());
     std::memcpy(p.value.raw(), src.raw(), src.nbytes());
   }
+  std::vector<MoeLayer*> layers = model.moe_layers();
+  for (size_t i = 0; i < layers.size(); ++i) {
+    std::vector<double>* b = layers[i]->router().selection_bias();
+    if (!b) continue;
+    const Tensor& src = weights.at(bias_name(model, i));
+    src.expect(path.c_str(), "selection_bias", {static_cast<int64_t>(b->size())}, DType::F64);
+    b->assign(src.data<double>(), src.data<double>() + src.numel());
+  }
+}
+
+std::unique_ptr<Model> load_model(const std::string& dir) {
+  const fs::path ckpt = resolve_checkpoint(dir);
+  std::ifstream f(ckpt / "config.json");
+  ModelConfig cfg;
+  try {
+    const nlohmann::json j = nlohmann::json::parse(f);
+    MOE_CHECK(j.contains("moe_cpp"), "checkpoint", "{}/config.json has no moe_cpp section",
+              ckpt.string());
+    cfg = j.at("moe_cpp").get<ModelConfig>();
+  } catch (const nlohmann::json::exception& e) {
+    throw_error("checkpoint", fmt::format("bad {}/config.json: {}", ckpt.string(), e.what()));
+  }
+  auto model = std::make_unique<Model>(cfg, DType::F32);
+  load_weights(*model, (ckpt / "model.safetensors").string());
+  model->set_training(false);
+  return model;
+}
+
+void Trainer::resume(const std::string& dir) {
+  const fs::path ckpt = resolve_checkpoint(dir);
+  MOE_CHECK(fs::exists(ckpt / "trainer_state.json"), "resume",
+            "{} has no trainer_state.json to resume from", ckpt.string());
+  load_weights(*model_, (ckpt / "model.safetensors").string());
   opt_->load((ckpt / "optimizer.safetensors").string());
   std::ifstream f(ckpt / "trainer_state.json");
   nlohmann::json state;

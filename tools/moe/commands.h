@@ -13,5 +13,7 @@ using Run = std::function<int()>;
 Run add_demo(CLI::App& app);
 Run add_bench(CLI::App& app);
 Run add_train(CLI::App& app);
+Run add_eval(CLI::App& app);
+Run add_params(CLI::App& app);
 
 }  // namespace moe::cli

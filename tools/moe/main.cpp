@@ -23,6 +23,8 @@ int main(int argc, char** argv) {
     commands.emplace_back(app.get_subcommands({})[before], std::move(run));
   };
   add(moe::cli::add_train);
+  add(moe::cli::add_eval);
+  add(moe::cli::add_params);
   add(moe::cli::add_demo);
   add(moe::cli::add_bench);
   try {

@@ -1,0 +1,74 @@
+// `moe eval`: validation loss and perplexity of a checkpoint, over consecutive windows of the
+// validation split (every val_every-th document) of the default corpus or of --data.
+#include <fmt/core.h>
+
+#include <cmath>
+
+#include "commands.h"
+#include "moe/threading.h"
+#include "moe/trainer.h"
+
+namespace moe::cli {
+
+namespace {
+
+struct EvalArgs {
+  std::string model_dir;
+  std::vector<std::string> data;
+  int64_t seq_len = 128;
+  int64_t batch = 16;
+  int64_t max_windows = 256;
+  int64_t val_every = 20;
+  int threads = 0;
+};
+
+int run_eval(const EvalArgs& a) {
+  set_num_threads(a.threads);
+  std::unique_ptr<Model> model = load_model(a.model_dir);
+  MOE_CHECK(a.seq_len >= 1 && a.seq_len <= model->config().max_seq_len, "eval",
+            "--seq-len must be in [1, {}], got {}", model->config().max_seq_len, a.seq_len);
+  const Corpus corpus = a.data.empty() ? load_fortunes() : load_text(a.data);
+  TokenStream train, val;
+  split_corpus(corpus, a.val_every, train, val);
+  if (val.ids.size() <= static_cast<size_t>(a.seq_len + 1)) val = train;  // tiny corpora
+  const int64_t W = a.seq_len + 1;
+  const int64_t windows =
+      std::min(a.max_windows, (static_cast<int64_t>(val.ids.size()) - 1) / a.seq_len);
+  MOE_CHECK(windows >= 1, "eval", "the validation text is shorter than one window");
+  Arena arena;
+  double total = 0;
+  int64_t done = 0;
+  while (done < windows) {
+    const int64_t b = std::min(a.batch, windows - done);
+    Tensor tok = Tensor::empty({b, W}, DType::I32);
+    for (int64_t i = 0; i < b; ++i)
+      std::copy_n(val.ids.begin() + (done + i) * a.seq_len, W, tok.data<int32_t>() + i * W);
+    arena.reset();
+    total += model->forward(tok, arena).ce_loss * static_cast<double>(b);
+    done += b;
+  }
+  const double loss = total / static_cast<double>(windows);
+  fmt::print(
+      "validation: {} windows of {} tokens\nloss {:.4f}  perplexity {:.3f}  bits per byte "
+      "{:.4f}\n",
+      windows, a.seq_len, loss, std::exp(loss), loss / std::log(2.0));
+  return 0;
+}
+
+}  // namespace
+
+Run add_eval(CLI::App& app) {
+  auto a = std::make_shared<EvalArgs>();
+  auto* cmd = app.add_subcommand("eval", "validation loss and perplexity of a checkpoint");
+  cmd->add_option("-m,--model", a->model_dir, "checkpoint folder (or a training --out folder)")
+      ->required();
+  cmd->add_option("--data", a->data, "text files or folders (default: the fortunes)");
+  cmd->add_option("--seq-len", a->seq_len, "tokens per window")->capture_default_str();
+  cmd->add_option("--batch", a->batch, "windows per batch")->capture_default_str();
+  cmd->add_option("--max-windows", a->max_windows, "windows evaluated at most")
+      ->capture_default_str();
+  cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
+  return [a] { return run_eval(*a); };
+}
+
+}  // namespace moe::cli
