@@ -26,6 +26,8 @@ struct Objective {
   const Tensor& r;
   bool use_reference;
   const test::Noise& noise;
+  MoeLayer& layer;  // owns `params`; evaluated in place
+  Arena arena;
 
   // L at the current parameters, and the routing it took.
   double eval(std::vector<int32_t>* idx, std::vector<uint8_t>* kept) {
@@ -34,11 +36,8 @@ struct Objective {
     if (kept) *kept = ro.kept;
     double aux = ro.aux_loss, z = ro.z_loss;
     Tensor y = ro.y;
-    Arena arena;
     if (!use_reference) {
-      MoeLayer layer(cfg, DType::F64);
-      test::copy_params(params, layer.params());
-      noise.apply(layer);
+      arena.reset();
       MoeOutput out = layer.forward(x, arena);
       y = out.y;
       aux = out.aux_loss;
@@ -72,7 +71,7 @@ void check_gradients(const MoeConfig& cfg, bool use_reference, uint64_t seed) {
     test::copy_params(layer.grads(), grads);
   }
 
-  Objective obj{cfg, params, x, r, use_reference, noise};
+  Objective obj{cfg, params, x, r, use_reference, noise, layer, Arena()};
   std::vector<int32_t> idx0, idx;
   std::vector<uint8_t> kept0, kept;
   obj.eval(&idx0, &kept0);
