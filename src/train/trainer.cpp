@@ -8,6 +8,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "moe/hf.h"
 #include "moe/safetensors.h"
 
 namespace moe {
@@ -279,10 +280,18 @@ std::string Trainer::save(const std::string& out_dir) {
   const fs::path tmp_dir = fs::path(out_dir) / ("." + name + ".tmp");
   fs::remove_all(tmp_dir);
   fs::create_directories(tmp_dir);
-  nlohmann::json config = {{"model_type", "moe_cpp"}, {"moe_cpp", mcfg_}};
+  // A Mixtral-shaped model is written in Mixtral's layout, so that transformers loads it; the
+  // engine's own config rides along under "moe_cpp".
+  const bool hf = is_mixtral(mcfg_);
+  nlohmann::json config = hf ? mixtral_config(mcfg_) : nlohmann::json{{"model_type", "moe_cpp"}};
+  config["moe_cpp"] = mcfg_;
   write_file_atomic((tmp_dir / "config.json").string(), config.dump(2) + "\n");
   std::vector<std::pair<std::string, Tensor>> weights;
-  for (NamedParam& p : model_->params()) weights.emplace_back(p.name, p.value);
+  if (hf) {
+    weights = mixtral_tensors(*model_);
+  } else {
+    for (NamedParam& p : model_->params()) weights.emplace_back(p.name, p.value);
+  }
   std::vector<MoeLayer*> layers = model_->moe_layers();
   for (size_t i = 0; i < layers.size(); ++i)
     if (std::vector<double>* b = layers[i]->router().selection_bias()) {
@@ -333,6 +342,10 @@ std::string resolve_checkpoint(const std::string& dir) {
 
 void load_weights(Model& model, const std::string& path) {
   const SafetensorsFile weights = load_safetensors(path);
+  if (weights.tensors.count("model.embed_tokens.weight")) {
+    load_mixtral_tensors(model, weights);
+    return;
+  }
   for (NamedParam& p : model.params()) {
     const Tensor& src = weights.at(p.name);
     src.expect(path.c_str(), p.name.c_str(), p.value.shape(), p.value.dtype());
@@ -354,9 +367,14 @@ std::unique_ptr<Model> load_model(const std::string& dir) {
   ModelConfig cfg;
   try {
     const nlohmann::json j = nlohmann::json::parse(f);
-    MOE_CHECK(j.contains("moe_cpp"), "checkpoint", "{}/config.json has no moe_cpp section",
-              ckpt.string());
-    cfg = j.at("moe_cpp").get<ModelConfig>();
+    if (j.contains("moe_cpp")) {
+      cfg = j.at("moe_cpp").get<ModelConfig>();
+    } else {
+      MOE_CHECK(j.value("model_type", std::string()) == "mixtral", "checkpoint",
+                "{}/config.json is neither this engine's nor a Mixtral's (model_type '{}')",
+                ckpt.string(), j.value("model_type", std::string()));
+      cfg = config_from_mixtral(j);
+    }
   } catch (const nlohmann::json::exception& e) {
     throw_error("checkpoint", fmt::format("bad {}/config.json: {}", ckpt.string(), e.what()));
   }

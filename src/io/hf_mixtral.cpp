@@ -1,0 +1,159 @@
+// Mixtral's checkpoint layout (transformers' MixtralForCausalLM): names, shapes, config fields.
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "moe/hf.h"
+
+namespace moe {
+
+bool is_mixtral(const ModelConfig& c) {
+  const MoeConfig& m = c.moe;
+  return c.moe_every == 1 && c.first_dense == 0 && m.router == RouterKind::topk && m.renormalize &&
+         m.act == ExpertAct::swiglu && !m.expert_bias && m.n_shared == 0 && m.jitter_eps == 0 &&
+         m.explore_prob == 0;
+}
+
+nlohmann::json mixtral_config(const ModelConfig& c) {
+  MOE_CHECK(is_mixtral(c), "hf", "the model is not a Mixtral ({})", c.moe.summary());
+  return {{"architectures", {"MixtralForCausalLM"}},
+          {"model_type", "mixtral"},
+          {"vocab_size", c.vocab_size},
+          {"hidden_size", c.d_model},
+          {"intermediate_size", c.moe.d_ffn},
+          {"num_hidden_layers", c.n_layers},
+          {"num_attention_heads", c.n_heads},
+          {"num_key_value_heads", c.n_kv_heads},
+          {"head_dim", c.head_size()},
+          {"max_position_embeddings", c.max_seq_len},
+          {"rms_norm_eps", c.norm_eps},
+          {"rope_theta", c.rope_theta},
+          {"num_local_experts", c.moe.n_experts},
+          {"num_experts_per_tok", c.moe.top_k},
+          // transformers' balancing loss concatenates the layers' tokens (a mean over layers where
+          // this engine sums them) and sums over the K slots (K times this engine's value), so
+          // the coefficient is converted as alpha * L / K.
+          {"router_aux_loss_coef", c.moe.aux_loss_coef * static_cast<double>(c.n_layers) /
+                                       static_cast<double>(c.moe.top_k)},
+          {"router_jitter_noise", 0.0},
+          {"output_router_logits", false},
+          {"tie_word_embeddings", c.tie_embeddings},
+          {"hidden_act", "silu"},
+          {"sliding_window", nullptr},
+          {"attention_dropout", 0.0},
+          {"torch_dtype", "float32"}};
+}
+
+ModelConfig config_from_mixtral(const nlohmann::json& j) {
+  try {
+    MOE_CHECK(j.value("model_type", std::string()) == "mixtral", "hf",
+              "model_type is '{}', not mixtral", j.value("model_type", std::string()));
+    ModelConfig c;
+    c.vocab_size = j.at("vocab_size").get<int64_t>();
+    c.d_model = j.at("hidden_size").get<int64_t>();
+    c.n_layers = j.at("num_hidden_layers").get<int64_t>();
+    c.n_heads = j.at("num_attention_heads").get<int64_t>();
+    c.n_kv_heads = j.value("num_key_value_heads", c.n_heads);
+    if (j.contains("head_dim") && !j["head_dim"].is_null()) c.head_dim = j["head_dim"];
+    c.max_seq_len = j.value("max_position_embeddings", int64_t{4096});
+    c.norm_eps = j.value("rms_norm_eps", 1e-5);
+    if (j.contains("rope_parameters") && j["rope_parameters"].contains("rope_theta")) {
+      c.rope_theta = j["rope_parameters"]["rope_theta"].get<double>();
+    } else {
+      c.rope_theta = j.value("rope_theta", 1e6);
+    }
+    c.tie_embeddings = j.value("tie_word_embeddings", false);
+    c.moe.d_model = c.d_model;
+    c.moe.d_ffn = j.at("intermediate_size").get<int64_t>();
+    c.moe.n_experts = j.at("num_local_experts").get<int64_t>();
+    c.moe.top_k = j.at("num_experts_per_tok").get<int64_t>();
+    c.moe.aux_loss_coef = j.value("router_aux_loss_coef", 0.0) * static_cast<double>(c.moe.top_k) /
+                          static_cast<double>(c.n_layers);
+    c.moe.z_loss_coef = 0;
+    c.d_ffn = c.moe.d_ffn;
+    MOE_CHECK(!j.contains("sliding_window") || j["sliding_window"].is_null() ||
+                  j["sliding_window"].get<int64_t>() >= c.max_seq_len,
+              "hf", "sliding-window attention is not supported yet (sliding_window = {})",
+              j["sliding_window"].dump());
+    c.validate();
+    return c;
+  } catch (const nlohmann::json::exception& e) {
+    throw_error("hf", fmt::format("bad Mixtral config.json: {}", e.what()));
+  }
+}
+
+namespace {
+
+// Our name -> Mixtral's, for everything but the fused expert tensors.
+std::string mixtral_name(const std::string& ours) {
+  if (ours == "embed.weight") return "model.embed_tokens.weight";
+  if (ours == "norm.weight") return "model.norm.weight";
+  if (ours == "lm_head.weight") return ours;
+  // layers.<i>.<rest>
+  const size_t dot = ours.find('.', 7);
+  const std::string prefix = "model." + ours.substr(0, dot + 1);
+  const std::string rest = ours.substr(dot + 1);
+  if (rest == "attn_norm.weight") return prefix + "input_layernorm.weight";
+  if (rest == "ffn_norm.weight") return prefix + "post_attention_layernorm.weight";
+  if (rest == "attn.wq") return prefix + "self_attn.q_proj.weight";
+  if (rest == "attn.wk") return prefix + "self_attn.k_proj.weight";
+  if (rest == "attn.wv") return prefix + "self_attn.v_proj.weight";
+  if (rest == "attn.wo") return prefix + "self_attn.o_proj.weight";
+  if (rest == "moe.router.weight") return prefix + "block_sparse_moe.gate.weight";
+  return "";
+}
+
+// Mixtral's per-expert names: w1 = gate, w3 = up, w2 = down.
+const char* expert_suffix(const std::string& rest) {
+  if (rest == "moe.experts.w_gate") return "w1";
+  if (rest == "moe.experts.w_up") return "w3";
+  if (rest == "moe.experts.w_down") return "w2";
+  return nullptr;
+}
+
+template <class Fn>
+void for_each_mapping(Model& model, Fn&& fn) {
+  for (NamedParam& p : model.params()) {
+    const std::string name = mixtral_name(p.name);
+    if (!name.empty()) {
+      fn(name, p.value, int64_t{-1});
+      continue;
+    }
+    const size_t dot = p.name.find('.', 7);
+    const char* w = expert_suffix(p.name.substr(dot + 1));
+    MOE_CHECK(w != nullptr, "hf", "{} has no Mixtral name", p.name);
+    const std::string prefix = "model." + p.name.substr(0, dot + 1) + "block_sparse_moe.experts.";
+    for (int64_t e = 0; e < p.value.size(0); ++e)
+      fn(prefix + std::to_string(e) + "." + w + ".weight", p.value, e);
+  }
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, Tensor>> mixtral_tensors(Model& model) {
+  MOE_CHECK(is_mixtral(model.config()), "hf", "the model is not a Mixtral");
+  std::vector<std::pair<std::string, Tensor>> out;
+  for_each_mapping(model, [&](const std::string& name, Tensor& t, int64_t e) {
+    if (e < 0) {
+      out.emplace_back(name, t);
+    } else {
+      const Shape s(t.shape().begin() + 1, t.shape().end());
+      const int64_t n = shape_numel(s);
+      out.emplace_back(name, Tensor::view(static_cast<char*>(t.raw()) +
+                                              static_cast<size_t>(e * n) * dtype_size(t.dtype()),
+                                          s, t.dtype()));
+    }
+  });
+  return out;
+}
+
+void load_mixtral_tensors(Model& model, const SafetensorsFile& file) {
+  MOE_CHECK(is_mixtral(model.config()), "hf", "the model is not a Mixtral");
+  for (auto& [name, dst] : mixtral_tensors(model)) {
+    const Tensor& src = file.at(name);
+    const Tensor f = src.dtype() == dst.dtype() ? src : src.to(dst.dtype());
+    f.expect("hf", name.c_str(), dst.shape(), dst.dtype());
+    std::memcpy(dst.raw(), f.raw(), f.nbytes());
+  }
+}
+
+}  // namespace moe
