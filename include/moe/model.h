@@ -80,6 +80,9 @@ struct ModelOutput {
   double aux_loss = 0;                // sum over MoE layers
   double z_loss = 0;                  // sum over MoE layers
   std::vector<RoutingStats> routing;  // one per MoE layer
+  // Per MoE layer, in the arena: which experts each of the B*T tokens went to (MoeOutput's
+  // plan_offsets, plan_experts and top_expert).
+  std::vector<Tensor> plan_offsets, plan_experts, top_expert;
 };
 
 class Model {

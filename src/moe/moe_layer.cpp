@@ -364,6 +364,8 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, 
 
   MoeOutput out;
   out.y = y;
+  out.plan_offsets = Tensor::view(plan.token_offsets, {N + 1}, DType::I64);
+  out.plan_experts = Tensor::view(plan.expert, {P}, DType::I32);
   out.top_expert = arena.tensor({N}, DType::I32);
   int32_t* top = out.top_expert.data<int32_t>();
   for (int64_t t = 0; t < N; ++t) {

@@ -311,6 +311,9 @@ ModelOutput Model::Impl::run(const Tensor& tokens, Arena& arena, bool with_targe
       out.aux_loss += mo.aux_loss;
       out.z_loss += mo.z_loss;
       out.routing.push_back(mo.stats);
+      out.plan_offsets.push_back(mo.plan_offsets);
+      out.plan_experts.push_back(mo.plan_experts);
+      out.top_expert.push_back(mo.top_expert);
       y = mo.y;
     } else {
       y = blk.dense->forward(ft, arena);

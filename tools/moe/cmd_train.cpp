@@ -142,8 +142,8 @@ int run_train(TrainArgs& a) {
 
 Run add_train(CLI::App& app) {
   auto a = std::make_shared<TrainArgs>();
-  a->train.steps = 1200;  // about five minutes on two cores
-  a->train.eval_every = 200;
+  a->train.steps = 1800;  // about five minutes on two cores
+  a->train.eval_every = 300;
   auto* cmd = app.add_subcommand(
       "train",
       "train an MoE language model (default: the small MoE preset on the fortunes corpus)");

@@ -15,5 +15,6 @@ Run add_bench(CLI::App& app);
 Run add_train(CLI::App& app);
 Run add_eval(CLI::App& app);
 Run add_params(CLI::App& app);
+Run add_inspect(CLI::App& app);
 
 }  // namespace moe::cli

@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   add(moe::cli::add_train);
   add(moe::cli::add_eval);
   add(moe::cli::add_params);
+  add(moe::cli::add_inspect);
   add(moe::cli::add_demo);
   add(moe::cli::add_bench);
   try {
