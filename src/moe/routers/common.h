@@ -101,4 +101,11 @@ void softmax_backward_row(T* g, const T* p, int64_t e) {
   for (int64_t i = 0; i < e; ++i) g[i] = p[i] * (g[i] - pg);
 }
 
+// The same, plus the z-loss gradient zl * p (zl = d_z * beta * 2 lse / N for this row).
+template <class T>
+void softmax_backward_row(T* g, const T* p, int64_t e, T zl) {
+  softmax_backward_row(g, p, e);
+  for (int64_t i = 0; i < e; ++i) g[i] += zl * p[i];
+}
+
 }  // namespace moe::routing

@@ -71,8 +71,7 @@ class ExpertChoiceRouter : public RouterImpl<ExpertChoiceRouter> {
       std::fill_n(g, E, T(0));
       for (int64_t p = plan_offsets_[t]; p < plan_offsets_[t + 1]; ++p)
         g[plan_expert_[p]] += dweight[p];
-      softmax_backward_row(g, probs + t * E, E);
-      for (int64_t e = 0; e < E; ++e) g[e] += zs * lse[t] * probs[t * E + e];
+      softmax_backward_row(g, probs + t * E, E, zs * lse[t]);
     }
   }
 

@@ -87,8 +87,7 @@ class GshardRouter : public RouterImpl<GshardRouter> {
       topk_weights_backward(dp, dw, w + t * 2, top_p + t * 2, 2, true);
       g[s_.top[t * 2]] += dp[0];
       g[s_.top[t * 2 + 1]] += dp[1];
-      softmax_backward_row(g, probs + t * E, E);
-      for (int64_t e = 0; e < E; ++e) g[e] += zs * lse[t] * probs[t * E + e];
+      softmax_backward_row(g, probs + t * E, E, zs * lse[t]);
     }
   }
 

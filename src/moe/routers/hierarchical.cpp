@@ -94,9 +94,7 @@ class HierarchicalRouter : public RouterImpl<HierarchicalRouter> {
       // Softmax backward and z-loss for the group softmax and each group's expert softmax.
       for (int64_t level = 0; level <= G_; ++level) {
         const int64_t off = level == 0 ? 0 : G_ + (level - 1) * B_, n = level == 0 ? G_ : B_;
-        softmax_backward_row(g + off, probs + t * R + off, n);
-        for (int64_t i = 0; i < n; ++i)
-          g[off + i] += zs * lse[t * (1 + G_) + level] * probs[t * R + off + i];
+        softmax_backward_row(g + off, probs + t * R + off, n, zs * lse[t * (1 + G_) + level]);
       }
     }
   }

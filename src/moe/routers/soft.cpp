@@ -39,8 +39,7 @@ class SoftRouter : public RouterImpl<SoftRouter> {
     for (int64_t t = 0; t < n_; ++t) {
       T* g = dlogits + t * E;
       std::copy_n(dweight + t * E, E, g);
-      softmax_backward_row(g, probs + t * E, E);
-      for (int64_t e = 0; e < E; ++e) g[e] += zs * lse[t] * probs[t * E + e];
+      softmax_backward_row(g, probs + t * E, E, zs * lse[t]);
     }
   }
 

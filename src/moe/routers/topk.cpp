@@ -96,8 +96,7 @@ void TopkRouter::bwd(const T* dweight, double d_aux, double d_z, T* dlogits) {
     topk_weights_backward(dp.data(), dweight + t * K, weight + t * K, top_p + t * K, K,
                           cfg_.renormalize);
     for (int64_t j = 0; j < K; ++j) g[saved_.expert[t * K + j]] += dp[static_cast<size_t>(j)];
-    softmax_backward_row(g, probs + t * E, E);
-    for (int64_t e = 0; e < E; ++e) g[e] += zs * lse[t] * probs[t * E + e];
+    softmax_backward_row(g, probs + t * E, E, zs * lse[t]);
   }
 }
 
