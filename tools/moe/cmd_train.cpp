@@ -24,6 +24,7 @@ struct TrainArgs {
   std::string log;
   std::string router;
   int64_t experts = 0, top_k = 0;
+  double aux_coef = -1, z_coef = -1;
   int threads = 0;
   int64_t sample = 300;
   TrainConfig train;
@@ -79,6 +80,8 @@ int run_train(TrainArgs& a) {
   if (!a.router.empty()) mcfg.moe.router = parse_router_kind(a.router);
   if (a.experts > 0) mcfg.moe.n_experts = a.experts;
   if (a.top_k > 0) mcfg.moe.top_k = a.top_k;
+  if (a.aux_coef >= 0) mcfg.moe.aux_loss_coef = a.aux_coef;
+  if (a.z_coef >= 0) mcfg.moe.z_loss_coef = a.z_coef;
   mcfg.validate();
   const Corpus corpus = a.data.empty() ? load_fortunes() : load_text(a.data);
   Trainer trainer(mcfg, a.train, corpus);
@@ -173,6 +176,8 @@ Run add_train(CLI::App& app) {
   cmd->add_option("--router", a->router, "override the MoE routing method");
   cmd->add_option("--experts", a->experts, "override the number of experts");
   cmd->add_option("--top-k", a->top_k, "override experts per token");
+  cmd->add_option("--aux-coef", a->aux_coef, "override the load-balancing loss coefficient");
+  cmd->add_option("--z-coef", a->z_coef, "override the router z-loss coefficient");
   cmd->add_option("--seed", a->train.seed, "random seed")->capture_default_str();
   cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
   cmd->add_option("--sample", a->sample, "bytes to generate at the end (0: none)")
