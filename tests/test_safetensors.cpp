@@ -1,0 +1,151 @@
+// safetensors: round trips, bf16/f16 conversion, and a set of corrupt files, each refused with a
+// clear error (never a crash, never a silently wrong tensor).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+
+#include "moe/safetensors.h"
+
+namespace moe {
+
+namespace {
+
+std::string temp_file(const std::string& name) {
+  return (std::filesystem::temp_directory_path() / ("moe_st_" + name)).string();
+}
+
+// A file from a header text and data bytes.
+std::string write_raw(const std::string& name, const std::string& header, const std::string& data,
+                      uint64_t declared_len = UINT64_MAX) {
+  const uint64_t n = declared_len == UINT64_MAX ? header.size() : declared_len;
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i)
+    out[static_cast<size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xff);
+  out += header + data;
+  const std::string path = temp_file(name);
+  std::ofstream(path, std::ios::binary) << out;
+  return path;
+}
+
+void expect_refused(const std::string& path, const std::string& needle) {
+  try {
+    load_safetensors(path);
+    ADD_FAILURE() << "loaded a corrupt file; expected: " << needle;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << "the message names the file";
+  }
+  std::filesystem::remove(path);
+}
+
+}  // namespace
+
+TEST(Safetensors, RoundTripsEveryDtypeWithMetadata) {
+  Tensor a = Tensor::empty({2, 3}, DType::F32), b = Tensor::empty({4}, DType::F64);
+  Tensor c = Tensor::empty({1, 2, 2}, DType::I32), d = Tensor::empty({0}, DType::I64);
+  for (int64_t i = 0; i < 6; ++i) a.data<float>()[i] = 0.5f * static_cast<float>(i) - 1;
+  for (int64_t i = 0; i < 4; ++i) b.data<double>()[i] = 1.0 / 3.0 + static_cast<double>(i);
+  for (int64_t i = 0; i < 4; ++i) c.data<int32_t>()[i] = -7 * static_cast<int32_t>(i);
+  const std::string path = temp_file("roundtrip");
+  save_safetensors(path, {{"a", a}, {"b", b}, {"c", c}, {"empty", d}}, {{"format", "pt"}});
+  const SafetensorsFile f = load_safetensors(path);
+  EXPECT_EQ(f.metadata.at("format"), "pt");
+  for (const auto& [name, t] :
+       std::vector<std::pair<std::string, Tensor>>{{"a", a}, {"b", b}, {"c", c}, {"empty", d}}) {
+    const Tensor& g = f.at(name);
+    EXPECT_EQ(g.shape(), t.shape()) << name;
+    EXPECT_EQ(g.dtype(), t.dtype()) << name;
+    EXPECT_EQ(std::memcmp(g.raw(), t.raw(), t.nbytes()), 0) << name;
+  }
+  EXPECT_THROW(f.at("missing"), Error);
+  std::filesystem::remove(path);
+}
+
+TEST(Safetensors, Bf16AndF16BecomeFloat32) {
+  // bf16 0x3FC0 = 1.5, 0xC000 = -2; f16 0x3E00 = 1.5, 0xC000 = -2, 0x0001 = 2^-24, 0x7C00 = inf.
+  const std::string data("\xC0\x3F\x00\xC0\x00\x3E\x00\xC0\x01\x00\x00\x7C", 12);
+  const std::string header = R"({"b":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]},)"
+                             R"("h":{"dtype":"F16","shape":[4],"data_offsets":[4,12]}})";
+  const std::string path = write_raw("half", header, data);
+  const SafetensorsFile f = load_safetensors(path);
+  EXPECT_EQ(f.at("b").data<float>()[0], 1.5f);
+  EXPECT_EQ(f.at("b").data<float>()[1], -2.0f);
+  EXPECT_EQ(f.at("h").data<float>()[0], 1.5f);
+  EXPECT_EQ(f.at("h").data<float>()[1], -2.0f);
+  EXPECT_EQ(f.at("h").data<float>()[2], std::ldexp(1.0f, -24));
+  EXPECT_EQ(f.at("h").data<float>()[3], std::numeric_limits<float>::infinity());
+  std::filesystem::remove(path);
+}
+
+TEST(Safetensors, CorruptFilesAreRefused) {
+  const std::string t = R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  const std::string data(8, '\0');
+  {
+    const std::string path = temp_file("short");
+    std::ofstream(path, std::ios::binary) << "abc";
+    expect_refused(path, "fewer than the 8-byte header length");
+  }
+  expect_refused(write_raw("huge_header", t, data, uint64_t{1} << 40), "exceeds the 100 MB limit");
+  expect_refused(write_raw("past_end", t, data, 5000), "runs past the end of the file");
+  expect_refused(write_raw("truncated_data", t, data.substr(0, 5)), "is outside the data");
+  expect_refused(write_raw("bad_json", "{\"t\": [1, 2", data), "not valid JSON");
+  expect_refused(write_raw("not_object", "[1, 2]  ", data), "must be a JSON object");
+  expect_refused(
+      write_raw("unknown_dtype", R"({"t":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", data),
+      "unsupported dtype 'Q4'");
+  expect_refused(write_raw("negative_shape",
+                           R"({"t":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", data),
+                 "negative or non-integer dimension");
+  expect_refused(write_raw("overflow_shape",
+                           R"({"t":{"dtype":"F32","shape":[4294967296,4294967296,16],)"
+                           R"("data_offsets":[0,8]}})",
+                           data),
+                 "overflows");
+  expect_refused(
+      write_raw("size_mismatch", R"({"t":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", data),
+      "needs 12 bytes, its range holds 8");
+  expect_refused(write_raw("overlap",
+                           R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                           R"("b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+                           data),
+                 "overlap");
+  expect_refused(write_raw("gap",
+                           R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                           R"("b":{"dtype":"F32","shape":[0],"data_offsets":[8,8]}})",
+                           data),
+                 "gap");
+  expect_refused(write_raw("trailing", t, data + "xxxx"), "4 bytes after the last tensor");
+  expect_refused(write_raw("duplicate",
+                           R"({"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                           R"("t":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+                           data),
+                 "duplicate tensor name 't'");
+  expect_refused(
+      write_raw("bad_offsets", R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", data),
+      "is outside the data");
+  expect_refused(write_raw("missing_field", R"({"t":{"dtype":"F32","shape":[2]}})", data),
+                 "needs dtype, shape and data_offsets");
+  expect_refused(temp_file("does_not_exist"), "cannot open the file");
+}
+
+TEST(Safetensors, AtomicWriteLeavesNoTemporaryFile) {
+  const auto dir = std::filesystem::temp_directory_path() / "moe_st_atomic";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  write_file_atomic((dir / "f.txt").string(), "first");
+  write_file_atomic((dir / "f.txt").string(), "second");
+  std::ifstream in(dir / "f.txt");
+  std::string s;
+  in >> s;
+  EXPECT_EQ(s, "second");
+  int files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) files += e.is_regular_file();
+  EXPECT_EQ(files, 1);
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace moe
