@@ -92,6 +92,21 @@ TEST(Routers, DeepseekAuxLossFreeBiasUpdateReducesImbalanceStepByStep) {
   // Falls step by step while far from balance, and ends far below where it started.
   for (int step = 1; step < 10; ++step) EXPECT_LE(imbalance[step], imbalance[step - 1]);
   EXPECT_LT(imbalance.back(), 0.5 * imbalance[0]);
+  // Only training forwards count: an evaluation forward leaves the next update nothing to do.
+  std::vector<double> before = *layer.router().selection_bias();
+  layer.set_training(false);
+  forward(layer, x, arena);
+  layer.after_step();
+  EXPECT_EQ(*layer.router().selection_bias(), before);
+  // The micro-batches of an accumulated step add up: two forwards, one update.
+  layer.set_training(true);
+  forward(layer, x, arena);
+  forward(layer, x, arena);
+  layer.after_step();
+  int64_t changed = 0;
+  for (size_t e = 0; e < before.size(); ++e)
+    changed += std::abs((*layer.router().selection_bias())[e] - before[e]) > 0;
+  EXPECT_GT(changed, 0);
   // A frozen router keeps its bias.
   cfg.freeze_router = true;
   MoeLayer frozen = test::random_layer(cfg, DType::F32, 5);

@@ -91,7 +91,8 @@ class MoeLayer {
   // layer's random stream; nullptr for both returns to drawing. For tests against references.
   void set_noise(const std::vector<double>* normal, const std::vector<double>* uniform);
   // Once per optimizer step: router state updates (DeepSeek-V3's bias), from the routing of
-  // the last forward. Does nothing for a frozen router.
+  // the training forwards since the previous call (every micro-batch of the step). Does
+  // nothing for a frozen router.
   void after_step();
   MoeParams& params() { return params_; }
   const MoeParams& params() const { return params_; }
@@ -127,7 +128,7 @@ class MoeLayer {
   const std::vector<double>* noise_normal_ = nullptr;
   const std::vector<double>* noise_uniform_ = nullptr;
   std::shared_ptr<Saved> saved_;
-  std::vector<int64_t> last_routed_;
+  std::vector<int64_t> step_routed_;  // tokens per expert over this step's training forwards
 };
 
 }  // namespace moe

@@ -140,7 +140,8 @@ void MoeLayer::set_noise(const std::vector<double>* normal, const std::vector<do
 }
 
 void MoeLayer::after_step() {
-  if (!cfg_.freeze_router && !last_routed_.empty()) router_->after_step(last_routed_);
+  if (!cfg_.freeze_router && !step_routed_.empty()) router_->after_step(step_routed_);
+  step_routed_.clear();
 }
 
 namespace {
@@ -543,7 +544,11 @@ MoeOutput MoeLayer::forward(const Tensor& x, Arena& arena) {
       dtype_ == DType::F64
           ? forward_impl<double>(cfg_, params_, *router_, training_, noise, *saved_, x, arena)
           : forward_impl<float>(cfg_, params_, *router_, training_, noise, *saved_, x, arena);
-  last_routed_ = out.stats.routed;
+  // Training forwards since the last step (all micro-batches of an accumulated step) add up.
+  if (training_) {
+    step_routed_.resize(out.stats.routed.size(), 0);
+    for (size_t e = 0; e < step_routed_.size(); ++e) step_routed_[e] += out.stats.routed[e];
+  }
   return out;
 }
 
