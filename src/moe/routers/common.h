@@ -25,6 +25,19 @@ RoutingPlan<T> uniform_plan(Arena& arena, int64_t n_tokens, int64_t k) {
   return plan;
 }
 
+// The router's softmax over E logits per token, in the arena: probs [N, E] and lse [N].
+template <class T>
+struct Softmax {
+  T* probs;
+  T* lse;
+};
+template <class T>
+Softmax<T> arena_softmax(Arena& arena, const T* logits, int64_t n, int64_t e) {
+  Softmax<T> s{arena.alloc<T>(n * e), arena.alloc<T>(n)};
+  cpu::softmax_rows<T>(s.probs, s.lse, logits, n, e);
+  return s;
+}
+
 // Mean entropy (nats) of the rows of probs [N, E].
 template <class T>
 double mean_entropy(const T* probs, int64_t n, int64_t e) {

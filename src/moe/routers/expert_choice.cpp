@@ -19,9 +19,7 @@ class ExpertChoiceRouter : public RouterImpl<ExpertChoiceRouter> {
   void fwd(RouterForward<T>& f) {
     const int64_t N = f.n_tokens, E = cfg_.n_experts;
     Arena& arena = *f.arena;
-    T* probs = arena.alloc<T>(N * E);
-    T* lse = arena.alloc<T>(N);
-    cpu::softmax_rows<T>(probs, lse, f.logits, N, E);
+    const auto [probs, lse] = arena_softmax<T>(arena, f.logits, N, E);
     const int64_t C = std::min<int64_t>(
         N, static_cast<int64_t>(
                std::ceil(static_cast<double>(N) * cfg_.capacity_factor / static_cast<double>(E))));

@@ -18,9 +18,7 @@ class GshardRouter : public RouterImpl<GshardRouter> {
   void fwd(RouterForward<T>& f) {
     const int64_t N = f.n_tokens, E = cfg_.n_experts;
     Arena& arena = *f.arena;
-    T* probs = arena.alloc<T>(N * E);
-    T* lse = arena.alloc<T>(N);
-    cpu::softmax_rows<T>(probs, lse, f.logits, N, E);
+    const auto [probs, lse] = arena_softmax<T>(arena, f.logits, N, E);
     int32_t* top = arena.alloc<int32_t>(N * 2);
     T* top_p = arena.alloc<T>(N * 2);
     T* w = arena.alloc<T>(N * 2);

@@ -35,9 +35,7 @@ template <class T>
 void TopkRouter::fwd(RouterForward<T>& f) {
   const int64_t N = f.n_tokens, E = cfg_.n_experts, K = cfg_.top_k;
   Arena& arena = *f.arena;
-  T* probs = arena.alloc<T>(N * E);
-  T* lse = arena.alloc<T>(N);
-  cpu::softmax_rows<T>(probs, lse, f.logits, N, E);
+  const auto [probs, lse] = arena_softmax<T>(arena, f.logits, N, E);
   RoutingPlan<T> plan = uniform_plan<T>(arena, N, K);
   cpu::topk_rows<T>(plan.expert, plan.score, probs, N, E, K);
   if (f.training && cfg_.explore_prob > 0 && K < E) explore(plan, probs, N, *f.noise);
