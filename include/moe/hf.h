@@ -3,6 +3,7 @@
 // here loads in transformers and a Mixtral checkpoint loads here.
 #pragma once
 
+#include <map>
 #include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <utility>
@@ -25,5 +26,34 @@ ModelConfig config_from_mixtral(const nlohmann::json& j);
 std::vector<std::pair<std::string, Tensor>> mixtral_tensors(Model& model);
 // Fills the model from Mixtral-named tensors; every tensor must be there with its shape.
 void load_mixtral_tensors(Model& model, const SafetensorsFile& file);
+
+// ---------------------------------------------------------------------------------------------
+// Any supported architecture (model_type): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2,
+// deepseek_v3, dbrx.
+
+std::vector<std::string> hf_model_types();
+// The model config of a config.json (both rope spellings; unsupported options refused).
+ModelConfig config_from_hf(const nlohmann::json& j);
+
+// The tensors of a HuggingFace model folder: model.safetensors, or the shards named by
+// model.safetensors.index.json (read when first used; a shard name must be a plain file name in
+// the folder, so an index cannot reach outside it).
+class HfTensors {
+ public:
+  explicit HfTensors(const std::string& dir);
+  bool has(const std::string& name) const;
+  const Tensor& get(const std::string& name);
+
+ private:
+  std::string dir_;
+  std::map<std::string, std::string> where_;  // tensor -> shard file
+  std::map<std::string, SafetensorsFile> shards_;
+};
+
+// Fills every parameter of `model` (made from config_from_hf) from the checkpoint's tensors
+// under the architecture's names and layouts: one tensor per expert or transformers' fused
+// gate_up_proj / down_proj, DBRX's fused Wqkv and [E*F, D] expert matrices, and DeepSeek-V3's
+// e_score_correction_bias (the router's selection bias).
+void load_hf_weights(Model& model, const std::string& model_type, HfTensors& src);
 
 }  // namespace moe

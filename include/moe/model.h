@@ -20,6 +20,15 @@
 
 namespace moe {
 
+// The normalization of every block and of the final layer.
+enum class NormKind { rms, layer };  // RMSNorm, or LayerNorm without bias (DBRX)
+// Normalization of the queries and keys before the rotary embedding.
+enum class QkNorm {
+  none,
+  head,  // RMSNorm over each head's hd values, one weight [hd] shared by the heads (Qwen3-MoE)
+  full,  // RMSNorm over the whole projection, weights [H*hd] and [KV*hd] (OLMoE)
+};
+
 struct ModelConfig {
   int64_t vocab_size = 0;   // V
   int64_t d_model = 0;      // D
@@ -36,13 +45,37 @@ struct ModelConfig {
   // moe_every = 0 means no MoE layer (a dense model).
   int64_t moe_every = 1;
   int64_t first_dense = 0;
-  MoeConfig moe;  // its d_model must equal d_model
+  std::vector<int64_t> dense_layers;  // layers that are dense whatever the rule (Qwen2-MoE)
+  MoeConfig moe;                      // its d_model must equal d_model
   double init_std = 0.02;
 
+  // Variants of the published architectures (docs/model.md); the defaults are the project's.
+  NormKind norm = NormKind::rms;
+  bool qkv_bias = false;  // biases on the q, k, v projections (Qwen2-MoE)
+  QkNorm qk_norm = QkNorm::none;
+  double clip_qkv = 0;         // clamp q, k and v to [-c, c] (DBRX); 0: off
+  int64_t sliding_window = 0;  // attend to the last W positions only (Mistral); 0: all
+  // Multi-head latent attention (DeepSeek-V2/V3) when kv_lora_rank > 0: keys and values come
+  // from a rank-kv_lora_rank compression of the input; each head's query and key are a
+  // qk_nope_dim part without and a qk_rope_dim part with rotary embedding (the latter's key
+  // shared by all heads); values are v_head_dim wide; queries go through a rank-q_lora_rank
+  // compression when q_lora_rank > 0.
+  int64_t q_lora_rank = 0;
+  int64_t kv_lora_rank = 0;
+  int64_t qk_nope_dim = 0;
+  int64_t qk_rope_dim = 0;
+  int64_t v_head_dim = 0;
+  bool rope_interleave = false;  // rotate (x0, x1), (x2, x3), ... instead of the two halves
+
   int64_t head_size() const { return head_dim > 0 ? head_dim : d_model / n_heads; }
-  bool is_moe_layer(int64_t i) const {
-    return moe_every > 0 && i >= first_dense && (i + 1) % moe_every == 0;
-  }
+  bool mla() const { return kv_lora_rank > 0; }
+  // The rotated width of a query or key head.
+  int64_t rope_dim() const { return mla() ? qk_rope_dim : head_size(); }
+  bool is_moe_layer(int64_t i) const;
+  // True when the model uses only what the backward implements (the project's architecture):
+  // RMSNorm, no qkv biases, q/k norms, clipping, sliding window, latent attention or
+  // interleaved rotary pairs.
+  bool trainable() const;
   void validate() const;
 };
 
@@ -85,6 +118,15 @@ struct ModelOutput {
   std::vector<Tensor> plan_offsets, plan_experts, top_expert;
 };
 
+// Keys and values of the positions already run, for incremental decoding: per layer, k
+// [slots, capacity, heads, dk] and v [slots, capacity, heads, dv]; slot s holds length[s]
+// positions of one sequence.
+struct KvCache {
+  int64_t slots = 0, capacity = 0;
+  std::vector<int64_t> length;
+  std::vector<Tensor> k, v;
+};
+
 class Model {
  public:
   explicit Model(const ModelConfig& cfg, DType dtype = DType::F32);
@@ -110,8 +152,17 @@ class Model {
   // loss (scaled by grad_scale, e.g. 1 / accumulation steps).
   ModelOutput forward(const Tensor& tokens, Arena& arena);
   ModelOutput forward_backward(const Tensor& tokens, Arena& arena, double grad_scale = 1.0);
-  // logits [B, T, V] for tokens i32 [B, T] (no loss), in the arena.
-  Tensor logits(const Tensor& tokens, Arena& arena);
+  // logits [B, T, V] for tokens i32 [B, T] (no loss), in the arena; router_logits (when given)
+  // receives each MoE layer's router logits [B*T, R], in the arena.
+  Tensor logits(const Tensor& tokens, Arena& arena, std::vector<Tensor>* router_logits = nullptr);
+
+  // Inference with a key/value cache (any architecture variant; no gradients).
+  KvCache make_cache(int64_t slots, int64_t capacity) const;
+  // Runs tokens i32 [B, Tq] as the next Tq positions of cache slots `slots` (B of them; empty:
+  // 0..B-1), appending their keys and values; returns logits [B, Tq, V] in the arena.
+  Tensor decode(const Tensor& tokens, KvCache& cache, Arena& arena,
+                const std::vector<int64_t>& slots = {},
+                std::vector<Tensor>* router_logits = nullptr);
 
  private:
   struct Impl;

@@ -8,7 +8,8 @@ namespace moe {
 
 bool is_mixtral(const ModelConfig& c) {
   const MoeConfig& m = c.moe;
-  return c.moe_every == 1 && c.first_dense == 0 && m.router == RouterKind::topk && m.renormalize &&
+  return c.moe_every == 1 && c.first_dense == 0 && c.dense_layers.empty() && c.trainable() &&
+         m.routed_scaling_factor == 1.0 && m.router == RouterKind::topk && m.renormalize &&
          m.act == ExpertAct::swiglu && !m.expert_bias && m.n_shared == 0 && m.jitter_eps == 0 &&
          m.explore_prob == 0;
 }
@@ -70,10 +71,10 @@ ModelConfig config_from_mixtral(const nlohmann::json& j) {
                           static_cast<double>(c.n_layers);
     c.moe.z_loss_coef = 0;
     c.d_ffn = c.moe.d_ffn;
-    MOE_CHECK(!j.contains("sliding_window") || j["sliding_window"].is_null() ||
-                  j["sliding_window"].get<int64_t>() >= c.max_seq_len,
-              "hf", "sliding-window attention is not supported yet (sliding_window = {})",
-              j["sliding_window"].dump());
+    // Mistral's sliding window: each position attends to the last sliding_window positions.
+    if (j.contains("sliding_window") && j["sliding_window"].is_number_integer() &&
+        j["sliding_window"].get<int64_t>() < c.max_seq_len)
+      c.sliding_window = j["sliding_window"].get<int64_t>();
     c.validate();
     return c;
   } catch (const nlohmann::json::exception& e) {

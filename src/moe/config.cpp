@@ -31,6 +31,11 @@ void MoeConfig::validate() const {
             "explore_prob must be in [0, 1], got {}", explore_prob);
   MOE_CHECK(capacity_group >= 0, w, "capacity_group must be >= 0, got {}", capacity_group);
   MOE_CHECK(seq_len >= 0, w, "seq_len must be >= 0, got {}", seq_len);
+  MOE_CHECK(std::isfinite(routed_scaling_factor) && routed_scaling_factor > 0, w,
+            "routed_scaling_factor must be finite and > 0, got {}", routed_scaling_factor);
+  MOE_CHECK(routed_scaling_factor == 1.0 || router == RouterKind::topk ||
+                router == RouterKind::switch_top1 || router == RouterKind::deepseek,
+            w, "routed_scaling_factor applies to the topk, switch and deepseek routers only");
   switch (router) {
     case RouterKind::topk: break;
     case RouterKind::switch_top1:
@@ -75,8 +80,6 @@ void MoeConfig::validate() const {
                 topk_group, n_experts / n_group);
       MOE_CHECK(n_group == 1 || n_experts / n_group >= 2, w,
                 "groups need at least 2 experts (group score = sum of the best two)");
-      MOE_CHECK(std::isfinite(routed_scaling_factor) && routed_scaling_factor > 0, w,
-                "routed_scaling_factor must be finite and > 0, got {}", routed_scaling_factor);
       MOE_CHECK(std::isfinite(bias_update_rate) && bias_update_rate >= 0, w,
                 "bias_update_rate must be finite and >= 0, got {}", bias_update_rate);
       break;

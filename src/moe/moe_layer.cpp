@@ -365,6 +365,7 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, 
 
   MoeOutput out;
   out.y = y;
+  out.router_logits = Tensor::view(logits, {N, R}, dtype_of<T>());
   out.plan_offsets = Tensor::view(plan.token_offsets, {N + 1}, DType::I64);
   out.plan_experts = Tensor::view(plan.expert, {P}, DType::I32);
   out.top_expert = arena.tensor({N}, DType::I32);

@@ -165,6 +165,79 @@ void attention_backward(T* dq, T* dk, T* dv, T* scratch, const T* dout, const T*
 }
 
 template <class T>
+void layernorm_forward(T* out, const T* x, const T* g, int64_t n, int64_t d, double eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xi = x + i * d;
+    T mean = 0;
+    for (int64_t j = 0; j < d; ++j) mean += xi[j];
+    mean /= static_cast<T>(d);
+    T var = 0;
+    for (int64_t j = 0; j < d; ++j) var += (xi[j] - mean) * (xi[j] - mean);
+    const T r = T(1) / std::sqrt(var / static_cast<T>(d) + static_cast<T>(eps));
+    for (int64_t j = 0; j < d; ++j) out[i * d + j] = (xi[j] - mean) * r * g[j];
+  }
+}
+
+template <class T>
+void rope_at(T* x, const T* cos, const T* sin, const int64_t* pos, int64_t rows, int64_t heads,
+             int64_t stride, int64_t off, int64_t rd, bool interleave) {
+  const int64_t half = rd / 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* c = cos + pos[r] * half;
+    const T* s = sin + pos[r] * half;
+    for (int64_t hh = 0; hh < heads; ++hh) {
+      T* v = x + (r * heads + hh) * stride + off;
+      for (int64_t i = 0; i < half; ++i) {
+        T& a = interleave ? v[2 * i] : v[i];
+        T& bb = interleave ? v[2 * i + 1] : v[i + half];
+        const T a0 = a, b0 = bb;
+        a = a0 * c[i] - b0 * s[i];
+        bb = b0 * c[i] + a0 * s[i];
+      }
+    }
+  }
+}
+
+template <class T>
+void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int64_t* slot,
+                      const int64_t* start, int64_t b, int64_t tq, int64_t h, int64_t kv,
+                      int64_t dk, int64_t dv, int64_t cap, int64_t window, double scale) {
+  const int64_t group = h / kv;
+#pragma omp parallel
+  {
+    std::vector<T> p;
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < b * h; ++task) {
+      const int64_t bi = task / h, hh = task % h, g = hh / group;
+      const int64_t len = start[bi] + tq;                 // keys [0, len)
+      const T* kb = kc + (slot[bi] * cap * kv + g) * dk;  // row stride kv * dk
+      const T* vb = vc + (slot[bi] * cap * kv + g) * dv;  // row stride kv * dv
+      const T* qb = q + (bi * tq * h + hh) * dk;          // row stride h * dk
+      p.resize(static_cast<size_t>(tq * len));
+      cpu::gemm<T>(false, true, tq, len, dk, static_cast<T>(scale), qb, h * dk, kb, kv * dk, T(0),
+                   p.data(), len);
+      for (int64_t i = 0; i < tq; ++i) {
+        T* row = p.data() + i * len;
+        const int64_t at = start[bi] + i;
+        const int64_t lo = window > 0 ? std::max<int64_t>(0, at - window + 1) : 0;
+        T mx = row[lo];
+        for (int64_t j = lo; j <= at; ++j) mx = std::max(mx, row[j]);
+        T sum = 0;
+        for (int64_t j = lo; j <= at; ++j) {
+          row[j] = std::exp(row[j] - mx);
+          sum += row[j];
+        }
+        for (int64_t j = 0; j < len; ++j) row[j] = (j >= lo && j <= at) ? row[j] / sum : T(0);
+      }
+      cpu::gemm<T>(false, false, tq, dv, len, T(1), p.data(), len, vb, kv * dv, T(0),
+                   out + (bi * tq * h + hh) * dv, h * dv);
+    }
+  }
+}
+
+template <class T>
 double cross_entropy(T* dlogits, const T* logits, const int32_t* targets, int64_t n, int64_t v,
                      double scale) {
   // Per-row losses summed afterwards in row order: the same sum for any thread count.
@@ -201,6 +274,12 @@ double cross_entropy(T* dlogits, const T* logits, const int32_t* targets, int64_
                                      int64_t, int64_t, int64_t);                                 \
   template void attention_backward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const T*,    \
                                       const T*, int64_t, int64_t, int64_t, int64_t, int64_t);    \
+  template void layernorm_forward<T>(T*, const T*, const T*, int64_t, int64_t, double);          \
+  template void rope_at<T>(T*, const T*, const T*, const int64_t*, int64_t, int64_t, int64_t,    \
+                           int64_t, int64_t, bool);                                              \
+  template void attention_cached<T>(T*, const T*, const T*, const T*, const int64_t*,            \
+                                    const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, \
+                                    int64_t, int64_t, int64_t, double);                          \
   template double cross_entropy<T>(T*, const T*, const int32_t*, int64_t, int64_t, double);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)

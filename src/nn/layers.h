@@ -42,6 +42,26 @@ void attention_backward(T* dq, T* dk, T* dv, T* scratch, const T* dout, const T*
                         const T* v, const T* probs, int64_t b, int64_t t, int64_t h, int64_t kv,
                         int64_t hd);
 
+// Inference pieces (forward only).
+
+// LayerNorm without bias: out = (x - mean) / sqrt(var + eps) * g, rows of width d.
+template <class T>
+void layernorm_forward(T* out, const T* x, const T* g, int64_t n, int64_t d, double eps);
+// Rotates, in every row r of x (rows of `heads` heads, `stride` values apart), the values
+// [off, off + rd) of each head to position pos[r]; tables [max_len, rd / 2]. Interleaved pairs
+// (x0, x1), (x2, x3), ... when `interleave`, else the two halves.
+template <class T>
+void rope_at(T* x, const T* cos, const T* sin, const int64_t* pos, int64_t rows, int64_t heads,
+             int64_t stride, int64_t off, int64_t rd, bool interleave);
+// Causal attention of tq new queries per sequence against a key/value cache.
+// q [B, tq, H, dk]; kc [slots, cap, KV, dk], vc [slots, cap, KV, dv]; sequence b reads cache
+// slot slot[b], whose first start[b] + tq positions are filled, and its query i sits at
+// position start[b] + i. window > 0 keeps keys j > position - window. out [B, tq, H, dv].
+template <class T>
+void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int64_t* slot,
+                      const int64_t* start, int64_t b, int64_t tq, int64_t h, int64_t kv,
+                      int64_t dk, int64_t dv, int64_t cap, int64_t window, double scale);
+
 // Mean cross-entropy of logits [N, V] against targets [N]; dlogits (may be null) = scale *
 // (softmax - onehot) / N.
 template <class T>

@@ -4,6 +4,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
@@ -27,8 +28,26 @@ void ModelConfig::validate() const {
   MOE_CHECK(head_dim >= 0, w, "head_dim must be >= 0 (0: d_model / n_heads), got {}", head_dim);
   MOE_CHECK(head_dim > 0 || d_model % n_heads == 0, w,
             "d_model = {} is not divisible by n_heads = {} (set head_dim)", d_model, n_heads);
-  MOE_CHECK(head_size() % 2 == 0, w, "the head size must be even for rotary embeddings, got {}",
-            head_size());
+  MOE_CHECK(rope_dim() % 2 == 0, w, "the rotated width must be even for rotary embeddings, got {}",
+            rope_dim());
+  MOE_CHECK(std::isfinite(clip_qkv) && clip_qkv >= 0, w, "clip_qkv must be >= 0, got {}", clip_qkv);
+  MOE_CHECK(sliding_window >= 0, w, "sliding_window must be >= 0, got {}", sliding_window);
+  MOE_CHECK(q_lora_rank >= 0 && kv_lora_rank >= 0, w,
+            "q_lora_rank and kv_lora_rank must be >= 0, got {} and {}", q_lora_rank, kv_lora_rank);
+  if (mla()) {
+    MOE_CHECK(qk_nope_dim >= 0 && qk_rope_dim >= 2 && v_head_dim >= 1, w,
+              "latent attention needs qk_nope_dim >= 0, qk_rope_dim >= 2 and v_head_dim >= 1, got "
+              "{}, {}, {}",
+              qk_nope_dim, qk_rope_dim, v_head_dim);
+    MOE_CHECK(!qkv_bias && qk_norm == QkNorm::none && clip_qkv == 0, w,
+              "latent attention takes no qkv_bias, qk_norm or clip_qkv");
+  } else {
+    MOE_CHECK(q_lora_rank == 0, w, "q_lora_rank needs latent attention (kv_lora_rank > 0)");
+  }
+  for (size_t i = 0; i < dense_layers.size(); ++i)
+    MOE_CHECK(dense_layers[i] >= 0 && dense_layers[i] < n_layers, w,
+              "dense_layers[{}] = {} is not a layer index in [0, {})", i, dense_layers[i],
+              n_layers);
   MOE_CHECK(max_seq_len >= 1, w, "max_seq_len must be >= 1, got {}", max_seq_len);
   MOE_CHECK(std::isfinite(rope_theta) && rope_theta > 0, w, "rope_theta must be > 0, got {}",
             rope_theta);
@@ -46,6 +65,21 @@ void ModelConfig::validate() const {
   }
 }
 
+bool ModelConfig::is_moe_layer(int64_t i) const {
+  if (std::find(dense_layers.begin(), dense_layers.end(), i) != dense_layers.end()) return false;
+  return moe_every > 0 && i >= first_dense && (i + 1) % moe_every == 0;
+}
+
+bool ModelConfig::trainable() const {
+  return norm == NormKind::rms && !qkv_bias && qk_norm == QkNorm::none && clip_qkv == 0 &&
+         sliding_window == 0 && !mla() && !rope_interleave;
+}
+
+NLOHMANN_JSON_SERIALIZE_ENUM(NormKind, {{NormKind::rms, "rms"}, {NormKind::layer, "layer"}})
+NLOHMANN_JSON_SERIALIZE_ENUM(QkNorm, {{QkNorm::none, "none"},
+                                      {QkNorm::head, "head"},
+                                      {QkNorm::full, "full"}})
+
 void to_json(nlohmann::json& j, const ModelConfig& c) {
   j = {{"vocab_size", c.vocab_size},
        {"d_model", c.d_model},
@@ -62,13 +96,37 @@ void to_json(nlohmann::json& j, const ModelConfig& c) {
        {"first_dense", c.first_dense},
        {"init_std", c.init_std},
        {"moe", c.moe}};
+  // The architecture variants are written only when used, so the project's configs stay short.
+  const ModelConfig d;
+  if (!c.dense_layers.empty()) j["dense_layers"] = c.dense_layers;
+  if (c.norm != d.norm) j["norm"] = c.norm;
+  if (c.qkv_bias) j["qkv_bias"] = true;
+  if (c.qk_norm != d.qk_norm) j["qk_norm"] = c.qk_norm;
+  if (c.clip_qkv != 0) j["clip_qkv"] = c.clip_qkv;
+  if (c.sliding_window != 0) j["sliding_window"] = c.sliding_window;
+  if (c.mla()) {
+    j["q_lora_rank"] = c.q_lora_rank;
+    j["kv_lora_rank"] = c.kv_lora_rank;
+    j["qk_nope_dim"] = c.qk_nope_dim;
+    j["qk_rope_dim"] = c.qk_rope_dim;
+    j["v_head_dim"] = c.v_head_dim;
+  }
+  if (c.rope_interleave) j["rope_interleave"] = true;
 }
 
 void from_json(const nlohmann::json& j, ModelConfig& c) {
   MOE_CHECK(j.is_object(), "model.config", "expected a JSON object, got {}", j.type_name());
-  const nlohmann::json defaults = ModelConfig{};
+  static const char* const keys[] = {
+      "vocab_size",     "d_model",        "n_layers",     "n_heads",     "n_kv_heads",
+      "head_dim",       "d_ffn",          "max_seq_len",  "rope_theta",  "norm_eps",
+      "tie_embeddings", "moe_every",      "first_dense",  "init_std",    "moe",
+      "dense_layers",   "norm",           "qkv_bias",     "qk_norm",     "clip_qkv",
+      "sliding_window", "q_lora_rank",    "kv_lora_rank", "qk_nope_dim", "qk_rope_dim",
+      "v_head_dim",     "rope_interleave"};
   for (const auto& [key, value] : j.items())
-    MOE_CHECK(defaults.contains(key), "model.config", "unknown key '{}'", key);
+    MOE_CHECK(std::find_if(std::begin(keys), std::end(keys),
+                           [&](const char* k) { return key == k; }) != std::end(keys),
+              "model.config", "unknown key '{}'", key);
   try {
     c = ModelConfig{};
     c.vocab_size = j.value("vocab_size", c.vocab_size);
@@ -86,6 +144,28 @@ void from_json(const nlohmann::json& j, ModelConfig& c) {
     c.first_dense = j.value("first_dense", c.first_dense);
     c.init_std = j.value("init_std", c.init_std);
     if (j.contains("moe")) c.moe = j.at("moe").get<MoeConfig>();
+    c.dense_layers = j.value("dense_layers", c.dense_layers);
+    if (j.contains("norm")) {
+      const std::string n = j.at("norm").get<std::string>();
+      MOE_CHECK(n == "rms" || n == "layer", "model.config", "norm must be rms or layer, got '{}'",
+                n);
+      c.norm = j.at("norm").get<NormKind>();
+    }
+    if (j.contains("qk_norm")) {
+      const std::string n = j.at("qk_norm").get<std::string>();
+      MOE_CHECK(n == "none" || n == "head" || n == "full", "model.config",
+                "qk_norm must be none, head or full, got '{}'", n);
+      c.qk_norm = j.at("qk_norm").get<QkNorm>();
+    }
+    c.qkv_bias = j.value("qkv_bias", c.qkv_bias);
+    c.clip_qkv = j.value("clip_qkv", c.clip_qkv);
+    c.sliding_window = j.value("sliding_window", c.sliding_window);
+    c.q_lora_rank = j.value("q_lora_rank", c.q_lora_rank);
+    c.kv_lora_rank = j.value("kv_lora_rank", c.kv_lora_rank);
+    c.qk_nope_dim = j.value("qk_nope_dim", c.qk_nope_dim);
+    c.qk_rope_dim = j.value("qk_rope_dim", c.qk_rope_dim);
+    c.v_head_dim = j.value("v_head_dim", c.v_head_dim);
+    c.rope_interleave = j.value("rope_interleave", c.rope_interleave);
   } catch (const nlohmann::json::exception& e) {
     throw_error("model.config", fmt::format("bad value: {}", e.what()));
   }
@@ -100,8 +180,22 @@ ParamCount count_params(const ModelConfig& c) {
   int64_t active_experts = 0;
   const MoeConfig& m = c.moe;
   const int64_t mats = m.act == ExpertAct::swiglu ? 3 : 2;
+  const int64_t H = c.n_heads, KV = c.n_kv_heads;
+  int64_t attention = 0;  // one layer's
+  if (c.mla()) {
+    const int64_t qk = c.qk_nope_dim + c.qk_rope_dim;
+    attention +=
+        c.q_lora_rank > 0 ? D * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * H * qk : D * H * qk;
+    attention += D * (c.kv_lora_rank + c.qk_rope_dim) + c.kv_lora_rank;
+    attention += c.kv_lora_rank * H * (c.qk_nope_dim + c.v_head_dim) + H * c.v_head_dim * D;
+  } else {
+    attention += D * hd * (2 * H + 2 * KV);
+    if (c.qkv_bias) attention += hd * (H + 2 * KV);
+    if (c.qk_norm == QkNorm::head) attention += 2 * hd;
+    if (c.qk_norm == QkNorm::full) attention += hd * (H + KV);
+  }
   for (int64_t i = 0; i < c.n_layers; ++i) {
-    n.attention += D * hd * (2 * c.n_heads + 2 * c.n_kv_heads);
+    n.attention += attention;
     if (!c.is_moe_layer(i)) {
       n.dense_ffn += 3 * D * c.d_ffn;
       continue;
@@ -157,6 +251,8 @@ struct Model::Impl {
   Param embed, final_norm, lm_head;
   struct Block {
     Param attn_norm, wq, wk, wv, wo, ffn_norm;
+    Param b_q, b_k, b_v, q_norm, k_norm;                  // variants (model.h)
+    Param wq_a, q_a_norm, wq_b, wkv_a, kv_a_norm, wkv_b;  // latent attention
     std::unique_ptr<DenseFfn> dense;
     std::unique_ptr<MoeLayer> moe;
     BlockSaved saved;
@@ -175,10 +271,35 @@ struct Model::Impl {
     for (int64_t i = 0; i < cfg.n_layers; ++i) {
       Block b;
       b.attn_norm = make_param({D}, dt);
-      b.wq = make_param({H * hd, D}, dt);
-      b.wk = make_param({KV * hd, D}, dt);
-      b.wv = make_param({KV * hd, D}, dt);
-      b.wo = make_param({D, H * hd}, dt);
+      if (cfg.mla()) {
+        const int64_t qk = cfg.qk_nope_dim + cfg.qk_rope_dim, r = cfg.q_lora_rank;
+        if (r > 0) {
+          b.wq_a = make_param({r, D}, dt);
+          b.q_a_norm = make_param({r}, dt);
+          b.wq_b = make_param({H * qk, r}, dt);
+        } else {
+          b.wq = make_param({H * qk, D}, dt);
+        }
+        b.wkv_a = make_param({cfg.kv_lora_rank + cfg.qk_rope_dim, D}, dt);
+        b.kv_a_norm = make_param({cfg.kv_lora_rank}, dt);
+        b.wkv_b = make_param({H * (cfg.qk_nope_dim + cfg.v_head_dim), cfg.kv_lora_rank}, dt);
+        b.wo = make_param({D, H * cfg.v_head_dim}, dt);
+      } else {
+        b.wq = make_param({H * hd, D}, dt);
+        b.wk = make_param({KV * hd, D}, dt);
+        b.wv = make_param({KV * hd, D}, dt);
+        b.wo = make_param({D, H * hd}, dt);
+        if (cfg.qkv_bias) {
+          b.b_q = make_param({H * hd}, dt);
+          b.b_k = make_param({KV * hd}, dt);
+          b.b_v = make_param({KV * hd}, dt);
+        }
+        if (cfg.qk_norm != QkNorm::none) {
+          const bool full = cfg.qk_norm == QkNorm::full;
+          b.q_norm = make_param({full ? H * hd : hd}, dt);
+          b.k_norm = make_param({full ? KV * hd : hd}, dt);
+        }
+      }
       b.ffn_norm = make_param({D}, dt);
       if (cfg.is_moe_layer(i)) {
         b.moe = std::make_unique<MoeLayer>(cfg.moe, dt);
@@ -191,10 +312,24 @@ struct Model::Impl {
       Block& b = blocks[static_cast<size_t>(i)];
       const std::string p = fmt::format("layers.{}.", i);
       named.push_back({p + "attn_norm.weight", b.attn_norm.value, b.attn_norm.grad, false});
-      named.push_back({p + "attn.wq", b.wq.value, b.wq.grad, true});
-      named.push_back({p + "attn.wk", b.wk.value, b.wk.grad, true});
-      named.push_back({p + "attn.wv", b.wv.value, b.wv.grad, true});
-      named.push_back({p + "attn.wo", b.wo.value, b.wo.grad, true});
+      auto add = [&](const char* name, Param& q, bool decay) {
+        if (q.value.defined()) named.push_back({p + name, q.value, q.grad, decay});
+      };
+      add("attn.wq", b.wq, true);
+      add("attn.wq_a", b.wq_a, true);
+      add("attn.q_a_norm", b.q_a_norm, false);
+      add("attn.wq_b", b.wq_b, true);
+      add("attn.wk", b.wk, true);
+      add("attn.wv", b.wv, true);
+      add("attn.wkv_a", b.wkv_a, true);
+      add("attn.kv_a_norm", b.kv_a_norm, false);
+      add("attn.wkv_b", b.wkv_b, true);
+      add("attn.b_q", b.b_q, false);
+      add("attn.b_k", b.b_k, false);
+      add("attn.b_v", b.b_v, false);
+      add("attn.q_norm", b.q_norm, false);
+      add("attn.k_norm", b.k_norm, false);
+      add("attn.wo", b.wo, true);
       named.push_back({p + "ffn_norm.weight", b.ffn_norm.value, b.ffn_norm.grad, false});
       if (b.moe) {
         std::vector<Tensor> grads;
@@ -224,16 +359,25 @@ struct Model::Impl {
     } else {
       lm_head = embed;
     }
-    rope_cos = Tensor::empty({cfg.max_seq_len, hd / 2}, dt);
-    rope_sin = Tensor::empty({cfg.max_seq_len, hd / 2}, dt);
+    const int64_t rd = cfg.rope_dim();
+    rope_cos = Tensor::empty({cfg.max_seq_len, rd / 2}, dt);
+    rope_sin = Tensor::empty({cfg.max_seq_len, rd / 2}, dt);
     if (dt == DType::F64) {
-      nn::rope_tables(rope_cos.data<double>(), rope_sin.data<double>(), cfg.max_seq_len, hd,
+      nn::rope_tables(rope_cos.data<double>(), rope_sin.data<double>(), cfg.max_seq_len, rd,
                       cfg.rope_theta);
     } else {
-      nn::rope_tables(rope_cos.data<float>(), rope_sin.data<float>(), cfg.max_seq_len, hd,
+      nn::rope_tables(rope_cos.data<float>(), rope_sin.data<float>(), cfg.max_seq_len, rd,
                       cfg.rope_theta);
     }
   }
+
+  template <class T>
+  Tensor decode(const Tensor& tokens, KvCache& cache, Arena& arena,
+                const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits);
+  template <class T>
+  void attention_step(Block& blk, const T* a, int64_t B, int64_t Tq, const int64_t* pos,
+                      const int64_t* slot, const int64_t* start, Tensor& kc, Tensor& vc,
+                      int64_t cap, T* out, Arena& arena);
 
   // tokens [B, T+1] (or [B, T] when targets are not needed) -> loss, and optionally gradients.
   template <class T>
@@ -245,6 +389,11 @@ template <class T>
 ModelOutput Model::Impl::run(const Tensor& tokens, Arena& arena, bool with_targets, bool backward,
                              double scale, Tensor* logits_out) {
   const char* w = "model";
+  MOE_CHECK(
+      cfg.trainable(), w,
+      "training covers RMSNorm, rotary grouped-query attention and SwiGLU/MoE layers; this "
+      "model uses variants (LayerNorm, qkv bias, q/k norm, clipping, sliding window or latent "
+      "attention) that run in inference only for now");
   MOE_CHECK(tokens.ndim() == 2 && tokens.dtype() == DType::I32, w,
             "tokens must be i32[B, T{}], got {}", with_targets ? "+1" : "", tokens.str());
   const int64_t B = tokens.size(0), T1 = tokens.size(1);
@@ -394,6 +543,213 @@ ModelOutput Model::Impl::run(const Tensor& tokens, Arena& arena, bool with_targe
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Inference with a key/value cache
+
+namespace {
+
+// y [n, d] = x [n, k] W^T (+ b).
+template <class T>
+void linear(T* y, const T* x, const Tensor& w, const Tensor* b, int64_t n) {
+  const int64_t d = w.size(0), k = w.size(1);
+  cpu::gemm<T>(false, true, n, d, k, T(1), x, k, w.data<T>(), k, T(0), y, d);
+  if (b && b->defined()) {
+    const T* bp = b->data<T>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < d; ++j) y[i * d + j] += bp[j];
+  }
+}
+
+// RMSNorm of n rows of width d in place.
+template <class T>
+void rmsnorm_inplace(T* x, const T* g, int64_t n, int64_t d, double eps, Arena& arena) {
+  T* rstd = arena.alloc<T>(n);
+  nn::rmsnorm_forward<T>(x, rstd, x, g, n, d, eps);
+}
+
+}  // namespace
+
+template <class T>
+void Model::Impl::attention_step(Block& blk, const T* a, int64_t B, int64_t Tq, const int64_t* pos,
+                                 const int64_t* slot, const int64_t* start, Tensor& kc, Tensor& vc,
+                                 int64_t cap, T* out, Arena& arena) {
+  const int64_t N = B * Tq, H = cfg.n_heads;
+  const int64_t KVh = kc.size(2), dk = kc.size(3), dv = vc.size(3);
+  const T* cosp = rope_cos.data<T>();
+  const T* sinp = rope_sin.data<T>();
+  T* q = arena.alloc<T>(N * H * dk);
+  T* k = arena.alloc<T>(N * KVh * dk);
+  T* v = arena.alloc<T>(N * KVh * dv);
+  double scale = 1.0 / std::sqrt(static_cast<double>(dk));
+  if (cfg.mla()) {
+    // DeepSeek-V2 (DeepSeek-AI 2024, section 2.1): q from x or from its low-rank compression;
+    // [c_kv, k_rope] = x W_kv_a^T; [k_nope, v] per head = RMSNorm(c_kv) W_kv_b^T.
+    const int64_t nope = cfg.qk_nope_dim, rd = cfg.qk_rope_dim, r = cfg.kv_lora_rank;
+    if (cfg.q_lora_rank > 0) {
+      T* cq = arena.alloc<T>(N * cfg.q_lora_rank);
+      linear<T>(cq, a, blk.wq_a.value, nullptr, N);
+      rmsnorm_inplace<T>(cq, blk.q_a_norm.value.data<T>(), N, cfg.q_lora_rank, cfg.norm_eps, arena);
+      linear<T>(q, cq, blk.wq_b.value, nullptr, N);
+    } else {
+      linear<T>(q, a, blk.wq.value, nullptr, N);
+    }
+    T* ckv = arena.alloc<T>(N * (r + rd));
+    linear<T>(ckv, a, blk.wkv_a.value, nullptr, N);
+    T* c = arena.alloc<T>(N * r);
+    for (int64_t i = 0; i < N; ++i)
+      std::memcpy(c + i * r, ckv + i * (r + rd), static_cast<size_t>(r) * sizeof(T));
+    rmsnorm_inplace<T>(c, blk.kv_a_norm.value.data<T>(), N, r, cfg.norm_eps, arena);
+    T* kvb = arena.alloc<T>(N * H * (nope + dv));
+    linear<T>(kvb, c, blk.wkv_b.value, nullptr, N);
+    nn::rope_at<T>(ckv, cosp, sinp, pos, N, 1, r + rd, r, rd, cfg.rope_interleave);
+    nn::rope_at<T>(q, cosp, sinp, pos, N, H, dk, nope, rd, cfg.rope_interleave);
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t hh = 0; hh < H; ++hh) {
+        const T* src = kvb + (i * H + hh) * (nope + dv);
+        T* kd = k + (i * H + hh) * dk;
+        std::memcpy(kd, src, static_cast<size_t>(nope) * sizeof(T));
+        std::memcpy(kd + nope, ckv + i * (r + rd) + r, static_cast<size_t>(rd) * sizeof(T));
+        std::memcpy(v + (i * H + hh) * dv, src + nope, static_cast<size_t>(dv) * sizeof(T));
+      }
+  } else {
+    linear<T>(q, a, blk.wq.value, &blk.b_q.value, N);
+    linear<T>(k, a, blk.wk.value, &blk.b_k.value, N);
+    linear<T>(v, a, blk.wv.value, &blk.b_v.value, N);
+    if (cfg.clip_qkv > 0) {
+      const T c = static_cast<T>(cfg.clip_qkv);
+      for (T* p : {q, k, v}) {
+        const int64_t n = N * (p == q ? H : KVh) * dk;
+        for (int64_t i = 0; i < n; ++i) p[i] = std::clamp(p[i], -c, c);
+      }
+    }
+    if (cfg.qk_norm == QkNorm::full) {
+      rmsnorm_inplace<T>(q, blk.q_norm.value.data<T>(), N, H * dk, cfg.norm_eps, arena);
+      rmsnorm_inplace<T>(k, blk.k_norm.value.data<T>(), N, KVh * dk, cfg.norm_eps, arena);
+    } else if (cfg.qk_norm == QkNorm::head) {
+      rmsnorm_inplace<T>(q, blk.q_norm.value.data<T>(), N * H, dk, cfg.norm_eps, arena);
+      rmsnorm_inplace<T>(k, blk.k_norm.value.data<T>(), N * KVh, dk, cfg.norm_eps, arena);
+    }
+    nn::rope_at<T>(q, cosp, sinp, pos, N, H, dk, 0, dk, cfg.rope_interleave);
+    nn::rope_at<T>(k, cosp, sinp, pos, N, KVh, dk, 0, dk, cfg.rope_interleave);
+  }
+  // Append the new keys and values to the cache, then attend.
+  T* kcp = kc.data<T>();
+  T* vcp = vc.data<T>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < Tq; ++t) {
+      const int64_t row = (slot[b] * cap + start[b] + t) * KVh;
+      std::memcpy(kcp + row * dk, k + (b * Tq + t) * KVh * dk,
+                  static_cast<size_t>(KVh * dk) * sizeof(T));
+      std::memcpy(vcp + row * dv, v + (b * Tq + t) * KVh * dv,
+                  static_cast<size_t>(KVh * dv) * sizeof(T));
+    }
+  T* att = arena.alloc<T>(N * H * dv);
+  nn::attention_cached<T>(att, q, kcp, vcp, slot, start, B, Tq, H, KVh, dk, dv, cap,
+                          cfg.sliding_window, scale);
+  linear<T>(out, att, blk.wo.value, nullptr, N);
+}
+
+template <class T>
+Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
+                           const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits) {
+  const char* w = "model.decode";
+  MOE_CHECK(tokens.ndim() == 2 && tokens.dtype() == DType::I32, w,
+            "tokens must be i32[B, T], got {}", tokens.str());
+  const int64_t B = tokens.size(0), Tq = tokens.size(1), N = B * Tq;
+  const int64_t V = cfg.vocab_size, D = cfg.d_model;
+  MOE_CHECK(B >= 1 && Tq >= 1, w, "need at least one token, got {}", tokens.str());
+  MOE_CHECK(cache.k.size() == blocks.size() && cache.v.size() == blocks.size(), w,
+            "the cache was not made by this model");
+  MOE_CHECK(slots.empty() || static_cast<int64_t>(slots.size()) == B, w,
+            "{} slots for {} sequences", slots.size(), B);
+  int64_t* slot = arena.alloc<int64_t>(B);
+  int64_t* start = arena.alloc<int64_t>(B);
+  int64_t* pos = arena.alloc<int64_t>(N);
+  for (int64_t b = 0; b < B; ++b) {
+    slot[b] = slots.empty() ? b : slots[static_cast<size_t>(b)];
+    MOE_CHECK(slot[b] >= 0 && slot[b] < cache.slots, w, "slot {} is outside the cache's {} slots",
+              slot[b], cache.slots);
+    for (int64_t c = 0; c < b; ++c)
+      MOE_CHECK(slot[c] != slot[b], w, "slot {} is given twice", slot[b]);
+    start[b] = cache.length[static_cast<size_t>(slot[b])];
+    MOE_CHECK(start[b] + Tq <= cache.capacity, w,
+              "sequence in slot {} would reach {} positions, beyond the cache's {}", slot[b],
+              start[b] + Tq, cache.capacity);
+    for (int64_t t = 0; t < Tq; ++t) pos[b * Tq + t] = start[b] + t;
+  }
+  const int32_t* tok = tokens.data<int32_t>();
+  for (int64_t i = 0; i < N; ++i)
+    MOE_CHECK(tok[i] >= 0 && tok[i] < V, w,
+              "token {} at [{}, {}] is outside the vocabulary [0, {})", tok[i], i / Tq, i % Tq, V);
+  auto norm = [&](T* out, const T* x, const Param& g, int64_t n) {
+    if (cfg.norm == NormKind::layer) {
+      nn::layernorm_forward<T>(out, x, g.value.data<T>(), n, D, cfg.norm_eps);
+    } else {
+      T* rstd = arena.alloc<T>(n);
+      nn::rmsnorm_forward<T>(out, rstd, x, g.value.data<T>(), n, D, cfg.norm_eps);
+    }
+  };
+  T* h = arena.alloc<T>(N * D);
+  nn::embedding_forward<T>(h, tok, embed.value.data<T>(), N, D);
+  T* a = arena.alloc<T>(N * D);
+  T* o = arena.alloc<T>(N * D);
+  if (router_logits) router_logits->clear();
+  for (size_t li = 0; li < blocks.size(); ++li) {
+    Block& blk = blocks[li];
+    norm(a, h, blk.attn_norm, N);
+    attention_step<T>(blk, a, B, Tq, pos, slot, start, cache.k[li], cache.v[li], cache.capacity, o,
+                      arena);
+    for (int64_t i = 0; i < N * D; ++i) h[i] += o[i];
+    norm(a, h, blk.ffn_norm, N);
+    const Tensor at = Tensor::view(a, {N, D}, dtype_of<T>());
+    Tensor y;
+    if (blk.moe) {
+      const bool was = blk.moe->training();
+      blk.moe->set_training(false);
+      MoeOutput mo = blk.moe->forward(at, arena);
+      blk.moe->set_training(was);
+      if (router_logits) router_logits->push_back(mo.router_logits);
+      y = mo.y;
+    } else {
+      y = blk.dense->forward(at, arena);
+    }
+    const T* yp = y.data<T>();
+    for (int64_t i = 0; i < N * D; ++i) h[i] += yp[i];
+  }
+  for (int64_t b = 0; b < B; ++b) cache.length[static_cast<size_t>(slot[b])] += Tq;
+  norm(a, h, final_norm, N);
+  Tensor logits = arena.tensor({B, Tq, V}, dtype_of<T>());
+  cpu::gemm<T>(false, true, N, V, D, T(1), a, D, lm_head.value.data<T>(), D, T(0), logits.data<T>(),
+               V);
+  return logits;
+}
+
+KvCache Model::make_cache(int64_t slots, int64_t capacity) const {
+  MOE_CHECK(slots >= 1 && capacity >= 1 && capacity <= cfg_.max_seq_len, "model.cache",
+            "need slots >= 1 and capacity in [1, max_seq_len = {}], got {} and {}",
+            cfg_.max_seq_len, slots, capacity);
+  KvCache c;
+  c.slots = slots;
+  c.capacity = capacity;
+  c.length.assign(static_cast<size_t>(slots), 0);
+  const int64_t H = cfg_.n_heads;
+  const int64_t heads = cfg_.mla() ? H : cfg_.n_kv_heads;
+  const int64_t dk = cfg_.mla() ? cfg_.qk_nope_dim + cfg_.qk_rope_dim : cfg_.head_size();
+  const int64_t dv = cfg_.mla() ? cfg_.v_head_dim : cfg_.head_size();
+  for (int64_t i = 0; i < cfg_.n_layers; ++i) {
+    c.k.push_back(Tensor::zeros({slots, capacity, heads, dk}, impl_->dtype));
+    c.v.push_back(Tensor::zeros({slots, capacity, heads, dv}, impl_->dtype));
+  }
+  return c;
+}
+
+Tensor Model::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
+                     const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits) {
+  return impl_->dtype == DType::F64
+             ? impl_->decode<double>(tokens, cache, arena, slots, router_logits)
+             : impl_->decode<float>(tokens, cache, arena, slots, router_logits);
+}
+
 Model::Model(const ModelConfig& cfg, DType dtype)
     : cfg_(cfg), impl_(std::make_unique<Impl>(cfg, dtype)) {}
 Model::~Model() = default;
@@ -452,14 +808,10 @@ ModelOutput Model::forward_backward(const Tensor& tokens, Arena& arena, double g
              : impl_->run<float>(tokens, arena, true, true, grad_scale, nullptr);
 }
 
-Tensor Model::logits(const Tensor& tokens, Arena& arena) {
-  Tensor out;
-  if (impl_->dtype == DType::F64) {
-    impl_->run<double>(tokens, arena, false, false, 1, &out);
-  } else {
-    impl_->run<float>(tokens, arena, false, false, 1, &out);
-  }
-  return out;
+Tensor Model::logits(const Tensor& tokens, Arena& arena, std::vector<Tensor>* router_logits) {
+  MOE_CHECK(tokens.ndim() == 2, "model", "tokens must be i32[B, T], got {}", tokens.str());
+  KvCache cache = make_cache(tokens.size(0), std::max<int64_t>(1, tokens.size(1)));
+  return decode(tokens, cache, arena, {}, router_logits);
 }
 
 }  // namespace moe

@@ -334,8 +334,11 @@ std::string resolve_checkpoint(const std::string& dir) {
     f >> name;
     ckpt /= name;
   }
-  MOE_CHECK(fs::exists(ckpt / "config.json") && fs::exists(ckpt / "model.safetensors"),
-            "checkpoint", "{} is not a checkpoint (no config.json and model.safetensors)",
+  MOE_CHECK(fs::exists(ckpt / "config.json") && (fs::exists(ckpt / "model.safetensors") ||
+                                                 fs::exists(ckpt / "model.safetensors.index.json")),
+            "checkpoint",
+            "{} is not a checkpoint (no config.json with model.safetensors or "
+            "model.safetensors.index.json)",
             ckpt.string());
   return ckpt.string();
 }
@@ -364,22 +367,29 @@ void load_weights(Model& model, const std::string& path) {
 std::unique_ptr<Model> load_model(const std::string& dir) {
   const fs::path ckpt = resolve_checkpoint(dir);
   std::ifstream f(ckpt / "config.json");
-  ModelConfig cfg;
+  MOE_CHECK(f.good(), "checkpoint", "cannot read {}/config.json", ckpt.string());
+  nlohmann::json j;
   try {
-    const nlohmann::json j = nlohmann::json::parse(f);
-    if (j.contains("moe_cpp")) {
-      cfg = j.at("moe_cpp").get<ModelConfig>();
-    } else {
-      MOE_CHECK(j.value("model_type", std::string()) == "mixtral", "checkpoint",
-                "{}/config.json is neither this engine's nor a Mixtral's (model_type '{}')",
-                ckpt.string(), j.value("model_type", std::string()));
-      cfg = config_from_mixtral(j);
-    }
+    j = nlohmann::json::parse(f);
   } catch (const nlohmann::json::exception& e) {
     throw_error("checkpoint", fmt::format("bad {}/config.json: {}", ckpt.string(), e.what()));
   }
-  auto model = std::make_unique<Model>(cfg, DType::F32);
-  load_weights(*model, (ckpt / "model.safetensors").string());
+  std::unique_ptr<Model> model;
+  if (j.is_object() && j.contains("moe_cpp")) {
+    ModelConfig cfg;
+    try {
+      cfg = j.at("moe_cpp").get<ModelConfig>();
+    } catch (const nlohmann::json::exception& e) {
+      throw_error("checkpoint", fmt::format("bad {}/config.json: {}", ckpt.string(), e.what()));
+    }
+    model = std::make_unique<Model>(cfg, DType::F32);
+    load_weights(*model, (ckpt / "model.safetensors").string());
+  } else {
+    // A HuggingFace checkpoint of a supported architecture.
+    model = std::make_unique<Model>(config_from_hf(j), DType::F32);
+    HfTensors tensors(ckpt.string());
+    load_hf_weights(*model, j.value("model_type", std::string()), tensors);
+  }
   model->set_training(false);
   return model;
 }

@@ -42,8 +42,11 @@ void TopkRouter::fwd(RouterForward<T>& f) {
   int64_t* counts = arena.alloc<int64_t>(E);
   std::fill_n(counts, E, 0);
   for (int64_t p = 0; p < N * K; ++p) ++counts[plan.expert[p]];
-  for (int64_t t = 0; t < N; ++t)
+  const T rsf = static_cast<T>(cfg_.routed_scaling_factor);
+  for (int64_t t = 0; t < N; ++t) {
     topk_weights(plan.weight + t * K, plan.score + t * K, K, cfg_.renormalize);
+    for (int64_t j = 0; j < K; ++j) plan.weight[t * K + j] *= rsf;
+  }
   f.plan = plan;
   f.aux_loss = balance_loss(probs, counts, N * K, N, E, cfg_.aux_loss_coef);
   f.z_loss = z_loss(lse, N, cfg_.z_loss_coef);
@@ -86,13 +89,18 @@ void TopkRouter::bwd(const T* dweight, double d_aux, double d_z, T* dlogits) {
   const T* top_p = static_cast<const T*>(saved_.top_p);
   const T* weight = static_cast<const T*>(saved_.weight);
   const T zs = static_cast<T>(d_z * cfg_.z_loss_coef * 2.0 / static_cast<double>(N));
-  std::vector<T> dp(static_cast<size_t>(K));
+  // w = rsf * u with u the (renormalized) top-k probabilities.
+  const T rsf = static_cast<T>(cfg_.routed_scaling_factor);
+  std::vector<T> dp(static_cast<size_t>(K)), du(static_cast<size_t>(K)), u(static_cast<size_t>(K));
   for (int64_t t = 0; t < N; ++t) {
     T* g = dlogits + t * E;
     std::fill_n(g, E, T(0));
     balance_loss_grad(g, saved_.counts, N * K, N, E, cfg_.aux_loss_coef, d_aux);
-    topk_weights_backward(dp.data(), dweight + t * K, weight + t * K, top_p + t * K, K,
-                          cfg_.renormalize);
+    for (int64_t j = 0; j < K; ++j) {
+      du[static_cast<size_t>(j)] = rsf * dweight[t * K + j];
+      u[static_cast<size_t>(j)] = weight[t * K + j] / rsf;
+    }
+    topk_weights_backward(dp.data(), du.data(), u.data(), top_p + t * K, K, cfg_.renormalize);
     for (int64_t j = 0; j < K; ++j) g[saved_.expert[t * K + j]] += dp[static_cast<size_t>(j)];
     softmax_backward_row(g, probs + t * E, E, zs * lse[t]);
   }

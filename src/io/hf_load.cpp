@@ -1,0 +1,522 @@
+// HuggingFace checkpoints of the MoE architectures people run (see moe/hf.h): config.json of
+// each model_type mapped onto ModelConfig, and every tensor, under its architecture's name and
+// layout, copied into the model's parameters.
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "moe/hf.h"
+
+namespace moe {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+using nlohmann::json;
+
+const char* const kWhere = "hf";
+
+int64_t get_int(const json& j, const char* key) {
+  MOE_CHECK(j.contains(key) && j[key].is_number_integer(), kWhere,
+            "config.json needs an integer '{}'", key);
+  return j[key].get<int64_t>();
+}
+
+int64_t int_or(const json& j, const char* key, int64_t fallback) {
+  return j.contains(key) && j[key].is_number_integer() ? j[key].get<int64_t>() : fallback;
+}
+
+double num_or(const json& j, const char* key, double fallback) {
+  return j.contains(key) && j[key].is_number() ? j[key].get<double>() : fallback;
+}
+
+bool bool_or(const json& j, const char* key, bool fallback) {
+  return j.contains(key) && j[key].is_boolean() ? j[key].get<bool>() : fallback;
+}
+
+// rope_theta from rope_parameters (transformers 5) or the top level (older files); scaling
+// other than the default is refused rather than silently ignored.
+void read_rope(const json& j, ModelConfig& c, double fallback) {
+  const json* params = j.contains("rope_parameters") && j["rope_parameters"].is_object()
+                           ? &j["rope_parameters"]
+                           : nullptr;
+  c.rope_theta = params && params->contains("rope_theta") ? num_or(*params, "rope_theta", fallback)
+                                                          : num_or(j, "rope_theta", fallback);
+  for (const json* s : {params, j.contains("rope_scaling") ? &j["rope_scaling"] : nullptr}) {
+    if (!s || s->is_null()) continue;
+    std::string type = "default";
+    if (s->contains("rope_type") && (*s)["rope_type"].is_string()) type = (*s)["rope_type"];
+    if (s->contains("type") && (*s)["type"].is_string()) type = (*s)["type"];
+    MOE_CHECK(type == "default", kWhere, "rope scaling '{}' is not supported yet", type);
+  }
+}
+
+// The fields every architecture spells the same way (Llama's names).
+ModelConfig llama_like(const json& j) {
+  ModelConfig c;
+  c.vocab_size = get_int(j, "vocab_size");
+  c.d_model = get_int(j, "hidden_size");
+  c.n_layers = get_int(j, "num_hidden_layers");
+  c.n_heads = get_int(j, "num_attention_heads");
+  c.n_kv_heads = int_or(j, "num_key_value_heads", c.n_heads);
+  c.head_dim = int_or(j, "head_dim", 0);
+  c.max_seq_len = int_or(j, "max_position_embeddings", 4096);
+  c.norm_eps = num_or(j, "rms_norm_eps", 1e-6);
+  c.tie_embeddings = bool_or(j, "tie_word_embeddings", false);
+  c.d_ffn = int_or(j, "intermediate_size", 0);
+  read_rope(j, c, 10000.0);
+  MOE_CHECK(j.value("hidden_act", std::string("silu")) == "silu", kWhere,
+            "hidden_act '{}' is not supported (silu only)", j.value("hidden_act", std::string()));
+  c.moe.d_model = c.d_model;
+  c.moe.act = ExpertAct::swiglu;
+  c.moe.z_loss_coef = 0;
+  c.moe.aux_loss_coef = num_or(j, "router_aux_loss_coef", 0.0);
+  return c;
+}
+
+// Qwen2-MoE, Qwen3-MoE, OLMoE: softmax top-k, optional renormalization, every
+// decoder_sparse_step-th layer MoE except mlp_only_layers.
+void qwen_like_moe(const json& j, ModelConfig& c) {
+  c.moe.n_experts =
+      j.contains("num_experts") ? get_int(j, "num_experts") : get_int(j, "num_local_experts");
+  c.moe.top_k = get_int(j, "num_experts_per_tok");
+  c.moe.d_ffn = int_or(j, "moe_intermediate_size", c.d_ffn);
+  c.moe.renormalize = bool_or(j, "norm_topk_prob", false);
+  c.moe_every = int_or(j, "decoder_sparse_step", 1);
+  if (j.contains("mlp_only_layers") && j["mlp_only_layers"].is_array())
+    c.dense_layers = j["mlp_only_layers"].get<std::vector<int64_t>>();
+  MOE_CHECK(!bool_or(j, "use_sliding_window", false), kWhere,
+            "Qwen's per-layer sliding window (use_sliding_window) is not supported yet");
+}
+
+ModelConfig deepseek_config(const json& j, bool v3) {
+  ModelConfig c = llama_like(j);
+  c.head_dim = 0;
+  c.q_lora_rank = int_or(j, "q_lora_rank", 0);
+  c.kv_lora_rank = get_int(j, "kv_lora_rank");
+  c.qk_nope_dim = get_int(j, "qk_nope_head_dim");
+  c.qk_rope_dim = get_int(j, "qk_rope_head_dim");
+  c.v_head_dim = get_int(j, "v_head_dim");
+  c.n_kv_heads = c.n_heads;
+  // Both rotate interleaved pairs: V2 through complex multiplication, V3 when rope_interleave.
+  c.rope_interleave = v3 ? bool_or(j, "rope_interleave", true) : true;
+  c.first_dense = int_or(j, "first_k_dense_replace", 0);
+  c.moe_every = int_or(j, "moe_layer_freq", 1);
+  MoeConfig& m = c.moe;
+  m.n_experts = get_int(j, "n_routed_experts");
+  m.top_k = get_int(j, "num_experts_per_tok");
+  m.d_ffn = get_int(j, "moe_intermediate_size");
+  m.renormalize = bool_or(j, "norm_topk_prob", false);
+  m.routed_scaling_factor = num_or(j, "routed_scaling_factor", 1.0);
+  // The shared experts are one MLP of width n_shared * moe_intermediate_size.
+  const int64_t shared = int_or(j, "n_shared_experts", 0);
+  if (shared > 0) {
+    m.n_shared = 1;
+    m.d_shared_ffn = shared * m.d_ffn;
+  }
+  const std::string method = j.value("topk_method", std::string(v3 ? "noaux_tc" : "greedy"));
+  if (v3) {
+    MOE_CHECK(method == "noaux_tc", kWhere, "topk_method '{}' is not supported for deepseek_v3",
+              method);
+    m.router = RouterKind::deepseek;
+    m.n_group = int_or(j, "n_group", 1);
+    m.topk_group = int_or(j, "topk_group", 1);
+    m.aux_loss_coef = 0;
+  } else {
+    MOE_CHECK(method == "greedy", kWhere,
+              "topk_method '{}' is not supported yet for deepseek_v2 (greedy only)", method);
+    m.router = RouterKind::topk;
+  }
+  return c;
+}
+
+ModelConfig dbrx_config(const json& j) {
+  MOE_CHECK(j.contains("attn_config") && j.contains("ffn_config"), kWhere,
+            "a dbrx config.json needs attn_config and ffn_config");
+  const json& a = j["attn_config"];
+  const json& f = j["ffn_config"];
+  ModelConfig c;
+  c.vocab_size = get_int(j, "vocab_size");
+  c.d_model = get_int(j, "d_model");
+  c.n_layers = get_int(j, "n_layers");
+  c.n_heads = get_int(j, "n_heads");
+  c.n_kv_heads = int_or(a, "kv_n_heads", c.n_heads);
+  c.max_seq_len = int_or(j, "max_seq_len", 2048);
+  c.norm = NormKind::layer;
+  c.norm_eps = 1e-5;
+  c.clip_qkv = num_or(a, "clip_qkv", 0.0);
+  c.tie_embeddings = bool_or(j, "tie_word_embeddings", false);
+  read_rope(j, c, num_or(a, "rope_theta", 10000.0));
+  if (!(j.contains("rope_parameters") && j["rope_parameters"].contains("rope_theta")))
+    c.rope_theta = num_or(a, "rope_theta", 10000.0);
+  MoeConfig& m = c.moe;
+  m.d_model = c.d_model;
+  m.d_ffn = get_int(f, "ffn_hidden_size");
+  m.n_experts = get_int(f, "moe_num_experts");
+  m.top_k = get_int(f, "moe_top_k");
+  const double p = num_or(f, "moe_normalize_expert_weights", 0.0);
+  MOE_CHECK(p == 0.0 || p == 1.0, kWhere,
+            "moe_normalize_expert_weights = {} is not supported (1 or none)", p);
+  m.renormalize = p == 1.0;
+  m.z_loss_coef = 0;
+  m.aux_loss_coef = num_or(f, "moe_loss_weight", 0.0);
+  c.d_ffn = m.d_ffn;
+  return c;
+}
+
+// Where an architecture keeps each tensor (the llama-style names; DBRX is handled apart).
+struct Names {
+  std::string moe = "mlp.";                                            // the MoE block, in a layer
+  std::string router = "gate.weight";                                  // in the MoE block
+  std::string gate = "gate_proj", up = "up_proj", down = "down_proj";  // expert projections
+  std::string shared;       // the shared experts' MLP, in the MoE block
+  std::string shared_gate;  // the shared gate, in the MoE block
+};
+
+Names names_for(const std::string& type) {
+  Names n;
+  if (type == "mixtral") {
+    n.moe = "block_sparse_moe.";
+    n.gate = "w1";
+    n.up = "w3";
+    n.down = "w2";
+  } else if (type == "qwen2_moe") {
+    n.shared = "shared_expert.";
+    n.shared_gate = "shared_expert_gate.weight";
+  } else if (type == "deepseek_v2" || type == "deepseek_v3") {
+    n.shared = "shared_experts.";
+  }
+  return n;
+}
+
+// Copies src (any float dtype) into dst; src must have `shape`, or be that shape with leading
+// dimensions merged ([E*F, D] for [E, F, D]) or dropped ([F, D] for [1, F, D]).
+void copy_into(void* dst, DType dtype, const Tensor& src, const Shape& shape,
+               const std::string& name) {
+  Tensor f = src.dtype() == dtype ? src : src.to(dtype);
+  const Shape& s = f.shape();
+  bool merged =
+      shape.size() == 3 && s.size() == 2 && s[0] == shape[0] * shape[1] && s[1] == shape[2];
+  if (merged) f = Tensor::view(f.raw(), shape, dtype);
+  f.expect(kWhere, name.c_str(), shape, dtype);
+  std::memcpy(dst, f.raw(), f.nbytes());
+}
+
+char* slice(Tensor& t, int64_t i) {
+  const int64_t n = t.numel() / t.size(0);
+  return static_cast<char*>(t.raw()) + static_cast<size_t>(i * n) * dtype_size(t.dtype());
+}
+
+// The E experts of one projection: per-expert tensors "<prefix>experts.<e>.<proj>.weight", or
+// transformers' fused "<prefix>experts.gate_up_proj" [E, 2F, D] / "<prefix>experts.down_proj"
+// [E, D, F].
+void load_experts(Tensor& dst, HfTensors& src, const std::string& prefix, const std::string& proj,
+                  int kind /*0 gate, 1 up, 2 down*/) {
+  const int64_t E = dst.size(0);
+  const Shape one(dst.shape().begin() + 1, dst.shape().end());
+  const std::string fused = prefix + "experts." + (kind == 2 ? "down_proj" : "gate_up_proj");
+  if (!src.has(prefix + "experts.0." + proj + ".weight") && src.has(fused)) {
+    const Tensor& t = src.get(fused);
+    if (kind == 2) {
+      copy_into(dst.raw(), dst.dtype(), t, dst.shape(), fused);
+      return;
+    }
+    const int64_t F = one[0], D = one[1];
+    const Tensor f = t.dtype() == dst.dtype() ? t : t.to(dst.dtype());
+    f.expect(kWhere, fused.c_str(), {E, 2 * F, D}, dst.dtype());
+    const size_t row = static_cast<size_t>(F * D) * dtype_size(dst.dtype());
+    for (int64_t e = 0; e < E; ++e)
+      std::memcpy(slice(dst, e), static_cast<const char*>(f.raw()) + (2 * e + kind) * row, row);
+    return;
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    const std::string name = prefix + "experts." + std::to_string(e) + "." + proj + ".weight";
+    copy_into(slice(dst, e), dst.dtype(), src.get(name), one, name);
+  }
+}
+
+void load_llama_like(Model& model, const std::string& type, HfTensors& src) {
+  const Names n = names_for(type);
+  std::vector<MoeLayer*> moes = model.moe_layers();
+  size_t moe_index = 0;
+  int64_t layer = -1;
+  for (NamedParam& p : model.params()) {
+    const std::string& ours = p.name;
+    auto take = [&](const std::string& theirs) {
+      copy_into(p.value.raw(), p.value.dtype(), src.get(theirs), p.value.shape(), theirs);
+    };
+    if (ours == "embed.weight") {
+      take("model.embed_tokens.weight");
+      continue;
+    }
+    if (ours == "norm.weight") {
+      take("model.norm.weight");
+      continue;
+    }
+    if (ours == "lm_head.weight") {
+      take("lm_head.weight");
+      continue;
+    }
+    // layers.<i>.<rest>
+    const size_t dot = ours.find('.', 7);
+    const int64_t i = std::stoll(ours.substr(7, dot - 7));
+    const std::string rest = ours.substr(dot + 1);
+    const std::string L = "model.layers." + std::to_string(i) + ".";
+    const std::string A = L + "self_attn.";
+    const std::string M = L + n.moe;
+    if (i != layer) {
+      layer = i;
+      if (model.config().is_moe_layer(i)) {
+        // DeepSeek-V3's selection bias is a buffer, not a parameter.
+        MoeLayer* m = moes[moe_index++];
+        if (std::vector<double>* b = m->router().selection_bias()) {
+          const std::string name = M + "gate.e_score_correction_bias";
+          const Tensor t = src.get(name).to(DType::F64);
+          t.expect(kWhere, name.c_str(), {static_cast<int64_t>(b->size())}, DType::F64);
+          b->assign(t.data<double>(), t.data<double>() + t.numel());
+        }
+      }
+    }
+    static const std::pair<const char*, const char*> attn[] = {
+        {"attn.wq", "q_proj.weight"},
+        {"attn.wk", "k_proj.weight"},
+        {"attn.wv", "v_proj.weight"},
+        {"attn.wo", "o_proj.weight"},
+        {"attn.b_q", "q_proj.bias"},
+        {"attn.b_k", "k_proj.bias"},
+        {"attn.b_v", "v_proj.bias"},
+        {"attn.q_norm", "q_norm.weight"},
+        {"attn.k_norm", "k_norm.weight"},
+        {"attn.wq_a", "q_a_proj.weight"},
+        {"attn.q_a_norm", "q_a_layernorm.weight"},
+        {"attn.wq_b", "q_b_proj.weight"},
+        {"attn.wkv_a", "kv_a_proj_with_mqa.weight"},
+        {"attn.kv_a_norm", "kv_a_layernorm.weight"},
+        {"attn.wkv_b", "kv_b_proj.weight"}};
+    bool done = false;
+    for (const auto& [a, b] : attn)
+      if (rest == a) {
+        take(A + b);
+        done = true;
+      }
+    if (done) continue;
+    if (rest == "attn_norm.weight") {
+      take(L + "input_layernorm.weight");
+    } else if (rest == "ffn_norm.weight") {
+      take(L + "post_attention_layernorm.weight");
+    } else if (rest == "ffn.w_gate") {
+      take(L + "mlp.gate_proj.weight");
+    } else if (rest == "ffn.w_up") {
+      take(L + "mlp.up_proj.weight");
+    } else if (rest == "ffn.w_down") {
+      take(L + "mlp.down_proj.weight");
+    } else if (rest == "moe.router.weight") {
+      take(M + n.router);
+    } else if (rest == "moe.experts.w_gate") {
+      load_experts(p.value, src, M, n.gate, 0);
+    } else if (rest == "moe.experts.w_up") {
+      load_experts(p.value, src, M, n.up, 1);
+    } else if (rest == "moe.experts.w_down") {
+      load_experts(p.value, src, M, n.down, 2);
+    } else if (rest == "moe.shared.w_gate" && !n.shared.empty()) {
+      take(M + n.shared + "gate_proj.weight");
+    } else if (rest == "moe.shared.w_up" && !n.shared.empty()) {
+      take(M + n.shared + "up_proj.weight");
+    } else if (rest == "moe.shared.w_down" && !n.shared.empty()) {
+      take(M + n.shared + "down_proj.weight");
+    } else if (rest == "moe.shared.gate" && !n.shared_gate.empty()) {
+      take(M + n.shared_gate);
+    } else {
+      throw_error(kWhere, fmt::format("{} has no {} tensor", ours, type));
+    }
+  }
+}
+
+void load_dbrx(Model& model, HfTensors& src) {
+  const ModelConfig& c = model.config();
+  const int64_t hd = c.head_size(), H = c.n_heads, KV = c.n_kv_heads, D = c.d_model;
+  for (NamedParam& p : model.params()) {
+    const std::string& ours = p.name;
+    auto take = [&](const std::string& theirs) {
+      copy_into(p.value.raw(), p.value.dtype(), src.get(theirs), p.value.shape(), theirs);
+    };
+    if (ours == "embed.weight") {
+      take("transformer.wte.weight");
+      continue;
+    }
+    if (ours == "norm.weight") {
+      take("transformer.norm_f.weight");
+      continue;
+    }
+    if (ours == "lm_head.weight") {
+      take("lm_head.weight");
+      continue;
+    }
+    const size_t dot = ours.find('.', 7);
+    const std::string rest = ours.substr(dot + 1);
+    const std::string B = "transformer.blocks." + ours.substr(7, dot - 7) + ".";
+    const std::string A = B + "norm_attn_norm.";
+    if (rest == "attn_norm.weight") {
+      take(A + "norm_1.weight");
+    } else if (rest == "ffn_norm.weight") {
+      take(A + "norm_2.weight");
+    } else if (rest == "attn.wo") {
+      take(A + "attn.out_proj.weight");
+    } else if (rest == "attn.wq" || rest == "attn.wk" || rest == "attn.wv") {
+      // Wqkv [(H + 2 KV) hd, D] = [W_q; W_k; W_v].
+      const std::string name = A + "attn.Wqkv.weight";
+      const Tensor& t = src.get(name);
+      const Tensor f = t.dtype() == p.value.dtype() ? t : t.to(p.value.dtype());
+      f.expect(kWhere, name.c_str(), {(H + 2 * KV) * hd, D}, p.value.dtype());
+      const int64_t row0 = rest == "attn.wq" ? 0 : rest == "attn.wk" ? H * hd : (H + KV) * hd;
+      std::memcpy(
+          p.value.raw(),
+          static_cast<const char*>(f.raw()) + static_cast<size_t>(row0 * D) * dtype_size(f.dtype()),
+          p.value.nbytes());
+    } else if (rest == "moe.router.weight") {
+      take(B + "ffn.router.layer.weight");
+    } else if (rest == "moe.experts.w_gate") {
+      take(B + "ffn.experts.mlp.w1");  // [E F, D] is [E, F, D]
+    } else if (rest == "moe.experts.w_up") {
+      take(B + "ffn.experts.mlp.v1");
+    } else if (rest == "moe.experts.w_down") {
+      // w2 [E F, D]: expert e computes h w2_e with w2_e [F, D], so W_down[e] = w2_e^T.
+      const std::string name = B + "ffn.experts.mlp.w2";
+      const int64_t E = p.value.size(0), F = p.value.size(2);
+      const Tensor f = src.get(name).to(DType::F64);
+      f.expect(kWhere, name.c_str(), {E * F, D}, DType::F64);
+      const double* s = f.data<double>();
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t k = 0; k < F; ++k) {
+            const double v = s[(e * F + k) * D + d];
+            const int64_t at = (e * D + d) * F + k;
+            if (p.value.dtype() == DType::F64) {
+              p.value.data<double>()[at] = v;
+            } else {
+              p.value.data<float>()[at] = static_cast<float>(v);
+            }
+          }
+    } else {
+      throw_error(kWhere, fmt::format("{} has no dbrx tensor", ours));
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<std::string> hf_model_types() {
+  return {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dbrx"};
+}
+
+ModelConfig config_from_hf(const json& j) {
+  MOE_CHECK(j.is_object(), kWhere, "config.json is not a JSON object");
+  const std::string type = j.value("model_type", std::string());
+  try {
+    ModelConfig c;
+    if (type == "mixtral") {
+      c = config_from_mixtral(j);
+    } else if (type == "qwen2_moe") {
+      c = llama_like(j);
+      qwen_like_moe(j, c);
+      c.qkv_bias = bool_or(j, "qkv_bias", true);
+      const int64_t shared = int_or(j, "shared_expert_intermediate_size", 0);
+      if (shared > 0) {
+        c.moe.n_shared = 1;
+        c.moe.d_shared_ffn = shared;
+        c.moe.shared_gate = true;
+      }
+    } else if (type == "qwen3_moe") {
+      c = llama_like(j);
+      qwen_like_moe(j, c);
+      c.qk_norm = QkNorm::head;
+      c.qkv_bias = bool_or(j, "attention_bias", false);
+    } else if (type == "olmoe") {
+      c = llama_like(j);
+      qwen_like_moe(j, c);
+      c.qk_norm = QkNorm::full;
+      c.clip_qkv = num_or(j, "clip_qkv", 0.0);
+      c.qkv_bias = bool_or(j, "attention_bias", false);
+      c.norm_eps = num_or(j, "rms_norm_eps", 1e-5);
+    } else if (type == "deepseek_v2" || type == "deepseek_v3") {
+      c = deepseek_config(j, type == "deepseek_v3");
+    } else if (type == "dbrx") {
+      c = dbrx_config(j);
+    } else {
+      std::string known;
+      for (const std::string& t : hf_model_types()) known += (known.empty() ? "" : ", ") + t;
+      throw_error(kWhere, fmt::format("model_type '{}' is not supported ({})", type, known));
+    }
+    if (c.d_ffn == 0) c.d_ffn = c.moe.d_ffn;
+    c.validate();
+    return c;
+  } catch (const json::exception& e) {
+    throw_error(kWhere, fmt::format("bad {} config.json: {}", type, e.what()));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HfTensors
+
+HfTensors::HfTensors(const std::string& dir) : dir_(dir) {
+  const fs::path single = fs::path(dir) / "model.safetensors";
+  const fs::path index = fs::path(dir) / "model.safetensors.index.json";
+  if (fs::exists(single)) {
+    shards_.emplace("model.safetensors", load_safetensors(single.string()));
+    for (const auto& [name, t] : shards_.begin()->second.tensors)
+      where_[name] = "model.safetensors";
+    return;
+  }
+  MOE_CHECK(fs::exists(index), kWhere, "{} has neither model.safetensors nor {}", dir,
+            index.filename().string());
+  std::ifstream f(index);
+  json j;
+  try {
+    j = json::parse(f);
+  } catch (const json::exception& e) {
+    throw_error(kWhere, fmt::format("{} is not valid JSON: {}", index.string(), e.what()));
+  }
+  MOE_CHECK(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(), kWhere,
+            "{} has no weight_map object", index.string());
+  for (const auto& [name, shard] : j["weight_map"].items()) {
+    MOE_CHECK(shard.is_string(), kWhere, "{}: the shard of '{}' is not a string", index.string(),
+              name);
+    const std::string s = shard.get<std::string>();
+    // A shard is a plain file name in the model folder: no folders, no way out of it.
+    MOE_CHECK(!s.empty() && s.find('/') == std::string::npos && s.find('\\') == std::string::npos &&
+                  s != "." && s != "..",
+              kWhere, "{}: shard '{}' of '{}' is not a file in the model folder", index.string(), s,
+              name);
+    where_[name] = s;
+  }
+}
+
+bool HfTensors::has(const std::string& name) const { return where_.count(name) > 0; }
+
+const Tensor& HfTensors::get(const std::string& name) {
+  auto it = where_.find(name);
+  MOE_CHECK(it != where_.end(), kWhere, "the checkpoint in {} has no tensor '{}'", dir_, name);
+  auto s = shards_.find(it->second);
+  if (s == shards_.end()) {
+    const fs::path path = fs::path(dir_) / it->second;
+    MOE_CHECK(fs::exists(path), kWhere, "shard {} is missing", path.string());
+    s = shards_.emplace(it->second, load_safetensors(path.string())).first;
+  }
+  auto t = s->second.tensors.find(name);
+  MOE_CHECK(t != s->second.tensors.end(), kWhere, "shard {} has no tensor '{}' (the index says so)",
+            it->second, name);
+  return t->second;
+}
+
+void load_hf_weights(Model& model, const std::string& model_type, HfTensors& src) {
+  if (model_type == "dbrx") {
+    load_dbrx(model, src);
+  } else {
+    load_llama_like(model, model_type, src);
+  }
+}
+
+}  // namespace moe
