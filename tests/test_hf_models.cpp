@@ -125,6 +125,13 @@ TEST_P(HfModel, GreedyGenerationGivesTransformersIds) {
   EXPECT_EQ(got[1].size(), other.size() + static_cast<size_t>(n));
 }
 
+TEST_P(HfModel, ParameterCountIsTransformers) {
+  const std::string dir = fixture(GetParam());
+  std::ifstream c(dir + "/config.json"), r(dir + "/reference.json");
+  const ModelConfig cfg = config_from_hf(nlohmann::json::parse(c));
+  EXPECT_EQ(count_params(cfg).total, nlohmann::json::parse(r).at("n_params").get<int64_t>());
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfModel,
                          ::testing::Values("mixtral", "mixtral_top1_e4", "qwen2_moe", "qwen3_moe",
                                            "olmoe", "deepseek_v2", "deepseek_v3", "dbrx"));

@@ -90,47 +90,6 @@ void from_json(const nlohmann::json& j, TrainConfig& c) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Presets
-
-namespace {
-
-ModelConfig byte_model(int64_t d, int64_t layers, int64_t heads, int64_t kv, int64_t experts,
-                       int64_t k, int64_t expert_ffn, int64_t dense_ffn) {
-  ModelConfig c;
-  c.vocab_size = ByteTokenizer::kVocabSize;
-  c.d_model = d;
-  c.n_layers = layers;
-  c.n_heads = heads;
-  c.n_kv_heads = kv;
-  c.d_ffn = dense_ffn;
-  c.max_seq_len = 512;
-  c.moe.d_model = d;
-  c.moe.n_experts = experts;
-  c.moe.top_k = k;
-  c.moe.d_ffn = expert_ffn;
-  return c;
-}
-
-}  // namespace
-
-std::vector<std::string> model_preset_names() { return {"tiny", "small", "small-dense"}; }
-
-ModelConfig model_preset(const std::string& name) {
-  // tiny: for tests. small: the default MoE model, 8 experts top-2 of width 256 (the active
-  // FFN width equals small-dense's 512).
-  if (name == "tiny") return byte_model(64, 2, 4, 2, 4, 2, 128, 256);
-  if (name == "small") return byte_model(128, 4, 4, 2, 8, 2, 256, 512);
-  if (name == "small-dense") {
-    ModelConfig c = byte_model(128, 4, 4, 2, 8, 2, 256, 512);
-    c.moe_every = 0;
-    return c;
-  }
-  std::string names;
-  for (const std::string& n : model_preset_names()) names += (names.empty() ? "" : ", ") + n;
-  throw_error("preset", fmt::format("unknown preset '{}' ({})", name, names));
-}
-
-// ---------------------------------------------------------------------------------------------
 // Trainer
 
 Trainer::Trainer(const ModelConfig& model, const TrainConfig& cfg, const Corpus& corpus)

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "moe/hf.h"
 #include "moe/trainer.h"
 
 namespace moe::cli {
@@ -27,7 +28,9 @@ ModelConfig read_config(const ParamsArgs& a) {
   MOE_CHECK(f.good(), "params", "cannot read {}", path);
   try {
     nlohmann::json j = nlohmann::json::parse(f);
-    return (j.contains("moe_cpp") ? j.at("moe_cpp") : j).get<ModelConfig>();
+    if (j.is_object() && j.contains("moe_cpp")) return j.at("moe_cpp").get<ModelConfig>();
+    if (j.is_object() && j.contains("model_type")) return config_from_hf(j);  // HuggingFace
+    return j.get<ModelConfig>();
   } catch (const nlohmann::json::exception& e) {
     throw_error("params", fmt::format("{} is not valid JSON: {}", path, e.what()));
   }
@@ -77,9 +80,12 @@ int run_params(const ParamsArgs& a) {
 Run add_params(CLI::App& app) {
   auto a = std::make_shared<ParamsArgs>();
   auto* cmd = app.add_subcommand("params", "total and active parameters of a model");
-  cmd->add_option("--preset", a->preset, "a model preset");
-  cmd->add_option("--config", a->config, "a model config JSON");
-  cmd->add_option("-m,--model", a->model_dir, "a checkpoint folder");
+  std::string names;
+  for (const std::string& n : model_preset_names()) names += (names.empty() ? "" : ", ") + n;
+  cmd->add_option("--preset", a->preset, "a model preset: " + names);
+  cmd->add_option("--config", a->config, "a model config JSON (this engine's or HuggingFace's)");
+  cmd->add_option("-m,--model", a->model_dir,
+                  "a checkpoint folder (this engine's or a HuggingFace model's)");
   cmd->add_flag("--json", a->json, "print one JSON object (total_params, active_params, ...)");
   return [a] { return run_params(*a); };
 }
