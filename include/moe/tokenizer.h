@@ -1,0 +1,41 @@
+// moe/tokenizer.h: text to token ids and back, for the checkpoints people have.
+//
+// - HuggingFace tokenizer.json: byte-level BPE with its pre-tokenizer split regexes (Qwen,
+//   DeepSeek, OLMoE, gpt-oss; run with PCRE2, which knows the Unicode classes \p{L}, \p{N}, ...)
+//   and metaspace BPE with byte fallback (Llama 2, Mistral, Mixtral); added/special tokens
+//   written in the text are matched as such; normalizers NFC and the metaspace replacement.
+// - SentencePiece tokenizer.model, through libsentencepiece.
+// - The project's own byte tokenizer (UTF-8 bytes plus <bos>, <eos>, <pad>).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace moe {
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  // Ids of `text`, without adding special tokens (special tokens written in the text are
+  // recognized).
+  virtual std::vector<int32_t> encode(const std::string& text) const = 0;
+  // Text of `ids` (special tokens included as their text, as transformers' decode does with
+  // skip_special_tokens=False). Throws moe::Error on an id outside the vocabulary.
+  virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
+  virtual int64_t vocab_size() const = 0;
+  virtual std::optional<int32_t> bos_id() const { return std::nullopt; }
+  virtual std::optional<int32_t> eos_id() const { return std::nullopt; }
+};
+
+// From a file (tokenizer.json or tokenizer.model) or a folder holding one of them; a folder of
+// this engine's checkpoint without either gives the byte tokenizer. Every malformed file gets a
+// clear moe::Error.
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path);
+
+// The project's own byte-level tokenizer behind the same interface.
+std::unique_ptr<Tokenizer> make_byte_tokenizer();
+
+}  // namespace moe
