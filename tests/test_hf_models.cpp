@@ -6,6 +6,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -135,5 +137,105 @@ TEST_P(HfModel, ParameterCountIsTransformers) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfModel,
                          ::testing::Values("mixtral", "mixtral_top1_e4", "qwen2_moe", "qwen3_moe",
                                            "olmoe", "deepseek_v2", "deepseek_v3", "dbrx"));
+
+}  // namespace moe
+
+namespace moe {
+
+// A checkpoint split into shards through model.safetensors.index.json loads to the same model;
+// an index that names a file outside the folder, or a missing shard, is refused.
+TEST(HfSharded, ShardsLoadLikeOneFileAndIndexesCannotLeaveTheFolder) {
+  namespace fs = std::filesystem;
+  const std::string src = fixture("qwen2_moe");
+  const fs::path dir = fs::temp_directory_path() / "moe_sharded_qwen2";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  fs::copy_file(src + "/config.json", dir / "config.json");
+  const SafetensorsFile all = load_safetensors(src + "/model.safetensors");
+  std::vector<std::pair<std::string, Tensor>> a, b;
+  nlohmann::json map = nlohmann::json::object();
+  for (const auto& [name, t] : all.tensors) {
+    const bool first = name.find("layers.1.") == std::string::npos;
+    (first ? a : b).emplace_back(name, t);
+    map[name] = first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
+  }
+  save_safetensors((dir / "model-00001-of-00002.safetensors").string(), a);
+  save_safetensors((dir / "model-00002-of-00002.safetensors").string(), b);
+  auto write_index = [&](const nlohmann::json& m) {
+    std::ofstream(dir / "model.safetensors.index.json") << nlohmann::json{{"weight_map", m}}.dump();
+  };
+  write_index(map);
+  const SafetensorsFile ref = load_safetensors(src + "/reference.safetensors");
+  const Tensor ids = as_i32(ref.at("input_ids"));
+  Arena arena;
+  const Tensor one = load_model(src)->logits(ids, arena).clone();
+  const Tensor sharded = load_model(dir.string())->logits(ids, arena);
+  for (int64_t i = 0; i < one.numel(); ++i) ASSERT_EQ(one.at(i), sharded.at(i)) << i;
+
+  auto expect_refused = [&](const std::string& needle) {
+    try {
+      load_model(dir.string());
+      ADD_FAILURE() << "loaded; expected: " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  nlohmann::json evil = map;
+  evil["lm_head.weight"] = "../model-00001-of-00002.safetensors";
+  write_index(evil);
+  expect_refused("is not a file in the model folder");
+  nlohmann::json missing = map;
+  missing["lm_head.weight"] = "model-00003-of-00002.safetensors";
+  write_index(missing);
+  expect_refused("is missing");
+  std::ofstream(dir / "model.safetensors.index.json") << "{\"weight_map\": [";
+  expect_refused("is not valid JSON");
+  fs::remove_all(dir);
+}
+
+// The other spellings of the same checkpoint: transformers' fused 3-D expert tensors
+// (experts.gate_up_proj [E, 2F, D], experts.down_proj [E, D, F]) and a top-level rope_theta
+// (older config files) give the same model.
+TEST(HfLayouts, FusedExpertsAndTopLevelRopeThetaLoadTheSameModel) {
+  namespace fs = std::filesystem;
+  const std::string src = fixture("qwen3_moe");
+  const fs::path dir = fs::temp_directory_path() / "moe_fused_qwen3";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::ifstream cf(src + "/config.json");
+  nlohmann::json cfg = nlohmann::json::parse(cf);
+  cfg["rope_theta"] = cfg["rope_parameters"]["rope_theta"];
+  cfg.erase("rope_parameters");
+  std::ofstream(dir / "config.json") << cfg.dump(1);
+  const SafetensorsFile all = load_safetensors(src + "/model.safetensors");
+  const int64_t E = cfg["num_local_experts"], F = cfg["moe_intermediate_size"],
+                D = cfg["hidden_size"];
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (const auto& [name, t] : all.tensors)
+    if (name.find(".experts.") == std::string::npos) out.emplace_back(name, t);
+  for (int64_t l = 0; l < cfg["num_hidden_layers"].get<int64_t>(); ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".mlp.experts.";
+    Tensor gate_up = Tensor::empty({E, 2 * F, D}, DType::F32);
+    Tensor down = Tensor::empty({E, D, F}, DType::F32);
+    for (int64_t e = 0; e < E; ++e) {
+      const std::string q = p + std::to_string(e) + ".";
+      float* gu = gate_up.data<float>() + e * 2 * F * D;
+      std::memcpy(gu, all.at(q + "gate_proj.weight").raw(), F * D * sizeof(float));
+      std::memcpy(gu + F * D, all.at(q + "up_proj.weight").raw(), F * D * sizeof(float));
+      std::memcpy(down.data<float>() + e * D * F, all.at(q + "down_proj.weight").raw(),
+                  D * F * sizeof(float));
+    }
+    out.emplace_back(p + "gate_up_proj", gate_up);
+    out.emplace_back(p + "down_proj", down);
+  }
+  save_safetensors((dir / "model.safetensors").string(), out);
+  const SafetensorsFile ref = load_safetensors(src + "/reference.safetensors");
+  const Tensor ids = as_i32(ref.at("input_ids"));
+  Arena arena;
+  const Tensor one = load_model(src)->logits(ids, arena).clone();
+  const Tensor fused = load_model(dir.string())->logits(ids, arena);
+  for (int64_t i = 0; i < one.numel(); ++i) ASSERT_EQ(one.at(i), fused.at(i)) << i;
+  fs::remove_all(dir);
+}
 
 }  // namespace moe

@@ -149,3 +149,38 @@ TEST(Safetensors, AtomicWriteLeavesNoTemporaryFile) {
 }
 
 }  // namespace moe
+
+namespace moe {
+
+// Float32 tensors are views of the mapped file, not copies, and stay valid after the file is
+// gone (the mapping lives as long as a tensor does); writing to one does not change the file.
+TEST(Safetensors, Float32IsZeroCopyFromTheMappedFile) {
+  const std::string path = temp_file("mapped");
+  Tensor a = Tensor::empty({3, 5}, DType::F32);
+  for (int64_t i = 0; i < a.numel(); ++i) a.data<float>()[i] = static_cast<float>(i) * 0.5f;
+  save_safetensors(path, {{"a", a}});
+  Tensor t;
+  {
+    const SafetensorsFile f = load_safetensors(path);
+    t = f.at("a");
+    EXPECT_EQ(static_cast<const char*>(t.raw()), f.data_begin) << "a view of the mapping";
+  }
+  std::filesystem::remove(path);
+  for (int64_t i = 0; i < a.numel(); ++i) EXPECT_EQ(t.data<float>()[i], a.data<float>()[i]);
+  t.data<float>()[0] = 7;  // copy-on-write: allowed, private
+  EXPECT_EQ(t.data<float>()[0], 7.0f);
+}
+
+TEST(Safetensors, DirectoriesAndMissingFilesAreRefused) {
+  const std::string dir = temp_file("a_folder");  // expect_refused removes it afterwards
+  std::filesystem::create_directory(dir);
+  expect_refused(dir, "not a regular file");
+  try {
+    load_safetensors(temp_file("does_not_exist"));
+    ADD_FAILURE() << "loaded a missing file";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot open"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace moe

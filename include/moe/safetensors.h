@@ -22,9 +22,13 @@ void save_safetensors(const std::string& path,
                       const std::map<std::string, std::string>& metadata = {});
 
 struct SafetensorsFile {
-  std::map<std::string, Tensor> tensors;  // F32, BF16 and F16 as f32; F64; I32; I64
+  // F32, BF16 and F16 as f32; F64; I32; I64. Tensors stored in the file's own dtype (F32, F64,
+  // I32, I64) are zero-copy views of the memory-mapped file (copy-on-write), which they keep
+  // mapped; BF16 and F16 are converted into new memory.
+  std::map<std::string, Tensor> tensors;
   std::map<std::string, std::string> metadata;
   const Tensor& at(const std::string& name) const;
+  const char* data_begin = nullptr;  // the tensor bytes in the mapping (after the header)
 };
 
 // Reads and validates a file: header length bounded (100 MB) and inside the file; the header a

@@ -51,6 +51,8 @@ class Tensor {
   static Tensor zeros(const Shape& shape, DType dtype);
   // A non-owning view of `data`, which must outlive every use of the view.
   static Tensor view(void* data, const Shape& shape, DType dtype);
+  // A view of `data` that keeps `owner` (the memory holding it, e.g. a file mapping) alive.
+  static Tensor view(void* data, const Shape& shape, DType dtype, std::shared_ptr<void> owner);
 
   bool defined() const { return data_ != nullptr || numel() == 0; }
   DType dtype() const { return dtype_; }

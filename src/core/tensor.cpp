@@ -91,6 +91,12 @@ Tensor Tensor::view(void* data, const Shape& shape, DType dtype) {
   return t;
 }
 
+Tensor Tensor::view(void* data, const Shape& shape, DType dtype, std::shared_ptr<void> owner) {
+  Tensor t = view(data, shape, dtype);
+  t.owner_ = std::move(owner);
+  return t;
+}
+
 int64_t Tensor::size(int64_t dim) const {
   MOE_CHECK(dim >= 0 && dim < ndim(), "tensor", "dimension {} out of range for {}", dim, str());
   return shape_[static_cast<size_t>(dim)];

@@ -2,6 +2,8 @@
 #include "moe/safetensors.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -128,21 +130,31 @@ const Tensor& SafetensorsFile::at(const std::string& name) const {
 
 SafetensorsFile load_safetensors(const std::string& path) {
   const std::string w = "safetensors " + path;
-  std::ifstream f(path, std::ios::binary | std::ios::ate);
-  MOE_CHECK(f.good(), w.c_str(), "cannot open the file");
-  const auto size = static_cast<uint64_t>(f.tellg());
-  MOE_CHECK(size >= 8, w.c_str(), "the file has {} bytes, fewer than the 8-byte header length",
-            size);
-  f.seekg(0);
-  unsigned char len_bytes[8];
-  f.read(reinterpret_cast<char*>(len_bytes), 8);
+  // The whole file is mapped (private, copy-on-write): tensors in their own dtype are views.
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  MOE_CHECK(fd >= 0, w.c_str(), "cannot open the file: {}", std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw_error(w.c_str(), "not a regular file");
+  }
+  const auto size = static_cast<uint64_t>(st.st_size);
+  if (size < 8) {
+    ::close(fd);
+    throw_error(w.c_str(),
+                fmt::format("the file has {} bytes, fewer than the 8-byte header length", size));
+  }
+  void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  MOE_CHECK(base != MAP_FAILED, w.c_str(), "cannot map the file: {}", std::strerror(errno));
+  const std::shared_ptr<void> mapping(base, [size](void* p) { ::munmap(p, size); });
+  const auto* bytes = static_cast<const unsigned char*>(base);
   uint64_t hlen = 0;
-  for (int i = 0; i < 8; ++i) hlen |= static_cast<uint64_t>(len_bytes[i]) << (8 * i);
+  for (int i = 0; i < 8; ++i) hlen |= static_cast<uint64_t>(bytes[i]) << (8 * i);
   MOE_CHECK(hlen <= 100'000'000, w.c_str(), "header length {} exceeds the 100 MB limit", hlen);
   MOE_CHECK(hlen <= size - 8, w.c_str(),
             "header length {} runs past the end of the file ({} bytes)", hlen, size);
-  std::string htext(hlen, '\0');
-  f.read(htext.data(), static_cast<std::streamsize>(hlen));
+  const std::string htext(reinterpret_cast<const char*>(bytes) + 8, hlen);
   // Parse, refusing duplicate names at the top level.
   std::set<std::string> seen;
   std::string duplicate;
@@ -229,11 +241,10 @@ SafetensorsFile load_safetensors(const std::string& path) {
   }
   MOE_CHECK(expect == data_size, w.c_str(), "{} bytes after the last tensor", data_size - expect);
 
-  std::vector<char> data(data_size);
-  f.read(data.data(), static_cast<std::streamsize>(data_size));
-  MOE_CHECK(f.good() || data_size == 0, w.c_str(), "read error");
+  char* data = static_cast<char*>(base) + 8 + hlen;
+  out.data_begin = data;
   for (const Entry& e : entries) {
-    const char* src = data.data() + e.begin;
+    char* src = data + e.begin;
     const int64_t n = shape_numel(e.shape);
     Tensor t;
     if (e.dtype == "BF16" || e.dtype == "F16") {
@@ -249,8 +260,12 @@ SafetensorsFile load_safetensors(const std::string& path) {
                        : e.dtype == "F64" ? DType::F64
                        : e.dtype == "I32" ? DType::I32
                                           : DType::I64;
-      t = Tensor::empty(e.shape, dt);
-      if (t.nbytes() > 0) std::memcpy(t.raw(), src, t.nbytes());
+      if (reinterpret_cast<uintptr_t>(src) % dtype_size(dt) == 0) {
+        t = Tensor::view(src, e.shape, dt, mapping);  // zero-copy
+      } else {  // a header length that leaves the data unaligned: copy
+        t = Tensor::empty(e.shape, dt);
+        if (t.nbytes() > 0) std::memcpy(t.raw(), src, t.nbytes());
+      }
     }
     out.tensors[e.name] = t;
   }
