@@ -1,0 +1,91 @@
+// Sampling: greedy, temperature, top-k and top-p give the distributions they define (measured
+// over many seeded draws), a seed fixes the result, and bad settings are refused.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "moe/generate.h"
+#include "moe/trainer.h"
+
+namespace moe {
+
+namespace {
+
+// Frequencies of each token over n draws.
+std::vector<double> frequencies(const std::vector<float>& logits, const SamplingConfig& cfg,
+                                int n) {
+  Rng rng(cfg.seed);
+  std::vector<double> f(logits.size(), 0.0);
+  for (int i = 0; i < n; ++i)
+    f[static_cast<size_t>(
+        sample_token(logits.data(), static_cast<int64_t>(logits.size()), cfg, rng))] += 1.0 / n;
+  return f;
+}
+
+}  // namespace
+
+TEST(Sampling, GreedyTemperatureTopKTopP) {
+  const std::vector<float> logits = {std::log(0.5f), std::log(0.3f), std::log(0.2f)};
+  SamplingConfig c;
+  c.seed = 7;
+  auto expect_freq = [&](const std::vector<double>& want) {
+    const std::vector<double> got = frequencies(logits, c, 40000);
+    for (size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], 0.01) << "token " << i;
+  };
+  expect_freq({0.5, 0.3, 0.2});
+  c.top_k = 2;  // renormalized over the two best
+  expect_freq({0.625, 0.375, 0});
+  c.top_k = 0;
+  c.top_p = 0.75;  // 0.5 < 0.75, 0.8 >= 0.75: the two best
+  expect_freq({0.625, 0.375, 0});
+  c.top_p = 0.4;  // the best alone reaches it
+  expect_freq({1, 0, 0});
+  c.top_p = 1;
+  c.temperature = 2;  // p^(1/2), normalized
+  const double z = std::sqrt(0.5) + std::sqrt(0.3) + std::sqrt(0.2);
+  expect_freq({std::sqrt(0.5) / z, std::sqrt(0.3) / z, std::sqrt(0.2) / z});
+  c.temperature = 0;  // greedy, ties to the lowest id
+  const std::vector<float> tie = {1, 3, 3, 2};
+  Rng rng(1);
+  EXPECT_EQ(sample_token(tie.data(), 4, c, rng), 1);
+}
+
+TEST(Sampling, BadSettingsAreRefused) {
+  const std::vector<float> logits = {0, 1};
+  Rng rng(1);
+  for (auto bad : {SamplingConfig{-1, 0, 1, 0}, SamplingConfig{1, -2, 1, 0},
+                   SamplingConfig{1, 0, 0, 0}, SamplingConfig{1, 0, 1.5, 0}})
+    EXPECT_THROW(sample_token(logits.data(), 2, bad, rng), Error);
+  const std::vector<float> nan = {0, std::nanf("")};
+  EXPECT_THROW(sample_token(nan.data(), 2, SamplingConfig{}, rng), Error);
+}
+
+// Generation with a seed is a function of the seed; prompts of different lengths run together;
+// a stop token ends its sequence only.
+TEST(Sampling, GenerationIsSeededAndStops) {
+  ModelConfig cfg = model_preset("tiny");
+  cfg.max_seq_len = 32;
+  Model model(cfg);
+  Rng init(3);
+  model.init(init);
+  SamplingConfig c;
+  c.seed = 11;
+  c.top_k = 40;
+  c.top_p = 0.9;
+  const std::vector<std::vector<int32_t>> prompts = {{256, 72, 105}, {256, 65}};
+  const auto a = generate(model, prompts, 12, c);
+  const auto b = generate(model, prompts, 12, c);
+  EXPECT_EQ(a, b);
+  ASSERT_EQ(a[0].size(), 15u);
+  ASSERT_EQ(a[1].size(), 14u);
+  c.seed = 12;
+  EXPECT_NE(generate(model, prompts, 12, c), a);
+  // Stop at the first new token of sequence 0: it ends there, the other goes on.
+  c.seed = 11;
+  const auto s = generate(model, prompts, 12, c, {a[0][3]});
+  EXPECT_EQ(s[0].size(), 4u);
+  EXPECT_EQ(s[1].size() >= 4u, true);
+  EXPECT_THROW(generate(model, prompts, 40, c), Error);  // beyond max_seq_len
+}
+
+}  // namespace moe
