@@ -71,6 +71,16 @@ TEST_P(HfModel, LogitsAndRouterLogitsMatchTransformers) {
   }
   const bool has_router = ref.tensors.count("router_logits.0") > 0;
   EXPECT_EQ(compared, has_router ? router.size() : 0u);
+  // transformers' training loss = shifted cross-entropy + router_aux_loss_coef * aux loss.
+  std::ifstream rf(dir + "/reference.json"), cf(dir + "/config.json");
+  const nlohmann::json r = nlohmann::json::parse(rf), c = nlohmann::json::parse(cf);
+  if (r["loss"].is_number()) {
+    const double aux = r["aux_loss"].is_number()
+                           ? c.value("router_aux_loss_coef", 0.0) * r["aux_loss"].get<double>()
+                           : 0.0;
+    arena.reset();
+    EXPECT_NEAR(model->forward(ids, arena).ce_loss, r["loss"].get<double>() - aux, 2e-5);
+  }
 }
 
 TEST_P(HfModel, CachedDecodingMatchesTheFullPass) {

@@ -798,6 +798,31 @@ std::vector<MoeLayer*> Model::moe_layers() {
 }
 
 ModelOutput Model::forward(const Tensor& tokens, Arena& arena) {
+  if (!cfg_.trainable()) {
+    // Architecture variants: the loss from the inference path (cross-entropy only).
+    MOE_CHECK(tokens.ndim() == 2 && tokens.dtype() == DType::I32 && tokens.size(1) >= 2, "model",
+              "tokens must be i32[B, T+1] with T >= 1, got {}", tokens.str());
+    const int64_t B = tokens.size(0), T = tokens.size(1) - 1, V = cfg_.vocab_size;
+    Tensor inputs = Tensor::empty({B, T}, DType::I32);
+    Tensor targets = Tensor::empty({B * T}, DType::I32);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) {
+        inputs.data<int32_t>()[b * T + t] = tokens.data<int32_t>()[b * (T + 1) + t];
+        const int32_t y = tokens.data<int32_t>()[b * (T + 1) + t + 1];
+        MOE_CHECK(y >= 0 && y < V, "model",
+                  "token {} at [{}, {}] is outside the vocabulary [0, {})", y, b, t + 1, V);
+        targets.data<int32_t>()[b * T + t] = y;
+      }
+    const Tensor logits = this->logits(inputs, arena);
+    ModelOutput out;
+    out.ce_loss = impl_->dtype == DType::F64
+                      ? nn::cross_entropy<double>(nullptr, logits.data<double>(),
+                                                  targets.data<int32_t>(), B * T, V, 1)
+                      : nn::cross_entropy<float>(nullptr, logits.data<float>(),
+                                                 targets.data<int32_t>(), B * T, V, 1);
+    out.loss = out.ce_loss;
+    return out;
+  }
   return impl_->dtype == DType::F64 ? impl_->run<double>(tokens, arena, true, false, 1, nullptr)
                                     : impl_->run<float>(tokens, arena, true, false, 1, nullptr);
 }
