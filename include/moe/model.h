@@ -147,6 +147,9 @@ class Model {
   void set_training(bool training);
   // The MoE layers, in depth order (for router state and statistics).
   std::vector<MoeLayer*> moe_layers();
+  // Routed expert e of layer `layer` (a layer index of the model, which must be an MoE layer):
+  // views of its weights.
+  ExpertView expert(int64_t layer, int64_t e);
 
   // tokens i32 [B, T+1] -> loss. With backward, accumulates every parameter gradient of the
   // loss (scaled by grad_scale, e.g. 1 / accumulation steps).

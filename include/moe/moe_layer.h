@@ -33,6 +33,13 @@ struct ExpertWeights {
   Tensor b_down;  // [X, D], with biases only
 };
 
+// One expert's weights, as views of the layer's tensors: w_gate and w_up [F, D], w_down [D, F],
+// biases [F] / [D] when the layer has them (undefined otherwise). Code that reads or writes a
+// single expert (checkpoint loading, and later offloading) goes through this.
+struct ExpertView {
+  Tensor w_gate, w_up, w_down, b_gate, b_up, b_down;
+};
+
 struct MoeParams {
   Tensor w_router;  // [E, D]
   ExpertWeights experts;
@@ -97,6 +104,8 @@ class MoeLayer {
   void after_step();
   MoeParams& params() { return params_; }
   const MoeParams& params() const { return params_; }
+  // Routed expert e's weights (views).
+  ExpertView expert(int64_t e);
   MoeParams& grads() { return grads_; }
 
   // Router and expert inputs N(0, 1/fan_in), output projections N(0, 1/F), biases zero; the

@@ -205,36 +205,47 @@ void copy_into(void* dst, DType dtype, const Tensor& src, const Shape& shape,
   std::memcpy(dst, f.raw(), f.nbytes());
 }
 
-char* slice(Tensor& t, int64_t i) {
-  const int64_t n = t.numel() / t.size(0);
-  return static_cast<char*>(t.raw()) + static_cast<size_t>(i * n) * dtype_size(t.dtype());
-}
-
-// The E experts of one projection: per-expert tensors "<prefix>experts.<e>.<proj>.weight", or
-// transformers' fused "<prefix>experts.gate_up_proj" [E, 2F, D] / "<prefix>experts.down_proj"
-// [E, D, F].
-void load_experts(Tensor& dst, HfTensors& src, const std::string& prefix, const std::string& proj,
-                  int kind /*0 gate, 1 up, 2 down*/) {
-  const int64_t E = dst.size(0);
-  const Shape one(dst.shape().begin() + 1, dst.shape().end());
-  const std::string fused = prefix + "experts." + (kind == 2 ? "down_proj" : "gate_up_proj");
-  if (!src.has(prefix + "experts.0." + proj + ".weight") && src.has(fused)) {
-    const Tensor& t = src.get(fused);
-    if (kind == 2) {
-      copy_into(dst.raw(), dst.dtype(), t, dst.shape(), fused);
-      return;
-    }
-    const int64_t F = one[0], D = one[1];
-    const Tensor f = t.dtype() == dst.dtype() ? t : t.to(dst.dtype());
-    f.expect(kWhere, fused.c_str(), {E, 2 * F, D}, dst.dtype());
-    const size_t row = static_cast<size_t>(F * D) * dtype_size(dst.dtype());
-    for (int64_t e = 0; e < E; ++e)
-      std::memcpy(slice(dst, e), static_cast<const char*>(f.raw()) + (2 * e + kind) * row, row);
-    return;
+// The experts of MoE layer `layer`, through Model::expert: per-expert tensors
+// "<prefix>experts.<e>.<proj>.weight", or transformers' fused "<prefix>experts.gate_up_proj"
+// [E, 2F, D] (gate rows first) and "<prefix>experts.down_proj" [E, D, F].
+void load_experts(Model& model, int64_t layer, HfTensors& src, const std::string& prefix,
+                  const Names& n) {
+  const int64_t E = model.config().moe.n_experts;
+  const bool fused = !src.has(prefix + "experts.0." + n.gate + ".weight") &&
+                     src.has(prefix + "experts.gate_up_proj");
+  Tensor gate_up, down;
+  if (fused) {
+    const ExpertView x = model.expert(layer, 0);
+    const int64_t F = x.w_gate.size(0), D = x.w_gate.size(1);
+    const std::string gu = prefix + "experts.gate_up_proj", dn = prefix + "experts.down_proj";
+    gate_up = src.get(gu).to(DType::F32);
+    gate_up.expect(kWhere, gu.c_str(), {E, 2 * F, D}, DType::F32);
+    down = src.get(dn).to(DType::F32);
+    down.expect(kWhere, dn.c_str(), {E, D, F}, DType::F32);
   }
   for (int64_t e = 0; e < E; ++e) {
-    const std::string name = prefix + "experts." + std::to_string(e) + "." + proj + ".weight";
-    copy_into(slice(dst, e), dst.dtype(), src.get(name), one, name);
+    ExpertView x = model.expert(layer, e);
+    if (fused) {
+      const int64_t FD = x.w_gate.numel();
+      const float* g = gate_up.data<float>() + 2 * e * FD;
+      copy_into(x.w_gate.raw(), x.w_gate.dtype(),
+                Tensor::view(const_cast<float*>(g), x.w_gate.shape(), DType::F32), x.w_gate.shape(),
+                prefix + "experts.gate_up_proj");
+      copy_into(x.w_up.raw(), x.w_up.dtype(),
+                Tensor::view(const_cast<float*>(g + FD), x.w_up.shape(), DType::F32),
+                x.w_up.shape(), prefix + "experts.gate_up_proj");
+      copy_into(x.w_down.raw(), x.w_down.dtype(),
+                Tensor::view(down.data<float>() + e * FD, x.w_down.shape(), DType::F32),
+                x.w_down.shape(), prefix + "experts.down_proj");
+      continue;
+    }
+    const std::string p = prefix + "experts." + std::to_string(e) + ".";
+    for (auto [dst, proj] : {std::pair<Tensor*, const std::string*>{&x.w_gate, &n.gate},
+                             {&x.w_up, &n.up},
+                             {&x.w_down, &n.down}}) {
+      const std::string name = p + *proj + ".weight";
+      copy_into(dst->raw(), dst->dtype(), src.get(name), dst->shape(), name);
+    }
   }
 }
 
@@ -316,11 +327,9 @@ void load_llama_like(Model& model, const std::string& type, HfTensors& src) {
     } else if (rest == "moe.router.weight") {
       take(M + n.router);
     } else if (rest == "moe.experts.w_gate") {
-      load_experts(p.value, src, M, n.gate, 0);
-    } else if (rest == "moe.experts.w_up") {
-      load_experts(p.value, src, M, n.up, 1);
-    } else if (rest == "moe.experts.w_down") {
-      load_experts(p.value, src, M, n.down, 2);
+      load_experts(model, i, src, M, n);  // all three projections of every expert
+    } else if (rest == "moe.experts.w_up" || rest == "moe.experts.w_down") {
+      // loaded with w_gate
     } else if (rest == "moe.shared.w_gate" && !n.shared.empty()) {
       take(M + n.shared + "gate_proj.weight");
     } else if (rest == "moe.shared.w_up" && !n.shared.empty()) {

@@ -130,6 +130,21 @@ void MoeLayer::init(Rng& rng) {
   rng_ = Rng(rng.next_u64());
 }
 
+ExpertView MoeLayer::expert(int64_t e) {
+  MOE_CHECK(e >= 0 && e < cfg_.n_experts, "moe_layer", "expert {} is not in [0, {})", e,
+            cfg_.n_experts);
+  auto row = [e](Tensor& t) {
+    if (!t.defined()) return Tensor();
+    const Shape s(t.shape().begin() + 1, t.shape().end());
+    const int64_t n = shape_numel(s);
+    return Tensor::view(
+        static_cast<char*>(t.raw()) + static_cast<size_t>(e * n) * dtype_size(t.dtype()), s,
+        t.dtype());
+  };
+  ExpertWeights& w = params_.experts;
+  return {row(w.w_gate), row(w.w_up), row(w.w_down), row(w.b_gate), row(w.b_up), row(w.b_down)};
+}
+
 void MoeLayer::zero_grad() {
   grads_.for_each([](const std::string&, Tensor& t) { t.fill(0); });
 }

@@ -797,6 +797,12 @@ std::vector<MoeLayer*> Model::moe_layers() {
   return out;
 }
 
+ExpertView Model::expert(int64_t layer, int64_t e) {
+  MOE_CHECK(layer >= 0 && layer < cfg_.n_layers && impl_->blocks[static_cast<size_t>(layer)].moe,
+            "model", "layer {} is not an MoE layer", layer);
+  return impl_->blocks[static_cast<size_t>(layer)].moe->expert(e);
+}
+
 ModelOutput Model::forward(const Tensor& tokens, Arena& arena) {
   if (!cfg_.trainable()) {
     // Architecture variants: the loss from the inference path (cross-entropy only).
