@@ -75,6 +75,10 @@ class Trainer {
   // data position and every random stream.
   void resume(const std::string& dir);
 
+  // Starts from another model's weights (same config), e.g. a checkpoint to fine-tune; the
+  // optimizer state stays fresh.
+  void init_from(Model& src);
+
   // Generates n bytes after the prompt (temperature sampling, seeded), for a look at the model.
   std::string sample(const std::string& prompt, int64_t n, double temperature, uint64_t seed);
 

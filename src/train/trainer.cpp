@@ -379,6 +379,22 @@ void Trainer::resume(const std::string& dir) {
   }
 }
 
+void Trainer::init_from(Model& src) {
+  std::vector<NamedParam>& to = model_->params();
+  std::vector<NamedParam>& from = src.params();
+  MOE_CHECK(to.size() == from.size(), "train", "the model to start from has {} tensors, not {}",
+            from.size(), to.size());
+  for (size_t i = 0; i < to.size(); ++i) {
+    from[i].value.expect("init-from", from[i].name.c_str(), to[i].value.shape(),
+                         to[i].value.dtype());
+    std::memcpy(to[i].value.raw(), from[i].value.raw(), to[i].value.nbytes());
+  }
+  std::vector<MoeLayer*> a = model_->moe_layers(), b = src.moe_layers();
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
+    if (std::vector<double>* bias = a[i]->router().selection_bias())
+      *bias = *b[i]->router().selection_bias();
+}
+
 std::string Trainer::sample(const std::string& prompt, int64_t n, double temperature,
                             uint64_t seed) {
   model_->set_training(false);

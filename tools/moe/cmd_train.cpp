@@ -21,6 +21,7 @@ struct TrainArgs {
   std::vector<std::string> data;
   std::string out = "out/train";
   std::string resume;
+  std::string init_from;
   std::string log;
   std::string router;
   int64_t experts = 0, top_k = 0;
@@ -66,7 +67,12 @@ class Progress {
 int run_train(TrainArgs& a) {
   set_num_threads(a.threads);
   ModelConfig mcfg = model_preset(a.preset);
-  if (!a.config.empty()) {
+  std::unique_ptr<Model> start;
+  if (!a.init_from.empty()) {
+    MOE_CHECK(a.config.empty(), "train", "give --config or --init-from, not both");
+    start = load_model(a.init_from);
+    mcfg = start->config();
+  } else if (!a.config.empty()) {
     std::ifstream f(a.config);
     MOE_CHECK(f.good(), "train", "cannot read --config {}", a.config);
     nlohmann::json j;
@@ -85,6 +91,7 @@ int run_train(TrainArgs& a) {
   mcfg.validate();
   const Corpus corpus = a.data.empty() ? load_fortunes() : load_text(a.data);
   Trainer trainer(mcfg, a.train, corpus);
+  if (start) trainer.init_from(*start);
   if (!a.resume.empty()) trainer.resume(a.resume);
   Model& model = trainer.model();
   fmt::print("moe train: {} layers, d_model {}, {} MoE layers ({}), {:.2f}M parameters\n",
@@ -150,13 +157,15 @@ Run add_train(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "train",
       "train an MoE language model (default: the small MoE preset on the fortunes corpus)");
-  cmd->add_option("--preset", a->preset, "model preset: tiny, small, small-dense")
+  cmd->add_option("--preset", a->preset, "model preset: tiny, small, small-dense (trainable)")
       ->capture_default_str();
   cmd->add_option("--config", a->config, "model config JSON (overrides --preset)");
   cmd->add_option("--data", a->data,
                   "text files or folders (default: the fortunes in 5 languages)");
   cmd->add_option("--out", a->out, "checkpoint folder")->capture_default_str();
   cmd->add_option("--resume", a->resume, "continue from this checkpoint (or its folder)");
+  cmd->add_option("--init-from", a->init_from,
+                  "start from this checkpoint's model and weights (fresh optimizer)");
   cmd->add_option("--log", a->log, "write one JSON object per step and per validation");
   cmd->add_option("--steps", a->train.steps, "optimizer steps")->capture_default_str();
   cmd->add_option("--batch", a->train.batch, "sequences per micro-batch")->capture_default_str();
