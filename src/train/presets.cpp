@@ -176,8 +176,7 @@ const Preset kPresets[] = {
     {"mistral-large-3", [] { return deepseek_v3_like(131072, 128, 4, 4096, 16384); }},
     // GPT-4 as rumored (unconfirmed; OpenAI published no architecture): about 1.76T parameters,
     // 16 experts of which 2 per token, about 220B active.
-    {"gpt-4-rumored",
-     [] { return gqa_moe(100256, 8192, 120, 64, 8, 16, 2, 36864, 8192, 1e4); }},
+    {"gpt-4-rumored", [] { return gqa_moe(100256, 8192, 120, 64, 8, 16, 2, 36864, 8192, 1e4); }},
 };
 
 }  // namespace

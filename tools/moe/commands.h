@@ -16,5 +16,8 @@ Run add_train(CLI::App& app);
 Run add_eval(CLI::App& app);
 Run add_params(CLI::App& app);
 Run add_inspect(CLI::App& app);
+Run add_generate(CLI::App& app);
+Run add_logits(CLI::App& app);
+Run add_tokenize(CLI::App& app);
 
 }  // namespace moe::cli

@@ -24,6 +24,9 @@ int main(int argc, char** argv) {
   };
   add(moe::cli::add_train);
   add(moe::cli::add_eval);
+  add(moe::cli::add_generate);
+  add(moe::cli::add_logits);
+  add(moe::cli::add_tokenize);
   add(moe::cli::add_params);
   add(moe::cli::add_inspect);
   add(moe::cli::add_demo);
