@@ -124,7 +124,7 @@ int run_generate(const GenerateArgs& a) {
     if (text.size() > printed) std::fwrite(text.data() + printed, 1, text.size() - printed, stdout);
     fmt::print("\n");
     const size_t made = out[0].size() - prompt.size();
-    fmt::print(stderr, "{} tokens in {:.2f} s ({:.1f} tokens/s)\n", made, secs,
+    fmt::print(stderr, "{} tokens in {:.3f} s ({:.1f} tokens/s)\n", made, secs,
                static_cast<double>(made) / std::max(secs, 1e-9));
   }
   return 0;
