@@ -47,14 +47,13 @@ ModelConfig gqa_moe(int64_t vocab, int64_t d, int64_t layers, int64_t heads, int
   return c;
 }
 
-// DeepSeek-V3's layout (latent attention with q compression, first layers dense, one shared
-// expert, sigmoid group-limited routing), which Mistral Large 3 shares.
-ModelConfig deepseek_v3_like(int64_t vocab, int64_t experts, int64_t k, int64_t expert_ffn,
-                             int64_t dense_ffn) {
+// DeepSeek's multi-head latent attention at its published size: 128 heads, q compressed to 1536,
+// keys and values to 512, heads of 128 + 64 rotated, values of 128.
+ModelConfig deepseek_attention(int64_t vocab, int64_t d, int64_t layers) {
   ModelConfig c;
   c.vocab_size = vocab;
-  c.d_model = 7168;
-  c.n_layers = 61;
+  c.d_model = d;
+  c.n_layers = layers;
   c.n_heads = 128;
   c.n_kv_heads = 128;
   c.max_seq_len = 163840;
@@ -64,11 +63,20 @@ ModelConfig deepseek_v3_like(int64_t vocab, int64_t experts, int64_t k, int64_t 
   c.qk_rope_dim = 64;
   c.v_head_dim = 128;
   c.rope_interleave = true;
+  c.norm_eps = 1e-6;
+  c.moe.d_model = d;
+  c.moe.z_loss_coef = 0;
+  return c;
+}
+
+// DeepSeek-V3's layout (latent attention with q compression, first layers dense, one shared
+// expert, sigmoid group-limited routing), which Mistral Large 3 shares.
+ModelConfig deepseek_v3_like(int64_t vocab, int64_t experts, int64_t k, int64_t expert_ffn,
+                             int64_t dense_ffn) {
+  ModelConfig c = deepseek_attention(vocab, 7168, 61);
   c.d_ffn = dense_ffn;
   c.first_dense = 3;
-  c.norm_eps = 1e-6;
   MoeConfig& m = c.moe;
-  m.d_model = c.d_model;
   m.n_experts = experts;
   m.top_k = k;
   m.d_ffn = expert_ffn;
@@ -78,7 +86,6 @@ ModelConfig deepseek_v3_like(int64_t vocab, int64_t experts, int64_t k, int64_t 
   m.topk_group = 4;
   m.routed_scaling_factor = 2.5;
   m.aux_loss_coef = 0.0001;
-  m.z_loss_coef = 0;
   return c;
 }
 
@@ -109,23 +116,10 @@ const Preset kPresets[] = {
     // the counts do not depend on it.
     {"deepseek-v2",
      [] {
-       ModelConfig c;
-       c.vocab_size = 102400;
-       c.d_model = 5120;
-       c.n_layers = 60;
-       c.n_heads = 128;
-       c.n_kv_heads = 128;
-       c.max_seq_len = 163840;
-       c.q_lora_rank = 1536;
-       c.kv_lora_rank = 512;
-       c.qk_nope_dim = 128;
-       c.qk_rope_dim = 64;
-       c.v_head_dim = 128;
-       c.rope_interleave = true;
+       ModelConfig c = deepseek_attention(102400, 5120, 60);
        c.d_ffn = 12288;
        c.first_dense = 1;
        MoeConfig& m = c.moe;
-       m.d_model = c.d_model;
        m.n_experts = 160;
        m.top_k = 6;
        m.d_ffn = 1536;
@@ -134,7 +128,6 @@ const Preset kPresets[] = {
        m.renormalize = false;
        m.routed_scaling_factor = 16.0;
        m.aux_loss_coef = 0.003;
-       m.z_loss_coef = 0;
        return c;
      }},
     // DeepSeek-AI, "DeepSeek-V3 Technical Report" (2024): 671B total, 37B active (without the
