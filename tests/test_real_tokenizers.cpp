@@ -79,6 +79,14 @@ INSTANTIATE_TEST_SUITE_P(Files, RealTokenizer,
 
 // Special ids of the families (none of the files has a tokenizer_config.json beside it here, so
 // these come from the added tokens' usual names).
+// Qwen3's normalizer is NFC: a letter followed by a combining accent encodes as the composed
+// letter does.
+TEST(RealTokenizer, NfcComposesDecomposedText) {
+  const auto tok = load_tokenizer(std::string(MOE_REAL_TOKENIZERS) + "/qwen3");
+  EXPECT_EQ(tok->encode("Cafe\u0301 cre\u0300me"), tok->encode("Caf\u00e9 cr\u00e8me"));
+  EXPECT_NE(tok->encode("Cafe\u0301"), tok->encode("Cafe"));
+}
+
 TEST(RealTokenizer, SpecialIds) {
   const auto llama = load_tokenizer(kFiles + "/llama2/tokenizer.json");
   EXPECT_EQ(llama->bos_id(), 1);

@@ -14,12 +14,11 @@
 // decode(ids): the tokens' texts through the decoder chain (ByteLevel, Replace, ByteFallback,
 // Fuse, Strip, Metaspace), as tokenizers' decode with skip_special_tokens=False.
 //
-// Limitation: the NFC normalizer is taken as the identity (PCRE2 has no Unicode normalization and
-// the project adds no library for it). Text already in NFC, as nearly all text is, encodes
-// exactly; text with decomposed characters (a letter followed by a combining mark that NFC would
-// compose) can encode differently from the tokenizers library.
+// Unicode normalization (NFC) is ICU's (Unicode Standard Annex #15).
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
+#include <unicode/normalizer2.h>
+#include <unicode/unistr.h>
 
 #include <algorithm>
 #include <array>
@@ -455,6 +454,25 @@ void split_piece(const Piece& piece, const std::vector<Span>& matches, SplitBeha
 // ---------------------------------------------------------------------------------------------
 // Normalizer: tokenizer.json's "normalizer" (NFC, Prepend, Replace, or a Sequence of them).
 
+// Canonical composition (NFC) of UTF-8 text; ASCII is already NFC. Invalid UTF-8 becomes U+FFFD
+// here as in the tokenizers library (which only accepts valid strings).
+std::string nfc(const std::string& s) {
+  if (std::all_of(s.begin(), s.end(), [](char c) { return static_cast<unsigned char>(c) < 0x80; }))
+    return s;
+  UErrorCode status = U_ZERO_ERROR;
+  const icu::Normalizer2* n = icu::Normalizer2::getNFCInstance(status);
+  MOE_CHECK(U_SUCCESS(status), "tokenizer", "ICU's NFC normalizer is unavailable: {}",
+            u_errorName(status));
+  const icu::UnicodeString in = icu::UnicodeString::fromUTF8(s);
+  if (n->isNormalized(in, status) && U_SUCCESS(status)) return s;
+  status = U_ZERO_ERROR;
+  const icu::UnicodeString out = n->normalize(in, status);
+  MOE_CHECK(U_SUCCESS(status), "tokenizer", "NFC normalization failed: {}", u_errorName(status));
+  std::string r;
+  out.toUTF8String(r);
+  return r;
+}
+
 class Normalizer {
  public:
   void parse(const Fields& f, const json& node, const std::string& where) {
@@ -464,7 +482,7 @@ class Normalizer {
       for (size_t i = 0; i < list.size(); ++i)
         parse(f, list[i], fmt::format("{}.normalizers[{}]", where, i));
     } else if (type == "NFC") {
-      steps_.push_back({Kind::kNfc, {}, {}});  // the identity here: see the top of the file
+      steps_.push_back({Kind::kNfc, {}, {}});
     } else if (type == "Prepend") {
       steps_.push_back({Kind::kPrepend, f.string(node, where, "prepend"), {}});
     } else if (type == "Replace") {
@@ -480,7 +498,7 @@ class Normalizer {
   std::string apply(std::string s) const {
     for (const Step& step : steps_) {
       switch (step.kind) {
-        case Kind::kNfc: break;
+        case Kind::kNfc: s = nfc(s); break;
         case Kind::kPrepend:
           if (!s.empty()) s = step.text + s;
           break;
