@@ -5,8 +5,12 @@
 // clone() copies the data. Typed access checks the dtype: data<float>() on a float64 tensor throws.
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -16,7 +20,45 @@ namespace moe {
 
 enum class DType { F32, F64, I32, I64 };
 
-using Shape = std::vector<int64_t>;
+// A tensor's dimensions, stored inline (up to kMaxDims), so that making a tensor or a view never
+// touches the heap: the training step allocates nothing in its steady state.
+class Shape {
+ public:
+  static constexpr size_t kMaxDims = 8;
+  Shape() = default;
+  Shape(std::initializer_list<int64_t> dims) : Shape(dims.begin(), dims.end()) {}
+  template <class It>
+  Shape(It first, It last) {
+    for (; first != last; ++first) push_back(static_cast<int64_t>(*first));
+  }
+  explicit Shape(const std::vector<int64_t>& dims) : Shape(dims.begin(), dims.end()) {}
+
+  size_t size() const { return n_; }
+  bool empty() const { return n_ == 0; }
+  int64_t operator[](size_t i) const { return d_[i]; }
+  int64_t& operator[](size_t i) { return d_[i]; }
+  const int64_t* begin() const { return d_.data(); }
+  const int64_t* end() const { return d_.data() + n_; }
+  int64_t back() const { return d_[n_ - 1]; }
+  void push_back(int64_t d) {
+    MOE_CHECK(n_ < kMaxDims, "tensor", "a shape has at most {} dimensions", kMaxDims);
+    d_[n_++] = d;
+  }
+  std::vector<int64_t> vec() const { return {begin(), end()}; }
+  friend bool operator==(const Shape& a, const Shape& b) {
+    return std::equal(a.begin(), a.end(), b.begin(), b.end());
+  }
+  friend bool operator<(const Shape& a, const Shape& b) {
+    return std::lexicographical_compare(a.begin(), a.end(), b.begin(), b.end());
+  }
+
+ private:
+  std::array<int64_t, kMaxDims> d_{};
+  size_t n_ = 0;
+};
+
+void to_json(nlohmann::json& j, const Shape& s);
+void from_json(const nlohmann::json& j, Shape& s);
 
 size_t dtype_size(DType dtype);
 const char* dtype_name(DType dtype);

@@ -1,6 +1,8 @@
 // Tensor storage, dtype bookkeeping and conversions.
 #include "moe/tensor.h"
 
+#include <nlohmann/json.hpp>
+
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -26,6 +28,9 @@ const char* dtype_name(DType dtype) {
   }
   return "?";
 }
+
+void to_json(nlohmann::json& j, const Shape& s) { j = s.vec(); }
+void from_json(const nlohmann::json& j, Shape& s) { s = Shape(j.get<std::vector<int64_t>>()); }
 
 std::string shape_str(const Shape& shape) {
   std::string s = "[";
