@@ -1,8 +1,7 @@
 // The steady-state training step makes no heap allocation: every operator new of this process is
 // counted, and after warm-up steps a training step must not add to the count.
-#include <gtest/gtest.h>
-
 #include <execinfo.h>
+#include <gtest/gtest.h>
 
 #include <atomic>
 #include <cstdlib>

@@ -146,7 +146,7 @@ class Model {
   void zero_grad();
   void set_training(bool training);
   // The MoE layers, in depth order (for router state and statistics).
-  std::vector<MoeLayer*> moe_layers();
+  const std::vector<MoeLayer*>& moe_layers();
   // Routed expert e of layer `layer` (a layer index of the model, which must be an MoE layer):
   // views of its weights.
   ExpertView expert(int64_t layer, int64_t e);
@@ -155,6 +155,9 @@ class Model {
   // loss (scaled by grad_scale, e.g. 1 / accumulation steps).
   ModelOutput forward(const Tensor& tokens, Arena& arena);
   ModelOutput forward_backward(const Tensor& tokens, Arena& arena, double grad_scale = 1.0);
+  // The same, filling `out` in place: its vectors keep their capacity from call to call, so the
+  // steady-state training step allocates nothing.
+  void forward_backward(const Tensor& tokens, Arena& arena, double grad_scale, ModelOutput& out);
   // logits [B, T, V] for tokens i32 [B, T] (no loss), in the arena; router_logits (when given)
   // receives each MoE layer's router logits [B*T, R], in the arena.
   Tensor logits(const Tensor& tokens, Arena& arena, std::vector<Tensor>* router_logits = nullptr);

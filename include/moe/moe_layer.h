@@ -119,6 +119,8 @@ class MoeLayer {
   // x [N, D] -> y [N, D]. Activations the backward needs go to `arena`, which must not be
   // reset before backward(). x must stay alive until then too.
   MoeOutput forward(const Tensor& x, Arena& arena);
+  // The same, filling `out` in place (its vectors keep their capacity between calls).
+  void forward(const Tensor& x, Arena& arena, MoeOutput& out);
 
   // dy [N, D] -> dx [N, D] (written); parameter gradients accumulate into grads(). d_aux and
   // d_z are the gradients of the objective with respect to the two losses (1 when they are

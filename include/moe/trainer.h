@@ -90,6 +90,7 @@ class Trainer {
   TokenStream train_, val_;
   std::unique_ptr<BatchSampler> sampler_;
   Arena arena_;
+  ModelOutput out_;  // reused by every micro-batch
   Tensor batch_;
   int64_t step_ = 0;
 };

@@ -1,11 +1,10 @@
 // Tensor storage, dtype bookkeeping and conversions.
 #include "moe/tensor.h"
 
-#include <nlohmann/json.hpp>
-
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <nlohmann/json.hpp>
 
 namespace moe {
 

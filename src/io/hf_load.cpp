@@ -251,7 +251,7 @@ void load_experts(Model& model, int64_t layer, HfTensors& src, const std::string
 
 void load_llama_like(Model& model, const std::string& type, HfTensors& src) {
   const Names n = names_for(type);
-  std::vector<MoeLayer*> moes = model.moe_layers();
+  const std::vector<MoeLayer*>& moes = model.moe_layers();
   size_t moe_index = 0;
   int64_t layer = -1;
   for (NamedParam& p : model.params()) {

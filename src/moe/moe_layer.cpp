@@ -252,8 +252,9 @@ int64_t dispatch(const MoeConfig& cfg, bool capped, const RoutingPlan<T>& plan,
 }
 
 template <class T>
-MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool training,
-                       NoiseSource& noise, MoeLayer::Saved& s, const Tensor& x, Arena& arena) {
+void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool training,
+                  NoiseSource& noise, MoeLayer::Saved& s, const Tensor& x, Arena& arena,
+                  MoeOutput& result) {
   const char* w = "moe.forward";
   const int64_t D = cfg.d_model, E = cfg.n_experts, F = cfg.d_ffn;
   MOE_CHECK(x.ndim() == 2 && x.size(1) == D && x.dtype() == dtype_of<T>(), w,
@@ -378,7 +379,7 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, 
     }
   }
 
-  MoeOutput out;
+  MoeOutput& out = result;
   out.y = y;
   out.router_logits = Tensor::view(logits, {N, R}, dtype_of<T>());
   out.plan_offsets = Tensor::view(plan.token_offsets, {N + 1}, DType::I64);
@@ -427,7 +428,6 @@ MoeOutput forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, 
   s.sh_y = sh_y;
   s.sh_g = sh_g;
   s.valid = true;
-  return out;
 }
 
 template <class T>
@@ -553,18 +553,24 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
 
 }  // namespace
 
-MoeOutput MoeLayer::forward(const Tensor& x, Arena& arena) {
+void MoeLayer::forward(const Tensor& x, Arena& arena, MoeOutput& out) {
   NoiseSource noise = noise_normal_ || noise_uniform_ ? NoiseSource(noise_normal_, noise_uniform_)
                                                       : NoiseSource(&rng_);
-  MoeOutput out =
-      dtype_ == DType::F64
-          ? forward_impl<double>(cfg_, params_, *router_, training_, noise, *saved_, x, arena)
-          : forward_impl<float>(cfg_, params_, *router_, training_, noise, *saved_, x, arena);
+  if (dtype_ == DType::F64) {
+    forward_impl<double>(cfg_, params_, *router_, training_, noise, *saved_, x, arena, out);
+  } else {
+    forward_impl<float>(cfg_, params_, *router_, training_, noise, *saved_, x, arena, out);
+  }
   // Training forwards since the last step (all micro-batches of an accumulated step) add up.
   if (training_) {
     step_routed_.resize(out.stats.routed.size(), 0);
     for (size_t e = 0; e < step_routed_.size(); ++e) step_routed_[e] += out.stats.routed[e];
   }
+}
+
+MoeOutput MoeLayer::forward(const Tensor& x, Arena& arena) {
+  MoeOutput out;
+  forward(x, arena, out);
   return out;
 }
 

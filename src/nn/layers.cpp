@@ -238,10 +238,9 @@ void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int64_
 }
 
 template <class T>
-double cross_entropy(T* dlogits, const T* logits, const int32_t* targets, int64_t n, int64_t v,
-                     double scale) {
+double cross_entropy(T* dlogits, double* row_loss, const T* logits, const int32_t* targets,
+                     int64_t n, int64_t v, double scale) {
   // Per-row losses summed afterwards in row order: the same sum for any thread count.
-  std::vector<double> row_loss(static_cast<size_t>(n));
   const T g = static_cast<T>(scale / static_cast<double>(n));
 #pragma omp parallel for schedule(static) if (n * v > 32768)
   for (int64_t i = 0; i < n; ++i) {
@@ -251,14 +250,14 @@ double cross_entropy(T* dlogits, const T* logits, const int32_t* targets, int64_
     T sum = 0;
     for (int64_t j = 0; j < v; ++j) sum += std::exp(z[j] - mx);
     const T lse = mx + std::log(sum);
-    row_loss[static_cast<size_t>(i)] = static_cast<double>(lse - z[targets[i]]);
+    row_loss[i] = static_cast<double>(lse - z[targets[i]]);
     if (dlogits) {
       for (int64_t j = 0; j < v; ++j) dlogits[i * v + j] = g * std::exp(z[j] - lse);
       dlogits[i * v + targets[i]] -= g;
     }
   }
   double loss = 0;
-  for (double l : row_loss) loss += l;
+  for (int64_t i = 0; i < n; ++i) loss += row_loss[i];
   return loss / static_cast<double>(n);
 }
 
@@ -280,7 +279,7 @@ double cross_entropy(T* dlogits, const T* logits, const int32_t* targets, int64_
   template void attention_cached<T>(T*, const T*, const T*, const T*, const int64_t*,            \
                                     const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, \
                                     int64_t, int64_t, int64_t, double);                          \
-  template double cross_entropy<T>(T*, const T*, const int32_t*, int64_t, int64_t, double);
+  template double cross_entropy<T>(T*, double*, const T*, const int32_t*, int64_t, int64_t, double);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

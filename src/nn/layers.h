@@ -63,9 +63,9 @@ void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int64_
                       int64_t dk, int64_t dv, int64_t cap, int64_t window, double scale);
 
 // Mean cross-entropy of logits [N, V] against targets [N]; dlogits (may be null) = scale *
-// (softmax - onehot) / N.
+// (softmax - onehot) / N. row_loss [N] is scratch (the per-row losses, summed in row order).
 template <class T>
-double cross_entropy(T* dlogits, const T* logits, const int32_t* targets, int64_t n, int64_t v,
-                     double scale);
+double cross_entropy(T* dlogits, double* row_loss, const T* logits, const int32_t* targets,
+                     int64_t n, int64_t v, double scale);
 
 }  // namespace moe::nn

@@ -253,11 +253,13 @@ struct Model::Impl {
     Param attn_norm, wq, wk, wv, wo, ffn_norm;
     Param b_q, b_k, b_v, q_norm, k_norm;                  // variants (model.h)
     Param wq_a, q_a_norm, wq_b, wkv_a, kv_a_norm, wkv_b;  // latent attention
+    MoeOutput moe_out;  // the MoE layer's last output (its vectors reused)
     std::unique_ptr<DenseFfn> dense;
     std::unique_ptr<MoeLayer> moe;
     BlockSaved saved;
   };
   std::vector<Block> blocks;
+  std::vector<MoeLayer*> moe_layers;  // the blocks' MoE layers, in depth order
   std::vector<NamedParam> named;
   Tensor rope_cos, rope_sin;  // [max_seq_len, hd / 2]
 
@@ -351,6 +353,8 @@ struct Model::Impl {
         named.push_back({p + "ffn.w_down", view(w.w_down), view(g.w_down), true});
       }
     }
+    for (Block& b : blocks)
+      if (b.moe) moe_layers.push_back(b.moe.get());
     final_norm = make_param({D}, dt);
     named.push_back({"norm.weight", final_norm.value, final_norm.grad, false});
     if (!cfg.tie_embeddings) {
@@ -381,13 +385,12 @@ struct Model::Impl {
 
   // tokens [B, T+1] (or [B, T] when targets are not needed) -> loss, and optionally gradients.
   template <class T>
-  ModelOutput run(const Tensor& tokens, Arena& arena, bool with_targets, bool backward,
-                  double scale, Tensor* logits_out);
+  void run(const Tensor& tokens, Arena& arena, bool backward, double scale, ModelOutput& out);
 };
 
 template <class T>
-ModelOutput Model::Impl::run(const Tensor& tokens, Arena& arena, bool with_targets, bool backward,
-                             double scale, Tensor* logits_out) {
+void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double scale,
+                      ModelOutput& out) {
   const char* w = "model";
   MOE_CHECK(
       cfg.trainable(), w,
@@ -395,11 +398,10 @@ ModelOutput Model::Impl::run(const Tensor& tokens, Arena& arena, bool with_targe
       "model uses variants (LayerNorm, qkv bias, q/k norm, clipping, sliding window or latent "
       "attention) that run in inference only for now");
   MOE_CHECK(tokens.ndim() == 2 && tokens.dtype() == DType::I32, w,
-            "tokens must be i32[B, T{}], got {}", with_targets ? "+1" : "", tokens.str());
+            "tokens must be i32[B, T+1], got {}", tokens.str());
   const int64_t B = tokens.size(0), T1 = tokens.size(1);
-  const int64_t Tn = with_targets ? T1 - 1 : T1;
-  MOE_CHECK(B >= 1 && Tn >= 1, w, "need at least one sequence of {} tokens, got {}",
-            with_targets ? "two" : "one", tokens.str());
+  const int64_t Tn = T1 - 1;
+  MOE_CHECK(B >= 1 && Tn >= 1, w, "need at least one sequence of two tokens, got {}", tokens.str());
   MOE_CHECK(Tn <= cfg.max_seq_len, w, "sequence length {} exceeds max_seq_len = {}", Tn,
             cfg.max_seq_len);
   const int64_t V = cfg.vocab_size, D = cfg.d_model, H = cfg.n_heads, KV = cfg.n_kv_heads;
@@ -413,18 +415,22 @@ ModelOutput Model::Impl::run(const Tensor& tokens, Arena& arena, bool with_targe
       MOE_CHECK(x >= 0 && x < V, w, "token {} at [{}, {}] is outside the vocabulary [0, {})", x, b,
                 t, V);
       inputs[b * Tn + t] = x;
-      if (with_targets) {
-        const int32_t y = tok[b * T1 + t + 1];
-        MOE_CHECK(y >= 0 && y < V, w, "token {} at [{}, {}] is outside the vocabulary [0, {})", y,
-                  b, t + 1, V);
-        targets[b * Tn + t] = y;
-      }
+      const int32_t y = tok[b * T1 + t + 1];
+      MOE_CHECK(y >= 0 && y < V, w, "token {} at [{}, {}] is outside the vocabulary [0, {})", y, b,
+                t + 1, V);
+      targets[b * Tn + t] = y;
     }
   const T* cosp = rope_cos.data<T>();
   const T* sinp = rope_sin.data<T>();
 
-  // Forward.
-  ModelOutput out;
+  // Forward. `out` keeps its vectors' capacity: one entry per MoE layer, assigned in place.
+  const size_t n_moe = moe_layers.size();
+  out.loss = out.ce_loss = out.aux_loss = out.z_loss = 0;
+  out.routing.resize(n_moe);
+  out.plan_offsets.resize(n_moe);
+  out.plan_experts.resize(n_moe);
+  out.top_expert.resize(n_moe);
+  size_t mi = 0;
   T* h = arena.alloc<T>(N * D);
   nn::embedding_forward<T>(h, inputs, embed.value.data<T>(), N, D);
   for (Block& blk : blocks) {
@@ -456,13 +462,15 @@ ModelOutput Model::Impl::run(const Tensor& tokens, Arena& arena, bool with_targe
     Tensor ft = Tensor::view(f, {N, D}, dtype_of<T>());
     Tensor y;
     if (blk.moe) {
-      MoeOutput mo = blk.moe->forward(ft, arena);
+      MoeOutput& mo = blk.moe_out;
+      blk.moe->forward(ft, arena, mo);
       out.aux_loss += mo.aux_loss;
       out.z_loss += mo.z_loss;
-      out.routing.push_back(mo.stats);
-      out.plan_offsets.push_back(mo.plan_offsets);
-      out.plan_experts.push_back(mo.plan_experts);
-      out.top_expert.push_back(mo.top_expert);
+      out.routing[mi] = mo.stats;
+      out.plan_offsets[mi] = mo.plan_offsets;
+      out.plan_experts[mi] = mo.plan_experts;
+      out.top_expert[mi] = mo.top_expert;
+      ++mi;
       y = mo.y;
     } else {
       y = blk.dense->forward(ft, arena);
@@ -479,12 +487,10 @@ ModelOutput Model::Impl::run(const Tensor& tokens, Arena& arena, bool with_targe
   Tensor logits = arena.tensor({B, Tn, V}, dtype_of<T>());
   T* lg = logits.data<T>();
   cpu::gemm<T>(false, true, N, V, D, T(1), z, D, lm_head.value.data<T>(), D, T(0), lg, V);
-  if (logits_out) *logits_out = logits;
-  if (!with_targets) return out;
   T* dlogits = backward ? arena.alloc<T>(N * V) : nullptr;
-  out.ce_loss = nn::cross_entropy<T>(dlogits, lg, targets, N, V, scale);
+  out.ce_loss = nn::cross_entropy<T>(dlogits, arena.alloc<double>(N), lg, targets, N, V, scale);
   out.loss = out.ce_loss + out.aux_loss + out.z_loss;
-  if (!backward) return out;
+  if (!backward) return;
 
   // Backward.
   T* dz = arena.alloc<T>(N * D);
@@ -540,7 +546,6 @@ ModelOutput Model::Impl::run(const Tensor& tokens, Arena& arena, bool with_targe
     for (int64_t i = 0; i < N * D; ++i) dh[i] += dmid[i];
   }
   nn::embedding_backward<T>(embed.grad.data<T>(), dh, inputs, N, D);
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -790,12 +795,7 @@ void Model::set_training(bool training) {
   for (MoeLayer* m : moe_layers()) m->set_training(training);
 }
 
-std::vector<MoeLayer*> Model::moe_layers() {
-  std::vector<MoeLayer*> out;
-  for (auto& b : impl_->blocks)
-    if (b.moe) out.push_back(b.moe.get());
-  return out;
-}
+const std::vector<MoeLayer*>& Model::moe_layers() { return impl_->moe_layers; }
 
 ExpertView Model::expert(int64_t layer, int64_t e) {
   MOE_CHECK(layer >= 0 && layer < cfg_.n_layers && impl_->blocks[static_cast<size_t>(layer)].moe,
@@ -821,22 +821,37 @@ ModelOutput Model::forward(const Tensor& tokens, Arena& arena) {
       }
     const Tensor logits = this->logits(inputs, arena);
     ModelOutput out;
-    out.ce_loss = impl_->dtype == DType::F64
-                      ? nn::cross_entropy<double>(nullptr, logits.data<double>(),
-                                                  targets.data<int32_t>(), B * T, V, 1)
-                      : nn::cross_entropy<float>(nullptr, logits.data<float>(),
-                                                 targets.data<int32_t>(), B * T, V, 1);
+    out.ce_loss =
+        impl_->dtype == DType::F64
+            ? nn::cross_entropy<double>(nullptr, arena.alloc<double>(B * T), logits.data<double>(),
+                                        targets.data<int32_t>(), B * T, V, 1)
+            : nn::cross_entropy<float>(nullptr, arena.alloc<double>(B * T), logits.data<float>(),
+                                       targets.data<int32_t>(), B * T, V, 1);
     out.loss = out.ce_loss;
     return out;
   }
-  return impl_->dtype == DType::F64 ? impl_->run<double>(tokens, arena, true, false, 1, nullptr)
-                                    : impl_->run<float>(tokens, arena, true, false, 1, nullptr);
+  ModelOutput out;
+  if (impl_->dtype == DType::F64) {
+    impl_->run<double>(tokens, arena, false, 1, out);
+  } else {
+    impl_->run<float>(tokens, arena, false, 1, out);
+  }
+  return out;
+}
+
+void Model::forward_backward(const Tensor& tokens, Arena& arena, double grad_scale,
+                             ModelOutput& out) {
+  if (impl_->dtype == DType::F64) {
+    impl_->run<double>(tokens, arena, true, grad_scale, out);
+  } else {
+    impl_->run<float>(tokens, arena, true, grad_scale, out);
+  }
 }
 
 ModelOutput Model::forward_backward(const Tensor& tokens, Arena& arena, double grad_scale) {
-  return impl_->dtype == DType::F64
-             ? impl_->run<double>(tokens, arena, true, true, grad_scale, nullptr)
-             : impl_->run<float>(tokens, arena, true, true, grad_scale, nullptr);
+  ModelOutput out;
+  forward_backward(tokens, arena, grad_scale, out);
+  return out;
 }
 
 Tensor Model::logits(const Tensor& tokens, Arena& arena, std::vector<Tensor>* router_logits) {

@@ -140,9 +140,9 @@ StepLog Trainer::train_step() {
   for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
     sampler_->next(batch_);
     arena_.reset();
-    ModelOutput out;
+    ModelOutput& out = out_;
     try {
-      out = model_->forward_backward(batch_, arena_, 1.0 / static_cast<double>(cfg_.grad_accum));
+      model_->forward_backward(batch_, arena_, 1.0 / static_cast<double>(cfg_.grad_accum), out);
     } catch (const Error& e) {
       // A layer's own guard (a NaN reaching an MoE layer, say) stops the step too.
       throw_error("train", fmt::format("step {}: {}", log.step, e.what()));
@@ -251,7 +251,7 @@ std::string Trainer::save(const std::string& out_dir) {
   } else {
     for (NamedParam& p : model_->params()) weights.emplace_back(p.name, p.value);
   }
-  std::vector<MoeLayer*> layers = model_->moe_layers();
+  const std::vector<MoeLayer*>& layers = model_->moe_layers();
   for (size_t i = 0; i < layers.size(); ++i)
     if (std::vector<double>* b = layers[i]->router().selection_bias()) {
       Tensor t = Tensor::empty({static_cast<int64_t>(b->size())}, DType::F64);
@@ -313,7 +313,7 @@ void load_weights(Model& model, const std::string& path) {
     src.expect(path.c_str(), p.name.c_str(), p.value.shape(), p.value.dtype());
     std::memcpy(p.value.raw(), src.raw(), src.nbytes());
   }
-  std::vector<MoeLayer*> layers = model.moe_layers();
+  const std::vector<MoeLayer*>& layers = model.moe_layers();
   for (size_t i = 0; i < layers.size(); ++i) {
     std::vector<double>* b = layers[i]->router().selection_bias();
     if (!b) continue;
@@ -365,7 +365,7 @@ void Trainer::resume(const std::string& dir) {
     state = nlohmann::json::parse(f);
     step_ = state.at("step").get<int64_t>();
     rng_from_json(state.at("data_rng"), sampler_->rng());
-    std::vector<MoeLayer*> layers = model_->moe_layers();
+    const std::vector<MoeLayer*>& layers = model_->moe_layers();
     const auto& ls = state.at("moe_layers");
     MOE_CHECK(ls.size() == layers.size(), "resume",
               "the checkpoint has {} MoE layers, the model {}", ls.size(), layers.size());
@@ -389,7 +389,7 @@ void Trainer::init_from(Model& src) {
                          to[i].value.dtype());
     std::memcpy(to[i].value.raw(), from[i].value.raw(), to[i].value.nbytes());
   }
-  std::vector<MoeLayer*> a = model_->moe_layers(), b = src.moe_layers();
+  const std::vector<MoeLayer*>&a = model_->moe_layers(), &b = src.moe_layers();
   for (size_t i = 0; i < a.size() && i < b.size(); ++i)
     if (std::vector<double>* bias = a[i]->router().selection_bias())
       *bias = *b[i]->router().selection_bias();

@@ -6,11 +6,28 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "moe/kernels.h"
 #include "moe/router.h"
 
 namespace moe::routing {
+
+// A router's reusable buffer for its backward's per-token values (which has no arena): grows to
+// the largest size asked for, then allocates no more.
+class Scratch {
+ public:
+  template <class T>
+  T* get(int64_t n) {
+    const size_t bytes = static_cast<size_t>(n) * sizeof(T);
+    if (buf_.size() * sizeof(double) < bytes)
+      buf_.resize((bytes + sizeof(double) - 1) / sizeof(double));
+    return reinterpret_cast<T*>(buf_.data());
+  }
+
+ private:
+  std::vector<double> buf_;  // double-aligned storage for float or double values
+};
 
 // Arena-backed plan with K pairs for every token.
 template <class T>

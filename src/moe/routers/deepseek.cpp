@@ -39,25 +39,29 @@ class DeepseekRouter : public RouterImpl<DeepseekRouter> {
     for (int64_t i = 0; i < N * E; ++i) s[i] = T(1) / (T(1) + std::exp(-f.logits[i]));
     RoutingPlan<T> plan = uniform_plan<T>(arena, N, K);
     T* sel_s = arena.alloc<T>(N * K);
-    std::vector<T> choice(static_cast<size_t>(E)), gscore(static_cast<size_t>(NG)), v(2);
-    std::vector<int32_t> gkeep(static_cast<size_t>(cfg_.topk_group)), vi(2);
-    std::vector<T> gval(static_cast<size_t>(cfg_.topk_group)), top_v(static_cast<size_t>(K));
+    const int64_t TG = cfg_.topk_group;
+    T* choice = arena.alloc<T>(E);
+    T* gscore = arena.alloc<T>(NG);
+    T* v = arena.alloc<T>(2);
+    T* gval = arena.alloc<T>(TG);
+    T* top_v = arena.alloc<T>(K);
+    int32_t* vi = arena.alloc<int32_t>(2);
+    int32_t* gkeep = arena.alloc<int32_t>(TG);
     for (int64_t t = 0; t < N; ++t) {
       for (int64_t e = 0; e < E; ++e)
-        choice[static_cast<size_t>(e)] =
-            s[t * E + e] + static_cast<T>(bias_[static_cast<size_t>(e)]);
+        choice[e] = s[t * E + e] + static_cast<T>(bias_[static_cast<size_t>(e)]);
       if (NG > 1) {
         for (int64_t g = 0; g < NG; ++g) {
-          cpu::topk_rows<T>(vi.data(), v.data(), choice.data() + g * GS, 1, GS, 2);
-          gscore[static_cast<size_t>(g)] = v[0] + v[1];
+          cpu::topk_rows<T>(vi, v, choice + g * GS, 1, GS, 2);
+          gscore[g] = v[0] + v[1];
         }
-        cpu::topk_rows<T>(gkeep.data(), gval.data(), gscore.data(), 1, NG, cfg_.topk_group);
+        cpu::topk_rows<T>(gkeep, gval, gscore, 1, NG, TG);
         for (int64_t g = 0; g < NG; ++g) {
-          if (std::find(gkeep.begin(), gkeep.end(), g) != gkeep.end()) continue;
-          std::fill_n(choice.begin() + g * GS, GS, -std::numeric_limits<T>::infinity());
+          if (std::find(gkeep, gkeep + TG, g) != gkeep + TG) continue;
+          std::fill_n(choice + g * GS, GS, -std::numeric_limits<T>::infinity());
         }
       }
-      cpu::topk_rows<T>(plan.expert + t * K, top_v.data(), choice.data(), 1, E, K);
+      cpu::topk_rows<T>(plan.expert + t * K, top_v, choice, 1, E, K);
       for (int64_t j = 0; j < K; ++j) sel_s[t * K + j] = s[t * E + plan.expert[t * K + j]];
       topk_weights(plan.weight + t * K, sel_s + t * K, K, cfg_.renormalize);
       for (int64_t j = 0; j < K; ++j) {
@@ -108,19 +112,20 @@ class DeepseekRouter : public RouterImpl<DeepseekRouter> {
     const T* weight = static_cast<const T*>(sv_.weight);
     const T* ssum = static_cast<const T*>(sv_.ssum);
     const T rsf = static_cast<T>(cfg_.routed_scaling_factor);
-    std::vector<T> du(static_cast<size_t>(K)), u(static_cast<size_t>(K)),
-        ds(static_cast<size_t>(K));
-    std::vector<T> dsn(static_cast<size_t>(E));
+    T* du = scratch_.get<T>(3 * K + E);
+    T* u = du + K;
+    T* ds = u + K;
+    T* dsn = ds + K;
     for (int64_t t = 0; t < N; ++t) {
       T* g = dlogits + t * E;
       std::fill_n(g, E, T(0));
       // w = rsf * u, u = s_sel (/ sum s_sel).
       for (int64_t j = 0; j < K; ++j) {
-        du[static_cast<size_t>(j)] = rsf * dweight[t * K + j];
-        u[static_cast<size_t>(j)] = weight[t * K + j] / rsf;
+        du[j] = rsf * dweight[t * K + j];
+        u[j] = weight[t * K + j] / rsf;
       }
-      topk_weights_backward(ds.data(), du.data(), u.data(), sel_s + t * K, K, cfg_.renormalize);
-      for (int64_t j = 0; j < K; ++j) g[sv_.expert[t * K + j]] += ds[static_cast<size_t>(j)];
+      topk_weights_backward(ds, du, u, sel_s + t * K, K, cfg_.renormalize);
+      for (int64_t j = 0; j < K; ++j) g[sv_.expert[t * K + j]] += ds[j];
       // Balance loss: P_i = mean_t s_ti / sum_j s_tj, weighted by f_i.
       const int64_t q = t / sv_.seq, t0 = q * sv_.seq, T_ = std::min(N, t0 + sv_.seq) - t0;
       const double scale =
@@ -129,10 +134,10 @@ class DeepseekRouter : public RouterImpl<DeepseekRouter> {
       for (int64_t e = 0; e < E; ++e) {
         const double fi = static_cast<double>(E) / static_cast<double>(K * T_) *
                           static_cast<double>(sv_.counts[q * E + e]);
-        dsn[static_cast<size_t>(e)] = static_cast<T>(scale * fi);
-        dot += dsn[static_cast<size_t>(e)] * s[t * E + e] / ssum[t];
+        dsn[e] = static_cast<T>(scale * fi);
+        dot += dsn[e] * s[t * E + e] / ssum[t];
       }
-      for (int64_t e = 0; e < E; ++e) g[e] += (dsn[static_cast<size_t>(e)] - dot) / ssum[t];
+      for (int64_t e = 0; e < E; ++e) g[e] += (dsn[e] - dot) / ssum[t];
       // s = sigmoid(l).
       for (int64_t e = 0; e < E; ++e) g[e] *= s[t * E + e] * (T(1) - s[t * E + e]);
     }
@@ -140,6 +145,7 @@ class DeepseekRouter : public RouterImpl<DeepseekRouter> {
 
  private:
   std::vector<double> bias_;  // [E] selection bias (e_score_correction_bias)
+  Scratch scratch_;           // backward's per-token buffers
   struct Saved {
     int64_t n = 0, seq = 0, n_seq = 0;
     const void* s = nullptr;          // [N, E] sigmoid affinities

@@ -29,6 +29,7 @@ class TopkRouter : public RouterImpl<TopkRouter> {
     const void* weight = nullptr;     // [N, K]
     const int64_t* counts = nullptr;  // [E]
   } saved_;
+  Scratch scratch_;  // backward's per-token buffers
 };
 
 template <class T>
@@ -91,17 +92,19 @@ void TopkRouter::bwd(const T* dweight, double d_aux, double d_z, T* dlogits) {
   const T zs = static_cast<T>(d_z * cfg_.z_loss_coef * 2.0 / static_cast<double>(N));
   // w = rsf * u with u the (renormalized) top-k probabilities.
   const T rsf = static_cast<T>(cfg_.routed_scaling_factor);
-  std::vector<T> dp(static_cast<size_t>(K)), du(static_cast<size_t>(K)), u(static_cast<size_t>(K));
+  T* dp = scratch_.get<T>(3 * K);
+  T* du = dp + K;
+  T* u = du + K;
   for (int64_t t = 0; t < N; ++t) {
     T* g = dlogits + t * E;
     std::fill_n(g, E, T(0));
     balance_loss_grad(g, saved_.counts, N * K, N, E, cfg_.aux_loss_coef, d_aux);
     for (int64_t j = 0; j < K; ++j) {
-      du[static_cast<size_t>(j)] = rsf * dweight[t * K + j];
-      u[static_cast<size_t>(j)] = weight[t * K + j] / rsf;
+      du[j] = rsf * dweight[t * K + j];
+      u[j] = weight[t * K + j] / rsf;
     }
-    topk_weights_backward(dp.data(), du.data(), u.data(), top_p + t * K, K, cfg_.renormalize);
-    for (int64_t j = 0; j < K; ++j) g[saved_.expert[t * K + j]] += dp[static_cast<size_t>(j)];
+    topk_weights_backward(dp, du, u, top_p + t * K, K, cfg_.renormalize);
+    for (int64_t j = 0; j < K; ++j) g[saved_.expert[t * K + j]] += dp[j];
     softmax_backward_row(g, probs + t * E, E, zs * lse[t]);
   }
 }
