@@ -1,0 +1,81 @@
+#!/usr/bin/python3
+"""Runs `moe bench layer` and its PyTorch peer (bench/torch_layer.py) on the issue's two shapes,
+same machine and thread count, and writes the markdown table to docs/results/layer_speed.md.
+
+    /usr/bin/python3 bench/layer_table.py [--moe build/release/moe] [-t 2] [--reps 7]
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+
+SHAPES = [  # (tokens, dim, ffn, experts, top_k)
+    (2048, 512, 1408, 8, 2),
+    (2048, 512, 352, 64, 8),
+]
+
+
+def run_json(cmd):
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--moe", default=os.path.join(root, "build/release/moe"))
+    p.add_argument("-t", "--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--out", default=os.path.join(root, "docs/results/layer_speed.md"))
+    a = p.parse_args()
+    rows = []
+    for n, d, f, e, k in SHAPES:
+        print(f"N={n} D={d} F={f} E={e} k={k} ...", file=sys.stderr)
+        ours = run_json([a.moe, "bench", "layer", "--tokens", str(n), "--dim", str(d), "--ffn", str(f),
+                         "--experts", str(e), "--top-k", str(k), "-t", str(a.threads),
+                         "--reps", str(a.reps), "--json"])
+        torch = run_json([sys.executable, os.path.join(here, "torch_layer.py"), "--tokens", str(n),
+                          "--dim", str(d), "--ffn", str(f), "--experts", str(e), "--top-k", str(k),
+                          "-t", str(a.threads), "--reps", str(max(3, a.reps // 2))])
+        rows.append((n, d, f, e, k, ours, torch))
+    lines = [
+        "# The MoE layer against its limit and its peer",
+        "",
+        f"Written by `bench/layer_table.py` on {cpu_name()}, {a.threads} threads. Times are medians"
+        " (ms) after warm-up; the dense FFN is a SwiGLU FFN with the same active FLOPs on the same"
+        " engine (the limit); PyTorch runs transformers' Mixtral block (a loop over the experts).",
+        "",
+        "| N | D | F | E | k | MoE fwd | MoE fwd+bwd | dense fwd | dense fwd+bwd | MoE/dense fwd+bwd"
+        " | PyTorch fwd | PyTorch fwd+bwd | PyTorch/MoE fwd+bwd | dense GFLOP/s | GEMM peak GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, d, f, e, k, o, t in rows:
+        lines.append(
+            f"| {n} | {d} | {f} | {e} | {k} | {o['moe_fwd_ms']:.1f} | {o['moe_fwdbwd_ms']:.1f} |"
+            f" {o['dense_fwd_ms']:.1f} | {o['dense_fwdbwd_ms']:.1f} | {o['fwdbwd_ratio']:.3f} |"
+            f" {t['torch_fwd_ms']:.1f} | {t['torch_fwdbwd_ms']:.1f} |"
+            f" {t['torch_fwdbwd_ms'] / o['moe_fwdbwd_ms']:.2f} | {o['dense_fwdbwd_gflops']:.0f} |"
+            f" {o['gemm_peak_gflops']:.0f} |")
+    lines.append("")
+    lines.append(f"PyTorch {rows[0][6]['torch_version']} (Debian's python3-torch).")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
