@@ -7,6 +7,7 @@
 #include "kernels/ref/ref.h"
 #include "moe/kernels.h"
 #include "moe/rng.h"
+#include "moe/threading.h"
 
 namespace moe {
 
@@ -54,6 +55,26 @@ TYPED_TEST(KernelTest, GemmMatchesReferenceForEveryTranspose) {
         EXPECT_LE(max_abs_diff(c0, c1), tol * static_cast<double>(k + 1))
             << "m=" << m << " n=" << n << " k=" << k << " ta=" << ta << " tb=" << tb;
       }
+  }
+}
+
+// One row (decoding a token) runs as a matrix-vector product: the same bits on 1 and 2 threads,
+// for both layouts of B, on shapes large enough for the BLAS to split the work.
+TEST(KernelTest, OneRowGemmIsTheSameOnAnyThreadCount) {
+  Rng rng(3);
+  const int64_t n = 3000, k = 1500;
+  auto a = randn<float>(rng, k);
+  auto b = randn<float>(rng, n * k);
+  for (int tb = 0; tb < 2; ++tb) {
+    std::vector<float> c[2];
+    for (int threads = 1; threads <= 2; ++threads) {
+      set_num_threads(threads);
+      c[threads - 1].assign(static_cast<size_t>(n), 1.0f);
+      cpu::gemm<float>(false, tb, 1, n, k, 1.0f, a.data(), k, b.data(), tb ? k : n, 0.5f,
+                       c[threads - 1].data(), n);
+    }
+    set_num_threads(0);
+    EXPECT_EQ(c[0], c[1]) << "tb=" << tb;
   }
 }
 

@@ -7,7 +7,9 @@
 #include "commands.h"
 #include "layer_options.h"
 #include "moe/dense_ffn.h"
+#include "moe/generate.h"
 #include "moe/kernels.h"
+#include "moe/model.h"
 #include "moe/moe_layer.h"
 #include "moe/threading.h"
 #include "timing.h"
@@ -116,6 +118,119 @@ int run_bench_layer(BenchLayer& b) {
   return 0;
 }
 
+// ---------------------------------------------------------------------------------------------
+// moe bench decode: one token at a time (batch 1) against the memory-bandwidth floor.
+
+struct BenchDecode {
+  int64_t dim = 1024, ffn = 4096, experts = 8, top_k = 2, layers = 4, vocab = 8192;
+  int64_t prompt = 16, tokens = 32;
+  int threads = 0;
+  bool json = false;
+};
+
+// Read bandwidth (GB/s): summing a 1 GiB float array on all threads, the median of 5 passes.
+double read_bandwidth_gbs() {
+  const int64_t n = int64_t{1} << 28;
+  Tensor t = Tensor::empty({n}, DType::F32);
+  float* p = t.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) p[i] = 1.0f;
+  volatile float sink = 0;
+  const double ms = median_ms(1, 5, [&] {
+    float total = 0;
+#pragma omp parallel reduction(+ : total)
+    {
+      // 32 independent lanes, so the loop vectorizes and the adds keep up with memory.
+      float acc[32] = {};
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < n; i += 32)
+        for (int j = 0; j < 32; ++j) acc[j] += p[i + j];
+      for (float v : acc) total += v;
+    }
+    sink = sink + total;
+  });
+  return static_cast<double>(n) * 4.0 / ms / 1e6;
+}
+
+int run_bench_decode(const BenchDecode& b) {
+  set_num_threads(b.threads);
+  ModelConfig c;
+  c.vocab_size = b.vocab;
+  c.d_model = b.dim;
+  c.n_layers = b.layers;
+  c.n_heads = b.dim / 64;
+  c.n_kv_heads = std::max<int64_t>(1, c.n_heads / 4);
+  c.d_ffn = b.ffn;
+  c.max_seq_len = b.prompt + b.tokens;
+  c.moe.d_model = b.dim;
+  c.moe.d_ffn = b.ffn;
+  c.moe.n_experts = b.experts;
+  c.moe.top_k = b.top_k;
+  c.validate();
+  const ParamCount n = count_params(c);
+  const double expert_bytes = 4.0 * static_cast<double>(3 * b.dim * b.ffn);
+  fmt::print(stderr, "model: {:.2f} GB of weights, {:.2f} GB of them routed experts; filling...\n",
+             4.0 * static_cast<double>(n.total) / 1e9,
+             4.0 * static_cast<double>(n.routed_experts) / 1e9);
+  Model model(c);
+  Rng rng(1);
+  for (NamedParam& p : model.params()) rng.fill_uniform(p.value, -0.02, 0.02);
+  // Weights one token reads: all but the routed experts and the embedding table, plus top_k
+  // experts per MoE layer and one embedding row.
+  const double static_bytes =
+      4.0 * static_cast<double>(n.total - n.routed_experts - b.vocab * b.dim + b.dim);
+  const double token_bytes = static_bytes + static_cast<double>(b.layers * b.top_k) * expert_bytes;
+  const double bw = read_bandwidth_gbs();
+  // Greedy decoding: the prompt in one pass, then one token per step, each step timed.
+  KvCache cache = model.make_cache(1, c.max_seq_len);
+  Arena arena;
+  Tensor tok = Tensor::empty({1, b.prompt}, DType::I32);
+  for (int64_t i = 0; i < b.prompt; ++i) tok.data<int32_t>()[i] = static_cast<int32_t>(i % b.vocab);
+  Tensor logits = model.decode(tok, cache, arena);
+  int32_t next =
+      static_cast<int32_t>(std::max_element(logits.data<float>() + (b.prompt - 1) * b.vocab,
+                                            logits.data<float>() + b.prompt * b.vocab) -
+                           (logits.data<float>() + (b.prompt - 1) * b.vocab));
+  Tensor one = Tensor::empty({1, 1}, DType::I32);
+  std::vector<double> ms;
+  for (int64_t i = 0; i < b.tokens; ++i) {
+    one.data<int32_t>()[0] = next;
+    arena.reset();
+    const auto t0 = std::chrono::steady_clock::now();
+    logits = model.decode(one, cache, arena);
+    ms.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    const float* l = logits.data<float>();
+    next = static_cast<int32_t>(std::max_element(l, l + b.vocab) - l);
+  }
+  std::sort(ms.begin(), ms.end());
+  const double per_token = ms[ms.size() / 2];
+  const double floor_ms = token_bytes / bw / 1e6;
+  if (b.json) {
+    fmt::print("{}\n",
+               nlohmann::json{{"threads", num_threads()},
+                              {"weights_gb", 4.0 * static_cast<double>(n.total) / 1e9},
+                              {"experts_gb", 4.0 * static_cast<double>(n.routed_experts) / 1e9},
+                              {"bytes_per_token", token_bytes},
+                              {"read_bandwidth_gbs", bw},
+                              {"floor_ms", floor_ms},
+                              {"decode_ms_per_token", per_token},
+                              {"ratio_to_floor", per_token / floor_ms},
+                              {"tokens_per_s", 1e3 / per_token}}
+                   .dump());
+    return 0;
+  }
+  fmt::print("decode, batch 1: {} layers, D={}, {} experts of F={} (top-{}), {} threads\n",
+             b.layers, b.dim, b.experts, b.ffn, b.top_k, num_threads());
+  fmt::print("weights read per token  {:.1f} MB\n", token_bytes / 1e6);
+  fmt::print("read bandwidth          {:.1f} GB/s\n", bw);
+  fmt::print("bandwidth floor         {:.2f} ms per token\n", floor_ms);
+  fmt::print("measured (median)       {:.2f} ms per token ({:.1f} tokens/s)\n", per_token,
+             1e3 / per_token);
+  fmt::print("ratio to the floor      {:.3f}\n", per_token / floor_ms);
+  return 0;
+}
+
 }  // namespace
 
 Run add_bench(CLI::App& app) {
@@ -136,7 +251,25 @@ Run add_bench(CLI::App& app) {
   layer->add_flag("--json", b->json,
                   "print one JSON object (moe_fwd_ms, moe_fwdbwd_ms, dense_fwd_ms, "
                   "dense_fwdbwd_ms, ...)");
-  return [b] { return run_bench_layer(*b); };
+  auto d = std::make_shared<BenchDecode>();
+  auto* decode = bench->add_subcommand(
+      "decode", "batch-1 decoding of an MoE model against the memory-bandwidth floor");
+  decode->add_option("--dim", d->dim, "model width")->capture_default_str();
+  decode->add_option("--ffn", d->ffn, "expert width")->capture_default_str();
+  decode->add_option("--experts", d->experts, "experts per layer")->capture_default_str();
+  decode->add_option("--top-k", d->top_k, "experts per token")->capture_default_str();
+  decode->add_option("--layers", d->layers, "layers (all MoE)")->capture_default_str();
+  decode->add_option("--vocab", d->vocab, "vocabulary")->capture_default_str();
+  decode->add_option("--prompt", d->prompt, "prompt tokens (one pass)")->capture_default_str();
+  decode->add_option("-n,--tokens", d->tokens, "tokens decoded one at a time")
+      ->capture_default_str();
+  decode->add_option("-t,--threads", d->threads, "threads (0: all cores)")->capture_default_str();
+  decode->add_flag("--json", d->json,
+                   "print one JSON object (decode_ms_per_token, floor_ms, ratio_to_floor, ...)");
+  return [b, d, layer, decode] {
+    if (decode->parsed()) return run_bench_decode(*d);
+    return run_bench_layer(*b);
+  };
 }
 
 }  // namespace moe::cli
