@@ -12,6 +12,7 @@
 #include "moe/model.h"
 #include "moe/moe_layer.h"
 #include "moe/threading.h"
+#include "moe/trainer.h"
 #include "timing.h"
 
 namespace moe::cli {
@@ -231,10 +232,75 @@ int run_bench_decode(const BenchDecode& b) {
   return 0;
 }
 
+// ---------------------------------------------------------------------------------------------
+// moe bench train: training steps of a preset model (the default: the main job's), tokens/s.
+
+struct BenchTrain {
+  std::string preset = "small";
+  int64_t batch = 16, seq_len = 128;
+  int warmup = 2, steps = 8;
+  int threads = 0;
+  bool json = false;
+};
+
+int run_bench_train(const BenchTrain& b) {
+  set_num_threads(b.threads);
+  MOE_CHECK(b.steps >= 1 && b.warmup >= 0, "bench", "--steps must be >= 1 and --warmup >= 0");
+  // Random printable text: the step's cost does not depend on what the bytes say.
+  Corpus corpus;
+  corpus.languages = {"random"};
+  Rng rng(7);
+  for (int d = 0; d < 64; ++d) {
+    std::string text(static_cast<size_t>(b.seq_len * 4), ' ');
+    for (char& ch : text) ch = static_cast<char>(rng.randint(32, 127));
+    corpus.docs.push_back({text, 0});
+  }
+  TrainConfig t;
+  t.batch = b.batch;
+  t.seq_len = b.seq_len;
+  t.steps = b.warmup + b.steps;
+  t.val_every = 1000;
+  const ModelConfig m = model_preset(b.preset);
+  Trainer trainer(m, t, corpus);
+  std::vector<double> ms;
+  for (int i = 0; i < b.warmup + b.steps; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    trainer.train_step();
+    if (i >= b.warmup)
+      ms.push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(ms.begin(), ms.end());
+  const double step_ms = ms[ms.size() / 2];
+  const double tps = static_cast<double>(b.batch * b.seq_len) / step_ms * 1e3;
+  const ParamCount n = count_params(m);
+  if (b.json) {
+    fmt::print("{}\n", nlohmann::json{{"preset", b.preset},
+                                      {"threads", num_threads()},
+                                      {"batch", b.batch},
+                                      {"seq_len", b.seq_len},
+                                      {"step_ms", step_ms},
+                                      {"tokens_per_s", tps},
+                                      {"total_params", n.total},
+                                      {"active_params", n.active}}
+                           .dump());
+    return 0;
+  }
+  fmt::print(
+      "training step, preset {} ({:.2f}M parameters, {:.2f}M active), {} x {} tokens, {} "
+      "threads\n",
+      b.preset, static_cast<double>(n.total) / 1e6, static_cast<double>(n.active) / 1e6, b.batch,
+      b.seq_len, num_threads());
+  fmt::print("step (median of {})   {:.1f} ms\ntokens per second      {:.0f}\n", b.steps, step_ms,
+             tps);
+  return 0;
+}
+
 }  // namespace
 
 Run add_bench(CLI::App& app) {
-  auto* bench = app.add_subcommand("bench", "measure speed against the limit (dense FFN)");
+  auto* bench = app.add_subcommand(
+      "bench", "measure speed: the MoE layer, a training step, decoding (see bench/ for peers)");
   bench->require_subcommand(1);
   auto b = std::make_shared<BenchLayer>();
   b->opt.tokens = 2048;
@@ -266,8 +332,19 @@ Run add_bench(CLI::App& app) {
   decode->add_option("-t,--threads", d->threads, "threads (0: all cores)")->capture_default_str();
   decode->add_flag("--json", d->json,
                    "print one JSON object (decode_ms_per_token, floor_ms, ratio_to_floor, ...)");
-  return [b, d, layer, decode] {
+  auto tr = std::make_shared<BenchTrain>();
+  auto* train = bench->add_subcommand("train", "training steps of a preset model, tokens/s");
+  train->add_option("--preset", tr->preset, "model preset")->capture_default_str();
+  train->add_option("--batch", tr->batch, "sequences per step")->capture_default_str();
+  train->add_option("--seq-len", tr->seq_len, "tokens per sequence")->capture_default_str();
+  train->add_option("--warmup", tr->warmup, "untimed steps first")->capture_default_str();
+  train->add_option("--steps", tr->steps, "timed steps (the median is reported)")
+      ->capture_default_str();
+  train->add_option("-t,--threads", tr->threads, "threads (0: all cores)")->capture_default_str();
+  train->add_flag("--json", tr->json, "print one JSON object (step_ms, tokens_per_s, ...)");
+  return [b, d, tr, decode, train] {
     if (decode->parsed()) return run_bench_decode(*d);
+    if (train->parsed()) return run_bench_train(*tr);
     return run_bench_layer(*b);
   };
 }
