@@ -1,8 +1,13 @@
 #!/usr/bin/python3
-"""Runs `moe bench layer` and its PyTorch peer (bench/torch_layer.py) on the issue's two shapes,
-same machine and thread count, and writes the markdown table to docs/results/layer_speed.md.
+"""Runs the speed benchmarks with their PyTorch peers on one machine, same thread count, and
+writes the tables to docs/results/speed.md:
+- `moe bench layer` (two shapes) against the dense FFN of the same active FLOPs, the machine's
+  large-GEMM throughput, and transformers' Mixtral block in PyTorch (bench/torch_layer.py);
+- `moe bench train` (the main job's model) against the same model in PyTorch
+  (bench/torch_train.py);
+- `moe bench decode` (batch 1, experts of 1.6 GB) against the memory-bandwidth floor.
 
-    /usr/bin/python3 bench/layer_table.py [--moe build/release/moe] [-t 2] [--reps 7]
+    /usr/bin/python3 bench/speed_table.py [--moe build/release/moe] [-t 2] [--reps 7]
 """
 import argparse
 import json
@@ -39,7 +44,7 @@ def main():
     p.add_argument("--moe", default=os.path.join(root, "build/release/moe"))
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--out", default=os.path.join(root, "docs/results/layer_speed.md"))
+    p.add_argument("--out", default=os.path.join(root, "docs/results/speed.md"))
     a = p.parse_args()
     rows = []
     for n, d, f, e, k in SHAPES:
@@ -51,10 +56,20 @@ def main():
                           "--dim", str(d), "--ffn", str(f), "--experts", str(e), "--top-k", str(k),
                           "-t", str(a.threads), "--reps", str(max(3, a.reps // 2))])
         rows.append((n, d, f, e, k, ours, torch))
+    print("training step ...", file=sys.stderr)
+    train = run_json([a.moe, "bench", "train", "-t", str(a.threads), "--json"])
+    torch_train = run_json([sys.executable, os.path.join(here, "torch_train.py"), "-t",
+                            str(a.threads)])
+    print("decoding ...", file=sys.stderr)
+    decode = run_json([a.moe, "bench", "decode", "-t", str(a.threads), "--json"])
     lines = [
-        "# The MoE layer against its limit and its peer",
+        "# Speed",
         "",
-        f"Written by `bench/layer_table.py` on {cpu_name()}, {a.threads} threads. Times are medians"
+        f"Written by `bench/speed_table.py` on {cpu_name()}, {a.threads} threads.",
+        "",
+        "## The MoE layer against its limit and its peer",
+        "",
+        "Times are medians"
         " (ms) after warm-up; the dense FFN is a SwiGLU FFN with the same active FLOPs on the same"
         " engine (the limit); PyTorch runs transformers' Mixtral block (a loop over the experts).",
         "",
@@ -69,8 +84,34 @@ def main():
             f" {t['torch_fwd_ms']:.1f} | {t['torch_fwdbwd_ms']:.1f} |"
             f" {t['torch_fwdbwd_ms'] / o['moe_fwdbwd_ms']:.2f} | {o['dense_fwdbwd_gflops']:.0f} |"
             f" {o['gemm_peak_gflops']:.0f} |")
-    lines.append("")
-    lines.append(f"PyTorch {rows[0][6]['torch_version']} (Debian's python3-torch).")
+    lines += [
+        "",
+        "## A training step of the main job's model",
+        "",
+        f"Preset `{train['preset']}` ({train['total_params'] / 1e6:.2f}M parameters,"
+        f" {train['active_params'] / 1e6:.2f}M active), {train['batch']} x {train['seq_len']}"
+        " tokens per step, AdamW with clipping; PyTorch runs the same model (bench/torch_train.py).",
+        "",
+        "| engine | step (ms) | tokens/s |",
+        "|---|---|---|",
+        f"| moe.cpp | {train['step_ms']:.1f} | {train['tokens_per_s']:.0f} |",
+        f"| PyTorch | {torch_train['torch_step_ms']:.1f} | {torch_train['torch_tokens_per_s']:.0f} |",
+        "",
+        f"moe.cpp / PyTorch tokens/s: {train['tokens_per_s'] / torch_train['torch_tokens_per_s']:.2f}",
+        "",
+        "## Decoding one token at a time",
+        "",
+        f"An MoE model with {decode['experts_gb']:.2f} GB of experts (batch 1, greedy): the floor is"
+        " the bytes of the weights one token reads divided by the measured read bandwidth.",
+        "",
+        "| weights read per token | read bandwidth | floor | measured | ratio to the floor |",
+        "|---|---|---|---|---|",
+        f"| {decode['bytes_per_token'] / 1e6:.0f} MB | {decode['read_bandwidth_gbs']:.1f} GB/s |"
+        f" {decode['floor_ms']:.2f} ms | {decode['decode_ms_per_token']:.2f} ms |"
+        f" {decode['ratio_to_floor']:.3f} |",
+        "",
+        f"PyTorch {rows[0][6]['torch_version']} (Debian's python3-torch).",
+    ]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as fh:
         fh.write("\n".join(lines) + "\n")
