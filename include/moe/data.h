@@ -14,6 +14,8 @@
 
 namespace moe {
 
+class Tokenizer;
+
 struct Document {
   std::string text;
   int32_t lang = 0;  // index into Corpus::languages
@@ -52,10 +54,13 @@ struct TokenStream {
   std::vector<int32_t> ids;
   std::vector<int32_t> lang;
   void append(const Document& doc);
+  // With a model's own tokenizer: its ids, between its bos and eos when it has them.
+  void append(const Document& doc, const Tokenizer& tok);
 };
 
 // Splits the documents: every `val_every`-th document (by index) goes to validation.
-void split_corpus(const Corpus& corpus, int64_t val_every, TokenStream& train, TokenStream& val);
+void split_corpus(const Corpus& corpus, int64_t val_every, TokenStream& train, TokenStream& val,
+                  const Tokenizer* tok = nullptr);
 
 // Batches of B windows of T+1 consecutive tokens at positions drawn from a seeded stream; the
 // state (the draws so far) is one Rng, saved and restored with checkpoints.

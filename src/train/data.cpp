@@ -6,6 +6,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "moe/tokenizer.h"
+
 namespace moe {
 
 namespace fs = std::filesystem;
@@ -134,10 +136,24 @@ void TokenStream::append(const Document& doc) {
   lang.resize(ids.size(), doc.lang);
 }
 
-void split_corpus(const Corpus& corpus, int64_t val_every, TokenStream& train, TokenStream& val) {
+void TokenStream::append(const Document& doc, const Tokenizer& tok) {
+  if (auto bos = tok.bos_id()) ids.push_back(*bos);
+  for (int32_t id : tok.encode(doc.text)) ids.push_back(id);
+  if (auto eos = tok.eos_id()) ids.push_back(*eos);
+  lang.resize(ids.size(), doc.lang);
+}
+
+void split_corpus(const Corpus& corpus, int64_t val_every, TokenStream& train, TokenStream& val,
+                  const Tokenizer* tok) {
   MOE_CHECK(val_every >= 2, "data", "val_every must be >= 2, got {}", val_every);
-  for (size_t i = 0; i < corpus.docs.size(); ++i)
-    (static_cast<int64_t>(i) % val_every == val_every - 1 ? val : train).append(corpus.docs[i]);
+  for (size_t i = 0; i < corpus.docs.size(); ++i) {
+    TokenStream& to = static_cast<int64_t>(i) % val_every == val_every - 1 ? val : train;
+    if (tok) {
+      to.append(corpus.docs[i], *tok);
+    } else {
+      to.append(corpus.docs[i]);
+    }
+  }
 }
 
 BatchSampler::BatchSampler(const TokenStream& stream, int64_t batch, int64_t seq_len, uint64_t seed)

@@ -3,12 +3,16 @@
 #include <fmt/core.h>
 
 #include <cmath>
+#include <filesystem>
 
 #include "commands.h"
 #include "moe/threading.h"
+#include "moe/tokenizer.h"
 #include "moe/trainer.h"
 
 namespace moe::cli {
+
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -28,8 +32,14 @@ int run_eval(const EvalArgs& a) {
   MOE_CHECK(a.seq_len >= 1 && a.seq_len <= model->config().max_seq_len, "eval",
             "--seq-len must be in [1, {}], got {}", model->config().max_seq_len, a.seq_len);
   const Corpus corpus = a.data.empty() ? load_fortunes() : load_text(a.data);
+  // A model folder with a tokenizer file reads text through it; otherwise (this engine's
+  // models) the text is bytes.
+  const fs::path dir = resolve_checkpoint(a.model_dir);
+  std::unique_ptr<Tokenizer> tokenizer;
+  if (fs::exists(dir / "tokenizer.json") || fs::exists(dir / "tokenizer.model"))
+    tokenizer = load_tokenizer(dir.string());
   TokenStream train, val;
-  split_corpus(corpus, a.val_every, train, val);
+  split_corpus(corpus, a.val_every, train, val, tokenizer.get());
   if (val.ids.size() <= static_cast<size_t>(a.seq_len + 1)) val = train;  // tiny corpora
   const int64_t W = a.seq_len + 1;
   const int64_t windows =
@@ -49,7 +59,7 @@ int run_eval(const EvalArgs& a) {
   }
   const double loss = total / static_cast<double>(windows);
   fmt::print(
-      "validation: {} windows of {} tokens\nloss {:.4f}  perplexity {:.3f}  bits per byte "
+      "validation: {} windows of {} tokens\nloss {:.4f}  perplexity {:.3f}  bits per token "
       "{:.4f}\n",
       windows, a.seq_len, loss, std::exp(loss), loss / std::log(2.0));
   return 0;
