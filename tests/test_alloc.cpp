@@ -59,10 +59,31 @@ Corpus small_corpus() {
 }
 
 TEST(Allocations, SteadyStateTrainingStepAllocatesNothing) {
-  for (const char* router : {"topk", "deepseek"}) {
+  // Every routing method, and capacity with each drop policy.
+  const char* const routers[] = {"topk",          "switch", "noisy_topk",   "gshard",
+                                 "expert_choice", "soft",   "hierarchical", "deepseek"};
+  for (const char* router : routers) {
     SCOPED_TRACE(router);
     ModelConfig m = model_preset("tiny");
     m.moe.router = parse_router_kind(router);
+    if (m.moe.router == RouterKind::switch_top1) {
+      m.moe.top_k = 1;
+      m.moe.renormalize = false;
+      m.moe.jitter_eps = 0.01;
+      m.moe.capacity_factor = 1.0;
+      m.moe.drop_policy = DropPolicy::score;
+    }
+    if (m.moe.router == RouterKind::topk) {
+      m.moe.explore_prob = 0.1;
+      m.moe.capacity_factor = 1.0;
+      m.moe.drop_policy = DropPolicy::slot;
+    }
+    if (m.moe.router == RouterKind::gshard) m.moe.capacity_factor = 1.5;
+    if (m.moe.router == RouterKind::expert_choice) m.moe.capacity_factor = 1.0;
+    if (m.moe.router == RouterKind::hierarchical) {
+      m.moe.hme_groups = 2;
+      m.moe.hme_group_k = 1;
+    }
     TrainConfig t;
     t.batch = 2;
     t.seq_len = 32;

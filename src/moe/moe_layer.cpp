@@ -229,12 +229,16 @@ int64_t dispatch(const MoeConfig& cfg, bool capped, const RoutingPlan<T>& plan,
       if (capped && keep > group_capacity(g)) {
         int32_t* block = sorted + lo;
         if (cfg.drop_policy == DropPolicy::score) {
-          std::stable_sort(block, block + keep,
-                           [&](int32_t a, int32_t b) { return plan.score[a] > plan.score[b]; });
+          // Highest score first, ties to the earlier pair (the block is in pair order): a total
+          // order, so std::sort gives the stable result without a temporary buffer.
+          std::sort(block, block + keep, [&](int32_t a, int32_t b) {
+            return plan.score[a] > plan.score[b] || (plan.score[a] == plan.score[b] && a < b);
+          });
         } else if (cfg.drop_policy == DropPolicy::slot) {
           auto slot = [&](int32_t p) { return p - plan.token_offsets[pair_token[p]]; };
-          std::stable_sort(block, block + keep,
-                           [&](int32_t a, int32_t b) { return slot(a) < slot(b); });
+          std::sort(block, block + keep, [&](int32_t a, int32_t b) {
+            return slot(a) < slot(b) || (slot(a) == slot(b) && a < b);
+          });
         }
         keep = group_capacity(g);
       }

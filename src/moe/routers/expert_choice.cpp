@@ -24,27 +24,29 @@ class ExpertChoiceRouter : public RouterImpl<ExpertChoiceRouter> {
         N, static_cast<int64_t>(
                std::ceil(static_cast<double>(N) * cfg_.capacity_factor / static_cast<double>(E))));
     // Each expert's top C tokens (ties to the lower token index), from its column of S.
-    std::vector<T> column(static_cast<size_t>(N)), val(static_cast<size_t>(C));
-    std::vector<int32_t> chosen(static_cast<size_t>(E * C));
+    T* column = arena.alloc<T>(N);
+    T* val = arena.alloc<T>(C);
+    int32_t* chosen = arena.alloc<int32_t>(E * C);
     for (int64_t e = 0; e < E; ++e) {
-      for (int64_t t = 0; t < N; ++t) column[static_cast<size_t>(t)] = probs[t * E + e];
-      cpu::topk_rows<T>(chosen.data() + e * C, val.data(), column.data(), 1, N, C);
+      for (int64_t t = 0; t < N; ++t) column[t] = probs[t * E + e];
+      cpu::topk_rows<T>(chosen + e * C, val, column, 1, N, C);
     }
     // Regroup by token: token t's pairs in expert order.
     RoutingPlan<T> plan;
     plan.n_pairs = E * C;
     plan.token_offsets = arena.alloc<int64_t>(N + 1);
     std::fill_n(plan.token_offsets, N + 1, 0);
-    for (int32_t t : chosen) ++plan.token_offsets[t + 1];
+    for (int64_t i = 0; i < E * C; ++i) ++plan.token_offsets[chosen[i] + 1];
     for (int64_t t = 0; t < N; ++t) plan.token_offsets[t + 1] += plan.token_offsets[t];
     plan.expert = arena.alloc<int32_t>(plan.n_pairs);
     plan.weight = arena.alloc<T>(plan.n_pairs);
     plan.score = plan.weight;
-    std::vector<int64_t> fill(plan.token_offsets, plan.token_offsets + N);
+    int64_t* fill = arena.alloc<int64_t>(N);
+    std::copy_n(plan.token_offsets, N, fill);
     for (int64_t e = 0; e < E; ++e)
       for (int64_t c = 0; c < C; ++c) {
-        const int32_t t = chosen[static_cast<size_t>(e * C + c)];
-        const int64_t p = fill[static_cast<size_t>(t)]++;
+        const int32_t t = chosen[e * C + c];
+        const int64_t p = fill[t]++;
         plan.expert[p] = static_cast<int32_t>(e);
         plan.weight[p] = probs[t * E + e];
       }

@@ -24,8 +24,9 @@ class GshardRouter : public RouterImpl<GshardRouter> {
     T* w = arena.alloc<T>(N * 2);
     cpu::topk_rows<T>(top, top_p, probs, N, E, 2);
     for (int64_t t = 0; t < N; ++t) topk_weights(w + t * 2, top_p + t * 2, 2, true);
-    std::vector<T> u(static_cast<size_t>(N), T(0));
-    if (f.training) f.noise->uniform(u.data(), N);
+    T* u = arena.alloc<T>(N);
+    std::fill_n(u, N, T(0));
+    if (f.training) f.noise->uniform(u, N);
 
     RoutingPlan<T> plan;
     plan.token_offsets = arena.alloc<int64_t>(N + 1);
@@ -35,7 +36,7 @@ class GshardRouter : public RouterImpl<GshardRouter> {
     int64_t p = 0;
     for (int64_t t = 0; t < N; ++t) {
       plan.token_offsets[t] = p;
-      const bool second = !f.training || u[static_cast<size_t>(t)] < 2 * w[t * 2 + 1];
+      const bool second = !f.training || u[t] < 2 * w[t * 2 + 1];
       for (int64_t j = 0; j < (second ? 2 : 1); ++j, ++p) {
         plan.expert[p] = top[t * 2 + j];
         plan.weight[p] = w[t * 2 + j];

@@ -72,25 +72,25 @@ class HierarchicalRouter : public RouterImpl<HierarchicalRouter> {
     const T* ep = static_cast<const T*>(s_.ep);
     const T* ew = static_cast<const T*>(s_.ew);
     const T zs = static_cast<T>(d_z * cfg_.z_loss_coef * 2.0 / static_cast<double>(N));
-    std::vector<T> dgw(static_cast<size_t>(k1_)), dgp(static_cast<size_t>(k1_)),
-        dew(static_cast<size_t>(k2_)), dep(static_cast<size_t>(k2_));
+    T* dgw = scratch_.get<T>(2 * k1_ + 2 * k2_);
+    T* dgp = dgw + k1_;
+    T* dew = dgp + k1_;
+    T* dep = dew + k2_;
     for (int64_t t = 0; t < N; ++t) {
       T* g = dlogits + t * R;
       std::fill_n(g, R, T(0));
       for (int64_t a = 0; a < k1_; ++a) {
         const int64_t grp = s_.gsel[t * k1_ + a], base = (t * k1_ + a) * k2_;
-        dgw[static_cast<size_t>(a)] = 0;
+        dgw[a] = 0;
         for (int64_t b = 0; b < k2_; ++b) {
-          dgw[static_cast<size_t>(a)] += dweight[base + b] * ew[base + b];
-          dew[static_cast<size_t>(b)] = dweight[base + b] * gw[t * k1_ + a];
+          dgw[a] += dweight[base + b] * ew[base + b];
+          dew[b] = dweight[base + b] * gw[t * k1_ + a];
         }
-        topk_weights_backward(dep.data(), dew.data(), ew + base, ep + base, k2_, cfg_.renormalize);
-        for (int64_t b = 0; b < k2_; ++b)
-          g[G_ + grp * B_ + s_.esel[base + b]] += dep[static_cast<size_t>(b)];
+        topk_weights_backward(dep, dew, ew + base, ep + base, k2_, cfg_.renormalize);
+        for (int64_t b = 0; b < k2_; ++b) g[G_ + grp * B_ + s_.esel[base + b]] += dep[b];
       }
-      topk_weights_backward(dgp.data(), dgw.data(), gw + t * k1_, gp + t * k1_, k1_,
-                            cfg_.renormalize);
-      for (int64_t a = 0; a < k1_; ++a) g[s_.gsel[t * k1_ + a]] += dgp[static_cast<size_t>(a)];
+      topk_weights_backward(dgp, dgw, gw + t * k1_, gp + t * k1_, k1_, cfg_.renormalize);
+      for (int64_t a = 0; a < k1_; ++a) g[s_.gsel[t * k1_ + a]] += dgp[a];
       // Softmax backward and z-loss for the group softmax and each group's expert softmax.
       for (int64_t level = 0; level <= G_; ++level) {
         const int64_t off = level == 0 ? 0 : G_ + (level - 1) * B_, n = level == 0 ? G_ : B_;
@@ -125,6 +125,7 @@ class HierarchicalRouter : public RouterImpl<HierarchicalRouter> {
     const void* ep = nullptr;       // [N, k1, k2]
     const void* ew = nullptr;       // [N, k1, k2]
   } s_;
+  Scratch scratch_;  // backward's per-token buffers
 };
 
 }  // namespace

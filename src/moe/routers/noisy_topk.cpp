@@ -62,7 +62,10 @@ class NoisyTopkRouter : public RouterImpl<NoisyTopkRouter> {
     cpu::topk_rows<T>(top, top_h, h, N, E, K + 1);
     top_ = top;
     RoutingPlan<T> plan = uniform_plan<T>(arena, N, K);
-    std::vector<double> importance(static_cast<size_t>(E), 0.0), load(static_cast<size_t>(E), 0.0);
+    std::vector<double>& importance = importance_;
+    std::vector<double>& load = load_;
+    importance.assign(static_cast<size_t>(E), 0.0);
+    load.assign(static_cast<size_t>(E), 0.0);
     for (int64_t t = 0; t < N; ++t) {
       const T mx = top_h[t * (K + 1)];
       T sum = 0;
@@ -101,25 +104,24 @@ class NoisyTopkRouter : public RouterImpl<NoisyTopkRouter> {
     const T* logits = static_cast<const T*>(logits_);
     const T* weight = static_cast<const T*>(weight_);
     const double a = d_aux * cfg_.aux_loss_coef;
-    std::vector<T> dh(static_cast<size_t>(E)), dsigma(static_cast<size_t>(E));
+    T* dh = scratch_.get<T>(2 * E + K);
+    T* dsigma = dh + E;
+    T* dg = dsigma + E;
     for (int64_t t = 0; t < N; ++t) {
       T* dc = dlogits + t * R;
       T* dn = dlogits + t * R + E;
       std::fill_n(dc, E, T(0));
-      std::fill(dh.begin(), dh.end(), T(0));
-      std::fill(dsigma.begin(), dsigma.end(), T(0));
+      std::fill_n(dh, E, T(0));
+      std::fill_n(dsigma, E, T(0));
       // Gates: softmax over the kept H, with the importance loss on every gate.
       T dot = 0;
-      std::vector<T> dg(static_cast<size_t>(K));
       for (int64_t j = 0; j < K; ++j) {
         const int32_t e = top_[t * (K + 1) + j];
-        dg[static_cast<size_t>(j)] =
-            dweight[t * K + j] + static_cast<T>(a * g_importance_[static_cast<size_t>(e)]);
-        dot += dg[static_cast<size_t>(j)] * weight[t * K + j];
+        dg[j] = dweight[t * K + j] + static_cast<T>(a * g_importance_[static_cast<size_t>(e)]);
+        dot += dg[j] * weight[t * K + j];
       }
       for (int64_t j = 0; j < K; ++j)
-        dh[static_cast<size_t>(top_[t * (K + 1) + j])] +=
-            weight[t * K + j] * (dg[static_cast<size_t>(j)] - dot);
+        dh[top_[t * (K + 1) + j]] += weight[t * K + j] * (dg[j] - dot);
       // Load: P_te = Phi((c_te - theta_te) / sigma_te).
       for (int64_t e = 0; e < E; ++e) {
         const T theta = threshold(top_h, t, e);
@@ -128,16 +130,15 @@ class NoisyTopkRouter : public RouterImpl<NoisyTopkRouter> {
         const T dz = static_cast<T>(a * g_load_[static_cast<size_t>(e)]) *
                      std::exp(T(-0.5) * z * z) / std::sqrt(T(2 * M_PI));
         dc[e] += dz / s;
-        dh[static_cast<size_t>(threshold_index(t, e))] -= dz / s;
-        dsigma[static_cast<size_t>(e)] -= dz * z / s;
+        dh[threshold_index(t, e)] -= dz / s;
+        dsigma[e] -= dz * z / s;
       }
       // H = c + eps * sigma, sigma = softplus(n).
       for (int64_t e = 0; e < E; ++e) {
-        const size_t i = static_cast<size_t>(e);
-        dc[e] += dh[i];
-        dsigma[i] += dh[i] * eps[t * E + e];
+        dc[e] += dh[e];
+        dsigma[e] += dh[e] * eps[t * E + e];
         const T nv = logits[t * R + E + e];
-        dn[e] = dsigma[i] / (T(1) + std::exp(-nv));
+        dn[e] = dsigma[e] / (T(1) + std::exp(-nv));
       }
     }
   }
@@ -167,6 +168,8 @@ class NoisyTopkRouter : public RouterImpl<NoisyTopkRouter> {
   const void* logits_ = nullptr;               // [N, 2E]
   const void* weight_ = nullptr;               // [N, K]
   std::vector<double> g_importance_, g_load_;  // d loss / d Importance, d Load (per coef)
+  std::vector<double> importance_, load_;      // [E], reused by every forward
+  Scratch scratch_;                            // backward's per-token buffers
 };
 
 }  // namespace

@@ -18,7 +18,7 @@ class TopkRouter : public RouterImpl<TopkRouter> {
 
  private:
   template <class T>
-  void explore(RoutingPlan<T>& plan, const T* probs, int64_t n, NoiseSource& noise);
+  void explore(RoutingPlan<T>& plan, const T* probs, int64_t n, NoiseSource& noise, Arena& arena);
 
   struct Saved {
     int64_t n = 0;
@@ -39,7 +39,7 @@ void TopkRouter::fwd(RouterForward<T>& f) {
   const auto [probs, lse] = arena_softmax<T>(arena, f.logits, N, E);
   RoutingPlan<T> plan = uniform_plan<T>(arena, N, K);
   cpu::topk_rows<T>(plan.expert, plan.score, probs, N, E, K);
-  if (f.training && cfg_.explore_prob > 0 && K < E) explore(plan, probs, N, *f.noise);
+  if (f.training && cfg_.explore_prob > 0 && K < E) explore(plan, probs, N, *f.noise, arena);
   int64_t* counts = arena.alloc<int64_t>(E);
   std::fill_n(counts, E, 0);
   for (int64_t p = 0; p < N * K; ++p) ++counts[plan.expert[p]];
@@ -56,26 +56,27 @@ void TopkRouter::fwd(RouterForward<T>& f) {
 }
 
 template <class T>
-void TopkRouter::explore(RoutingPlan<T>& plan, const T* probs, int64_t n, NoiseSource& noise) {
+void TopkRouter::explore(RoutingPlan<T>& plan, const T* probs, int64_t n, NoiseSource& noise,
+                         Arena& arena) {
   // Two uniforms per slot, all drawn up front: u decides whether to replace, r which expert.
   const int64_t E = cfg_.n_experts, K = cfg_.top_k;
-  std::vector<T> u(static_cast<size_t>(2 * n * K));
-  noise.uniform(u.data(), 2 * n * K);
-  std::vector<uint8_t> used(static_cast<size_t>(E));
+  T* u = arena.alloc<T>(2 * n * K);
+  noise.uniform(u, 2 * n * K);
+  uint8_t* used = arena.alloc<uint8_t>(E);
   for (int64_t t = 0; t < n; ++t) {
-    std::fill(used.begin(), used.end(), 0);
-    for (int64_t j = 0; j < K; ++j) used[static_cast<size_t>(plan.expert[t * K + j])] = 1;
+    std::fill_n(used, E, uint8_t{0});
+    for (int64_t j = 0; j < K; ++j) used[plan.expert[t * K + j]] = 1;
     for (int64_t j = 0; j < K; ++j) {
       const int64_t p = t * K + j;
-      if (!(u[static_cast<size_t>(p)] < static_cast<T>(cfg_.explore_prob))) continue;
+      if (!(u[p] < static_cast<T>(cfg_.explore_prob))) continue;
       // The r-th unused expert in index order, r uniform over the E - K unused ones.
-      const T r = u[static_cast<size_t>(n * K + p)];
+      const T r = u[n * K + p];
       int64_t pick = std::min<int64_t>(static_cast<int64_t>(r * static_cast<T>(E - K)), E - K - 1);
       int64_t e = 0;
       for (;; ++e)
-        if (!used[static_cast<size_t>(e)] && pick-- == 0) break;
-      used[static_cast<size_t>(plan.expert[p])] = 0;
-      used[static_cast<size_t>(e)] = 1;
+        if (!used[e] && pick-- == 0) break;
+      used[plan.expert[p]] = 0;
+      used[e] = 1;
       plan.expert[p] = static_cast<int32_t>(e);
       plan.score[p] = probs[t * E + e];
     }
