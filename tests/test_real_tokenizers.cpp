@@ -66,9 +66,6 @@ TEST_P(RealTokenizer, MatchesHuggingFaceTokenizers) {
       "%.1f MB in %.3f s (%.1f MB/s, %zu ids)\n",
       file.key.c_str(), passed, cases.size(), load_s, cold_s * 1e3, text.size() / 1e6, long_s,
       text.size() / 1e6 / long_s, n_ids);
-#if defined(NDEBUG) && !defined(MOE_DEBUG)
-  EXPECT_LT(load_s, 10.0) << "loading " << path << " is too slow";
-#endif
 }
 
 INSTANTIATE_TEST_SUITE_P(Files, RealTokenizer,
