@@ -31,6 +31,8 @@ template <class T>
 void update(T* p, const T* g, double* m, double* v, int64_t n, double lr, double wd, double b1,
             double b2, double eps, double bc1, double bc2_sqrt) {
   const double step_size = lr / bc1;
+  // Element-wise, so any split across threads gives the same bits.
+#pragma omp parallel for schedule(static) if (n > 16384)
   for (int64_t i = 0; i < n; ++i) {
     double pi = static_cast<double>(p[i]);
     const double gi = static_cast<double>(g[i]);

@@ -129,6 +129,29 @@ Trainer::~Trainer() = default;
 int64_t Trainer::train_tokens() const { return static_cast<int64_t>(train_.ids.size()); }
 int64_t Trainer::val_tokens() const { return static_cast<int64_t>(val_.ids.size()); }
 
+namespace {
+
+// Sum of squares in double, over fixed chunks summed in order: the same bits on any number of
+// threads. The chunk sums live on the stack (at most kChunks; larger tensors use bigger chunks).
+double sum_of_squares(const float* g, int64_t n) {
+  constexpr int64_t kChunks = 64;
+  const int64_t chunk = std::max<int64_t>(4096, (n + kChunks - 1) / kChunks);
+  const int64_t count = (n + chunk - 1) / chunk;
+  double part[kChunks] = {};
+#pragma omp parallel for schedule(static) if (count > 1)
+  for (int64_t c = 0; c < count; ++c) {
+    double s = 0;
+    for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i)
+      s += static_cast<double>(g[i]) * g[i];
+    part[c] = s;
+  }
+  double total = 0;
+  for (int64_t c = 0; c < count; ++c) total += part[c];
+  return total;
+}
+
+}  // namespace
+
 StepLog Trainer::train_step() {
   const auto t0 = std::chrono::steady_clock::now();
   StepLog log;
@@ -163,9 +186,7 @@ StepLog Trainer::train_step() {
   // Gradient norm, with the guard: a non-finite gradient stops the step before any update.
   double sq = 0;
   for (NamedParam& p : model_->params()) {
-    const float* g = p.grad.data<float>();
-    double s = 0;
-    for (int64_t i = 0; i < p.grad.numel(); ++i) s += static_cast<double>(g[i]) * g[i];
+    const double s = sum_of_squares(p.grad.data<float>(), p.grad.numel());
     MOE_CHECK(std::isfinite(s), "train", "step {}: the gradient of {} is not finite", log.step,
               p.name);
     sq += s;
@@ -175,7 +196,9 @@ StepLog Trainer::train_step() {
     const float scale = static_cast<float>(cfg_.clip / log.grad_norm);
     for (NamedParam& p : model_->params()) {
       float* g = p.grad.data<float>();
-      for (int64_t i = 0; i < p.grad.numel(); ++i) g[i] *= scale;
+      const int64_t n = p.grad.numel();
+#pragma omp parallel for schedule(static) if (n > 16384)
+      for (int64_t i = 0; i < n; ++i) g[i] *= scale;
     }
   }
   log.lr = cfg_.lr_at(step_);
