@@ -170,3 +170,27 @@ TEST(Trainer, BadConfigsAreClearErrors) {
 }
 
 }  // namespace moe
+
+namespace moe {
+
+// A fixed token batch (moe train --tokens): every step trains on all of it, and the model
+// overfits it.
+TEST(Trainer, FixedTokenBatchOverfits) {
+  TrainConfig t;
+  t.steps = 40;
+  t.warmup = 0;
+  t.lr = 1e-2;
+  t.min_lr = 1e-2;
+  const std::vector<std::vector<int32_t>> batch = {{256, 72, 101, 108, 108, 111, 33, 257},
+                                                   {256, 87, 111, 114, 108, 100, 46, 257}};
+  Trainer trainer(model_preset("tiny"), t, batch);
+  EXPECT_EQ(trainer.config().batch, 2);
+  EXPECT_EQ(trainer.config().seq_len, 7);
+  const double first = trainer.evaluate();
+  for (int i = 0; i < 40; ++i) trainer.train_step();
+  EXPECT_LT(trainer.evaluate(), 0.25 * first);
+  EXPECT_THROW(Trainer(model_preset("tiny"), t, {{1, 2, 3}, {4, 5}}), Error);
+  EXPECT_THROW(Trainer(model_preset("tiny"), t, {{1, 2, 999}}), Error);
+}
+
+}  // namespace moe

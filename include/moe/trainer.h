@@ -53,6 +53,10 @@ class Trainer {
  public:
   // Builds the model (initialized from cfg.seed) and splits the corpus.
   Trainer(const ModelConfig& model, const TrainConfig& cfg, const Corpus& corpus);
+  // Trains on one fixed batch of token sequences (equal lengths; every step uses all of them,
+  // and validation is the loss on the same batch). cfg's batch and seq_len are taken from it.
+  Trainer(const ModelConfig& model, const TrainConfig& cfg,
+          const std::vector<std::vector<int32_t>>& batch);
   ~Trainer();
 
   Model& model() { return *model_; }
@@ -83,6 +87,8 @@ class Trainer {
   std::string sample(const std::string& prompt, int64_t n, double temperature, uint64_t seed);
 
  private:
+  Rng setup();  // model, initialization and optimizer; returns the seeded stream for the data
+
   ModelConfig mcfg_;
   TrainConfig cfg_;
   std::unique_ptr<Model> model_;

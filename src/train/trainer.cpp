@@ -92,20 +92,48 @@ void from_json(const nlohmann::json& j, TrainConfig& c) {
 // ---------------------------------------------------------------------------------------------
 // Trainer
 
-Trainer::Trainer(const ModelConfig& model, const TrainConfig& cfg, const Corpus& corpus)
-    : mcfg_(model), cfg_(cfg) {
+Rng Trainer::setup() {
   cfg_.validate();
   MOE_CHECK(cfg_.seq_len <= mcfg_.max_seq_len, "train",
             "seq_len {} exceeds the model's max_seq_len {}", cfg_.seq_len, mcfg_.max_seq_len);
-  MOE_CHECK(mcfg_.vocab_size >= ByteTokenizer::kVocabSize, "train",
-            "the byte tokenizer needs vocab_size >= {}, the model has {}",
-            ByteTokenizer::kVocabSize, mcfg_.vocab_size);
   model_ = std::make_unique<Model>(mcfg_, DType::F32);
   Rng rng(cfg_.seed);
   model_->init(rng);
   opt_ = std::make_unique<AdamW>(
       AdamWConfig{cfg_.lr, cfg_.beta1, cfg_.beta2, 1e-8, cfg_.weight_decay});
   for (NamedParam& p : model_->params()) opt_->add(p.name, p.value, p.grad, p.decay);
+  batch_ = Tensor::empty({cfg_.batch, cfg_.seq_len + 1}, DType::I32);
+  return rng;
+}
+
+Trainer::Trainer(const ModelConfig& model, const TrainConfig& cfg,
+                 const std::vector<std::vector<int32_t>>& batch)
+    : mcfg_(model), cfg_(cfg) {
+  MOE_CHECK(!batch.empty() && batch[0].size() >= 2, "train",
+            "the token batch needs at least one sequence of two tokens");
+  for (size_t b = 0; b < batch.size(); ++b) {
+    MOE_CHECK(batch[b].size() == batch[0].size(), "train",
+              "sequences of the token batch must have equal lengths: {} and {}", batch[0].size(),
+              batch[b].size());
+    for (int32_t id : batch[b])
+      MOE_CHECK(id >= 0 && id < mcfg_.vocab_size, "train",
+                "token {} of sequence {} is outside the vocabulary [0, {})", id, b,
+                mcfg_.vocab_size);
+  }
+  cfg_.batch = static_cast<int64_t>(batch.size());
+  cfg_.seq_len = static_cast<int64_t>(batch[0].size()) - 1;
+  setup();
+  for (size_t b = 0; b < batch.size(); ++b)
+    std::copy(batch[b].begin(), batch[b].end(),
+              batch_.data<int32_t>() + static_cast<int64_t>(b) * (cfg_.seq_len + 1));
+}
+
+Trainer::Trainer(const ModelConfig& model, const TrainConfig& cfg, const Corpus& corpus)
+    : mcfg_(model), cfg_(cfg) {
+  MOE_CHECK(mcfg_.vocab_size >= ByteTokenizer::kVocabSize, "train",
+            "the byte tokenizer needs vocab_size >= {}, the model has {}",
+            ByteTokenizer::kVocabSize, mcfg_.vocab_size);
+  Rng rng = setup();
   split_corpus(corpus, cfg_.val_every, train_, val_);
   const auto window = static_cast<size_t>(cfg_.seq_len + 1);
   if (val_.ids.size() <= window) {
@@ -121,12 +149,13 @@ Trainer::Trainer(const ModelConfig& model, const TrainConfig& cfg, const Corpus&
     train_.lang.resize(cut);
   }
   sampler_ = std::make_unique<BatchSampler>(train_, cfg_.batch, cfg_.seq_len, rng.next_u64());
-  batch_ = Tensor::empty({cfg_.batch, cfg_.seq_len + 1}, DType::I32);
 }
 
 Trainer::~Trainer() = default;
 
-int64_t Trainer::train_tokens() const { return static_cast<int64_t>(train_.ids.size()); }
+int64_t Trainer::train_tokens() const {
+  return sampler_ ? static_cast<int64_t>(train_.ids.size()) : batch_.numel();
+}
 int64_t Trainer::val_tokens() const { return static_cast<int64_t>(val_.ids.size()); }
 
 namespace {
@@ -161,7 +190,7 @@ StepLog Trainer::train_step() {
   double imbalance = 0;
   int64_t moe_layers = 0;
   for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
-    sampler_->next(batch_);
+    if (sampler_) sampler_->next(batch_);  // else the fixed token batch
     arena_.reset();
     ModelOutput& out = out_;
     try {
@@ -214,6 +243,12 @@ StepLog Trainer::train_step() {
 
 double Trainer::evaluate() {
   model_->set_training(false);
+  if (!sampler_) {  // the fixed token batch
+    arena_.reset();
+    const double loss = model_->forward(batch_, arena_).ce_loss;
+    model_->set_training(true);
+    return loss;
+  }
   BatchSampler sampler(val_, cfg_.batch, cfg_.seq_len, cfg_.seed + 12345);
   double total = 0;
   for (int64_t b = 0; b < cfg_.eval_batches; ++b) {
@@ -285,7 +320,7 @@ std::string Trainer::save(const std::string& out_dir) {
   opt_->save((tmp_dir / "optimizer.safetensors").string());
   nlohmann::json state = {{"step", step_},
                           {"train", cfg_},
-                          {"data_rng", rng_json(sampler_->rng())},
+                          {"data_rng", sampler_ ? rng_json(sampler_->rng()) : nlohmann::json()},
                           {"moe_layers", nlohmann::json::array()}};
   for (MoeLayer* m : model_->moe_layers()) {
     nlohmann::json layer = {{"noise_rng", rng_json(m->noise_rng())}};
@@ -387,7 +422,7 @@ void Trainer::resume(const std::string& dir) {
   try {
     state = nlohmann::json::parse(f);
     step_ = state.at("step").get<int64_t>();
-    rng_from_json(state.at("data_rng"), sampler_->rng());
+    if (sampler_) rng_from_json(state.at("data_rng"), sampler_->rng());
     const std::vector<MoeLayer*>& layers = model_->moe_layers();
     const auto& ls = state.at("moe_layers");
     MOE_CHECK(ls.size() == layers.size(), "resume",

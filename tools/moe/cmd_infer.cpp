@@ -17,8 +17,6 @@
 
 namespace moe::cli {
 
-namespace {
-
 // "1,2,3;4,5,6" -> {{1, 2, 3}, {4, 5, 6}}.
 std::vector<std::vector<int32_t>> parse_id_lists(const std::string& text, const char* what) {
   std::vector<std::vector<int32_t>> out(1);
@@ -51,6 +49,8 @@ std::vector<std::vector<int32_t>> parse_id_lists(const std::string& text, const 
     MOE_CHECK(!out[i].empty(), what, "sequence {} of '{}' has no ids", i, text);
   return out;
 }
+
+namespace {
 
 // Length of the longest prefix of s that ends on a whole UTF-8 character.
 size_t complete_utf8(const std::string& s) {

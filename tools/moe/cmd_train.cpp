@@ -19,6 +19,7 @@ struct TrainArgs {
   std::string preset = "small";
   std::string config;
   std::vector<std::string> data;
+  std::string tokens;
   std::string out = "out/train";
   std::string resume;
   std::string init_from;
@@ -89,8 +90,16 @@ int run_train(TrainArgs& a) {
   if (a.aux_coef >= 0) mcfg.moe.aux_loss_coef = a.aux_coef;
   if (a.z_coef >= 0) mcfg.moe.z_loss_coef = a.z_coef;
   mcfg.validate();
-  const Corpus corpus = a.data.empty() ? load_fortunes() : load_text(a.data);
-  Trainer trainer(mcfg, a.train, corpus);
+  std::unique_ptr<Trainer> made;
+  Corpus corpus;
+  if (!a.tokens.empty()) {
+    MOE_CHECK(a.data.empty(), "train", "give --data or --tokens, not both");
+    made = std::make_unique<Trainer>(mcfg, a.train, parse_id_lists(a.tokens, "--tokens"));
+  } else {
+    corpus = a.data.empty() ? load_fortunes() : load_text(a.data);
+    made = std::make_unique<Trainer>(mcfg, a.train, corpus);
+  }
+  Trainer& trainer = *made;
   if (start) trainer.init_from(*start);
   if (!a.resume.empty()) trainer.resume(a.resume);
   Model& model = trainer.model();
@@ -98,13 +107,18 @@ int run_train(TrainArgs& a) {
              mcfg.n_layers, mcfg.d_model, model.moe_layers().size(),
              model.moe_layers().empty() ? std::string("dense") : mcfg.moe.summary(),
              static_cast<double>(model.n_params()) / 1e6);
-  fmt::print("data: {} documents in {} languages, {} training and {} validation tokens\n",
-             corpus.docs.size(), corpus.languages.size(), trainer.train_tokens(),
-             trainer.val_tokens());
+  if (a.tokens.empty()) {
+    fmt::print("data: {} documents in {} languages, {} training and {} validation tokens\n",
+               corpus.docs.size(), corpus.languages.size(), trainer.train_tokens(),
+               trainer.val_tokens());
+  } else {
+    fmt::print("data: one fixed batch of {} x {} tokens (--tokens), every step\n",
+               trainer.config().batch, trainer.config().seq_len + 1);
+  }
   fmt::print(
       "training: {} steps of {} x {} tokens, lr {} (warmup {}, cosine to {}), {} threads{}\n",
-      a.train.steps, a.train.batch * a.train.grad_accum, a.train.seq_len, a.train.lr,
-      a.train.warmup, a.train.min_lr, num_threads(),
+      a.train.steps, trainer.config().batch * a.train.grad_accum, trainer.config().seq_len,
+      a.train.lr, a.train.warmup, a.train.min_lr, num_threads(),
       trainer.step() > 0 ? fmt::format(", resumed at step {}", trainer.step()) : "");
   std::fflush(stdout);
   std::ofstream log;
@@ -162,6 +176,9 @@ Run add_train(CLI::App& app) {
   cmd->add_option("--config", a->config, "model config JSON (overrides --preset)");
   cmd->add_option("--data", a->data,
                   "text files or folders (default: the fortunes in 5 languages)");
+  cmd->add_option("--tokens", a->tokens,
+                  "train on this one batch of token ids, e.g. 1,2,3;4,5,6 (equal lengths), every "
+                  "step");
   cmd->add_option("--out", a->out, "checkpoint folder")->capture_default_str();
   cmd->add_option("--resume", a->resume, "continue from this checkpoint (or its folder)");
   cmd->add_option("--init-from", a->init_from,

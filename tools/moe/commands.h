@@ -2,12 +2,19 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <cstdint>
 #include <functional>
+#include <string>
+#include <vector>
 
 namespace moe::cli {
 
 // A subcommand's run function; returns the process exit status.
 using Run = std::function<int()>;
+
+// Token id lists as the CLI writes them: "1,2,3;4,5,6" -> {{1, 2, 3}, {4, 5, 6}}; `what` names
+// the flag in errors.
+std::vector<std::vector<int32_t>> parse_id_lists(const std::string& text, const char* what);
 
 // Adds the subcommand to `app` and returns the function that runs it once parsed.
 Run add_demo(CLI::App& app);
