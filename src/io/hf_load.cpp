@@ -249,32 +249,42 @@ void load_experts(Model& model, int64_t layer, HfTensors& src, const std::string
   }
 }
 
+// The model-wide tensors' names in a checkpoint.
+struct TopNames {
+  const char* embed;
+  const char* norm;
+  const char* lm_head;
+};
+
+// Copies the model-wide tensors by name and hands every layer's parameter to
+// per_layer(layer, rest, param, take), where rest is its name after "layers.<i>." and take(name)
+// copies the checkpoint's tensor `name` into it.
+template <class Fn>
+void load_params(Model& model, HfTensors& src, const TopNames& top, Fn&& per_layer) {
+  for (NamedParam& p : model.params()) {
+    auto take = [&](const std::string& theirs) {
+      copy_into(p.value.raw(), p.value.dtype(), src.get(theirs), p.value.shape(), theirs);
+    };
+    if (p.name == "embed.weight") {
+      take(top.embed);
+    } else if (p.name == "norm.weight") {
+      take(top.norm);
+    } else if (p.name == "lm_head.weight") {
+      take(top.lm_head);
+    } else {
+      const size_t dot = p.name.find('.', 7);  // layers.<i>.<rest>
+      per_layer(std::stoll(p.name.substr(7, dot - 7)), p.name.substr(dot + 1), p, take);
+    }
+  }
+}
+
 void load_llama_like(Model& model, const std::string& type, HfTensors& src) {
   const Names n = names_for(type);
   const std::vector<MoeLayer*>& moes = model.moe_layers();
   size_t moe_index = 0;
   int64_t layer = -1;
-  for (NamedParam& p : model.params()) {
-    const std::string& ours = p.name;
-    auto take = [&](const std::string& theirs) {
-      copy_into(p.value.raw(), p.value.dtype(), src.get(theirs), p.value.shape(), theirs);
-    };
-    if (ours == "embed.weight") {
-      take("model.embed_tokens.weight");
-      continue;
-    }
-    if (ours == "norm.weight") {
-      take("model.norm.weight");
-      continue;
-    }
-    if (ours == "lm_head.weight") {
-      take("lm_head.weight");
-      continue;
-    }
-    // layers.<i>.<rest>
-    const size_t dot = ours.find('.', 7);
-    const int64_t i = std::stoll(ours.substr(7, dot - 7));
-    const std::string rest = ours.substr(dot + 1);
+  const TopNames top{"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"};
+  load_params(model, src, top, [&](int64_t i, const std::string& rest, NamedParam& p, auto& take) {
     const std::string L = "model.layers." + std::to_string(i) + ".";
     const std::string A = L + "self_attn.";
     const std::string M = L + n.moe;
@@ -307,13 +317,8 @@ void load_llama_like(Model& model, const std::string& type, HfTensors& src) {
         {"attn.wkv_a", "kv_a_proj_with_mqa.weight"},
         {"attn.kv_a_norm", "kv_a_layernorm.weight"},
         {"attn.wkv_b", "kv_b_proj.weight"}};
-    bool done = false;
     for (const auto& [a, b] : attn)
-      if (rest == a) {
-        take(A + b);
-        done = true;
-      }
-    if (done) continue;
+      if (rest == a) return take(A + b);
     if (rest == "attn_norm.weight") {
       take(L + "input_layernorm.weight");
     } else if (rest == "ffn_norm.weight") {
@@ -339,34 +344,17 @@ void load_llama_like(Model& model, const std::string& type, HfTensors& src) {
     } else if (rest == "moe.shared.gate" && !n.shared_gate.empty()) {
       take(M + n.shared_gate);
     } else {
-      throw_error(kWhere, fmt::format("{} has no {} tensor", ours, type));
+      throw_error(kWhere, fmt::format("{} has no {} tensor", p.name, type));
     }
-  }
+  });
 }
 
 void load_dbrx(Model& model, HfTensors& src) {
   const ModelConfig& c = model.config();
   const int64_t hd = c.head_size(), H = c.n_heads, KV = c.n_kv_heads, D = c.d_model;
-  for (NamedParam& p : model.params()) {
-    const std::string& ours = p.name;
-    auto take = [&](const std::string& theirs) {
-      copy_into(p.value.raw(), p.value.dtype(), src.get(theirs), p.value.shape(), theirs);
-    };
-    if (ours == "embed.weight") {
-      take("transformer.wte.weight");
-      continue;
-    }
-    if (ours == "norm.weight") {
-      take("transformer.norm_f.weight");
-      continue;
-    }
-    if (ours == "lm_head.weight") {
-      take("lm_head.weight");
-      continue;
-    }
-    const size_t dot = ours.find('.', 7);
-    const std::string rest = ours.substr(dot + 1);
-    const std::string B = "transformer.blocks." + ours.substr(7, dot - 7) + ".";
+  const TopNames top{"transformer.wte.weight", "transformer.norm_f.weight", "lm_head.weight"};
+  load_params(model, src, top, [&](int64_t i, const std::string& rest, NamedParam& p, auto& take) {
+    const std::string B = "transformer.blocks." + std::to_string(i) + ".";
     const std::string A = B + "norm_attn_norm.";
     if (rest == "attn_norm.weight") {
       take(A + "norm_1.weight");
@@ -410,9 +398,9 @@ void load_dbrx(Model& model, HfTensors& src) {
             }
           }
     } else {
-      throw_error(kWhere, fmt::format("{} has no dbrx tensor", ours));
+      throw_error(kWhere, fmt::format("{} has no dbrx tensor", p.name));
     }
-  }
+  });
 }
 
 }  // namespace
