@@ -376,8 +376,11 @@ struct Model::Impl {
   }
 
   template <class T>
+  // routing (when given) receives each MoE layer's losses, statistics and plan, as the training
+  // forward reports them.
   Tensor decode(const Tensor& tokens, KvCache& cache, Arena& arena,
-                const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits);
+                const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits,
+                ModelOutput* routing = nullptr);
   template <class T>
   void attention_step(Block& blk, const T* a, int64_t B, int64_t Tq, const int64_t* pos,
                       const int64_t* slot, const int64_t* start, Tensor& kc, Tensor& vc,
@@ -656,7 +659,8 @@ void Model::Impl::attention_step(Block& blk, const T* a, int64_t B, int64_t Tq, 
 
 template <class T>
 Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
-                           const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits) {
+                           const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits,
+                           ModelOutput* routing) {
   const char* w = "model.decode";
   MOE_CHECK(tokens.ndim() == 2 && tokens.dtype() == DType::I32, w,
             "tokens must be i32[B, T], got {}", tokens.str());
@@ -699,6 +703,15 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
   T* a = arena.alloc<T>(N * D);
   T* o = arena.alloc<T>(N * D);
   if (router_logits) router_logits->clear();
+  if (routing) {
+    const size_t n_moe = moe_layers.size();
+    routing->aux_loss = routing->z_loss = 0;
+    routing->routing.resize(n_moe);
+    routing->plan_offsets.resize(n_moe);
+    routing->plan_experts.resize(n_moe);
+    routing->top_expert.resize(n_moe);
+  }
+  size_t mi = 0;
   for (size_t li = 0; li < blocks.size(); ++li) {
     Block& blk = blocks[li];
     norm(a, h, blk.attn_norm, N);
@@ -714,6 +727,15 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
       MoeOutput mo = blk.moe->forward(at, arena);
       blk.moe->set_training(was);
       if (router_logits) router_logits->push_back(mo.router_logits);
+      if (routing) {
+        routing->aux_loss += mo.aux_loss;
+        routing->z_loss += mo.z_loss;
+        routing->routing[mi] = mo.stats;
+        routing->plan_offsets[mi] = mo.plan_offsets;
+        routing->plan_experts[mi] = mo.plan_experts;
+        routing->top_expert[mi] = mo.top_expert;
+      }
+      ++mi;
       y = mo.y;
     } else {
       y = blk.dense->forward(at, arena);
@@ -819,15 +841,19 @@ ModelOutput Model::forward(const Tensor& tokens, Arena& arena) {
                   "token {} at [{}, {}] is outside the vocabulary [0, {})", y, b, t + 1, V);
         targets.data<int32_t>()[b * T + t] = y;
       }
-    const Tensor logits = this->logits(inputs, arena);
+    // The routing too, as the training forward reports it (moe inspect reads it).
     ModelOutput out;
+    KvCache cache = make_cache(B, T);
+    const Tensor logits = impl_->dtype == DType::F64
+                              ? impl_->decode<double>(inputs, cache, arena, {}, nullptr, &out)
+                              : impl_->decode<float>(inputs, cache, arena, {}, nullptr, &out);
     out.ce_loss =
         impl_->dtype == DType::F64
             ? nn::cross_entropy<double>(nullptr, arena.alloc<double>(B * T), logits.data<double>(),
                                         targets.data<int32_t>(), B * T, V, 1)
             : nn::cross_entropy<float>(nullptr, arena.alloc<double>(B * T), logits.data<float>(),
                                        targets.data<int32_t>(), B * T, V, 1);
-    out.loss = out.ce_loss;
+    out.loss = out.ce_loss + out.aux_loss + out.z_loss;
     return out;
   }
   ModelOutput out;
