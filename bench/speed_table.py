@@ -110,7 +110,38 @@ def main():
         f" {decode['floor_ms']:.2f} ms | {decode['decode_ms_per_token']:.2f} ms |"
         f" {decode['ratio_to_floor']:.3f} |",
         "",
-        f"PyTorch {rows[0][6]['torch_version']} (Debian's python3-torch).",
+        "## What the targets against PyTorch ask of this machine",
+        "",
+        "PyTorch's own dense FFN (same active multiply-adds) and its per-expert loop run here at"
+        " nearly the machine's float32 GEMM throughput, so a given speed-up over PyTorch asks for"
+        " matrix products at the throughput in the last columns. The layer counts 18 N k D F"
+        " FLOPs forward+backward; the training step counts its matrix products (the active"
+        " parameters that multiply, the output head, causal attention) three times forward.",
+        "",
+        "| target | PyTorch MoE / PyTorch dense | PyTorch (ms) | speed-up asked | time asked (ms)"
+        " | GFLOP | GFLOP/s asked | float32 GEMM peak GFLOP/s | asked / peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (n, d, f, e, k, o, t), want in zip(rows, (2.5, 4.0)):
+        gflop = 18.0 * n * k * d * f / 1e9
+        asked_ms = t["torch_fwdbwd_ms"] / want
+        need = gflop / asked_ms * 1e3
+        lines.append(
+            f"| layer E={e}, k={k} | {t['torch_fwdbwd_ms'] / t['torch_dense_fwdbwd_ms']:.2f} |"
+            f" {t['torch_fwdbwd_ms']:.1f} | {want:.1f}x | {asked_ms:.1f} | {gflop:.1f} |"
+            f" {need:.0f} | {o['gemm_peak_gflops']:.0f} | {need / o['gemm_peak_gflops']:.2f} |")
+    asked_ms = torch_train["torch_step_ms"] / 3.0
+    need = train["matmul_gflop_per_step"] / asked_ms * 1e3
+    lines += [
+        f"| training step | - | {torch_train['torch_step_ms']:.1f} | 3.0x | {asked_ms:.1f} |"
+        f" {train['matmul_gflop_per_step']:.1f} | {need:.0f} | {train['gemm_peak_gflops']:.0f} |"
+        f" {need / train['gemm_peak_gflops']:.2f} |",
+        "",
+        f"The training step's floor (its matrix products alone at the peak):"
+        f" {train['floor_ms']:.1f} ms; moe.cpp's step is {train['ratio_to_floor']:.2f}x that.",
+        "",
+        f"PyTorch {rows[0][6]['torch_version']} (Debian's python3-torch); PyTorch's own GEMM"
+        f" throughput here: {rows[0][6]['torch_gemm_gflops']:.0f} GFLOP/s.",
     ]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as fh:

@@ -2,7 +2,8 @@
 """The PyTorch peer of `moe bench layer`: transformers' Mixtral sparse MoE block (softmax top-k,
 renormalized, then a loop over the experts that gathers each expert's tokens with index_select
 and adds its output back with index_add_), forward and forward+backward, medians after warm-up,
-on the same shape and thread count. Prints one JSON object.
+on the same shape and thread count; also PyTorch's dense SwiGLU FFN with the same active
+multiply-adds, and its large-GEMM throughput. Prints one JSON object.
 
     /usr/bin/python3 bench/torch_layer.py --tokens 2048 --dim 512 --ffn 1408 --experts 8 --top-k 2 -t 2
 """
@@ -51,6 +52,17 @@ class SparseMoeBlock(torch.nn.Module):
         return out
 
 
+class DenseFfn(torch.nn.Module):
+    """A SwiGLU FFN of width k * F: the same multiply-adds per token as the MoE block's experts."""
+
+    def __init__(self, d, f):
+        super().__init__()
+        self.ffn = Expert(d, f)
+
+    def forward(self, x):
+        return self.ffn(x)
+
+
 def median_ms(fn, warmup, reps):
     for _ in range(warmup):
         fn()
@@ -89,12 +101,24 @@ def main():
         xg.grad = None
         block(xg).backward(dy)
 
+    dense = DenseFfn(a.dim, a.ffn * a.top_k)
+
+    def dense_fwdbwd():
+        dense.zero_grad(set_to_none=False)
+        xg.grad = None
+        dense(xg).backward(dy)
+
+    n = 2048
+    ga, gb = torch.randn(n, n), torch.randn(n, n)
+    gemm_ms = median_ms(lambda: ga @ gb, 1, 5)
     out = {
         "torch_version": torch.__version__,
         "threads": a.threads,
         "tokens": a.tokens,
         "torch_fwd_ms": median_ms(fwd, a.warmup, a.reps),
         "torch_fwdbwd_ms": median_ms(fwdbwd, a.warmup, a.reps),
+        "torch_dense_fwdbwd_ms": median_ms(dense_fwdbwd, a.warmup, a.reps),
+        "torch_gemm_gflops": 2.0 * n**3 / gemm_ms / 1e6,
     }
     print(json.dumps(out))
 

@@ -35,6 +35,20 @@ double gemm_peak_gflops() {
   return 2.0 * static_cast<double>(n * n * n) / ms / 1e6;
 }
 
+// The multiply-adds per token of a training step's matrix products, forward only: every active
+// parameter that multiplies (the embedding lookup and the norms do not; the output head does),
+// plus causal attention's scores and weighted sum (on average (T + 1) / 2 keys per query). A
+// forward and backward pass costs three times this, times two FLOPs per multiply-add.
+double matmul_macs_per_token(const ModelConfig& m, int64_t seq_len) {
+  const ParamCount n = count_params(m);
+  const double weights = static_cast<double>(n.active - n.embedding - n.norms) +
+                         static_cast<double>(m.vocab_size * m.d_model);
+  const int64_t qk = m.mla() ? m.qk_nope_dim + m.qk_rope_dim : m.head_size();
+  const int64_t v = m.mla() ? m.v_head_dim : m.head_size();
+  const double keys = static_cast<double>(seq_len + 1) / 2.0;
+  return weights + static_cast<double>(m.n_layers * m.n_heads * (qk + v)) * keys;
+}
+
 struct BenchLayer {
   LayerOptions opt;
   int warmup = 2;
@@ -274,6 +288,11 @@ int run_bench_train(const BenchTrain& b) {
   const double step_ms = ms[ms.size() / 2];
   const double tps = static_cast<double>(b.batch * b.seq_len) / step_ms * 1e3;
   const ParamCount n = count_params(m);
+  // The step's floor: its matrix products alone at the machine's large-GEMM throughput.
+  const double step_gflop =
+      6.0 * matmul_macs_per_token(m, b.seq_len) * static_cast<double>(b.batch * b.seq_len) / 1e9;
+  const double peak = gemm_peak_gflops();
+  const double floor_ms = step_gflop / peak * 1e3;
   if (b.json) {
     fmt::print("{}\n", nlohmann::json{{"preset", b.preset},
                                       {"threads", num_threads()},
@@ -282,7 +301,11 @@ int run_bench_train(const BenchTrain& b) {
                                       {"step_ms", step_ms},
                                       {"tokens_per_s", tps},
                                       {"total_params", n.total},
-                                      {"active_params", n.active}}
+                                      {"active_params", n.active},
+                                      {"matmul_gflop_per_step", step_gflop},
+                                      {"gemm_peak_gflops", peak},
+                                      {"floor_ms", floor_ms},
+                                      {"ratio_to_floor", step_ms / floor_ms}}
                            .dump());
     return 0;
   }
@@ -293,6 +316,10 @@ int run_bench_train(const BenchTrain& b) {
       b.seq_len, num_threads());
   fmt::print("step (median of {})   {:.1f} ms\ntokens per second      {:.0f}\n", b.steps, step_ms,
              tps);
+  fmt::print(
+      "floor                  {:.1f} ms ({:.2f} GFLOP of matrix products at the machine's {:.0f} "
+      "GFLOP/s)\nstep / floor           {:.2f}\n",
+      floor_ms, step_gflop, peak, step_ms / floor_ms);
   return 0;
 }
 
