@@ -104,7 +104,8 @@ struct NamedParam {
   std::string name;
   Tensor value;
   Tensor grad;
-  bool decay;  // weight decay applies (not to norms)
+  bool decay;           // weight decay applies (not to norms)
+  bool routed = false;  // a routed expert tensor [E, ...] (split under expert parallelism)
 };
 
 struct ModelOutput {
@@ -147,6 +148,9 @@ class Model {
   void set_training(bool training);
   // The MoE layers, in depth order (for router state and statistics).
   const std::vector<MoeLayer*>& moe_layers();
+  // Expert parallelism: every MoE layer keeps only its local experts (MoeLayer's
+  // set_expert_parallel) and params() lists those. Call after init() or loading.
+  void set_expert_parallel(const dist::ExpertGroups& groups);
   // Routed expert e of layer `layer` (a layer index of the model, which must be an MoE layer):
   // views of its weights.
   ExpertView expert(int64_t layer, int64_t e);

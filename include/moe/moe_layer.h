@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "moe/arena.h"
+#include "moe/dist.h"
 #include "moe/moe_config.h"
 #include "moe/rng.h"
 #include "moe/router.h"
@@ -108,6 +109,18 @@ class MoeLayer {
   ExpertView expert(int64_t e);
   MoeParams& grads() { return grads_; }
 
+  // Expert parallelism (docs/distributed.md): this process keeps the routed experts
+  // [first_expert(), first_expert() + local_experts()) — block groups.ep.rank() of E / EP — and
+  // drops the others' weights; each forward sends the dispatched rows to the ranks holding their
+  // experts by all-to-all within groups.ep and brings the outputs back, and the routing
+  // statistics (balancing losses, counts) are summed over groups.world, every rank holding part
+  // of the batch, so that they are those of the whole batch. Call after init() or loading: the
+  // kept experts keep their values. A rank may pass zero tokens; it still takes part.
+  void set_expert_parallel(const dist::ExpertGroups& groups);
+  const dist::ExpertGroups* expert_parallel() const { return ep_.get(); }
+  int64_t first_expert() const { return first_expert_; }
+  int64_t local_experts() const { return params_.experts.w_up.size(0); }
+
   // Router and expert inputs N(0, 1/fan_in), output projections N(0, 1/F), biases zero; the
   // layer's routing noise stream is seeded from rng too.
   void init(Rng& rng);
@@ -140,6 +153,8 @@ class MoeLayer {
   const std::vector<double>* noise_normal_ = nullptr;
   const std::vector<double>* noise_uniform_ = nullptr;
   std::shared_ptr<Saved> saved_;
+  std::shared_ptr<const dist::ExpertGroups> ep_;
+  int64_t first_expert_ = 0;
   std::vector<int64_t> step_routed_;  // tokens per expert over this step's training forwards
 };
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "moe/arena.h"
+#include "moe/dist.h"
 #include "moe/moe_config.h"
 #include "moe/rng.h"
 
@@ -63,6 +64,10 @@ struct RouterForward {
   bool training = false;
   NoiseSource* noise = nullptr;
   Arena* arena = nullptr;
+  // Under expert parallelism the batch is spread over the ranks of `batch`: statistics of the
+  // batch (expert counts, mean probabilities, token counts) are summed over it, so every rank
+  // computes the losses of the whole batch. Null: this process holds the whole batch.
+  const dist::Comm* batch = nullptr;
   // outputs
   RoutingPlan<T> plan;
   double aux_loss = 0;  // balancing losses, already scaled by their coefficients
@@ -83,6 +88,9 @@ class Router {
   // True when the method limits each expert's tokens itself (expert choice): the layer then
   // applies no capacity of its own.
   virtual bool applies_capacity() const { return false; }
+  // True when the method's selection is per token and its batch statistics go through
+  // RouterForward::batch: it then runs under expert parallelism with the result of one process.
+  virtual bool supports_expert_parallel() const { return false; }
 
   virtual void forward(RouterForward<float>& f) = 0;
   virtual void forward(RouterForward<double>& f) = 0;

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "expert_parallel.h"
 #include "moe/expert_ffn.h"
 #include "moe/kernels.h"
 #include "moe/threading.h"
@@ -93,16 +94,21 @@ struct MoeLayer::Saved {
   int64_t* offsets = nullptr;              // [E + 1] row offsets of each expert's kept block
   int32_t* row_pair = nullptr;             // [M] the pair of each sorted row
   int32_t* pair_row = nullptr;             // [P] the sorted row of each pair, -1 when dropped
-  void* xs = nullptr;                      // [M, D] gathered inputs
   void* ys = nullptr;                      // [M, D] expert outputs (unweighted)
-  void* a_gate = nullptr;                  // [M, F]
-  void* a_up = nullptr;                    // [M, F]
-  void* h = nullptr;                       // [M, F]
-  void* sh_y = nullptr;                    // [N, D] sum of the shared experts' outputs (ungated)
-  void* sh_a_gate = nullptr;               // [S, N, Fs]
-  void* sh_a_up = nullptr;                 // [S, N, Fs]
-  void* sh_h = nullptr;                    // [S, N, Fs]
-  void* sh_g = nullptr;                    // [N] shared gate sigmoid
+  // The rows this process's experts ran: its own M rows, or under expert parallelism the Me
+  // rows that arrived from the group, with offsets [El + 1] per local expert.
+  int64_t me = 0;
+  const int64_t* e_offsets = nullptr;
+  ExpertExchange exchange;    // expert parallelism only
+  void* xe = nullptr;         // [Me, D] inputs
+  void* a_gate = nullptr;     // [Me, F]
+  void* a_up = nullptr;       // [Me, F]
+  void* h = nullptr;          // [Me, F]
+  void* sh_y = nullptr;       // [N, D] sum of the shared experts' outputs (ungated)
+  void* sh_a_gate = nullptr;  // [S, N, Fs]
+  void* sh_a_up = nullptr;    // [S, N, Fs]
+  void* sh_h = nullptr;       // [S, N, Fs]
+  void* sh_g = nullptr;       // [N] shared gate sigmoid
   bool valid = false;
 };
 
@@ -130,9 +136,45 @@ void MoeLayer::init(Rng& rng) {
   rng_ = Rng(rng.next_u64());
 }
 
+void MoeLayer::set_expert_parallel(const dist::ExpertGroups& groups) {
+  const char* w = "moe.expert_parallel";
+  const int64_t E = cfg_.n_experts, P = groups.ep_size();
+  MOE_CHECK(!ep_, w, "the layer's experts are already split over ranks");
+  MOE_CHECK(E % P == 0, w, "{} experts do not split evenly over {} expert-parallel ranks", E, P);
+  MOE_CHECK(router_->supports_expert_parallel(), w,
+            "the {} router does not run under expert parallelism yet: its routing depends on the "
+            "whole batch in ways not yet shared across ranks (topk and deepseek do)",
+            router_->name());
+  MOE_CHECK(cfg_.jitter_eps <= 0 && cfg_.explore_prob <= 0, w,
+            "router jitter and exploration draw noise for every token of the batch and do not run "
+            "under expert parallelism yet");
+  const int64_t El = E / P;
+  first_expert_ = groups.ep.rank() * El;
+  auto keep_local = [&](Tensor& t) {
+    if (!t.defined()) return;
+    Shape shape = t.shape();
+    const auto row = static_cast<size_t>(t.numel() / shape[0]) * dtype_size(t.dtype());
+    shape[0] = El;
+    Tensor local = Tensor::empty(shape, t.dtype());
+    std::memcpy(local.raw(),
+                static_cast<const char*>(t.raw()) + static_cast<size_t>(first_expert_) * row,
+                local.nbytes());
+    t = local;
+  };
+  for (MoeParams* p : {&params_, &grads_}) {
+    ExpertWeights& x = p->experts;
+    for (Tensor* t : {&x.w_gate, &x.w_up, &x.w_down, &x.b_gate, &x.b_up, &x.b_down}) keep_local(*t);
+  }
+  ep_ = std::make_shared<const dist::ExpertGroups>(groups);
+}
+
 ExpertView MoeLayer::expert(int64_t e) {
   MOE_CHECK(e >= 0 && e < cfg_.n_experts, "moe_layer", "expert {} is not in [0, {})", e,
             cfg_.n_experts);
+  MOE_CHECK(e >= first_expert_ && e < first_expert_ + local_experts(), "moe_layer",
+            "expert {} is held by another expert-parallel rank (this one holds [{}, {}))", e,
+            first_expert_, first_expert_ + local_experts());
+  e -= first_expert_;
   auto row = [e](Tensor& t) {
     if (!t.defined()) return Tensor();
     const Shape s(t.shape().begin() + 1, t.shape().end());
@@ -258,13 +300,13 @@ int64_t dispatch(const MoeConfig& cfg, bool capped, const RoutingPlan<T>& plan,
 template <class T>
 void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool training,
                   NoiseSource& noise, MoeLayer::Saved& s, const Tensor& x, Arena& arena,
-                  MoeOutput& result) {
+                  const dist::ExpertGroups* ep, MoeOutput& result) {
   const char* w = "moe.forward";
   const int64_t D = cfg.d_model, E = cfg.n_experts, F = cfg.d_ffn;
   MOE_CHECK(x.ndim() == 2 && x.size(1) == D && x.dtype() == dtype_of<T>(), w,
             "x must be {}[N, {}], got {}", dtype_name(dtype_of<T>()), D, x.str());
   const int64_t N = x.size(0);
-  MOE_CHECK(N >= 1, w, "x has no tokens");
+  MOE_CHECK(N >= 1 || ep, w, "x has no tokens");
   MOE_CHECK(N * E < (int64_t(1) << 31), w, "N * E = {} exceeds 2^31", N * E);
   const T* xp = x.data<T>();
   check_finite(w, "input x", xp, N, D);
@@ -301,6 +343,7 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
   rf.training = training;
   rf.noise = &noise;
   rf.arena = &arena;
+  rf.batch = ep ? &ep->world : nullptr;
   router.forward(rf);
   const RoutingPlan<T>& plan = rf.plan;
   const int64_t P = plan.n_pairs;
@@ -317,22 +360,44 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
     for (int64_t p = plan.token_offsets[t]; p < plan.token_offsets[t + 1]; ++p)
       pair_token[p] = static_cast<int32_t>(t);
   const bool capped = cfg.capacity_factor > 0 && !router.applies_capacity();
+  // Capacity applies per group of tokens; under expert parallelism the groups must lie within a
+  // rank for the result to be the one process's.
+  MOE_CHECK(!ep || !capped || (cfg.capacity_group > 0 && N % cfg.capacity_group == 0), w,
+            "under expert parallelism a capacity factor needs capacity_group to divide the tokens "
+            "of every rank ({} here)",
+            N);
   const int64_t M = dispatch(cfg, capped, plan, pair_token, N, arena, routed, offsets, row_pair,
                              pair_row, capacity);
 
   T* xs = arena.alloc<T>(M * D);
   T* ys = arena.alloc<T>(M * D);
-  T* a_gate = cfg.act == ExpertAct::swiglu ? arena.alloc<T>(M * F) : nullptr;
-  T* a_up = arena.alloc<T>(M * F);
-  T* h = arena.alloc<T>(M * F);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < M; ++r)
     std::memcpy(xs + r * D, xp + pair_token[row_pair[r]] * D, static_cast<size_t>(D) * sizeof(T));
-  for_each_expert(E, [&](int64_t e) {
-    const int64_t r0 = offsets[e], n = offsets[e + 1] - offsets[e];
-    ffn_forward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), n, D, F, xs + r0 * D, ys + r0 * D,
+  // The experts held here run on their rows: this process's own, or under expert parallelism
+  // the rows the group sends them (expert_parallel.h), whose outputs then travel back.
+  const int64_t El = params.experts.w_up.size(0);
+  T* xe = xs;
+  T* ye = ys;
+  int64_t Me = M;
+  const int64_t* e_offsets = offsets;
+  if (ep) {
+    s.exchange = ExpertExchange(ep->ep, offsets, E, arena);
+    Me = s.exchange.rows();
+    e_offsets = s.exchange.local_offsets();
+    xe = arena.alloc<T>(Me * D);
+    ye = arena.alloc<T>(Me * D);
+    s.exchange.to_experts(xs, xe, D * static_cast<int64_t>(sizeof(T)), arena);
+  }
+  T* a_gate = cfg.act == ExpertAct::swiglu ? arena.alloc<T>(Me * F) : nullptr;
+  T* a_up = arena.alloc<T>(Me * F);
+  T* h = arena.alloc<T>(Me * F);
+  for_each_expert(El, [&](int64_t e) {
+    const int64_t r0 = e_offsets[e], n = e_offsets[e + 1] - e_offsets[e];
+    ffn_forward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), n, D, F, xe + r0 * D, ye + r0 * D,
                    a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F);
   });
+  if (ep) s.exchange.to_home(ye, ys, D * static_cast<int64_t>(sizeof(T)), arena);
 
   // Shared experts run on every token.
   const int64_t S = cfg.n_shared, Fs = cfg.shared_width();
@@ -407,14 +472,31 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
   st.routed.assign(routed, routed + E);
   st.kept.resize(static_cast<size_t>(E));
   for (int64_t e = 0; e < E; ++e) st.kept[static_cast<size_t>(e)] = offsets[e + 1] - offsets[e];
+  int64_t pairs = P, kept = M;
+  if (ep) {
+    // The statistics of the whole batch, summed over the ranks that share it (exact integers).
+    int64_t* sum = arena.alloc<int64_t>(2 * E + 3);
+    std::copy_n(st.routed.data(), E, sum);
+    std::copy_n(st.kept.data(), E, sum + E);
+    sum[2 * E] = N;
+    sum[2 * E + 1] = P;
+    sum[2 * E + 2] = M;
+    ep->world.sum(sum, 2 * E + 3);
+    std::copy_n(sum, E, st.routed.data());
+    std::copy_n(sum + E, E, st.kept.data());
+    st.n_tokens = sum[2 * E];
+    pairs = sum[2 * E + 1];
+    kept = sum[2 * E + 2];
+  }
   st.aux_loss = rf.aux_loss;
   st.z_loss = rf.z_loss;
   st.router_entropy = rf.entropy;
-  st.dropped_fraction = P > 0 ? static_cast<double>(P - M) / static_cast<double>(P) : 0;
-  const int64_t max_routed = *std::max_element(routed, routed + E);
-  st.load_imbalance =
-      P > 0 ? static_cast<double>(max_routed) / (static_cast<double>(P) / static_cast<double>(E))
-            : 0;
+  st.dropped_fraction =
+      pairs > 0 ? static_cast<double>(pairs - kept) / static_cast<double>(pairs) : 0;
+  const int64_t max_routed = *std::max_element(st.routed.begin(), st.routed.end());
+  st.load_imbalance = pairs > 0 ? static_cast<double>(max_routed) /
+                                      (static_cast<double>(pairs) / static_cast<double>(E))
+                                : 0;
 
   s.p = P;
   s.m = M;
@@ -424,8 +506,10 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
   s.offsets = offsets;
   s.row_pair = row_pair;
   s.pair_row = pair_row;
-  s.xs = xs;
   s.ys = ys;
+  s.me = Me;
+  s.e_offsets = e_offsets;
+  s.xe = xe;
   s.a_gate = a_gate;
   s.a_up = a_up;
   s.h = h;
@@ -437,10 +521,10 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
 template <class T>
 void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Router& router,
                    MoeLayer::Saved& s, const Tensor& dy_t, Tensor& dx_t, Arena& arena, double d_aux,
-                   double d_z) {
+                   double d_z, const dist::ExpertGroups* ep, int64_t first_expert) {
   const char* w = "moe.backward";
   MOE_CHECK(s.valid, w, "backward() called without a forward() before it");
-  const int64_t D = cfg.d_model, E = cfg.n_experts, F = cfg.d_ffn;
+  const int64_t D = cfg.d_model, F = cfg.d_ffn;
   const int64_t N = s.n, M = s.m, P = s.p, R = s.r;
   dy_t.expect(w, "dy", {N, D}, dtype_of<T>());
   dx_t.expect(w, "dx", {N, D}, dtype_of<T>());
@@ -450,7 +534,6 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
   const T* xp = s.x.data<T>();
   const T* weight = static_cast<const T*>(s.weight);
   const T* ys = static_cast<const T*>(s.ys);
-  const T* xs = static_cast<const T*>(s.xs);
 
   // Combine: y_t = sum_p w_p ys[row(p)]. dw_p = <dy_t, ys[row]>, dys[row] = w_p dy_t.
   T* dw = arena.alloc<T>(P);
@@ -472,20 +555,35 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
   }
 
   // Experts; a frozen expert still passes its input gradient but accumulates no weight gradient.
+  // Under expert parallelism the output gradients travel to the experts' ranks as the rows did,
+  // and the input gradients come back.
+  const int64_t Me = s.me, El = params.experts.w_up.size(0);
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   T* dxs = arena.alloc<T>(M * D);
-  T* dh = arena.alloc<T>(M * F);
-  T* da_gate = cfg.act == ExpertAct::swiglu ? arena.alloc<T>(M * F) : nullptr;
+  const T* dye = dys;
+  T* dxe = dxs;
+  if (ep) {
+    T* buf = arena.alloc<T>(Me * D);
+    s.exchange.to_experts(dys, buf, row_bytes, arena);
+    dye = buf;
+    dxe = arena.alloc<T>(Me * D);
+  }
+  T* dh = arena.alloc<T>(Me * F);
+  T* da_gate = cfg.act == ExpertAct::swiglu ? arena.alloc<T>(Me * F) : nullptr;
+  const T* xe = static_cast<const T*>(s.xe);
   const T* a_gate = static_cast<const T*>(s.a_gate);
   const T* a_up = static_cast<const T*>(s.a_up);
   const T* h = static_cast<const T*>(s.h);
-  for_each_expert(E, [&](int64_t e) {
-    const int64_t r0 = s.offsets[e], n = s.offsets[e + 1] - s.offsets[e];
-    const FfnView<T> g = is_frozen(cfg, e) ? FfnView<T>{} : ffn_view<T>(grads.experts, e, D, F);
-    ffn_backward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), g, n, D, F, xs + r0 * D,
-                    dys + r0 * D, a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F,
-                    dh + r0 * F, da_gate ? da_gate + r0 * F : nullptr, dxs + r0 * D);
+  for_each_expert(El, [&](int64_t e) {
+    const int64_t r0 = s.e_offsets[e], n = s.e_offsets[e + 1] - s.e_offsets[e];
+    const FfnView<T> g =
+        is_frozen(cfg, first_expert + e) ? FfnView<T>{} : ffn_view<T>(grads.experts, e, D, F);
+    ffn_backward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), g, n, D, F, xe + r0 * D,
+                    dye + r0 * D, a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F,
+                    dh + r0 * F, da_gate ? da_gate + r0 * F : nullptr, dxe + r0 * D);
   });
-  // dx_t = sum of its pairs' rows of dxs, in plan order.
+  if (ep) s.exchange.to_home(dxe, dxs, row_bytes, arena);
+    // dx_t = sum of its pairs' rows of dxs, in plan order.
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < N; ++t) {
     T* out = dx + t * D;
@@ -561,9 +659,11 @@ void MoeLayer::forward(const Tensor& x, Arena& arena, MoeOutput& out) {
   NoiseSource noise = noise_normal_ || noise_uniform_ ? NoiseSource(noise_normal_, noise_uniform_)
                                                       : NoiseSource(&rng_);
   if (dtype_ == DType::F64) {
-    forward_impl<double>(cfg_, params_, *router_, training_, noise, *saved_, x, arena, out);
+    forward_impl<double>(cfg_, params_, *router_, training_, noise, *saved_, x, arena, ep_.get(),
+                         out);
   } else {
-    forward_impl<float>(cfg_, params_, *router_, training_, noise, *saved_, x, arena, out);
+    forward_impl<float>(cfg_, params_, *router_, training_, noise, *saved_, x, arena, ep_.get(),
+                        out);
   }
   // Training forwards since the last step (all micro-batches of an accumulated step) add up.
   if (training_) {
@@ -580,9 +680,11 @@ MoeOutput MoeLayer::forward(const Tensor& x, Arena& arena) {
 
 void MoeLayer::backward(const Tensor& dy, Tensor& dx, Arena& arena, double d_aux, double d_z) {
   if (dtype_ == DType::F64) {
-    backward_impl<double>(cfg_, params_, grads_, *router_, *saved_, dy, dx, arena, d_aux, d_z);
+    backward_impl<double>(cfg_, params_, grads_, *router_, *saved_, dy, dx, arena, d_aux, d_z,
+                          ep_.get(), first_expert_);
   } else {
-    backward_impl<float>(cfg_, params_, grads_, *router_, *saved_, dy, dx, arena, d_aux, d_z);
+    backward_impl<float>(cfg_, params_, grads_, *router_, *saved_, dy, dx, arena, d_aux, d_z,
+                         ep_.get(), first_expert_);
   }
 }
 

@@ -269,7 +269,6 @@ struct Model::Impl {
     const int64_t V = cfg.vocab_size, D = cfg.d_model, hd = cfg.head_size();
     const int64_t H = cfg.n_heads, KV = cfg.n_kv_heads;
     embed = make_param({V, D}, dt);
-    named.push_back({"embed.weight", embed.value, embed.grad, true});
     for (int64_t i = 0; i < cfg.n_layers; ++i) {
       Block b;
       b.attn_norm = make_param({D}, dt);
@@ -310,6 +309,28 @@ struct Model::Impl {
       }
       blocks.push_back(std::move(b));
     }
+    for (Block& b : blocks)
+      if (b.moe) moe_layers.push_back(b.moe.get());
+    final_norm = make_param({D}, dt);
+    lm_head = cfg.tie_embeddings ? embed : make_param({V, D}, dt);
+    name_params();
+    const int64_t rd = cfg.rope_dim();
+    rope_cos = Tensor::empty({cfg.max_seq_len, rd / 2}, dt);
+    rope_sin = Tensor::empty({cfg.max_seq_len, rd / 2}, dt);
+    if (dt == DType::F64) {
+      nn::rope_tables(rope_cos.data<double>(), rope_sin.data<double>(), cfg.max_seq_len, rd,
+                      cfg.rope_theta);
+    } else {
+      nn::rope_tables(rope_cos.data<float>(), rope_sin.data<float>(), cfg.max_seq_len, rd,
+                      cfg.rope_theta);
+    }
+  }
+
+  // The list of parameters (docs/model.md names them), built again when the MoE layers change
+  // their tensors (expert parallelism keeps only the local experts).
+  void name_params() {
+    named.clear();
+    named.push_back({"embed.weight", embed.value, embed.grad, true});
     for (int64_t i = 0; i < cfg.n_layers; ++i) {
       Block& b = blocks[static_cast<size_t>(i)];
       const std::string p = fmt::format("layers.{}.", i);
@@ -338,7 +359,8 @@ struct Model::Impl {
         b.moe->grads().for_each([&](const std::string&, Tensor& t) { grads.push_back(t); });
         size_t k = 0;
         b.moe->params().for_each([&](const std::string& n, Tensor& t) {
-          named.push_back({p + "moe." + n, t, grads[k++], true});
+          const bool routed = n.rfind("experts.", 0) == 0;
+          named.push_back({p + "moe." + n, t, grads[k++], true, routed});
         });
       } else {
         // The dense FFN stores its weights as one expert, [1, F, D]: expose them as [F, D].
@@ -353,26 +375,8 @@ struct Model::Impl {
         named.push_back({p + "ffn.w_down", view(w.w_down), view(g.w_down), true});
       }
     }
-    for (Block& b : blocks)
-      if (b.moe) moe_layers.push_back(b.moe.get());
-    final_norm = make_param({D}, dt);
     named.push_back({"norm.weight", final_norm.value, final_norm.grad, false});
-    if (!cfg.tie_embeddings) {
-      lm_head = make_param({V, D}, dt);
-      named.push_back({"lm_head.weight", lm_head.value, lm_head.grad, true});
-    } else {
-      lm_head = embed;
-    }
-    const int64_t rd = cfg.rope_dim();
-    rope_cos = Tensor::empty({cfg.max_seq_len, rd / 2}, dt);
-    rope_sin = Tensor::empty({cfg.max_seq_len, rd / 2}, dt);
-    if (dt == DType::F64) {
-      nn::rope_tables(rope_cos.data<double>(), rope_sin.data<double>(), cfg.max_seq_len, rd,
-                      cfg.rope_theta);
-    } else {
-      nn::rope_tables(rope_cos.data<float>(), rope_sin.data<float>(), cfg.max_seq_len, rd,
-                      cfg.rope_theta);
-    }
+    if (!cfg.tie_embeddings) named.push_back({"lm_head.weight", lm_head.value, lm_head.grad, true});
   }
 
   template <class T>
@@ -818,6 +822,11 @@ void Model::set_training(bool training) {
 }
 
 const std::vector<MoeLayer*>& Model::moe_layers() { return impl_->moe_layers; }
+
+void Model::set_expert_parallel(const dist::ExpertGroups& groups) {
+  for (MoeLayer* m : impl_->moe_layers) m->set_expert_parallel(groups);
+  impl_->name_params();
+}
 
 ExpertView Model::expert(int64_t layer, int64_t e) {
   MOE_CHECK(layer >= 0 && layer < cfg_.n_layers && impl_->blocks[static_cast<size_t>(layer)].moe,

@@ -11,6 +11,7 @@ namespace {
 class TopkRouter : public RouterImpl<TopkRouter> {
  public:
   using RouterImpl::RouterImpl;
+  bool supports_expert_parallel() const override { return true; }
   template <class T>
   void fwd(RouterForward<T>& f);
   template <class T>
@@ -21,7 +22,8 @@ class TopkRouter : public RouterImpl<TopkRouter> {
   void explore(RoutingPlan<T>& plan, const T* probs, int64_t n, NoiseSource& noise, Arena& arena);
 
   struct Saved {
-    int64_t n = 0;
+    int64_t n = 0;                    // tokens here
+    int64_t n_batch = 0;              // tokens of the whole batch (all ranks)
     const void* probs = nullptr;      // [N, E]
     const void* lse = nullptr;        // [N]
     const int32_t* expert = nullptr;  // [N, K]
@@ -40,19 +42,36 @@ void TopkRouter::fwd(RouterForward<T>& f) {
   RoutingPlan<T> plan = uniform_plan<T>(arena, N, K);
   cpu::topk_rows<T>(plan.expert, plan.score, probs, N, E, K);
   if (f.training && cfg_.explore_prob > 0 && K < E) explore(plan, probs, N, *f.noise, arena);
+  // The batch's statistics [counts E | probability sums E | tokens, sum of lse^2, entropy sum],
+  // summed over the ranks sharing the batch under expert parallelism.
+  double* st = arena.alloc<double>(2 * E + 3);
+  std::fill_n(st, 2 * E + 3, 0.0);
+  for (int64_t p = 0; p < N * K; ++p) st[plan.expert[p]] += 1;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t t = 0; t < N; ++t) st[E + e] += static_cast<double>(probs[t * E + e]);
+  st[2 * E] = static_cast<double>(N);
+  for (int64_t t = 0; t < N; ++t) st[2 * E + 1] += static_cast<double>(lse[t]) * lse[t];
+  for (int64_t i = 0; i < N * E; ++i) {
+    const double p = static_cast<double>(probs[i]);
+    if (p > 0) st[2 * E + 2] -= p * std::log(p);
+  }
+  if (f.batch) f.batch->sum(st, 2 * E + 3);
+  const double n = st[2 * E];
   int64_t* counts = arena.alloc<int64_t>(E);
-  std::fill_n(counts, E, 0);
-  for (int64_t p = 0; p < N * K; ++p) ++counts[plan.expert[p]];
+  for (int64_t e = 0; e < E; ++e) counts[e] = static_cast<int64_t>(st[e]);
   const T rsf = static_cast<T>(cfg_.routed_scaling_factor);
   for (int64_t t = 0; t < N; ++t) {
     topk_weights(plan.weight + t * K, plan.score + t * K, K, cfg_.renormalize);
     for (int64_t j = 0; j < K; ++j) plan.weight[t * K + j] *= rsf;
   }
   f.plan = plan;
-  f.aux_loss = balance_loss(probs, counts, N * K, N, E, cfg_.aux_loss_coef);
-  f.z_loss = z_loss(lse, N, cfg_.z_loss_coef);
-  f.entropy = mean_entropy(probs, N, E);
-  saved_ = {N, probs, lse, plan.expert, plan.score, plan.weight, counts};
+  // Switch loss coef * E * sum_i f_i P_i, z-loss coef * mean lse^2 (common.h), over the batch.
+  double aux = 0;
+  for (int64_t e = 0; e < E; ++e) aux += st[e] / (n * static_cast<double>(K)) * st[E + e] / n;
+  f.aux_loss = n > 0 ? cfg_.aux_loss_coef * static_cast<double>(E) * aux : 0;
+  f.z_loss = n > 0 ? cfg_.z_loss_coef * st[2 * E + 1] / n : 0;
+  f.entropy = n > 0 ? st[2 * E + 2] / n : 0;
+  saved_ = {N, static_cast<int64_t>(n), probs, lse, plan.expert, plan.score, plan.weight, counts};
 }
 
 template <class T>
@@ -90,7 +109,8 @@ void TopkRouter::bwd(const T* dweight, double d_aux, double d_z, T* dlogits) {
   const T* lse = static_cast<const T*>(saved_.lse);
   const T* top_p = static_cast<const T*>(saved_.top_p);
   const T* weight = static_cast<const T*>(saved_.weight);
-  const T zs = static_cast<T>(d_z * cfg_.z_loss_coef * 2.0 / static_cast<double>(N));
+  const int64_t Nb = saved_.n_batch;
+  const T zs = static_cast<T>(d_z * cfg_.z_loss_coef * 2.0 / static_cast<double>(Nb));
   // w = rsf * u with u the (renormalized) top-k probabilities.
   const T rsf = static_cast<T>(cfg_.routed_scaling_factor);
   T* dp = scratch_.get<T>(3 * K);
@@ -99,7 +119,7 @@ void TopkRouter::bwd(const T* dweight, double d_aux, double d_z, T* dlogits) {
   for (int64_t t = 0; t < N; ++t) {
     T* g = dlogits + t * E;
     std::fill_n(g, E, T(0));
-    balance_loss_grad(g, saved_.counts, N * K, N, E, cfg_.aux_loss_coef, d_aux);
+    balance_loss_grad(g, saved_.counts, Nb * K, Nb, E, cfg_.aux_loss_coef, d_aux);
     for (int64_t j = 0; j < K; ++j) {
       du[j] = rsf * dweight[t * K + j];
       u[j] = weight[t * K + j] / rsf;
