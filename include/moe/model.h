@@ -104,8 +104,9 @@ struct NamedParam {
   std::string name;
   Tensor value;
   Tensor grad;
-  bool decay;           // weight decay applies (not to norms)
-  bool routed = false;  // a routed expert tensor [E, ...] (split under expert parallelism)
+  bool decay;                // weight decay applies (not to norms)
+  bool routed = false;       // a routed expert tensor [E, ...] (split under expert parallelism)
+  int64_t first_expert = 0;  // routed: the expert of its row 0 (this rank's first when split)
 };
 
 struct ModelOutput {
@@ -148,9 +149,13 @@ class Model {
   void set_training(bool training);
   // The MoE layers, in depth order (for router state and statistics).
   const std::vector<MoeLayer*>& moe_layers();
-  // Expert parallelism: every MoE layer keeps only its local experts (MoeLayer's
-  // set_expert_parallel) and params() lists those. Call after init() or loading.
+  // Expert parallelism (docs/distributed.md): every MoE layer keeps only its local experts
+  // (MoeLayer's set_expert_parallel) and params() lists those; the batch is spread over
+  // groups.world, so forward and forward_backward report the losses of the whole batch (their
+  // cross-entropy averages over every rank's tokens) and this rank's share of each gradient,
+  // which the ranks then sum. Call after init() or loading.
   void set_expert_parallel(const dist::ExpertGroups& groups);
+  const dist::ExpertGroups* expert_parallel() const;
   // Routed expert e of layer `layer` (a layer index of the model, which must be an MoE layer):
   // views of its weights.
   ExpertView expert(int64_t layer, int64_t e);

@@ -2,7 +2,9 @@
 // same order as torch.optim.AdamW so that trajectories can be compared step for step.
 #pragma once
 
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "moe/tensor.h"
@@ -33,10 +35,16 @@ class AdamW {
   int64_t steps() const { return t_; }
   const AdamWConfig& config() const { return cfg_; }
 
-  // The moments (as "m.<name>", "v.<name>", f64) and the step count, for checkpoints.
+  // For checkpoints of a run split over ranks: the whole of a parameter's tensor from this
+  // rank's part (when saving), or this rank's part from the whole (when loading).
+  using Reshard = std::function<Tensor(const std::string& param, const Tensor&)>;
+  // The moments as ("m.<name>", f64 tensor), ("v.<name>", ...), each through `whole` if given.
+  std::vector<std::pair<std::string, Tensor>> state(const Reshard& whole = {}) const;
+  // The moments and the step count, for checkpoints.
   void save(const std::string& path) const;
-  // Restores what save() wrote; every registered parameter must be present with its shape.
-  void load(const std::string& path);
+  // Restores what save() wrote; every registered parameter must be present with its shape
+  // (after `part`, if given).
+  void load(const std::string& path, const Reshard& part = {});
 
  private:
   struct Slot {

@@ -33,6 +33,10 @@ struct TrainConfig {
   int64_t keep = 2;          // checkpoints kept
   int64_t val_every = 20;    // every n-th document goes to validation
   uint64_t seed = 0;
+  // Ranks (of the MPI job) that split each MoE layer's experts: EP, dividing the job's P ranks
+  // into P / EP data-parallel replicas. The global batch (batch sequences) is split evenly
+  // over the P ranks. 1 in one process.
+  int64_t expert_parallel = 1;
 
   void validate() const;
   // The learning rate at step (0-based): linear warmup, then cosine from lr to min_lr.
@@ -47,6 +51,9 @@ struct StepLog {
   int64_t step = 0;  // 1-based: the number of steps done
   double loss = 0, ce_loss = 0, aux_loss = 0, z_loss = 0, lr = 0, grad_norm = 0;
   double tokens_per_s = 0, load_imbalance = 0;
+  // Per MoE layer, the (token, expert) pairs routed to each expert this step (whole batch);
+  // owned by the trainer, valid until its next step.
+  const std::vector<std::vector<int64_t>>* routed = nullptr;
 };
 
 class Trainer {
@@ -60,6 +67,10 @@ class Trainer {
   ~Trainer();
 
   Model& model() { return *model_; }
+  // The process groups of a distributed run (null in one process).
+  const dist::ExpertGroups* groups() const { return groups_.get(); }
+  // True on the rank that writes files and prints (rank 0; always in one process).
+  bool is_writer() const { return !groups_ || groups_->world.rank() == 0; }
   const TrainConfig& config() const { return cfg_; }
   int64_t step() const { return step_; }
   int64_t train_tokens() const;
@@ -82,12 +93,25 @@ class Trainer {
   // Starts from another model's weights (same config), e.g. a checkpoint to fine-tune; the
   // optimizer state stays fresh.
   void init_from(Model& src);
+  // Every parameter of the whole model as (name, tensor): this rank's own, or under expert
+  // parallelism with the routed experts gathered from the group (a collective: every rank
+  // calls it).
+  std::vector<std::pair<std::string, Tensor>> whole_params();
 
   // Generates n bytes after the prompt (temperature sampling, seeded), for a look at the model.
   std::string sample(const std::string& prompt, int64_t n, double temperature, uint64_t seed);
 
  private:
   Rng setup();  // model, initialization and optimizer; returns the seeded stream for the data
+  // Sums the gradients over the ranks (expert parallelism): routed experts' over their
+  // replicas, the others over every rank.
+  void reduce_gradients();
+  // Expert parallelism: the whole of a routed tensor from the group's parts, and this rank's
+  // part of a whole one (identity for the others).
+  Tensor whole(const NamedParam& p, const Tensor& part) const;
+  Tensor part(const NamedParam& p, const Tensor& whole) const;
+  // Copies a whole model's parameters into this one (this rank's part of the routed experts).
+  void copy_from(Model& whole);
 
   ModelConfig mcfg_;
   TrainConfig cfg_;
@@ -96,8 +120,11 @@ class Trainer {
   TokenStream train_, val_;
   std::unique_ptr<BatchSampler> sampler_;
   Arena arena_;
-  ModelOutput out_;  // reused by every micro-batch
-  Tensor batch_;
+  ModelOutput out_;                           // reused by every micro-batch
+  std::vector<std::vector<int64_t>> routed_;  // StepLog::routed
+  std::unique_ptr<dist::ExpertGroups> groups_;
+  Tensor full_batch_;  // [batch, T + 1]: the global batch, as one process would draw it
+  Tensor batch_;       // this rank's rows of it (all of it in one process)
   int64_t step_ = 0;
 };
 

@@ -260,6 +260,8 @@ struct Model::Impl {
   };
   std::vector<Block> blocks;
   std::vector<MoeLayer*> moe_layers;  // the blocks' MoE layers, in depth order
+  // Expert parallelism: the ranks that share the batch and hold the experts (null: none).
+  std::shared_ptr<const dist::ExpertGroups> groups;
   std::vector<NamedParam> named;
   Tensor rope_cos, rope_sin;  // [max_seq_len, hd / 2]
 
@@ -360,7 +362,8 @@ struct Model::Impl {
         size_t k = 0;
         b.moe->params().for_each([&](const std::string& n, Tensor& t) {
           const bool routed = n.rfind("experts.", 0) == 0;
-          named.push_back({p + "moe." + n, t, grads[k++], true, routed});
+          named.push_back(
+              {p + "moe." + n, t, grads[k++], true, routed, routed ? b.moe->first_expert() : 0});
         });
       } else {
         // The dense FFN stores its weights as one expert, [1, F, D]: expose them as [F, D].
@@ -495,7 +498,15 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
   T* lg = logits.data<T>();
   cpu::gemm<T>(false, true, N, V, D, T(1), z, D, lm_head.value.data<T>(), D, T(0), lg, V);
   T* dlogits = backward ? arena.alloc<T>(N * V) : nullptr;
-  out.ce_loss = nn::cross_entropy<T>(dlogits, arena.alloc<double>(N), lg, targets, N, V, scale);
+  if (groups) {
+    // This rank holds N of the batch's tokens: the loss is the mean over all of them.
+    const double nd = static_cast<double>(N), n_all = groups->world.sum(nd);
+    const double ce = nn::cross_entropy<T>(dlogits, arena.alloc<double>(N), lg, targets, N, V,
+                                           scale * nd / n_all);
+    out.ce_loss = groups->world.sum(ce * nd) / n_all;
+  } else {
+    out.ce_loss = nn::cross_entropy<T>(dlogits, arena.alloc<double>(N), lg, targets, N, V, scale);
+  }
   out.loss = out.ce_loss + out.aux_loss + out.z_loss;
   if (!backward) return;
 
@@ -824,9 +835,13 @@ void Model::set_training(bool training) {
 const std::vector<MoeLayer*>& Model::moe_layers() { return impl_->moe_layers; }
 
 void Model::set_expert_parallel(const dist::ExpertGroups& groups) {
+  MOE_CHECK(!impl_->groups, "model", "the model is already split over ranks");
   for (MoeLayer* m : impl_->moe_layers) m->set_expert_parallel(groups);
+  impl_->groups = std::make_shared<const dist::ExpertGroups>(groups);
   impl_->name_params();
 }
+
+const dist::ExpertGroups* Model::expert_parallel() const { return impl_->groups.get(); }
 
 ExpertView Model::expert(int64_t layer, int64_t e) {
   MOE_CHECK(layer >= 0 && layer < cfg_.n_layers && impl_->blocks[static_cast<size_t>(layer)].moe,

@@ -61,20 +61,24 @@ void AdamW::step(double lr) {
   }
 }
 
-void AdamW::save(const std::string& path) const {
+std::vector<std::pair<std::string, Tensor>> AdamW::state(const Reshard& whole) const {
   std::vector<std::pair<std::string, Tensor>> tensors;
   for (const Slot& s : slots_) {
-    tensors.emplace_back("m." + s.name, s.m);
-    tensors.emplace_back("v." + s.name, s.v);
+    tensors.emplace_back("m." + s.name, whole ? whole(s.name, s.m) : s.m);
+    tensors.emplace_back("v." + s.name, whole ? whole(s.name, s.v) : s.v);
   }
-  save_safetensors(path, tensors, {{"step", std::to_string(t_)}});
+  return tensors;
 }
 
-void AdamW::load(const std::string& path) {
+void AdamW::save(const std::string& path) const {
+  save_safetensors(path, state(), {{"step", std::to_string(t_)}});
+}
+
+void AdamW::load(const std::string& path, const Reshard& part) {
   const SafetensorsFile f = load_safetensors(path);
   for (Slot& s : slots_)
     for (auto [prefix, dst] : {std::pair{"m.", &s.m}, std::pair{"v.", &s.v}}) {
-      const Tensor& src = f.at(prefix + s.name);
+      const Tensor& src = part ? part(s.name, f.at(prefix + s.name)) : f.at(prefix + s.name);
       src.expect("adamw.load", (prefix + s.name).c_str(), dst->shape(), DType::F64);
       std::memcpy(dst->raw(), src.raw(), src.nbytes());
     }

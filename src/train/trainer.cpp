@@ -31,6 +31,7 @@ void TrainConfig::validate() const {
   MOE_CHECK(eval_every >= 0 && eval_batches >= 1 && save_every >= 0 && keep >= 1, w,
             "eval_every, save_every >= 0 and eval_batches, keep >= 1 required");
   MOE_CHECK(val_every >= 2, w, "val_every must be >= 2, got {}", val_every);
+  MOE_CHECK(expert_parallel >= 1, w, "expert_parallel must be >= 1, got {}", expert_parallel);
 }
 
 double TrainConfig::lr_at(int64_t step) const {
@@ -57,7 +58,8 @@ void to_json(nlohmann::json& j, const TrainConfig& c) {
        {"save_every", c.save_every},
        {"keep", c.keep},
        {"val_every", c.val_every},
-       {"seed", c.seed}};
+       {"seed", c.seed},
+       {"expert_parallel", c.expert_parallel}};
 }
 
 void from_json(const nlohmann::json& j, TrainConfig& c) {
@@ -84,6 +86,7 @@ void from_json(const nlohmann::json& j, TrainConfig& c) {
     c.keep = merged["keep"];
     c.val_every = merged["val_every"];
     c.seed = merged["seed"];
+    c.expert_parallel = merged["expert_parallel"];
   } catch (const nlohmann::json::exception& e) {
     throw_error("train.config", fmt::format("bad value: {}", e.what()));
   }
@@ -99,10 +102,25 @@ Rng Trainer::setup() {
   model_ = std::make_unique<Model>(mcfg_, DType::F32);
   Rng rng(cfg_.seed);
   model_->init(rng);
+  // A distributed run: every rank initializes the whole model as one process would, then keeps
+  // its own experts and its share of each batch.
+  const dist::Comm world = dist::Comm::world();
+  int64_t ranks = 1, rank = 0;
+  if (world.size() > 1 || cfg_.expert_parallel > 1) {
+    ranks = world.size();
+    rank = world.rank();
+    MOE_CHECK(cfg_.batch % ranks == 0, "train",
+              "the batch of {} sequences does not split evenly over {} ranks", cfg_.batch, ranks);
+    groups_ = std::make_unique<dist::ExpertGroups>(
+        dist::make_expert_groups(world, static_cast<int>(cfg_.expert_parallel)));
+    model_->set_expert_parallel(*groups_);
+  }
   opt_ = std::make_unique<AdamW>(
       AdamWConfig{cfg_.lr, cfg_.beta1, cfg_.beta2, 1e-8, cfg_.weight_decay});
   for (NamedParam& p : model_->params()) opt_->add(p.name, p.value, p.grad, p.decay);
-  batch_ = Tensor::empty({cfg_.batch, cfg_.seq_len + 1}, DType::I32);
+  const int64_t W = cfg_.seq_len + 1, local = cfg_.batch / ranks;
+  full_batch_ = Tensor::empty({cfg_.batch, W}, DType::I32);
+  batch_ = Tensor::view(full_batch_.data<int32_t>() + rank * local * W, {local, W}, DType::I32);
   return rng;
 }
 
@@ -125,7 +143,7 @@ Trainer::Trainer(const ModelConfig& model, const TrainConfig& cfg,
   setup();
   for (size_t b = 0; b < batch.size(); ++b)
     std::copy(batch[b].begin(), batch[b].end(),
-              batch_.data<int32_t>() + static_cast<int64_t>(b) * (cfg_.seq_len + 1));
+              full_batch_.data<int32_t>() + static_cast<int64_t>(b) * (cfg_.seq_len + 1));
 }
 
 Trainer::Trainer(const ModelConfig& model, const TrainConfig& cfg, const Corpus& corpus)
@@ -154,7 +172,7 @@ Trainer::Trainer(const ModelConfig& model, const TrainConfig& cfg, const Corpus&
 Trainer::~Trainer() = default;
 
 int64_t Trainer::train_tokens() const {
-  return sampler_ ? static_cast<int64_t>(train_.ids.size()) : batch_.numel();
+  return sampler_ ? static_cast<int64_t>(train_.ids.size()) : full_batch_.numel();
 }
 int64_t Trainer::val_tokens() const { return static_cast<int64_t>(val_.ids.size()); }
 
@@ -190,7 +208,7 @@ StepLog Trainer::train_step() {
   double imbalance = 0;
   int64_t moe_layers = 0;
   for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {
-    if (sampler_) sampler_->next(batch_);  // else the fixed token batch
+    if (sampler_) sampler_->next(full_batch_);  // else the fixed token batch; batch_ is our part
     arena_.reset();
     ModelOutput& out = out_;
     try {
@@ -207,20 +225,35 @@ StepLog Trainer::train_step() {
     log.ce_loss += out.ce_loss / n;
     log.aux_loss += out.aux_loss / n;
     log.z_loss += out.z_loss / n;
-    for (const RoutingStats& s : out.routing) {
+    routed_.resize(out.routing.size());
+    for (size_t l = 0; l < out.routing.size(); ++l) {
+      const RoutingStats& s = out.routing[l];
       imbalance += s.load_imbalance;
       ++moe_layers;
+      routed_[l].resize(s.routed.size());
+      if (micro == 0) std::fill(routed_[l].begin(), routed_[l].end(), 0);
+      for (size_t e = 0; e < s.routed.size(); ++e) routed_[l][e] += s.routed[e];
     }
+    log.routed = &routed_;
   }
-  // Gradient norm, with the guard: a non-finite gradient stops the step before any update.
-  double sq = 0;
+  reduce_gradients();
+  // Gradient norm, with the guard: a non-finite gradient stops the step before any update (on
+  // every rank, the one holding the tensor naming it).
+  double sq = 0, sq_routed = 0;
+  std::string bad;
   for (NamedParam& p : model_->params()) {
     const double s = sum_of_squares(p.grad.data<float>(), p.grad.numel());
-    MOE_CHECK(std::isfinite(s), "train", "step {}: the gradient of {} is not finite", log.step,
-              p.name);
-    sq += s;
+    if (!std::isfinite(s) && bad.empty()) bad = p.name;
+    (p.routed ? sq_routed : sq) += s;
   }
-  log.grad_norm = std::sqrt(sq);
+  if (groups_) {
+    const bool any_bad = groups_->world.max(bad.empty() ? 0.0 : 1.0) > 0;
+    MOE_CHECK(!any_bad, "train", "step {}: the gradient of {} is not finite", log.step,
+              bad.empty() ? std::string("an expert on another rank") : bad);
+    sq_routed = groups_->ep.sum(sq_routed);  // the experts are split over the group
+  }
+  MOE_CHECK(bad.empty(), "train", "step {}: the gradient of {} is not finite", log.step, bad);
+  log.grad_norm = std::sqrt(sq + sq_routed);
   if (cfg_.clip > 0 && log.grad_norm > cfg_.clip) {
     const float scale = static_cast<float>(cfg_.clip / log.grad_norm);
     for (NamedParam& p : model_->params()) {
@@ -241,6 +274,12 @@ StepLog Trainer::train_step() {
   return log;
 }
 
+void Trainer::reduce_gradients() {
+  if (!groups_) return;
+  for (NamedParam& p : model_->params())
+    (p.routed ? groups_->dp : groups_->world).sum(p.grad.data<float>(), p.grad.numel());
+}
+
 double Trainer::evaluate() {
   model_->set_training(false);
   if (!sampler_) {  // the fixed token batch
@@ -252,7 +291,7 @@ double Trainer::evaluate() {
   BatchSampler sampler(val_, cfg_.batch, cfg_.seq_len, cfg_.seed + 12345);
   double total = 0;
   for (int64_t b = 0; b < cfg_.eval_batches; ++b) {
-    sampler.next(batch_);
+    sampler.next(full_batch_);
     arena_.reset();
     total += model_->forward(batch_, arena_).ce_loss;
   }
@@ -290,10 +329,82 @@ std::string step_name(int64_t step) { return fmt::format("step-{:06d}", step); }
 
 }  // namespace
 
+Tensor Trainer::whole(const NamedParam& p, const Tensor& part) const {
+  if (!groups_ || !p.routed || groups_->ep_size() == 1) return part;
+  Shape shape = part.shape();
+  shape[0] *= groups_->ep_size();
+  Tensor out = Tensor::empty(shape, part.dtype());
+  groups_->ep.allgather(part.raw(), out.raw(), static_cast<int64_t>(part.nbytes()));
+  return out;
+}
+
+Tensor Trainer::part(const NamedParam& p, const Tensor& whole) const {
+  if (!groups_ || !p.routed || groups_->ep_size() == 1) return whole;
+  const int64_t local = p.value.size(0);
+  MOE_CHECK(whole.ndim() >= 1 && whole.size(0) == local * groups_->ep_size(), "checkpoint",
+            "{} has {} experts, the model {}", p.name, whole.ndim() >= 1 ? whole.size(0) : 0,
+            local * groups_->ep_size());
+  Shape shape = whole.shape();
+  shape[0] = local;
+  const size_t row = whole.nbytes() / static_cast<size_t>(whole.size(0));
+  return Tensor::view(const_cast<char*>(static_cast<const char*>(whole.raw())) +
+                          static_cast<size_t>(p.first_expert) * row,
+                      shape, whole.dtype());
+}
+
+std::vector<std::pair<std::string, Tensor>> Trainer::whole_params() {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (NamedParam& p : model_->params()) out.emplace_back(p.name, whole(p, p.value));
+  return out;
+}
+
+void Trainer::copy_from(Model& src) {
+  std::vector<NamedParam>& to = model_->params();
+  std::vector<NamedParam>& from = src.params();
+  MOE_CHECK(to.size() == from.size(), "train", "the model to start from has {} tensors, not {}",
+            from.size(), to.size());
+  for (size_t i = 0; i < to.size(); ++i) {
+    const Tensor t = part(to[i], from[i].value);
+    t.expect("init-from", from[i].name.c_str(), to[i].value.shape(), to[i].value.dtype());
+    std::memcpy(to[i].value.raw(), t.raw(), to[i].value.nbytes());
+  }
+  const std::vector<MoeLayer*>&a = model_->moe_layers(), &b = src.moe_layers();
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
+    if (std::vector<double>* bias = a[i]->router().selection_bias())
+      *bias = *b[i]->router().selection_bias();
+}
+
 std::string Trainer::save(const std::string& out_dir) {
-  fs::create_directories(out_dir);
   const std::string name = step_name(step_);
   const fs::path final_dir = fs::path(out_dir) / name;
+  // A distributed run gathers the experts (every rank takes part), then rank 0 writes the
+  // checkpoint of the whole model, the same files one process writes.
+  std::unique_ptr<Model> gathered;
+  std::vector<std::pair<std::string, Tensor>> opt_state;
+  if (groups_) {
+    std::vector<std::pair<std::string, Tensor>> params = whole_params();
+    opt_state = opt_->state([&](const std::string& n, const Tensor& t) {
+      for (const NamedParam& p : model_->params())
+        if (p.name == n) return whole(p, t);
+      return t;
+    });
+    if (!is_writer()) {
+      groups_->world.barrier();  // until the checkpoint is written
+      return final_dir.string();
+    }
+    gathered = std::make_unique<Model>(mcfg_, DType::F32);
+    std::vector<NamedParam>& to = gathered->params();
+    for (size_t i = 0; i < to.size(); ++i)
+      std::memcpy(to[i].value.raw(), params[i].second.raw(), to[i].value.nbytes());
+    const std::vector<MoeLayer*>&a = gathered->moe_layers(), &b = model_->moe_layers();
+    for (size_t i = 0; i < a.size(); ++i)
+      if (std::vector<double>* bias = a[i]->router().selection_bias())
+        *bias = *b[i]->router().selection_bias();
+  } else {
+    opt_state = opt_->state();
+  }
+  Model& model = gathered ? *gathered : *model_;
+  fs::create_directories(out_dir);
   const fs::path tmp_dir = fs::path(out_dir) / ("." + name + ".tmp");
   fs::remove_all(tmp_dir);
   fs::create_directories(tmp_dir);
@@ -305,19 +416,20 @@ std::string Trainer::save(const std::string& out_dir) {
   write_file_atomic((tmp_dir / "config.json").string(), config.dump(2) + "\n");
   std::vector<std::pair<std::string, Tensor>> weights;
   if (hf) {
-    weights = mixtral_tensors(*model_);
+    weights = mixtral_tensors(model);
   } else {
-    for (NamedParam& p : model_->params()) weights.emplace_back(p.name, p.value);
+    for (NamedParam& p : model.params()) weights.emplace_back(p.name, p.value);
   }
-  const std::vector<MoeLayer*>& layers = model_->moe_layers();
+  const std::vector<MoeLayer*>& layers = model.moe_layers();
   for (size_t i = 0; i < layers.size(); ++i)
     if (std::vector<double>* b = layers[i]->router().selection_bias()) {
       Tensor t = Tensor::empty({static_cast<int64_t>(b->size())}, DType::F64);
       std::copy(b->begin(), b->end(), t.data<double>());
-      weights.emplace_back(bias_name(*model_, i), t);
+      weights.emplace_back(bias_name(model, i), t);
     }
   save_safetensors((tmp_dir / "model.safetensors").string(), weights, {{"format", "pt"}});
-  opt_->save((tmp_dir / "optimizer.safetensors").string());
+  save_safetensors((tmp_dir / "optimizer.safetensors").string(), opt_state,
+                   {{"step", std::to_string(opt_->steps())}});
   nlohmann::json state = {{"step", step_},
                           {"train", cfg_},
                           {"data_rng", sampler_ ? rng_json(sampler_->rng()) : nlohmann::json()},
@@ -340,6 +452,7 @@ std::string Trainer::save(const std::string& out_dir) {
   std::sort(steps.begin(), steps.end());
   for (size_t i = 0; i + static_cast<size_t>(cfg_.keep) < steps.size(); ++i)
     fs::remove_all(fs::path(out_dir) / steps[i]);
+  if (groups_) groups_->world.barrier();
   return final_dir.string();
 }
 
@@ -415,8 +528,22 @@ void Trainer::resume(const std::string& dir) {
   const fs::path ckpt = resolve_checkpoint(dir);
   MOE_CHECK(fs::exists(ckpt / "trainer_state.json"), "resume",
             "{} has no trainer_state.json to resume from", ckpt.string());
-  load_weights(*model_, (ckpt / "model.safetensors").string());
-  opt_->load((ckpt / "optimizer.safetensors").string());
+  if (groups_) {
+    // Any checkpoint holds the whole model: take this rank's experts from it (whatever EP it
+    // was saved with).
+    Model whole_model(mcfg_, DType::F32);
+    load_weights(whole_model, (ckpt / "model.safetensors").string());
+    copy_from(whole_model);
+    opt_->load((ckpt / "optimizer.safetensors").string(),
+               [&](const std::string& n, const Tensor& t) {
+                 for (const NamedParam& p : model_->params())
+                   if (p.name == n) return part(p, t);
+                 return t;
+               });
+  } else {
+    load_weights(*model_, (ckpt / "model.safetensors").string());
+    opt_->load((ckpt / "optimizer.safetensors").string());
+  }
   std::ifstream f(ckpt / "trainer_state.json");
   nlohmann::json state;
   try {
@@ -437,21 +564,7 @@ void Trainer::resume(const std::string& dir) {
   }
 }
 
-void Trainer::init_from(Model& src) {
-  std::vector<NamedParam>& to = model_->params();
-  std::vector<NamedParam>& from = src.params();
-  MOE_CHECK(to.size() == from.size(), "train", "the model to start from has {} tensors, not {}",
-            from.size(), to.size());
-  for (size_t i = 0; i < to.size(); ++i) {
-    from[i].value.expect("init-from", from[i].name.c_str(), to[i].value.shape(),
-                         to[i].value.dtype());
-    std::memcpy(to[i].value.raw(), from[i].value.raw(), to[i].value.nbytes());
-  }
-  const std::vector<MoeLayer*>&a = model_->moe_layers(), &b = src.moe_layers();
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
-    if (std::vector<double>* bias = a[i]->router().selection_bias())
-      *bias = *b[i]->router().selection_bias();
-}
+void Trainer::init_from(Model& src) { copy_from(src); }
 
 std::string Trainer::sample(const std::string& prompt, int64_t n, double temperature,
                             uint64_t seed) {

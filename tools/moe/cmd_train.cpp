@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "moe/dist.h"
 #include "moe/threading.h"
 #include "moe/trainer.h"
 
@@ -66,7 +67,10 @@ class Progress {
 };
 
 int run_train(TrainArgs& a) {
-  set_num_threads(a.threads);
+  // Ranks sharing a machine share its cores.
+  const char* local_ranks = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  const int per_machine = local_ranks ? std::max(1, std::atoi(local_ranks)) : 1;
+  set_num_threads(a.threads > 0 ? a.threads : std::max(1, num_cores() / per_machine));
   ModelConfig mcfg = model_preset(a.preset);
   std::unique_ptr<Model> start;
   if (!a.init_from.empty()) {
@@ -103,6 +107,18 @@ int run_train(TrainArgs& a) {
   if (start) trainer.init_from(*start);
   if (!a.resume.empty()) trainer.resume(a.resume);
   Model& model = trainer.model();
+  // In a distributed job every rank trains; rank 0 alone prints and writes the log.
+  const bool writer = trainer.is_writer();
+  if (!writer) {
+    if (!std::freopen("/dev/null", "w", stdout)) throw_error("train", "cannot silence rank output");
+    a.log.clear();
+  }
+  if (const dist::ExpertGroups* g = trainer.groups())
+    fmt::print(
+        "distributed: {} ranks, {} expert-parallel x {} data-parallel; {} of {} experts per "
+        "rank, {} of {} sequences per rank\n",
+        g->world.size(), g->ep_size(), g->dp_size(), mcfg.moe.n_experts / g->ep_size(),
+        mcfg.moe.n_experts, trainer.config().batch / g->world.size(), trainer.config().batch);
   fmt::print("moe train: {} layers, d_model {}, {} MoE layers ({}), {:.2f}M parameters\n",
              mcfg.n_layers, mcfg.d_model, model.moe_layers().size(),
              model.moe_layers().empty() ? std::string("dense") : mcfg.moe.summary(),
@@ -139,17 +155,19 @@ int run_train(TrainArgs& a) {
                             {"lr", s.lr},
                             {"grad_norm", s.grad_norm},
                             {"tokens_per_s", s.tokens_per_s},
-                            {"load_imbalance", s.load_imbalance}}
+                            {"load_imbalance", s.load_imbalance},
+                            {"routed", *s.routed}}
                  .dump()
           << "\n";
     const double elapsed =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    progress.update(s, elapsed, s.step - first);
+    if (writer) progress.update(s, elapsed, s.step - first);
     const bool last = s.step == a.train.steps;
     if ((a.train.eval_every > 0 && s.step % a.train.eval_every == 0) || last) {
       const double val = trainer.evaluate();
-      progress.message(fmt::format("step {:>5}: validation loss {:.4f} ({:.3f} bits per byte)",
-                                   s.step, val, val / std::log(2.0)));
+      if (writer)
+        progress.message(fmt::format("step {:>5}: validation loss {:.4f} ({:.3f} bits per byte)",
+                                     s.step, val, val / std::log(2.0)));
       if (log.is_open()) log << nlohmann::json{{"step", s.step}, {"val_loss", val}}.dump() << "\n";
     }
     if ((a.train.save_every > 0 && s.step % a.train.save_every == 0) || last) trainer.save(a.out);
@@ -205,6 +223,10 @@ Run add_train(CLI::App& app) {
   cmd->add_option("--aux-coef", a->aux_coef, "override the load-balancing loss coefficient");
   cmd->add_option("--z-coef", a->z_coef, "override the router z-loss coefficient");
   cmd->add_option("--seed", a->train.seed, "random seed")->capture_default_str();
+  cmd->add_option("--expert-parallel", a->train.expert_parallel,
+                  "under mpirun -np P: split each MoE layer's experts over EP ranks (P / EP "
+                  "data-parallel replicas; the batch is split over all P)")
+      ->capture_default_str();
   cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
   cmd->add_option("--sample", a->sample, "bytes to generate at the end (0: none)")
       ->capture_default_str();

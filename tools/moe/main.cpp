@@ -3,13 +3,35 @@
 #include <fmt/core.h>
 
 #include <cstdio>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "commands.h"
+#include "moe/dist.h"
 #include "moe/error.h"
 
+namespace {
+
+// An error ends the command. In a job of several ranks (mpirun) it ends every rank, so that none
+// waits for this one in a collective.
+int fail(const std::string& message, int code) {
+  if (moe::dist::initialized() && moe::dist::Comm::world().size() > 1)
+    moe::dist::abort_job(
+        fmt::format("error: [rank {}] {}", moe::dist::Comm::world().rank(), message), code);
+  fmt::print(stderr, "error: {}\n", message);
+  if (code == 2) fmt::print(stderr, "run 'moe <command> --help' for the options\n");
+  return code;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
+  try {
+    moe::dist::init(&argc, &argv);  // started by mpirun: the ranks of a distributed job
+  } catch (const moe::Error& e) {
+    return fail(e.what(), 2);
+  }
   CLI::App app{
       "moe.cpp: a Mixture-of-Experts engine (MoE layers with every routing method, training, "
       "inference of HuggingFace MoE checkpoints)",
@@ -41,12 +63,9 @@ int main(int argc, char** argv) {
     for (auto& [sub, run] : commands)
       if (sub->parsed()) return run();
   } catch (const moe::Error& e) {
-    fmt::print(stderr, "error: {}\n", e.what());
-    fmt::print(stderr, "run 'moe <command> --help' for the options\n");
-    return 2;
+    return fail(e.what(), 2);
   } catch (const std::exception& e) {
-    fmt::print(stderr, "error: {}\n", e.what());
-    return 1;
+    return fail(e.what(), 1);
   }
   return 1;
 }
