@@ -22,7 +22,7 @@ bool launched_by_mpirun();
 // Starts MPI when this process was launched by mpirun (else does nothing); MPI stops at exit.
 // A collective that waits longer than `timeout_s` seconds (0: never) ends the whole job with an
 // error naming the collective and the rank: a rank that died or hangs cannot stall the others
-// forever.
+// forever. The environment variable MOE_DIST_TIMEOUT (seconds) overrides `timeout_s`.
 void init(int* argc, char*** argv, double timeout_s = 300);
 bool initialized();
 // Ends every rank of the job with `why` on stderr (MPI_Abort); in one process, exits.

@@ -127,6 +127,7 @@ void init(int* argc, char*** argv, double timeout_s) {
     if (!done) MPI_Finalize();
   });
   std::signal(SIGTERM, on_sigterm);
+  if (const char* t = std::getenv("MOE_DIST_TIMEOUT")) timeout_s = std::atof(t);
   g_timeout_s = timeout_s;
   if (timeout_s > 0) std::thread(watchdog).detach();
 }

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# `moe train --expert-parallel` under mpirun against one process (ctest: dist_train):
+#  1. 2 and 4 ranks (EP=2, EP=4, EP=2 x DP=2) give the routing of one process at every step
+#     (each expert's token count per layer, exactly) and its losses within a float32
+#     reduction-order tolerance (relative 1e-6);
+#  2. a checkpoint saved with EP=2 resumes with EP=1 and with EP=4 on the same trajectory.
+# usage: train_equivalence.sh MOE_BINARY WORK_DIR
+set -euo pipefail
+moe=$1
+work=$2
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+rm -rf "$work" && mkdir -p "$work" && cd "$work"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_MCA_btl_vader_single_copy_mechanism=none MOE_DIST_TIMEOUT=120
+args=(--preset tiny --data "$root/README.md" --batch 4 --seq-len 32 --steps 6 --eval-every 3
+      --save-every 3 --sample 0 -t 1)
+compare() {  # compare.py ONE OTHER [FIRST_STEP]
+  /usr/bin/python3 "$here/compare_logs.py" "$@"
+}
+
+"$moe" train "${args[@]}" --out one --log one.jsonl > /dev/null
+for run in "2 2" "4 4" "4 2"; do
+  set -- $run
+  name="np$1_ep$2"
+  echo "== mpirun -np $1 moe train --expert-parallel $2"
+  mpirun -np "$1" --oversubscribe "$moe" train "${args[@]}" --expert-parallel "$2" \
+    --out "$name" --log "$name.jsonl" > /dev/null
+  compare one.jsonl "$name.jsonl"
+done
+
+# Resharding: the EP=2 run's step-3 checkpoint, resumed with EP=1 and EP=4.
+for ep in 1 4; do
+  echo "== the EP=2 checkpoint of step 3 resumed with EP=$ep"
+  mkdir "re$ep"
+  cp -r np2_ep2/step-000003 "re$ep/"
+  echo step-000003 > "re$ep/latest"
+  if [[ $ep == 1 ]]; then
+    "$moe" train "${args[@]}" --resume "re$ep" --out "re$ep" --log "re$ep.jsonl" > /dev/null
+  else
+    mpirun -np "$ep" --oversubscribe "$moe" train "${args[@]}" --expert-parallel "$ep" \
+      --resume "re$ep" --out "re$ep" --log "re$ep.jsonl" > /dev/null
+  fi
+  compare one.jsonl "re$ep.jsonl" 4
+done
+echo "all runs match one process"
