@@ -66,6 +66,10 @@ struct RoutingStats {
   double router_entropy = 0;    // mean over tokens of -sum_e p log p (nats)
   double aux_loss = 0;
   double z_loss = 0;
+  // Expert parallelism, this rank's tokens: rows sent to experts on other ranks, and the
+  // distinct (token, rank) pairs among them (what a dispatch sending a token once per rank
+  // would send).
+  int64_t remote_rows = 0, remote_tokens = 0;
   std::string str() const;  // a human-readable table
 };
 

@@ -54,6 +54,8 @@ struct StepLog {
   // Per MoE layer, the (token, expert) pairs routed to each expert this step (whole batch);
   // owned by the trainer, valid until its next step.
   const std::vector<std::vector<int64_t>>* routed = nullptr;
+  // Expert parallelism, this rank, all MoE layers: RoutingStats' remote_rows and remote_tokens.
+  int64_t remote_rows = 0, remote_tokens = 0;
 };
 
 class Trainer {

@@ -143,7 +143,7 @@ void MoeLayer::set_expert_parallel(const dist::ExpertGroups& groups) {
   MOE_CHECK(E % P == 0, w, "{} experts do not split evenly over {} expert-parallel ranks", E, P);
   MOE_CHECK(router_->supports_expert_parallel(), w,
             "the {} router does not run under expert parallelism yet: its routing depends on the "
-            "whole batch in ways not yet shared across ranks (topk and deepseek do)",
+            "whole batch in ways not yet shared across ranks (topk and switch do)",
             router_->name());
   MOE_CHECK(cfg_.jitter_eps <= 0 && cfg_.explore_prob <= 0, w,
             "router jitter and exploration draw noise for every token of the batch and do not run "
@@ -473,7 +473,19 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
   st.kept.resize(static_cast<size_t>(E));
   for (int64_t e = 0; e < E; ++e) st.kept[static_cast<size_t>(e)] = offsets[e + 1] - offsets[e];
   int64_t pairs = P, kept = M;
+  st.remote_rows = st.remote_tokens = 0;
   if (ep) {
+    const int64_t me = ep->ep.rank();
+    for (int64_t t = 0; t < N; ++t)
+      for (int64_t p = plan.token_offsets[t]; p < plan.token_offsets[t + 1]; ++p) {
+        const int64_t q = plan.expert[p] / El;
+        if (pair_row[p] < 0 || q == me) continue;
+        ++st.remote_rows;
+        bool seen = false;  // an earlier kept pair of this token to the same rank
+        for (int64_t p2 = plan.token_offsets[t]; p2 < p && !seen; ++p2)
+          seen = pair_row[p2] >= 0 && plan.expert[p2] / El == q;
+        if (!seen) ++st.remote_tokens;
+      }
     // The statistics of the whole batch, summed over the ranks that share it (exact integers).
     int64_t* sum = arena.alloc<int64_t>(2 * E + 3);
     std::copy_n(st.routed.data(), E, sum);

@@ -230,6 +230,8 @@ StepLog Trainer::train_step() {
       const RoutingStats& s = out.routing[l];
       imbalance += s.load_imbalance;
       ++moe_layers;
+      log.remote_rows += s.remote_rows;
+      log.remote_tokens += s.remote_tokens;
       routed_[l].resize(s.routed.size());
       if (micro == 0) std::fill(routed_[l].begin(), routed_[l].end(), 0);
       for (size_t e = 0; e < s.routed.size(); ++e) routed_[l][e] += s.routed[e];

@@ -7,6 +7,7 @@
 #include "commands.h"
 #include "layer_options.h"
 #include "moe/dense_ffn.h"
+#include "moe/dist.h"
 #include "moe/generate.h"
 #include "moe/kernels.h"
 #include "moe/model.h"
@@ -254,28 +255,104 @@ struct BenchTrain {
   int64_t batch = 16, seq_len = 128;
   int warmup = 2, steps = 8;
   int threads = 0;
+  int64_t expert_parallel = 1;
   bool json = false;
 };
 
-int run_bench_train(const BenchTrain& b) {
-  set_num_threads(b.threads);
-  MOE_CHECK(b.steps >= 1 && b.warmup >= 0, "bench", "--steps must be >= 1 and --warmup >= 0");
-  // Random printable text: the step's cost does not depend on what the bytes say.
+// Random printable text: a step's cost does not depend on what the bytes say.
+Corpus random_corpus(int64_t seq_len) {
   Corpus corpus;
   corpus.languages = {"random"};
   Rng rng(7);
   for (int d = 0; d < 64; ++d) {
-    std::string text(static_cast<size_t>(b.seq_len * 4), ' ');
+    std::string text(static_cast<size_t>(seq_len * 4), ' ');
     for (char& ch : text) ch = static_cast<char>(rng.randint(32, 127));
     corpus.docs.push_back({text, 0});
   }
+  return corpus;
+}
+
+// Under mpirun: --batch sequences per rank (equal work per rank whatever the rank count), the
+// step time, and the all-to-all bytes per step (counted by the communicator, all ranks) against
+// the minimum: every MoE layer's distinct (token, remote rank) rows, four times (forward
+// dispatch and return, backward dispatch and return).
+int run_bench_train_distributed(const BenchTrain& b) {
+  const dist::Comm world = dist::Comm::world();
+  const char* local_ranks = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  const int per_machine = local_ranks ? std::max(1, std::atoi(local_ranks)) : 1;
+  set_num_threads(b.threads > 0 ? b.threads : std::max(1, num_cores() / per_machine));
+  TrainConfig t;
+  t.batch = b.batch * world.size();
+  t.seq_len = b.seq_len;
+  t.steps = b.warmup + b.steps;
+  t.val_every = 1000;
+  t.expert_parallel = b.expert_parallel;
+  const ModelConfig m = model_preset(b.preset);
+  Trainer trainer(m, t, random_corpus(b.seq_len));
+  const dist::ExpertGroups& g = *trainer.groups();
+  std::vector<double> ms;
+  int64_t counts[3] = {0, 0, 0};  // bytes sent, rows sent, distinct (token, rank) rows
+  for (int i = 0; i < b.warmup + b.steps; ++i) {
+    g.ep.reset_counters();
+    world.barrier();
+    const auto t0 = std::chrono::steady_clock::now();
+    const StepLog s = trainer.train_step();
+    const double step =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (i < b.warmup) continue;
+    ms.push_back(world.max(step));
+    counts[0] += g.ep.alltoall_bytes_sent();
+    counts[1] += s.remote_rows;
+    counts[2] += s.remote_tokens;
+  }
+  world.sum(counts, 3);
+  std::sort(ms.begin(), ms.end());
+  const double step_ms = ms[ms.size() / 2];
+  const double steps = static_cast<double>(b.steps);
+  const double bytes = static_cast<double>(counts[0]) / steps;
+  const double row_bytes = static_cast<double>(m.d_model) * sizeof(float);
+  const double min_bytes = 4.0 * static_cast<double>(counts[2]) * row_bytes / steps;
+  const double tps = static_cast<double>(t.batch * b.seq_len) / step_ms * 1e3;
+  if (world.rank() != 0) return 0;
+  if (b.json) {
+    fmt::print("{}\n", nlohmann::json{{"preset", b.preset},
+                                      {"ranks", world.size()},
+                                      {"expert_parallel", g.ep_size()},
+                                      {"threads_per_rank", num_threads()},
+                                      {"batch_per_rank", b.batch},
+                                      {"seq_len", b.seq_len},
+                                      {"step_ms", step_ms},
+                                      {"tokens_per_s", tps},
+                                      {"alltoall_bytes_per_step", bytes},
+                                      {"min_alltoall_bytes_per_step", min_bytes},
+                                      {"alltoall_rows_per_step", counts[1] / b.steps},
+                                      {"alltoall_over_min", min_bytes > 0 ? bytes / min_bytes : 0}}
+                           .dump());
+    return 0;
+  }
+  fmt::print(
+      "training step, preset {}, {} ranks ({} expert-parallel), {} x {} tokens per rank, {} "
+      "threads per rank\n",
+      b.preset, world.size(), g.ep_size(), b.batch, b.seq_len, num_threads());
+  fmt::print("step (median of {})        {:.1f} ms\ntokens per second           {:.0f}\n", b.steps,
+             step_ms, tps);
+  fmt::print("all-to-all per step         {:.2f} MB (minimum {:.2f} MB, ratio {:.2f})\n",
+             bytes / 1e6, min_bytes / 1e6, min_bytes > 0 ? bytes / min_bytes : 0);
+  return 0;
+}
+
+int run_bench_train(const BenchTrain& b) {
+  MOE_CHECK(b.steps >= 1 && b.warmup >= 0, "bench", "--steps must be >= 1 and --warmup >= 0");
+  if (dist::Comm::world().size() > 1 || b.expert_parallel > 1)
+    return run_bench_train_distributed(b);
+  set_num_threads(b.threads);
   TrainConfig t;
   t.batch = b.batch;
   t.seq_len = b.seq_len;
   t.steps = b.warmup + b.steps;
   t.val_every = 1000;
   const ModelConfig m = model_preset(b.preset);
-  Trainer trainer(m, t, corpus);
+  Trainer trainer(m, t, random_corpus(b.seq_len));
   std::vector<double> ms;
   for (int i = 0; i < b.warmup + b.steps; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -368,6 +445,11 @@ Run add_bench(CLI::App& app) {
   train->add_option("--steps", tr->steps, "timed steps (the median is reported)")
       ->capture_default_str();
   train->add_option("-t,--threads", tr->threads, "threads (0: all cores)")->capture_default_str();
+  train
+      ->add_option("--expert-parallel", tr->expert_parallel,
+                   "under mpirun -np P: experts split over EP ranks; --batch is then per rank, and "
+                   "the all-to-all bytes per step are reported")
+      ->capture_default_str();
   train->add_flag("--json", tr->json, "print one JSON object (step_ms, tokens_per_s, ...)");
   return [b, d, tr, decode, train] {
     if (decode->parsed()) return run_bench_decode(*d);
