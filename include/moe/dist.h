@@ -18,6 +18,9 @@ namespace moe::dist {
 bool built_with_mpi();
 // True when the environment says mpirun started this process (OpenMPI, MPICH/PMI, Slurm).
 bool launched_by_mpirun();
+// The ranks of this job on this machine (OpenMPI's OMPI_COMM_WORLD_LOCAL_SIZE; 1 otherwise),
+// which share its cores.
+int ranks_on_this_machine();
 
 // Starts MPI when this process was launched by mpirun (else does nothing); MPI stops at exit.
 // A collective that waits longer than `timeout_s` seconds (0: never) ends the whole job with an

@@ -278,9 +278,8 @@ Corpus random_corpus(int64_t seq_len) {
 // dispatch and return, backward dispatch and return).
 int run_bench_train_distributed(const BenchTrain& b) {
   const dist::Comm world = dist::Comm::world();
-  const char* local_ranks = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-  const int per_machine = local_ranks ? std::max(1, std::atoi(local_ranks)) : 1;
-  set_num_threads(b.threads > 0 ? b.threads : std::max(1, num_cores() / per_machine));
+  set_num_threads(b.threads > 0 ? b.threads
+                                : std::max(1, num_cores() / dist::ranks_on_this_machine()));
   TrainConfig t;
   t.batch = b.batch * world.size();
   t.seq_len = b.seq_len;

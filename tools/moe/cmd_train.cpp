@@ -68,9 +68,8 @@ class Progress {
 
 int run_train(TrainArgs& a) {
   // Ranks sharing a machine share its cores.
-  const char* local_ranks = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-  const int per_machine = local_ranks ? std::max(1, std::atoi(local_ranks)) : 1;
-  set_num_threads(a.threads > 0 ? a.threads : std::max(1, num_cores() / per_machine));
+  set_num_threads(a.threads > 0 ? a.threads
+                                : std::max(1, num_cores() / dist::ranks_on_this_machine()));
   ModelConfig mcfg = model_preset(a.preset);
   std::unique_ptr<Model> start;
   if (!a.init_from.empty()) {
