@@ -32,6 +32,9 @@ void load_mixtral_tensors(Model& model, const SafetensorsFile& file);
 // deepseek_v3, dbrx.
 
 std::vector<std::string> hf_model_types();
+// The tensor names of routed expert e of model layer `layer` in a checkpoint of `model_type`
+// that stores one tensor per expert: its gate, up and down projections.
+std::vector<std::string> hf_expert_names(const std::string& model_type, int64_t layer, int64_t e);
 // The model config of a config.json (both rope spellings; unsupported options refused).
 ModelConfig config_from_hf(const nlohmann::json& j);
 

@@ -131,7 +131,8 @@ struct KvCache {
 
 class Model {
  public:
-  explicit Model(const ModelConfig& cfg, DType dtype = DType::F32);
+  // routed_experts false: no memory for the routed experts (see set_expert_source).
+  explicit Model(const ModelConfig& cfg, DType dtype = DType::F32, bool routed_experts = true);
   ~Model();
   Model(Model&&) noexcept;
   Model& operator=(Model&&) noexcept;
@@ -156,6 +157,10 @@ class Model {
   // which the ranks then sum. Call after init() or loading.
   void set_expert_parallel(const dist::ExpertGroups& groups);
   const dist::ExpertGroups* expert_parallel() const;
+  // Expert offloading (inference): every MoE layer's routed experts come from `source`
+  // (MoeLayer::set_expert_source, the layers numbered in depth order); params() then lists the
+  // other tensors only.
+  void set_expert_source(const std::shared_ptr<ExpertSource>& source);
   // Routed expert e of layer `layer` (a layer index of the model, which must be an MoE layer):
   // views of its weights.
   ExpertView expert(int64_t layer, int64_t e);

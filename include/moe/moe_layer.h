@@ -41,14 +41,30 @@ struct ExpertView {
   Tensor w_gate, w_up, w_down, b_gate, b_up, b_down;
 };
 
+// Where an MoE layer's routed experts come from when they are not held in memory (expert
+// offloading: src/infer/expert_cache.cpp). The layer asks for each expert its tokens need, one
+// at a time, and runs it before asking for the next.
+class ExpertSource {
+ public:
+  virtual ~ExpertSource() = default;
+  // The routing of MoE layer `layer` (its index among the model's MoE layers) for n_tokens
+  // tokens: the (token, expert) pairs each expert received. Called before its experts are asked
+  // for.
+  virtual void observe(int64_t layer, const std::vector<int64_t>& routed, int64_t n_tokens) = 0;
+  // Expert e's weights (float32), valid until release(layer, e).
+  virtual ExpertView acquire(int64_t layer, int64_t e) = 0;
+  virtual void release(int64_t layer, int64_t e) = 0;
+};
+
 struct MoeParams {
   Tensor w_router;  // [E, D]
   ExpertWeights experts;
   ExpertWeights shared;  // S > 0 only
   Tensor w_shared_gate;  // [1, D], shared_gate only
 
-  // Allocates every tensor the config (and its router) needs, zero-filled.
-  static MoeParams zeros(const MoeConfig& cfg, DType dtype);
+  // Allocates every tensor the config (and its router) needs, zero-filled; without `routed`,
+  // the routed experts' tensors hold no expert ([0, ...]).
+  static MoeParams zeros(const MoeConfig& cfg, DType dtype, bool routed = true);
   // Calls f(name, tensor) for every defined tensor, in a fixed order.
   void for_each(const std::function<void(const std::string&, Tensor&)>& f);
   void for_each(const std::function<void(const std::string&, const Tensor&)>& f) const;
@@ -86,7 +102,9 @@ struct MoeOutput {
 
 class MoeLayer {
  public:
-  MoeLayer(const MoeConfig& cfg, DType dtype = DType::F32);
+  // routed_experts false: no memory for the routed experts' weights (and gradients), which then
+  // come from set_expert_source.
+  MoeLayer(const MoeConfig& cfg, DType dtype = DType::F32, bool routed_experts = true);
   // A layer owns its weights: moving is fine, copying (which would share them) is not allowed.
   MoeLayer(MoeLayer&&) = default;
   MoeLayer& operator=(MoeLayer&&) = default;
@@ -125,6 +143,11 @@ class MoeLayer {
   int64_t first_expert() const { return first_expert_; }
   int64_t local_experts() const { return params_.experts.w_up.size(0); }
 
+  // Expert offloading (inference only, float32): the routed experts' weights come from
+  // `source` (as MoE layer `index` of the model) instead of the layer's tensors, which are
+  // dropped. Only the experts the tokens need are asked for.
+  void set_expert_source(std::shared_ptr<ExpertSource> source, int64_t index);
+
   // Router and expert inputs N(0, 1/fan_in), output projections N(0, 1/F), biases zero; the
   // layer's routing noise stream is seeded from rng too.
   void init(Rng& rng);
@@ -159,6 +182,8 @@ class MoeLayer {
   std::shared_ptr<Saved> saved_;
   std::shared_ptr<const dist::ExpertGroups> ep_;
   int64_t first_expert_ = 0;
+  std::shared_ptr<ExpertSource> source_;
+  int64_t source_index_ = 0;
   std::vector<int64_t> step_routed_;  // tokens per expert over this step's training forwards
 };
 

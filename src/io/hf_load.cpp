@@ -405,6 +405,15 @@ void load_dbrx(Model& model, HfTensors& src) {
 
 }  // namespace
 
+std::vector<std::string> hf_expert_names(const std::string& model_type, int64_t layer,
+                                         int64_t e) {
+  MOE_CHECK(model_type != "dbrx", kWhere,
+            "dbrx stores its experts fused in one tensor per projection, not one per expert");
+  const Names n = names_for(model_type);
+  const std::string p = fmt::format("model.layers.{}.{}experts.{}.", layer, n.moe, e);
+  return {p + n.gate + ".weight", p + n.up + ".weight", p + n.down + ".weight"};
+}
+
 std::vector<std::string> hf_model_types() {
   return {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dbrx"};
 }

@@ -18,7 +18,7 @@ namespace moe {
 // ---------------------------------------------------------------------------------------------
 // Parameters
 
-MoeParams MoeParams::zeros(const MoeConfig& cfg, DType dtype) {
+MoeParams MoeParams::zeros(const MoeConfig& cfg, DType dtype, bool routed) {
   cfg.validate();
   const int64_t D = cfg.d_model, E = cfg.n_experts, F = cfg.d_ffn;
   const bool swiglu = cfg.act == ExpertAct::swiglu;
@@ -36,7 +36,7 @@ MoeParams MoeParams::zeros(const MoeConfig& cfg, DType dtype) {
   };
   MoeParams p;
   p.w_router = Tensor::zeros({make_router(cfg)->logit_rows(), D}, dtype);
-  p.experts = experts(E, F);
+  p.experts = experts(routed ? E : 0, F);
   if (cfg.n_shared > 0) p.shared = experts(cfg.n_shared, cfg.shared_width());
   if (cfg.shared_gate) p.w_shared_gate = Tensor::zeros({1, D}, dtype);
   return p;
@@ -112,14 +112,30 @@ struct MoeLayer::Saved {
   bool valid = false;
 };
 
-MoeLayer::MoeLayer(const MoeConfig& cfg, DType dtype)
+MoeLayer::MoeLayer(const MoeConfig& cfg, DType dtype, bool routed_experts)
     : cfg_(cfg), dtype_(dtype), saved_(std::make_shared<Saved>()) {
   cfg_.validate();
   MOE_CHECK(dtype == DType::F32 || dtype == DType::F64, "moe.layer",
             "dtype must be f32 or f64, got {}", dtype_name(dtype));
   router_ = make_router(cfg_);
-  params_ = MoeParams::zeros(cfg_, dtype);
-  grads_ = MoeParams::zeros(cfg_, dtype);
+  params_ = MoeParams::zeros(cfg_, dtype, routed_experts);
+  grads_ = MoeParams::zeros(cfg_, dtype, routed_experts);
+}
+
+void MoeLayer::set_expert_source(std::shared_ptr<ExpertSource> source, int64_t index) {
+  MOE_CHECK(dtype_ == DType::F32 && !ep_, "moe.offload",
+            "expert offloading runs float32 layers in one process");
+  source_ = std::move(source);
+  source_index_ = index;
+  for (MoeParams* p : {&params_, &grads_}) {
+    ExpertWeights& x = p->experts;
+    for (Tensor* t : {&x.w_gate, &x.w_up, &x.w_down, &x.b_gate, &x.b_up, &x.b_down})
+      if (t->defined()) {
+        Shape shape = t->shape();
+        shape[0] = 0;
+        *t = Tensor::empty(shape, t->dtype());
+      }
+  }
 }
 
 void MoeLayer::init(Rng& rng) {
@@ -202,6 +218,14 @@ void MoeLayer::after_step() {
 }
 
 namespace {
+
+// Where the routed experts are: the layer's tensors (all of them, or under expert parallelism
+// this rank's block), or a source that hands out one at a time (offloading).
+struct Placement {
+  const dist::ExpertGroups* ep = nullptr;
+  ExpertSource* source = nullptr;
+  int64_t source_index = 0;
+};
 
 // Runs fn(e) for every expert: across experts on all threads when there are many (each GEMM then
 // runs on its own thread), else one expert after another with multi-threaded GEMMs.
@@ -300,7 +324,8 @@ int64_t dispatch(const MoeConfig& cfg, bool capped, const RoutingPlan<T>& plan,
 template <class T>
 void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool training,
                   NoiseSource& noise, MoeLayer::Saved& s, const Tensor& x, Arena& arena,
-                  const dist::ExpertGroups* ep, MoeOutput& result) {
+                  const Placement& where, MoeOutput& result) {
+  const dist::ExpertGroups* ep = where.ep;
   const char* w = "moe.forward";
   const int64_t D = cfg.d_model, E = cfg.n_experts, F = cfg.d_ffn;
   MOE_CHECK(x.ndim() == 2 && x.size(1) == D && x.dtype() == dtype_of<T>(), w,
@@ -376,7 +401,7 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
     std::memcpy(xs + r * D, xp + pair_token[row_pair[r]] * D, static_cast<size_t>(D) * sizeof(T));
   // The experts held here run on their rows: this process's own, or under expert parallelism
   // the rows the group sends them (expert_parallel.h), whose outputs then travel back.
-  const int64_t El = params.experts.w_up.size(0);
+  const int64_t El = where.source ? E : params.experts.w_up.size(0);
   T* xe = xs;
   T* ye = ys;
   int64_t Me = M;
@@ -392,11 +417,33 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
   T* a_gate = cfg.act == ExpertAct::swiglu ? arena.alloc<T>(Me * F) : nullptr;
   T* a_up = arena.alloc<T>(Me * F);
   T* h = arena.alloc<T>(Me * F);
-  for_each_expert(El, [&](int64_t e) {
-    const int64_t r0 = e_offsets[e], n = e_offsets[e + 1] - e_offsets[e];
-    ffn_forward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), n, D, F, xe + r0 * D, ye + r0 * D,
-                   a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F);
-  });
+  if (where.source) {
+    // Offloaded experts: only those with rows are asked for, one after another.
+    std::vector<int64_t>& routed_now = result.stats.routed;
+    routed_now.assign(routed, routed + E);
+    where.source->observe(where.source_index, routed_now, N);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = e_offsets[e], n = e_offsets[e + 1] - e_offsets[e];
+      if (n == 0) continue;
+      ExpertView v = where.source->acquire(where.source_index, e);
+      FfnView<T> f;
+      f.w_gate = v.w_gate.defined() ? v.w_gate.data<T>() : nullptr;
+      f.w_up = v.w_up.data<T>();
+      f.w_down = v.w_down.data<T>();
+      f.b_gate = v.b_gate.defined() ? v.b_gate.data<T>() : nullptr;
+      f.b_up = v.b_up.defined() ? v.b_up.data<T>() : nullptr;
+      f.b_down = v.b_down.defined() ? v.b_down.data<T>() : nullptr;
+      ffn_forward<T>(cfg.act, f, n, D, F, xe + r0 * D, ye + r0 * D,
+                     a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F);
+      where.source->release(where.source_index, e);
+    }
+  } else {
+    for_each_expert(El, [&](int64_t e) {
+      const int64_t r0 = e_offsets[e], n = e_offsets[e + 1] - e_offsets[e];
+      ffn_forward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), n, D, F, xe + r0 * D,
+                     ye + r0 * D, a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F);
+    });
+  }
   if (ep) s.exchange.to_home(ye, ys, D * static_cast<int64_t>(sizeof(T)), arena);
 
   // Shared experts run on every token.
@@ -668,14 +715,15 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
 }  // namespace
 
 void MoeLayer::forward(const Tensor& x, Arena& arena, MoeOutput& out) {
+  MOE_CHECK(!source_ || !training_, "moe.offload",
+            "offloaded experts run inference only (set_training(false))");
+  const Placement where{ep_.get(), source_.get(), source_index_};
   NoiseSource noise = noise_normal_ || noise_uniform_ ? NoiseSource(noise_normal_, noise_uniform_)
                                                       : NoiseSource(&rng_);
   if (dtype_ == DType::F64) {
-    forward_impl<double>(cfg_, params_, *router_, training_, noise, *saved_, x, arena, ep_.get(),
-                         out);
+    forward_impl<double>(cfg_, params_, *router_, training_, noise, *saved_, x, arena, where, out);
   } else {
-    forward_impl<float>(cfg_, params_, *router_, training_, noise, *saved_, x, arena, ep_.get(),
-                        out);
+    forward_impl<float>(cfg_, params_, *router_, training_, noise, *saved_, x, arena, where, out);
   }
   // Training forwards since the last step (all micro-batches of an accumulated step) add up.
   if (training_) {
@@ -691,6 +739,7 @@ MoeOutput MoeLayer::forward(const Tensor& x, Arena& arena) {
 }
 
 void MoeLayer::backward(const Tensor& dy, Tensor& dx, Arena& arena, double d_aux, double d_z) {
+  MOE_CHECK(!source_, "moe.offload", "offloaded experts run inference only: no backward");
   if (dtype_ == DType::F64) {
     backward_impl<double>(cfg_, params_, grads_, *router_, *saved_, dy, dx, arena, d_aux, d_z,
                           ep_.get(), first_expert_);

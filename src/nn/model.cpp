@@ -265,7 +265,7 @@ struct Model::Impl {
   std::vector<NamedParam> named;
   Tensor rope_cos, rope_sin;  // [max_seq_len, hd / 2]
 
-  Impl(const ModelConfig& c, DType dt) : cfg(c), dtype(dt) {
+  Impl(const ModelConfig& c, DType dt, bool routed_experts) : cfg(c), dtype(dt) {
     cfg.validate();
     MOE_CHECK(dt == DType::F32 || dt == DType::F64, "model", "dtype must be f32 or f64");
     const int64_t V = cfg.vocab_size, D = cfg.d_model, hd = cfg.head_size();
@@ -305,7 +305,7 @@ struct Model::Impl {
       }
       b.ffn_norm = make_param({D}, dt);
       if (cfg.is_moe_layer(i)) {
-        b.moe = std::make_unique<MoeLayer>(cfg.moe, dt);
+        b.moe = std::make_unique<MoeLayer>(cfg.moe, dt, routed_experts);
       } else {
         b.dense = std::make_unique<DenseFfn>(D, cfg.d_ffn, ExpertAct::swiglu, false, dt);
       }
@@ -362,6 +362,7 @@ struct Model::Impl {
         size_t k = 0;
         b.moe->params().for_each([&](const std::string& n, Tensor& t) {
           const bool routed = n.rfind("experts.", 0) == 0;
+          if (routed && t.size(0) == 0) return;  // held elsewhere (offloading)
           named.push_back(
               {p + "moe." + n, t, grads[k++], true, routed, routed ? b.moe->first_expert() : 0});
         });
@@ -792,8 +793,8 @@ Tensor Model::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
              : impl_->decode<float>(tokens, cache, arena, slots, router_logits);
 }
 
-Model::Model(const ModelConfig& cfg, DType dtype)
-    : cfg_(cfg), impl_(std::make_unique<Impl>(cfg, dtype)) {}
+Model::Model(const ModelConfig& cfg, DType dtype, bool routed_experts)
+    : cfg_(cfg), impl_(std::make_unique<Impl>(cfg, dtype, routed_experts)) {}
 Model::~Model() = default;
 Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
@@ -842,6 +843,12 @@ void Model::set_expert_parallel(const dist::ExpertGroups& groups) {
 }
 
 const dist::ExpertGroups* Model::expert_parallel() const { return impl_->groups.get(); }
+
+void Model::set_expert_source(const std::shared_ptr<ExpertSource>& source) {
+  for (size_t i = 0; i < impl_->moe_layers.size(); ++i)
+    impl_->moe_layers[i]->set_expert_source(source, static_cast<int64_t>(i));
+  impl_->name_params();
+}
 
 ExpertView Model::expert(int64_t layer, int64_t e) {
   MOE_CHECK(layer >= 0 && layer < cfg_.n_layers && impl_->blocks[static_cast<size_t>(layer)].moe,

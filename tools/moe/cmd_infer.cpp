@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "commands.h"
+#include "moe/expert_cache.h"
 #include "moe/generate.h"
 #include "moe/safetensors.h"
 #include "moe/threading.h"
@@ -69,6 +70,8 @@ size_t complete_utf8(const std::string& s) {
 struct GenerateArgs {
   std::string model_dir, prompt, prompt_ids;
   int64_t n = 64;
+  double cache_mb = 0;
+  std::string cache_policy = "routing";
   SamplingConfig sampling;
   bool ids = false;
   int threads = 0;
@@ -78,7 +81,11 @@ int run_generate(const GenerateArgs& a) {
   set_num_threads(a.threads);
   MOE_CHECK(a.prompt.empty() != a.prompt_ids.empty(), "generate",
             "give exactly one of -p TEXT and --prompt-ids 1,2,3");
-  std::unique_ptr<Model> model = load_model(a.model_dir);
+  std::shared_ptr<ExpertCache> cache;
+  std::unique_ptr<Model> model =
+      a.cache_mb > 0 ? load_model_offloaded(a.model_dir, static_cast<int64_t>(a.cache_mb * 1e6),
+                                            parse_eviction_policy(a.cache_policy), &cache)
+                     : load_model(a.model_dir);
   std::unique_ptr<Tokenizer> tok;
   std::vector<int32_t> prompt;
   if (!a.prompt_ids.empty()) {
@@ -126,6 +133,10 @@ int run_generate(const GenerateArgs& a) {
     const size_t made = out[0].size() - prompt.size();
     fmt::print(stderr, "{} tokens in {:.3f} s ({:.1f} tokens/s)\n", made, secs,
                static_cast<double>(made) / std::max(secs, 1e-9));
+  }
+  if (cache) {
+    fmt::print(stderr, "{} ({} policy)\npeak resident memory: {:.1f} MB\n", cache->stats().str(),
+               a.cache_policy, static_cast<double>(peak_rss_bytes()) / 1e6);
   }
   return 0;
 }
@@ -211,6 +222,13 @@ Run add_generate(CLI::App& app) {
   cmd->add_flag("--ids", a->ids,
                 "print the token ids (prompt included) as one JSON array instead of text");
   cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
+  cmd->add_option("--expert-cache-mb", a->cache_mb,
+                  "keep the routed experts in the checkpoint's files and at most this many MB of "
+                  "them in memory (0: load every expert)")
+      ->capture_default_str();
+  cmd->add_option("--cache-policy", a->cache_policy,
+                  "expert eviction: lru, lfu, or routing (by the expected next use)")
+      ->capture_default_str();
   return [a] { return run_generate(*a); };
 }
 

@@ -1,0 +1,68 @@
+// moe/expert_cache.h: expert offloading. A model's routed experts stay in its checkpoint files
+// (memory-mapped, read only when a token needs them) and at most a bounded number of them are
+// resident, in the slots of an ExpertCache; the rest of the model is in memory as usual.
+//
+// Eviction policies (docs/inference.md has their reasoning):
+//   lru      the expert used longest ago;
+//   lfu      the expert used least often so far (ties: longest ago);
+//   routing  the expert whose next use is expected latest, from routing statistics: layers run
+//            in a cycle, so expert (l, e) is next needed after the layers until l comes round,
+//            plus a whole cycle for every pass it is expected to sit out (1 / p - 1, p its
+//            running frequency of use per pass); the current layer's experts that its tokens
+//            still need are never evicted.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moe/model.h"
+
+namespace moe {
+
+enum class EvictionPolicy { lru, lfu, routing };
+EvictionPolicy parse_eviction_policy(const std::string& s);
+const char* to_string(EvictionPolicy p);
+
+struct ExpertCacheStats {
+  int64_t slots = 0;            // experts the cache may hold
+  int64_t expert_bytes = 0;     // one expert's weights
+  int64_t hits = 0, misses = 0, evictions = 0;
+  int64_t bytes_read = 0;       // expert weights copied in from the checkpoint
+  double stall_s = 0;           // time the layers waited for those reads
+  std::string str() const;
+};
+
+class ExpertCache : public ExpertSource {
+ public:
+  // The routed experts of the model `cfg` in checkpoint folder `dir` (ours, or a HuggingFace
+  // folder of `model_type` with one float32 tensor per expert); `capacity_bytes` bounds the
+  // resident experts' weights (at least one expert).
+  ExpertCache(const std::string& dir, const ModelConfig& cfg, const std::string& model_type,
+              int64_t capacity_bytes, EvictionPolicy policy);
+  ~ExpertCache() override;
+
+  void observe(int64_t layer, const std::vector<int64_t>& routed, int64_t n_tokens) override;
+  ExpertView acquire(int64_t layer, int64_t e) override;
+  void release(int64_t layer, int64_t e) override;
+
+  const ExpertCacheStats& stats() const { return stats_; }
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+  ExpertCacheStats stats_;
+};
+
+// A float32 model from a checkpoint folder (as load_model) whose routed experts stay in the
+// files, behind an ExpertCache of `capacity_bytes`; `cache` receives it (for its statistics).
+std::unique_ptr<Model> load_model_offloaded(const std::string& dir, int64_t capacity_bytes,
+                                            EvictionPolicy policy,
+                                            std::shared_ptr<ExpertCache>* cache = nullptr);
+
+// The process's peak resident memory so far (bytes).
+int64_t peak_rss_bytes();
+
+}  // namespace moe

@@ -1,0 +1,323 @@
+// Expert offloading: the bounded expert cache (see moe/expert_cache.h).
+#include "moe/expert_cache.h"
+
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+
+#include "moe/hf.h"
+#include "moe/safetensors.h"
+#include "moe/trainer.h"
+
+namespace moe {
+
+namespace fs = std::filesystem;
+
+EvictionPolicy parse_eviction_policy(const std::string& s) {
+  if (s == "lru") return EvictionPolicy::lru;
+  if (s == "lfu") return EvictionPolicy::lfu;
+  if (s == "routing") return EvictionPolicy::routing;
+  throw_error("offload", fmt::format("unknown cache policy '{}' (lru, lfu, routing)", s));
+}
+
+const char* to_string(EvictionPolicy p) {
+  switch (p) {
+    case EvictionPolicy::lru: return "lru";
+    case EvictionPolicy::lfu: return "lfu";
+    case EvictionPolicy::routing: return "routing";
+  }
+  return "?";
+}
+
+std::string ExpertCacheStats::str() const {
+  const int64_t n = hits + misses;
+  return fmt::format(
+      "expert cache: {} slots of {:.2f} MB; {} hits, {} misses ({:.1f}% hits), {} evictions; "
+      "{:.1f} MB read, {:.3f} s stalled",
+      slots, static_cast<double>(expert_bytes) / 1e6, hits, misses,
+      n > 0 ? 100.0 * static_cast<double>(hits) / static_cast<double>(n) : 0.0, evictions,
+      static_cast<double>(bytes_read) / 1e6, stall_s);
+}
+
+int64_t peak_rss_bytes() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<int64_t>(u.ru_maxrss) * 1024;
+}
+
+namespace {
+
+// One expert's weights in the checkpoint: float32 views of the mapped files.
+struct Located {
+  const float* part[3] = {nullptr, nullptr, nullptr};  // gate (SwiGLU only), up, down
+};
+
+// Drops the file's pages under [p, p + bytes) from this process (they stay in the page cache):
+// the mapping is private and never written, so they read back the same if touched again.
+void release_pages(const void* p, size_t bytes) {
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto lo = reinterpret_cast<uintptr_t>(p) / page * page;
+  const auto hi = (reinterpret_cast<uintptr_t>(p) + bytes + page - 1) / page * page;
+  madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+}
+
+}  // namespace
+
+struct ExpertCache::Impl {
+  ModelConfig cfg;
+  EvictionPolicy policy;
+  int64_t L = 0, E = 0, F = 0, D = 0;
+  bool gate = true;
+  int64_t floats = 0;  // per expert
+  // The files: our checkpoint (one safetensors file) or a HuggingFace folder (shards).
+  std::unique_ptr<SafetensorsFile> ours;
+  std::unique_ptr<HfTensors> hf;
+  std::vector<Located> where;  // [L * E]
+
+  struct Slot {
+    int64_t key = -1;  // l * E + e, or -1 when free
+    std::unique_ptr<float[]> data;
+    int64_t last_use = 0;
+    bool pinned = false;
+  };
+  std::vector<Slot> slots;
+  int64_t max_slots = 0;
+  std::vector<int32_t> slot_of;  // [L * E] -> slot, -1 when not resident
+  std::vector<int64_t> uses;     // [L * E] acquisitions so far (lfu)
+  std::vector<double> freq;      // [L * E] running frequency of use per pass (routing)
+  std::vector<char> needed;      // [E] the current layer's experts still to run (routing)
+  int64_t layer = 0;             // the layer being run
+  int64_t tick = 0;
+
+  // Next use of expert `key`, in layer steps from now, as the routing policy expects it.
+  double next_use(int64_t key) const {
+    const int64_t l = key / E, e = key % E;
+    if (l == layer && needed[static_cast<size_t>(e)]) return 0;
+    const int64_t d = l > layer ? l - layer : l - layer + L;  // steps until l runs again
+    const double p = std::max(freq[static_cast<size_t>(key)], 1e-6);
+    return static_cast<double>(d) + static_cast<double>(L) * (1.0 / p - 1.0);
+  }
+
+  int64_t victim() const {
+    int64_t best = -1;
+    for (size_t i = 0; i < slots.size(); ++i) {
+      const Slot& s = slots[i];
+      if (s.pinned) continue;
+      if (best < 0) {
+        best = static_cast<int64_t>(i);
+        continue;
+      }
+      const Slot& b = slots[static_cast<size_t>(best)];
+      bool better = false;
+      switch (policy) {
+        case EvictionPolicy::lru: better = s.last_use < b.last_use; break;
+        case EvictionPolicy::lfu: {
+          const int64_t us = uses[static_cast<size_t>(s.key)], ub = uses[static_cast<size_t>(b.key)];
+          better = us < ub || (us == ub && s.last_use < b.last_use);
+          break;
+        }
+        case EvictionPolicy::routing: {
+          const double ns = next_use(s.key), nb = next_use(b.key);
+          better = ns > nb || (ns == nb && s.last_use < b.last_use);
+          break;
+        }
+      }
+      if (better) best = static_cast<int64_t>(i);
+    }
+    return best;
+  }
+};
+
+ExpertCache::ExpertCache(const std::string& dir, const ModelConfig& cfg,
+                         const std::string& model_type, int64_t capacity_bytes,
+                         EvictionPolicy policy)
+    : impl_(std::make_unique<Impl>()) {
+  const char* w = "offload";
+  Impl& m = *impl_;
+  m.cfg = cfg;
+  m.policy = policy;
+  const MoeConfig& mc = cfg.moe;
+  MOE_CHECK(!mc.expert_bias, w, "offloading experts with biases is not supported");
+  for (int64_t i = 0; i < cfg.n_layers; ++i) m.L += cfg.is_moe_layer(i) ? 1 : 0;
+  MOE_CHECK(m.L > 0, w, "the model has no MoE layer: nothing to offload");
+  m.E = mc.n_experts;
+  m.F = mc.d_ffn;
+  m.D = mc.d_model;
+  m.gate = mc.act == ExpertAct::swiglu;
+  m.floats = (m.gate ? 2 : 1) * m.F * m.D + m.D * m.F;
+  stats_.expert_bytes = m.floats * static_cast<int64_t>(sizeof(float));
+  m.max_slots = std::min(capacity_bytes / stats_.expert_bytes, m.L * m.E);
+  MOE_CHECK(m.max_slots >= 1, w,
+            "the cache of {:.2f} MB cannot hold one expert ({:.2f} MB): give a larger size",
+            static_cast<double>(capacity_bytes) / 1e6,
+            static_cast<double>(stats_.expert_bytes) / 1e6);
+  stats_.slots = m.max_slots;
+
+  // Where every expert is in the files.
+  m.where.resize(static_cast<size_t>(m.L * m.E));
+  auto check = [&](const Tensor& t, const std::string& name, const Shape& shape) {
+    MOE_CHECK(t.dtype() == DType::F32 && t.numel() == shape_numel(shape), w,
+              "{} must be float32 with {} values to be offloaded, got {}", name,
+              shape_numel(shape), t.str());
+  };
+  const Shape fd{m.F, m.D}, df{m.D, m.F};
+  int64_t li = 0;
+  if (model_type == "moe_cpp") {
+    m.ours = std::make_unique<SafetensorsFile>(
+        load_safetensors((fs::path(dir) / "model.safetensors").string()));
+    for (int64_t i = 0; i < cfg.n_layers; ++i) {
+      if (!cfg.is_moe_layer(i)) continue;
+      const std::string p = fmt::format("layers.{}.moe.experts.", i);
+      const char* names[3] = {"w_gate", "w_up", "w_down"};
+      for (int k = m.gate ? 0 : 1; k < 3; ++k) {
+        const Tensor& t = m.ours->at(p + names[k]);
+        check(t, p + names[k], {m.E, m.F, m.D});
+        for (int64_t e = 0; e < m.E; ++e)
+          m.where[static_cast<size_t>(li * m.E + e)].part[k] = t.data<float>() + e * m.F * m.D;
+      }
+      ++li;
+    }
+  } else {
+    m.hf = std::make_unique<HfTensors>(dir);
+    for (int64_t i = 0; i < cfg.n_layers; ++i) {
+      if (!cfg.is_moe_layer(i)) continue;
+      for (int64_t e = 0; e < m.E; ++e) {
+        const std::vector<std::string> names = hf_expert_names(model_type, i, e);
+        for (int k = m.gate ? 0 : 1; k < 3; ++k) {
+          MOE_CHECK(m.hf->has(names[static_cast<size_t>(k)]), w,
+                    "{} has no tensor {} (offloading reads one tensor per expert)", dir,
+                    names[static_cast<size_t>(k)]);
+          const Tensor& t = m.hf->get(names[static_cast<size_t>(k)]);
+          check(t, names[static_cast<size_t>(k)], k == 2 ? df : fd);
+          m.where[static_cast<size_t>(li * m.E + e)].part[k] = t.data<float>();
+        }
+      }
+      ++li;
+    }
+  }
+  m.slot_of.assign(static_cast<size_t>(m.L * m.E), -1);
+  m.uses.assign(static_cast<size_t>(m.L * m.E), 0);
+  m.freq.assign(static_cast<size_t>(m.L * m.E),
+                static_cast<double>(mc.top_k) / static_cast<double>(m.E));
+  m.needed.assign(static_cast<size_t>(m.E), 0);
+  m.slots.reserve(static_cast<size_t>(m.max_slots));
+}
+
+ExpertCache::~ExpertCache() = default;
+
+void ExpertCache::observe(int64_t layer, const std::vector<int64_t>& routed, int64_t /*n*/) {
+  Impl& m = *impl_;
+  m.layer = layer;
+  constexpr double kRate = 0.1;  // the running frequency's update weight per pass
+  for (int64_t e = 0; e < m.E; ++e) {
+    const bool used = routed[static_cast<size_t>(e)] > 0;
+    m.needed[static_cast<size_t>(e)] = used ? 1 : 0;
+    double& f = m.freq[static_cast<size_t>(layer * m.E + e)];
+    f += kRate * ((used ? 1.0 : 0.0) - f);
+  }
+}
+
+ExpertView ExpertCache::acquire(int64_t layer, int64_t e) {
+  Impl& m = *impl_;
+  const int64_t key = layer * m.E + e;
+  ++m.tick;
+  ++m.uses[static_cast<size_t>(key)];
+  int32_t s = m.slot_of[static_cast<size_t>(key)];
+  if (s >= 0) {
+    ++stats_.hits;
+  } else {
+    ++stats_.misses;
+    const auto t0 = std::chrono::steady_clock::now();
+    if (static_cast<int64_t>(m.slots.size()) < m.max_slots) {
+      m.slots.emplace_back();
+      m.slots.back().data = std::make_unique<float[]>(static_cast<size_t>(m.floats));
+      s = static_cast<int32_t>(m.slots.size() - 1);
+    } else {
+      const int64_t v = m.victim();
+      MOE_CHECK(v >= 0, "offload", "every cache slot is in use");
+      s = static_cast<int32_t>(v);
+      m.slot_of[static_cast<size_t>(m.slots[static_cast<size_t>(s)].key)] = -1;
+      ++stats_.evictions;
+    }
+    Impl::Slot& slot = m.slots[static_cast<size_t>(s)];
+    slot.key = key;
+    m.slot_of[static_cast<size_t>(key)] = s;
+    const Located& src = m.where[static_cast<size_t>(key)];
+    float* out = slot.data.get();
+    for (int k = m.gate ? 0 : 1; k < 3; ++k) {
+      const auto bytes = static_cast<size_t>(m.F * m.D) * sizeof(float);
+      std::memcpy(out, src.part[k], bytes);
+      release_pages(src.part[k], bytes);
+      out += m.F * m.D;
+      stats_.bytes_read += static_cast<int64_t>(bytes);
+    }
+    stats_.stall_s +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  Impl::Slot& slot = m.slots[static_cast<size_t>(s)];
+  slot.last_use = m.tick;
+  slot.pinned = true;
+  m.needed[static_cast<size_t>(e)] = 0;
+  float* p = slot.data.get();
+  ExpertView v;
+  if (m.gate) {
+    v.w_gate = Tensor::view(p, {m.F, m.D}, DType::F32);
+    p += m.F * m.D;
+  }
+  v.w_up = Tensor::view(p, {m.F, m.D}, DType::F32);
+  v.w_down = Tensor::view(p + m.F * m.D, {m.D, m.F}, DType::F32);
+  return v;
+}
+
+void ExpertCache::release(int64_t layer, int64_t e) {
+  Impl& m = *impl_;
+  const int32_t s = m.slot_of[static_cast<size_t>(layer * m.E + e)];
+  if (s >= 0) m.slots[static_cast<size_t>(s)].pinned = false;
+}
+
+std::unique_ptr<Model> load_model_offloaded(const std::string& dir, int64_t capacity_bytes,
+                                            EvictionPolicy policy,
+                                            std::shared_ptr<ExpertCache>* cache) {
+  const fs::path ckpt = resolve_checkpoint(dir);
+  std::ifstream f(ckpt / "config.json");
+  MOE_CHECK(f.good(), "checkpoint", "cannot read {}/config.json", ckpt.string());
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(f);
+  } catch (const nlohmann::json::exception& e) {
+    throw_error("checkpoint", fmt::format("bad {}/config.json: {}", ckpt.string(), e.what()));
+  }
+  MOE_CHECK(j.is_object(), "checkpoint", "{}/config.json is not a JSON object", ckpt.string());
+  ModelConfig cfg;
+  std::string type = j.value("model_type", std::string());
+  if (j.contains("moe_cpp")) {
+    try {
+      cfg = j.at("moe_cpp").get<ModelConfig>();
+    } catch (const nlohmann::json::exception& e) {
+      throw_error("checkpoint", fmt::format("bad {}/config.json: {}", ckpt.string(), e.what()));
+    }
+  } else {
+    cfg = config_from_hf(j);
+  }
+  auto made = std::make_shared<ExpertCache>(ckpt.string(), cfg, type, capacity_bytes, policy);
+  auto model = std::make_unique<Model>(cfg, DType::F32, /*routed_experts=*/false);
+  model->set_expert_source(made);
+  if (j.contains("moe_cpp")) {
+    load_weights(*model, (ckpt / "model.safetensors").string());
+  } else {
+    HfTensors tensors(ckpt.string());
+    load_hf_weights(*model, type, tensors);
+  }
+  model->set_training(false);
+  if (cache) *cache = made;
+  return model;
+}
+
+}  // namespace moe
