@@ -26,11 +26,11 @@ EvictionPolicy parse_eviction_policy(const std::string& s);
 const char* to_string(EvictionPolicy p);
 
 struct ExpertCacheStats {
-  int64_t slots = 0;            // experts the cache may hold
-  int64_t expert_bytes = 0;     // one expert's weights
+  int64_t slots = 0;         // experts the cache may hold
+  int64_t expert_bytes = 0;  // one expert's weights
   int64_t hits = 0, misses = 0, evictions = 0;
-  int64_t bytes_read = 0;       // expert weights copied in from the checkpoint
-  double stall_s = 0;           // time the layers waited for those reads
+  int64_t bytes_read = 0;  // expert weights copied in from the checkpoint
+  double stall_s = 0;      // time the layers waited for those reads
   std::string str() const;
 };
 

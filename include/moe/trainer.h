@@ -132,6 +132,10 @@ class Trainer {
 
 // The checkpoint folder `dir` names: itself, or the one its `latest` file points at.
 std::string resolve_checkpoint(const std::string& dir);
+// Writes config.json and model.safetensors of `model` into folder `dir` (created), each
+// atomically: Mixtral's layout and config when the model is a Mixtral (with this engine's config
+// under "moe_cpp"), else this engine's names.
+void save_model(Model& model, const std::string& dir);
 // Copies every parameter of the model from a safetensors file (names and shapes must match).
 void load_weights(Model& model, const std::string& path);
 // A float32 model from a checkpoint folder written by Trainer::save (or its out_dir).

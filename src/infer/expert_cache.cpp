@@ -119,7 +119,8 @@ struct ExpertCache::Impl {
       switch (policy) {
         case EvictionPolicy::lru: better = s.last_use < b.last_use; break;
         case EvictionPolicy::lfu: {
-          const int64_t us = uses[static_cast<size_t>(s.key)], ub = uses[static_cast<size_t>(b.key)];
+          const int64_t us = uses[static_cast<size_t>(s.key)],
+                        ub = uses[static_cast<size_t>(b.key)];
           better = us < ub || (us == ub && s.last_use < b.last_use);
           break;
         }
@@ -164,8 +165,8 @@ ExpertCache::ExpertCache(const std::string& dir, const ModelConfig& cfg,
   m.where.resize(static_cast<size_t>(m.L * m.E));
   auto check = [&](const Tensor& t, const std::string& name, const Shape& shape) {
     MOE_CHECK(t.dtype() == DType::F32 && t.numel() == shape_numel(shape), w,
-              "{} must be float32 with {} values to be offloaded, got {}", name,
-              shape_numel(shape), t.str());
+              "{} must be float32 with {} values to be offloaded, got {}", name, shape_numel(shape),
+              t.str());
   };
   const Shape fd{m.F, m.D}, df{m.D, m.F};
   int64_t li = 0;
@@ -258,8 +259,7 @@ ExpertView ExpertCache::acquire(int64_t layer, int64_t e) {
       out += m.F * m.D;
       stats_.bytes_read += static_cast<int64_t>(bytes);
     }
-    stats_.stall_s +=
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    stats_.stall_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   Impl::Slot& slot = m.slots[static_cast<size_t>(s)];
   slot.last_use = m.tick;

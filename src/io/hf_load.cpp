@@ -405,8 +405,7 @@ void load_dbrx(Model& model, HfTensors& src) {
 
 }  // namespace
 
-std::vector<std::string> hf_expert_names(const std::string& model_type, int64_t layer,
-                                         int64_t e) {
+std::vector<std::string> hf_expert_names(const std::string& model_type, int64_t layer, int64_t e) {
   MOE_CHECK(model_type != "dbrx", kWhere,
             "dbrx stores its experts fused in one tensor per projection, not one per expert");
   const Names n = names_for(model_type);

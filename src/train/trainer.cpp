@@ -331,6 +331,31 @@ std::string step_name(int64_t step) { return fmt::format("step-{:06d}", step); }
 
 }  // namespace
 
+void save_model(Model& model, const std::string& dir) {
+  fs::create_directories(dir);
+  // A Mixtral-shaped model is written in Mixtral's layout, so that transformers loads it; the
+  // engine's own config rides along under "moe_cpp".
+  const ModelConfig& cfg = model.config();
+  const bool hf = is_mixtral(cfg);
+  nlohmann::json config = hf ? mixtral_config(cfg) : nlohmann::json{{"model_type", "moe_cpp"}};
+  config["moe_cpp"] = cfg;
+  write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
+  std::vector<std::pair<std::string, Tensor>> weights;
+  if (hf) {
+    weights = mixtral_tensors(model);
+  } else {
+    for (NamedParam& p : model.params()) weights.emplace_back(p.name, p.value);
+  }
+  const std::vector<MoeLayer*>& layers = model.moe_layers();
+  for (size_t i = 0; i < layers.size(); ++i)
+    if (std::vector<double>* b = layers[i]->router().selection_bias()) {
+      Tensor t = Tensor::empty({static_cast<int64_t>(b->size())}, DType::F64);
+      std::copy(b->begin(), b->end(), t.data<double>());
+      weights.emplace_back(bias_name(model, i), t);
+    }
+  save_safetensors((fs::path(dir) / "model.safetensors").string(), weights, {{"format", "pt"}});
+}
+
 Tensor Trainer::whole(const NamedParam& p, const Tensor& part) const {
   if (!groups_ || !p.routed || groups_->ep_size() == 1) return part;
   Shape shape = part.shape();
@@ -410,26 +435,7 @@ std::string Trainer::save(const std::string& out_dir) {
   const fs::path tmp_dir = fs::path(out_dir) / ("." + name + ".tmp");
   fs::remove_all(tmp_dir);
   fs::create_directories(tmp_dir);
-  // A Mixtral-shaped model is written in Mixtral's layout, so that transformers loads it; the
-  // engine's own config rides along under "moe_cpp".
-  const bool hf = is_mixtral(mcfg_);
-  nlohmann::json config = hf ? mixtral_config(mcfg_) : nlohmann::json{{"model_type", "moe_cpp"}};
-  config["moe_cpp"] = mcfg_;
-  write_file_atomic((tmp_dir / "config.json").string(), config.dump(2) + "\n");
-  std::vector<std::pair<std::string, Tensor>> weights;
-  if (hf) {
-    weights = mixtral_tensors(model);
-  } else {
-    for (NamedParam& p : model.params()) weights.emplace_back(p.name, p.value);
-  }
-  const std::vector<MoeLayer*>& layers = model.moe_layers();
-  for (size_t i = 0; i < layers.size(); ++i)
-    if (std::vector<double>* b = layers[i]->router().selection_bias()) {
-      Tensor t = Tensor::empty({static_cast<int64_t>(b->size())}, DType::F64);
-      std::copy(b->begin(), b->end(), t.data<double>());
-      weights.emplace_back(bias_name(model, i), t);
-    }
-  save_safetensors((tmp_dir / "model.safetensors").string(), weights, {{"format", "pt"}});
+  save_model(model, tmp_dir.string());
   save_safetensors((tmp_dir / "optimizer.safetensors").string(), opt_state,
                    {{"step", std::to_string(opt_->steps())}});
   nlohmann::json state = {{"step", step_},

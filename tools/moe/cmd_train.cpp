@@ -66,17 +66,10 @@ class Progress {
   bool tty_;
 };
 
-int run_train(TrainArgs& a) {
-  // Ranks sharing a machine share its cores.
-  set_num_threads(a.threads > 0 ? a.threads
-                                : std::max(1, num_cores() / dist::ranks_on_this_machine()));
+// The model config of --preset or --config, with the MoE overrides.
+ModelConfig model_config(const TrainArgs& a) {
   ModelConfig mcfg = model_preset(a.preset);
-  std::unique_ptr<Model> start;
-  if (!a.init_from.empty()) {
-    MOE_CHECK(a.config.empty(), "train", "give --config or --init-from, not both");
-    start = load_model(a.init_from);
-    mcfg = start->config();
-  } else if (!a.config.empty()) {
+  if (!a.config.empty()) {
     std::ifstream f(a.config);
     MOE_CHECK(f.good(), "train", "cannot read --config {}", a.config);
     nlohmann::json j;
@@ -93,6 +86,26 @@ int run_train(TrainArgs& a) {
   if (a.aux_coef >= 0) mcfg.moe.aux_loss_coef = a.aux_coef;
   if (a.z_coef >= 0) mcfg.moe.z_loss_coef = a.z_coef;
   mcfg.validate();
+  return mcfg;
+}
+
+int run_train(TrainArgs& a) {
+  // Ranks sharing a machine share its cores.
+  set_num_threads(a.threads > 0 ? a.threads
+                                : std::max(1, num_cores() / dist::ranks_on_this_machine()));
+  ModelConfig mcfg = model_config(a);
+  std::unique_ptr<Model> start;
+  if (!a.init_from.empty()) {
+    MOE_CHECK(a.config.empty(), "train", "give --config or --init-from, not both");
+    start = load_model(a.init_from);
+    mcfg = start->config();
+    if (!a.router.empty()) mcfg.moe.router = parse_router_kind(a.router);
+    if (a.experts > 0) mcfg.moe.n_experts = a.experts;
+    if (a.top_k > 0) mcfg.moe.top_k = a.top_k;
+    if (a.aux_coef >= 0) mcfg.moe.aux_loss_coef = a.aux_coef;
+    if (a.z_coef >= 0) mcfg.moe.z_loss_coef = a.z_coef;
+    mcfg.validate();
+  }
   std::unique_ptr<Trainer> made;
   Corpus corpus;
   if (!a.tokens.empty()) {
@@ -179,7 +192,42 @@ int run_train(TrainArgs& a) {
   return 0;
 }
 
+// `moe init`: a randomly initialized model, saved as a checkpoint (for benchmarks, offloading
+// and tests that need a model of a given shape without training one).
+int run_init(const TrainArgs& a, int64_t d_ffn) {
+  set_num_threads(a.threads);
+  ModelConfig mcfg = model_config(a);
+  if (d_ffn > 0) mcfg.moe.d_ffn = d_ffn;
+  mcfg.validate();
+  Model model(mcfg, DType::F32);
+  Rng rng(a.train.seed);
+  model.init(rng);
+  save_model(model, a.out);
+  const ParamCount n = count_params(mcfg);
+  fmt::print("{}: {:.2f}M parameters ({:.2f}M active), routed experts {:.1f} MB\n", a.out,
+             static_cast<double>(n.total) / 1e6, static_cast<double>(n.active) / 1e6,
+             static_cast<double>(n.routed_experts) * 4 / 1e6);
+  return 0;
+}
+
 }  // namespace
+
+Run add_init(CLI::App& app) {
+  auto a = std::make_shared<TrainArgs>();
+  auto d_ffn = std::make_shared<int64_t>(0);
+  auto* cmd = app.add_subcommand("init", "write a randomly initialized model as a checkpoint");
+  cmd->add_option("--preset", a->preset, "model preset (see moe params --help)")
+      ->capture_default_str();
+  cmd->add_option("--config", a->config, "model config JSON (overrides --preset)");
+  cmd->add_option("--experts", a->experts, "override the number of experts");
+  cmd->add_option("--top-k", a->top_k, "override experts per token");
+  cmd->add_option("--expert-ffn", *d_ffn, "override the experts' hidden width");
+  cmd->add_option("--router", a->router, "override the MoE routing method");
+  cmd->add_option("--seed", a->train.seed, "random seed")->capture_default_str();
+  cmd->add_option("--out", a->out, "checkpoint folder to write")->required();
+  cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
+  return [a, d_ffn] { return run_init(*a, *d_ffn); };
+}
 
 Run add_train(CLI::App& app) {
   auto a = std::make_shared<TrainArgs>();

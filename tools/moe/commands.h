@@ -20,6 +20,7 @@ std::vector<std::vector<int32_t>> parse_id_lists(const std::string& text, const 
 Run add_demo(CLI::App& app);
 Run add_bench(CLI::App& app);
 Run add_train(CLI::App& app);
+Run add_init(CLI::App& app);
 Run add_eval(CLI::App& app);
 Run add_params(CLI::App& app);
 Run add_inspect(CLI::App& app);

@@ -45,6 +45,7 @@ int main(int argc, char** argv) {
     commands.emplace_back(app.get_subcommands({})[before], std::move(run));
   };
   add(moe::cli::add_train);
+  add(moe::cli::add_init);
   add(moe::cli::add_eval);
   add(moe::cli::add_generate);
   add(moe::cli::add_logits);

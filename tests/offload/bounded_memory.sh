@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# `moe generate --expert-cache-mb` on a model with 200 MB of routed experts and a 20 MB cache
+# (ctest: offload_bounded_memory): every policy generates the tokens of the fully loaded model,
+# and with CHECK_RSS=1 the process's peak resident memory stays under the cache plus 40 MB (the
+# other weights, about 3 MB, the program and its libraries), while the fully loaded model's
+# exceeds the experts' size.
+# usage: bounded_memory.sh MOE_BINARY WORK_DIR CHECK_RSS
+set -euo pipefail
+moe=$1
+work=$2
+check_rss=$3
+rm -rf "$work" && mkdir -p "$work" && cd "$work"
+"$moe" init --preset small --experts 128 --seed 3 --out model -t 2
+gen=(generate -m model --prompt-ids 1,72,101,108 -n 24 --temp 0 --ids -t 2)
+"$moe" "${gen[@]}" > resident.ids
+peak_mb() { sed -n 's/^peak resident memory: \([0-9.]*\) MB$/\1/p' "$1"; }
+for policy in lru lfu routing; do
+  "$moe" "${gen[@]}" --expert-cache-mb 20 --cache-policy "$policy" > "$policy.ids" 2> "$policy.err"
+  if ! cmp -s resident.ids "$policy.ids"; then
+    echo "FAIL $policy: the tokens differ from the fully loaded model's"
+    cat resident.ids "$policy.ids"
+    exit 1
+  fi
+  grep "expert cache" "$policy.err"
+  peak=$(peak_mb "$policy.err")
+  echo "$policy: same tokens; peak resident memory $peak MB"
+  if [[ $check_rss == 1 ]] && ! awk -v p="$peak" 'BEGIN { exit !(p < 60) }'; then
+    echo "FAIL $policy: peak resident memory $peak MB is not under 20 + 40 MB"
+    exit 1
+  fi
+done
+echo "every policy matches the fully loaded model"
