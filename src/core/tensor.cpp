@@ -1,6 +1,8 @@
 // Tensor storage, dtype bookkeeping and conversions.
 #include "moe/tensor.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -81,8 +83,17 @@ Tensor Tensor::empty(const Shape& shape, DType dtype) {
 }
 
 Tensor Tensor::zeros(const Shape& shape, DType dtype) {
-  Tensor t = empty(shape, dtype);
-  std::memset(t.data_, 0, t.nbytes());
+  check_shape(shape);
+  Tensor t;
+  t.shape_ = shape;
+  t.dtype_ = dtype;
+  const size_t bytes = std::max<size_t>(64, (t.nbytes() + 63) / 64 * 64);
+  // calloc: a large block comes from the kernel as zero pages, which become resident only when
+  // written (an inference model's gradients never are).
+  void* raw = std::calloc(bytes + 64, 1);
+  MOE_CHECK(raw != nullptr, "tensor", "out of memory allocating {} bytes for {}", bytes, t.str());
+  t.owner_ = std::shared_ptr<void>(raw, [](void* q) { std::free(q); });
+  t.data_ = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw) + 63) / 64 * 64);
   return t;
 }
 
