@@ -7,7 +7,7 @@ writes tokens/s, hit rate, bytes read, stall time and peak resident memory to
 docs/results/offload.md.
 
     /usr/bin/python3 bench/offload_table.py [--moe build/release/moe] [--work /tmp/moe_offload]
-        [--cache-mb 512 1024 1536] [-n 48]
+        [--cache-mb 512 1536 3072] [-n 64]
 """
 import argparse
 import json
@@ -55,8 +55,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--moe", default=os.path.join(root, "build/release/moe"))
     p.add_argument("--work", default="/tmp/moe_offload")
-    p.add_argument("--cache-mb", type=int, nargs="+", default=[512, 1024, 1536])
-    p.add_argument("-n", type=int, default=48, help="tokens to generate")
+    p.add_argument("--cache-mb", type=int, nargs="+", default=[512, 1536, 3072])
+    p.add_argument("-n", type=int, default=64, help="tokens to generate")
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(root, "docs/results/offload.md"))
     a = p.parse_args()
@@ -70,8 +70,10 @@ def main():
         run([a.moe, "init", "--config", cfg, "--seed", "1", "--out", model, "-t", str(a.threads)])
     experts_gb = (CONFIG["n_layers"] * CONFIG["moe"]["n_experts"] * 3 * CONFIG["moe"]["d_ffn"] *
                   CONFIG["d_model"] * 4) / 1e9
+    # Sampled (seeded) rather than greedy: a random model's greedy text repeats itself and keeps
+    # to a few experts; sampled text visits many. The cache runs must draw the same tokens.
     gen = [a.moe, "generate", "-m", model, "--prompt-ids", "1,84,104,101,32,109,111,100,101,108",
-           "-n", str(a.n), "--temp", "0", "--ids", "-t", str(a.threads)]
+           "-n", str(a.n), "--temp", "1", "--seed", "1", "--ids", "-t", str(a.threads)]
     print("every expert in memory ...", file=sys.stderr)
     # /usr/bin/time reports the peak resident memory of the run that loads every expert.
     ids, err = run(["/usr/bin/time", "-v"] + gen)
@@ -87,7 +89,8 @@ def main():
         f"Written by `bench/offload_table.py`: a random model of {experts_gb:.2f} GB of routed"
         f" experts ({CONFIG['n_layers']} layers of {CONFIG['moe']['n_experts']} experts of width"
         f" {CONFIG['moe']['d_ffn']} at d_model {CONFIG['d_model']}, top-{CONFIG['moe']['top_k']}),"
-        f" {a.n} tokens generated greedily after a 10-token prompt, {a.threads} threads. Each cache"
+        f" {a.n} tokens sampled (temperature 1, seed 1) after a 10-token prompt, {a.threads} threads."
+        " Each cache"
         " run reads the experts from the checkpoint's file (the operating system's page cache"
         " holds what memory allows).",
         "",
