@@ -138,7 +138,19 @@ std::string resolve_checkpoint(const std::string& dir);
 void save_model(Model& model, const std::string& dir);
 // Copies every parameter of the model from a safetensors file (names and shapes must match).
 void load_weights(Model& model, const std::string& path);
-// A float32 model from a checkpoint folder written by Trainer::save (or its out_dir).
+// What a checkpoint folder (or an out_dir with `latest`) holds: its model config, config.json's
+// model_type ("moe_cpp" for this engine's own layout), and whether it is one of this engine's
+// (its config under "moe_cpp", the weights in Mixtral's layout or under this engine's names).
+struct CheckpointInfo {
+  std::string dir;  // the checkpoint folder itself
+  ModelConfig config;
+  std::string model_type;
+  bool ours = false;
+};
+CheckpointInfo read_checkpoint_info(const std::string& dir);
+// Fills every parameter model.params() lists from the checkpoint's files.
+void load_checkpoint_weights(Model& model, const CheckpointInfo& info);
+// A float32 model from a checkpoint folder: one of this engine's or a HuggingFace one.
 std::unique_ptr<Model> load_model(const std::string& dir);
 
 // Model presets by name ("tiny", "small", ...); throws listing the names when unknown.

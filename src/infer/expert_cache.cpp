@@ -8,9 +8,7 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <limits>
-#include <nlohmann/json.hpp>
 
 #include "moe/hf.h"
 #include "moe/safetensors.h"
@@ -285,36 +283,12 @@ void ExpertCache::release(int64_t layer, int64_t e) {
 std::unique_ptr<Model> load_model_offloaded(const std::string& dir, int64_t capacity_bytes,
                                             EvictionPolicy policy,
                                             std::shared_ptr<ExpertCache>* cache) {
-  const fs::path ckpt = resolve_checkpoint(dir);
-  std::ifstream f(ckpt / "config.json");
-  MOE_CHECK(f.good(), "checkpoint", "cannot read {}/config.json", ckpt.string());
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(f);
-  } catch (const nlohmann::json::exception& e) {
-    throw_error("checkpoint", fmt::format("bad {}/config.json: {}", ckpt.string(), e.what()));
-  }
-  MOE_CHECK(j.is_object(), "checkpoint", "{}/config.json is not a JSON object", ckpt.string());
-  ModelConfig cfg;
-  std::string type = j.value("model_type", std::string());
-  if (j.contains("moe_cpp")) {
-    try {
-      cfg = j.at("moe_cpp").get<ModelConfig>();
-    } catch (const nlohmann::json::exception& e) {
-      throw_error("checkpoint", fmt::format("bad {}/config.json: {}", ckpt.string(), e.what()));
-    }
-  } else {
-    cfg = config_from_hf(j);
-  }
-  auto made = std::make_shared<ExpertCache>(ckpt.string(), cfg, type, capacity_bytes, policy);
-  auto model = std::make_unique<Model>(cfg, DType::F32, /*routed_experts=*/false);
+  const CheckpointInfo info = read_checkpoint_info(dir);
+  auto made =
+      std::make_shared<ExpertCache>(info.dir, info.config, info.model_type, capacity_bytes, policy);
+  auto model = std::make_unique<Model>(info.config, DType::F32, /*routed_experts=*/false);
   model->set_expert_source(made);
-  if (j.contains("moe_cpp")) {
-    load_weights(*model, (ckpt / "model.safetensors").string());
-  } else {
-    HfTensors tensors(ckpt.string());
-    load_hf_weights(*model, type, tensors);
-  }
+  load_checkpoint_weights(*model, info);
   model->set_training(false);
   if (cache) *cache = made;
   return model;

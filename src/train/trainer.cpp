@@ -502,32 +502,39 @@ void load_weights(Model& model, const std::string& path) {
   }
 }
 
-std::unique_ptr<Model> load_model(const std::string& dir) {
+CheckpointInfo read_checkpoint_info(const std::string& dir) {
+  CheckpointInfo info;
   const fs::path ckpt = resolve_checkpoint(dir);
+  info.dir = ckpt.string();
   std::ifstream f(ckpt / "config.json");
-  MOE_CHECK(f.good(), "checkpoint", "cannot read {}/config.json", ckpt.string());
+  MOE_CHECK(f.good(), "checkpoint", "cannot read {}/config.json", info.dir);
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(f);
+    MOE_CHECK(j.is_object(), "checkpoint", "{}/config.json is not a JSON object", info.dir);
+    info.model_type = j.value("model_type", std::string());
+    info.ours = j.contains("moe_cpp");
+    // Ours carries its own config; a HuggingFace checkpoint of a supported architecture, its.
+    info.config = info.ours ? j.at("moe_cpp").get<ModelConfig>() : config_from_hf(j);
   } catch (const nlohmann::json::exception& e) {
-    throw_error("checkpoint", fmt::format("bad {}/config.json: {}", ckpt.string(), e.what()));
+    throw_error("checkpoint", fmt::format("bad {}/config.json: {}", info.dir, e.what()));
   }
-  std::unique_ptr<Model> model;
-  if (j.is_object() && j.contains("moe_cpp")) {
-    ModelConfig cfg;
-    try {
-      cfg = j.at("moe_cpp").get<ModelConfig>();
-    } catch (const nlohmann::json::exception& e) {
-      throw_error("checkpoint", fmt::format("bad {}/config.json: {}", ckpt.string(), e.what()));
-    }
-    model = std::make_unique<Model>(cfg, DType::F32);
-    load_weights(*model, (ckpt / "model.safetensors").string());
+  return info;
+}
+
+void load_checkpoint_weights(Model& model, const CheckpointInfo& info) {
+  if (info.ours) {
+    load_weights(model, (fs::path(info.dir) / "model.safetensors").string());
   } else {
-    // A HuggingFace checkpoint of a supported architecture.
-    model = std::make_unique<Model>(config_from_hf(j), DType::F32);
-    HfTensors tensors(ckpt.string());
-    load_hf_weights(*model, j.value("model_type", std::string()), tensors);
+    HfTensors tensors(info.dir);
+    load_hf_weights(model, info.model_type, tensors);
   }
+}
+
+std::unique_ptr<Model> load_model(const std::string& dir) {
+  const CheckpointInfo info = read_checkpoint_info(dir);
+  auto model = std::make_unique<Model>(info.config, DType::F32);
+  load_checkpoint_weights(*model, info);
   model->set_training(false);
   return model;
 }

@@ -66,6 +66,16 @@ class Progress {
   bool tty_;
 };
 
+// The MoE options given on the command line, over the model's own.
+void apply_overrides(const TrainArgs& a, ModelConfig& mcfg) {
+  if (!a.router.empty()) mcfg.moe.router = parse_router_kind(a.router);
+  if (a.experts > 0) mcfg.moe.n_experts = a.experts;
+  if (a.top_k > 0) mcfg.moe.top_k = a.top_k;
+  if (a.aux_coef >= 0) mcfg.moe.aux_loss_coef = a.aux_coef;
+  if (a.z_coef >= 0) mcfg.moe.z_loss_coef = a.z_coef;
+  mcfg.validate();
+}
+
 // The model config of --preset or --config, with the MoE overrides.
 ModelConfig model_config(const TrainArgs& a) {
   ModelConfig mcfg = model_preset(a.preset);
@@ -80,12 +90,7 @@ ModelConfig model_config(const TrainArgs& a) {
     }
     mcfg = j.get<ModelConfig>();
   }
-  if (!a.router.empty()) mcfg.moe.router = parse_router_kind(a.router);
-  if (a.experts > 0) mcfg.moe.n_experts = a.experts;
-  if (a.top_k > 0) mcfg.moe.top_k = a.top_k;
-  if (a.aux_coef >= 0) mcfg.moe.aux_loss_coef = a.aux_coef;
-  if (a.z_coef >= 0) mcfg.moe.z_loss_coef = a.z_coef;
-  mcfg.validate();
+  apply_overrides(a, mcfg);
   return mcfg;
 }
 
@@ -99,12 +104,7 @@ int run_train(TrainArgs& a) {
     MOE_CHECK(a.config.empty(), "train", "give --config or --init-from, not both");
     start = load_model(a.init_from);
     mcfg = start->config();
-    if (!a.router.empty()) mcfg.moe.router = parse_router_kind(a.router);
-    if (a.experts > 0) mcfg.moe.n_experts = a.experts;
-    if (a.top_k > 0) mcfg.moe.top_k = a.top_k;
-    if (a.aux_coef >= 0) mcfg.moe.aux_loss_coef = a.aux_coef;
-    if (a.z_coef >= 0) mcfg.moe.z_loss_coef = a.z_coef;
-    mcfg.validate();
+    apply_overrides(a, mcfg);
   }
   std::unique_ptr<Trainer> made;
   Corpus corpus;
