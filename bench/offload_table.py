@@ -32,6 +32,15 @@ def run(cmd):
     return p.stdout, p.stderr
 
 
+def drop_from_page_cache(path):
+    """Asks the kernel to forget the file's cached pages, so that the next run reads the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def parse(stderr):
     out = {}
     m = re.search(r"(\d+) tokens in ([\d.]+) s \(([\d.]+) tokens/s\)", stderr)
@@ -41,6 +50,11 @@ def parse(stderr):
     if m:
         out.update(hits=int(m.group(1)), misses=int(m.group(2)), evictions=int(m.group(3)),
                    read_mb=float(m.group(4)), stall_s=float(m.group(5)))
+    m = re.search(r"prefetch: (\d+) experts read ahead, (\d+) of them used .*?; ([\d.]+) s of ([\d.]+) s"
+                  r" of reading hidden", stderr)
+    if m:
+        out.update(prefetches=int(m.group(1)), prefetch_used=int(m.group(2)),
+                   hidden_s=float(m.group(3)), load_s=float(m.group(4)))
     m = re.search(r"peak resident memory: ([\d.]+) MB", stderr)
     out["peak_mb"] = float(m.group(1)) if m else None
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
@@ -78,11 +92,16 @@ def main():
     # /usr/bin/time reports the peak resident memory of the run that loads every expert.
     ids, err = run(["/usr/bin/time", "-v"] + gen)
     rows = [("every expert in memory", "-", parse(err), True)]
+    weights = os.path.join(model, "model.safetensors")
     for mb in a.cache_mb:
-        for policy in ("lru", "lfu", "routing"):
-            print(f"cache {mb} MB, {policy} ...", file=sys.stderr)
-            got, err = run(gen + ["--expert-cache-mb", str(mb), "--cache-policy", policy])
-            rows.append((f"{mb} MB cache", policy, parse(err), got == ids))
+        for policy, ahead in (("lru", False), ("lfu", False), ("routing", False),
+                              ("routing", True)):
+            name = policy + (" + read-ahead" if ahead else "")
+            print(f"cache {mb} MB, {name} ...", file=sys.stderr)
+            drop_from_page_cache(weights)  # every run reads its experts from the disk
+            got, err = run(gen + ["--expert-cache-mb", str(mb), "--cache-policy", policy] +
+                           ([] if ahead else ["--no-prefetch"]))
+            rows.append((f"{mb} MB cache", name, parse(err), got == ids))
     lines = [
         "# Expert offloading",
         "",
@@ -90,21 +109,24 @@ def main():
         f" experts ({CONFIG['n_layers']} layers of {CONFIG['moe']['n_experts']} experts of width"
         f" {CONFIG['moe']['d_ffn']} at d_model {CONFIG['d_model']}, top-{CONFIG['moe']['top_k']}),"
         f" {a.n} tokens sampled (temperature 1, seed 1) after a 10-token prompt, {a.threads} threads."
-        " Each cache"
-        " run reads the experts from the checkpoint's file (the operating system's page cache"
-        " holds what memory allows).",
+        " Before each cache run the checkpoint's pages are dropped from the operating system's"
+        " page cache, so its experts come from the disk. Read-ahead guesses the next MoE layer's"
+        " experts with that layer's router on the current hidden state and reads them on a second"
+        " thread while the current layer computes.",
         "",
         "| experts | policy | same tokens | tokens/s | hits | misses | hit rate | read (MB) |"
-        " stalled (s) | peak resident (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " stalled (s) | read ahead (used) | reading hidden | peak resident (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, policy, r, same in rows:
         n = r.get("hits", 0) + r.get("misses", 0)
         rate = f"{100 * r['hits'] / n:.1f}%" if n else "-"
+        ahead = f"{r['prefetches']} ({r['prefetch_used']})" if "prefetches" in r else "-"
+        hidden = (f"{r['hidden_s']:.2f} of {r['load_s']:.2f} s" if "hidden_s" in r else "-")
         lines.append(
             f"| {name} | {policy} | {'yes' if same else 'NO'} | {r['tokens_per_s']:.2f} |"
             f" {r.get('hits', '-')} | {r.get('misses', '-')} | {rate} | {r.get('read_mb', '-')} |"
-            f" {r.get('stall_s', '-')} | {r['peak_mb']:.0f} |")
+            f" {r.get('stall_s', '-')} | {ahead} | {hidden} | {r['peak_mb']:.0f} |")
     lines.append("")
     with open(a.out, "w") as f:
         f.write("\n".join(lines))

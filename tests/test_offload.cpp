@@ -60,26 +60,30 @@ TEST_P(Offload, SameLogitsAndTokensForEveryCacheSizeAndPolicy) {
   int64_t moe_layers = 0;
   for (int64_t i = 0; i < cfg.n_layers; ++i) moe_layers += cfg.is_moe_layer(i) ? 1 : 0;
   const int64_t all = moe_layers * cfg.moe.n_experts;
-  for (EvictionPolicy policy : {EvictionPolicy::lru, EvictionPolicy::lfu, EvictionPolicy::routing})
-    for (int64_t slots : {int64_t{1}, int64_t{3}, all}) {
-      SCOPED_TRACE(fmt::format("{} with {} slots", to_string(policy), slots));
-      std::shared_ptr<ExpertCache> cache;
-      std::unique_ptr<Model> model =
-          load_model_offloaded(dir, slots * expert_bytes, policy, &cache);
-      EXPECT_EQ(model->n_params() + all * expert_bytes / 4, resident->n_params());
-      const Tensor got = logits_of(*model, seqs);
-      EXPECT_EQ(std::memcmp(got.raw(), want.raw(), want.nbytes()), 0) << "logits differ";
-      EXPECT_EQ(generate(*model, {{1, 72, 101}, {1, 87}}, 12, greedy), want_ids);
-      const ExpertCacheStats& s = cache->stats();
-      EXPECT_EQ(s.slots, slots);
-      EXPECT_GT(s.misses, 0);
-      EXPECT_EQ(s.bytes_read, s.misses * expert_bytes);
-      // Every miss fills a free slot or evicts one.
-      EXPECT_EQ(s.evictions, std::max<int64_t>(0, s.misses - slots));
-      if (slots == all) {
-        EXPECT_LE(s.misses, all);  // each expert read once at most
+  for (bool ahead : {false, true})
+    for (EvictionPolicy policy :
+         {EvictionPolicy::lru, EvictionPolicy::lfu, EvictionPolicy::routing})
+      for (int64_t slots : {int64_t{1}, int64_t{3}, all}) {
+        SCOPED_TRACE(fmt::format("{} with {} slots{}", to_string(policy), slots,
+                                 ahead ? ", read-ahead" : ""));
+        std::shared_ptr<ExpertCache> cache;
+        std::unique_ptr<Model> model =
+            load_model_offloaded(dir, slots * expert_bytes, policy, &cache, ahead);
+        EXPECT_EQ(model->n_params() + all * expert_bytes / 4, resident->n_params());
+        const Tensor got = logits_of(*model, seqs);
+        EXPECT_EQ(std::memcmp(got.raw(), want.raw(), want.nbytes()), 0) << "logits differ";
+        EXPECT_EQ(generate(*model, {{1, 72, 101}, {1, 87}}, 12, greedy), want_ids);
+        const ExpertCacheStats s = cache->stats();
+        EXPECT_EQ(s.slots, slots);
+        EXPECT_GT(s.misses + s.prefetches, 0);
+        // Every read fills a free slot or evicts one.
+        EXPECT_EQ(s.bytes_read, (s.misses + s.prefetches) * expert_bytes);
+        EXPECT_EQ(s.evictions, std::max<int64_t>(0, s.misses + s.prefetches - slots));
+        EXPECT_LE(s.prefetch_used, s.prefetches);
+        if (slots == all) {
+          EXPECT_LE(s.misses, all);  // each expert read once at most
+        }
       }
-    }
 }
 
 INSTANTIATE_TEST_SUITE_P(Layouts, Offload, ::testing::Values(true, false),

@@ -12,6 +12,7 @@
 //            still need are never evicted.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -30,7 +31,13 @@ struct ExpertCacheStats {
   int64_t expert_bytes = 0;  // one expert's weights
   int64_t hits = 0, misses = 0, evictions = 0;
   int64_t bytes_read = 0;  // expert weights copied in from the checkpoint
-  double stall_s = 0;      // time the layers waited for those reads
+  double load_s = 0;       // time spent copying them in (by the layers or read-ahead)
+  double stall_s = 0;      // time the layers waited for experts
+  // Read-ahead: experts read before a layer asked, how many it then used, and how many were
+  // still being read when asked for.
+  int64_t prefetches = 0, prefetch_used = 0, prefetch_late = 0;
+  // Reading time the layers did not wait for.
+  double hidden_s() const { return std::max(0.0, load_s - stall_s); }
   std::string str() const;
 };
 
@@ -39,28 +46,37 @@ class ExpertCache : public ExpertSource {
   // The routed experts of the model `cfg` in checkpoint folder `dir` (ours, or a HuggingFace
   // folder of `model_type` with one float32 tensor per expert); `capacity_bytes` bounds the
   // resident experts' weights (at least one expert).
+  // With `prefetch`, a reader thread copies in the experts prefetch() names while the layers
+  // compute.
   ExpertCache(const std::string& dir, const ModelConfig& cfg, const std::string& model_type,
-              int64_t capacity_bytes, EvictionPolicy policy);
+              int64_t capacity_bytes, EvictionPolicy policy, bool prefetch = false);
   ~ExpertCache() override;
+  ExpertCache(const ExpertCache&) = delete;
+  ExpertCache& operator=(const ExpertCache&) = delete;
 
   void observe(int64_t layer, const std::vector<int64_t>& routed, int64_t n_tokens) override;
   ExpertView acquire(int64_t layer, int64_t e) override;
   void release(int64_t layer, int64_t e) override;
+  bool wants_prefetch() const override;
+  void prefetch(int64_t layer, const std::vector<int64_t>& experts) override;
 
-  const ExpertCacheStats& stats() const { return stats_; }
+  ExpertCacheStats stats() const;
 
   struct Impl;
 
  private:
+  void read_ahead();  // the reader thread
   std::unique_ptr<Impl> impl_;
-  ExpertCacheStats stats_;
+  ExpertCacheStats stats_;  // guarded by the Impl's mutex
 };
 
 // A float32 model from a checkpoint folder (as load_model) whose routed experts stay in the
-// files, behind an ExpertCache of `capacity_bytes`; `cache` receives it (for its statistics).
+// files, behind an ExpertCache of `capacity_bytes`; `cache` receives it (for its statistics);
+// `prefetch` reads the next MoE layer's likely experts ahead (Model::decode guesses them).
 std::unique_ptr<Model> load_model_offloaded(const std::string& dir, int64_t capacity_bytes,
                                             EvictionPolicy policy,
-                                            std::shared_ptr<ExpertCache>* cache = nullptr);
+                                            std::shared_ptr<ExpertCache>* cache = nullptr,
+                                            bool prefetch = false);
 
 // The process's peak resident memory so far (bytes).
 int64_t peak_rss_bytes();

@@ -54,6 +54,10 @@ class ExpertSource {
   // Expert e's weights (float32), valid until release(layer, e).
   virtual ExpertView acquire(int64_t layer, int64_t e) = 0;
   virtual void release(int64_t layer, int64_t e) = 0;
+  // Read-ahead: whether the source can read experts in the background, and a guess that MoE
+  // layer `layer` will soon ask for `experts`.
+  virtual bool wants_prefetch() const { return false; }
+  virtual void prefetch(int64_t /*layer*/, const std::vector<int64_t>& /*experts*/) {}
 };
 
 struct MoeParams {

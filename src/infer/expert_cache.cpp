@@ -6,9 +6,13 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <limits>
+#include <mutex>
+#include <thread>
 
 #include "moe/hf.h"
 #include "moe/safetensors.h"
@@ -36,12 +40,19 @@ const char* to_string(EvictionPolicy p) {
 
 std::string ExpertCacheStats::str() const {
   const int64_t n = hits + misses;
-  return fmt::format(
+  std::string s = fmt::format(
       "expert cache: {} slots of {:.2f} MB; {} hits, {} misses ({:.1f}% hits), {} evictions; "
       "{:.1f} MB read, {:.3f} s stalled",
       slots, static_cast<double>(expert_bytes) / 1e6, hits, misses,
       n > 0 ? 100.0 * static_cast<double>(hits) / static_cast<double>(n) : 0.0, evictions,
       static_cast<double>(bytes_read) / 1e6, stall_s);
+  if (prefetches > 0)
+    s += fmt::format(
+        "\nprefetch: {} experts read ahead, {} of them used ({} still loading when asked for); "
+        "{:.3f} s of {:.3f} s of reading hidden ({:.0f}%)",
+        prefetches, prefetch_used, prefetch_late, hidden_s(), load_s,
+        load_s > 0 ? 100.0 * hidden_s() / load_s : 0.0);
+  return s;
 }
 
 int64_t peak_rss_bytes() {
@@ -83,7 +94,9 @@ struct ExpertCache::Impl {
     int64_t key = -1;  // l * E + e, or -1 when free
     std::unique_ptr<float[]> data;
     int64_t last_use = 0;
-    bool pinned = false;
+    bool pinned = false;      // a layer is running it
+    bool loading = false;     // its bytes are being copied in
+    bool prefetched = false;  // read ahead and not used yet
   };
   std::vector<Slot> slots;
   int64_t max_slots = 0;
@@ -94,6 +107,48 @@ struct ExpertCache::Impl {
   int64_t layer = 0;             // the layer being run
   int64_t tick = 0;
 
+  // Prefetching: a reader thread copies the experts of the queue into slots ahead of use. The
+  // mutex guards everything above and the queue; the bytes are copied outside it.
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<int64_t> queue;
+  bool stop = false;
+  std::thread reader;
+
+  // Copies expert `key` into out (a slot's buffer, taken under the lock; the copy runs outside).
+  void copy_in(float* out, int64_t key) const {
+    const Located& src = where[static_cast<size_t>(key)];
+    const auto bytes = static_cast<size_t>(F * D) * sizeof(float);
+    for (int k = gate ? 0 : 1; k < 3; ++k) {
+      std::memcpy(out, src.part[k], bytes);
+      release_pages(src.part[k], bytes);
+      out += F * D;
+    }
+  }
+
+  // A slot for `key` (under the lock): a new one while there is room, else the policy's
+  // victim. A read-ahead never takes an expert the current layer still needs, nor one read
+  // ahead and unused. -1 when every slot is busy.
+  int64_t take_slot(int64_t key, bool ahead, ExpertCacheStats& st) {
+    int64_t s = -1;
+    if (static_cast<int64_t>(slots.size()) < max_slots) {
+      slots.emplace_back();
+      slots.back().data = std::make_unique<float[]>(static_cast<size_t>(floats));
+      s = static_cast<int64_t>(slots.size()) - 1;
+    } else {
+      s = victim(ahead);
+      if (s < 0) return -1;
+      slot_of[static_cast<size_t>(slots[static_cast<size_t>(s)].key)] = -1;
+      ++st.evictions;
+    }
+    Slot& slot = slots[static_cast<size_t>(s)];
+    slot.key = key;
+    slot.loading = true;
+    slot.prefetched = ahead;
+    slot_of[static_cast<size_t>(key)] = static_cast<int32_t>(s);
+    return s;
+  }
+
   // Next use of expert `key`, in layer steps from now, as the routing policy expects it.
   double next_use(int64_t key) const {
     const int64_t l = key / E, e = key % E;
@@ -103,11 +158,13 @@ struct ExpertCache::Impl {
     return static_cast<double>(d) + static_cast<double>(L) * (1.0 / p - 1.0);
   }
 
-  int64_t victim() const {
+  int64_t victim(bool ahead) const {
     int64_t best = -1;
     for (size_t i = 0; i < slots.size(); ++i) {
       const Slot& s = slots[i];
-      if (s.pinned) continue;
+      if (s.pinned || s.loading) continue;
+      if (ahead && (s.prefetched || (s.key / E == layer && needed[static_cast<size_t>(s.key % E)])))
+        continue;
       if (best < 0) {
         best = static_cast<int64_t>(i);
         continue;
@@ -136,7 +193,7 @@ struct ExpertCache::Impl {
 
 ExpertCache::ExpertCache(const std::string& dir, const ModelConfig& cfg,
                          const std::string& model_type, int64_t capacity_bytes,
-                         EvictionPolicy policy)
+                         EvictionPolicy policy, bool prefetch)
     : impl_(std::make_unique<Impl>()) {
   const char* w = "offload";
   Impl& m = *impl_;
@@ -206,13 +263,61 @@ ExpertCache::ExpertCache(const std::string& dir, const ModelConfig& cfg,
   m.freq.assign(static_cast<size_t>(m.L * m.E),
                 static_cast<double>(mc.top_k) / static_cast<double>(m.E));
   m.needed.assign(static_cast<size_t>(m.E), 0);
-  m.slots.reserve(static_cast<size_t>(m.max_slots));
+  m.slots.reserve(static_cast<size_t>(m.max_slots));  // slots never move
+  if (prefetch) m.reader = std::thread([this] { read_ahead(); });
 }
 
-ExpertCache::~ExpertCache() = default;
+ExpertCache::~ExpertCache() {
+  Impl& m = *impl_;
+  {
+    std::lock_guard<std::mutex> lock(m.mu);
+    m.stop = true;
+  }
+  m.cv.notify_all();
+  if (m.reader.joinable()) m.reader.join();
+}
+
+bool ExpertCache::wants_prefetch() const { return impl_->reader.joinable(); }
+
+void ExpertCache::prefetch(int64_t layer, const std::vector<int64_t>& experts) {
+  Impl& m = *impl_;
+  {
+    std::lock_guard<std::mutex> lock(m.mu);
+    m.queue.clear();  // only the newest guess matters
+    for (int64_t e : experts)
+      if (m.slot_of[static_cast<size_t>(layer * m.E + e)] < 0) m.queue.push_back(layer * m.E + e);
+  }
+  m.cv.notify_all();
+}
+
+void ExpertCache::read_ahead() {
+  Impl& m = *impl_;
+  std::unique_lock<std::mutex> lock(m.mu);
+  for (;;) {
+    m.cv.wait(lock, [&] { return m.stop || !m.queue.empty(); });
+    if (m.stop) return;
+    const int64_t key = m.queue.front();
+    m.queue.pop_front();
+    if (m.slot_of[static_cast<size_t>(key)] >= 0) continue;
+    const int64_t s = m.take_slot(key, true, stats_);
+    if (s < 0) continue;  // no room: the layer will read it itself if it needs it
+    ++stats_.prefetches;
+    float* out = m.slots[static_cast<size_t>(s)].data.get();
+    lock.unlock();
+    const auto t0 = std::chrono::steady_clock::now();
+    m.copy_in(out, key);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    lock.lock();
+    m.slots[static_cast<size_t>(s)].loading = false;
+    stats_.load_s += dt;
+    stats_.bytes_read += stats_.expert_bytes;
+    m.cv.notify_all();
+  }
+}
 
 void ExpertCache::observe(int64_t layer, const std::vector<int64_t>& routed, int64_t /*n*/) {
   Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
   m.layer = layer;
   constexpr double kRate = 0.1;  // the running frequency's update weight per pass
   for (int64_t e = 0; e < m.E; ++e) {
@@ -226,39 +331,37 @@ void ExpertCache::observe(int64_t layer, const std::vector<int64_t>& routed, int
 ExpertView ExpertCache::acquire(int64_t layer, int64_t e) {
   Impl& m = *impl_;
   const int64_t key = layer * m.E + e;
+  std::unique_lock<std::mutex> lock(m.mu);
   ++m.tick;
   ++m.uses[static_cast<size_t>(key)];
-  int32_t s = m.slot_of[static_cast<size_t>(key)];
+  int64_t s = m.slot_of[static_cast<size_t>(key)];
+  const auto t0 = std::chrono::steady_clock::now();
   if (s >= 0) {
     ++stats_.hits;
+    Impl::Slot& slot = m.slots[static_cast<size_t>(s)];
+    if (slot.loading) {  // read ahead, not finished yet: wait for it
+      ++stats_.prefetch_late;
+      m.cv.wait(lock, [&] { return !m.slots[static_cast<size_t>(s)].loading; });
+    }
+    if (slot.prefetched) ++stats_.prefetch_used;
+    slot.prefetched = false;
   } else {
     ++stats_.misses;
-    const auto t0 = std::chrono::steady_clock::now();
-    if (static_cast<int64_t>(m.slots.size()) < m.max_slots) {
-      m.slots.emplace_back();
-      m.slots.back().data = std::make_unique<float[]>(static_cast<size_t>(m.floats));
-      s = static_cast<int32_t>(m.slots.size() - 1);
-    } else {
-      const int64_t v = m.victim();
-      MOE_CHECK(v >= 0, "offload", "every cache slot is in use");
-      s = static_cast<int32_t>(v);
-      m.slot_of[static_cast<size_t>(m.slots[static_cast<size_t>(s)].key)] = -1;
-      ++stats_.evictions;
-    }
-    Impl::Slot& slot = m.slots[static_cast<size_t>(s)];
-    slot.key = key;
-    m.slot_of[static_cast<size_t>(key)] = s;
-    const Located& src = m.where[static_cast<size_t>(key)];
-    float* out = slot.data.get();
-    for (int k = m.gate ? 0 : 1; k < 3; ++k) {
-      const auto bytes = static_cast<size_t>(m.F * m.D) * sizeof(float);
-      std::memcpy(out, src.part[k], bytes);
-      release_pages(src.part[k], bytes);
-      out += m.F * m.D;
-      stats_.bytes_read += static_cast<int64_t>(bytes);
-    }
-    stats_.stall_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    // Every slot busy (read-aheads in flight): wait for one to finish.
+    while ((s = m.take_slot(key, false, stats_)) < 0) m.cv.wait(lock);
+    m.slots[static_cast<size_t>(s)].prefetched = false;
+    float* out = m.slots[static_cast<size_t>(s)].data.get();
+    lock.unlock();
+    const auto t1 = std::chrono::steady_clock::now();
+    m.copy_in(out, key);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+    lock.lock();
+    m.slots[static_cast<size_t>(s)].loading = false;
+    stats_.load_s += dt;
+    stats_.bytes_read += stats_.expert_bytes;
+    m.cv.notify_all();
   }
+  stats_.stall_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   Impl::Slot& slot = m.slots[static_cast<size_t>(s)];
   slot.last_use = m.tick;
   slot.pinned = true;
@@ -276,16 +379,23 @@ ExpertView ExpertCache::acquire(int64_t layer, int64_t e) {
 
 void ExpertCache::release(int64_t layer, int64_t e) {
   Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mu);
   const int32_t s = m.slot_of[static_cast<size_t>(layer * m.E + e)];
   if (s >= 0) m.slots[static_cast<size_t>(s)].pinned = false;
+  m.cv.notify_all();
+}
+
+ExpertCacheStats ExpertCache::stats() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return stats_;
 }
 
 std::unique_ptr<Model> load_model_offloaded(const std::string& dir, int64_t capacity_bytes,
                                             EvictionPolicy policy,
-                                            std::shared_ptr<ExpertCache>* cache) {
+                                            std::shared_ptr<ExpertCache>* cache, bool prefetch) {
   const CheckpointInfo info = read_checkpoint_info(dir);
-  auto made =
-      std::make_shared<ExpertCache>(info.dir, info.config, info.model_type, capacity_bytes, policy);
+  auto made = std::make_shared<ExpertCache>(info.dir, info.config, info.model_type, capacity_bytes,
+                                            policy, prefetch);
   auto model = std::make_unique<Model>(info.config, DType::F32, /*routed_experts=*/false);
   model->set_expert_source(made);
   load_checkpoint_weights(*model, info);

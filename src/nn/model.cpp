@@ -262,6 +262,29 @@ struct Model::Impl {
   std::vector<MoeLayer*> moe_layers;  // the blocks' MoE layers, in depth order
   // Expert parallelism: the ranks that share the batch and hold the experts (null: none).
   std::shared_ptr<const dist::ExpertGroups> groups;
+  // Expert offloading: where the routed experts come from (null: the layers hold them).
+  std::shared_ptr<ExpertSource> source;
+
+  // Read-ahead for offloaded experts: a guess at the experts MoE block `next` will use, from
+  // its router applied to the current layer's MoE input a [n, D] (the next layer's input is
+  // not known yet; the residual stream changes little from one layer to the next).
+  template <class T>
+  void guess_next_experts(const T* a, int64_t n, size_t next, int64_t next_index, Arena& arena) {
+    MoeLayer& m = *blocks[next].moe;
+    const int64_t E = cfg.moe.n_experts, K = cfg.moe.top_k, D = cfg.d_model;
+    if (m.router().logit_rows() != E) return;
+    T* logits = arena.alloc<T>(n * E);
+    cpu::gemm<T>(false, true, n, E, D, T(1), a, D, m.params().w_router.data<T>(), D, T(0), logits,
+                 E);
+    int32_t* top = arena.alloc<int32_t>(n * K);
+    T* val = arena.alloc<T>(n * K);
+    cpu::topk_rows<T>(top, val, logits, n, E, K);
+    std::vector<int64_t> experts;
+    for (int64_t i = 0; i < n * K; ++i)
+      if (std::find(experts.begin(), experts.end(), top[i]) == experts.end())
+        experts.push_back(top[i]);
+    source->prefetch(next_index, experts);
+  }
   std::vector<NamedParam> named;
   Tensor rope_cos, rope_sin;  // [max_seq_len, hd / 2]
 
@@ -738,6 +761,12 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
     const Tensor at = Tensor::view(a, {N, D}, dtype_of<T>());
     Tensor y;
     if (blk.moe) {
+      if (source && source->wants_prefetch())
+        for (size_t next = li + 1; next < blocks.size(); ++next)
+          if (blocks[next].moe) {
+            guess_next_experts<T>(a, N, next, static_cast<int64_t>(mi) + 1, arena);
+            break;
+          }
       const bool was = blk.moe->training();
       blk.moe->set_training(false);
       MoeOutput mo = blk.moe->forward(at, arena);
@@ -847,6 +876,7 @@ const dist::ExpertGroups* Model::expert_parallel() const { return impl_->groups.
 void Model::set_expert_source(const std::shared_ptr<ExpertSource>& source) {
   for (size_t i = 0; i < impl_->moe_layers.size(); ++i)
     impl_->moe_layers[i]->set_expert_source(source, static_cast<int64_t>(i));
+  impl_->source = source;
   impl_->name_params();
 }
 

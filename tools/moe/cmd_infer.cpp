@@ -72,6 +72,7 @@ struct GenerateArgs {
   int64_t n = 64;
   double cache_mb = 0;
   std::string cache_policy = "routing";
+  bool no_prefetch = false;
   SamplingConfig sampling;
   bool ids = false;
   int threads = 0;
@@ -83,9 +84,10 @@ int run_generate(const GenerateArgs& a) {
             "give exactly one of -p TEXT and --prompt-ids 1,2,3");
   std::shared_ptr<ExpertCache> cache;
   std::unique_ptr<Model> model =
-      a.cache_mb > 0 ? load_model_offloaded(a.model_dir, static_cast<int64_t>(a.cache_mb * 1e6),
-                                            parse_eviction_policy(a.cache_policy), &cache)
-                     : load_model(a.model_dir);
+      a.cache_mb > 0
+          ? load_model_offloaded(a.model_dir, static_cast<int64_t>(a.cache_mb * 1e6),
+                                 parse_eviction_policy(a.cache_policy), &cache, !a.no_prefetch)
+          : load_model(a.model_dir);
   std::unique_ptr<Tokenizer> tok;
   std::vector<int32_t> prompt;
   if (!a.prompt_ids.empty()) {
@@ -230,6 +232,8 @@ Run add_generate(CLI::App& app) {
   cmd->add_option("--cache-policy", a->cache_policy,
                   "expert eviction: lru, lfu, or routing (by the expected next use)")
       ->capture_default_str();
+  cmd->add_flag("--no-prefetch", a->no_prefetch,
+                "with --expert-cache-mb: do not read the next layer's likely experts ahead");
   return [a] { return run_generate(*a); };
 }
 
