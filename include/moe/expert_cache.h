@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -66,6 +67,8 @@ class ExpertCache : public ExpertSource {
 
  private:
   void read_ahead();  // the reader thread
+  // Copies expert `key` into slot s (marked loading), without the lock held during the copy.
+  void fill(std::unique_lock<std::mutex>& lock, int64_t s, int64_t key);
   std::unique_ptr<Impl> impl_;
   ExpertCacheStats stats_;  // guarded by the Impl's mutex
 };

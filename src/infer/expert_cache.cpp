@@ -302,17 +302,22 @@ void ExpertCache::read_ahead() {
     const int64_t s = m.take_slot(key, true, stats_);
     if (s < 0) continue;  // no room: the layer will read it itself if it needs it
     ++stats_.prefetches;
-    float* out = m.slots[static_cast<size_t>(s)].data.get();
-    lock.unlock();
-    const auto t0 = std::chrono::steady_clock::now();
-    m.copy_in(out, key);
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    lock.lock();
-    m.slots[static_cast<size_t>(s)].loading = false;
-    stats_.load_s += dt;
-    stats_.bytes_read += stats_.expert_bytes;
-    m.cv.notify_all();
+    fill(lock, s, key);
   }
+}
+
+void ExpertCache::fill(std::unique_lock<std::mutex>& lock, int64_t s, int64_t key) {
+  Impl& m = *impl_;
+  float* out = m.slots[static_cast<size_t>(s)].data.get();
+  lock.unlock();
+  const auto t0 = std::chrono::steady_clock::now();
+  m.copy_in(out, key);
+  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  lock.lock();
+  m.slots[static_cast<size_t>(s)].loading = false;
+  stats_.load_s += dt;
+  stats_.bytes_read += stats_.expert_bytes;
+  m.cv.notify_all();
 }
 
 void ExpertCache::observe(int64_t layer, const std::vector<int64_t>& routed, int64_t /*n*/) {
@@ -349,17 +354,7 @@ ExpertView ExpertCache::acquire(int64_t layer, int64_t e) {
     ++stats_.misses;
     // Every slot busy (read-aheads in flight): wait for one to finish.
     while ((s = m.take_slot(key, false, stats_)) < 0) m.cv.wait(lock);
-    m.slots[static_cast<size_t>(s)].prefetched = false;
-    float* out = m.slots[static_cast<size_t>(s)].data.get();
-    lock.unlock();
-    const auto t1 = std::chrono::steady_clock::now();
-    m.copy_in(out, key);
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
-    lock.lock();
-    m.slots[static_cast<size_t>(s)].loading = false;
-    stats_.load_s += dt;
-    stats_.bytes_read += stats_.expert_bytes;
-    m.cv.notify_all();
+    fill(lock, s, key);
   }
   stats_.stall_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   Impl::Slot& slot = m.slots[static_cast<size_t>(s)];
