@@ -46,6 +46,8 @@ class HfTensors {
   explicit HfTensors(const std::string& dir);
   bool has(const std::string& name) const;
   const Tensor& get(const std::string& name);
+  // SafetensorsFile::drop for tensor `name` (after get and a copy).
+  void drop(const std::string& name);
 
  private:
   std::string dir_;

@@ -28,7 +28,13 @@ struct SafetensorsFile {
   std::map<std::string, Tensor> tensors;
   std::map<std::string, std::string> metadata;
   const Tensor& at(const std::string& name) const;
+  // For loaders, once a tensor's values are copied out: drops its pages from this process when it
+  // is a view of the mapping (they stay in the page cache, and read back the same if touched
+  // again: the mapping is private and never written), so that loading a model does not hold
+  // the file and the copy in memory at once. Nothing for converted tensors.
+  void drop(const Tensor& t) const;
   const char* data_begin = nullptr;  // the tensor bytes in the mapping (after the header)
+  const char* data_end = nullptr;
 };
 
 // Reads and validates a file: header length bounded (100 MB) and inside the file; the header a

@@ -245,6 +245,7 @@ void load_experts(Model& model, int64_t layer, HfTensors& src, const std::string
                              {&x.w_down, &n.down}}) {
       const std::string name = p + *proj + ".weight";
       copy_into(dst->raw(), dst->dtype(), src.get(name), dst->shape(), name);
+      src.drop(name);
     }
   }
 }
@@ -264,6 +265,7 @@ void load_params(Model& model, HfTensors& src, const TopNames& top, Fn&& per_lay
   for (NamedParam& p : model.params()) {
     auto take = [&](const std::string& theirs) {
       copy_into(p.value.raw(), p.value.dtype(), src.get(theirs), p.value.shape(), theirs);
+      src.drop(theirs);
     };
     if (p.name == "embed.weight") {
       take(top.embed);
@@ -514,6 +516,15 @@ const Tensor& HfTensors::get(const std::string& name) {
   MOE_CHECK(t != s->second.tensors.end(), kWhere, "shard {} has no tensor '{}' (the index says so)",
             it->second, name);
   return t->second;
+}
+
+void HfTensors::drop(const std::string& name) {
+  auto it = where_.find(name);
+  if (it == where_.end()) return;
+  auto s = shards_.find(it->second);
+  if (s == shards_.end()) return;
+  auto t = s->second.tensors.find(name);
+  if (t != s->second.tensors.end()) s->second.drop(t->second);
 }
 
 void load_hf_weights(Model& model, const std::string& model_type, HfTensors& src) {

@@ -243,6 +243,7 @@ SafetensorsFile load_safetensors(const std::string& path) {
 
   char* data = static_cast<char*>(base) + 8 + hlen;
   out.data_begin = data;
+  out.data_end = data + data_size;
   for (const Entry& e : entries) {
     char* src = data + e.begin;
     const int64_t n = shape_numel(e.shape);
@@ -270,6 +271,15 @@ SafetensorsFile load_safetensors(const std::string& path) {
     out.tensors[e.name] = t;
   }
   return out;
+}
+
+void SafetensorsFile::drop(const Tensor& t) const {
+  const char* p = static_cast<const char*>(t.raw());
+  if (!p || p < data_begin || p + t.nbytes() > data_end) return;  // converted, not mapped
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto lo = reinterpret_cast<uintptr_t>(p) / page * page;
+  const auto hi = (reinterpret_cast<uintptr_t>(p) + t.nbytes() + page - 1) / page * page;
+  madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
 }
 
 }  // namespace moe

@@ -491,6 +491,7 @@ void load_weights(Model& model, const std::string& path) {
     const Tensor& src = weights.at(p.name);
     src.expect(path.c_str(), p.name.c_str(), p.value.shape(), p.value.dtype());
     std::memcpy(p.value.raw(), src.raw(), src.nbytes());
+    weights.drop(src);
   }
   const std::vector<MoeLayer*>& layers = model.moe_layers();
   for (size_t i = 0; i < layers.size(); ++i) {

@@ -137,10 +137,9 @@ int run_generate(const GenerateArgs& a) {
   const size_t made = out[0].size() - prompt.size();
   fmt::print(stderr, "{} tokens in {:.3f} s ({:.1f} tokens/s)\n", made, secs,
              static_cast<double>(made) / std::max(secs, 1e-9));
-  if (cache) {
-    fmt::print(stderr, "{} ({} policy)\npeak resident memory: {:.1f} MB\n", cache->stats().str(),
-               a.cache_policy, static_cast<double>(peak_rss_bytes()) / 1e6);
-  }
+  if (cache) fmt::print(stderr, "{} ({} policy)\n", cache->stats().str(), a.cache_policy);
+  fmt::print(stderr, "peak resident memory: {:.1f} MB\n",
+             static_cast<double>(peak_rss_bytes()) / 1e6);
   return 0;
 }
 
