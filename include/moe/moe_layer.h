@@ -188,6 +188,8 @@ class MoeLayer {
   int64_t first_expert_ = 0;
   std::shared_ptr<ExpertSource> source_;
   int64_t source_index_ = 0;
+  // Keeps the routed experts [first, first + count) (weights and gradients) and drops the rest.
+  void keep_experts(int64_t first, int64_t count);
   std::vector<int64_t> step_routed_;  // tokens per expert over this step's training forwards
 };
 

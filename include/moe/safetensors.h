@@ -43,4 +43,8 @@ struct SafetensorsFile {
 // Every violation throws moe::Error naming the file and the problem.
 SafetensorsFile load_safetensors(const std::string& path);
 
+// Drops the pages under [p, p + bytes) of a private, never written file mapping from this
+// process (madvise): they stay in the page cache and read back the same if touched again.
+void drop_mapped_pages(const void* p, size_t bytes);
+
 }  // namespace moe

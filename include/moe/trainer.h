@@ -111,6 +111,7 @@ class Trainer {
   // Expert parallelism: the whole of a routed tensor from the group's parts, and this rank's
   // part of a whole one (identity for the others).
   Tensor whole(const NamedParam& p, const Tensor& part) const;
+  const NamedParam& param(const std::string& name);  // by name; throws when there is none
   Tensor part(const NamedParam& p, const Tensor& whole) const;
   // Copies a whole model's parameters into this one (this rank's part of the routed experts).
   void copy_from(Model& whole);

@@ -1,9 +1,7 @@
 // Expert offloading: the bounded expert cache (see moe/expert_cache.h).
 #include "moe/expert_cache.h"
 
-#include <sys/mman.h>
 #include <sys/resource.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -68,15 +66,6 @@ struct Located {
   const float* part[3] = {nullptr, nullptr, nullptr};  // gate (SwiGLU only), up, down
 };
 
-// Drops the file's pages under [p, p + bytes) from this process (they stay in the page cache):
-// the mapping is private and never written, so they read back the same if touched again.
-void release_pages(const void* p, size_t bytes) {
-  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const auto lo = reinterpret_cast<uintptr_t>(p) / page * page;
-  const auto hi = (reinterpret_cast<uintptr_t>(p) + bytes + page - 1) / page * page;
-  madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
-}
-
 }  // namespace
 
 struct ExpertCache::Impl {
@@ -121,7 +110,7 @@ struct ExpertCache::Impl {
     const auto bytes = static_cast<size_t>(F * D) * sizeof(float);
     for (int k = gate ? 0 : 1; k < 3; ++k) {
       std::memcpy(out, src.part[k], bytes);
-      release_pages(src.part[k], bytes);
+      drop_mapped_pages(src.part[k], bytes);
       out += F * D;
     }
   }

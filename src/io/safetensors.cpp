@@ -273,13 +273,17 @@ SafetensorsFile load_safetensors(const std::string& path) {
   return out;
 }
 
+void drop_mapped_pages(const void* p, size_t bytes) {
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto lo = reinterpret_cast<uintptr_t>(p) / page * page;
+  const auto hi = (reinterpret_cast<uintptr_t>(p) + bytes + page - 1) / page * page;
+  madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+}
+
 void SafetensorsFile::drop(const Tensor& t) const {
   const char* p = static_cast<const char*>(t.raw());
   if (!p || p < data_begin || p + t.nbytes() > data_end) return;  // converted, not mapped
-  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const auto lo = reinterpret_cast<uintptr_t>(p) / page * page;
-  const auto hi = (reinterpret_cast<uintptr_t>(p) + t.nbytes() + page - 1) / page * page;
-  madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+  drop_mapped_pages(p, t.nbytes());
 }
 
 }  // namespace moe

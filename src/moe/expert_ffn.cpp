@@ -42,6 +42,12 @@ FfnView<T> ffn_view(const ExpertWeights& w, int64_t index, int64_t d_model, int6
 }
 
 template <class T>
+FfnView<T> ffn_view(const ExpertView& v) {
+  return FfnView<T>{at<T>(v.w_gate, 0), at<T>(v.w_up, 0), at<T>(v.w_down, 0),
+                    at<T>(v.b_gate, 0), at<T>(v.b_up, 0), at<T>(v.b_down, 0)};
+}
+
+template <class T>
 void ffn_forward(ExpertAct act, const FfnView<T>& w, int64_t n, int64_t d_model, int64_t d_ffn,
                  const T* x, T* y, T* a_gate, T* a_up, T* h) {
   if (n == 0) return;
@@ -90,6 +96,7 @@ void ffn_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g, int64
 
 #define MOE_INSTANTIATE(T)                                                                         \
   template FfnView<T> ffn_view<T>(const ExpertWeights&, int64_t, int64_t, int64_t);                \
+  template FfnView<T> ffn_view<T>(const ExpertView&);                                              \
   template void ffn_forward<T>(ExpertAct, const FfnView<T>&, int64_t, int64_t, int64_t, const T*,  \
                                T*, T*, T*, T*);                                                    \
   template void ffn_backward<T>(ExpertAct, const FfnView<T>&, const FfnView<T>&, int64_t, int64_t, \

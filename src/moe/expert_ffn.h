@@ -29,6 +29,9 @@ struct FfnView {
 // writable (it also serves gradients); pass weights only to functions that read them.
 template <class T>
 FfnView<T> ffn_view(const ExpertWeights& w, int64_t index, int64_t d_model, int64_t d_ffn);
+// One expert's views (an offloaded expert's cache slot, say) as pointers.
+template <class T>
+FfnView<T> ffn_view(const ExpertView& v);
 
 // Forward on n rows. Saves a_gate (SwiGLU only), a_up and h, each [n, F], for the backward.
 template <class T>

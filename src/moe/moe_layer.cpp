@@ -127,14 +127,25 @@ void MoeLayer::set_expert_source(std::shared_ptr<ExpertSource> source, int64_t i
             "expert offloading runs float32 layers in one process");
   source_ = std::move(source);
   source_index_ = index;
+  keep_experts(0, 0);
+}
+
+void MoeLayer::keep_experts(int64_t first, int64_t count) {
+  first_expert_ = first;
   for (MoeParams* p : {&params_, &grads_}) {
     ExpertWeights& x = p->experts;
-    for (Tensor* t : {&x.w_gate, &x.w_up, &x.w_down, &x.b_gate, &x.b_up, &x.b_down})
-      if (t->defined()) {
-        Shape shape = t->shape();
-        shape[0] = 0;
-        *t = Tensor::empty(shape, t->dtype());
-      }
+    for (Tensor* t : {&x.w_gate, &x.w_up, &x.w_down, &x.b_gate, &x.b_up, &x.b_down}) {
+      if (!t->defined()) continue;
+      Shape shape = t->shape();
+      const auto row = static_cast<size_t>(shape_numel(shape) / shape[0]) * dtype_size(t->dtype());
+      shape[0] = count;
+      Tensor kept = Tensor::empty(shape, t->dtype());
+      if (count > 0)
+        std::memcpy(kept.raw(),
+                    static_cast<const char*>(t->raw()) + static_cast<size_t>(first) * row,
+                    kept.nbytes());
+      *t = kept;
+    }
   }
 }
 
@@ -165,22 +176,7 @@ void MoeLayer::set_expert_parallel(const dist::ExpertGroups& groups) {
             "router jitter and exploration draw noise for every token of the batch and do not run "
             "under expert parallelism yet");
   const int64_t El = E / P;
-  first_expert_ = groups.ep.rank() * El;
-  auto keep_local = [&](Tensor& t) {
-    if (!t.defined()) return;
-    Shape shape = t.shape();
-    const auto row = static_cast<size_t>(t.numel() / shape[0]) * dtype_size(t.dtype());
-    shape[0] = El;
-    Tensor local = Tensor::empty(shape, t.dtype());
-    std::memcpy(local.raw(),
-                static_cast<const char*>(t.raw()) + static_cast<size_t>(first_expert_) * row,
-                local.nbytes());
-    t = local;
-  };
-  for (MoeParams* p : {&params_, &grads_}) {
-    ExpertWeights& x = p->experts;
-    for (Tensor* t : {&x.w_gate, &x.w_up, &x.w_down, &x.b_gate, &x.b_up, &x.b_down}) keep_local(*t);
-  }
+  keep_experts(groups.ep.rank() * El, El);
   ep_ = std::make_shared<const dist::ExpertGroups>(groups);
 }
 
@@ -425,15 +421,8 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
     for (int64_t e = 0; e < E; ++e) {
       const int64_t r0 = e_offsets[e], n = e_offsets[e + 1] - e_offsets[e];
       if (n == 0) continue;
-      ExpertView v = where.source->acquire(where.source_index, e);
-      FfnView<T> f;
-      f.w_gate = v.w_gate.defined() ? v.w_gate.data<T>() : nullptr;
-      f.w_up = v.w_up.data<T>();
-      f.w_down = v.w_down.data<T>();
-      f.b_gate = v.b_gate.defined() ? v.b_gate.data<T>() : nullptr;
-      f.b_up = v.b_up.defined() ? v.b_up.data<T>() : nullptr;
-      f.b_down = v.b_down.defined() ? v.b_down.data<T>() : nullptr;
-      ffn_forward<T>(cfg.act, f, n, D, F, xe + r0 * D, ye + r0 * D,
+      const ExpertView v = where.source->acquire(where.source_index, e);
+      ffn_forward<T>(cfg.act, ffn_view<T>(v), n, D, F, xe + r0 * D, ye + r0 * D,
                      a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F);
       where.source->release(where.source_index, e);
     }
@@ -642,6 +631,7 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
                     dh + r0 * F, da_gate ? da_gate + r0 * F : nullptr, dxe + r0 * D);
   });
   if (ep) s.exchange.to_home(dxe, dxs, row_bytes, arena);
+
     // dx_t = sum of its pairs' rows of dxs, in plan order.
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < N; ++t) {

@@ -248,13 +248,10 @@ StepLog Trainer::train_step() {
     if (!std::isfinite(s) && bad.empty()) bad = p.name;
     (p.routed ? sq_routed : sq) += s;
   }
-  if (groups_) {
-    const bool any_bad = groups_->world.max(bad.empty() ? 0.0 : 1.0) > 0;
-    MOE_CHECK(!any_bad, "train", "step {}: the gradient of {} is not finite", log.step,
-              bad.empty() ? std::string("an expert on another rank") : bad);
-    sq_routed = groups_->ep.sum(sq_routed);  // the experts are split over the group
-  }
-  MOE_CHECK(bad.empty(), "train", "step {}: the gradient of {} is not finite", log.step, bad);
+  const bool any_bad = groups_ ? groups_->world.max(bad.empty() ? 0.0 : 1.0) > 0 : !bad.empty();
+  MOE_CHECK(!any_bad, "train", "step {}: the gradient of {} is not finite", log.step,
+            bad.empty() ? std::string("an expert on another rank") : bad);
+  if (groups_) sq_routed = groups_->ep.sum(sq_routed);  // the experts are split over the group
   log.grad_norm = std::sqrt(sq + sq_routed);
   if (cfg_.clip > 0 && log.grad_norm > cfg_.clip) {
     const float scale = static_cast<float>(cfg_.clip / log.grad_norm);
@@ -356,6 +353,12 @@ void save_model(Model& model, const std::string& dir) {
   save_safetensors((fs::path(dir) / "model.safetensors").string(), weights, {{"format", "pt"}});
 }
 
+const NamedParam& Trainer::param(const std::string& name) {
+  for (const NamedParam& p : model_->params())
+    if (p.name == name) return p;
+  throw_error("train", fmt::format("the model has no parameter {}", name));
+}
+
 Tensor Trainer::whole(const NamedParam& p, const Tensor& part) const {
   if (!groups_ || !p.routed || groups_->ep_size() == 1) return part;
   Shape shape = part.shape();
@@ -410,11 +413,8 @@ std::string Trainer::save(const std::string& out_dir) {
   std::vector<std::pair<std::string, Tensor>> opt_state;
   if (groups_) {
     std::vector<std::pair<std::string, Tensor>> params = whole_params();
-    opt_state = opt_->state([&](const std::string& n, const Tensor& t) {
-      for (const NamedParam& p : model_->params())
-        if (p.name == n) return whole(p, t);
-      return t;
-    });
+    opt_state =
+        opt_->state([&](const std::string& n, const Tensor& t) { return whole(param(n), t); });
     if (!is_writer()) {
       groups_->world.barrier();  // until the checkpoint is written
       return final_dir.string();
@@ -551,11 +551,7 @@ void Trainer::resume(const std::string& dir) {
     load_weights(whole_model, (ckpt / "model.safetensors").string());
     copy_from(whole_model);
     opt_->load((ckpt / "optimizer.safetensors").string(),
-               [&](const std::string& n, const Tensor& t) {
-                 for (const NamedParam& p : model_->params())
-                   if (p.name == n) return part(p, t);
-                 return t;
-               });
+               [&](const std::string& n, const Tensor& t) { return part(param(n), t); });
   } else {
     load_weights(*model_, (ckpt / "model.safetensors").string());
     opt_->load((ckpt / "optimizer.safetensors").string());
