@@ -137,7 +137,8 @@ void MoeLayer::keep_experts(int64_t first, int64_t count) {
     for (Tensor* t : {&x.w_gate, &x.w_up, &x.w_down, &x.b_gate, &x.b_up, &x.b_down}) {
       if (!t->defined()) continue;
       Shape shape = t->shape();
-      const auto row = static_cast<size_t>(shape_numel(shape) / shape[0]) * dtype_size(t->dtype());
+      shape[0] = 1;  // the bytes of one expert (the tensor may hold none already)
+      const auto row = static_cast<size_t>(shape_numel(shape)) * dtype_size(t->dtype());
       shape[0] = count;
       Tensor kept = Tensor::empty(shape, t->dtype());
       if (count > 0)
