@@ -62,8 +62,8 @@ TEST(HfMixtral, SavedModelHasMixtralNamesAndShapes) {
   Model model(cfg);
   std::map<std::string, Shape> ours, theirs;
   for (auto& [name, t] : mixtral_tensors(model)) ours[name] = t.shape();
-  for (auto& [name, t] : load_safetensors(kMixtral + "/model.safetensors").tensors)
-    theirs[name] = t.shape();
+  for (auto& [name, t] : load_safetensors(kMixtral + "/model.safetensors").stored)
+    theirs[name] = t.shape;
   EXPECT_EQ(ours, theirs);
   const nlohmann::json out = mixtral_config(cfg);
   for (const char* key :
@@ -94,7 +94,7 @@ TEST(HfMixtral, TrainerCheckpointRoundTrips) {
   std::ifstream f(ckpt + "/config.json");
   EXPECT_EQ(nlohmann::json::parse(f)["architectures"][0], "MixtralForCausalLM");
   EXPECT_TRUE(load_safetensors(ckpt + "/model.safetensors")
-                  .tensors.count("model.layers.1.block_sparse_moe.experts.3.w2.weight"));
+                  .has("model.layers.1.block_sparse_moe.experts.3.w2.weight"));
   std::unique_ptr<Model> loaded = load_model(dir.string());
   Tensor tok = Tensor::zeros({1, 8}, DType::I32);
   for (int i = 0; i < 8; ++i) tok.data<int32_t>()[i] = 100 + i;

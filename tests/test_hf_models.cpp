@@ -61,15 +61,15 @@ TEST_P(HfModel, LogitsAndRouterLogitsMatchTransformers) {
   // transformers returns router logits for the architectures that have them, per MoE layer.
   size_t compared = 0;
   for (size_t l = 0; l < router.size(); ++l) {
-    auto it = ref.tensors.find("router_logits." + std::to_string(l));
-    if (it == ref.tensors.end()) continue;
-    ASSERT_EQ(router[l].shape(), it->second.shape()) << "layer " << l;
-    const double e = relative_error(router[l], it->second);
+    const std::string name = "router_logits." + std::to_string(l);
+    if (!ref.has(name)) continue;
+    ASSERT_EQ(router[l].shape(), ref.at(name).shape()) << "layer " << l;
+    const double e = relative_error(router[l], ref.at(name));
     std::printf("%s: router logits of MoE layer %zu relative error %.3g\n", GetParam(), l, e);
     EXPECT_LT(e, 1e-5) << "MoE layer " << l;
     ++compared;
   }
-  const bool has_router = ref.tensors.count("router_logits.0") > 0;
+  const bool has_router = ref.has("router_logits.0");
   EXPECT_EQ(compared, has_router ? router.size() : 0u);
   // transformers' training loss = shifted cross-entropy + router_aux_loss_coef * aux loss.
   std::ifstream rf(dir + "/reference.json"), cf(dir + "/config.json");
@@ -164,9 +164,9 @@ TEST(HfSharded, ShardsLoadLikeOneFileAndIndexesCannotLeaveTheFolder) {
   const SafetensorsFile all = load_safetensors(src + "/model.safetensors");
   std::vector<std::pair<std::string, Tensor>> a, b;
   nlohmann::json map = nlohmann::json::object();
-  for (const auto& [name, t] : all.tensors) {
+  for (const auto& [name, stored] : all.stored) {
     const bool first = name.find("layers.1.") == std::string::npos;
-    (first ? a : b).emplace_back(name, t);
+    (first ? a : b).emplace_back(name, all.at(name));
     map[name] = first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
   }
   save_safetensors((dir / "model-00001-of-00002.safetensors").string(), a);
@@ -221,8 +221,8 @@ TEST(HfLayouts, FusedExpertsAndTopLevelRopeThetaLoadTheSameModel) {
   const int64_t E = cfg["num_local_experts"], F = cfg["moe_intermediate_size"],
                 D = cfg["hidden_size"];
   std::vector<std::pair<std::string, Tensor>> out;
-  for (const auto& [name, t] : all.tensors)
-    if (name.find(".experts.") == std::string::npos) out.emplace_back(name, t);
+  for (const auto& [name, stored] : all.stored)
+    if (name.find(".experts.") == std::string::npos) out.emplace_back(name, all.at(name));
   for (int64_t l = 0; l < cfg["num_hidden_layers"].get<int64_t>(); ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".mlp.experts.";
     Tensor gate_up = Tensor::empty({E, 2 * F, D}, DType::F32);

@@ -81,6 +81,90 @@ TEST(Safetensors, Bf16AndF16BecomeFloat32) {
   std::filesystem::remove(path);
 }
 
+TEST(Safetensors, Bf16RoundsToNearestEven) {
+  auto bits = [](float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+  };
+  auto from = [](uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  };
+  EXPECT_EQ(f32_to_bf16(1.5f), 0x3FC0);
+  EXPECT_EQ(f32_to_bf16(from(0x3F808000u)), 0x3F80);  // halfway, even below: down
+  EXPECT_EQ(f32_to_bf16(from(0x3F818000u)), 0x3F82);  // halfway, odd below: up
+  EXPECT_EQ(f32_to_bf16(from(0x3F808001u)), 0x3F81);  // above halfway: up
+  EXPECT_EQ(f32_to_bf16(from(0x7F7FFFFFu)), 0x7F80);  // the largest float rounds to inf
+  const uint16_t nan = f32_to_bf16(std::numeric_limits<float>::quiet_NaN());
+  EXPECT_TRUE(std::isnan(from(static_cast<uint32_t>(nan) << 16)));
+  // Against the definition: the nearer of the two bf16 neighbours.
+  for (uint32_t u = 0x3E000000u; u < 0x3E000000u + 5000000u; u += 997) {
+    const float x = from(u), lo = from(u & 0xFFFF0000u), hi = from((u & 0xFFFF0000u) + 0x10000u);
+    const float got = from(static_cast<uint32_t>(f32_to_bf16(x)) << 16);
+    EXPECT_LE(std::abs(got - x), std::min(x - lo, hi - x)) << bits(x);
+  }
+}
+
+TEST(Safetensors, Int8RowsWithScalesReadAsFloat32) {
+  const int64_t R = 3, C = 5;
+  std::vector<float> x = {0.5f,   -1.0f, 0.25f, 0.0f,  0.9f,  // max 1
+                          0,      0,     0,     0,     0,     // all zero: scale 1
+                          -3e-3f, 1e-3f, 2e-3f, 3e-3f, -1e-4f};
+  std::vector<int8_t> q(static_cast<size_t>(R * C));
+  std::vector<float> sc(static_cast<size_t>(R));
+  quantize_rows_int8(x.data(), R, C, q.data(), sc.data());
+  EXPECT_EQ(sc[0], 1.0f / 127);
+  EXPECT_EQ(sc[1], 1.0f);
+  EXPECT_EQ(q[1], -127);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c)  // within half a step of the row's scale
+      EXPECT_LE(std::abs(sc[r] * q[r * C + c] - x[r * C + c]), 0.5f * sc[r] * 1.0001f);
+  const std::string path = temp_file("int8");
+  SafetensorsWriter w(path, {{"w", "I8", {R, C}}, {"w_scale", "F32", {R}}, {"b", "BF16", {2}}});
+  w.write(q.data(), q.size());
+  w.write(sc.data(), sc.size() * sizeof(float));
+  const uint16_t b[2] = {f32_to_bf16(1.5f), f32_to_bf16(-2.0f)};
+  w.write(b, sizeof b);
+  w.commit();
+  const SafetensorsFile f = load_safetensors(path);
+  ASSERT_EQ(f.stored.at("w").dtype, "I8");
+  const Tensor& t = f.at("w");
+  ASSERT_EQ(t.dtype(), DType::F32);
+  for (int64_t i = 0; i < R * C; ++i) EXPECT_EQ(t.data<float>()[i], sc[i / C] * q[i]);
+  // Converted tensors are freed by drop and converted again when asked for.
+  EXPECT_EQ(f.at("b").data<float>()[1], -2.0f);
+  f.drop("b");
+  EXPECT_EQ(f.at("b").data<float>()[0], 1.5f);
+  std::filesystem::remove(path);
+  // Writing checks the byte counts; an uncommitted file never appears.
+  {
+    SafetensorsWriter bad(path, {{"w", "I8", {R, C}}});
+    EXPECT_THROW(bad.write(q.data(), 3), Error);
+  }
+  EXPECT_FALSE(std::filesystem::exists(path));
+  EXPECT_THROW(SafetensorsWriter(path, {{"w", "Q4", {2}}}), Error);
+}
+
+TEST(Safetensors, Int8WithoutGoodScalesIsRefused) {
+  const std::string q4("\x01\x02\x03\x04", 4);
+  expect_refused(
+      write_raw("noscale", R"({"w":{"dtype":"I8","shape":[2,2],"data_offsets":[0,4]}})", q4),
+      "no 'w_scale'");
+  expect_refused(write_raw("scaleshape",
+                           R"({"w":{"dtype":"I8","shape":[2,2],"data_offsets":[0,4]},)"
+                           R"("w_scale":{"dtype":"F32","shape":[4],"data_offsets":[4,20]}})",
+                           q4 + std::string(16, '\0')),
+                 "must be F32 of shape [2]");
+  const float neg[2] = {1.0f, -1.0f};
+  expect_refused(write_raw("scaleneg",
+                           R"({"w":{"dtype":"I8","shape":[2,2],"data_offsets":[0,4]},)"
+                           R"("w_scale":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                           q4 + std::string(reinterpret_cast<const char*>(neg), 8)),
+                 "finite and non-negative");
+}
+
 TEST(Safetensors, CorruptFilesAreRefused) {
   const std::string t = R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
   const std::string data(8, '\0');

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -16,30 +17,113 @@ namespace moe {
 // so that a crash leaves either the old file or the new one, whole.
 void write_file_atomic(const std::string& path, const std::string& contents);
 
-// Tensors in the given order (f32, f64, i32, i64), with optional string metadata.
+// A file written piece by piece with write_file_atomic's guarantee: nothing appears at `path`
+// until commit(); destroyed without commit(), the temporary file is removed.
+class AtomicFile {
+ public:
+  explicit AtomicFile(const std::string& path);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+  void write(const void* data, size_t bytes);
+  void commit();
+
+ private:
+  std::string path_, tmp_;
+  int fd_ = -1;
+};
+
+// A safetensors file written tensor by tensor, atomically: the header (every name, dtype and
+// shape, in file order) first, then each tensor's bytes, in that order; commit() once all are
+// written. Checks that each tensor gets exactly its bytes.
+class SafetensorsWriter {
+ public:
+  struct Entry {
+    std::string name, dtype;  // dtype as safetensors names it
+    Shape shape;
+  };
+  SafetensorsWriter(const std::string& path, std::vector<Entry> entries,
+                    const std::map<std::string, std::string>& metadata = {});
+  void write(const void* data, size_t bytes);  // the next tensor's bytes, whole
+  void commit();
+
+ private:
+  AtomicFile file_;
+  std::vector<Entry> entries_;
+  size_t next_ = 0;
+};
+
+// Bytes per value of a safetensors dtype (0 for one not supported).
+size_t st_dtype_size(const std::string& dtype);
+
+// Tensors in the given order (f32, f64, i32, i64), with optional string metadata; streamed to
+// the file (never held twice in memory).
 void save_safetensors(const std::string& path,
                       const std::vector<std::pair<std::string, Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata = {});
 
+// One tensor as a file stores it: the dtype as safetensors names it (F32, F64, BF16, F16, I8,
+// I32, I64), its shape, and its bytes in the file's mapping. An I8 tensor is quantized: its
+// values are the integers times `scale`, a float32 tensor named "<name>_scale" holding one
+// scale per row of the last dimension (its shape is this one's without the last dimension).
+struct StoredTensor {
+  std::string dtype;
+  Shape shape;
+  const char* data = nullptr;
+  uint64_t bytes = 0;
+  const StoredTensor* scale = nullptr;  // I8 only
+  const float* scale_values = nullptr;  // I8 only: the scales, aligned
+  int64_t row_len() const { return shape.empty() ? 1 : shape.back(); }
+  int64_t rows() const { return row_len() == 0 ? 0 : shape_numel(shape) / row_len(); }
+  size_t row_bytes() const;  // of the stored values
+  bool as_f32() const;       // whether float32 is how it is read (every dtype but F64, I32, I64)
+};
+
+// Converts `rows` rows of `row_len` values stored as `dtype` (F32, BF16, F16, or I8 with one
+// float32 scale per row in `scales`) to float32.
+void rows_to_f32(const std::string& dtype, const void* src, const float* scales, int64_t rows,
+                 int64_t row_len, float* out);
+
+// Rounds float32 to bfloat16 (to nearest, ties to even; NaN stays NaN).
+uint16_t f32_to_bf16(float f);
+
+// Int8 with per-row scales: scale = max |x| / 127 over the row (1 for an all-zero row), and
+// q = round(x / scale).
+void quantize_rows_int8(const float* x, int64_t rows, int64_t row_len, int8_t* q, float* scales);
+
 struct SafetensorsFile {
-  // F32, BF16 and F16 as f32; F64; I32; I64. Tensors stored in the file's own dtype (F32, F64,
-  // I32, I64) are zero-copy views of the memory-mapped file (copy-on-write), which they keep
-  // mapped; BF16 and F16 are converted into new memory.
-  std::map<std::string, Tensor> tensors;
+  SafetensorsFile() = default;
+  SafetensorsFile(SafetensorsFile&&) = default;
+  SafetensorsFile& operator=(SafetensorsFile&&) = default;
+  SafetensorsFile(const SafetensorsFile&) = delete;  // `stored` points into itself
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+
+  // Every tensor as the file stores it, by name.
+  std::map<std::string, StoredTensor> stored;
   std::map<std::string, std::string> metadata;
+  bool has(const std::string& name) const { return stored.count(name) > 0; }
+  // A tensor as f32 (F32, BF16, F16, I8 with its scales), F64, I32 or I64. Tensors stored in
+  // those dtypes are zero-copy views of the memory-mapped file (copy-on-write), which they keep
+  // mapped; the others are converted into new memory on first use, kept until drop().
   const Tensor& at(const std::string& name) const;
-  // For loaders, once a tensor's values are copied out: drops its pages from this process when it
-  // is a view of the mapping (they stay in the page cache, and read back the same if touched
-  // again: the mapping is private and never written), so that loading a model does not hold
-  // the file and the copy in memory at once. Nothing for converted tensors.
-  void drop(const Tensor& t) const;
+  // For loaders, once a tensor's values are copied out: frees its converted copy, or drops its
+  // pages from this process when it is a view of the mapping (they stay in the page cache, and
+  // read back the same if touched again: the mapping is private and never written), so that
+  // loading a model does not hold the file and the copy in memory at once.
+  void drop(const std::string& name) const;
   const char* data_begin = nullptr;  // the tensor bytes in the mapping (after the header)
   const char* data_end = nullptr;
+
+ private:
+  friend SafetensorsFile load_safetensors(const std::string& path);
+  std::shared_ptr<void> mapping_;
+  mutable std::map<std::string, Tensor> tensors_;  // views, and conversions made by at()
 };
 
 // Reads and validates a file: header length bounded (100 MB) and inside the file; the header a
 // JSON object of known dtypes with non-negative shapes whose byte size matches its range; the
-// ranges sorted, contiguous, without gaps or overlap, covering the data; no duplicate names.
+// ranges sorted, contiguous, without gaps or overlap, covering the data; no duplicate names; an
+// I8 tensor's scales present, float32, of the right shape and finite.
 // Every violation throws moe::Error naming the file and the problem.
 SafetensorsFile load_safetensors(const std::string& path);
 

@@ -473,8 +473,7 @@ HfTensors::HfTensors(const std::string& dir) : dir_(dir) {
   const fs::path index = fs::path(dir) / "model.safetensors.index.json";
   if (fs::exists(single)) {
     shards_.emplace("model.safetensors", load_safetensors(single.string()));
-    for (const auto& [name, t] : shards_.begin()->second.tensors)
-      where_[name] = "model.safetensors";
+    for (const auto& [name, t] : shards_.begin()->second.stored) where_[name] = "model.safetensors";
     return;
   }
   MOE_CHECK(fs::exists(index), kWhere, "{} has neither model.safetensors nor {}", dir,
@@ -512,10 +511,9 @@ const Tensor& HfTensors::get(const std::string& name) {
     MOE_CHECK(fs::exists(path), kWhere, "shard {} is missing", path.string());
     s = shards_.emplace(it->second, load_safetensors(path.string())).first;
   }
-  auto t = s->second.tensors.find(name);
-  MOE_CHECK(t != s->second.tensors.end(), kWhere, "shard {} has no tensor '{}' (the index says so)",
+  MOE_CHECK(s->second.has(name), kWhere, "shard {} has no tensor '{}' (the index says so)",
             it->second, name);
-  return t->second;
+  return s->second.at(name);
 }
 
 void HfTensors::drop(const std::string& name) {
@@ -523,8 +521,7 @@ void HfTensors::drop(const std::string& name) {
   if (it == where_.end()) return;
   auto s = shards_.find(it->second);
   if (s == shards_.end()) return;
-  auto t = s->second.tensors.find(name);
-  if (t != s->second.tensors.end()) s->second.drop(t->second);
+  s->second.drop(name);
 }
 
 void load_hf_weights(Model& model, const std::string& model_type, HfTensors& src) {

@@ -154,7 +154,7 @@ void load_mixtral_tensors(Model& model, const SafetensorsFile& file) {
     const Tensor f = src.dtype() == dst.dtype() ? src : src.to(dst.dtype());
     f.expect("hf", name.c_str(), dst.shape(), dst.dtype());
     std::memcpy(dst.raw(), f.raw(), f.nbytes());
-    file.drop(src);
+    file.drop(name);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -18,36 +19,63 @@ namespace moe {
 
 namespace fs = std::filesystem;
 
-void write_file_atomic(const std::string& path, const std::string& contents) {
+AtomicFile::AtomicFile(const std::string& path) : path_(path) {
   const fs::path target(path);
   const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  const std::string tmp =
-      (dir / (".tmp." + target.filename().string() + "." + std::to_string(getpid()))).string();
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  MOE_CHECK(fd >= 0, "io", "cannot create {}: {}", tmp, std::strerror(errno));
+  tmp_ = (dir / (".tmp." + target.filename().string() + "." + std::to_string(getpid()))).string();
+  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  MOE_CHECK(fd_ >= 0, "io", "cannot create {}: {}", tmp_, std::strerror(errno));
+}
+
+AtomicFile::~AtomicFile() {
+  if (fd_ >= 0) {  // not committed: leave the old file as it was
+    ::close(fd_);
+    ::unlink(tmp_.c_str());
+  }
+}
+
+void AtomicFile::write(const void* data, size_t bytes) {
+  MOE_CHECK(fd_ >= 0, "io", "{} is already committed", path_);
+  const char* p = static_cast<const char*>(data);
   size_t done = 0;
-  while (done < contents.size()) {
-    const ssize_t n = ::write(fd, contents.data() + done, contents.size() - done);
+  while (done < bytes) {
+    const ssize_t n = ::write(fd_, p + done, bytes - done);
     if (n < 0) {
+      if (errno == EINTR) continue;
       const int err = errno;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      throw_error("io", fmt::format("cannot write {}: {}", tmp, std::strerror(err)));
+      ::close(fd_);
+      fd_ = -1;
+      ::unlink(tmp_.c_str());
+      throw_error("io", fmt::format("cannot write {}: {}", path_, std::strerror(err)));
     }
     done += static_cast<size_t>(n);
   }
-  const bool synced = ::fsync(fd) == 0;
-  ::close(fd);
-  if (!synced || std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    throw_error("io", fmt::format("cannot save {}: {}", path, std::strerror(err)));
+}
+
+void AtomicFile::commit() {
+  MOE_CHECK(fd_ >= 0, "io", "{} is already committed", path_);
+  const bool synced = ::fsync(fd_) == 0;
+  const int sync_err = errno;
+  ::close(fd_);
+  fd_ = -1;
+  if (!synced || std::rename(tmp_.c_str(), path_.c_str()) != 0) {
+    const int err = synced ? errno : sync_err;
+    ::unlink(tmp_.c_str());
+    throw_error("io", fmt::format("cannot save {}: {}", path_, std::strerror(err)));
   }
+  const fs::path target(path_);
+  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
   const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
   if (dfd >= 0) {
     ::fsync(dfd);
     ::close(dfd);
   }
+}
+
+void write_file_atomic(const std::string& path, const std::string& contents) {
+  AtomicFile f(path);
+  f.write(contents.data(), contents.size());
+  f.commit();
 }
 
 namespace {
@@ -95,37 +123,141 @@ float f16_to_f32(uint16_t h) {
 
 }  // namespace
 
-void save_safetensors(const std::string& path,
-                      const std::vector<std::pair<std::string, Tensor>>& tensors,
-                      const std::map<std::string, std::string>& metadata) {
+size_t st_dtype_size(const std::string& dtype) {
+  if (dtype == "F32" || dtype == "I32") return 4;
+  if (dtype == "F64" || dtype == "I64") return 8;
+  if (dtype == "BF16" || dtype == "F16") return 2;
+  if (dtype == "I8") return 1;
+  return 0;
+}
+
+SafetensorsWriter::SafetensorsWriter(const std::string& path, std::vector<Entry> entries,
+                                     const std::map<std::string, std::string>& metadata)
+    : file_(path), entries_(std::move(entries)) {
   nlohmann::json header = nlohmann::json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
-  size_t offset = 0;
+  uint64_t offset = 0;
   std::set<std::string> names;
-  for (const auto& [name, t] : tensors) {
-    MOE_CHECK(names.insert(name).second, "safetensors", "duplicate tensor name {} for {}", name,
+  for (const Entry& e : entries_) {
+    MOE_CHECK(names.insert(e.name).second, "safetensors", "duplicate tensor name {} for {}", e.name,
               path);
-    header[name] = {{"dtype", st_dtype(t.dtype())},
-                    {"shape", t.shape()},
-                    {"data_offsets", {offset, offset + t.nbytes()}}};
-    offset += t.nbytes();
+    const size_t elem = st_dtype_size(e.dtype);
+    MOE_CHECK(elem > 0, "safetensors", "tensor {}: cannot write dtype {}", e.name, e.dtype);
+    const uint64_t bytes = static_cast<uint64_t>(shape_numel(e.shape)) * elem;
+    header[e.name] = {
+        {"dtype", e.dtype}, {"shape", e.shape}, {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
   }
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // align the data to 8 bytes
-  std::string out(8, '\0');
+  unsigned char len[8];
   const uint64_t n = h.size();
-  for (int i = 0; i < 8; ++i)
-    out[static_cast<size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xff);
-  out += h;
-  out.reserve(out.size() + offset);
-  for (const auto& [name, t] : tensors) out.append(static_cast<const char*>(t.raw()), t.nbytes());
-  write_file_atomic(path, out);
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>((n >> (8 * i)) & 0xff);
+  file_.write(len, 8);
+  file_.write(h.data(), h.size());
+}
+
+void SafetensorsWriter::write(const void* data, size_t bytes) {
+  MOE_CHECK(next_ < entries_.size(), "safetensors", "more tensors written than declared");
+  const Entry& e = entries_[next_++];
+  const size_t want = static_cast<size_t>(shape_numel(e.shape)) * st_dtype_size(e.dtype);
+  MOE_CHECK(bytes == want, "safetensors", "tensor {} needs {} bytes, got {}", e.name, want, bytes);
+  file_.write(data, bytes);
+}
+
+void SafetensorsWriter::commit() {
+  MOE_CHECK(next_ == entries_.size(), "safetensors", "{} of {} tensors written", next_,
+            entries_.size());
+  file_.commit();
+}
+
+void save_safetensors(const std::string& path,
+                      const std::vector<std::pair<std::string, Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  std::vector<SafetensorsWriter::Entry> entries;
+  for (const auto& [name, t] : tensors) entries.push_back({name, st_dtype(t.dtype()), t.shape()});
+  SafetensorsWriter w(path, std::move(entries), metadata);
+  for (const auto& [name, t] : tensors) w.write(t.raw(), t.nbytes());
+  w.commit();
+}
+
+size_t StoredTensor::row_bytes() const {
+  return static_cast<size_t>(row_len()) * st_dtype_size(dtype);
+}
+
+bool StoredTensor::as_f32() const {
+  return dtype == "F32" || dtype == "BF16" || dtype == "F16" || dtype == "I8";
+}
+
+void rows_to_f32(const std::string& dtype, const void* src, const float* scales, int64_t rows,
+                 int64_t row_len, float* out) {
+  const int64_t n = rows * row_len;
+  if (dtype == "F32") {
+    std::memcpy(out, src, static_cast<size_t>(n) * sizeof(float));
+  } else if (dtype == "BF16" || dtype == "F16") {
+    const bool bf = dtype == "BF16";
+    const auto* p = static_cast<const unsigned char*>(src);
+    for (int64_t i = 0; i < n; ++i) {
+      uint16_t v;
+      std::memcpy(&v, p + 2 * i, 2);
+      out[i] = bf ? bf16_to_f32(v) : f16_to_f32(v);
+    }
+  } else if (dtype == "I8") {
+    const auto* q = static_cast<const int8_t*>(src);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float sc = scales[r];
+      for (int64_t j = 0; j < row_len; ++j) out[r * row_len + j] = sc * q[r * row_len + j];
+    }
+  } else {
+    throw_error("safetensors", fmt::format("{} values cannot be read as float32", dtype));
+  }
+}
+
+uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+void quantize_rows_int8(const float* x, int64_t rows, int64_t row_len, int8_t* q, float* scales) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * row_len;
+    float m = 0;
+    for (int64_t j = 0; j < row_len; ++j) m = std::max(m, std::abs(row[j]));
+    MOE_CHECK(std::isfinite(m), "quantize", "row {} holds a value that is not finite", r);
+    const float sc = m > 0 ? m / 127.0f : 1.0f;
+    scales[r] = sc;
+    for (int64_t j = 0; j < row_len; ++j)
+      q[r * row_len + j] =
+          static_cast<int8_t>(std::clamp(std::nearbyint(row[j] / sc), -127.f, 127.f));
+  }
 }
 
 const Tensor& SafetensorsFile::at(const std::string& name) const {
-  auto it = tensors.find(name);
-  MOE_CHECK(it != tensors.end(), "safetensors", "missing tensor {}", name);
-  return it->second;
+  auto it = tensors_.find(name);
+  if (it != tensors_.end()) return it->second;
+  auto s = stored.find(name);
+  MOE_CHECK(s != stored.end(), "safetensors", "missing tensor {}", name);
+  const StoredTensor& st = s->second;
+  Tensor t = Tensor::empty(st.shape, DType::F32);
+  rows_to_f32(st.dtype, st.data, st.scale_values, st.rows(), st.row_len(), t.data<float>());
+  return tensors_.emplace(name, std::move(t)).first->second;
+}
+
+void SafetensorsFile::drop(const std::string& name) const {
+  auto s = stored.find(name);
+  if (s == stored.end()) return;
+  auto it = tensors_.find(name);
+  const bool a_scale = name.size() > 6 && name.compare(name.size() - 6, 6, "_scale") == 0 &&
+                       has(name.substr(0, name.size() - 6));  // still pointed to: kept
+  if (it != tensors_.end() && it->second.raw() != s->second.data && s->second.as_f32() &&
+      !a_scale) {
+    tensors_.erase(it);  // a conversion: free it
+    return;
+  }
+  if (s->second.bytes > 0) drop_mapped_pages(s->second.data, s->second.bytes);
 }
 
 SafetensorsFile load_safetensors(const std::string& path) {
@@ -196,14 +328,10 @@ SafetensorsFile load_safetensors(const std::string& path) {
     Entry e{name, "", {}, 0, 0};
     MOE_CHECK(v["dtype"].is_string(), w.c_str(), "tensor '{}': dtype is not a string", name);
     e.dtype = v["dtype"].get<std::string>();
-    uint64_t elem = 0;
-    if (e.dtype == "F32" || e.dtype == "I32") elem = 4;
-    if (e.dtype == "F64" || e.dtype == "I64") elem = 8;
-    if (e.dtype == "BF16" || e.dtype == "F16") elem = 2;
+    const uint64_t elem = st_dtype_size(e.dtype);
     MOE_CHECK(elem > 0, w.c_str(),
-              "tensor '{}': unsupported dtype '{}' (F32, F64, BF16, F16, "
-              "I32, I64)",
-              name, e.dtype);
+              "tensor '{}': unsupported dtype '{}' (F32, F64, BF16, F16, I8, I32, I64)", name,
+              e.dtype);
     const auto& shape = v["shape"];
     MOE_CHECK(shape.is_array(), w.c_str(), "tensor '{}': shape is not an array", name);
     uint64_t numel = 1;
@@ -244,31 +372,47 @@ SafetensorsFile load_safetensors(const std::string& path) {
   char* data = static_cast<char*>(base) + 8 + hlen;
   out.data_begin = data;
   out.data_end = data + data_size;
+  out.mapping_ = mapping;
   for (const Entry& e : entries) {
     char* src = data + e.begin;
-    const int64_t n = shape_numel(e.shape);
+    StoredTensor& entry = out.stored[e.name];
+    entry.dtype = e.dtype;
+    entry.shape = e.shape;
+    entry.data = src;
+    entry.bytes = e.end - e.begin;
+    if (entry.as_f32() && e.dtype != "F32") continue;  // converted when asked for
+    const DType dt = e.dtype == "F32"   ? DType::F32
+                     : e.dtype == "F64" ? DType::F64
+                     : e.dtype == "I32" ? DType::I32
+                                        : DType::I64;
     Tensor t;
-    if (e.dtype == "BF16" || e.dtype == "F16") {
-      t = Tensor::empty(e.shape, DType::F32);
-      float* dst = t.data<float>();
-      for (int64_t i = 0; i < n; ++i) {
-        uint16_t v;
-        std::memcpy(&v, src + 2 * i, 2);
-        dst[i] = e.dtype == "BF16" ? bf16_to_f32(v) : f16_to_f32(v);
-      }
-    } else {
-      const DType dt = e.dtype == "F32"   ? DType::F32
-                       : e.dtype == "F64" ? DType::F64
-                       : e.dtype == "I32" ? DType::I32
-                                          : DType::I64;
-      if (reinterpret_cast<uintptr_t>(src) % dtype_size(dt) == 0) {
-        t = Tensor::view(src, e.shape, dt, mapping);  // zero-copy
-      } else {  // a header length that leaves the data unaligned: copy
-        t = Tensor::empty(e.shape, dt);
-        if (t.nbytes() > 0) std::memcpy(t.raw(), src, t.nbytes());
-      }
+    if (reinterpret_cast<uintptr_t>(src) % dtype_size(dt) == 0) {
+      t = Tensor::view(src, e.shape, dt, mapping);  // zero-copy
+    } else {  // a header length that leaves the data unaligned: copy
+      t = Tensor::empty(e.shape, dt);
+      if (t.nbytes() > 0) std::memcpy(t.raw(), src, t.nbytes());
     }
-    out.tensors[e.name] = t;
+    out.tensors_[e.name] = t;
+  }
+  // Quantized tensors: their scales must be there, float32, one per row, finite.
+  for (auto& [name, q] : out.stored) {
+    if (q.dtype != "I8") continue;
+    auto sc = out.stored.find(name + "_scale");
+    MOE_CHECK(sc != out.stored.end(), w.c_str(),
+              "tensor '{}' is int8 but the file has no '{}_scale' (its per-row scales)", name,
+              name);
+    const Shape want(q.shape.begin(), q.shape.empty() ? q.shape.end() : q.shape.end() - 1);
+    MOE_CHECK(sc->second.dtype == "F32" && sc->second.shape == want, w.c_str(),
+              "'{}_scale' must be F32 of shape {}, got {} of shape {}", name,
+              nlohmann::json(want).dump(), sc->second.dtype,
+              nlohmann::json(sc->second.shape).dump());
+    const Tensor& scales = out.at(name + "_scale");
+    const float* v = scales.data<float>();
+    for (int64_t i = 0; i < scales.numel(); ++i)
+      MOE_CHECK(std::isfinite(v[i]) && v[i] >= 0, w.c_str(),
+                "'{}_scale' holds {} at {}: scales must be finite and non-negative", name, v[i], i);
+    q.scale = &sc->second;
+    q.scale_values = v;
   }
   return out;
 }
@@ -278,12 +422,6 @@ void drop_mapped_pages(const void* p, size_t bytes) {
   const auto lo = reinterpret_cast<uintptr_t>(p) / page * page;
   const auto hi = (reinterpret_cast<uintptr_t>(p) + bytes + page - 1) / page * page;
   madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
-}
-
-void SafetensorsFile::drop(const Tensor& t) const {
-  const char* p = static_cast<const char*>(t.raw());
-  if (!p || p < data_begin || p + t.nbytes() > data_end) return;  // converted, not mapped
-  drop_mapped_pages(p, t.nbytes());
 }
 
 }  // namespace moe

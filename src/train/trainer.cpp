@@ -483,7 +483,7 @@ std::string resolve_checkpoint(const std::string& dir) {
 
 void load_weights(Model& model, const std::string& path) {
   const SafetensorsFile weights = load_safetensors(path);
-  if (weights.tensors.count("model.embed_tokens.weight")) {
+  if (weights.has("model.embed_tokens.weight")) {
     load_mixtral_tensors(model, weights);
     return;
   }
@@ -491,7 +491,7 @@ void load_weights(Model& model, const std::string& path) {
     const Tensor& src = weights.at(p.name);
     src.expect(path.c_str(), p.name.c_str(), p.value.shape(), p.value.dtype());
     std::memcpy(p.value.raw(), src.raw(), src.nbytes());
-    weights.drop(src);
+    weights.drop(p.name);
   }
   const std::vector<MoeLayer*>& layers = model.moe_layers();
   for (size_t i = 0; i < layers.size(); ++i) {
