@@ -9,6 +9,7 @@
 
 #include "moe/expert_cache.h"
 #include "moe/generate.h"
+#include "moe/quantize.h"
 #include "moe/trainer.h"
 
 namespace moe {
@@ -44,10 +45,18 @@ Tensor logits_of(Model& model, const std::vector<std::vector<int32_t>>& seqs) {
   return model.logits(tok, arena).clone();
 }
 
-class Offload : public ::testing::TestWithParam<bool> {};
+// (Mixtral's layout or ours, experts stored as float32, bf16 or int8)
+class Offload : public ::testing::TestWithParam<std::tuple<bool, std::string>> {};
 
 TEST_P(Offload, SameLogitsAndTokensForEveryCacheSizeAndPolicy) {
-  const std::string dir = saved_model(GetParam() ? "mixtral" : "ours", GetParam());
+  const auto [mixtral, format] = GetParam();
+  std::string dir = saved_model(mixtral ? "mixtral" : "ours", mixtral);
+  if (format != "f32") {  // the same model with quantized experts
+    const std::string q = dir + "_" + format;
+    fs::remove_all(q);
+    quantize_checkpoint(dir, q, parse_expert_format(format));
+    dir = q;
+  }
   std::unique_ptr<Model> resident = load_model(dir);
   const std::vector<std::vector<int32_t>> seqs = {{1, 72, 101, 108, 108, 111, 44, 32},
                                                   {1, 87, 111, 114, 108, 100, 33, 10}};
@@ -56,10 +65,23 @@ TEST_P(Offload, SameLogitsAndTokensForEveryCacheSizeAndPolicy) {
   greedy.temperature = 0;
   const auto want_ids = generate(*resident, {{1, 72, 101}, {1, 87}}, 12, greedy);
   const ModelConfig& cfg = resident->config();
-  const int64_t expert_bytes = 3 * cfg.moe.d_ffn * cfg.moe.d_model * 4;
+  const int64_t expert_floats = 3 * cfg.moe.d_ffn * cfg.moe.d_model;
   int64_t moe_layers = 0;
   for (int64_t i = 0; i < cfg.n_layers; ++i) moe_layers += cfg.is_moe_layer(i) ? 1 : 0;
   const int64_t all = moe_layers * cfg.moe.n_experts;
+  // An expert's bytes as stored: float32, half of that in bf16, a quarter plus the scales (each
+  // part's values and scales aligned to 64 bytes) in int8.
+  const CheckpointInfo info = read_checkpoint_info(dir);
+  const int64_t expert_bytes =
+      ExpertCache(dir, cfg, info.model_type, int64_t{1} << 30, EvictionPolicy::lru)
+          .stats()
+          .expert_bytes;
+  const int64_t F = cfg.moe.d_ffn, D = cfg.moe.d_model;
+  auto a64 = [](int64_t b) { return (b + 63) / 64 * 64; };
+  EXPECT_EQ(expert_bytes, format == "f32" ? 4 * expert_floats
+                          : format == "bf16"
+                              ? 2 * expert_floats
+                              : 2 * (a64(F * D) + a64(4 * F)) + a64(D * F) + a64(4 * D));
   for (bool ahead : {false, true})
     for (EvictionPolicy policy :
          {EvictionPolicy::lru, EvictionPolicy::lfu, EvictionPolicy::routing})
@@ -69,7 +91,7 @@ TEST_P(Offload, SameLogitsAndTokensForEveryCacheSizeAndPolicy) {
         std::shared_ptr<ExpertCache> cache;
         std::unique_ptr<Model> model =
             load_model_offloaded(dir, slots * expert_bytes, policy, &cache, ahead);
-        EXPECT_EQ(model->n_params() + all * expert_bytes / 4, resident->n_params());
+        EXPECT_EQ(model->n_params() + all * expert_floats, resident->n_params());
         const Tensor got = logits_of(*model, seqs);
         EXPECT_EQ(std::memcmp(got.raw(), want.raw(), want.nbytes()), 0) << "logits differ";
         EXPECT_EQ(generate(*model, {{1, 72, 101}, {1, 87}}, 12, greedy), want_ids);
@@ -86,8 +108,13 @@ TEST_P(Offload, SameLogitsAndTokensForEveryCacheSizeAndPolicy) {
       }
 }
 
-INSTANTIATE_TEST_SUITE_P(Layouts, Offload, ::testing::Values(true, false),
-                         [](const auto& p) { return p.param ? "mixtral" : "ours"; });
+INSTANTIATE_TEST_SUITE_P(LayoutsAndFormats, Offload,
+                         ::testing::Combine(::testing::Values(true, false),
+                                            ::testing::Values("f32", "bf16", "int8")),
+                         [](const auto& p) {
+                           return std::string(std::get<0>(p.param) ? "mixtral_" : "ours_") +
+                                  std::get<1>(p.param);
+                         });
 
 // Three layers each needing expert 0 on every pass, with room for two: LRU always evicts the
 // one needed next (no hit at all), the routing policy evicts the one needed last.

@@ -29,7 +29,8 @@ const char* to_string(EvictionPolicy p);
 
 struct ExpertCacheStats {
   int64_t slots = 0;         // experts the cache may hold
-  int64_t expert_bytes = 0;  // one expert's weights
+  int64_t expert_bytes = 0;  // one expert's weights, as stored
+  std::string stored_as;     // float32, bf16, f16 or int8 (read as float32 when used)
   int64_t hits = 0, misses = 0, evictions = 0;
   int64_t bytes_read = 0;  // expert weights copied in from the checkpoint
   double load_s = 0;       // time spent copying them in (by the layers or read-ahead)
@@ -45,8 +46,9 @@ struct ExpertCacheStats {
 class ExpertCache : public ExpertSource {
  public:
   // The routed experts of the model `cfg` in checkpoint folder `dir` (ours, or a HuggingFace
-  // folder of `model_type` with one float32 tensor per expert); `capacity_bytes` bounds the
-  // resident experts' weights (at least one expert).
+  // folder of `model_type` with one tensor per expert), stored as float32, bf16, f16 or int8
+  // (moe/quantize.h) and held in the cache as stored; `capacity_bytes` bounds the resident
+  // experts' weights (at least one expert).
   // With `prefetch`, a reader thread copies in the experts prefetch() names while the layers
   // compute.
   ExpertCache(const std::string& dir, const ModelConfig& cfg, const std::string& model_type,

@@ -46,12 +46,15 @@ class HfTensors {
   explicit HfTensors(const std::string& dir);
   bool has(const std::string& name) const;
   const Tensor& get(const std::string& name);
+  // The tensor as its file stores it (the file stays mapped while this object lives).
+  const StoredTensor& stored(const std::string& name);
   // SafetensorsFile::drop for tensor `name` (after get and a copy).
   void drop(const std::string& name);
 
  private:
   std::string dir_;
   std::map<std::string, std::string> where_;  // tensor -> shard file
+  SafetensorsFile& shard_of(const std::string& name);
   std::map<std::string, SafetensorsFile> shards_;
 };
 

@@ -34,8 +34,8 @@ class AtomicFile {
 };
 
 // A safetensors file written tensor by tensor, atomically: the header (every name, dtype and
-// shape, in file order) first, then each tensor's bytes, in that order; commit() once all are
-// written. Checks that each tensor gets exactly its bytes.
+// shape, in file order) first, then the tensors' bytes, in that order, in pieces of any size;
+// commit() once all are written (it checks that they were, and no more).
 class SafetensorsWriter {
  public:
   struct Entry {
@@ -44,13 +44,15 @@ class SafetensorsWriter {
   };
   SafetensorsWriter(const std::string& path, std::vector<Entry> entries,
                     const std::map<std::string, std::string>& metadata = {});
-  void write(const void* data, size_t bytes);  // the next tensor's bytes, whole
+  void write(const void* data, size_t bytes);  // the next bytes
   void commit();
 
  private:
+  size_t bytes_of(size_t i) const;
   AtomicFile file_;
   std::vector<Entry> entries_;
-  size_t next_ = 0;
+  size_t next_ = 0;  // the tensor being written
+  size_t left_ = 0;  // its bytes still to come (0: not started)
 };
 
 // Bytes per value of a safetensors dtype (0 for one not supported).

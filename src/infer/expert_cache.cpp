@@ -39,9 +39,9 @@ const char* to_string(EvictionPolicy p) {
 std::string ExpertCacheStats::str() const {
   const int64_t n = hits + misses;
   std::string s = fmt::format(
-      "expert cache: {} slots of {:.2f} MB; {} hits, {} misses ({:.1f}% hits), {} evictions; "
-      "{:.1f} MB read, {:.3f} s stalled",
-      slots, static_cast<double>(expert_bytes) / 1e6, hits, misses,
+      "expert cache: {} slots of {:.2f} MB ({}); {} hits, {} misses ({:.1f}% hits), {} "
+      "evictions; {:.1f} MB read, {:.3f} s stalled",
+      slots, static_cast<double>(expert_bytes) / 1e6, stored_as, hits, misses,
       n > 0 ? 100.0 * static_cast<double>(hits) / static_cast<double>(n) : 0.0, evictions,
       static_cast<double>(bytes_read) / 1e6, stall_s);
   if (prefetches > 0)
@@ -61,9 +61,10 @@ int64_t peak_rss_bytes() {
 
 namespace {
 
-// One expert's weights in the checkpoint: float32 views of the mapped files.
+// One expert's weights in the checkpoint: rows of tensors in the mapped files, as stored.
 struct Located {
-  const float* part[3] = {nullptr, nullptr, nullptr};  // gate (SwiGLU only), up, down
+  const StoredTensor* part[3] = {nullptr, nullptr, nullptr};  // gate (SwiGLU only), up, down
+  int64_t first_row[3] = {0, 0, 0};
 };
 
 }  // namespace
@@ -73,7 +74,14 @@ struct ExpertCache::Impl {
   EvictionPolicy policy;
   int64_t L = 0, E = 0, F = 0, D = 0;
   bool gate = true;
-  int64_t floats = 0;  // per expert
+  int64_t floats = 0;  // per expert, as float32
+  // How the experts are stored (every expert alike): each part's dtype, and its bytes in a slot
+  // (values, then one float32 scale per row for int8).
+  std::string dtype[3];
+  int64_t rows[3] = {0, 0, 0}, part_bytes[3] = {0, 0, 0}, slot_bytes = 0;
+  bool float32 = true;            // all parts float32: the layers read the slots themselves
+  std::unique_ptr<float[]> work;  // else: the acquired expert, converted to float32
+  bool work_busy = false;
   // The files: our checkpoint (one safetensors file) or a HuggingFace folder (shards).
   std::unique_ptr<SafetensorsFile> ours;
   std::unique_ptr<HfTensors> hf;
@@ -81,7 +89,7 @@ struct ExpertCache::Impl {
 
   struct Slot {
     int64_t key = -1;  // l * E + e, or -1 when free
-    std::unique_ptr<float[]> data;
+    std::unique_ptr<char[]> data;
     int64_t last_use = 0;
     bool pinned = false;      // a layer is running it
     bool loading = false;     // its bytes are being copied in
@@ -104,14 +112,20 @@ struct ExpertCache::Impl {
   bool stop = false;
   std::thread reader;
 
-  // Copies expert `key` into out (a slot's buffer, taken under the lock; the copy runs outside).
-  void copy_in(float* out, int64_t key) const {
+  // Copies expert `key`, as stored, into out (a slot's buffer, taken under the lock; the copy
+  // runs outside).
+  void copy_in(char* out, int64_t key) const {
     const Located& src = where[static_cast<size_t>(key)];
-    const auto bytes = static_cast<size_t>(F * D) * sizeof(float);
     for (int k = gate ? 0 : 1; k < 3; ++k) {
-      std::memcpy(out, src.part[k], bytes);
-      drop_mapped_pages(src.part[k], bytes);
-      out += F * D;
+      const StoredTensor& t = *src.part[k];
+      const size_t bytes = static_cast<size_t>(rows[k]) * t.row_bytes();
+      const char* from = t.data + static_cast<size_t>(src.first_row[k]) * t.row_bytes();
+      std::memcpy(out, from, bytes);
+      drop_mapped_pages(from, bytes);
+      if (t.scale)
+        std::memcpy(out + bytes, t.scale_values + src.first_row[k],
+                    static_cast<size_t>(rows[k]) * sizeof(float));
+      out += part_bytes[k];
     }
   }
 
@@ -122,7 +136,7 @@ struct ExpertCache::Impl {
     int64_t s = -1;
     if (static_cast<int64_t>(slots.size()) < max_slots) {
       slots.emplace_back();
-      slots.back().data = std::make_unique<float[]>(static_cast<size_t>(floats));
+      slots.back().data = std::make_unique<char[]>(static_cast<size_t>(slot_bytes));
       s = static_cast<int64_t>(slots.size()) - 1;
     } else {
       s = victim(ahead);
@@ -197,22 +211,15 @@ ExpertCache::ExpertCache(const std::string& dir, const ModelConfig& cfg,
   m.D = mc.d_model;
   m.gate = mc.act == ExpertAct::swiglu;
   m.floats = (m.gate ? 2 : 1) * m.F * m.D + m.D * m.F;
-  stats_.expert_bytes = m.floats * static_cast<int64_t>(sizeof(float));
-  m.max_slots = std::min(capacity_bytes / stats_.expert_bytes, m.L * m.E);
-  MOE_CHECK(m.max_slots >= 1, w,
-            "the cache of {:.2f} MB cannot hold one expert ({:.2f} MB): give a larger size",
-            static_cast<double>(capacity_bytes) / 1e6,
-            static_cast<double>(stats_.expert_bytes) / 1e6);
-  stats_.slots = m.max_slots;
 
   // Where every expert is in the files.
   m.where.resize(static_cast<size_t>(m.L * m.E));
-  auto check = [&](const Tensor& t, const std::string& name, const Shape& shape) {
-    MOE_CHECK(t.dtype() == DType::F32 && t.numel() == shape_numel(shape), w,
-              "{} must be float32 with {} values to be offloaded, got {}", name, shape_numel(shape),
-              t.str());
+  auto check = [&](const StoredTensor& t, const std::string& name, int64_t rows, int64_t cols) {
+    MOE_CHECK(t.as_f32() && t.row_len() == cols && t.rows() == rows, w,
+              "{} must be float32, bf16, f16 or int8 with {} rows of {} to be offloaded, got {} {}",
+              name, rows, cols, t.dtype, fmt::format("{}", fmt::join(t.shape, "x")));
   };
-  const Shape fd{m.F, m.D}, df{m.D, m.F};
+  const int64_t part_rows[3] = {m.F, m.F, m.D}, part_cols[3] = {m.D, m.D, m.F};
   int64_t li = 0;
   if (model_type == "moe_cpp") {
     m.ours = std::make_unique<SafetensorsFile>(
@@ -222,10 +229,14 @@ ExpertCache::ExpertCache(const std::string& dir, const ModelConfig& cfg,
       const std::string p = fmt::format("layers.{}.moe.experts.", i);
       const char* names[3] = {"w_gate", "w_up", "w_down"};
       for (int k = m.gate ? 0 : 1; k < 3; ++k) {
-        const Tensor& t = m.ours->at(p + names[k]);
-        check(t, p + names[k], {m.E, m.F, m.D});
-        for (int64_t e = 0; e < m.E; ++e)
-          m.where[static_cast<size_t>(li * m.E + e)].part[k] = t.data<float>() + e * m.F * m.D;
+        MOE_CHECK(m.ours->has(p + names[k]), w, "{} has no tensor {}", dir, p + names[k]);
+        const StoredTensor& t = m.ours->stored.at(p + names[k]);
+        check(t, p + names[k], m.E * part_rows[k], part_cols[k]);
+        for (int64_t e = 0; e < m.E; ++e) {
+          Located& at = m.where[static_cast<size_t>(li * m.E + e)];
+          at.part[k] = &t;
+          at.first_row[k] = e * part_rows[k];
+        }
       }
       ++li;
     }
@@ -236,17 +247,45 @@ ExpertCache::ExpertCache(const std::string& dir, const ModelConfig& cfg,
       for (int64_t e = 0; e < m.E; ++e) {
         const std::vector<std::string> names = hf_expert_names(model_type, i, e);
         for (int k = m.gate ? 0 : 1; k < 3; ++k) {
-          MOE_CHECK(m.hf->has(names[static_cast<size_t>(k)]), w,
-                    "{} has no tensor {} (offloading reads one tensor per expert)", dir,
-                    names[static_cast<size_t>(k)]);
-          const Tensor& t = m.hf->get(names[static_cast<size_t>(k)]);
-          check(t, names[static_cast<size_t>(k)], k == 2 ? df : fd);
-          m.where[static_cast<size_t>(li * m.E + e)].part[k] = t.data<float>();
+          const std::string& name = names[static_cast<size_t>(k)];
+          MOE_CHECK(m.hf->has(name), w,
+                    "{} has no tensor {} (offloading reads one tensor per expert)", dir, name);
+          const StoredTensor& t = m.hf->stored(name);
+          check(t, name, part_rows[k], part_cols[k]);
+          m.where[static_cast<size_t>(li * m.E + e)].part[k] = &t;
         }
       }
       ++li;
     }
   }
+  // How they are stored: as expert 0 is, and every expert alike.
+  auto align = [](int64_t b) { return (b + 63) / 64 * 64; };
+  for (int k = m.gate ? 0 : 1; k < 3; ++k) {
+    const StoredTensor& t = *m.where[0].part[k];
+    m.dtype[k] = t.dtype;
+    m.rows[k] = part_rows[k];
+    m.part_bytes[k] = align(part_rows[k] * static_cast<int64_t>(t.row_bytes())) +
+                      (t.scale ? align(part_rows[k] * 4) : 0);
+    m.slot_bytes += m.part_bytes[k];
+    m.float32 = m.float32 && t.dtype == "F32";
+    for (const Located& at : m.where)
+      MOE_CHECK(
+          at.part[k]->dtype == t.dtype, w,
+          "the experts are stored in different dtypes ({} and {}): offloading needs them alike",
+          t.dtype, at.part[k]->dtype);
+  }
+  if (!m.float32) m.work = std::make_unique<float[]>(static_cast<size_t>(m.floats));
+  stats_.expert_bytes = m.slot_bytes;
+  stats_.stored_as = m.dtype[2] == "F32"    ? "float32"
+                     : m.dtype[2] == "I8"   ? "int8"
+                     : m.dtype[2] == "BF16" ? "bf16"
+                                            : "f16";
+  m.max_slots = std::min(capacity_bytes / stats_.expert_bytes, m.L * m.E);
+  MOE_CHECK(m.max_slots >= 1, w,
+            "the cache of {:.2f} MB cannot hold one expert ({:.2f} MB): give a larger size",
+            static_cast<double>(capacity_bytes) / 1e6,
+            static_cast<double>(stats_.expert_bytes) / 1e6);
+  stats_.slots = m.max_slots;
   m.slot_of.assign(static_cast<size_t>(m.L * m.E), -1);
   m.uses.assign(static_cast<size_t>(m.L * m.E), 0);
   m.freq.assign(static_cast<size_t>(m.L * m.E),
@@ -297,7 +336,7 @@ void ExpertCache::read_ahead() {
 
 void ExpertCache::fill(std::unique_lock<std::mutex>& lock, int64_t s, int64_t key) {
   Impl& m = *impl_;
-  float* out = m.slots[static_cast<size_t>(s)].data.get();
+  char* out = m.slots[static_cast<size_t>(s)].data.get();
   lock.unlock();
   const auto t0 = std::chrono::steady_clock::now();
   m.copy_in(out, key);
@@ -350,14 +389,29 @@ ExpertView ExpertCache::acquire(int64_t layer, int64_t e) {
   slot.last_use = m.tick;
   slot.pinned = true;
   m.needed[static_cast<size_t>(e)] = 0;
-  float* p = slot.data.get();
+  // Float32 slots are read in place; others are converted into the work buffer, which the layer
+  // holds until release (it runs its experts one after another).
+  MOE_CHECK(m.float32 || !m.work_busy, "offload",
+            "one expert at a time: release the last one first");
+  m.work_busy = !m.float32;
+  lock.unlock();
   ExpertView v;
-  if (m.gate) {
-    v.w_gate = Tensor::view(p, {m.F, m.D}, DType::F32);
-    p += m.F * m.D;
+  const char* in = slot.data.get();
+  float* work = m.work.get();
+  Tensor* parts[3] = {&v.w_gate, &v.w_up, &v.w_down};
+  for (int k = m.gate ? 0 : 1; k < 3; ++k) {
+    const int64_t rows = m.rows[k], cols = k == 2 ? m.F : m.D;
+    float* p = const_cast<float*>(reinterpret_cast<const float*>(in));
+    if (!m.float32) {
+      const int64_t value_bytes = rows * cols * static_cast<int64_t>(st_dtype_size(m.dtype[k]));
+      const auto* scales = reinterpret_cast<const float*>(in + (value_bytes + 63) / 64 * 64);
+      rows_to_f32(m.dtype[k], in, m.dtype[k] == "I8" ? scales : nullptr, rows, cols, work);
+      p = work;
+      work += rows * cols;
+    }
+    *parts[k] = Tensor::view(p, {rows, cols}, DType::F32);
+    in += m.part_bytes[k];
   }
-  v.w_up = Tensor::view(p, {m.F, m.D}, DType::F32);
-  v.w_down = Tensor::view(p + m.F * m.D, {m.D, m.F}, DType::F32);
   return v;
 }
 
@@ -366,6 +420,7 @@ void ExpertCache::release(int64_t layer, int64_t e) {
   std::lock_guard<std::mutex> lock(m.mu);
   const int32_t s = m.slot_of[static_cast<size_t>(layer * m.E + e)];
   if (s >= 0) m.slots[static_cast<size_t>(s)].pinned = false;
+  m.work_busy = false;
   m.cv.notify_all();
 }
 

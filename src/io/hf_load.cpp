@@ -502,7 +502,7 @@ HfTensors::HfTensors(const std::string& dir) : dir_(dir) {
 
 bool HfTensors::has(const std::string& name) const { return where_.count(name) > 0; }
 
-const Tensor& HfTensors::get(const std::string& name) {
+SafetensorsFile& HfTensors::shard_of(const std::string& name) {
   auto it = where_.find(name);
   MOE_CHECK(it != where_.end(), kWhere, "the checkpoint in {} has no tensor '{}'", dir_, name);
   auto s = shards_.find(it->second);
@@ -513,7 +513,13 @@ const Tensor& HfTensors::get(const std::string& name) {
   }
   MOE_CHECK(s->second.has(name), kWhere, "shard {} has no tensor '{}' (the index says so)",
             it->second, name);
-  return s->second.at(name);
+  return s->second;
+}
+
+const Tensor& HfTensors::get(const std::string& name) { return shard_of(name).at(name); }
+
+const StoredTensor& HfTensors::stored(const std::string& name) {
+  return shard_of(name).stored.at(name);
 }
 
 void HfTensors::drop(const std::string& name) {

@@ -158,14 +158,26 @@ SafetensorsWriter::SafetensorsWriter(const std::string& path, std::vector<Entry>
 }
 
 void SafetensorsWriter::write(const void* data, size_t bytes) {
-  MOE_CHECK(next_ < entries_.size(), "safetensors", "more tensors written than declared");
-  const Entry& e = entries_[next_++];
-  const size_t want = static_cast<size_t>(shape_numel(e.shape)) * st_dtype_size(e.dtype);
-  MOE_CHECK(bytes == want, "safetensors", "tensor {} needs {} bytes, got {}", e.name, want, bytes);
-  file_.write(data, bytes);
+  const char* p = static_cast<const char*>(data);
+  while (bytes > 0 || (next_ < entries_.size() && left_ == 0 && bytes_of(next_) == 0)) {
+    MOE_CHECK(next_ < entries_.size(), "safetensors", "more bytes written than the {} tensors hold",
+              entries_.size());
+    if (left_ == 0) left_ = bytes_of(next_);
+    const size_t n = std::min(bytes, left_);
+    file_.write(p, n);
+    p += n;
+    bytes -= n;
+    left_ -= n;
+    if (left_ == 0) ++next_;
+  }
+}
+
+size_t SafetensorsWriter::bytes_of(size_t i) const {
+  return static_cast<size_t>(shape_numel(entries_[i].shape)) * st_dtype_size(entries_[i].dtype);
 }
 
 void SafetensorsWriter::commit() {
+  while (next_ < entries_.size() && left_ == 0 && bytes_of(next_) == 0) ++next_;  // empty ones
   MOE_CHECK(next_ == entries_.size(), "safetensors", "{} of {} tensors written", next_,
             entries_.size());
   file_.commit();

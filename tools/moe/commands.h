@@ -27,5 +27,6 @@ Run add_inspect(CLI::App& app);
 Run add_generate(CLI::App& app);
 Run add_logits(CLI::App& app);
 Run add_tokenize(CLI::App& app);
+Run add_quantize(CLI::App& app);
 
 }  // namespace moe::cli

@@ -50,6 +50,7 @@ int main(int argc, char** argv) {
   add(moe::cli::add_generate);
   add(moe::cli::add_logits);
   add(moe::cli::add_tokenize);
+  add(moe::cli::add_quantize);
   add(moe::cli::add_params);
   add(moe::cli::add_inspect);
   add(moe::cli::add_demo);
