@@ -142,6 +142,16 @@ void load_weights(Model& model, const std::string& path);
 // What a checkpoint folder (or an out_dir with `latest`) holds: its model config, config.json's
 // model_type ("moe_cpp" for this engine's own layout), and whether it is one of this engine's
 // (its config under "moe_cpp", the weights in Mixtral's layout or under this engine's names).
+// Loss of `model` (inference mode) over consecutive windows of seq_len + 1 tokens of `text`, at
+// most `max_windows` of them, `batch` at a time: the mean of the windows' cross-entropies, as
+// `moe eval` reports it. Throws when the text is shorter than one window.
+struct WindowLoss {
+  double loss = 0;
+  int64_t windows = 0;
+};
+WindowLoss window_loss(Model& model, const TokenStream& text, int64_t seq_len, int64_t batch,
+                       int64_t max_windows);
+
 struct CheckpointInfo {
   std::string dir;  // the checkpoint folder itself
   ModelConfig config;

@@ -464,6 +464,30 @@ std::string Trainer::save(const std::string& out_dir) {
   return final_dir.string();
 }
 
+WindowLoss window_loss(Model& model, const TokenStream& text, int64_t seq_len, int64_t batch,
+                       int64_t max_windows) {
+  MOE_CHECK(seq_len >= 1 && batch >= 1, "eval", "seq_len and batch must be positive");
+  const int64_t W = seq_len + 1;
+  WindowLoss out;
+  out.windows = std::min(max_windows, (static_cast<int64_t>(text.ids.size()) - 1) / seq_len);
+  MOE_CHECK(out.windows >= 1, "eval", "the text ({} tokens) is shorter than one window of {}",
+            text.ids.size(), W);
+  model.set_training(false);
+  Arena arena;
+  double total = 0;
+  for (int64_t done = 0; done < out.windows;) {
+    const int64_t b = std::min(batch, out.windows - done);
+    Tensor tok = Tensor::empty({b, W}, DType::I32);
+    for (int64_t i = 0; i < b; ++i)
+      std::copy_n(text.ids.begin() + (done + i) * seq_len, W, tok.data<int32_t>() + i * W);
+    arena.reset();
+    total += model.forward(tok, arena).ce_loss * static_cast<double>(b);
+    done += b;
+  }
+  out.loss = total / static_cast<double>(out.windows);
+  return out;
+}
+
 std::string resolve_checkpoint(const std::string& dir) {
   fs::path ckpt(dir);
   if (fs::exists(ckpt / "latest")) {

@@ -41,25 +41,11 @@ int run_eval(const EvalArgs& a) {
   TokenStream train, val;
   split_corpus(corpus, a.val_every, train, val, tokenizer.get());
   if (val.ids.size() <= static_cast<size_t>(a.seq_len + 1)) val = train;  // tiny corpora
-  const int64_t W = a.seq_len + 1;
-  const int64_t windows =
-      std::min(a.max_windows, (static_cast<int64_t>(val.ids.size()) - 1) / a.seq_len);
-  MOE_CHECK(windows >= 1, "eval", "the validation text is shorter than one window");
-  Arena arena;
-  double total = 0;
-  int64_t done = 0;
-  while (done < windows) {
-    const int64_t b = std::min(a.batch, windows - done);
-    Tensor tok = Tensor::empty({b, W}, DType::I32);
-    for (int64_t i = 0; i < b; ++i)
-      std::copy_n(val.ids.begin() + (done + i) * a.seq_len, W, tok.data<int32_t>() + i * W);
-    arena.reset();
-    total += model->forward(tok, arena).ce_loss * static_cast<double>(b);
-    done += b;
-  }
-  const double loss = total / static_cast<double>(windows);
+  const WindowLoss r = window_loss(*model, val, a.seq_len, a.batch, a.max_windows);
+  const double loss = r.loss;
+  const int64_t windows = r.windows;
   fmt::print(
-      "validation: {} windows of {} tokens\nloss {:.4f}  perplexity {:.3f}  bits per token "
+      "validation: {} windows of {} tokens\nloss {:.5f}  perplexity {:.4f}  bits per token "
       "{:.4f}\n",
       windows, a.seq_len, loss, std::exp(loss), loss / std::log(2.0));
   return 0;
