@@ -9,6 +9,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "hf_test_util.h"
 #include "moe/hf.h"
 #include "moe/trainer.h"
 
@@ -16,14 +17,7 @@ namespace moe {
 
 namespace {
 
-const std::string kMixtral = std::string(MOE_TEST_FIXTURES) + "/hf/mixtral";
-
-Tensor as_i32(const Tensor& t) {
-  Tensor out = Tensor::empty(t.shape(), DType::I32);
-  for (int64_t i = 0; i < t.numel(); ++i)
-    out.data<int32_t>()[i] = static_cast<int32_t>(t.data<int64_t>()[i]);
-  return out;
-}
+const std::string kMixtral = hf_fixture("mixtral");
 
 }  // namespace
 

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "hf_test_util.h"
 #include "moe/generate.h"
 #include "moe/hf.h"
 #include "moe/trainer.h"
@@ -19,28 +20,7 @@ namespace moe {
 
 namespace {
 
-std::string fixture(const std::string& name) {
-  return std::string(MOE_TEST_FIXTURES) + "/hf/" + name;
-}
-
-Tensor as_i32(const Tensor& t) {
-  Tensor out = Tensor::empty(t.shape(), DType::I32);
-  for (int64_t i = 0; i < t.numel(); ++i)
-    out.data<int32_t>()[i] = static_cast<int32_t>(t.data<int64_t>()[i]);
-  return out;
-}
-
-// ||a - b|| / ||b||.
-double relative_error(const Tensor& a, const Tensor& b) {
-  EXPECT_EQ(a.numel(), b.numel());
-  double diff = 0, norm = 0;
-  for (int64_t i = 0; i < b.numel(); ++i) {
-    const double d = a.at(i) - b.at(i);
-    diff += d * d;
-    norm += b.at(i) * b.at(i);
-  }
-  return std::sqrt(diff / norm);
-}
+std::string fixture(const std::string& name) { return hf_fixture(name); }
 
 class HfModel : public ::testing::TestWithParam<const char*> {};
 
@@ -158,19 +138,8 @@ TEST(HfSharded, ShardsLoadLikeOneFileAndIndexesCannotLeaveTheFolder) {
   namespace fs = std::filesystem;
   const std::string src = fixture("qwen2_moe");
   const fs::path dir = fs::temp_directory_path() / "moe_sharded_qwen2";
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  fs::copy_file(src + "/config.json", dir / "config.json");
-  const SafetensorsFile all = load_safetensors(src + "/model.safetensors");
-  std::vector<std::pair<std::string, Tensor>> a, b;
-  nlohmann::json map = nlohmann::json::object();
-  for (const auto& [name, stored] : all.stored) {
-    const bool first = name.find("layers.1.") == std::string::npos;
-    (first ? a : b).emplace_back(name, all.at(name));
-    map[name] = first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
-  }
-  save_safetensors((dir / "model-00001-of-00002.safetensors").string(), a);
-  save_safetensors((dir / "model-00002-of-00002.safetensors").string(), b);
+  const nlohmann::json map = write_two_shards(src, dir, "model-00001-of-00002.safetensors",
+                                              "model-00002-of-00002.safetensors");
   auto write_index = [&](const nlohmann::json& m) {
     std::ofstream(dir / "model.safetensors.index.json") << nlohmann::json{{"weight_map", m}}.dump();
   };

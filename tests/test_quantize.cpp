@@ -11,6 +11,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "hf_test_util.h"
 #include "moe/data.h"
 #include "moe/quantize.h"
 #include "moe/safetensors.h"
@@ -30,31 +31,13 @@ std::string quantized(const std::string& dir, const std::string& tag, ExpertForm
   return out.string();
 }
 
-// ||a - b|| / ||b||.
-double relative_error(const Tensor& a, const Tensor& b) {
-  EXPECT_EQ(a.numel(), b.numel());
-  double diff = 0, norm = 0;
-  for (int64_t i = 0; i < b.numel(); ++i) {
-    const double d = a.at(i) - b.at(i);
-    diff += d * d;
-    norm += b.at(i) * b.at(i);
-  }
-  return std::sqrt(diff / norm);
-}
-
 Tensor logits_of(const std::string& dir, const Tensor& ids) {
   std::unique_ptr<Model> model = load_model(dir);
   Arena arena;
   return model->logits(ids, arena).clone();
 }
 
-Tensor reference_ids(const SafetensorsFile& ref) {
-  const Tensor& t = ref.at("input_ids");
-  Tensor out = Tensor::empty(t.shape(), DType::I32);
-  for (int64_t i = 0; i < t.numel(); ++i)
-    out.data<int32_t>()[i] = static_cast<int32_t>(t.data<int64_t>()[i]);
-  return out;
-}
+Tensor reference_ids(const SafetensorsFile& ref) { return as_i32(ref.at("input_ids")); }
 
 class QuantizedHf : public ::testing::TestWithParam<const char*> {};
 
@@ -63,7 +46,7 @@ class QuantizedHf : public ::testing::TestWithParam<const char*> {};
 // Every architecture and layout (one tensor per expert, DBRX's fused ones): the quantized
 // checkpoint keeps every other tensor, and its logits stay near transformers' float32 ones.
 TEST_P(QuantizedHf, KeepsEverythingElseAndStaysNearTransformersLogits) {
-  const std::string dir = fixture(std::string("hf/") + GetParam());
+  const std::string dir = hf_fixture(GetParam());
   const SafetensorsFile ref = load_safetensors(dir + "/reference.safetensors");
   const Tensor ids = reference_ids(ref);
   const Tensor& want = ref.at("logits");
@@ -130,21 +113,9 @@ TEST(Quantize, ValidationLossOfATrainedModelBarelyMoves) {
 // A sharded checkpoint: scales go into the index next to their matrices, and the result loads
 // to the same logits as the single-file one quantized the same way.
 TEST(Quantize, ShardedCheckpointsKeepTheirIndex) {
-  const std::string src = fixture("hf/mixtral");
+  const std::string src = hf_fixture("mixtral");
   const fs::path dir = fs::temp_directory_path() / "moe_quant_sharded";
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  fs::copy_file(src + "/config.json", dir / "config.json");
-  const SafetensorsFile all = load_safetensors(src + "/model.safetensors");
-  std::vector<std::pair<std::string, Tensor>> a, b;
-  nlohmann::json map = nlohmann::json::object();
-  for (const auto& [name, t] : all.stored) {
-    const bool first = name.find("layers.1.") == std::string::npos;
-    (first ? a : b).emplace_back(name, all.at(name));
-    map[name] = first ? "part-1.safetensors" : "part-2.safetensors";
-  }
-  save_safetensors((dir / "part-1.safetensors").string(), a);
-  save_safetensors((dir / "part-2.safetensors").string(), b);
+  const nlohmann::json map = write_two_shards(src, dir, "part-1.safetensors", "part-2.safetensors");
   std::ofstream(dir / "model.safetensors.index.json")
       << nlohmann::json{{"metadata", {{"total_size", 0}}}, {"weight_map", map}}.dump();
   const std::string q = quantized(dir.string(), "sharded", ExpertFormat::int8);
@@ -160,7 +131,7 @@ TEST(Quantize, ShardedCheckpointsKeepTheirIndex) {
 }
 
 TEST(Quantize, RefusesWhatItCannotDo) {
-  const std::string src = fixture("hf/mixtral");
+  const std::string src = hf_fixture("mixtral");
   auto expect_error = [](const std::function<void()>& fn, const std::string& needle) {
     try {
       fn();
