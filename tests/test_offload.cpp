@@ -50,7 +50,7 @@ class Offload : public ::testing::TestWithParam<std::tuple<bool, std::string>> {
 
 TEST_P(Offload, SameLogitsAndTokensForEveryCacheSizeAndPolicy) {
   const auto [mixtral, format] = GetParam();
-  std::string dir = saved_model(mixtral ? "mixtral" : "ours", mixtral);
+  std::string dir = saved_model(std::string(mixtral ? "mixtral_" : "ours_") + format, mixtral);
   if (format != "f32") {  // the same model with quantized experts
     const std::string q = dir + "_" + format;
     fs::remove_all(q);
