@@ -117,8 +117,11 @@ struct SafetensorsFile {
   const char* data_end = nullptr;
 
  private:
+  friend SafetensorsFile parse_safetensors(char*, uint64_t, std::shared_ptr<void>,
+                                           const std::string&);
   friend SafetensorsFile load_safetensors(const std::string& path);
   std::shared_ptr<void> mapping_;
+  bool mapped_ = false;  // a file mapping (drop may release its pages), not other memory
   mutable std::map<std::string, Tensor> tensors_;  // views, and conversions made by at()
 };
 
@@ -128,6 +131,10 @@ struct SafetensorsFile {
 // I8 tensor's scales present, float32, of the right shape and finite.
 // Every violation throws moe::Error naming the file and the problem.
 SafetensorsFile load_safetensors(const std::string& path);
+// The same checks on a file's bytes already in memory (`data`, `size` bytes, writable: views
+// alias it), which `owner` keeps alive; `path` names them in errors.
+SafetensorsFile parse_safetensors(char* data, uint64_t size, std::shared_ptr<void> owner,
+                                  const std::string& path);
 
 // Drops the pages under [p, p + bytes) of a private, never written file mapping from this
 // process (madvise): they stay in the page cache and read back the same if touched again.

@@ -159,6 +159,8 @@ struct CheckpointInfo {
   bool ours = false;
 };
 CheckpointInfo read_checkpoint_info(const std::string& dir);
+// The same from config.json's text (`name` names it in errors; `dir` is left empty).
+CheckpointInfo parse_checkpoint_config(const std::string& text, const std::string& name);
 // Fills every parameter model.params() lists from the checkpoint's files.
 void load_checkpoint_weights(Model& model, const CheckpointInfo& info);
 // A float32 model from a checkpoint folder: one of this engine's or a HuggingFace one.

@@ -90,13 +90,6 @@ const char* st_dtype(DType d) {
   return "?";
 }
 
-float bf16_to_f32(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 float f16_to_f32(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
   uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
@@ -204,18 +197,30 @@ bool StoredTensor::as_f32() const {
 void rows_to_f32(const std::string& dtype, const void* src, const float* scales, int64_t rows,
                  int64_t row_len, float* out) {
   const int64_t n = rows * row_len;
+  // Elementwise, so the same bits on any number of threads; threads only for large blocks (an
+  // expert is converted on every use when offloading).
+  const bool par = n >= (int64_t{1} << 18);
   if (dtype == "F32") {
     std::memcpy(out, src, static_cast<size_t>(n) * sizeof(float));
-  } else if (dtype == "BF16" || dtype == "F16") {
-    const bool bf = dtype == "BF16";
+  } else if (dtype == "BF16") {
+    const auto* p = static_cast<const unsigned char*>(src);
+#pragma omp parallel for schedule(static) if (par)
+    for (int64_t i = 0; i < n; ++i) {
+      uint16_t v;
+      std::memcpy(&v, p + 2 * i, 2);
+      const uint32_t bits = static_cast<uint32_t>(v) << 16;
+      std::memcpy(&out[i], &bits, 4);
+    }
+  } else if (dtype == "F16") {
     const auto* p = static_cast<const unsigned char*>(src);
     for (int64_t i = 0; i < n; ++i) {
       uint16_t v;
       std::memcpy(&v, p + 2 * i, 2);
-      out[i] = bf ? bf16_to_f32(v) : f16_to_f32(v);
+      out[i] = f16_to_f32(v);
     }
   } else if (dtype == "I8") {
     const auto* q = static_cast<const int8_t*>(src);
+#pragma omp parallel for schedule(static) if (par)
     for (int64_t r = 0; r < rows; ++r) {
       const float sc = scales[r];
       for (int64_t j = 0; j < row_len; ++j) out[r * row_len + j] = sc * q[r * row_len + j];
@@ -269,7 +274,7 @@ void SafetensorsFile::drop(const std::string& name) const {
     tensors_.erase(it);  // a conversion: free it
     return;
   }
-  if (s->second.bytes > 0) drop_mapped_pages(s->second.data, s->second.bytes);
+  if (mapped_ && s->second.bytes > 0) drop_mapped_pages(s->second.data, s->second.bytes);
 }
 
 SafetensorsFile load_safetensors(const std::string& path) {
@@ -291,8 +296,19 @@ SafetensorsFile load_safetensors(const std::string& path) {
   void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
   ::close(fd);
   MOE_CHECK(base != MAP_FAILED, w.c_str(), "cannot map the file: {}", std::strerror(errno));
-  const std::shared_ptr<void> mapping(base, [size](void* p) { ::munmap(p, size); });
-  const auto* bytes = static_cast<const unsigned char*>(base);
+  std::shared_ptr<void> mapping(base, [size](void* p) { ::munmap(p, size); });
+  SafetensorsFile f = parse_safetensors(static_cast<char*>(base), size, std::move(mapping), path);
+  f.mapped_ = true;
+  return f;
+}
+
+SafetensorsFile parse_safetensors(char* base, uint64_t size, std::shared_ptr<void> owner,
+                                  const std::string& path) {
+  const std::string w = "safetensors " + path;
+  MOE_CHECK(size >= 8, w.c_str(), "the file has {} bytes, fewer than the 8-byte header length",
+            size);
+  const std::shared_ptr<void> mapping = std::move(owner);
+  const auto* bytes = reinterpret_cast<const unsigned char*>(base);
   uint64_t hlen = 0;
   for (int i = 0; i < 8; ++i) hlen |= static_cast<uint64_t>(bytes[i]) << (8 * i);
   MOE_CHECK(hlen <= 100'000'000, w.c_str(), "header length {} exceeds the 100 MB limit", hlen);

@@ -1104,20 +1104,15 @@ class BpeModel {
 
 class HfTokenizer final : public Tokenizer {
  public:
-  explicit HfTokenizer(const std::string& path) {
+  // The file's text, `path` naming it in errors; with `beside`, tokenizer_config.json next to
+  // it names bos and eos.
+  HfTokenizer(const std::string& path, const std::string& text, bool beside) {
     const Fields f(path);
     json root;
-    {
-      std::ifstream in(path, std::ios::binary);
-      if (!in) f.fail("cannot open the file");
-      // the whole file, then the parse (from memory)
-      const std::string text((std::istreambuf_iterator<char>(in)),
-                             std::istreambuf_iterator<char>());
-      try {
-        root = json::parse(text);
-      } catch (const json::exception& e) {
-        f.fail(fmt::format("not valid JSON: {}", e.what()));
-      }
+    try {
+      root = json::parse(text);
+    } catch (const json::exception& e) {
+      f.fail(fmt::format("not valid JSON: {}", e.what()));
     }
     f.expect_object(root, "the file");
 
@@ -1139,8 +1134,7 @@ class HfTokenizer final : public Tokenizer {
     has_token_.assign(id_to_token_.size(), false);
     for (size_t i = 0; i < id_to_token_.size(); ++i) has_token_[i] = !id_to_token_[i].empty();
 
-    const fs::path config = fs::path(path).parent_path() / "tokenizer_config.json";
-    find_bos_eos(config);
+    find_bos_eos(beside ? fs::path(path).parent_path() / "tokenizer_config.json" : fs::path());
   }
 
   std::vector<int32_t> encode(const std::string& text) const override {
@@ -1252,6 +1246,7 @@ class HfTokenizer final : public Tokenizer {
     };
     bos_ = from_list({"<s>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>", "<|startoftext|>"});
     eos_ = from_list({"</s>", "<|end_of_text|>", "<｜end▁of▁sentence｜>", "<|endoftext|>"});
+    if (config.empty()) return;
     std::ifstream in(config);
     if (!in) return;
     const json j = json::parse(in, nullptr, /*allow_exceptions=*/false);
@@ -1285,7 +1280,14 @@ class HfTokenizer final : public Tokenizer {
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path) {
-  return std::make_unique<HfTokenizer>(path);
+  std::ifstream in(path, std::ios::binary);
+  if (!in) Fields(path).fail("cannot open the file");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return std::make_unique<HfTokenizer>(path, text, true);
+}
+
+std::unique_ptr<Tokenizer> parse_hf_tokenizer(const std::string& text, const std::string& name) {
+  return std::make_unique<HfTokenizer>(name, text, false);
 }
 
 }  // namespace moe::tok

@@ -528,21 +528,26 @@ void load_weights(Model& model, const std::string& path) {
 }
 
 CheckpointInfo read_checkpoint_info(const std::string& dir) {
-  CheckpointInfo info;
   const fs::path ckpt = resolve_checkpoint(dir);
+  std::ifstream f(ckpt / "config.json", std::ios::binary);
+  MOE_CHECK(f.good(), "checkpoint", "cannot read {}/config.json", ckpt.string());
+  const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  CheckpointInfo info = parse_checkpoint_config(text, (ckpt / "config.json").string());
   info.dir = ckpt.string();
-  std::ifstream f(ckpt / "config.json");
-  MOE_CHECK(f.good(), "checkpoint", "cannot read {}/config.json", info.dir);
-  nlohmann::json j;
+  return info;
+}
+
+CheckpointInfo parse_checkpoint_config(const std::string& text, const std::string& name) {
+  CheckpointInfo info;
   try {
-    j = nlohmann::json::parse(f);
-    MOE_CHECK(j.is_object(), "checkpoint", "{}/config.json is not a JSON object", info.dir);
+    const nlohmann::json j = nlohmann::json::parse(text);
+    MOE_CHECK(j.is_object(), "checkpoint", "{} is not a JSON object", name);
     info.model_type = j.value("model_type", std::string());
     info.ours = j.contains("moe_cpp");
     // Ours carries its own config; a HuggingFace checkpoint of a supported architecture, its.
     info.config = info.ours ? j.at("moe_cpp").get<ModelConfig>() : config_from_hf(j);
   } catch (const nlohmann::json::exception& e) {
-    throw_error("checkpoint", fmt::format("bad {}/config.json: {}", info.dir, e.what()));
+    throw_error("checkpoint", fmt::format("bad {}: {}", name, e.what()));
   }
   return info;
 }

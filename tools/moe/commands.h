@@ -4,13 +4,23 @@
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace moe::cli {
 
 // A subcommand's run function; returns the process exit status.
 using Run = std::function<int()>;
+
+// The whole command line: the app, and each subcommand with the function that runs it once
+// parsed (the one whose `parsed()` is true).
+struct Cli {
+  CLI::App app;
+  std::vector<std::pair<CLI::App*, Run>> commands;
+};
+std::unique_ptr<Cli> make_cli();
 
 // Token id lists as the CLI writes them: "1,2,3;4,5,6" -> {{1, 2, 3}, {4, 5, 6}}; `what` names
 // the flag in errors.

@@ -32,29 +32,8 @@ int main(int argc, char** argv) {
   } catch (const moe::Error& e) {
     return fail(e.what(), 2);
   }
-  CLI::App app{
-      "moe.cpp: a Mixture-of-Experts engine (MoE layers with every routing method, training, "
-      "inference of HuggingFace MoE checkpoints)",
-      "moe"};
-  app.require_subcommand(1);
-  app.set_version_flag("--version", "moe.cpp 0.1.0");
-  std::vector<std::pair<CLI::App*, moe::cli::Run>> commands;
-  auto add = [&](moe::cli::Run (*adder)(CLI::App&)) {
-    const size_t before = app.get_subcommands({}).size();
-    moe::cli::Run run = adder(app);
-    commands.emplace_back(app.get_subcommands({})[before], std::move(run));
-  };
-  add(moe::cli::add_train);
-  add(moe::cli::add_init);
-  add(moe::cli::add_eval);
-  add(moe::cli::add_generate);
-  add(moe::cli::add_logits);
-  add(moe::cli::add_tokenize);
-  add(moe::cli::add_quantize);
-  add(moe::cli::add_params);
-  add(moe::cli::add_inspect);
-  add(moe::cli::add_demo);
-  add(moe::cli::add_bench);
+  const std::unique_ptr<moe::cli::Cli> cli = moe::cli::make_cli();
+  CLI::App& app = cli->app;
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -62,7 +41,7 @@ int main(int argc, char** argv) {
     return rc == 0 ? 0 : 2;
   }
   try {
-    for (auto& [sub, run] : commands)
+    for (auto& [sub, run] : cli->commands)
       if (sub->parsed()) return run();
   } catch (const moe::Error& e) {
     return fail(e.what(), 2);
