@@ -123,10 +123,12 @@ void from_json(const nlohmann::json& j, ModelConfig& c) {
       "dense_layers",   "norm",           "qkv_bias",     "qk_norm",     "clip_qkv",
       "sliding_window", "q_lora_rank",    "kv_lora_rank", "qk_nope_dim", "qk_rope_dim",
       "v_head_dim",     "rope_interleave"};
-  for (const auto& [key, value] : j.items())
+  for (const auto& item : j.items()) {
+    const std::string& key = item.key();
     MOE_CHECK(std::find_if(std::begin(keys), std::end(keys),
                            [&](const char* k) { return key == k; }) != std::end(keys),
               "model.config", "unknown key '{}'", key);
+  }
   try {
     c = ModelConfig{};
     c.vocab_size = j.value("vocab_size", c.vocab_size);
