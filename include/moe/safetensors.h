@@ -58,6 +58,13 @@ class SafetensorsWriter {
 // Bytes per value of a safetensors dtype (0 for one not supported).
 size_t st_dtype_size(const std::string& dtype);
 
+// A file's size and CRC-32 (zlib's), to tell later that its bytes are still the ones written.
+struct FileCheck {
+  uint64_t bytes = 0;
+  uint32_t crc32 = 0;
+};
+FileCheck check_file(const std::string& path);
+
 // Tensors in the given order (f32, f64, i32, i64), with optional string metadata; streamed to
 // the file (never held twice in memory).
 void save_safetensors(const std::string& path,

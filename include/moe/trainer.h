@@ -159,6 +159,11 @@ struct CheckpointInfo {
   bool ours = false;
 };
 CheckpointInfo read_checkpoint_info(const std::string& dir);
+// A training checkpoint's files against the sizes and CRC-32s its trainer_state.json recorded
+// when they were written: throws naming the file that is missing, truncated or corrupted.
+// Nothing for folders without that record (HuggingFace checkpoints, quantized ones).
+// load_model and Trainer::resume call it; offloading does not (it reads experts lazily).
+void verify_checkpoint_files(const std::string& dir);
 // The same from config.json's text (`name` names it in errors; `dir` is left empty).
 CheckpointInfo parse_checkpoint_config(const std::string& text, const std::string& name);
 // Fills every parameter model.params() lists from the checkpoint's files.

@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <cmath>
@@ -14,6 +15,7 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <vector>
 
 namespace moe {
 
@@ -70,6 +72,29 @@ void AtomicFile::commit() {
     ::fsync(dfd);
     ::close(dfd);
   }
+}
+
+FileCheck check_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  MOE_CHECK(fd >= 0, "io", "cannot open {}: {}", path, std::strerror(errno));
+  FileCheck c;
+  uLong crc = crc32(0L, Z_NULL, 0);
+  std::vector<unsigned char> buf(size_t{1} << 20);
+  for (;;) {
+    const ssize_t n = ::read(fd, buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int err = errno;
+      ::close(fd);
+      throw_error("io", fmt::format("cannot read {}: {}", path, std::strerror(err)));
+    }
+    if (n == 0) break;
+    crc = crc32(crc, buf.data(), static_cast<uInt>(n));
+    c.bytes += static_cast<uint64_t>(n);
+  }
+  ::close(fd);
+  c.crc32 = static_cast<uint32_t>(crc);
+  return c;
 }
 
 void write_file_atomic(const std::string& path, const std::string& contents) {

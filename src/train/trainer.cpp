@@ -432,24 +432,40 @@ std::string Trainer::save(const std::string& out_dir) {
   }
   Model& model = gathered ? *gathered : *model_;
   fs::create_directories(out_dir);
+  // Written in a temporary folder, renamed into place, then `latest` moved to it: a crash or a
+  // full disk at any moment leaves the previous checkpoint whole and `latest` naming it.
   const fs::path tmp_dir = fs::path(out_dir) / ("." + name + ".tmp");
-  fs::remove_all(tmp_dir);
-  fs::create_directories(tmp_dir);
-  save_model(model, tmp_dir.string());
-  save_safetensors((tmp_dir / "optimizer.safetensors").string(), opt_state,
-                   {{"step", std::to_string(opt_->steps())}});
-  nlohmann::json state = {{"step", step_},
-                          {"train", cfg_},
-                          {"data_rng", sampler_ ? rng_json(sampler_->rng()) : nlohmann::json()},
-                          {"moe_layers", nlohmann::json::array()}};
-  for (MoeLayer* m : model_->moe_layers()) {
-    nlohmann::json layer = {{"noise_rng", rng_json(m->noise_rng())}};
-    if (const std::vector<double>* b = m->router().selection_bias()) layer["selection_bias"] = *b;
-    state["moe_layers"].push_back(layer);
+  try {
+    fs::remove_all(tmp_dir);
+    fs::create_directories(tmp_dir);
+    save_model(model, tmp_dir.string());
+    save_safetensors((tmp_dir / "optimizer.safetensors").string(), opt_state,
+                     {{"step", std::to_string(opt_->steps())}});
+    nlohmann::json state = {{"step", step_},
+                            {"train", cfg_},
+                            {"data_rng", sampler_ ? rng_json(sampler_->rng()) : nlohmann::json()},
+                            {"moe_layers", nlohmann::json::array()},
+                            {"files", nlohmann::json::object()}};
+    for (MoeLayer* m : model_->moe_layers()) {
+      nlohmann::json layer = {{"noise_rng", rng_json(m->noise_rng())}};
+      if (const std::vector<double>* b = m->router().selection_bias()) layer["selection_bias"] = *b;
+      state["moe_layers"].push_back(layer);
+    }
+    for (const char* file : {"config.json", "model.safetensors", "optimizer.safetensors"}) {
+      const FileCheck c = check_file((tmp_dir / file).string());
+      state["files"][file] = {{"bytes", c.bytes}, {"crc32", c.crc32}};
+    }
+    write_file_atomic((tmp_dir / "trainer_state.json").string(), state.dump(2) + "\n");
+    fs::remove_all(final_dir);
+    fs::rename(tmp_dir, final_dir);
+  } catch (const std::exception& e) {
+    std::error_code ignored;
+    fs::remove_all(tmp_dir, ignored);
+    const std::string what = e.what();
+    throw_error("checkpoint", fmt::format("cannot save step {} in {} ({}); the checkpoint before "
+                                          "it is unchanged",
+                                          step_, out_dir, what));
   }
-  write_file_atomic((tmp_dir / "trainer_state.json").string(), state.dump(2) + "\n");
-  fs::remove_all(final_dir);
-  fs::rename(tmp_dir, final_dir);
   write_file_atomic((fs::path(out_dir) / "latest").string(), name + "\n");
   // Keep the newest cfg_.keep checkpoints.
   std::vector<std::string> steps;
@@ -563,16 +579,42 @@ void load_checkpoint_weights(Model& model, const CheckpointInfo& info) {
 
 std::unique_ptr<Model> load_model(const std::string& dir) {
   const CheckpointInfo info = read_checkpoint_info(dir);
+  verify_checkpoint_files(info.dir);
   auto model = std::make_unique<Model>(info.config, DType::F32);
   load_checkpoint_weights(*model, info);
   model->set_training(false);
   return model;
 }
 
+void verify_checkpoint_files(const std::string& dir) {
+  const fs::path ckpt(dir);
+  std::ifstream f(ckpt / "trainer_state.json");
+  if (!f) return;  // not a training checkpoint: nothing recorded
+  const nlohmann::json state = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
+  MOE_CHECK(state.is_object(), "checkpoint", "{} is not valid JSON: the checkpoint is damaged",
+            (ckpt / "trainer_state.json").string());
+  if (!state.contains("files") || !state["files"].is_object()) return;  // older checkpoints
+  for (const auto& [file, want] : state["files"].items()) {
+    const fs::path path = ckpt / file;
+    MOE_CHECK(want.is_object() && want.value("bytes", -1) >= 0 && want.contains("crc32"),
+              "checkpoint", "{}: bad record of {}", (ckpt / "trainer_state.json").string(), file);
+    MOE_CHECK(fs::exists(path), "checkpoint", "{} is missing: the checkpoint is damaged",
+              path.string());
+    const FileCheck got = check_file(path.string());
+    MOE_CHECK(got.bytes == want["bytes"].get<uint64_t>(), "checkpoint",
+              "{} has {} bytes, {} were written: the file is truncated or damaged", path.string(),
+              got.bytes, want["bytes"].get<uint64_t>());
+    MOE_CHECK(got.crc32 == want["crc32"].get<uint32_t>(), "checkpoint",
+              "{} is corrupted: its CRC-32 is {:08x}, {:08x} was written", path.string(), got.crc32,
+              want["crc32"].get<uint32_t>());
+  }
+}
+
 void Trainer::resume(const std::string& dir) {
   const fs::path ckpt = resolve_checkpoint(dir);
   MOE_CHECK(fs::exists(ckpt / "trainer_state.json"), "resume",
             "{} has no trainer_state.json to resume from", ckpt.string());
+  verify_checkpoint_files(ckpt.string());
   if (groups_) {
     // Any checkpoint holds the whole model: take this rank's experts from it (whatever EP it
     // was saved with).
