@@ -121,3 +121,60 @@ TEST(Errors, ConfigJson) {
 }
 
 }  // namespace moe
+
+namespace moe {
+
+// Router logits at the extremes, for every routing method:
+// - huge finite logits (|logit| ~ 1e30, from huge router weights): the forward pass stays finite
+//   (softmax subtracts the maximum, the sigmoid saturates, the z-loss is summed in double);
+// - large ones (|logit| ~ 1e8, where exp() alone would overflow at 89): forward and backward
+//   stay finite. (At 1e30 the backward's true router gradient, about logit x weight, exceeds
+//   float32; the trainer's guard then stops the step naming that gradient: test_trainer.cpp.)
+// - infinite logits (infinite weights) are refused, naming the router logits.
+TEST(Errors, RouterLogitsAtTheExtremes) {
+  const std::vector<std::pair<RouterKind, const char*>> kinds = {
+      {RouterKind::topk, "topk"},        {RouterKind::switch_top1, "switch"},
+      {RouterKind::noisy_topk, "noisy"}, {RouterKind::gshard, "gshard"},
+      {RouterKind::expert_choice, "ec"}, {RouterKind::soft, "soft"},
+      {RouterKind::hierarchical, "hme"}, {RouterKind::deepseek, "deepseek"}};
+  for (const auto& [kind, name] : kinds) {
+    for (double scale : {1e30, -1e30, 1e8, -1e8}) {
+      SCOPED_TRACE(fmt::format("{} router, weights x {:g}", name, scale));
+      MoeConfig cfg = test::base_config();
+      cfg.router = kind;
+      cfg.top_k = kind == RouterKind::switch_top1 ? 1 : 2;
+      if (kind == RouterKind::switch_top1) cfg.renormalize = false;
+      if (kind == RouterKind::expert_choice) cfg.capacity_factor = 1;
+      if (kind == RouterKind::hierarchical) cfg.hme_groups = 2;
+      if (kind == RouterKind::deepseek) {
+        cfg.n_group = 2;
+        cfg.topk_group = 1;
+      }
+      MoeLayer layer = test::random_layer(cfg, DType::F32, 7);
+      layer.set_training(true);
+      Tensor& w = layer.params().w_router;
+      for (int64_t i = 0; i < w.numel(); ++i)
+        w.data<float>()[i] = static_cast<float>(scale * (i % 3 == 0 ? 1.0 : -0.5));
+      Arena arena;
+      const Tensor x = test::random_tensor({8, 6}, DType::F32, 8);
+      const MoeOutput out = layer.forward(x, arena);
+      EXPECT_TRUE(std::isfinite(out.aux_loss)) << out.aux_loss;
+      EXPECT_TRUE(std::isfinite(out.z_loss)) << out.z_loss;
+      for (int64_t i = 0; i < out.y.numel(); ++i) ASSERT_TRUE(std::isfinite(out.y.at(i))) << i;
+      {  // infinite weights: infinite or NaN logits, refused by name
+        MoeLayer inf = test::random_layer(cfg, DType::F32, 7);
+        inf.params().w_router.data<float>()[0] =
+            static_cast<float>(scale > 0 ? INFINITY : -INFINITY);
+        expect_error([&] { inf.forward(x, arena); }, "router logits");
+      }
+      if (std::abs(scale) > 1e10) continue;
+      Tensor dx = Tensor::zeros({8, 6}, DType::F32);
+      layer.backward(test::random_tensor({8, 6}, DType::F32, 9), dx, arena);
+      for (int64_t i = 0; i < dx.numel(); ++i) ASSERT_TRUE(std::isfinite(dx.at(i))) << i;
+      for (int64_t i = 0; i < layer.grads().w_router.numel(); ++i)
+        ASSERT_TRUE(std::isfinite(layer.grads().w_router.at(i))) << i;
+    }
+  }
+}
+
+}  // namespace moe

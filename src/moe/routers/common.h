@@ -100,9 +100,14 @@ void balance_loss_grad(T* dprobs_row, const int64_t* counts, int64_t total, int6
 }
 
 // Combine weights from the selected probabilities: w_j = p_j / sum_k p_k, or w_j = p_j.
+// Added to the sum of the selected probabilities before renormalizing, as transformers does for
+// DeepSeek-V3 (whose sigmoid scores can all be 0); below float64's resolution for softmax
+// probabilities, whose top-k sum is at least k / E.
+constexpr double kRenormEps = 1e-20;
+
 template <class T>
 void topk_weights(T* w, const T* p, int64_t k, bool renormalize) {
-  T sum = 0;
+  T sum = T(kRenormEps);
   for (int64_t j = 0; j < k; ++j) sum += p[j];
   for (int64_t j = 0; j < k; ++j) w[j] = renormalize ? p[j] / sum : p[j];
 }
@@ -115,7 +120,7 @@ void topk_weights_backward(T* dp, const T* dw, const T* w, const T* p, int64_t k
     for (int64_t j = 0; j < k; ++j) dp[j] = dw[j];
     return;
   }
-  T sum = 0, dot = 0;
+  T sum = T(kRenormEps), dot = 0;
   for (int64_t j = 0; j < k; ++j) {
     sum += p[j];
     dot += dw[j] * w[j];

@@ -83,7 +83,7 @@ class DeepseekRouter : public RouterImpl<DeepseekRouter> {
         double pm = 0;
         for (int64_t t = t0; t < t1; ++t) {
           if (e == 0) {
-            ssum[t] = 0;
+            ssum[t] = T(kRenormEps);  // all E sigmoids can be 0 (logits of -1e30)
             for (int64_t i = 0; i < E; ++i) ssum[t] += s[t * E + i];
           }
           pm += static_cast<double>(s[t * E + e] / ssum[t]);

@@ -2,6 +2,7 @@
 // clean logits c and noise logits n. H = c + eps * softplus(n) with eps ~ N(0, 1) in training;
 // the gates are the softmax over the top K of H. Balancing: w (CV(Importance)^2 + CV(Load)^2),
 // with Load the smooth estimate of the number of tokens each expert receives.
+#include <algorithm>
 #include <cmath>
 
 #include "moe/routers/common.h"
@@ -15,6 +16,11 @@ template <class T>
 T softplus(T v) {
   return v > T(20) ? v : std::log1p(std::exp(v));
 }
+
+// The noise scale's floor: softplus(n) underflows to 0 for very negative noise logits, and the
+// load estimator's (c - theta) / sigma would be 0 / 0. Below it (n < about -13.8) sigma is held
+// at the floor, the estimate becomes a near step function, and n gets no gradient.
+constexpr double kMinSigma = 1e-6;
 
 // CV(v)^2 = var(v) / (mean(v)^2 + 1e-10) (population variance), and its gradient into g.
 double cv_squared(const std::vector<double>& v, std::vector<double>* g) {
@@ -53,7 +59,7 @@ class NoisyTopkRouter : public RouterImpl<NoisyTopkRouter> {
     for (int64_t t = 0; t < N; ++t)
       for (int64_t e = 0; e < E; ++e) {
         const int64_t i = t * E + e;
-        sigma[i] = softplus(f.logits[t * R + E + e]);
+        sigma[i] = std::max(softplus(f.logits[t * R + E + e]), static_cast<T>(kMinSigma));
         h[i] = f.logits[t * R + e] + eps[i] * sigma[i];
       }
     // Top K + 1 of H: the kept experts and the two thresholds of the load estimator.
@@ -138,7 +144,8 @@ class NoisyTopkRouter : public RouterImpl<NoisyTopkRouter> {
         dc[e] += dh[e];
         dsigma[e] += dh[e] * eps[t * E + e];
         const T nv = logits[t * R + E + e];
-        dn[e] = dsigma[e] / (T(1) + std::exp(-nv));
+        dn[e] =
+            softplus(nv) > static_cast<T>(kMinSigma) ? dsigma[e] / (T(1) + std::exp(-nv)) : T(0);
       }
     }
   }
