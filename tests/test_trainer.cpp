@@ -141,6 +141,14 @@ TEST(Trainer, NonFiniteValuesStopTheStepAndSayWhere) {
         << m;
   }
   EXPECT_EQ(t.step(), 1);
+  // The poisoned weight is named as the cause.
+  try {
+    t.train_step();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cause: the weight " + p.name + " holds nan at index 0"),
+              std::string::npos)
+        << e.what();
+  }
   // A NaN that reaches only a gradient is named by its tensor.
   Trainer t2(toy_model(), toy_train(5), corpus);
   NamedParam& head = t2.model().params().back();  // lm_head: its NaN poisons only the logits
@@ -151,6 +159,43 @@ TEST(Trainer, NonFiniteValuesStopTheStepAndSayWhere) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("step 1"), std::string::npos) << e.what();
   }
+}
+
+// A fault injected into a gradient (after the backward, before the update) stops that step with
+// the tensor, the index and the step named, and updates nothing; the next step goes on.
+TEST(Trainer, InjectedGradientFaultsAreNamedAndUpdateNothing) {
+  const Corpus corpus = toy_corpus();
+  Trainer t(toy_model(), toy_train(10), corpus);
+  t.train_step();
+  t.train_step();
+  std::vector<std::vector<float>> before;
+  for (NamedParam& p : t.model().params())
+    before.emplace_back(p.value.data<float>(), p.value.data<float>() + p.value.numel());
+  const std::string target = t.model().params()[5].name;
+  for (float bad :
+       {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
+    t.set_gradient_hook([&](Model& m, int64_t step) {
+      if (step == 3) m.params()[5].grad.data<float>()[7] = bad;
+    });
+    try {
+      t.train_step();
+      FAIL() << "expected an error";
+    } catch (const Error& e) {
+      const std::string want = fmt::format(
+          "step 3: the gradient of {} holds {} at index 7; no "
+          "weight was updated",
+          target, bad);
+      EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(t.step(), 2);
+    for (size_t i = 0; i < before.size(); ++i)
+      ASSERT_EQ(std::memcmp(before[i].data(), t.model().params()[i].value.data<float>(),
+                            before[i].size() * sizeof(float)),
+                0)
+          << t.model().params()[i].name << " changed";
+  }
+  t.set_gradient_hook({});
+  EXPECT_EQ(t.train_step().step, 3);
 }
 
 TEST(Trainer, BadConfigsAreClearErrors) {

@@ -81,6 +81,11 @@ class Trainer {
   // One optimizer step. Throws moe::Error naming the tensor and step when the loss or a gradient
   // is not finite; the parameters are then left as they were before the step.
   StepLog train_step();
+  // Called in every step after the gradients are computed (and summed over ranks), before they
+  // are checked and used: to inspect them, or to inject faults in tests.
+  void set_gradient_hook(std::function<void(Model&, int64_t step)> hook) {
+    gradient_hook_ = std::move(hook);
+  }
   // Mean validation loss over cfg.eval_batches fixed batches.
   double evaluate();
 
@@ -121,6 +126,10 @@ class Trainer {
   std::unique_ptr<Model> model_;
   std::unique_ptr<AdamW> opt_;
   TokenStream train_, val_;
+  std::function<void(Model&, int64_t)> gradient_hook_;
+  // Where a non-finite value first sits among the weights (or gradients): "the weight X holds
+  // nan at index i", or empty.
+  std::string first_nonfinite(bool grads) const;
   std::unique_ptr<BatchSampler> sampler_;
   Arena arena_;
   ModelOutput out_;                           // reused by every micro-batch

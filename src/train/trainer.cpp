@@ -199,6 +199,18 @@ double sum_of_squares(const float* g, int64_t n) {
 
 }  // namespace
 
+std::string Trainer::first_nonfinite(bool grads) const {
+  for (const NamedParam& p : model_->params()) {
+    const Tensor& t = grads ? p.grad : p.value;
+    const float* v = t.data<float>();
+    for (int64_t i = 0; i < t.numel(); ++i)
+      if (!std::isfinite(v[i]))
+        return fmt::format("the {} {} holds {} at index {}", grads ? "gradient of" : "weight",
+                           p.name, v[i], i);
+  }
+  return "";
+}
+
 StepLog Trainer::train_step() {
   const auto t0 = std::chrono::steady_clock::now();
   StepLog log;
@@ -214,12 +226,20 @@ StepLog Trainer::train_step() {
     try {
       model_->forward_backward(batch_, arena_, 1.0 / static_cast<double>(cfg_.grad_accum), out);
     } catch (const Error& e) {
-      // A layer's own guard (a NaN reaching an MoE layer, say) stops the step too.
-      throw_error("train", fmt::format("step {}: {}", log.step, e.what()));
+      // A layer's own guard (a NaN reaching an MoE layer, say) stops the step too; a weight that
+      // is not finite is named as the cause.
+      const std::string weight = first_nonfinite(false);
+      throw_error("train", fmt::format("step {}: {}{}", log.step, e.what(),
+                                       weight.empty() ? "" : "; cause: " + weight));
     }
-    MOE_CHECK(std::isfinite(out.loss), "train",
-              "step {}: the loss is not finite ({}; cross-entropy {}, aux {}, z {})", log.step,
-              out.loss, out.ce_loss, out.aux_loss, out.z_loss);
+    if (!std::isfinite(out.loss)) {
+      const std::string weight = first_nonfinite(false);
+      throw_error("train",
+                  fmt::format("step {}: the loss is not finite ({}; cross-entropy {}, aux {}, z "
+                              "{}); {}",
+                              log.step, out.loss, out.ce_loss, out.aux_loss, out.z_loss,
+                              weight.empty() ? "every weight is finite" : "cause: " + weight));
+    }
     const double n = static_cast<double>(cfg_.grad_accum);
     log.loss += out.loss / n;
     log.ce_loss += out.ce_loss / n;
@@ -239,6 +259,7 @@ StepLog Trainer::train_step() {
     log.routed = &routed_;
   }
   reduce_gradients();
+  if (gradient_hook_) gradient_hook_(*model_, log.step);
   // Gradient norm, with the guard: a non-finite gradient stops the step before any update (on
   // every rank, the one holding the tensor naming it).
   double sq = 0, sq_routed = 0;
@@ -249,8 +270,10 @@ StepLog Trainer::train_step() {
     (p.routed ? sq_routed : sq) += s;
   }
   const bool any_bad = groups_ ? groups_->world.max(bad.empty() ? 0.0 : 1.0) > 0 : !bad.empty();
-  MOE_CHECK(!any_bad, "train", "step {}: the gradient of {} is not finite", log.step,
-            bad.empty() ? std::string("an expert on another rank") : bad);
+  MOE_CHECK(!any_bad, "train", "step {}: {}; no weight was updated", log.step,
+            bad.empty() ? std::string("the gradient of an expert on another rank is not finite")
+            : first_nonfinite(true).empty() ? fmt::format("the gradient of {} is not finite", bad)
+                                            : first_nonfinite(true));
   if (groups_) sq_routed = groups_->ep.sum(sq_routed);  // the experts are split over the group
   log.grad_norm = std::sqrt(sq + sq_routed);
   if (cfg_.clip > 0 && log.grad_norm > cfg_.clip) {
