@@ -2,10 +2,12 @@
 // run on the same engine and thread count: forward and forward+backward, medians after warm-up.
 #include <fmt/core.h>
 
+#include <chrono>
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
 #include "layer_options.h"
+#include "moe/data.h"
 #include "moe/dense_ffn.h"
 #include "moe/dist.h"
 #include "moe/generate.h"
@@ -13,6 +15,7 @@
 #include "moe/model.h"
 #include "moe/moe_layer.h"
 #include "moe/threading.h"
+#include "moe/tokenizer.h"
 #include "moe/trainer.h"
 #include "timing.h"
 
@@ -399,6 +402,48 @@ int run_bench_train(const BenchTrain& b) {
   return 0;
 }
 
+// `moe bench tokenize`: loading time and encoding throughput of tokenizers on a corpus.
+struct BenchTokenize {
+  std::vector<std::string> models;
+  std::vector<std::string> data;
+  bool json = false;
+};
+
+int run_bench_tokenize(const BenchTokenize& b) {
+  const Corpus corpus = b.data.empty() ? load_fortunes() : load_text(b.data);
+  std::string text;
+  for (const Document& d : corpus.docs) text += d.text + "\n";
+  const double mb = static_cast<double>(text.size()) / 1e6;
+  nlohmann::json out = nlohmann::json::array();
+  if (!b.json)
+    fmt::print("{} documents, {:.2f} MB of text\n{:<48} {:>8} {:>9} {:>10} {:>9} {:>11}\n",
+               corpus.docs.size(), mb, "tokenizer", "vocab", "load (s)", "ids", "bytes/id",
+               "encode MB/s");
+  for (const std::string& m : b.models) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::unique_ptr<Tokenizer> tok = load_tokenizer(m);
+    const auto t1 = std::chrono::steady_clock::now();
+    const size_t ids = tok->encode(text).size();
+    const auto t2 = std::chrono::steady_clock::now();
+    const double load_s = std::chrono::duration<double>(t1 - t0).count();
+    const double enc_s = std::chrono::duration<double>(t2 - t1).count();
+    const double bytes_per_id = static_cast<double>(text.size()) / static_cast<double>(ids);
+    out.push_back({{"tokenizer", m},
+                   {"vocab_size", tok->vocab_size()},
+                   {"load_s", load_s},
+                   {"text_mb", mb},
+                   {"ids", ids},
+                   {"bytes_per_id", bytes_per_id},
+                   {"encode_s", enc_s},
+                   {"encode_mb_per_s", mb / enc_s}});
+    if (!b.json)
+      fmt::print("{:<48} {:>8} {:>9.3f} {:>10} {:>9.2f} {:>11.2f}\n", m, tok->vocab_size(), load_s,
+                 ids, bytes_per_id, mb / enc_s);
+  }
+  if (b.json) fmt::print("{}\n", out.dump());
+  return 0;
+}
+
 }  // namespace
 
 Run add_bench(CLI::App& app) {
@@ -450,9 +495,20 @@ Run add_bench(CLI::App& app) {
                    "the all-to-all bytes per step are reported")
       ->capture_default_str();
   train->add_flag("--json", tr->json, "print one JSON object (step_ms, tokens_per_s, ...)");
-  return [b, d, tr, decode, train] {
+  auto tk = std::make_shared<BenchTokenize>();
+  auto* tokenize = bench->add_subcommand(
+      "tokenize", "tokenizers' loading time and encoding speed (MB/s) on a corpus");
+  tokenize
+      ->add_option("-m,--model", tk->models,
+                   "tokenizer files or folders (tokenizer.json, tokenizer.model), one or more")
+      ->required();
+  tokenize->add_option("--data", tk->data,
+                       "text files or folders (default: the fortunes, the default corpus)");
+  tokenize->add_flag("--json", tk->json, "print a JSON array, one object per tokenizer");
+  return [b, d, tr, tk, decode, train, tokenize] {
     if (decode->parsed()) return run_bench_decode(*d);
     if (train->parsed()) return run_bench_train(*tr);
+    if (tokenize->parsed()) return run_bench_tokenize(*tk);
     return run_bench_layer(*b);
   };
 }
