@@ -252,6 +252,60 @@ TEST(TokenizerErrors, MalformedTokenizerJson) {
   expect_error(
       [] { load_json("added", "{" + kTinyModel + R"(, "added_tokens": [{"content": "<x>"}]})"); },
       "added_tokens[0] has no \"id\"");
+  expect_error(
+      [] {
+        load_json("vocabtwice",
+                  R"({"model": {"type": "BPE", "vocab": {"a": 0, "a": 1}, "merges": []}})");
+      },
+      "model.vocab lists \"a\" twice");
+  expect_error(
+      [] {
+        load_json("emptytoken", R"({"model": {"type": "BPE", "vocab": {"": 0}, "merges": []}})");
+      },
+      "model.vocab has an empty token (id 0)");
+  expect_error(
+      [] {
+        load_json("negativeid", R"({"model": {"type": "BPE", "vocab": {"a": -1}, "merges": []}})");
+      },
+      "model.vocab[\"a\"] = -1 is not a valid token id");
+  expect_error(
+      [] {
+        load_json("hugeid", R"({"model": {"type": "BPE", "vocab": {"a": 18446744073709551615},
+                                          "merges": []}})");
+      },
+      "is not a valid token id");
+  expect_error(
+      [] {
+        load_json("mergepair",
+                  R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a", "a", "a"]]}})");
+      },
+      "model.merges[0] must be");
+  expect_error([] { load_json("nomerges", R"({"model": {"type": "BPE", "vocab": {"a": 0}}})"); },
+               "model has no \"merges\"");
+  expect_error(
+      [] {
+        load_json("cut",
+                  R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": ["a b")");
+      },
+      "not valid JSON");
+}
+
+// The file is read in one pass that takes model.vocab and model.merges straight from the text;
+// where that pass stops (here at a second "vocab" key, which JSON allows and whose last value
+// counts), the file is read again as a JSON document. Both give the same tokenizer.
+TEST(Tokenizer, BothWaysOfReadingTheFileAgree) {
+  for (const std::string name : {"bytelevel_bpe", "metaspace_bpe"}) {
+    const std::string dir = kDir + "/" + name;
+    std::ifstream in(dir + "/tokenizer.json", std::ios::binary);
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t model = text.find("\"model\": {");
+    ASSERT_NE(model, std::string::npos);
+    text.insert(model + 10, R"("vocab": {"zz": 0}, "merges": ["z z"], )");
+    const auto reread = load_json("reread_" + name, text);
+    const auto cases = test::parse_cases(test::read_json(dir + "/cases.json"));
+    EXPECT_EQ(test::expect_cases(*reread, cases, name), static_cast<int>(cases.size()));
+    EXPECT_EQ(reread->vocab_size(), load_tokenizer(dir)->vocab_size());
+  }
 }
 
 TEST(TokenizerErrors, CorruptSentencePieceModel) {

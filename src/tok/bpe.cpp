@@ -22,12 +22,14 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <queue>
+#include <sstream>
 #include <string_view>
 #include <unordered_map>
 #include <utility>
@@ -930,63 +932,164 @@ class AddedTokenSplitter {
 // ---------------------------------------------------------------------------------------------
 // The BPE model (tokenizer.json's "model" with "type": "BPE").
 
+// ---------------------------------------------------------------------------------------------
+// The BPE model's two lookups, as flat open-addressing tables (linear probing, at most half
+// full): a token's text to its id, and a pair of ids to their merge. Loading gpt-oss's
+// 200k tokens and 446k merges does 1.3 million text lookups; node-based hash maps spent most of
+// the loading time there, in cache misses.
+
+// Token text -> id. The texts live once, in the caller's id -> text table.
+class TokenIndex {
+ public:
+  void reset(size_t n) { slots_.assign(capacity_for(n), 0); }
+  // The id of `text`, or -1.
+  int32_t find(std::string_view text, const std::vector<std::string>& texts) const {
+    const uint64_t h = hash(text);
+    for (size_t i = h & mask(); slots_[i] != 0; i = (i + 1) & mask())
+      if ((slots_[i] >> 32) == (h >> 32)) {
+        const auto id = static_cast<int32_t>((slots_[i] & 0xffffffffu) - 1);
+        if (texts[static_cast<size_t>(id)] == text) return id;
+      }
+    return -1;
+  }
+  // Adds texts[id]; false if that text already has an id.
+  bool insert(int32_t id, const std::vector<std::string>& texts) {
+    const std::string_view text = texts[static_cast<size_t>(id)];
+    if (find(text, texts) >= 0) return false;
+    const uint64_t h = hash(text);
+    size_t i = h & mask();
+    while (slots_[i] != 0) i = (i + 1) & mask();
+    slots_[i] = (h & ~uint64_t{0xffffffffu}) | (static_cast<uint64_t>(id) + 1);
+    ++size_;
+    return true;
+  }
+  bool empty() const { return size_ == 0; }
+
+ private:
+  static uint64_t hash(std::string_view s) { return std::hash<std::string_view>{}(s); }
+  static size_t capacity_for(size_t n) {
+    size_t cap = 16;
+    while (cap < 2 * n) cap *= 2;
+    return cap;
+  }
+  size_t mask() const { return slots_.size() - 1; }
+
+  std::vector<uint64_t> slots_;  // high 32 bits of the hash, id + 1; 0 is empty
+  size_t size_ = 0;
+};
+
+// (left id, right id) -> the merge's rank and the merged token's id.
+class MergeTable {
+ public:
+  struct Merge {
+    int32_t rank, id;
+  };
+  void reset(size_t n) {
+    size_t cap = 16;
+    while (cap < 2 * n) cap *= 2;
+    slots_.assign(cap, Slot{});
+    shift_ = 64 - std::countr_zero(cap);
+  }
+  const Merge* find(int32_t left, int32_t right) const {
+    const uint64_t key = pair_key(left, right);
+    for (size_t i = start(key);; i = (i + 1) & (slots_.size() - 1)) {
+      if (slots_[i].key == key) return &slots_[i].merge;
+      if (slots_[i].key == kEmpty) return nullptr;
+    }
+  }
+  // A pair given twice keeps its later merge.
+  void set(int32_t left, int32_t right, Merge merge) {
+    const uint64_t key = pair_key(left, right);
+    size_t i = start(key);
+    while (slots_[i].key != kEmpty && slots_[i].key != key) i = (i + 1) & (slots_.size() - 1);
+    slots_[i] = {key, merge};
+  }
+
+ private:
+  static constexpr uint64_t kEmpty = ~uint64_t{0};  // ids are below 2^26: no pair is this
+  struct Slot {
+    uint64_t key = kEmpty;
+    Merge merge{};
+  };
+  static uint64_t pair_key(int32_t a, int32_t b) {
+    return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
+  }
+  // Fibonacci hashing: the top bits of key times 2^64 / golden ratio.
+  size_t start(uint64_t key) const {
+    return static_cast<size_t>((key * 0x9E3779B97F4A7C15ull) >> shift_);
+  }
+
+  std::vector<Slot> slots_;
+  int shift_ = 64;
+};
+
+// model.vocab and model.merges as written, before they are checked: the bulk of a large
+// tokenizer.json (gpt-oss's 28 MB hold 200k tokens and 446k merges), read straight from the
+// text instead of through a JSON document (TokenizerJson below).
+struct RawMerge {
+  std::string a, b;
+  bool joined = false;  // "a b" in a, not yet cut at its space
+};
+struct RawModel {
+  bool has_vocab = false, has_merges = false;
+  std::vector<std::pair<std::string, int64_t>> vocab;
+  std::vector<RawMerge> merges;
+};
+
 class BpeModel {
  public:
-  void parse(const Fields& f, const json& model) {
+  // `model` is tokenizer.json's "model" without its vocab and merges, which are in `raw`.
+  void parse(const Fields& f, const json& model, RawModel raw) {
     const std::string where = "model";
     // vocab: token -> id
-    const json& vocab = f.get(model, where, "vocab");
-    f.expect_object(vocab, "model.vocab");
-    vocab_.reserve(vocab.size());
-    for (const auto& [token, id_json] : vocab.items()) {
-      const int32_t id = f.id(id_json, fmt::format("model.vocab[{:?}]", token));
-      vocab_.emplace(token, id);
+    if (!raw.has_vocab) f.fail("model has no \"vocab\"");
+    if (raw.vocab.empty()) f.fail("model.vocab is empty");
+    vocab_.reset(raw.vocab.size());
+    for (auto& [token, id64] : raw.vocab) {
+      if (id64 < 0 || id64 >= (int64_t{1} << 26))
+        f.fail(fmt::format("model.vocab[{:?}] = {} is not a valid token id", token, id64));
+      const auto id = static_cast<int32_t>(id64);
       if (static_cast<size_t>(id) >= id_to_token_.size()) id_to_token_.resize(id + size_t{1});
       if (!id_to_token_[id].empty())
         f.fail(fmt::format("model.vocab gives the id {} to both {:?} and {:?}", id,
                            id_to_token_[id], token));
-      id_to_token_[id] = token;
+      if (token.empty()) f.fail(fmt::format("model.vocab has an empty token (id {})", id));
+      id_to_token_[id] = std::move(token);
+      if (!vocab_.insert(id, id_to_token_))
+        f.fail(fmt::format("model.vocab lists {:?} twice", id_to_token_[id]));
     }
-    if (vocab_.empty()) f.fail("model.vocab is empty");
 
-    // merges, in priority order: "a b" strings or [a, b] pairs
-    const json& merges = f.array(model, where, "merges");
-    merges_.reserve(merges.size());
-    const auto lookup = [&](const std::string& token, size_t i, const char* what) {
-      const auto it = vocab_.find(token);
-      if (it == vocab_.end())
+    // merges, in priority order
+    if (!raw.has_merges) f.fail("model has no \"merges\"");
+    merges_.reset(raw.merges.size());
+    const auto lookup = [&](std::string_view token, size_t i, const char* what) {
+      const int32_t id = find(token);
+      if (id < 0)
         f.fail(fmt::format("model.merges[{}]: the {} {:?} is not in model.vocab", i, what, token));
-      return it->second;
+      return id;
     };
-    for (size_t i = 0; i < merges.size(); ++i) {
-      const json& m = merges[i];
-      std::string a, b;
-      if (m.is_string()) {
-        const std::string s = m.get<std::string>();
-        const size_t space = s.find(' ');
-        if (space == std::string::npos || s.find(' ', space + 1) != std::string::npos)
-          f.fail(fmt::format("model.merges[{}] = {:?} is not two tokens \"a b\"", i, s));
-        a = s.substr(0, space);
-        b = s.substr(space + 1);
-      } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
-        a = m[0].get<std::string>();
-        b = m[1].get<std::string>();
-      } else {
-        f.fail(
-            fmt::format("model.merges[{}] must be \"a b\" or [\"a\", \"b\"], not {}", i, m.dump()));
+    std::string joined;
+    for (size_t i = 0; i < raw.merges.size(); ++i) {
+      RawMerge& m = raw.merges[i];
+      std::string_view a = m.a, b = m.b;
+      if (m.joined) {
+        const size_t space = a.find(' ');
+        if (space == std::string::npos || a.find(' ', space + 1) != std::string::npos)
+          f.fail(fmt::format("model.merges[{}] = {:?} is not two tokens \"a b\"", i, m.a));
+        b = a.substr(space + 1);
+        a = a.substr(0, space);
       }
+      joined.assign(a).append(b);
       const int32_t left = lookup(a, i, "token"), right = lookup(b, i, "token");
-      const int32_t merged = lookup(a + b, i, "merged token");
+      const int32_t merged = lookup(joined, i, "merged token");
       // A pair listed twice keeps its later rank, as in the tokenizers library.
-      merges_[pair_key(left, right)] = {static_cast<int32_t>(i), merged};
+      merges_.set(left, right, {static_cast<int32_t>(i), merged});
     }
 
     if (const json* unk = f.find(model, "unk_token")) {
       const std::string token = f.string(*unk, "model.unk_token");
-      const auto it = vocab_.find(token);
-      if (it == vocab_.end())
-        f.fail(fmt::format("model.unk_token {:?} is not in model.vocab", token));
-      unk_id_ = it->second;
+      unk_id_ = find(token);
+      if (*unk_id_ < 0) f.fail(fmt::format("model.unk_token {:?} is not in model.vocab", token));
     }
     fuse_unk_ = f.flag(model, where, "fuse_unk", false);
     byte_fallback_ = f.flag(model, where, "byte_fallback", false);
@@ -997,8 +1100,7 @@ class BpeModel {
         f.fail(fmt::format("model.{} is not supported (only the empty one)", key));
     // The byte-fallback tokens <0x00>..<0xFF>, where the vocabulary has them.
     for (int b = 0; b < 256; ++b) {
-      const auto it = vocab_.find(fmt::format("<0x{:02X}>", b));
-      byte_ids_[static_cast<size_t>(b)] = it == vocab_.end() ? -1 : it->second;
+      byte_ids_[static_cast<size_t>(b)] = find(fmt::format("<0x{:02X}>", b));
     }
     // "dropout" randomizes merges while training a tokenizer; encoding here never drops.
   }
@@ -1009,9 +1111,8 @@ class BpeModel {
   // the merges, the pair of lowest rank first (leftmost among equals), until none applies.
   void tokenize(std::string_view word, std::vector<int32_t>& out) const {
     if (ignore_merges_) {  // a word in the vocabulary is its own token
-      const auto it = vocab_.find(word);
-      if (it != vocab_.end()) {
-        out.push_back(it->second);
+      if (const int32_t id = find(word); id >= 0) {
+        out.push_back(id);
         return;
       }
     }
@@ -1030,10 +1131,10 @@ class BpeModel {
       const size_t n = char_length(word, i);
       const std::string_view c = word.substr(i, n);
       i += n;
-      if (const auto it = vocab_.find(c); it != vocab_.end()) {
+      if (const int32_t id = find(c); id >= 0) {
         if (pending_unk) push(*unk_id_);
         pending_unk = false;
-        push(it->second);
+        push(id);
         continue;
       }
       if (byte_fallback_ && std::all_of(c.begin(), c.end(), [&](char b) {
@@ -1060,8 +1161,8 @@ class BpeModel {
     const auto consider = [&](int32_t pos) {
       const int32_t next = symbols[pos].next;
       if (next < 0) return;
-      const auto it = merges_.find(pair_key(symbols[pos].id, symbols[next].id));
-      if (it != merges_.end()) queue.emplace(it->second.rank, pos, it->second.id);
+      if (const MergeTable::Merge* m = merges_.find(symbols[pos].id, symbols[next].id))
+        queue.emplace(m->rank, pos, m->id);
     };
     for (int32_t i = 0; i + 1 < static_cast<int32_t>(symbols.size()); ++i) consider(i);
     while (!queue.empty()) {
@@ -1070,8 +1171,8 @@ class BpeModel {
       Symbol& left = symbols[pos];
       if (!left.alive || left.next < 0) continue;
       // stale: the pair at pos changed since this candidate was queued
-      const auto it = merges_.find(pair_key(left.id, symbols[left.next].id));
-      if (it == merges_.end() || it->second.id != merged) continue;
+      const MergeTable::Merge* m = merges_.find(left.id, symbols[left.next].id);
+      if (!m || m->id != merged) continue;
       Symbol& right = symbols[left.next];
       left.id = merged;
       right.alive = false;
@@ -1084,20 +1185,208 @@ class BpeModel {
   }
 
  private:
-  struct Merge {
-    int32_t rank, id;
-  };
-  static uint64_t pair_key(int32_t a, int32_t b) {
-    return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
-  }
+  int32_t find(std::string_view token) const { return vocab_.find(token, id_to_token_); }
 
-  StringMap<int32_t> vocab_;
+  TokenIndex vocab_;
   std::vector<std::string> id_to_token_;
-  std::unordered_map<uint64_t, Merge> merges_;  // (left id, right id) -> rank, merged id
+  MergeTable merges_;
   std::array<int32_t, 256> byte_ids_{};
   std::optional<int32_t> unk_id_;
   bool fuse_unk_ = false, byte_fallback_ = false, ignore_merges_ = false;
 };
+
+// ---------------------------------------------------------------------------------------------
+// Reading the file. One pass of nlohmann's SAX parser builds the JSON document of everything
+// but model.vocab and model.merges, which go straight into a RawModel: a document of them would
+// be 1.3 million nodes for gpt-oss's file. Anything unexpected there (a wrong type, a repeated
+// key, a syntax error) ends the pass, and the whole file is read again as a document, whose
+// checks name what is wrong.
+
+class TokenizerJsonSax final : public nlohmann::json_sax<json> {
+ public:
+  explicit TokenizerJsonSax(RawModel& raw) : raw_(raw) {}
+  json root;
+
+  bool null() override { return value(nullptr); }
+  bool boolean(bool v) override { return value(v); }
+  bool number_integer(int64_t v) override { return mode_ == kVocabId ? vocab_id(v) : value(v); }
+  bool number_unsigned(uint64_t v) override {
+    if (mode_ != kVocabId) return value(v);
+    return v <= static_cast<uint64_t>(INT64_MAX) && vocab_id(static_cast<int64_t>(v));
+  }
+  bool number_float(double v, const std::string& /*text*/) override { return value(v); }
+  bool string(std::string& v) override {
+    switch (mode_) {
+      case kMerges: raw_.merges.push_back({std::move(v), {}, true}); return true;
+      case kPairFirst:
+        pair_.a = std::move(v);
+        mode_ = kPairSecond;
+        return true;
+      case kPairSecond:
+        pair_.b = std::move(v);
+        mode_ = kPairEnd;
+        return true;
+      default: return value(std::move(v));
+    }
+  }
+  bool binary(json::binary_t& /*v*/) override { return false; }
+  bool start_object(size_t /*n*/) override {
+    if (mode_ == kVocabStart) {
+      mode_ = kVocab;
+      return true;
+    }
+    return open(json::object());
+  }
+  bool key(std::string& k) override {
+    if (mode_ == kVocab) {
+      token_ = std::move(k);
+      mode_ = kVocabId;
+      return true;
+    }
+    if (mode_ != kNone) return false;
+    if (model_ && stack_.back() == model_) {
+      if (k == "vocab" || k == "merges") {
+        bool& seen = k == "vocab" ? raw_.has_vocab : raw_.has_merges;
+        if (seen) return false;
+        seen = true;
+        mode_ = k == "vocab" ? kVocabStart : kMergesStart;
+        return true;
+      }
+    }
+    slot_ = &(*stack_.back())[k];
+    model_key_ = stack_.size() == 1 && k == "model";
+    return true;
+  }
+  bool end_object() override {
+    if (mode_ == kVocab) {
+      mode_ = kNone;
+      return true;
+    }
+    if (mode_ != kNone) return false;
+    stack_.pop_back();
+    return true;
+  }
+  bool start_array(size_t /*n*/) override {
+    if (mode_ == kMergesStart || mode_ == kMerges) {
+      mode_ = mode_ == kMergesStart ? kMerges : kPairFirst;
+      return true;
+    }
+    return open(json::array());
+  }
+  bool end_array() override {
+    switch (mode_) {
+      case kPairEnd:
+        raw_.merges.push_back(std::move(pair_));
+        pair_ = {};
+        mode_ = kMerges;
+        return true;
+      case kMerges: mode_ = kNone; return true;
+      case kNone: stack_.pop_back(); return true;
+      default: return false;
+    }
+  }
+  bool parse_error(size_t /*position*/, const std::string& /*last_token*/,
+                   const nlohmann::detail::exception& /*ex*/) override {
+    return false;
+  }
+
+ private:
+  enum Mode {
+    kNone,
+    kVocabStart,
+    kVocab,
+    kVocabId,
+    kMergesStart,
+    kMerges,
+    kPairFirst,
+    kPairSecond,
+    kPairEnd
+  };
+
+  bool vocab_id(int64_t id) {
+    raw_.vocab.emplace_back(std::move(token_), id);
+    mode_ = kVocab;
+    return true;
+  }
+  // A value where the document is being built: the root, an array's next element, or the
+  // value of the last key.
+  json* place(json&& v) {
+    if (stack_.empty()) {
+      root = std::move(v);
+      return &root;
+    }
+    json& top = *stack_.back();
+    if (top.is_array()) {
+      top.push_back(std::move(v));
+      return &top.back();
+    }
+    *slot_ = std::move(v);
+    return slot_;
+  }
+  bool value(json&& v) {
+    if (mode_ != kNone) return false;
+    place(std::move(v));
+    return true;
+  }
+  bool open(json&& container) {
+    if (mode_ != kNone) return false;
+    const bool is_model = model_key_ && stack_.size() == 1 && container.is_object();
+    json* p = place(std::move(container));
+    if (is_model) model_ = p;
+    stack_.push_back(p);
+    return true;
+  }
+
+  RawModel& raw_;
+  Mode mode_ = kNone;
+  std::vector<json*> stack_;
+  json* slot_ = nullptr;
+  json* model_ = nullptr;
+  bool model_key_ = false;
+  std::string token_;
+  RawMerge pair_;
+};
+
+// The document of the file. The fast pass leaves model.vocab and model.merges out of it and
+// puts them in `raw`; the slow one leaves them in, for take_vocab_and_merges.
+json read_tokenizer_json(const Fields& f, const std::string& text, RawModel& raw) {
+  {
+    TokenizerJsonSax sax(raw);
+    if (json::sax_parse(text, &sax)) return std::move(sax.root);
+  }
+  raw = {};
+  try {
+    return json::parse(text);
+  } catch (const json::exception& e) {
+    f.fail(fmt::format("not valid JSON: {}", e.what()));
+  }
+}
+
+// model.vocab and model.merges from the document into `raw`, where the fast pass did not.
+void take_vocab_and_merges(const Fields& f, json& model, RawModel& raw) {
+  if (const json* vocab = f.find(model, "vocab"); vocab && !raw.has_vocab) {
+    f.expect_object(*vocab, "model.vocab");
+    raw.has_vocab = true;
+    for (const auto& [token, id] : vocab->items())
+      raw.vocab.emplace_back(token, f.integer(id, fmt::format("model.vocab[{:?}]", token)));
+  }
+  if (model.contains("merges") && !raw.has_merges) {
+    const json& merges = f.array(model, "model", "merges");
+    raw.has_merges = true;
+    for (size_t i = 0; i < merges.size(); ++i) {
+      const json& m = merges[i];
+      if (m.is_string())
+        raw.merges.push_back({m.get<std::string>(), {}, true});
+      else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string())
+        raw.merges.push_back({m[0].get<std::string>(), m[1].get<std::string>(), false});
+      else
+        f.fail(
+            fmt::format("model.merges[{}] must be \"a b\" or [\"a\", \"b\"], not {}", i, m.dump()));
+    }
+  }
+  model.erase("vocab");
+  model.erase("merges");
+}
 
 // ---------------------------------------------------------------------------------------------
 // The tokenizer: added tokens, normalizer, pre-tokenizer, BPE, decoder.
@@ -1108,23 +1397,21 @@ class HfTokenizer final : public Tokenizer {
   // it names bos and eos.
   HfTokenizer(const std::string& path, const std::string& text, bool beside) {
     const Fields f(path);
-    json root;
-    try {
-      root = json::parse(text);
-    } catch (const json::exception& e) {
-      f.fail(fmt::format("not valid JSON: {}", e.what()));
-    }
+    RawModel raw;
+    json root = read_tokenizer_json(f, text, raw);
     f.expect_object(root, "the file");
 
-    const json& model = f.get(root, "the file", "model");
+    f.get(root, "the file", "model");  // there, and not null
+    json& model = root["model"];
     f.expect_object(model, "model");
     const json* type = f.find(model, "type");
-    const std::string model_type = type                       ? f.string(*type, "model.type")
-                                   : model.contains("merges") ? "BPE"
-                                                              : "(none)";
+    const std::string model_type = type ? f.string(*type, "model.type")
+                                   : raw.has_merges || model.contains("merges") ? "BPE"
+                                                                                : "(none)";
     if (model_type != "BPE")
       f.fail(fmt::format("model type {:?} is not supported (only BPE is)", model_type));
-    bpe_.parse(f, model);
+    take_vocab_and_merges(f, model, raw);
+    bpe_.parse(f, model, std::move(raw));
     id_to_token_ = bpe_.id_to_token();
 
     if (const json* norm = f.find(root, "normalizer")) normalizer_.parse(f, *norm, "normalizer");
@@ -1282,8 +1569,9 @@ class HfTokenizer final : public Tokenizer {
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) Fields(path).fail("cannot open the file");
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  return std::make_unique<HfTokenizer>(path, text, true);
+  std::ostringstream buffer;
+  buffer << in.rdbuf();
+  return std::make_unique<HfTokenizer>(path, std::move(buffer).str(), true);
 }
 
 std::unique_ptr<Tokenizer> parse_hf_tokenizer(const std::string& text, const std::string& name) {
