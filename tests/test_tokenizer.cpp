@@ -9,6 +9,7 @@
 #include <fstream>
 #include <functional>
 #include <thread>
+#include <tuple>
 
 #include "moe/error.h"
 #include "moe/tokenizer.h"
@@ -252,6 +253,34 @@ TEST(TokenizerErrors, MalformedTokenizerJson) {
   expect_error(
       [] { load_json("added", "{" + kTinyModel + R"(, "added_tokens": [{"content": "<x>"}]})"); },
       "added_tokens[0] has no \"id\"");
+  for (const auto& [name, regex, what] :
+       std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"anchor_start", "^a", "the anchor ^"},
+           {"anchor_end", "a$", "the anchor $"},
+           {"hex", "\\\\h+", "\\h (a hex digit in Oniguruma"},
+           {"dotall", "(?m:a.b)", "the option m"},
+           {"dotall_off", "(?i-m)a", "the option m"}}) {
+    expect_error(
+        [&] {
+          load_json(name, "{" + kTinyModel +
+                              R"(, "pre_tokenizer": {"type": "Split", "pattern": {"Regex": ")" +
+                              regex + R"("}, "behavior": "Isolated"}})");
+        },
+        what);
+  }
+  // inside a class, ^ and $ are characters
+  EXPECT_NO_THROW(load_json("class", "{" + kTinyModel +
+                                         R"(, "pre_tokenizer": {"type": "Split", "pattern":
+                                            {"Regex": "[^$a]+"}, "behavior": "Isolated"}})"));
+  expect_error(
+      [] {
+        load_json("dropout", R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [],
+                                           "dropout": 0.1}})");
+      },
+      "model.dropout = 0.1 is not supported");
+  EXPECT_NO_THROW(
+      load_json("nodropout",
+                R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [], "dropout": null}})"));
   expect_error(
       [] {
         load_json("vocabtwice",

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -156,6 +157,7 @@ bool is_white_space(uint32_t cp) {
 class Regex {
  public:
   Regex(const std::string& pattern, const std::string& where) {
+    refuse_differences(pattern, where);
     int error = 0;
     PCRE2_SIZE offset = 0;
     // MATCH_INVALID_UTF: text that is not valid UTF-8 is matched too (the bad bytes match no
@@ -229,6 +231,41 @@ class Regex {
   static Scratch& thread_scratch() {
     thread_local Scratch scratch;
     return scratch;
+  }
+
+  // Oniguruma with its Ruby syntax (what tokenizers' onig::Regex::new compiles) and PCRE2 read
+  // a few constructs differently: ^ and $ are always line anchors there, (?m) lets . match a
+  // newline there, \h and \H are hex digits there. A pattern with one of them is refused rather
+  // than matched the other way.
+  static void refuse_differences(const std::string& pattern, const std::string& where) {
+    const auto refuse = [&](const std::string& what) {
+      throw_error("tokenizer",
+                  fmt::format("{}: the regex {:?} uses {}, which Oniguruma (the regex engine of "
+                              "the tokenizers library) reads differently from PCRE2: not supported",
+                              where, pattern, what));
+    };
+    int in_class = 0;  // nesting of [...]
+    for (size_t i = 0; i < pattern.size(); ++i) {
+      const char c = pattern[i];
+      if (c == '\\') {
+        if (i + 1 < pattern.size() && (pattern[i + 1] == 'h' || pattern[i + 1] == 'H'))
+          refuse(fmt::format("\\{} (a hex digit in Oniguruma, horizontal space in PCRE2)",
+                             pattern[i + 1]));
+        ++i;  // the escaped character
+      } else if (c == '[') {
+        ++in_class;
+      } else if (c == ']' && in_class > 0) {
+        --in_class;
+      } else if (in_class == 0 && (c == '^' || c == '$')) {
+        refuse(
+            fmt::format("the anchor {} (start or end of any line in Oniguruma, of the text "
+                        "in PCRE2)",
+                        c));
+      } else if (in_class == 0 && c == '(' && pattern.compare(i, 2, "(?") == 0) {
+        for (size_t j = i + 2; j < pattern.size() && std::strchr("imx-", pattern[j]); ++j)
+          if (pattern[j] == 'm') refuse("the option m (dot matches newline in Oniguruma)");
+      }
+    }
   }
 
   pcre2_code* code_ = nullptr;
@@ -1102,7 +1139,17 @@ class BpeModel {
     for (int b = 0; b < 256; ++b) {
       byte_ids_[static_cast<size_t>(b)] = find(fmt::format("<0x{:02X}>", b));
     }
-    // "dropout" randomizes merges while training a tokenizer; encoding here never drops.
+    // BPE-dropout (Provilkov et al., 2020) skips each merge with probability "dropout": the
+    // tokenizers library then encodes at random. Only its absence (or 0) is supported.
+    if (const json* dropout = f.find(model, "dropout")) {
+      if (!dropout->is_number())
+        f.fail(fmt::format("model.dropout must be a number, not {}", dropout->type_name()));
+      if (dropout->get<double>() != 0.0)
+        f.fail(
+            fmt::format("model.dropout = {} is not supported: BPE-dropout encodes at random "
+                        "(only null or 0 is supported)",
+                        dropout->dump()));
+    }
   }
 
   const std::vector<std::string>& id_to_token() const { return id_to_token_; }
