@@ -283,18 +283,56 @@ TEST(Model, ParameterCountsFollowEveryVariant) {
   }
   // dense_layers = {1} makes all three layers dense.
   EXPECT_EQ(count_params(configs[0]).dense_ffn, 3 * 3 * configs[0].d_model * configs[0].d_ffn);
-  // The variants run in inference; training them is refused with a clear message.
-  Model m(configs[3]);
-  Rng rng(1);
-  m.init(rng);
-  Arena arena;
-  const Tensor logits = m.logits(tokens_for(configs[3], 2, 5, 3), arena);
-  EXPECT_EQ(logits.shape(), (Shape{2, 5, configs[3].vocab_size}));
-  try {
-    m.forward_backward(tokens_for(configs[3], 1, 5, 1), arena);
-    ADD_FAILURE() << "training latent attention did not throw";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("run in inference only"), std::string::npos) << e.what();
+}
+
+// Every architecture variant trains: finite differences of the whole model's loss in double
+// precision, for each parameter.
+TEST(Model, FiniteDifferencesQwenVariants) {
+  ModelConfig c = tiny_config();
+  c.n_layers = 3;
+  c.moe_every = 1;
+  c.dense_layers = {1};
+  c.qkv_bias = true;
+  c.qk_norm = QkNorm::head;  // Qwen3-MoE
+  c.sliding_window = 3;
+  c.rope_interleave = true;
+  c.moe.renormalize = false;  // Qwen2-MoE: norm_topk_prob false, a gated shared expert
+  c.moe.n_shared = 1;
+  c.moe.d_shared_ffn = 5;
+  c.moe.shared_gate = true;
+  check_model_gradients(c, 5);
+}
+
+TEST(Model, FiniteDifferencesOlmoeAndDbrxVariants) {
+  ModelConfig c = tiny_config();
+  c.qk_norm = QkNorm::full;  // OLMoE
+  c.norm = NormKind::layer;  // DBRX
+  c.clip_qkv = 0.6;          // clamps some of the projections' values
+  check_model_gradients(c, 6);
+}
+
+TEST(Model, FiniteDifferencesLatentAttention) {
+  for (int64_t q_lora : {0, 12}) {
+    SCOPED_TRACE(q_lora);
+    ModelConfig c = tiny_config();
+    c.n_heads = 2;
+    c.n_kv_heads = 2;
+    c.q_lora_rank = q_lora;
+    c.kv_lora_rank = 10;
+    c.qk_nope_dim = 6;
+    c.qk_rope_dim = 4;
+    c.v_head_dim = 5;
+    c.rope_interleave = q_lora > 0;
+    c.moe.n_shared = 1;
+    c.moe.d_shared_ffn = 7;
+    if (q_lora > 0) {  // DeepSeek-V3's routing
+      c.moe.router = RouterKind::deepseek;
+      c.moe.n_experts = 8;
+      c.moe.n_group = 4;
+      c.moe.topk_group = 2;
+      c.moe.routed_scaling_factor = 2.5;
+    }
+    check_model_gradients(c, 7 + static_cast<uint64_t>(q_lora));
   }
 }
 

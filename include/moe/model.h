@@ -72,10 +72,9 @@ struct ModelConfig {
   // The rotated width of a query or key head.
   int64_t rope_dim() const { return mla() ? qk_rope_dim : head_size(); }
   bool is_moe_layer(int64_t i) const;
-  // True when the model uses only what the backward implements (the project's architecture):
-  // RMSNorm, no qkv biases, q/k norms, clipping, sliding window, latent attention or
-  // interleaved rotary pairs.
-  bool trainable() const;
+  // True when the model uses any of the variants above (LayerNorm, qkv biases, q/k norms,
+  // clipping, a sliding window, latent attention or interleaved rotary pairs).
+  bool uses_variants() const;
   void validate() const;
 };
 

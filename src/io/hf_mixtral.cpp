@@ -8,7 +8,7 @@ namespace moe {
 
 bool is_mixtral(const ModelConfig& c) {
   const MoeConfig& m = c.moe;
-  return c.moe_every == 1 && c.first_dense == 0 && c.dense_layers.empty() && c.trainable() &&
+  return c.moe_every == 1 && c.first_dense == 0 && c.dense_layers.empty() && !c.uses_variants() &&
          m.routed_scaling_factor == 1.0 && m.router == RouterKind::topk && m.renormalize &&
          m.act == ExpertAct::swiglu && !m.expert_bias && m.n_shared == 0 && m.jitter_eps == 0 &&
          m.explore_prob == 0;

@@ -72,83 +72,64 @@ void rope_tables(T* cos, T* sin, int64_t max_len, int64_t hd, double base) {
 }
 
 template <class T>
-void rope_apply(T* x, const T* cos, const T* sin, int64_t b, int64_t t, int64_t heads, int64_t hd,
-                bool inverse) {
-  const int64_t half = hd / 2;
-  const T sign = inverse ? T(-1) : T(1);
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < b * t; ++row) {
-    const int64_t pos = row % t;
-    for (int64_t hh = 0; hh < heads; ++hh) {
-      T* v = x + (row * heads + hh) * hd;
-      for (int64_t i = 0; i < half; ++i) {
-        const T c = cos[pos * half + i], s = sign * sin[pos * half + i];
-        const T a = v[i], bb = v[i + half];
-        v[i] = a * c - bb * s;
-        v[i + half] = bb * c + a * s;
-      }
-    }
-  }
-}
-
-template <class T>
 void attention_forward(T* out, T* probs, const T* q, const T* k, const T* v, int64_t b, int64_t t,
-                       int64_t h, int64_t kv, int64_t hd) {
+                       int64_t h, int64_t kv, int64_t dk, int64_t dv, int64_t window) {
   const int64_t group = h / kv;
-  const T scale = T(1) / std::sqrt(static_cast<T>(hd));
+  const T scale = T(1) / std::sqrt(static_cast<T>(dk));
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < b * h; ++task) {
     const int64_t bi = task / h, hh = task % h, g = hh / group;
-    const T* qb = q + (bi * t * h + hh) * hd;  // row stride h * hd
-    const T* kb = k + (bi * t * kv + g) * hd;  // row stride kv * hd
-    const T* vb = v + (bi * t * kv + g) * hd;
+    const T* qb = q + (bi * t * h + hh) * dk;  // row stride h * dk
+    const T* kb = k + (bi * t * kv + g) * dk;  // row stride kv * dk
+    const T* vb = v + (bi * t * kv + g) * dv;  // row stride kv * dv
     T* p = probs + task * t * t;
-    cpu::gemm<T>(false, true, t, t, hd, scale, qb, h * hd, kb, kv * hd, T(0), p, t);
+    cpu::gemm<T>(false, true, t, t, dk, scale, qb, h * dk, kb, kv * dk, T(0), p, t);
     for (int64_t i = 0; i < t; ++i) {
       T* row = p + i * t;
-      T mx = row[0];
-      for (int64_t j = 1; j <= i; ++j) mx = std::max(mx, row[j]);
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
+      T mx = row[lo];
+      for (int64_t j = lo + 1; j <= i; ++j) mx = std::max(mx, row[j]);
       T sum = 0;
-      for (int64_t j = 0; j <= i; ++j) {
+      for (int64_t j = lo; j <= i; ++j) {
         row[j] = std::exp(row[j] - mx);
         sum += row[j];
       }
-      for (int64_t j = 0; j <= i; ++j) row[j] /= sum;
-      for (int64_t j = i + 1; j < t; ++j) row[j] = 0;
+      for (int64_t j = 0; j < t; ++j) row[j] = (j >= lo && j <= i) ? row[j] / sum : T(0);
     }
-    cpu::gemm<T>(false, false, t, hd, t, T(1), p, t, vb, kv * hd, T(0),
-                 out + (bi * t * h + hh) * hd, h * hd);
+    cpu::gemm<T>(false, false, t, dv, t, T(1), p, t, vb, kv * dv, T(0),
+                 out + (bi * t * h + hh) * dv, h * dv);
   }
 }
 
 template <class T>
 void attention_backward(T* dq, T* dk, T* dv, T* scratch, const T* dout, const T* q, const T* k,
                         const T* v, const T* probs, int64_t b, int64_t t, int64_t h, int64_t kv,
-                        int64_t hd) {
+                        int64_t dkw, int64_t dvw) {
   const int64_t group = h / kv;
-  const T scale = T(1) / std::sqrt(static_cast<T>(hd));
+  const T scale = T(1) / std::sqrt(static_cast<T>(dkw));
   // One task per (sequence, KV head): its query heads in order, so the KV gradients of a group
-  // are summed in a fixed order by one thread.
+  // are summed in a fixed order by one thread. Masked entries have probability 0, so their
+  // score gradients P (dP - rowsum(dP P)) are 0 too.
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < b * kv; ++task) {
     const int64_t bi = task / kv, g = task % kv;
     T* dp = scratch + static_cast<int64_t>(omp_get_thread_num()) * 2 * t * t;
-    const T* kb = k + (bi * t * kv + g) * hd;
-    const T* vb = v + (bi * t * kv + g) * hd;
-    T* dkb = dk + (bi * t * kv + g) * hd;
-    T* dvb = dv + (bi * t * kv + g) * hd;
+    const T* kb = k + (bi * t * kv + g) * dkw;
+    const T* vb = v + (bi * t * kv + g) * dvw;
+    T* dkb = dk + (bi * t * kv + g) * dkw;
+    T* dvb = dv + (bi * t * kv + g) * dvw;
     for (int64_t i = 0; i < t; ++i) {
-      std::fill_n(dkb + i * kv * hd, hd, T(0));
-      std::fill_n(dvb + i * kv * hd, hd, T(0));
+      std::fill_n(dkb + i * kv * dkw, dkw, T(0));
+      std::fill_n(dvb + i * kv * dvw, dvw, T(0));
     }
     for (int64_t hh = g * group; hh < (g + 1) * group; ++hh) {
       const T* p = probs + (bi * h + hh) * t * t;
-      const T* dob = dout + (bi * t * h + hh) * hd;
-      const T* qb = q + (bi * t * h + hh) * hd;
-      T* dqb = dq + (bi * t * h + hh) * hd;
+      const T* dob = dout + (bi * t * h + hh) * dvw;
+      const T* qb = q + (bi * t * h + hh) * dkw;
+      T* dqb = dq + (bi * t * h + hh) * dkw;
       // dV += P^T dO; dP = dO V^T; dS = P (dP - rowsum(dP P)).
-      cpu::gemm<T>(true, false, t, hd, t, T(1), p, t, dob, h * hd, T(1), dvb, kv * hd);
-      cpu::gemm<T>(false, true, t, t, hd, T(1), dob, h * hd, vb, kv * hd, T(0), dp, t);
+      cpu::gemm<T>(true, false, t, dvw, t, T(1), p, t, dob, h * dvw, T(1), dvb, kv * dvw);
+      cpu::gemm<T>(false, true, t, t, dvw, T(1), dob, h * dvw, vb, kv * dvw, T(0), dp, t);
       for (int64_t i = 0; i < t; ++i) {
         T* row = dp + i * t;
         const T* pr = p + i * t;
@@ -158,8 +139,8 @@ void attention_backward(T* dq, T* dk, T* dv, T* scratch, const T* dout, const T*
         for (int64_t j = i + 1; j < t; ++j) row[j] = 0;
       }
       // S = scale Q K^T: dQ = scale dS K, dK += scale dS^T Q.
-      cpu::gemm<T>(false, false, t, hd, t, scale, dp, t, kb, kv * hd, T(0), dqb, h * hd);
-      cpu::gemm<T>(true, false, t, hd, t, scale, dp, t, qb, h * hd, T(1), dkb, kv * hd);
+      cpu::gemm<T>(false, false, t, dkw, t, scale, dp, t, kb, kv * dkw, T(0), dqb, h * dkw);
+      cpu::gemm<T>(true, false, t, dkw, t, scale, dp, t, qb, h * dkw, T(1), dkb, kv * dkw);
     }
   }
 }
@@ -180,9 +161,49 @@ void layernorm_forward(T* out, const T* x, const T* g, int64_t n, int64_t d, dou
 }
 
 template <class T>
+void layernorm_backward(T* dx, T* dg, const T* dout, const T* x, const T* g, int64_t n, int64_t d,
+                        double eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xi = x + i * d;
+    const T* dy = dout + i * d;
+    T mean = 0;
+    for (int64_t j = 0; j < d; ++j) mean += xi[j];
+    mean /= static_cast<T>(d);
+    T var = 0;
+    for (int64_t j = 0; j < d; ++j) var += (xi[j] - mean) * (xi[j] - mean);
+    const T r = T(1) / std::sqrt(var / static_cast<T>(d) + static_cast<T>(eps));
+    // xhat = (x - mean) r; dx = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = g dy.
+    T m1 = 0, m2 = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      const T dxh = g[j] * dy[j];
+      m1 += dxh;
+      m2 += dxh * (xi[j] - mean) * r;
+    }
+    m1 /= static_cast<T>(d);
+    m2 /= static_cast<T>(d);
+    for (int64_t j = 0; j < d; ++j) {
+      const T xh = (xi[j] - mean) * r;
+      dx[i * d + j] = r * (g[j] * dy[j] - m1 - xh * m2);
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xi = x + i * d;
+    T mean = 0;
+    for (int64_t j = 0; j < d; ++j) mean += xi[j];
+    mean /= static_cast<T>(d);
+    T var = 0;
+    for (int64_t j = 0; j < d; ++j) var += (xi[j] - mean) * (xi[j] - mean);
+    const T r = T(1) / std::sqrt(var / static_cast<T>(d) + static_cast<T>(eps));
+    for (int64_t j = 0; j < d; ++j) dg[j] += dout[i * d + j] * (xi[j] - mean) * r;
+  }
+}
+
+template <class T>
 void rope_at(T* x, const T* cos, const T* sin, const int64_t* pos, int64_t rows, int64_t heads,
-             int64_t stride, int64_t off, int64_t rd, bool interleave) {
+             int64_t stride, int64_t off, int64_t rd, bool interleave, bool inverse) {
   const int64_t half = rd / 2;
+  const T sign = inverse ? T(-1) : T(1);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const T* c = cos + pos[r] * half;
@@ -193,8 +214,9 @@ void rope_at(T* x, const T* cos, const T* sin, const int64_t* pos, int64_t rows,
         T& a = interleave ? v[2 * i] : v[i];
         T& bb = interleave ? v[2 * i + 1] : v[i + half];
         const T a0 = a, b0 = bb;
-        a = a0 * c[i] - b0 * s[i];
-        bb = b0 * c[i] + a0 * s[i];
+        const T si = sign * s[i];
+        a = a0 * c[i] - b0 * si;
+        bb = b0 * c[i] + a0 * si;
       }
     }
   }
@@ -268,14 +290,16 @@ double cross_entropy(T* dlogits, double* row_loss, const T* logits, const int32_
   template void rmsnorm_backward<T>(T*, T*, const T*, const T*, const T*, const T*, int64_t,     \
                                     int64_t);                                                    \
   template void rope_tables<T>(T*, T*, int64_t, int64_t, double);                                \
-  template void rope_apply<T>(T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, bool); \
   template void attention_forward<T>(T*, T*, const T*, const T*, const T*, int64_t, int64_t,     \
-                                     int64_t, int64_t, int64_t);                                 \
+                                     int64_t, int64_t, int64_t, int64_t, int64_t);               \
   template void attention_backward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const T*,    \
-                                      const T*, int64_t, int64_t, int64_t, int64_t, int64_t);    \
+                                      const T*, int64_t, int64_t, int64_t, int64_t, int64_t,     \
+                                      int64_t);                                                  \
   template void layernorm_forward<T>(T*, const T*, const T*, int64_t, int64_t, double);          \
+  template void layernorm_backward<T>(T*, T*, const T*, const T*, const T*, int64_t, int64_t,    \
+                                      double);                                                   \
   template void rope_at<T>(T*, const T*, const T*, const int64_t*, int64_t, int64_t, int64_t,    \
-                           int64_t, int64_t, bool);                                              \
+                           int64_t, int64_t, bool, bool);                                        \
   template void attention_cached<T>(T*, const T*, const T*, const T*, const int64_t*,            \
                                     const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, \
                                     int64_t, int64_t, int64_t, double);                          \

@@ -22,37 +22,40 @@ template <class T>
 void rmsnorm_backward(T* dx, T* dg, const T* dout, const T* x, const T* g, const T* rstd, int64_t n,
                       int64_t d);
 
-// Rotary tables cos, sin [max_len, hd / 2] for theta_i = base^(-2i / hd).
+// Rotary tables cos, sin [max_len, rd / 2] for theta_i = base^(-2i / rd).
 template <class T>
-void rope_tables(T* cos, T* sin, int64_t max_len, int64_t hd, double base);
-// Rotates x [B*T, heads, hd] in place, position = row % T ("rotate half" layout); inverse
-// rotates back (the backward of the rotation).
+void rope_tables(T* cos, T* sin, int64_t max_len, int64_t rd, double base);
+// Rotates, in every row r of x (rows of `heads` heads, `stride` values apart), the values
+// [off, off + rd) of each head to position pos[r]; tables [max_len, rd / 2]. Interleaved pairs
+// (x0, x1), (x2, x3), ... when `interleave`, else the two halves. `inverse` rotates back by the
+// same angle: the backward of the rotation.
 template <class T>
-void rope_apply(T* x, const T* cos, const T* sin, int64_t b, int64_t t, int64_t heads, int64_t hd,
-                bool inverse);
+void rope_at(T* x, const T* cos, const T* sin, const int64_t* pos, int64_t rows, int64_t heads,
+             int64_t stride, int64_t off, int64_t rd, bool interleave, bool inverse = false);
 
-// Causal grouped-query attention. q [B*T, H, hd], k and v [B*T, KV, hd] (rotated already) ->
-// out [B*T, H, hd]; probs [B, H, T, T] saved (zero above the diagonal).
+// Causal grouped-query attention, scores scaled by 1 / sqrt(dk). q [B*T, H, dk], k [B*T, KV, dk]
+// and v [B*T, KV, dv] (rotated already) -> out [B*T, H, dv]; probs [B, H, T, T] saved (zero
+// outside the mask). window > 0 keeps the keys j > i - window only (a sliding window).
 template <class T>
 void attention_forward(T* out, T* probs, const T* q, const T* k, const T* v, int64_t b, int64_t t,
-                       int64_t h, int64_t kv, int64_t hd);
-// dq [B*T, H, hd], dk and dv [B*T, KV, hd] written. scratch: threads * 2 * T * T elements.
+                       int64_t h, int64_t kv, int64_t dk, int64_t dv, int64_t window);
+// dq [B*T, H, dk], dk [B*T, KV, dk] and dv [B*T, KV, dv] written. scratch: threads * 2 * T * T
+// elements.
 template <class T>
 void attention_backward(T* dq, T* dk, T* dv, T* scratch, const T* dout, const T* q, const T* k,
                         const T* v, const T* probs, int64_t b, int64_t t, int64_t h, int64_t kv,
-                        int64_t hd);
+                        int64_t dkw, int64_t dvw);
 
-// Inference pieces (forward only).
-
-// LayerNorm without bias: out = (x - mean) / sqrt(var + eps) * g, rows of width d.
+// LayerNorm without bias: out = (x - mean) / sqrt(var + eps) * g, rows of width d (DBRX).
 template <class T>
 void layernorm_forward(T* out, const T* x, const T* g, int64_t n, int64_t d, double eps);
-// Rotates, in every row r of x (rows of `heads` heads, `stride` values apart), the values
-// [off, off + rd) of each head to position pos[r]; tables [max_len, rd / 2]. Interleaved pairs
-// (x0, x1), (x2, x3), ... when `interleave`, else the two halves.
+// dx [N, D] written, dg [D] accumulated (the statistics recomputed from x).
 template <class T>
-void rope_at(T* x, const T* cos, const T* sin, const int64_t* pos, int64_t rows, int64_t heads,
-             int64_t stride, int64_t off, int64_t rd, bool interleave);
+void layernorm_backward(T* dx, T* dg, const T* dout, const T* x, const T* g, int64_t n, int64_t d,
+                        double eps);
+
+// Inference (forward only).
+
 // Causal attention of tq new queries per sequence against a key/value cache.
 // q [B, tq, H, dk]; kc [slots, cap, KV, dk], vc [slots, cap, KV, dv]; sequence b reads cache
 // slot slot[b], whose first start[b] + tq positions are filled, and its query i sits at

@@ -11,6 +11,7 @@
 
 #include "moe/kernels.h"
 #include "nn/layers.h"
+#include "nn/model_impl.h"
 
 namespace moe {
 
@@ -70,9 +71,9 @@ bool ModelConfig::is_moe_layer(int64_t i) const {
   return moe_every > 0 && i >= first_dense && (i + 1) % moe_every == 0;
 }
 
-bool ModelConfig::trainable() const {
-  return norm == NormKind::rms && !qkv_bias && qk_norm == QkNorm::none && clip_qkv == 0 &&
-         sliding_window == 0 && !mla() && !rope_interleave;
+bool ModelConfig::uses_variants() const {
+  return !(norm == NormKind::rms && !qkv_bias && qk_norm == QkNorm::none && clip_qkv == 0 &&
+           sliding_window == 0 && !mla() && !rope_interleave);
 }
 
 NLOHMANN_JSON_SERIALIZE_ENUM(NormKind, {{NormKind::rms, "rms"}, {NormKind::layer, "layer"}})
@@ -220,219 +221,30 @@ ParamCount count_params(const ModelConfig& c) {
 // ---------------------------------------------------------------------------------------------
 // Model
 
-namespace {
-
-struct Param {
-  Tensor value, grad;
-};
-
-Param make_param(const Shape& shape, DType dtype) {
-  return {Tensor::zeros(shape, dtype), Tensor::zeros(shape, dtype)};
+template <class T>
+void Model::Impl::norm_forward(T* out, T* rstd, const T* x, const Param& g, int64_t n) const {
+  if (cfg.norm == NormKind::layer) {
+    nn::layernorm_forward<T>(out, x, g.value.data<T>(), n, cfg.d_model, cfg.norm_eps);
+  } else {
+    nn::rmsnorm_forward<T>(out, rstd, x, g.value.data<T>(), n, cfg.d_model, cfg.norm_eps);
+  }
 }
 
-// What one block's forward keeps for its backward (arena pointers).
-struct BlockSaved {
-  void* h_in = nullptr;    // [N, D] residual stream entering the block
-  void* h_mid = nullptr;   // [N, D] after the attention residual
-  void* a = nullptr;       // [N, D] normalized input of the attention
-  void* a_rstd = nullptr;  // [N]
-  void* q = nullptr;       // [N, H, hd] rotated
-  void* k = nullptr;       // [N, KV, hd] rotated
-  void* v = nullptr;       // [N, KV, hd]
-  void* probs = nullptr;   // [B, H, T, T]
-  void* att = nullptr;     // [N, H, hd] attention output before W_o
-  void* f = nullptr;       // [N, D] normalized input of the FFN
-  void* f_rstd = nullptr;  // [N]
-};
-
-}  // namespace
-
-struct Model::Impl {
-  ModelConfig cfg;
-  DType dtype;
-  Param embed, final_norm, lm_head;
-  struct Block {
-    Param attn_norm, wq, wk, wv, wo, ffn_norm;
-    Param b_q, b_k, b_v, q_norm, k_norm;                  // variants (model.h)
-    Param wq_a, q_a_norm, wq_b, wkv_a, kv_a_norm, wkv_b;  // latent attention
-    MoeOutput moe_out;  // the MoE layer's last output (its vectors reused)
-    std::unique_ptr<DenseFfn> dense;
-    std::unique_ptr<MoeLayer> moe;
-    BlockSaved saved;
-  };
-  std::vector<Block> blocks;
-  std::vector<MoeLayer*> moe_layers;  // the blocks' MoE layers, in depth order
-  // Expert parallelism: the ranks that share the batch and hold the experts (null: none).
-  std::shared_ptr<const dist::ExpertGroups> groups;
-  // Expert offloading: where the routed experts come from (null: the layers hold them).
-  std::shared_ptr<ExpertSource> source;
-
-  // Read-ahead for offloaded experts: a guess at the experts MoE block `next` will use, from
-  // its router applied to the current layer's MoE input a [n, D] (the next layer's input is
-  // not known yet; the residual stream changes little from one layer to the next).
-  template <class T>
-  void guess_next_experts(const T* a, int64_t n, size_t next, int64_t next_index, Arena& arena) {
-    MoeLayer& m = *blocks[next].moe;
-    const int64_t E = cfg.moe.n_experts, K = cfg.moe.top_k, D = cfg.d_model;
-    if (m.router().logit_rows() != E) return;
-    T* logits = arena.alloc<T>(n * E);
-    cpu::gemm<T>(false, true, n, E, D, T(1), a, D, m.params().w_router.data<T>(), D, T(0), logits,
-                 E);
-    int32_t* top = arena.alloc<int32_t>(n * K);
-    T* val = arena.alloc<T>(n * K);
-    cpu::topk_rows<T>(top, val, logits, n, E, K);
-    std::vector<int64_t> experts;
-    for (int64_t i = 0; i < n * K; ++i)
-      if (std::find(experts.begin(), experts.end(), top[i]) == experts.end())
-        experts.push_back(top[i]);
-    source->prefetch(next_index, experts);
+template <class T>
+void Model::Impl::norm_backward(T* dx, Param& g, const T* dout, const T* x, const T* rstd,
+                                int64_t n) const {
+  if (cfg.norm == NormKind::layer) {
+    nn::layernorm_backward<T>(dx, g.grad.data<T>(), dout, x, g.value.data<T>(), n, cfg.d_model,
+                              cfg.norm_eps);
+  } else {
+    nn::rmsnorm_backward<T>(dx, g.grad.data<T>(), dout, x, g.value.data<T>(), rstd, n, cfg.d_model);
   }
-  std::vector<NamedParam> named;
-  Tensor rope_cos, rope_sin;  // [max_seq_len, hd / 2]
-
-  Impl(const ModelConfig& c, DType dt, bool routed_experts) : cfg(c), dtype(dt) {
-    cfg.validate();
-    MOE_CHECK(dt == DType::F32 || dt == DType::F64, "model", "dtype must be f32 or f64");
-    const int64_t V = cfg.vocab_size, D = cfg.d_model, hd = cfg.head_size();
-    const int64_t H = cfg.n_heads, KV = cfg.n_kv_heads;
-    embed = make_param({V, D}, dt);
-    for (int64_t i = 0; i < cfg.n_layers; ++i) {
-      Block b;
-      b.attn_norm = make_param({D}, dt);
-      if (cfg.mla()) {
-        const int64_t qk = cfg.qk_nope_dim + cfg.qk_rope_dim, r = cfg.q_lora_rank;
-        if (r > 0) {
-          b.wq_a = make_param({r, D}, dt);
-          b.q_a_norm = make_param({r}, dt);
-          b.wq_b = make_param({H * qk, r}, dt);
-        } else {
-          b.wq = make_param({H * qk, D}, dt);
-        }
-        b.wkv_a = make_param({cfg.kv_lora_rank + cfg.qk_rope_dim, D}, dt);
-        b.kv_a_norm = make_param({cfg.kv_lora_rank}, dt);
-        b.wkv_b = make_param({H * (cfg.qk_nope_dim + cfg.v_head_dim), cfg.kv_lora_rank}, dt);
-        b.wo = make_param({D, H * cfg.v_head_dim}, dt);
-      } else {
-        b.wq = make_param({H * hd, D}, dt);
-        b.wk = make_param({KV * hd, D}, dt);
-        b.wv = make_param({KV * hd, D}, dt);
-        b.wo = make_param({D, H * hd}, dt);
-        if (cfg.qkv_bias) {
-          b.b_q = make_param({H * hd}, dt);
-          b.b_k = make_param({KV * hd}, dt);
-          b.b_v = make_param({KV * hd}, dt);
-        }
-        if (cfg.qk_norm != QkNorm::none) {
-          const bool full = cfg.qk_norm == QkNorm::full;
-          b.q_norm = make_param({full ? H * hd : hd}, dt);
-          b.k_norm = make_param({full ? KV * hd : hd}, dt);
-        }
-      }
-      b.ffn_norm = make_param({D}, dt);
-      if (cfg.is_moe_layer(i)) {
-        b.moe = std::make_unique<MoeLayer>(cfg.moe, dt, routed_experts);
-      } else {
-        b.dense = std::make_unique<DenseFfn>(D, cfg.d_ffn, ExpertAct::swiglu, false, dt);
-      }
-      blocks.push_back(std::move(b));
-    }
-    for (Block& b : blocks)
-      if (b.moe) moe_layers.push_back(b.moe.get());
-    final_norm = make_param({D}, dt);
-    lm_head = cfg.tie_embeddings ? embed : make_param({V, D}, dt);
-    name_params();
-    const int64_t rd = cfg.rope_dim();
-    rope_cos = Tensor::empty({cfg.max_seq_len, rd / 2}, dt);
-    rope_sin = Tensor::empty({cfg.max_seq_len, rd / 2}, dt);
-    if (dt == DType::F64) {
-      nn::rope_tables(rope_cos.data<double>(), rope_sin.data<double>(), cfg.max_seq_len, rd,
-                      cfg.rope_theta);
-    } else {
-      nn::rope_tables(rope_cos.data<float>(), rope_sin.data<float>(), cfg.max_seq_len, rd,
-                      cfg.rope_theta);
-    }
-  }
-
-  // The list of parameters (docs/model.md names them), built again when the MoE layers change
-  // their tensors (expert parallelism keeps only the local experts).
-  void name_params() {
-    named.clear();
-    named.push_back({"embed.weight", embed.value, embed.grad, true});
-    for (int64_t i = 0; i < cfg.n_layers; ++i) {
-      Block& b = blocks[static_cast<size_t>(i)];
-      const std::string p = fmt::format("layers.{}.", i);
-      named.push_back({p + "attn_norm.weight", b.attn_norm.value, b.attn_norm.grad, false});
-      auto add = [&](const char* name, Param& q, bool decay) {
-        if (q.value.defined()) named.push_back({p + name, q.value, q.grad, decay});
-      };
-      add("attn.wq", b.wq, true);
-      add("attn.wq_a", b.wq_a, true);
-      add("attn.q_a_norm", b.q_a_norm, false);
-      add("attn.wq_b", b.wq_b, true);
-      add("attn.wk", b.wk, true);
-      add("attn.wv", b.wv, true);
-      add("attn.wkv_a", b.wkv_a, true);
-      add("attn.kv_a_norm", b.kv_a_norm, false);
-      add("attn.wkv_b", b.wkv_b, true);
-      add("attn.b_q", b.b_q, false);
-      add("attn.b_k", b.b_k, false);
-      add("attn.b_v", b.b_v, false);
-      add("attn.q_norm", b.q_norm, false);
-      add("attn.k_norm", b.k_norm, false);
-      add("attn.wo", b.wo, true);
-      named.push_back({p + "ffn_norm.weight", b.ffn_norm.value, b.ffn_norm.grad, false});
-      if (b.moe) {
-        std::vector<Tensor> grads;
-        b.moe->grads().for_each([&](const std::string&, Tensor& t) { grads.push_back(t); });
-        size_t k = 0;
-        b.moe->params().for_each([&](const std::string& n, Tensor& t) {
-          const bool routed = n.rfind("experts.", 0) == 0;
-          if (routed && t.size(0) == 0) return;  // held elsewhere (offloading)
-          named.push_back(
-              {p + "moe." + n, t, grads[k++], true, routed, routed ? b.moe->first_expert() : 0});
-        });
-      } else {
-        // The dense FFN stores its weights as one expert, [1, F, D]: expose them as [F, D].
-        auto view = [](Tensor& t) {
-          Shape s(t.shape().begin() + 1, t.shape().end());
-          return Tensor::view(t.raw(), s, t.dtype());
-        };
-        ExpertWeights& w = b.dense->params();
-        ExpertWeights& g = b.dense->grads();
-        named.push_back({p + "ffn.w_gate", view(w.w_gate), view(g.w_gate), true});
-        named.push_back({p + "ffn.w_up", view(w.w_up), view(g.w_up), true});
-        named.push_back({p + "ffn.w_down", view(w.w_down), view(g.w_down), true});
-      }
-    }
-    named.push_back({"norm.weight", final_norm.value, final_norm.grad, false});
-    if (!cfg.tie_embeddings) named.push_back({"lm_head.weight", lm_head.value, lm_head.grad, true});
-  }
-
-  template <class T>
-  // routing (when given) receives each MoE layer's losses, statistics and plan, as the training
-  // forward reports them.
-  Tensor decode(const Tensor& tokens, KvCache& cache, Arena& arena,
-                const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits,
-                ModelOutput* routing = nullptr);
-  template <class T>
-  void attention_step(Block& blk, const T* a, int64_t B, int64_t Tq, const int64_t* pos,
-                      const int64_t* slot, const int64_t* start, Tensor& kc, Tensor& vc,
-                      int64_t cap, T* out, Arena& arena);
-
-  // tokens [B, T+1] (or [B, T] when targets are not needed) -> loss, and optionally gradients.
-  template <class T>
-  void run(const Tensor& tokens, Arena& arena, bool backward, double scale, ModelOutput& out);
-};
+}
 
 template <class T>
 void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double scale,
                       ModelOutput& out) {
   const char* w = "model";
-  MOE_CHECK(
-      cfg.trainable(), w,
-      "training covers RMSNorm, rotary grouped-query attention and SwiGLU/MoE layers; this "
-      "model uses variants (LayerNorm, qkv bias, q/k norm, clipping, sliding window or latent "
-      "attention) that run in inference only for now");
   MOE_CHECK(tokens.ndim() == 2 && tokens.dtype() == DType::I32, w,
             "tokens must be i32[B, T+1], got {}", tokens.str());
   const int64_t B = tokens.size(0), T1 = tokens.size(1);
@@ -440,8 +252,8 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
   MOE_CHECK(B >= 1 && Tn >= 1, w, "need at least one sequence of two tokens, got {}", tokens.str());
   MOE_CHECK(Tn <= cfg.max_seq_len, w, "sequence length {} exceeds max_seq_len = {}", Tn,
             cfg.max_seq_len);
-  const int64_t V = cfg.vocab_size, D = cfg.d_model, H = cfg.n_heads, KV = cfg.n_kv_heads;
-  const int64_t hd = cfg.head_size(), N = B * Tn;
+  const int64_t V = cfg.vocab_size, D = cfg.d_model, H = cfg.n_heads, N = B * Tn;
+  const int64_t KVh = kv_heads(), dk = key_dim(), dv = value_dim();
   const int32_t* tok = tokens.data<int32_t>();
   int32_t* inputs = arena.alloc<int32_t>(N);
   int32_t* targets = arena.alloc<int32_t>(N);
@@ -456,8 +268,8 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
                 t + 1, V);
       targets[b * Tn + t] = y;
     }
-  const T* cosp = rope_cos.data<T>();
-  const T* sinp = rope_sin.data<T>();
+  int64_t* pos = arena.alloc<int64_t>(N);
+  for (int64_t i = 0; i < N; ++i) pos[i] = i % Tn;
 
   // Forward. `out` keeps its vectors' capacity: one entry per MoE layer, assigned in place.
   const size_t n_moe = moe_layers.size();
@@ -471,30 +283,25 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
   nn::embedding_forward<T>(h, inputs, embed.value.data<T>(), N, D);
   for (Block& blk : blocks) {
     BlockSaved& s = blk.saved;
+    s = {};
     s.h_in = h;
     T* a = arena.alloc<T>(N * D);
     T* a_rstd = arena.alloc<T>(N);
-    nn::rmsnorm_forward<T>(a, a_rstd, h, blk.attn_norm.value.data<T>(), N, D, cfg.norm_eps);
-    T* q = arena.alloc<T>(N * H * hd);
-    T* k = arena.alloc<T>(N * KV * hd);
-    T* v = arena.alloc<T>(N * KV * hd);
-    cpu::gemm<T>(false, true, N, H * hd, D, T(1), a, D, blk.wq.value.data<T>(), D, T(0), q, H * hd);
-    cpu::gemm<T>(false, true, N, KV * hd, D, T(1), a, D, blk.wk.value.data<T>(), D, T(0), k,
-                 KV * hd);
-    cpu::gemm<T>(false, true, N, KV * hd, D, T(1), a, D, blk.wv.value.data<T>(), D, T(0), v,
-                 KV * hd);
-    nn::rope_apply<T>(q, cosp, sinp, B, Tn, H, hd, false);
-    nn::rope_apply<T>(k, cosp, sinp, B, Tn, KV, hd, false);
+    norm_forward<T>(a, a_rstd, h, blk.attn_norm, N);
+    T* q = arena.alloc<T>(N * H * dk);
+    T* k = arena.alloc<T>(N * KVh * dk);
+    T* v = arena.alloc<T>(N * KVh * dv);
+    qkv_forward<T>(blk, a, N, pos, q, k, v, arena, &s);
     T* probs = arena.alloc<T>(B * H * Tn * Tn);
-    T* att = arena.alloc<T>(N * H * hd);
-    nn::attention_forward<T>(att, probs, q, k, v, B, Tn, H, KV, hd);
+    T* att = arena.alloc<T>(N * H * dv);
+    nn::attention_forward<T>(att, probs, q, k, v, B, Tn, H, KVh, dk, dv, cfg.sliding_window);
     T* h_mid = arena.alloc<T>(N * D);
     std::memcpy(h_mid, h, static_cast<size_t>(N * D) * sizeof(T));
-    cpu::gemm<T>(false, true, N, D, H * hd, T(1), att, H * hd, blk.wo.value.data<T>(), H * hd, T(1),
+    cpu::gemm<T>(false, true, N, D, H * dv, T(1), att, H * dv, blk.wo.value.data<T>(), H * dv, T(1),
                  h_mid, D);
     T* f = arena.alloc<T>(N * D);
     T* f_rstd = arena.alloc<T>(N);
-    nn::rmsnorm_forward<T>(f, f_rstd, h_mid, blk.ffn_norm.value.data<T>(), N, D, cfg.norm_eps);
+    norm_forward<T>(f, f_rstd, h_mid, blk.ffn_norm, N);
     Tensor ft = Tensor::view(f, {N, D}, dtype_of<T>());
     Tensor y;
     if (blk.moe) {
@@ -514,12 +321,21 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
     T* h_out = arena.alloc<T>(N * D);
     const T* yp = y.data<T>();
     for (int64_t i = 0; i < N * D; ++i) h_out[i] = h_mid[i] + yp[i];
-    s = {h, h_mid, a, a_rstd, q, k, v, probs, att, f, f_rstd};
+    s.h_mid = h_mid;
+    s.a = a;
+    s.a_rstd = a_rstd;
+    s.f = f;
+    s.f_rstd = f_rstd;
+    s.q = q;
+    s.k = k;
+    s.v = v;
+    s.probs = probs;
+    s.att = att;
     h = h_out;
   }
   T* z = arena.alloc<T>(N * D);
   T* z_rstd = arena.alloc<T>(N);
-  nn::rmsnorm_forward<T>(z, z_rstd, h, final_norm.value.data<T>(), N, D, cfg.norm_eps);
+  norm_forward<T>(z, z_rstd, h, final_norm, N);
   Tensor logits = arena.tensor({B, Tn, V}, dtype_of<T>());
   T* lg = logits.data<T>();
   cpu::gemm<T>(false, true, N, V, D, T(1), z, D, lm_head.value.data<T>(), D, T(0), lg, V);
@@ -541,52 +357,39 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
   cpu::gemm<T>(true, false, V, D, N, T(1), dlogits, V, z, D, T(1), lm_head.grad.data<T>(), D);
   cpu::gemm<T>(false, false, N, D, V, T(1), dlogits, V, lm_head.value.data<T>(), D, T(0), dz, D);
   T* dh = arena.alloc<T>(N * D);
-  nn::rmsnorm_backward<T>(dh, final_norm.grad.data<T>(), dz, h, final_norm.value.data<T>(), z_rstd,
-                          N, D);
+  norm_backward<T>(dh, final_norm, dz, h, z_rstd, N);
   T* tmp = arena.alloc<T>(N * D);
-  T* dq = arena.alloc<T>(N * H * hd);
-  T* dk = arena.alloc<T>(N * KV * hd);
-  T* dv = arena.alloc<T>(N * KV * hd);
-  T* datt = arena.alloc<T>(N * H * hd);
+  T* dmid = arena.alloc<T>(N * D);
+  T* dq = arena.alloc<T>(N * H * dk);
+  T* dkk = arena.alloc<T>(N * KVh * dk);
+  T* dvv = arena.alloc<T>(N * KVh * dv);
+  T* datt = arena.alloc<T>(N * H * dv);
   T* scratch = arena.alloc<T>(static_cast<int64_t>(omp_get_max_threads()) * 2 * Tn * Tn);
   Tensor dh_t = Tensor::view(dh, {N, D}, dtype_of<T>());
   Tensor df_t = Tensor::view(tmp, {N, D}, dtype_of<T>());
   for (size_t li = blocks.size(); li-- > 0;) {
     Block& blk = blocks[li];
     BlockSaved& s = blk.saved;
-    // h_out = h_mid + FFN(RMSNorm(h_mid)).
+    // h_out = h_mid + FFN(norm(h_mid)).
     if (blk.moe) {
       blk.moe->backward(dh_t, df_t, arena, scale, scale);
     } else {
       blk.dense->backward(dh_t, df_t, arena);
     }
-    T* dmid = arena.alloc<T>(N * D);
-    nn::rmsnorm_backward<T>(dmid, blk.ffn_norm.grad.data<T>(), tmp, static_cast<T*>(s.h_mid),
-                            blk.ffn_norm.value.data<T>(), static_cast<T*>(s.f_rstd), N, D);
+    norm_backward<T>(dmid, blk.ffn_norm, tmp, static_cast<T*>(s.h_mid), static_cast<T*>(s.f_rstd),
+                     N);
     for (int64_t i = 0; i < N * D; ++i) dh[i] += dmid[i];
     // h_mid = h_in + att W_o^T.
-    cpu::gemm<T>(true, false, D, H * hd, N, T(1), dh, D, static_cast<T*>(s.att), H * hd, T(1),
-                 blk.wo.grad.data<T>(), H * hd);
-    cpu::gemm<T>(false, false, N, H * hd, D, T(1), dh, D, blk.wo.value.data<T>(), H * hd, T(0),
-                 datt, H * hd);
-    nn::attention_backward<T>(dq, dk, dv, scratch, datt, static_cast<T*>(s.q), static_cast<T*>(s.k),
-                              static_cast<T*>(s.v), static_cast<T*>(s.probs), B, Tn, H, KV, hd);
-    nn::rope_apply<T>(dq, cosp, sinp, B, Tn, H, hd, true);
-    nn::rope_apply<T>(dk, cosp, sinp, B, Tn, KV, hd, true);
-    const T* a = static_cast<T*>(s.a);
-    cpu::gemm<T>(true, false, H * hd, D, N, T(1), dq, H * hd, a, D, T(1), blk.wq.grad.data<T>(), D);
-    cpu::gemm<T>(true, false, KV * hd, D, N, T(1), dk, KV * hd, a, D, T(1), blk.wk.grad.data<T>(),
-                 D);
-    cpu::gemm<T>(true, false, KV * hd, D, N, T(1), dv, KV * hd, a, D, T(1), blk.wv.grad.data<T>(),
-                 D);
-    cpu::gemm<T>(false, false, N, D, H * hd, T(1), dq, H * hd, blk.wq.value.data<T>(), D, T(0), tmp,
-                 D);
-    cpu::gemm<T>(false, false, N, D, KV * hd, T(1), dk, KV * hd, blk.wk.value.data<T>(), D, T(1),
-                 tmp, D);
-    cpu::gemm<T>(false, false, N, D, KV * hd, T(1), dv, KV * hd, blk.wv.value.data<T>(), D, T(1),
-                 tmp, D);
-    nn::rmsnorm_backward<T>(dmid, blk.attn_norm.grad.data<T>(), tmp, static_cast<T*>(s.h_in),
-                            blk.attn_norm.value.data<T>(), static_cast<T*>(s.a_rstd), N, D);
+    cpu::gemm<T>(true, false, D, H * dv, N, T(1), dh, D, static_cast<T*>(s.att), H * dv, T(1),
+                 blk.wo.grad.data<T>(), H * dv);
+    cpu::gemm<T>(false, false, N, H * dv, D, T(1), dh, D, blk.wo.value.data<T>(), H * dv, T(0),
+                 datt, H * dv);
+    nn::attention_backward<T>(dq, dkk, dvv, scratch, datt, static_cast<T*>(s.q),
+                              static_cast<T*>(s.k), static_cast<T*>(s.v), static_cast<T*>(s.probs),
+                              B, Tn, H, KVh, dk, dv);
+    qkv_backward<T>(blk, static_cast<T*>(s.a), N, pos, dq, dkk, dvv, tmp, arena, s);
+    norm_backward<T>(dmid, blk.attn_norm, tmp, static_cast<T*>(s.h_in), static_cast<T*>(s.a_rstd),
+                     N);
     for (int64_t i = 0; i < N * D; ++i) dh[i] += dmid[i];
   }
   nn::embedding_backward<T>(embed.grad.data<T>(), dh, inputs, N, D);
@@ -594,109 +397,6 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
 
 // ---------------------------------------------------------------------------------------------
 // Inference with a key/value cache
-
-namespace {
-
-// y [n, d] = x [n, k] W^T (+ b).
-template <class T>
-void linear(T* y, const T* x, const Tensor& w, const Tensor* b, int64_t n) {
-  const int64_t d = w.size(0), k = w.size(1);
-  cpu::gemm<T>(false, true, n, d, k, T(1), x, k, w.data<T>(), k, T(0), y, d);
-  if (b && b->defined()) {
-    const T* bp = b->data<T>();
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < d; ++j) y[i * d + j] += bp[j];
-  }
-}
-
-// RMSNorm of n rows of width d in place.
-template <class T>
-void rmsnorm_inplace(T* x, const T* g, int64_t n, int64_t d, double eps, Arena& arena) {
-  T* rstd = arena.alloc<T>(n);
-  nn::rmsnorm_forward<T>(x, rstd, x, g, n, d, eps);
-}
-
-}  // namespace
-
-template <class T>
-void Model::Impl::attention_step(Block& blk, const T* a, int64_t B, int64_t Tq, const int64_t* pos,
-                                 const int64_t* slot, const int64_t* start, Tensor& kc, Tensor& vc,
-                                 int64_t cap, T* out, Arena& arena) {
-  const int64_t N = B * Tq, H = cfg.n_heads;
-  const int64_t KVh = kc.size(2), dk = kc.size(3), dv = vc.size(3);
-  const T* cosp = rope_cos.data<T>();
-  const T* sinp = rope_sin.data<T>();
-  T* q = arena.alloc<T>(N * H * dk);
-  T* k = arena.alloc<T>(N * KVh * dk);
-  T* v = arena.alloc<T>(N * KVh * dv);
-  double scale = 1.0 / std::sqrt(static_cast<double>(dk));
-  if (cfg.mla()) {
-    // DeepSeek-V2 (DeepSeek-AI 2024, section 2.1): q from x or from its low-rank compression;
-    // [c_kv, k_rope] = x W_kv_a^T; [k_nope, v] per head = RMSNorm(c_kv) W_kv_b^T.
-    const int64_t nope = cfg.qk_nope_dim, rd = cfg.qk_rope_dim, r = cfg.kv_lora_rank;
-    if (cfg.q_lora_rank > 0) {
-      T* cq = arena.alloc<T>(N * cfg.q_lora_rank);
-      linear<T>(cq, a, blk.wq_a.value, nullptr, N);
-      rmsnorm_inplace<T>(cq, blk.q_a_norm.value.data<T>(), N, cfg.q_lora_rank, cfg.norm_eps, arena);
-      linear<T>(q, cq, blk.wq_b.value, nullptr, N);
-    } else {
-      linear<T>(q, a, blk.wq.value, nullptr, N);
-    }
-    T* ckv = arena.alloc<T>(N * (r + rd));
-    linear<T>(ckv, a, blk.wkv_a.value, nullptr, N);
-    T* c = arena.alloc<T>(N * r);
-    for (int64_t i = 0; i < N; ++i)
-      std::memcpy(c + i * r, ckv + i * (r + rd), static_cast<size_t>(r) * sizeof(T));
-    rmsnorm_inplace<T>(c, blk.kv_a_norm.value.data<T>(), N, r, cfg.norm_eps, arena);
-    T* kvb = arena.alloc<T>(N * H * (nope + dv));
-    linear<T>(kvb, c, blk.wkv_b.value, nullptr, N);
-    nn::rope_at<T>(ckv, cosp, sinp, pos, N, 1, r + rd, r, rd, cfg.rope_interleave);
-    nn::rope_at<T>(q, cosp, sinp, pos, N, H, dk, nope, rd, cfg.rope_interleave);
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t hh = 0; hh < H; ++hh) {
-        const T* src = kvb + (i * H + hh) * (nope + dv);
-        T* kd = k + (i * H + hh) * dk;
-        std::memcpy(kd, src, static_cast<size_t>(nope) * sizeof(T));
-        std::memcpy(kd + nope, ckv + i * (r + rd) + r, static_cast<size_t>(rd) * sizeof(T));
-        std::memcpy(v + (i * H + hh) * dv, src + nope, static_cast<size_t>(dv) * sizeof(T));
-      }
-  } else {
-    linear<T>(q, a, blk.wq.value, &blk.b_q.value, N);
-    linear<T>(k, a, blk.wk.value, &blk.b_k.value, N);
-    linear<T>(v, a, blk.wv.value, &blk.b_v.value, N);
-    if (cfg.clip_qkv > 0) {
-      const T c = static_cast<T>(cfg.clip_qkv);
-      for (T* p : {q, k, v}) {
-        const int64_t n = N * (p == q ? H : KVh) * dk;
-        for (int64_t i = 0; i < n; ++i) p[i] = std::clamp(p[i], -c, c);
-      }
-    }
-    if (cfg.qk_norm == QkNorm::full) {
-      rmsnorm_inplace<T>(q, blk.q_norm.value.data<T>(), N, H * dk, cfg.norm_eps, arena);
-      rmsnorm_inplace<T>(k, blk.k_norm.value.data<T>(), N, KVh * dk, cfg.norm_eps, arena);
-    } else if (cfg.qk_norm == QkNorm::head) {
-      rmsnorm_inplace<T>(q, blk.q_norm.value.data<T>(), N * H, dk, cfg.norm_eps, arena);
-      rmsnorm_inplace<T>(k, blk.k_norm.value.data<T>(), N * KVh, dk, cfg.norm_eps, arena);
-    }
-    nn::rope_at<T>(q, cosp, sinp, pos, N, H, dk, 0, dk, cfg.rope_interleave);
-    nn::rope_at<T>(k, cosp, sinp, pos, N, KVh, dk, 0, dk, cfg.rope_interleave);
-  }
-  // Append the new keys and values to the cache, then attend.
-  T* kcp = kc.data<T>();
-  T* vcp = vc.data<T>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < Tq; ++t) {
-      const int64_t row = (slot[b] * cap + start[b] + t) * KVh;
-      std::memcpy(kcp + row * dk, k + (b * Tq + t) * KVh * dk,
-                  static_cast<size_t>(KVh * dk) * sizeof(T));
-      std::memcpy(vcp + row * dv, v + (b * Tq + t) * KVh * dv,
-                  static_cast<size_t>(KVh * dv) * sizeof(T));
-    }
-  T* att = arena.alloc<T>(N * H * dv);
-  nn::attention_cached<T>(att, q, kcp, vcp, slot, start, B, Tq, H, KVh, dk, dv, cap,
-                          cfg.sliding_window, scale);
-  linear<T>(out, att, blk.wo.value, nullptr, N);
-}
 
 template <class T>
 Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
@@ -731,13 +431,9 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
   for (int64_t i = 0; i < N; ++i)
     MOE_CHECK(tok[i] >= 0 && tok[i] < V, w,
               "token {} at [{}, {}] is outside the vocabulary [0, {})", tok[i], i / Tq, i % Tq, V);
+  T* rstd = arena.alloc<T>(N);
   auto norm = [&](T* out, const T* x, const Param& g, int64_t n) {
-    if (cfg.norm == NormKind::layer) {
-      nn::layernorm_forward<T>(out, x, g.value.data<T>(), n, D, cfg.norm_eps);
-    } else {
-      T* rstd = arena.alloc<T>(n);
-      nn::rmsnorm_forward<T>(out, rstd, x, g.value.data<T>(), n, D, cfg.norm_eps);
-    }
+    norm_forward<T>(out, rstd, x, g, n);
   };
   T* h = arena.alloc<T>(N * D);
   nn::embedding_forward<T>(h, tok, embed.value.data<T>(), N, D);
@@ -889,36 +585,6 @@ ExpertView Model::expert(int64_t layer, int64_t e) {
 }
 
 ModelOutput Model::forward(const Tensor& tokens, Arena& arena) {
-  if (!cfg_.trainable()) {
-    // Architecture variants: the loss from the inference path (cross-entropy only).
-    MOE_CHECK(tokens.ndim() == 2 && tokens.dtype() == DType::I32 && tokens.size(1) >= 2, "model",
-              "tokens must be i32[B, T+1] with T >= 1, got {}", tokens.str());
-    const int64_t B = tokens.size(0), T = tokens.size(1) - 1, V = cfg_.vocab_size;
-    Tensor inputs = Tensor::empty({B, T}, DType::I32);
-    Tensor targets = Tensor::empty({B * T}, DType::I32);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < T; ++t) {
-        inputs.data<int32_t>()[b * T + t] = tokens.data<int32_t>()[b * (T + 1) + t];
-        const int32_t y = tokens.data<int32_t>()[b * (T + 1) + t + 1];
-        MOE_CHECK(y >= 0 && y < V, "model",
-                  "token {} at [{}, {}] is outside the vocabulary [0, {})", y, b, t + 1, V);
-        targets.data<int32_t>()[b * T + t] = y;
-      }
-    // The routing too, as the training forward reports it (moe inspect reads it).
-    ModelOutput out;
-    KvCache cache = make_cache(B, T);
-    const Tensor logits = impl_->dtype == DType::F64
-                              ? impl_->decode<double>(inputs, cache, arena, {}, nullptr, &out)
-                              : impl_->decode<float>(inputs, cache, arena, {}, nullptr, &out);
-    out.ce_loss =
-        impl_->dtype == DType::F64
-            ? nn::cross_entropy<double>(nullptr, arena.alloc<double>(B * T), logits.data<double>(),
-                                        targets.data<int32_t>(), B * T, V, 1)
-            : nn::cross_entropy<float>(nullptr, arena.alloc<double>(B * T), logits.data<float>(),
-                                       targets.data<int32_t>(), B * T, V, 1);
-    out.loss = out.ce_loss + out.aux_loss + out.z_loss;
-    return out;
-  }
   ModelOutput out;
   if (impl_->dtype == DType::F64) {
     impl_->run<double>(tokens, arena, false, 1, out);

@@ -1,0 +1,250 @@
+// The model's internals (see moe/model.h), shared by model.cpp (parameters, the training
+// forward and backward, decoding) and attention.cpp (every attention variant, both ways).
+#pragma once
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moe/kernels.h"
+#include "moe/model.h"
+#include "nn/layers.h"
+
+namespace moe {
+
+struct Param {
+  Tensor value, grad;
+};
+
+inline Param make_param(const Shape& shape, DType dtype) {
+  return {Tensor::zeros(shape, dtype), Tensor::zeros(shape, dtype)};
+}
+
+// What one block's forward keeps for its backward (arena pointers; null where the architecture
+// has no use for them).
+struct BlockSaved {
+  void* h_in = nullptr;    // [N, D] residual stream entering the block
+  void* h_mid = nullptr;   // [N, D] after the attention residual
+  void* a = nullptr;       // [N, D] normalized input of the attention
+  void* a_rstd = nullptr;  // [N] (RMSNorm)
+  void* f = nullptr;       // [N, D] normalized input of the FFN
+  void* f_rstd = nullptr;  // [N] (RMSNorm)
+  // Attention: its inputs q [N, H, dk], k [N, KVh, dk] (rotated), v [N, KVh, dv], the
+  // probabilities [B, H, T, T] and its output [N, H, dv] before W_o.
+  void *q = nullptr, *k = nullptr, *v = nullptr, *probs = nullptr, *att = nullptr;
+  // The projections before clip_qkv clamped them [N, .] (DBRX).
+  void *q_lin = nullptr, *k_lin = nullptr, *v_lin = nullptr;
+  // The q/k norms' inputs and 1/rms (Qwen3-MoE per head, OLMoE over the projection).
+  void *q_pre = nullptr, *k_pre = nullptr, *q_rstd = nullptr, *k_rstd = nullptr;
+  // Latent attention: the q compression a W_q_a^T before and after its norm [N, q_lora_rank]
+  // and 1/rms; the kv compression c before and after its norm [N, kv_lora_rank] and 1/rms.
+  void *cq = nullptr, *cqn = nullptr, *cq_rstd = nullptr;
+  void *c = nullptr, *cn = nullptr, *c_rstd = nullptr;
+};
+
+struct Model::Impl {
+  ModelConfig cfg;
+  DType dtype;
+  Param embed, final_norm, lm_head;
+  struct Block {
+    Param attn_norm, wq, wk, wv, wo, ffn_norm;
+    Param b_q, b_k, b_v, q_norm, k_norm;                  // variants (model.h)
+    Param wq_a, q_a_norm, wq_b, wkv_a, kv_a_norm, wkv_b;  // latent attention
+    MoeOutput moe_out;  // the MoE layer's last output (its vectors reused)
+    std::unique_ptr<DenseFfn> dense;
+    std::unique_ptr<MoeLayer> moe;
+    BlockSaved saved;
+  };
+  std::vector<Block> blocks;
+  std::vector<MoeLayer*> moe_layers;  // the blocks' MoE layers, in depth order
+  // Expert parallelism: the ranks that share the batch and hold the experts (null: none).
+  std::shared_ptr<const dist::ExpertGroups> groups;
+  // Expert offloading: where the routed experts come from (null: the layers hold them).
+  std::shared_ptr<ExpertSource> source;
+
+  // Read-ahead for offloaded experts: a guess at the experts MoE block `next` will use, from
+  // its router applied to the current layer's MoE input a [n, D] (the next layer's input is
+  // not known yet; the residual stream changes little from one layer to the next).
+  template <class T>
+  void guess_next_experts(const T* a, int64_t n, size_t next, int64_t next_index, Arena& arena) {
+    MoeLayer& m = *blocks[next].moe;
+    const int64_t E = cfg.moe.n_experts, K = cfg.moe.top_k, D = cfg.d_model;
+    if (m.router().logit_rows() != E) return;
+    T* logits = arena.alloc<T>(n * E);
+    cpu::gemm<T>(false, true, n, E, D, T(1), a, D, m.params().w_router.data<T>(), D, T(0), logits,
+                 E);
+    int32_t* top = arena.alloc<int32_t>(n * K);
+    T* val = arena.alloc<T>(n * K);
+    cpu::topk_rows<T>(top, val, logits, n, E, K);
+    std::vector<int64_t> experts;
+    for (int64_t i = 0; i < n * K; ++i)
+      if (std::find(experts.begin(), experts.end(), top[i]) == experts.end())
+        experts.push_back(top[i]);
+    source->prefetch(next_index, experts);
+  }
+  std::vector<NamedParam> named;
+  Tensor rope_cos, rope_sin;  // [max_seq_len, hd / 2]
+
+  Impl(const ModelConfig& c, DType dt, bool routed_experts) : cfg(c), dtype(dt) {
+    cfg.validate();
+    MOE_CHECK(dt == DType::F32 || dt == DType::F64, "model", "dtype must be f32 or f64");
+    const int64_t V = cfg.vocab_size, D = cfg.d_model, hd = cfg.head_size();
+    const int64_t H = cfg.n_heads, KV = cfg.n_kv_heads;
+    embed = make_param({V, D}, dt);
+    for (int64_t i = 0; i < cfg.n_layers; ++i) {
+      Block b;
+      b.attn_norm = make_param({D}, dt);
+      if (cfg.mla()) {
+        const int64_t qk = cfg.qk_nope_dim + cfg.qk_rope_dim, r = cfg.q_lora_rank;
+        if (r > 0) {
+          b.wq_a = make_param({r, D}, dt);
+          b.q_a_norm = make_param({r}, dt);
+          b.wq_b = make_param({H * qk, r}, dt);
+        } else {
+          b.wq = make_param({H * qk, D}, dt);
+        }
+        b.wkv_a = make_param({cfg.kv_lora_rank + cfg.qk_rope_dim, D}, dt);
+        b.kv_a_norm = make_param({cfg.kv_lora_rank}, dt);
+        b.wkv_b = make_param({H * (cfg.qk_nope_dim + cfg.v_head_dim), cfg.kv_lora_rank}, dt);
+        b.wo = make_param({D, H * cfg.v_head_dim}, dt);
+      } else {
+        b.wq = make_param({H * hd, D}, dt);
+        b.wk = make_param({KV * hd, D}, dt);
+        b.wv = make_param({KV * hd, D}, dt);
+        b.wo = make_param({D, H * hd}, dt);
+        if (cfg.qkv_bias) {
+          b.b_q = make_param({H * hd}, dt);
+          b.b_k = make_param({KV * hd}, dt);
+          b.b_v = make_param({KV * hd}, dt);
+        }
+        if (cfg.qk_norm != QkNorm::none) {
+          const bool full = cfg.qk_norm == QkNorm::full;
+          b.q_norm = make_param({full ? H * hd : hd}, dt);
+          b.k_norm = make_param({full ? KV * hd : hd}, dt);
+        }
+      }
+      b.ffn_norm = make_param({D}, dt);
+      if (cfg.is_moe_layer(i)) {
+        b.moe = std::make_unique<MoeLayer>(cfg.moe, dt, routed_experts);
+      } else {
+        b.dense = std::make_unique<DenseFfn>(D, cfg.d_ffn, ExpertAct::swiglu, false, dt);
+      }
+      blocks.push_back(std::move(b));
+    }
+    for (Block& b : blocks)
+      if (b.moe) moe_layers.push_back(b.moe.get());
+    final_norm = make_param({D}, dt);
+    lm_head = cfg.tie_embeddings ? embed : make_param({V, D}, dt);
+    name_params();
+    const int64_t rd = cfg.rope_dim();
+    rope_cos = Tensor::empty({cfg.max_seq_len, rd / 2}, dt);
+    rope_sin = Tensor::empty({cfg.max_seq_len, rd / 2}, dt);
+    if (dt == DType::F64) {
+      nn::rope_tables(rope_cos.data<double>(), rope_sin.data<double>(), cfg.max_seq_len, rd,
+                      cfg.rope_theta);
+    } else {
+      nn::rope_tables(rope_cos.data<float>(), rope_sin.data<float>(), cfg.max_seq_len, rd,
+                      cfg.rope_theta);
+    }
+  }
+
+  // The list of parameters (docs/model.md names them), built again when the MoE layers change
+  // their tensors (expert parallelism keeps only the local experts).
+  void name_params() {
+    named.clear();
+    named.push_back({"embed.weight", embed.value, embed.grad, true});
+    for (int64_t i = 0; i < cfg.n_layers; ++i) {
+      Block& b = blocks[static_cast<size_t>(i)];
+      const std::string p = fmt::format("layers.{}.", i);
+      named.push_back({p + "attn_norm.weight", b.attn_norm.value, b.attn_norm.grad, false});
+      auto add = [&](const char* name, Param& q, bool decay) {
+        if (q.value.defined()) named.push_back({p + name, q.value, q.grad, decay});
+      };
+      add("attn.wq", b.wq, true);
+      add("attn.wq_a", b.wq_a, true);
+      add("attn.q_a_norm", b.q_a_norm, false);
+      add("attn.wq_b", b.wq_b, true);
+      add("attn.wk", b.wk, true);
+      add("attn.wv", b.wv, true);
+      add("attn.wkv_a", b.wkv_a, true);
+      add("attn.kv_a_norm", b.kv_a_norm, false);
+      add("attn.wkv_b", b.wkv_b, true);
+      add("attn.b_q", b.b_q, false);
+      add("attn.b_k", b.b_k, false);
+      add("attn.b_v", b.b_v, false);
+      add("attn.q_norm", b.q_norm, false);
+      add("attn.k_norm", b.k_norm, false);
+      add("attn.wo", b.wo, true);
+      named.push_back({p + "ffn_norm.weight", b.ffn_norm.value, b.ffn_norm.grad, false});
+      if (b.moe) {
+        std::vector<Tensor> grads;
+        b.moe->grads().for_each([&](const std::string&, Tensor& t) { grads.push_back(t); });
+        size_t k = 0;
+        b.moe->params().for_each([&](const std::string& n, Tensor& t) {
+          const bool routed = n.rfind("experts.", 0) == 0;
+          if (routed && t.size(0) == 0) return;  // held elsewhere (offloading)
+          named.push_back(
+              {p + "moe." + n, t, grads[k++], true, routed, routed ? b.moe->first_expert() : 0});
+        });
+      } else {
+        // The dense FFN stores its weights as one expert, [1, F, D]: expose them as [F, D].
+        auto view = [](Tensor& t) {
+          Shape s(t.shape().begin() + 1, t.shape().end());
+          return Tensor::view(t.raw(), s, t.dtype());
+        };
+        ExpertWeights& w = b.dense->params();
+        ExpertWeights& g = b.dense->grads();
+        named.push_back({p + "ffn.w_gate", view(w.w_gate), view(g.w_gate), true});
+        named.push_back({p + "ffn.w_up", view(w.w_up), view(g.w_up), true});
+        named.push_back({p + "ffn.w_down", view(w.w_down), view(g.w_down), true});
+      }
+    }
+    named.push_back({"norm.weight", final_norm.value, final_norm.grad, false});
+    if (!cfg.tie_embeddings) named.push_back({"lm_head.weight", lm_head.value, lm_head.grad, true});
+  }
+
+  // Attention widths: heads of keys and values, key (and query) and value width per head.
+  int64_t kv_heads() const { return cfg.mla() ? cfg.n_heads : cfg.n_kv_heads; }
+  int64_t key_dim() const {
+    return cfg.mla() ? cfg.qk_nope_dim + cfg.qk_rope_dim : cfg.head_size();
+  }
+  int64_t value_dim() const { return cfg.mla() ? cfg.v_head_dim : cfg.head_size(); }
+
+  // The block's normalization (RMSNorm or LayerNorm) of n rows; rstd [n] receives RMSNorm's
+  // 1/rms (unused by LayerNorm, whose backward recomputes its statistics).
+  template <class T>
+  void norm_forward(T* out, T* rstd, const T* x, const Param& g, int64_t n) const;
+  template <class T>
+  void norm_backward(T* dx, Param& g, const T* dout, const T* x, const T* rstd, int64_t n) const;
+
+  // Attention (src/nn/attention.cpp). q, k, v of the block's attention for a [N, D] at
+  // positions pos [N]; with `saved`, what qkv_backward needs is kept there (in the arena).
+  template <class T>
+  void qkv_forward(Block& blk, const T* a, int64_t n, const int64_t* pos, T* q, T* k, T* v,
+                   Arena& arena, BlockSaved* saved);
+  // dq, dk, dv (gradients of the rotated q, k and v; overwritten) -> da [N, D] (written) and
+  // the projections' parameter gradients.
+  template <class T>
+  void qkv_backward(Block& blk, const T* a, int64_t n, const int64_t* pos, T* dq, T* dk, T* dv,
+                    T* da, Arena& arena, const BlockSaved& saved);
+
+  template <class T>
+  // routing (when given) receives each MoE layer's losses, statistics and plan, as the training
+  // forward reports them.
+  Tensor decode(const Tensor& tokens, KvCache& cache, Arena& arena,
+                const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits,
+                ModelOutput* routing = nullptr);
+  template <class T>
+  void attention_step(Block& blk, const T* a, int64_t B, int64_t Tq, const int64_t* pos,
+                      const int64_t* slot, const int64_t* start, Tensor& kc, Tensor& vc,
+                      int64_t cap, T* out, Arena& arena);
+
+  // tokens [B, T+1] (or [B, T] when targets are not needed) -> loss, and optionally gradients.
+  template <class T>
+  void run(const Tensor& tokens, Arena& arena, bool backward, double scale, ModelOutput& out);
+};
+
+}  // namespace moe
