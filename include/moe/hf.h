@@ -63,5 +63,11 @@ class HfTensors {
 // gate_up_proj / down_proj, DBRX's fused Wqkv and [E*F, D] expert matrices, and DeepSeek-V3's
 // e_score_correction_bias (the router's selection bias).
 void load_hf_weights(Model& model, const std::string& model_type, HfTensors& src);
+// The inverse: the model's float32 tensors (or, with `grads`, their gradients) under the
+// architecture's names and layouts, routed experts one tensor per expert or, with
+// `fused_experts`, transformers' fused gate_up_proj / down_proj; DeepSeek-V3's selection bias
+// too (not with grads). Views of the model's memory where the layouts agree, copies elsewhere.
+std::vector<std::pair<std::string, Tensor>> hf_tensors(Model& model, const std::string& model_type,
+                                                       bool fused_experts, bool grads = false);
 
 }  // namespace moe

@@ -66,6 +66,16 @@ struct ModelConfig {
   int64_t qk_rope_dim = 0;
   int64_t v_head_dim = 0;
   bool rope_interleave = false;  // rotate (x0, x1), (x2, x3), ... instead of the two halves
+  // transformers' load_balancing_loss_func (Mixtral, Qwen2/3-MoE, OLMoE, DBRX): one balancing
+  // loss over the tokens of all MoE layers together, coef * E * sum_e f_e P_e, f_e the fraction
+  // of (layer, token) rows whose top k hold e and P_e the mean router probability of e over
+  // those rows (docs/routing.md). When > 0, the MoE layers' own aux_loss_coef must be 0 and the
+  // router topk.
+  double joint_aux_loss_coef = 0;
+  // The training loss as transformers computes it given labels = input_ids: the network runs
+  // over all T+1 tokens of each sequence (the last predicts nothing but is routed, so the
+  // balancing loss covers it) instead of the first T. Set for HuggingFace checkpoints.
+  bool transformers_loss = false;
 
   int64_t head_size() const { return head_dim > 0 ? head_dim : d_model / n_heads; }
   bool mla() const { return kv_lora_rank > 0; }

@@ -168,8 +168,11 @@ class MoeLayer {
 
   // dy [N, D] -> dx [N, D] (written); parameter gradients accumulate into grads(). d_aux and
   // d_z are the gradients of the objective with respect to the two losses (1 when they are
-  // added to the training loss).
-  void backward(const Tensor& dy, Tensor& dx, Arena& arena, double d_aux = 1.0, double d_z = 1.0);
+  // added to the training loss). dlogits_extra [N, R], when given: the gradient of a loss
+  // computed outside the layer from its router logits (the model's joint balancing loss),
+  // added to the router's own.
+  void backward(const Tensor& dy, Tensor& dx, Arena& arena, double d_aux = 1.0, double d_z = 1.0,
+                const Tensor* dlogits_extra = nullptr);
 
   struct Saved;  // what forward keeps for backward (moe_layer.cpp)
 

@@ -73,7 +73,9 @@ ModelConfig llama_like(const json& j) {
   c.moe.d_model = c.d_model;
   c.moe.act = ExpertAct::swiglu;
   c.moe.z_loss_coef = 0;
-  c.moe.aux_loss_coef = num_or(j, "router_aux_loss_coef", 0.0);
+  // transformers' balancing loss is taken over all MoE layers together.
+  c.moe.aux_loss_coef = 0;
+  c.joint_aux_loss_coef = num_or(j, "router_aux_loss_coef", 0.0);
   return c;
 }
 
@@ -103,6 +105,7 @@ ModelConfig deepseek_config(const json& j, bool v3) {
   c.n_kv_heads = c.n_heads;
   // Both rotate interleaved pairs: V2 through complex multiplication, V3 when rope_interleave.
   c.rope_interleave = v3 ? bool_or(j, "rope_interleave", true) : true;
+  c.joint_aux_loss_coef = 0;  // transformers' DeepSeek models add no balancing loss
   c.first_dense = int_or(j, "first_k_dense_replace", 0);
   c.moe_every = int_or(j, "moe_layer_freq", 1);
   MoeConfig& m = c.moe;
@@ -124,7 +127,8 @@ ModelConfig deepseek_config(const json& j, bool v3) {
     m.router = RouterKind::deepseek;
     m.n_group = int_or(j, "n_group", 1);
     m.topk_group = int_or(j, "topk_group", 1);
-    m.aux_loss_coef = 0;
+    // transformers keeps e_score_correction_bias fixed (a buffer); so does fine-tuning here.
+    m.bias_update_rate = 0;
   } else {
     MOE_CHECK(method == "greedy", kWhere,
               "topk_method '{}' is not supported yet for deepseek_v2 (greedy only)", method);
@@ -162,7 +166,8 @@ ModelConfig dbrx_config(const json& j) {
             "moe_normalize_expert_weights = {} is not supported (1 or none)", p);
   m.renormalize = p == 1.0;
   m.z_loss_coef = 0;
-  m.aux_loss_coef = num_or(f, "moe_loss_weight", 0.0);
+  m.aux_loss_coef = 0;
+  c.joint_aux_loss_coef = num_or(f, "moe_loss_weight", 0.0);
   c.d_ffn = m.d_ffn;
   return c;
 }
@@ -280,6 +285,45 @@ void load_params(Model& model, HfTensors& src, const TopNames& top, Fn&& per_lay
   }
 }
 
+// The checkpoint's name of our layer-i tensor `rest` (its name after "layers.<i>."), for the
+// tensors that map one to one; empty for the routed experts (load_experts, expert_tensors).
+std::string layer_name(const Names& n, int64_t i, const std::string& rest) {
+  const std::string L = "model.layers." + std::to_string(i) + ".";
+  const std::string A = L + "self_attn.";
+  const std::string M = L + n.moe;
+  static const std::pair<const char*, const char*> attn[] = {
+      {"attn.wq", "q_proj.weight"},
+      {"attn.wk", "k_proj.weight"},
+      {"attn.wv", "v_proj.weight"},
+      {"attn.wo", "o_proj.weight"},
+      {"attn.b_q", "q_proj.bias"},
+      {"attn.b_k", "k_proj.bias"},
+      {"attn.b_v", "v_proj.bias"},
+      {"attn.q_norm", "q_norm.weight"},
+      {"attn.k_norm", "k_norm.weight"},
+      {"attn.wq_a", "q_a_proj.weight"},
+      {"attn.q_a_norm", "q_a_layernorm.weight"},
+      {"attn.wq_b", "q_b_proj.weight"},
+      {"attn.wkv_a", "kv_a_proj_with_mqa.weight"},
+      {"attn.kv_a_norm", "kv_a_layernorm.weight"},
+      {"attn.wkv_b", "kv_b_proj.weight"}};
+  for (const auto& [a, b] : attn)
+    if (rest == a) return A + b;
+  if (rest == "attn_norm.weight") return L + "input_layernorm.weight";
+  if (rest == "ffn_norm.weight") return L + "post_attention_layernorm.weight";
+  if (rest == "ffn.w_gate") return L + "mlp.gate_proj.weight";
+  if (rest == "ffn.w_up") return L + "mlp.up_proj.weight";
+  if (rest == "ffn.w_down") return L + "mlp.down_proj.weight";
+  if (rest == "moe.router.weight") return M + n.router;
+  if (!n.shared.empty()) {
+    if (rest == "moe.shared.w_gate") return M + n.shared + "gate_proj.weight";
+    if (rest == "moe.shared.w_up") return M + n.shared + "up_proj.weight";
+    if (rest == "moe.shared.w_down") return M + n.shared + "down_proj.weight";
+  }
+  if (rest == "moe.shared.gate" && !n.shared_gate.empty()) return M + n.shared_gate;
+  return "";
+}
+
 void load_llama_like(Model& model, const std::string& type, HfTensors& src) {
   const Names n = names_for(type);
   const std::vector<MoeLayer*>& moes = model.moe_layers();
@@ -287,9 +331,7 @@ void load_llama_like(Model& model, const std::string& type, HfTensors& src) {
   int64_t layer = -1;
   const TopNames top{"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"};
   load_params(model, src, top, [&](int64_t i, const std::string& rest, NamedParam& p, auto& take) {
-    const std::string L = "model.layers." + std::to_string(i) + ".";
-    const std::string A = L + "self_attn.";
-    const std::string M = L + n.moe;
+    const std::string M = "model.layers." + std::to_string(i) + "." + n.moe;
     if (i != layer) {
       layer = i;
       if (model.config().is_moe_layer(i)) {
@@ -303,48 +345,12 @@ void load_llama_like(Model& model, const std::string& type, HfTensors& src) {
         }
       }
     }
-    static const std::pair<const char*, const char*> attn[] = {
-        {"attn.wq", "q_proj.weight"},
-        {"attn.wk", "k_proj.weight"},
-        {"attn.wv", "v_proj.weight"},
-        {"attn.wo", "o_proj.weight"},
-        {"attn.b_q", "q_proj.bias"},
-        {"attn.b_k", "k_proj.bias"},
-        {"attn.b_v", "v_proj.bias"},
-        {"attn.q_norm", "q_norm.weight"},
-        {"attn.k_norm", "k_norm.weight"},
-        {"attn.wq_a", "q_a_proj.weight"},
-        {"attn.q_a_norm", "q_a_layernorm.weight"},
-        {"attn.wq_b", "q_b_proj.weight"},
-        {"attn.wkv_a", "kv_a_proj_with_mqa.weight"},
-        {"attn.kv_a_norm", "kv_a_layernorm.weight"},
-        {"attn.wkv_b", "kv_b_proj.weight"}};
-    for (const auto& [a, b] : attn)
-      if (rest == a) return take(A + b);
-    if (rest == "attn_norm.weight") {
-      take(L + "input_layernorm.weight");
-    } else if (rest == "ffn_norm.weight") {
-      take(L + "post_attention_layernorm.weight");
-    } else if (rest == "ffn.w_gate") {
-      take(L + "mlp.gate_proj.weight");
-    } else if (rest == "ffn.w_up") {
-      take(L + "mlp.up_proj.weight");
-    } else if (rest == "ffn.w_down") {
-      take(L + "mlp.down_proj.weight");
-    } else if (rest == "moe.router.weight") {
-      take(M + n.router);
+    if (const std::string name = layer_name(n, i, rest); !name.empty()) {
+      take(name);
     } else if (rest == "moe.experts.w_gate") {
       load_experts(model, i, src, M, n);  // all three projections of every expert
     } else if (rest == "moe.experts.w_up" || rest == "moe.experts.w_down") {
       // loaded with w_gate
-    } else if (rest == "moe.shared.w_gate" && !n.shared.empty()) {
-      take(M + n.shared + "gate_proj.weight");
-    } else if (rest == "moe.shared.w_up" && !n.shared.empty()) {
-      take(M + n.shared + "up_proj.weight");
-    } else if (rest == "moe.shared.w_down" && !n.shared.empty()) {
-      take(M + n.shared + "down_proj.weight");
-    } else if (rest == "moe.shared.gate" && !n.shared_gate.empty()) {
-      take(M + n.shared_gate);
     } else {
       throw_error(kWhere, fmt::format("{} has no {} tensor", p.name, type));
     }
@@ -458,6 +464,7 @@ ModelConfig config_from_hf(const json& j) {
       throw_error(kWhere, fmt::format("model_type '{}' is not supported ({})", type, known));
     }
     if (c.d_ffn == 0) c.d_ffn = c.moe.d_ffn;
+    c.transformers_loss = true;
     c.validate();
     return c;
   } catch (const json::exception& e) {
@@ -528,6 +535,140 @@ void HfTensors::drop(const std::string& name) {
   auto s = shards_.find(it->second);
   if (s == shards_.end()) return;
   s->second.drop(name);
+}
+
+namespace {
+
+// A [rows, cols] matrix stored transposed: out [cols, rows].
+Tensor transposed(const float* x, int64_t rows, int64_t cols) {
+  Tensor t = Tensor::empty({cols, rows}, DType::F32);
+  float* o = t.data<float>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) o[c * rows + r] = x[r * cols + c];
+  return t;
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, Tensor>> hf_tensors(Model& model, const std::string& model_type,
+                                                       bool fused_experts, bool grads) {
+  MOE_CHECK(model.dtype() == DType::F32, kWhere, "HuggingFace tensors are written from float32");
+  const ModelConfig& c = model.config();
+  const bool dbrx = model_type == "dbrx";
+  const Names n = names_for(model_type);
+  std::vector<std::pair<std::string, Tensor>> out;
+  const auto slice = [](const Tensor& t, int64_t e) {  // expert e of [E, ...]
+    const Shape s(t.shape().begin() + 1, t.shape().end());
+    const int64_t k = shape_numel(s);
+    return Tensor::view(const_cast<float*>(t.data<float>()) + e * k, s, DType::F32);
+  };
+  std::vector<NamedParam>& params = model.params();
+  for (size_t pi = 0; pi < params.size(); ++pi) {
+    NamedParam& p = params[pi];
+    Tensor& t = grads ? p.grad : p.value;
+    if (p.name == "embed.weight") {
+      out.emplace_back(dbrx ? "transformer.wte.weight" : "model.embed_tokens.weight", t);
+      continue;
+    }
+    if (p.name == "norm.weight") {
+      out.emplace_back(dbrx ? "transformer.norm_f.weight" : "model.norm.weight", t);
+      continue;
+    }
+    if (p.name == "lm_head.weight") {
+      out.emplace_back("lm_head.weight", t);
+      continue;
+    }
+    const size_t dot = p.name.find('.', 7);
+    const int64_t i = std::stoll(p.name.substr(7, dot - 7));
+    const std::string rest = p.name.substr(dot + 1);
+    if (dbrx) {
+      const std::string B = "transformer.blocks." + std::to_string(i) + ".";
+      const std::string A = B + "norm_attn_norm.";
+      const int64_t E = c.moe.n_experts, F = c.moe.d_ffn, D = c.d_model;
+      if (rest == "attn_norm.weight") {
+        out.emplace_back(A + "norm_1.weight", t);
+      } else if (rest == "ffn_norm.weight") {
+        out.emplace_back(A + "norm_2.weight", t);
+      } else if (rest == "attn.wo") {
+        out.emplace_back(A + "attn.out_proj.weight", t);
+      } else if (rest == "attn.wq") {
+        // Wqkv = [W_q; W_k; W_v]: wq, wk and wv follow each other in params().
+        const Tensor& k = grads ? params[pi + 1].grad : params[pi + 1].value;
+        const Tensor& v = grads ? params[pi + 2].grad : params[pi + 2].value;
+        Tensor qkv = Tensor::empty({t.size(0) + k.size(0) + v.size(0), D}, DType::F32);
+        char* o = static_cast<char*>(qkv.raw());
+        for (const Tensor* part : {static_cast<const Tensor*>(&t), &k, &v}) {
+          std::memcpy(o, part->raw(), part->nbytes());
+          o += part->nbytes();
+        }
+        out.emplace_back(A + "attn.Wqkv.weight", qkv);
+      } else if (rest == "attn.wk" || rest == "attn.wv") {
+        // written with wq
+      } else if (rest == "moe.router.weight") {
+        out.emplace_back(B + "ffn.router.layer.weight", t);
+      } else if (rest == "moe.experts.w_gate") {
+        out.emplace_back(B + "ffn.experts.mlp.w1", Tensor::view(t.raw(), {E * F, D}, DType::F32));
+      } else if (rest == "moe.experts.w_up") {
+        out.emplace_back(B + "ffn.experts.mlp.v1", Tensor::view(t.raw(), {E * F, D}, DType::F32));
+      } else if (rest == "moe.experts.w_down") {
+        // w2 [E F, D] holds each expert's W_down [D, F] transposed.
+        Tensor w2 = Tensor::empty({E * F, D}, DType::F32);
+        for (int64_t e = 0; e < E; ++e) {
+          const Tensor te = transposed(t.data<float>() + e * D * F, D, F);
+          std::memcpy(w2.data<float>() + e * F * D, te.raw(), te.nbytes());
+        }
+        out.emplace_back(B + "ffn.experts.mlp.w2", w2);
+      } else {
+        throw_error(kWhere, fmt::format("{} has no dbrx tensor", p.name));
+      }
+      continue;
+    }
+    if (const std::string name = layer_name(n, i, rest); !name.empty()) {
+      out.emplace_back(name, t);
+      continue;
+    }
+    const std::string M = "model.layers." + std::to_string(i) + "." + n.moe;
+    const int64_t E = t.size(0);
+    if (fused_experts) {
+      if (rest == "moe.experts.w_gate") {  // gate_up_proj [E, 2F, D]: gate rows, then up rows
+        const Tensor& up = grads ? params[pi + 1].grad : params[pi + 1].value;
+        const int64_t FD = shape_numel(Shape(t.shape().begin() + 1, t.shape().end()));
+        Tensor gu = Tensor::empty({E, 2 * t.size(1), t.size(2)}, DType::F32);
+        for (int64_t e = 0; e < E; ++e) {
+          std::memcpy(gu.data<float>() + 2 * e * FD, t.data<float>() + e * FD,
+                      static_cast<size_t>(FD) * sizeof(float));
+          std::memcpy(gu.data<float>() + (2 * e + 1) * FD, up.data<float>() + e * FD,
+                      static_cast<size_t>(FD) * sizeof(float));
+        }
+        out.emplace_back(M + "experts.gate_up_proj", gu);
+      } else if (rest == "moe.experts.w_down") {
+        out.emplace_back(M + "experts.down_proj", t);
+      } else if (rest != "moe.experts.w_up") {
+        throw_error(kWhere, fmt::format("{} has no {} tensor", p.name, model_type));
+      }
+      continue;
+    }
+    const char* proj = rest == "moe.experts.w_gate"   ? n.gate.c_str()
+                       : rest == "moe.experts.w_up"   ? n.up.c_str()
+                       : rest == "moe.experts.w_down" ? n.down.c_str()
+                                                      : nullptr;
+    MOE_CHECK(proj, kWhere, "{} has no {} tensor", p.name, model_type);
+    for (int64_t e = 0; e < E; ++e)
+      out.emplace_back(fmt::format("{}experts.{}.{}.weight", M, e, proj), slice(t, e));
+  }
+  if (!grads) {
+    // DeepSeek-V3's selection bias (a buffer, float32 in transformers).
+    for (int64_t i = 0, mi = 0; i < c.n_layers; ++i) {
+      if (!c.is_moe_layer(i)) continue;
+      const std::vector<double>* b =
+          model.moe_layers()[static_cast<size_t>(mi++)]->router().selection_bias();
+      if (!b) continue;
+      Tensor t = Tensor::empty({static_cast<int64_t>(b->size())}, DType::F32);
+      for (size_t e = 0; e < b->size(); ++e) t.data<float>()[e] = static_cast<float>((*b)[e]);
+      out.emplace_back(fmt::format("model.layers.{}.{}gate.e_score_correction_bias", i, n.moe), t);
+    }
+  }
+  return out;
 }
 
 void load_hf_weights(Model& model, const std::string& model_type, HfTensors& src) {

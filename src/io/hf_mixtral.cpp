@@ -33,8 +33,10 @@ nlohmann::json mixtral_config(const ModelConfig& c) {
           // transformers' balancing loss concatenates the layers' tokens (a mean over layers where
           // this engine sums them) and sums over the K slots (K times this engine's value), so
           // the coefficient is converted as alpha * L / K.
-          {"router_aux_loss_coef", c.moe.aux_loss_coef * static_cast<double>(c.n_layers) /
-                                       static_cast<double>(c.moe.top_k)},
+          {"router_aux_loss_coef", c.joint_aux_loss_coef > 0
+                                       ? c.joint_aux_loss_coef
+                                       : c.moe.aux_loss_coef * static_cast<double>(c.n_layers) /
+                                             static_cast<double>(c.moe.top_k)},
           {"router_jitter_noise", 0.0},
           {"output_router_logits", false},
           {"tie_word_embeddings", c.tie_embeddings},
@@ -67,10 +69,12 @@ ModelConfig config_from_mixtral(const nlohmann::json& j) {
     c.moe.d_ffn = j.at("intermediate_size").get<int64_t>();
     c.moe.n_experts = j.at("num_local_experts").get<int64_t>();
     c.moe.top_k = j.at("num_experts_per_tok").get<int64_t>();
-    c.moe.aux_loss_coef = j.value("router_aux_loss_coef", 0.0) * static_cast<double>(c.moe.top_k) /
-                          static_cast<double>(c.n_layers);
+    // transformers' balancing loss, over all layers together.
+    c.moe.aux_loss_coef = 0;
+    c.joint_aux_loss_coef = j.value("router_aux_loss_coef", 0.0);
     c.moe.z_loss_coef = 0;
     c.d_ffn = c.moe.d_ffn;
+    c.transformers_loss = true;
     // Mistral's sliding window: each position attends to the last sliding_window positions.
     if (j.contains("sliding_window") && j["sliding_window"].is_number_integer() &&
         j["sliding_window"].get<int64_t>() < c.max_seq_len)

@@ -570,7 +570,8 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
 template <class T>
 void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Router& router,
                    MoeLayer::Saved& s, const Tensor& dy_t, Tensor& dx_t, Arena& arena, double d_aux,
-                   double d_z, const dist::ExpertGroups* ep, int64_t first_expert) {
+                   double d_z, const dist::ExpertGroups* ep, int64_t first_expert,
+                   const Tensor* dlogits_extra) {
   const char* w = "moe.backward";
   MOE_CHECK(s.valid, w, "backward() called without a forward() before it");
   const int64_t D = cfg.d_model, F = cfg.d_ffn;
@@ -687,6 +688,11 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
   // logits = xr W_r^T gives dW_r (unless frozen) and the input gradient through xr.
   T* dlogits = arena.alloc<T>(N * R);
   router.backward(dw, d_aux, d_z, dlogits);
+  if (dlogits_extra) {
+    dlogits_extra->expect(w, "dlogits_extra", {N, R}, dtype_of<T>());
+    const T* extra = dlogits_extra->data<T>();
+    for (int64_t i = 0; i < N * R; ++i) dlogits[i] += extra[i];
+  }
   const T* xr = static_cast<const T*>(s.xr);
   if (!cfg.freeze_router)
     cpu::gemm<T>(true, false, R, D, N, T(1), dlogits, R, xr, D, T(1), grads.w_router.data<T>(), D);
@@ -729,14 +735,15 @@ MoeOutput MoeLayer::forward(const Tensor& x, Arena& arena) {
   return out;
 }
 
-void MoeLayer::backward(const Tensor& dy, Tensor& dx, Arena& arena, double d_aux, double d_z) {
+void MoeLayer::backward(const Tensor& dy, Tensor& dx, Arena& arena, double d_aux, double d_z,
+                        const Tensor* dlogits_extra) {
   MOE_CHECK(!source_, "moe.offload", "offloaded experts run inference only: no backward");
   if (dtype_ == DType::F64) {
     backward_impl<double>(cfg_, params_, grads_, *router_, *saved_, dy, dx, arena, d_aux, d_z,
-                          ep_.get(), first_expert_);
+                          ep_.get(), first_expert_, dlogits_extra);
   } else {
     backward_impl<float>(cfg_, params_, grads_, *router_, *saved_, dy, dx, arena, d_aux, d_z,
-                         ep_.get(), first_expert_);
+                         ep_.get(), first_expert_, dlogits_extra);
   }
 }
 

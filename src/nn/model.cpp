@@ -56,6 +56,10 @@ void ModelConfig::validate() const {
   MOE_CHECK(moe_every >= 0 && first_dense >= 0, w,
             "moe_every and first_dense must be >= 0, got {} and {}", moe_every, first_dense);
   MOE_CHECK(std::isfinite(init_std) && init_std > 0, w, "init_std must be > 0, got {}", init_std);
+  MOE_CHECK(std::isfinite(joint_aux_loss_coef) && joint_aux_loss_coef >= 0, w,
+            "joint_aux_loss_coef must be >= 0, got {}", joint_aux_loss_coef);
+  MOE_CHECK(joint_aux_loss_coef == 0 || (moe.router == RouterKind::topk && moe.aux_loss_coef == 0),
+            w, "joint_aux_loss_coef needs the topk router and moe.aux_loss_coef = 0");
   bool any_dense = false, any_moe = false;
   for (int64_t i = 0; i < n_layers; ++i) (is_moe_layer(i) ? any_moe : any_dense) = true;
   MOE_CHECK(!any_dense || d_ffn >= 1, w, "d_ffn must be >= 1 for the dense layers, got {}", d_ffn);
@@ -113,6 +117,8 @@ void to_json(nlohmann::json& j, const ModelConfig& c) {
     j["v_head_dim"] = c.v_head_dim;
   }
   if (c.rope_interleave) j["rope_interleave"] = true;
+  if (c.joint_aux_loss_coef != 0) j["joint_aux_loss_coef"] = c.joint_aux_loss_coef;
+  if (c.transformers_loss) j["transformers_loss"] = true;
 }
 
 void from_json(const nlohmann::json& j, ModelConfig& c) {
@@ -123,7 +129,7 @@ void from_json(const nlohmann::json& j, ModelConfig& c) {
       "tie_embeddings", "moe_every",      "first_dense",  "init_std",    "moe",
       "dense_layers",   "norm",           "qkv_bias",     "qk_norm",     "clip_qkv",
       "sliding_window", "q_lora_rank",    "kv_lora_rank", "qk_nope_dim", "qk_rope_dim",
-      "v_head_dim",     "rope_interleave"};
+      "v_head_dim",     "rope_interleave", "joint_aux_loss_coef", "transformers_loss"};
   for (const auto& item : j.items()) {
     const std::string& key = item.key();
     MOE_CHECK(std::find_if(std::begin(keys), std::end(keys),
@@ -169,6 +175,8 @@ void from_json(const nlohmann::json& j, ModelConfig& c) {
     c.qk_rope_dim = j.value("qk_rope_dim", c.qk_rope_dim);
     c.v_head_dim = j.value("v_head_dim", c.v_head_dim);
     c.rope_interleave = j.value("rope_interleave", c.rope_interleave);
+    c.joint_aux_loss_coef = j.value("joint_aux_loss_coef", c.joint_aux_loss_coef);
+    c.transformers_loss = j.value("transformers_loss", c.transformers_loss);
   } catch (const nlohmann::json::exception& e) {
     throw_error("model.config", fmt::format("bad value: {}", e.what()));
   }
@@ -242,32 +250,86 @@ void Model::Impl::norm_backward(T* dx, Param& g, const T* dout, const T* x, cons
 }
 
 template <class T>
+T** Model::Impl::joint_aux(ModelOutput& out, int64_t n, bool backward, double scale,
+                           Arena& arena) {
+  // transformers' load_balancing_loss_func: the router logits of every MoE layer stacked into
+  // R = layers * tokens rows; p = softmax per row; f_e = (rows whose top k hold e) / R;
+  // P_e = sum of p_e / R; loss = coef * E * sum_e f_e P_e. Its gradient reaches each layer's
+  // logits through P only: d loss / d p_te = coef * E * f_e / R.
+  const int64_t E = cfg.moe.n_experts, L = static_cast<int64_t>(moe_layers.size());
+  if (L == 0) return nullptr;
+  std::vector<double> st(static_cast<size_t>(2 * E + 1), 0.0);  // counts E | prob sums E | rows
+  T** probs = arena.alloc<T*>(L);
+  size_t mi = 0;
+  for (Block& blk : blocks) {
+    if (!blk.moe) continue;
+    const T* logits = blk.moe_out.router_logits.template data<T>();
+    T* p = arena.alloc<T>(n * E);
+    for (int64_t t = 0; t < n; ++t) {
+      const T* z = logits + t * E;
+      const T mx = *std::max_element(z, z + E);
+      T sum = 0;
+      for (int64_t e = 0; e < E; ++e) sum += p[t * E + e] = std::exp(z[e] - mx);
+      for (int64_t e = 0; e < E; ++e) {
+        p[t * E + e] /= sum;
+        st[static_cast<size_t>(E + e)] += static_cast<double>(p[t * E + e]);
+      }
+    }
+    const Tensor& experts = out.plan_experts[mi];
+    for (int64_t i = 0; i < experts.numel(); ++i) st[static_cast<size_t>(experts.data<int32_t>()[i])] += 1;
+    st[static_cast<size_t>(2 * E)] += static_cast<double>(n);
+    probs[mi++] = p;
+  }
+  if (groups) groups->world.sum(st.data(), 2 * E + 1);
+  const double rows = st[static_cast<size_t>(2 * E)], coef = cfg.joint_aux_loss_coef;
+  double aux = 0;
+  for (int64_t e = 0; e < E; ++e)
+    aux += st[static_cast<size_t>(e)] / rows * st[static_cast<size_t>(E + e)] / rows;
+  out.aux_loss += coef * static_cast<double>(E) * aux;
+  if (!backward) return nullptr;
+  T** dlogits = arena.alloc<T*>(L);
+  std::vector<T> g(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e)
+    g[static_cast<size_t>(e)] = static_cast<T>(scale * coef * static_cast<double>(E) *
+                                               st[static_cast<size_t>(e)] / (rows * rows));
+  for (int64_t l = 0; l < L; ++l) {
+    T* d = dlogits[l] = arena.alloc<T>(n * E);
+    for (int64_t t = 0; t < n; ++t) {
+      const T* p = probs[l] + t * E;
+      T dot = 0;
+      for (int64_t e = 0; e < E; ++e) dot += p[e] * g[static_cast<size_t>(e)];
+      for (int64_t e = 0; e < E; ++e) d[t * E + e] = p[e] * (g[static_cast<size_t>(e)] - dot);
+    }
+  }
+  return dlogits;
+}
+
+template <class T>
 void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double scale,
                       ModelOutput& out) {
   const char* w = "model";
   MOE_CHECK(tokens.ndim() == 2 && tokens.dtype() == DType::I32, w,
             "tokens must be i32[B, T+1], got {}", tokens.str());
   const int64_t B = tokens.size(0), T1 = tokens.size(1);
-  const int64_t Tn = T1 - 1;
-  MOE_CHECK(B >= 1 && Tn >= 1, w, "need at least one sequence of two tokens, got {}", tokens.str());
+  MOE_CHECK(B >= 1 && T1 >= 2, w, "need at least one sequence of two tokens, got {}", tokens.str());
+  // Positions the network runs: the first T1 - 1 (each predicts the next token), or all T1 with
+  // transformers_loss (the last predicts nothing).
+  const int64_t Tn = cfg.transformers_loss ? T1 : T1 - 1;
   MOE_CHECK(Tn <= cfg.max_seq_len, w, "sequence length {} exceeds max_seq_len = {}", Tn,
             cfg.max_seq_len);
   const int64_t V = cfg.vocab_size, D = cfg.d_model, H = cfg.n_heads, N = B * Tn;
+  const int64_t Np = B * (T1 - 1);  // predicted tokens
   const int64_t KVh = kv_heads(), dk = key_dim(), dv = value_dim();
   const int32_t* tok = tokens.data<int32_t>();
+  for (int64_t i = 0; i < B * T1; ++i)
+    MOE_CHECK(tok[i] >= 0 && tok[i] < V, w,
+              "token {} at [{}, {}] is outside the vocabulary [0, {})", tok[i], i / T1, i % T1, V);
   int32_t* inputs = arena.alloc<int32_t>(N);
-  int32_t* targets = arena.alloc<int32_t>(N);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < Tn; ++t) {
-      const int32_t x = tok[b * T1 + t];
-      MOE_CHECK(x >= 0 && x < V, w, "token {} at [{}, {}] is outside the vocabulary [0, {})", x, b,
-                t, V);
-      inputs[b * Tn + t] = x;
-      const int32_t y = tok[b * T1 + t + 1];
-      MOE_CHECK(y >= 0 && y < V, w, "token {} at [{}, {}] is outside the vocabulary [0, {})", y, b,
-                t + 1, V);
-      targets[b * Tn + t] = y;
-    }
+  int32_t* targets = arena.alloc<int32_t>(Np);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < Tn; ++t) inputs[b * Tn + t] = tok[b * T1 + t];
+    for (int64_t t = 0; t + 1 < T1; ++t) targets[b * (T1 - 1) + t] = tok[b * T1 + t + 1];
+  }
   int64_t* pos = arena.alloc<int64_t>(N);
   for (int64_t i = 0; i < N; ++i) pos[i] = i % Tn;
 
@@ -339,16 +401,34 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
   Tensor logits = arena.tensor({B, Tn, V}, dtype_of<T>());
   T* lg = logits.data<T>();
   cpu::gemm<T>(false, true, N, V, D, T(1), z, D, lm_head.value.data<T>(), D, T(0), lg, V);
-  T* dlogits = backward ? arena.alloc<T>(N * V) : nullptr;
+  // The rows of the predicted tokens: all, or all but each sequence's last position.
+  T* lp = lg;
+  if (Np != N) {
+    lp = arena.alloc<T>(Np * V);
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(lp + b * (T1 - 1) * V, lg + b * Tn * V,
+                  static_cast<size_t>((T1 - 1) * V) * sizeof(T));
+  }
+  T* dlp = backward ? arena.alloc<T>(Np * V) : nullptr;
   if (groups) {
-    // This rank holds N of the batch's tokens: the loss is the mean over all of them.
-    const double nd = static_cast<double>(N), n_all = groups->world.sum(nd);
-    const double ce = nn::cross_entropy<T>(dlogits, arena.alloc<double>(N), lg, targets, N, V,
+    // This rank holds Np of the batch's predicted tokens: the loss is the mean over all of them.
+    const double nd = static_cast<double>(Np), n_all = groups->world.sum(nd);
+    const double ce = nn::cross_entropy<T>(dlp, arena.alloc<double>(Np), lp, targets, Np, V,
                                            scale * nd / n_all);
     out.ce_loss = groups->world.sum(ce * nd) / n_all;
   } else {
-    out.ce_loss = nn::cross_entropy<T>(dlogits, arena.alloc<double>(N), lg, targets, N, V, scale);
+    out.ce_loss = nn::cross_entropy<T>(dlp, arena.alloc<double>(Np), lp, targets, Np, V, scale);
   }
+  T* dlogits = dlp;
+  if (backward && Np != N) {
+    dlogits = arena.alloc<T>(N * V);
+    std::fill_n(dlogits, N * V, T(0));
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(dlogits + b * Tn * V, dlp + b * (T1 - 1) * V,
+                  static_cast<size_t>((T1 - 1) * V) * sizeof(T));
+  }
+  T** joint_dlogits = cfg.joint_aux_loss_coef > 0 ? joint_aux<T>(out, N, backward, scale, arena)
+                                                   : nullptr;
   out.loss = out.ce_loss + out.aux_loss + out.z_loss;
   if (!backward) return;
 
@@ -372,7 +452,11 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
     BlockSaved& s = blk.saved;
     // h_out = h_mid + FFN(norm(h_mid)).
     if (blk.moe) {
-      blk.moe->backward(dh_t, df_t, arena, scale, scale);
+      --mi;
+      Tensor extra;
+      if (joint_dlogits)
+        extra = Tensor::view(joint_dlogits[mi], {N, cfg.moe.n_experts}, dtype_of<T>());
+      blk.moe->backward(dh_t, df_t, arena, scale, scale, joint_dlogits ? &extra : nullptr);
     } else {
       blk.dense->backward(dh_t, df_t, arena);
     }

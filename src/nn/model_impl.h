@@ -220,6 +220,12 @@ struct Model::Impl {
   template <class T>
   void norm_backward(T* dx, Param& g, const T* dout, const T* x, const T* rstd, int64_t n) const;
 
+  // The joint balancing loss (ModelConfig::joint_aux_loss_coef) of the MoE layers' last
+  // forward (n tokens each), added to out.aux_loss; with backward, each MoE layer's gradient of
+  // it (times scale) with respect to its router logits [n, E], in the arena, in depth order.
+  template <class T>
+  T** joint_aux(ModelOutput& out, int64_t n, bool backward, double scale, Arena& arena);
+
   // Attention (src/nn/attention.cpp). q, k, v of the block's attention for a [N, D] at
   // positions pos [N]; with `saved`, what qkv_backward needs is kept there (in the arena).
   template <class T>
