@@ -74,6 +74,48 @@ TEST_P(HfFinetune, LossAndGradientsMatchTransformers) {
               worst_name.c_str());
 }
 
+// Ten full-batch AdamW steps with reference.json's hyperparameters (torch.optim.AdamW over
+// every tensor, constant rate, no clipping), as `moe train --init-from DIR --tokens ...
+// --decay-all --schedule constant --grad-clip 0` runs them: the loss before each step matches
+// transformers'.
+TEST_P(HfFinetune, AdamwTrajectoryMatchesTransformers) {
+  const std::string dir = hf_fixture(GetParam());
+  std::unique_ptr<Model> start = load_model(dir);
+  const SafetensorsFile ref = load_safetensors(dir + "/reference.safetensors");
+  const nlohmann::json traj = reference(dir).at("adamw_trajectory");
+  const nlohmann::json& hp = traj.at("hyperparameters");
+  ASSERT_EQ(hp.at("schedule"), "constant");
+  ASSERT_TRUE(hp.at("grad_clip").is_null());
+  const Tensor ids = as_i32(ref.at("input_ids"));
+  std::vector<std::vector<int32_t>> batch;
+  for (int64_t b = 0; b < ids.size(0); ++b)
+    batch.emplace_back(ids.data<int32_t>() + b * ids.size(1),
+                       ids.data<int32_t>() + (b + 1) * ids.size(1));
+  TrainConfig tc;
+  tc.steps = 10;
+  tc.lr = hp.at("lr").get<double>();
+  tc.beta1 = hp.at("betas")[0].get<double>();
+  tc.beta2 = hp.at("betas")[1].get<double>();
+  tc.eps = hp.at("eps").get<double>();
+  tc.weight_decay = hp.at("weight_decay").get<double>();
+  tc.decay_all = true;
+  tc.schedule = "constant";
+  tc.clip = 0;
+  tc.eval_every = 0;
+  Trainer trainer(start->config(), tc, batch);
+  trainer.init_from(*start);
+  const std::vector<double> want = traj.at("losses_before_each_step").get<std::vector<double>>();
+  double worst = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double loss = trainer.train_step().loss;
+    const double e = std::abs(loss / want[i] - 1);
+    EXPECT_LT(e, 1e-4) << "step " << i + 1 << ": " << loss << " against " << want[i];
+    worst = std::max(worst, e);
+  }
+  std::printf("%s: %zu AdamW steps, losses within %.2g of transformers'\n", GetParam(), want.size(),
+              worst);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfFinetune,
                          ::testing::Values("mixtral", "mixtral_top1_e4", "qwen2_moe", "qwen3_moe",
                                            "olmoe", "deepseek_v2", "deepseek_v3"));

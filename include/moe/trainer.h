@@ -26,7 +26,12 @@ struct TrainConfig {
   double weight_decay = 0.1;
   double beta1 = 0.9;
   double beta2 = 0.95;
-  double clip = 1.0;  // global gradient-norm clip; 0: none
+  double eps = 1e-8;
+  // Weight decay on every tensor, norms and biases included (torch.optim.AdamW given all the
+  // parameters), instead of the weight matrices only.
+  bool decay_all = false;
+  std::string schedule = "cosine";  // cosine: warmup then cosine to min_lr; constant: lr
+  double clip = 1.0;                // global gradient-norm clip; 0: none
   int64_t eval_every = 100;
   int64_t eval_batches = 8;
   int64_t save_every = 250;  // 0: only at the end
@@ -39,7 +44,7 @@ struct TrainConfig {
   int64_t expert_parallel = 1;
 
   void validate() const;
-  // The learning rate at step (0-based): linear warmup, then cosine from lr to min_lr.
+  // The learning rate at step (0-based): linear warmup, then cosine from lr to min_lr; or lr.
   double lr_at(int64_t step) const;
 };
 

@@ -24,10 +24,16 @@ void TrainConfig::validate() const {
             seq_len);
   MOE_CHECK(steps >= 1 && grad_accum >= 1, w, "steps and grad_accum must be >= 1, got {} and {}",
             steps, grad_accum);
-  MOE_CHECK(std::isfinite(lr) && lr > 0 && std::isfinite(min_lr) && min_lr >= 0 && min_lr <= lr, w,
-            "need 0 <= min_lr <= lr, got lr {} and min_lr {}", lr, min_lr);
+  MOE_CHECK(std::isfinite(lr) && lr > 0 && std::isfinite(min_lr) && min_lr >= 0 &&
+                (min_lr <= lr || schedule == "constant"),
+            w, "need 0 <= min_lr <= lr, got lr {} and min_lr {}", lr, min_lr);
   MOE_CHECK(warmup >= 0, w, "warmup must be >= 0, got {}", warmup);
   MOE_CHECK(weight_decay >= 0 && clip >= 0, w, "weight_decay and clip must be >= 0");
+  MOE_CHECK(std::isfinite(eps) && eps > 0, w, "eps must be > 0, got {}", eps);
+  MOE_CHECK(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, w,
+            "beta1 and beta2 must be in [0, 1), got {} and {}", beta1, beta2);
+  MOE_CHECK(schedule == "cosine" || schedule == "constant", w,
+            "schedule must be cosine or constant, got '{}'", schedule);
   MOE_CHECK(eval_every >= 0 && eval_batches >= 1 && save_every >= 0 && keep >= 1, w,
             "eval_every, save_every >= 0 and eval_batches, keep >= 1 required");
   MOE_CHECK(val_every >= 2, w, "val_every must be >= 2, got {}", val_every);
@@ -35,6 +41,7 @@ void TrainConfig::validate() const {
 }
 
 double TrainConfig::lr_at(int64_t step) const {
+  if (schedule == "constant") return lr;
   if (step < warmup) return lr * static_cast<double>(step + 1) / static_cast<double>(warmup);
   const double span = static_cast<double>(std::max<int64_t>(1, steps - warmup));
   const double progress = std::min(1.0, static_cast<double>(step - warmup) / span);
@@ -52,6 +59,9 @@ void to_json(nlohmann::json& j, const TrainConfig& c) {
        {"weight_decay", c.weight_decay},
        {"beta1", c.beta1},
        {"beta2", c.beta2},
+       {"eps", c.eps},
+       {"decay_all", c.decay_all},
+       {"schedule", c.schedule},
        {"clip", c.clip},
        {"eval_every", c.eval_every},
        {"eval_batches", c.eval_batches},
@@ -79,6 +89,9 @@ void from_json(const nlohmann::json& j, TrainConfig& c) {
     c.weight_decay = merged["weight_decay"];
     c.beta1 = merged["beta1"];
     c.beta2 = merged["beta2"];
+    c.eps = merged["eps"];
+    c.decay_all = merged["decay_all"];
+    c.schedule = merged["schedule"];
     c.clip = merged["clip"];
     c.eval_every = merged["eval_every"];
     c.eval_batches = merged["eval_batches"];
@@ -116,8 +129,9 @@ Rng Trainer::setup() {
     model_->set_expert_parallel(*groups_);
   }
   opt_ = std::make_unique<AdamW>(
-      AdamWConfig{cfg_.lr, cfg_.beta1, cfg_.beta2, 1e-8, cfg_.weight_decay});
-  for (NamedParam& p : model_->params()) opt_->add(p.name, p.value, p.grad, p.decay);
+      AdamWConfig{cfg_.lr, cfg_.beta1, cfg_.beta2, cfg_.eps, cfg_.weight_decay});
+  for (NamedParam& p : model_->params())
+    opt_->add(p.name, p.value, p.grad, p.decay || cfg_.decay_all);
   const int64_t W = cfg_.seq_len + 1, local = cfg_.batch / ranks;
   full_batch_ = Tensor::empty({cfg_.batch, W}, DType::I32);
   batch_ = Tensor::view(full_batch_.data<int32_t>() + rank * local * W, {local, W}, DType::I32);

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -13,6 +14,8 @@
 #include "moe/trainer.h"
 
 namespace moe::cli {
+
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -143,14 +146,19 @@ int run_train(TrainArgs& a) {
     fmt::print("data: one fixed batch of {} x {} tokens (--tokens), every step\n",
                trainer.config().batch, trainer.config().seq_len + 1);
   }
-  fmt::print(
-      "training: {} steps of {} x {} tokens, lr {} (warmup {}, cosine to {}), {} threads{}\n",
-      a.train.steps, trainer.config().batch * a.train.grad_accum, trainer.config().seq_len,
-      a.train.lr, a.train.warmup, a.train.min_lr, num_threads(),
-      trainer.step() > 0 ? fmt::format(", resumed at step {}", trainer.step()) : "");
+  const std::string schedule =
+      a.train.schedule == "constant"
+          ? "constant"
+          : fmt::format("warmup {}, cosine to {}", a.train.warmup, a.train.min_lr);
+  fmt::print("training: {} steps of {} x {} tokens, lr {} ({}), {} threads{}\n", a.train.steps,
+             trainer.config().batch * a.train.grad_accum, trainer.config().seq_len, a.train.lr,
+             schedule, num_threads(),
+             trainer.step() > 0 ? fmt::format(", resumed at step {}", trainer.step()) : "");
   std::fflush(stdout);
   std::ofstream log;
   if (!a.log.empty()) {
+    if (const fs::path dir = fs::path(a.log).parent_path(); !dir.empty())
+      fs::create_directories(dir);
     log.open(a.log, trainer.step() > 0 ? std::ios::app : std::ios::trunc);
     MOE_CHECK(log.good(), "train", "cannot write --log {}", a.log);
   }
@@ -259,7 +267,18 @@ Run add_train(CLI::App& app) {
   cmd->add_option("--warmup", a->train.warmup, "warmup steps")->capture_default_str();
   cmd->add_option("--weight-decay", a->train.weight_decay, "AdamW weight decay")
       ->capture_default_str();
-  cmd->add_option("--clip", a->train.clip, "gradient-norm clip (0: none)")->capture_default_str();
+  cmd->add_option("--beta1", a->train.beta1, "AdamW beta1")->capture_default_str();
+  cmd->add_option("--beta2", a->train.beta2, "AdamW beta2")->capture_default_str();
+  cmd->add_option("--eps", a->train.eps, "AdamW epsilon")->capture_default_str();
+  cmd->add_flag("--decay-all", a->train.decay_all,
+                "weight decay on every tensor, norms and biases too (torch.optim.AdamW's default "
+                "when given all the parameters)");
+  cmd->add_option("--schedule", a->train.schedule,
+                  "learning rate: cosine (warmup, then down to --min-lr) or constant (--lr)")
+      ->check(CLI::IsMember({"cosine", "constant"}))
+      ->capture_default_str();
+  cmd->add_option("--clip,--grad-clip", a->train.clip, "gradient-norm clip (0: none)")
+      ->capture_default_str();
   cmd->add_option("--eval-every", a->train.eval_every, "steps between validations")
       ->capture_default_str();
   cmd->add_option("--save-every", a->train.save_every, "steps between checkpoints")
