@@ -123,13 +123,35 @@ void to_json(nlohmann::json& j, const ModelConfig& c) {
 
 void from_json(const nlohmann::json& j, ModelConfig& c) {
   MOE_CHECK(j.is_object(), "model.config", "expected a JSON object, got {}", j.type_name());
-  static const char* const keys[] = {
-      "vocab_size",     "d_model",        "n_layers",     "n_heads",     "n_kv_heads",
-      "head_dim",       "d_ffn",          "max_seq_len",  "rope_theta",  "norm_eps",
-      "tie_embeddings", "moe_every",      "first_dense",  "init_std",    "moe",
-      "dense_layers",   "norm",           "qkv_bias",     "qk_norm",     "clip_qkv",
-      "sliding_window", "q_lora_rank",    "kv_lora_rank", "qk_nope_dim", "qk_rope_dim",
-      "v_head_dim",     "rope_interleave", "joint_aux_loss_coef", "transformers_loss"};
+  static const char* const keys[] = {"vocab_size",
+                                     "d_model",
+                                     "n_layers",
+                                     "n_heads",
+                                     "n_kv_heads",
+                                     "head_dim",
+                                     "d_ffn",
+                                     "max_seq_len",
+                                     "rope_theta",
+                                     "norm_eps",
+                                     "tie_embeddings",
+                                     "moe_every",
+                                     "first_dense",
+                                     "init_std",
+                                     "moe",
+                                     "dense_layers",
+                                     "norm",
+                                     "qkv_bias",
+                                     "qk_norm",
+                                     "clip_qkv",
+                                     "sliding_window",
+                                     "q_lora_rank",
+                                     "kv_lora_rank",
+                                     "qk_nope_dim",
+                                     "qk_rope_dim",
+                                     "v_head_dim",
+                                     "rope_interleave",
+                                     "joint_aux_loss_coef",
+                                     "transformers_loss"};
   for (const auto& item : j.items()) {
     const std::string& key = item.key();
     MOE_CHECK(std::find_if(std::begin(keys), std::end(keys),
@@ -250,8 +272,7 @@ void Model::Impl::norm_backward(T* dx, Param& g, const T* dout, const T* x, cons
 }
 
 template <class T>
-T** Model::Impl::joint_aux(ModelOutput& out, int64_t n, bool backward, double scale,
-                           Arena& arena) {
+T** Model::Impl::joint_aux(ModelOutput& out, int64_t n, bool backward, double scale, Arena& arena) {
   // transformers' load_balancing_loss_func: the router logits of every MoE layer stacked into
   // R = layers * tokens rows; p = softmax per row; f_e = (rows whose top k hold e) / R;
   // P_e = sum of p_e / R; loss = coef * E * sum_e f_e P_e. Its gradient reaches each layer's
@@ -276,7 +297,8 @@ T** Model::Impl::joint_aux(ModelOutput& out, int64_t n, bool backward, double sc
       }
     }
     const Tensor& experts = out.plan_experts[mi];
-    for (int64_t i = 0; i < experts.numel(); ++i) st[static_cast<size_t>(experts.data<int32_t>()[i])] += 1;
+    for (int64_t i = 0; i < experts.numel(); ++i)
+      st[static_cast<size_t>(experts.data<int32_t>()[i])] += 1;
     st[static_cast<size_t>(2 * E)] += static_cast<double>(n);
     probs[mi++] = p;
   }
@@ -413,8 +435,8 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
   if (groups) {
     // This rank holds Np of the batch's predicted tokens: the loss is the mean over all of them.
     const double nd = static_cast<double>(Np), n_all = groups->world.sum(nd);
-    const double ce = nn::cross_entropy<T>(dlp, arena.alloc<double>(Np), lp, targets, Np, V,
-                                           scale * nd / n_all);
+    const double ce =
+        nn::cross_entropy<T>(dlp, arena.alloc<double>(Np), lp, targets, Np, V, scale * nd / n_all);
     out.ce_loss = groups->world.sum(ce * nd) / n_all;
   } else {
     out.ce_loss = nn::cross_entropy<T>(dlp, arena.alloc<double>(Np), lp, targets, Np, V, scale);
@@ -427,8 +449,8 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
       std::memcpy(dlogits + b * Tn * V, dlp + b * (T1 - 1) * V,
                   static_cast<size_t>((T1 - 1) * V) * sizeof(T));
   }
-  T** joint_dlogits = cfg.joint_aux_loss_coef > 0 ? joint_aux<T>(out, N, backward, scale, arena)
-                                                   : nullptr;
+  T** joint_dlogits =
+      cfg.joint_aux_loss_coef > 0 ? joint_aux<T>(out, N, backward, scale, arena) : nullptr;
   out.loss = out.ce_loss + out.aux_loss + out.z_loss;
   if (!backward) return;
 
