@@ -6,6 +6,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -114,6 +116,50 @@ TEST_P(HfFinetune, AdamwTrajectoryMatchesTransformers) {
   }
   std::printf("%s: %zu AdamW steps, losses within %.2g of transformers'\n", GetParam(), want.size(),
               worst);
+}
+
+// A checkpoint loaded and saved again is the same checkpoint: config.json byte for byte, every
+// tensor under its name with its dtype, shape and bytes; and in transformers' fused expert
+// layout it loads back to the same logits.
+TEST(HfSave, WritesTheCheckpointsOwnLayout) {
+  for (const char* name :
+       {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dbrx"}) {
+    SCOPED_TRACE(name);
+    const std::string dir = hf_fixture(name);
+    std::unique_ptr<Model> model = load_model(dir);
+    HfOrigin origin = hf_origin(dir);
+    EXPECT_FALSE(origin.fused_experts);
+    const std::string out = (std::filesystem::temp_directory_path() / "moe_test_hf_save").string();
+    std::filesystem::remove_all(out);
+    save_hf_model(*model, origin, out);
+    std::ifstream a(dir + "/config.json", std::ios::binary),
+        b(out + "/config.json", std::ios::binary);
+    EXPECT_EQ(std::string(std::istreambuf_iterator<char>(a), {}),
+              std::string(std::istreambuf_iterator<char>(b), {}));
+    const SafetensorsFile src = load_safetensors(dir + "/model.safetensors");
+    const SafetensorsFile got = load_safetensors(out + "/model.safetensors");
+    ASSERT_EQ(got.stored.size(), src.stored.size());
+    for (const auto& [tensor, stored] : src.stored) {
+      ASSERT_TRUE(got.has(tensor)) << tensor;
+      const StoredTensor& g = got.stored.at(tensor);
+      EXPECT_EQ(g.dtype, stored.dtype) << tensor;
+      EXPECT_EQ(g.shape, stored.shape) << tensor;
+      ASSERT_EQ(g.bytes, stored.bytes) << tensor;
+      EXPECT_EQ(std::memcmp(g.data, stored.data, stored.bytes), 0) << tensor;
+    }
+    if (origin.model_type == "dbrx") continue;
+    // transformers' fused layout: gate_up_proj [E, 2F, D] and down_proj [E, D, F].
+    origin.fused_experts = true;
+    std::filesystem::remove_all(out);
+    save_hf_model(*model, origin, out);
+    EXPECT_TRUE(hf_origin(out).fused_experts);
+    std::unique_ptr<Model> back = load_model(out);
+    const Tensor ids = as_i32(load_safetensors(dir + "/reference.safetensors").at("input_ids"));
+    Arena arena;
+    const Tensor want = model->logits(ids, arena).clone();
+    const Tensor have = back->logits(ids, arena);
+    EXPECT_EQ(std::memcmp(want.raw(), have.raw(), want.nbytes()), 0);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfFinetune,

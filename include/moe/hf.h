@@ -70,4 +70,17 @@ void load_hf_weights(Model& model, const std::string& model_type, HfTensors& src
 std::vector<std::pair<std::string, Tensor>> hf_tensors(Model& model, const std::string& model_type,
                                                        bool fused_experts, bool grads = false);
 
+// The HuggingFace checkpoint a model was loaded from, so that what is trained from it is saved
+// the same way: its folder, model_type, config.json as written, and whether its routed experts
+// are stored fused (transformers' gate_up_proj / down_proj) rather than one tensor per expert.
+struct HfOrigin {
+  std::string dir, model_type, config_text;
+  bool fused_experts = false;
+};
+HfOrigin hf_origin(const std::string& dir);
+// Writes `model` (made from origin's config) into folder `dir` (created) as a checkpoint of that
+// architecture and layout, each file atomically: origin's config.json, the weights under its
+// names (hf_tensors), and its tokenizer and generation files copied.
+void save_hf_model(Model& model, const HfOrigin& origin, const std::string& dir);
+
 }  // namespace moe

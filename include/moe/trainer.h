@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "moe/data.h"
+#include "moe/hf.h"
 #include "moe/model.h"
 #include "moe/optimizer.h"
 
@@ -105,6 +106,9 @@ class Trainer {
   // Starts from another model's weights (same config), e.g. a checkpoint to fine-tune; the
   // optimizer state stays fresh.
   void init_from(Model& src);
+  // Checkpoints are then written as that HuggingFace checkpoint is (save_hf_model): the same
+  // config.json, tensor names and layout, and its tokenizer files.
+  void set_hf_origin(const HfOrigin& origin) { hf_origin_ = std::make_unique<HfOrigin>(origin); }
   // Every parameter of the whole model as (name, tensor): this rank's own, or under expert
   // parallelism with the routed experts gathered from the group (a collective: every rank
   // calls it).
@@ -142,6 +146,7 @@ class Trainer {
   std::unique_ptr<dist::ExpertGroups> groups_;
   Tensor full_batch_;  // [batch, T + 1]: the global batch, as one process would draw it
   Tensor batch_;       // this rank's rows of it (all of it in one process)
+  std::unique_ptr<HfOrigin> hf_origin_;  // set_hf_origin
   int64_t step_ = 0;
 };
 
@@ -153,9 +158,6 @@ std::string resolve_checkpoint(const std::string& dir);
 void save_model(Model& model, const std::string& dir);
 // Copies every parameter of the model from a safetensors file (names and shapes must match).
 void load_weights(Model& model, const std::string& path);
-// What a checkpoint folder (or an out_dir with `latest`) holds: its model config, config.json's
-// model_type ("moe_cpp" for this engine's own layout), and whether it is one of this engine's
-// (its config under "moe_cpp", the weights in Mixtral's layout or under this engine's names).
 // Loss of `model` (inference mode) over consecutive windows of seq_len + 1 tokens of `text`, at
 // most `max_windows` of them, `batch` at a time: the mean of the windows' cross-entropies, as
 // `moe eval` reports it. Throws when the text is shorter than one window.
@@ -166,6 +168,9 @@ struct WindowLoss {
 WindowLoss window_loss(Model& model, const TokenStream& text, int64_t seq_len, int64_t batch,
                        int64_t max_windows);
 
+// What a checkpoint folder (or an out_dir with `latest`) holds: its model config, config.json's
+// model_type ("moe_cpp" for this engine's own layout), and whether it is one of this engine's
+// (its config under "moe_cpp", the weights in Mixtral's layout or under this engine's names).
 struct CheckpointInfo {
   std::string dir;  // the checkpoint folder itself
   ModelConfig config;

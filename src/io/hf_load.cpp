@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "moe/hf.h"
 
@@ -624,7 +625,11 @@ std::vector<std::pair<std::string, Tensor>> hf_tensors(Model& model, const std::
       continue;
     }
     if (const std::string name = layer_name(n, i, rest); !name.empty()) {
-      out.emplace_back(name, t);
+      // The shared experts are one MLP there: [1, F, D] here is [F, D] there.
+      if (rest.rfind("moe.shared.w_", 0) == 0 && t.ndim() == 3 && t.size(0) == 1)
+        out.emplace_back(name, Tensor::view(t.raw(), {t.size(1), t.size(2)}, DType::F32));
+      else
+        out.emplace_back(name, t);
       continue;
     }
     const std::string M = "model.layers." + std::to_string(i) + "." + n.moe;
@@ -676,6 +681,47 @@ void load_hf_weights(Model& model, const std::string& model_type, HfTensors& src
     load_dbrx(model, src);
   } else {
     load_llama_like(model, model_type, src);
+  }
+}
+
+HfOrigin hf_origin(const std::string& dir) {
+  HfOrigin o;
+  o.dir = dir;
+  std::ifstream f(fs::path(dir) / "config.json", std::ios::binary);
+  MOE_CHECK(f.good(), kWhere, "cannot read {}/config.json", dir);
+  std::ostringstream text;
+  text << f.rdbuf();
+  o.config_text = text.str();
+  json j;
+  try {
+    j = json::parse(o.config_text);
+  } catch (const json::exception& e) {
+    throw_error(kWhere, fmt::format("{}/config.json is not valid JSON: {}", dir, e.what()));
+  }
+  const ModelConfig c = config_from_hf(j);
+  o.model_type = j.value("model_type", std::string());
+  if (o.model_type != "dbrx") {
+    const HfTensors tensors(dir);
+    for (int64_t i = 0; i < c.n_layers; ++i)
+      if (c.is_moe_layer(i)) {
+        o.fused_experts = tensors.has(
+            fmt::format("model.layers.{}.{}experts.gate_up_proj", i, names_for(o.model_type).moe));
+        break;
+      }
+  }
+  return o;
+}
+
+void save_hf_model(Model& model, const HfOrigin& origin, const std::string& dir) {
+  fs::create_directories(dir);
+  write_file_atomic((fs::path(dir) / "config.json").string(), origin.config_text);
+  save_safetensors((fs::path(dir) / "model.safetensors").string(),
+                   hf_tensors(model, origin.model_type, origin.fused_experts), {{"format", "pt"}});
+  for (const char* file : {"generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                           "tokenizer.model", "special_tokens_map.json"}) {
+    const fs::path from = fs::path(origin.dir) / file;
+    if (fs::exists(from))
+      fs::copy_file(from, fs::path(dir) / file, fs::copy_options::overwrite_existing);
   }
 }
 

@@ -475,7 +475,11 @@ std::string Trainer::save(const std::string& out_dir) {
   try {
     fs::remove_all(tmp_dir);
     fs::create_directories(tmp_dir);
-    save_model(model, tmp_dir.string());
+    if (hf_origin_) {
+      save_hf_model(model, *hf_origin_, tmp_dir.string());
+    } else {
+      save_model(model, tmp_dir.string());
+    }
     save_safetensors((tmp_dir / "optimizer.safetensors").string(), opt_state,
                      {{"step", std::to_string(opt_->steps())}});
     nlohmann::json state = {{"step", step_},
@@ -656,12 +660,12 @@ void Trainer::resume(const std::string& dir) {
     // Any checkpoint holds the whole model: take this rank's experts from it (whatever EP it
     // was saved with).
     Model whole_model(mcfg_, DType::F32);
-    load_weights(whole_model, (ckpt / "model.safetensors").string());
+    load_checkpoint_weights(whole_model, read_checkpoint_info(ckpt.string()));
     copy_from(whole_model);
     opt_->load((ckpt / "optimizer.safetensors").string(),
                [&](const std::string& n, const Tensor& t) { return part(param(n), t); });
   } else {
-    load_weights(*model_, (ckpt / "model.safetensors").string());
+    load_checkpoint_weights(*model_, read_checkpoint_info(ckpt.string()));
     opt_->load((ckpt / "optimizer.safetensors").string());
   }
   std::ifstream f(ckpt / "trainer_state.json");

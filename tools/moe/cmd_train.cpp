@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "commands.h"
 #include "moe/dist.h"
@@ -103,11 +104,25 @@ int run_train(TrainArgs& a) {
                                 : std::max(1, num_cores() / dist::ranks_on_this_machine()));
   ModelConfig mcfg = model_config(a);
   std::unique_ptr<Model> start;
+  std::optional<HfOrigin> origin;
   if (!a.init_from.empty()) {
     MOE_CHECK(a.config.empty(), "train", "give --config or --init-from, not both");
     start = load_model(a.init_from);
     mcfg = start->config();
     apply_overrides(a, mcfg);
+    const CheckpointInfo info = read_checkpoint_info(a.init_from);
+    // A HuggingFace checkpoint fine-tuned as it is comes out in its own layout; overrides that
+    // change the architecture leave this engine's.
+    if (!info.ours) {
+      if (nlohmann::json(mcfg) == nlohmann::json(start->config())) {
+        origin = hf_origin(info.dir);
+      } else {
+        fmt::print(
+            "note: the overrides change the {} architecture; checkpoints are written in "
+            "this engine's layout\n",
+            info.model_type);
+      }
+    }
   }
   std::unique_ptr<Trainer> made;
   Corpus corpus;
@@ -120,6 +135,7 @@ int run_train(TrainArgs& a) {
   }
   Trainer& trainer = *made;
   if (start) trainer.init_from(*start);
+  if (origin) trainer.set_hf_origin(*origin);
   if (!a.resume.empty()) trainer.resume(a.resume);
   Model& model = trainer.model();
   // In a distributed job every rank trains; rank 0 alone prints and writes the log.
