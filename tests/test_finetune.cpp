@@ -162,6 +162,72 @@ TEST(HfSave, WritesTheCheckpointsOwnLayout) {
   }
 }
 
+// The fine-tuning switches: a frozen router, frozen experts, or only the experts trained; frozen
+// tensors (and frozen experts' rows) come out bit-identical, with weight decay on everything.
+TEST(HfFinetuneSwitches, FrozenTensorsComeOutBitIdentical) {
+  const std::string dir = hf_fixture("qwen2_moe");
+  std::unique_ptr<Model> start = load_model(dir);
+  const Tensor ids = as_i32(load_safetensors(dir + "/reference.safetensors").at("input_ids"));
+  std::vector<std::vector<int32_t>> batch;
+  for (int64_t b = 0; b < ids.size(0); ++b)
+    batch.emplace_back(ids.data<int32_t>() + b * ids.size(1),
+                       ids.data<int32_t>() + (b + 1) * ids.size(1));
+  const auto same = [](const Tensor& a, const Tensor& b, int64_t row) {
+    const size_t bytes = a.nbytes() / static_cast<size_t>(row < 0 ? 1 : a.size(0));
+    const size_t at = row < 0 ? 0 : static_cast<size_t>(row) * bytes;
+    return std::memcmp(static_cast<const char*>(a.raw()) + at,
+                       static_cast<const char*>(b.raw()) + at, row < 0 ? a.nbytes() : bytes) == 0;
+  };
+  for (int mode = 0; mode < 2; ++mode) {
+    SCOPED_TRACE(mode == 0 ? "frozen router and experts 0, 5" : "only the experts");
+    ModelConfig mc = start->config();
+    TrainConfig tc;
+    tc.steps = 3;
+    tc.lr = 1e-2;
+    tc.decay_all = true;
+    tc.schedule = "constant";
+    tc.eval_every = 0;
+    if (mode == 0) {
+      mc.moe.freeze_router = true;
+      mc.moe.frozen_experts = {0, 5};
+    } else {
+      tc.only_experts = true;
+    }
+    Trainer trainer(mc, tc, batch);
+    trainer.init_from(*start);
+    for (int i = 0; i < 3; ++i) trainer.train_step();
+    std::vector<NamedParam>& before = start->params();
+    std::vector<NamedParam>& after = trainer.model().params();
+    int64_t kept = 0, changed = 0;
+    for (size_t i = 0; i < after.size(); ++i) {
+      const NamedParam& p = after[i];
+      const bool router = p.name.find(".moe.router.") != std::string::npos;
+      if (mode == 1 || router) {
+        const bool frozen = mode == 1 ? !p.routed : true;
+        EXPECT_EQ(same(p.value, before[i].value, -1), frozen) << p.name;
+        (frozen ? kept : changed) += 1;
+        continue;
+      }
+      if (p.routed) {
+        for (int64_t e = 0; e < p.value.size(0); ++e) {
+          const bool frozen = e == 0 || e == 5;
+          const bool unchanged = same(p.value, before[i].value, e);
+          if (frozen) {
+            EXPECT_TRUE(unchanged) << p.name << " expert " << e;
+            ++kept;
+          } else if (!unchanged) {
+            ++changed;
+          }
+        }
+      } else {
+        EXPECT_FALSE(same(p.value, before[i].value, -1)) << p.name;
+      }
+    }
+    EXPECT_GT(kept, 0);
+    EXPECT_GT(changed, 0);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfFinetune,
                          ::testing::Values("mixtral", "mixtral_top1_e4", "qwen2_moe", "qwen3_moe",
                                            "olmoe", "deepseek_v2", "deepseek_v3"));

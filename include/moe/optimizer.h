@@ -24,8 +24,10 @@ class AdamW {
   explicit AdamW(const AdamWConfig& cfg);
 
   // Registers a parameter and its gradient buffer (same shape and float dtype). Moments start
-  // at zero. `decay` false exempts it from weight decay.
-  void add(const std::string& name, Tensor param, Tensor grad, bool decay = true);
+  // at zero. `decay` false exempts it from weight decay. The slices param[r] of the rows r in
+  // `frozen_rows` (indices along the first dimension: frozen experts) are never changed.
+  void add(const std::string& name, Tensor param, Tensor grad, bool decay = true,
+           std::vector<int64_t> frozen_rows = {});
 
   // One update of every registered parameter at learning rate lr:
   //   p -= lr * wd * p;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
@@ -51,6 +53,7 @@ class AdamW {
     std::string name;
     Tensor param, grad, m, v;
     bool decay;
+    std::vector<int64_t> frozen_rows;
   };
   AdamWConfig cfg_;
   std::vector<Slot> slots_;

@@ -32,7 +32,10 @@ struct TrainConfig {
   // parameters), instead of the weight matrices only.
   bool decay_all = false;
   std::string schedule = "cosine";  // cosine: warmup then cosine to min_lr; constant: lr
-  double clip = 1.0;                // global gradient-norm clip; 0: none
+  // Fine-tuning: update the routed experts only (every other tensor stays as it is). The MoE
+  // config's freeze_router and frozen_experts freeze the routers and chosen experts.
+  bool only_experts = false;
+  double clip = 1.0;  // global gradient-norm clip; 0: none
   int64_t eval_every = 100;
   int64_t eval_batches = 8;
   int64_t save_every = 250;  // 0: only at the end
@@ -126,6 +129,8 @@ class Trainer {
   // part of a whole one (identity for the others).
   Tensor whole(const NamedParam& p, const Tensor& part) const;
   const NamedParam& param(const std::string& name);  // by name; throws when there is none
+  // Whether the tensor stays as it is (only_experts, the MoE config's freeze_router).
+  bool frozen(const NamedParam& p) const;
   Tensor part(const NamedParam& p, const Tensor& whole) const;
   // Copies a whole model's parameters into this one (this rank's part of the routed experts).
   void copy_from(Model& whole);

@@ -1,6 +1,7 @@
 // AdamW, element by element in torch.optim.AdamW's order of operations.
 #include "moe/optimizer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -17,13 +18,17 @@ AdamW::AdamW(const AdamWConfig& cfg) : cfg_(cfg) {
   MOE_CHECK(cfg.weight_decay >= 0, "adamw", "weight_decay must be >= 0, got {}", cfg.weight_decay);
 }
 
-void AdamW::add(const std::string& name, Tensor param, Tensor grad, bool decay) {
+void AdamW::add(const std::string& name, Tensor param, Tensor grad, bool decay,
+                std::vector<int64_t> frozen_rows) {
   MOE_CHECK(param.shape() == grad.shape() && param.dtype() == grad.dtype(), "adamw",
             "gradient of {} is {}, the parameter is {}", name, grad.str(), param.str());
   MOE_CHECK(param.dtype() == DType::F32 || param.dtype() == DType::F64, "adamw",
             "{} must be a float tensor, got {}", name, param.str());
   slots_.push_back({name, param, grad, Tensor::zeros(param.shape(), DType::F64),
-                    Tensor::zeros(param.shape(), DType::F64), decay});
+                    Tensor::zeros(param.shape(), DType::F64), decay, std::move(frozen_rows)});
+  for (int64_t r : slots_.back().frozen_rows)
+    MOE_CHECK(param.ndim() >= 1 && r >= 0 && r < param.size(0), "adamw",
+              "frozen row {} is outside {}'s {} rows", r, name, param.ndim() ? param.size(0) : 0);
 }
 
 namespace {
@@ -51,12 +56,27 @@ void AdamW::step(double lr) {
   const double bc2_sqrt = std::sqrt(1 - std::pow(cfg_.beta2, static_cast<double>(t_)));
   for (Slot& s : slots_) {
     const double wd = s.decay ? cfg_.weight_decay : 0.0;
-    if (s.param.dtype() == DType::F64) {
-      update(s.param.data<double>(), s.grad.data<double>(), s.m.data<double>(), s.v.data<double>(),
-             s.param.numel(), lr, wd, cfg_.beta1, cfg_.beta2, cfg_.eps, bc1, bc2_sqrt);
-    } else {
-      update(s.param.data<float>(), s.grad.data<float>(), s.m.data<double>(), s.v.data<double>(),
-             s.param.numel(), lr, wd, cfg_.beta1, cfg_.beta2, cfg_.eps, bc1, bc2_sqrt);
+    // Runs of rows between frozen ones (all rows when none is frozen).
+    const int64_t rows = s.param.ndim() ? s.param.size(0) : 1;
+    const int64_t row = rows ? s.param.numel() / rows : 0;
+    for (int64_t r0 = 0; r0 < rows;) {
+      if (std::find(s.frozen_rows.begin(), s.frozen_rows.end(), r0) != s.frozen_rows.end()) {
+        ++r0;
+        continue;
+      }
+      int64_t r1 = r0 + 1;
+      while (r1 < rows &&
+             std::find(s.frozen_rows.begin(), s.frozen_rows.end(), r1) == s.frozen_rows.end())
+        ++r1;
+      const int64_t at = r0 * row, n = (r1 - r0) * row;
+      if (s.param.dtype() == DType::F64) {
+        update(s.param.data<double>() + at, s.grad.data<double>() + at, s.m.data<double>() + at,
+               s.v.data<double>() + at, n, lr, wd, cfg_.beta1, cfg_.beta2, cfg_.eps, bc1, bc2_sqrt);
+      } else {
+        update(s.param.data<float>() + at, s.grad.data<float>() + at, s.m.data<double>() + at,
+               s.v.data<double>() + at, n, lr, wd, cfg_.beta1, cfg_.beta2, cfg_.eps, bc1, bc2_sqrt);
+      }
+      r0 = r1;
     }
   }
 }

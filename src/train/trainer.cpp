@@ -62,6 +62,7 @@ void to_json(nlohmann::json& j, const TrainConfig& c) {
        {"eps", c.eps},
        {"decay_all", c.decay_all},
        {"schedule", c.schedule},
+       {"only_experts", c.only_experts},
        {"clip", c.clip},
        {"eval_every", c.eval_every},
        {"eval_batches", c.eval_batches},
@@ -92,6 +93,7 @@ void from_json(const nlohmann::json& j, TrainConfig& c) {
     c.eps = merged["eps"];
     c.decay_all = merged["decay_all"];
     c.schedule = merged["schedule"];
+    c.only_experts = merged["only_experts"];
     c.clip = merged["clip"];
     c.eval_every = merged["eval_every"];
     c.eval_batches = merged["eval_batches"];
@@ -130,8 +132,17 @@ Rng Trainer::setup() {
   }
   opt_ = std::make_unique<AdamW>(
       AdamWConfig{cfg_.lr, cfg_.beta1, cfg_.beta2, cfg_.eps, cfg_.weight_decay});
-  for (NamedParam& p : model_->params())
-    opt_->add(p.name, p.value, p.grad, p.decay || cfg_.decay_all);
+  // Frozen tensors are left out of the optimizer (no update, no weight decay); frozen experts
+  // are rows of the routed tensors it skips.
+  for (NamedParam& p : model_->params()) {
+    if (frozen(p)) continue;
+    std::vector<int64_t> rows;
+    if (p.routed)
+      for (int64_t e : mcfg_.moe.frozen_experts)
+        if (e >= p.first_expert && e < p.first_expert + p.value.size(0))
+          rows.push_back(e - p.first_expert);
+    opt_->add(p.name, p.value, p.grad, p.decay || cfg_.decay_all, rows);
+  }
   const int64_t W = cfg_.seq_len + 1, local = cfg_.batch / ranks;
   full_batch_ = Tensor::empty({cfg_.batch, W}, DType::I32);
   batch_ = Tensor::view(full_batch_.data<int32_t>() + rank * local * W, {local, W}, DType::I32);
@@ -273,6 +284,9 @@ StepLog Trainer::train_step() {
     log.routed = &routed_;
   }
   reduce_gradients();
+  // Frozen tensors' gradients take no part (in the norm, the clip or the checks).
+  for (NamedParam& p : model_->params())
+    if (frozen(p)) p.grad.fill(0.0);
   if (gradient_hook_) gradient_hook_(*model_, log.step);
   // Gradient norm, with the guard: a non-finite gradient stops the step before any update (on
   // every rank, the one holding the tensor naming it).
@@ -423,6 +437,11 @@ std::vector<std::pair<std::string, Tensor>> Trainer::whole_params() {
   std::vector<std::pair<std::string, Tensor>> out;
   for (NamedParam& p : model_->params()) out.emplace_back(p.name, whole(p, p.value));
   return out;
+}
+
+bool Trainer::frozen(const NamedParam& p) const {
+  if (cfg_.only_experts) return !p.routed;
+  return mcfg_.moe.freeze_router && p.name.find(".moe.router.") != std::string::npos;
 }
 
 void Trainer::copy_from(Model& src) {

@@ -32,6 +32,8 @@ struct TrainArgs {
   std::string router;
   int64_t experts = 0, top_k = 0;
   double aux_coef = -1, z_coef = -1;
+  bool freeze_router = false;
+  std::vector<int64_t> freeze_experts;
   int threads = 0;
   int64_t sample = 300;
   TrainConfig train;
@@ -75,7 +77,9 @@ void apply_overrides(const TrainArgs& a, ModelConfig& mcfg) {
   if (!a.router.empty()) mcfg.moe.router = parse_router_kind(a.router);
   if (a.experts > 0) mcfg.moe.n_experts = a.experts;
   if (a.top_k > 0) mcfg.moe.top_k = a.top_k;
-  if (a.aux_coef >= 0) mcfg.moe.aux_loss_coef = a.aux_coef;
+  // A HuggingFace model's balancing loss is the joint one (ModelConfig::joint_aux_loss_coef).
+  if (a.aux_coef >= 0)
+    (mcfg.joint_aux_loss_coef > 0 ? mcfg.joint_aux_loss_coef : mcfg.moe.aux_loss_coef) = a.aux_coef;
   if (a.z_coef >= 0) mcfg.moe.z_loss_coef = a.z_coef;
   mcfg.validate();
 }
@@ -124,6 +128,10 @@ int run_train(TrainArgs& a) {
       }
     }
   }
+  // Fine-tuning switches: training choices, not the architecture.
+  mcfg.moe.freeze_router = mcfg.moe.freeze_router || a.freeze_router;
+  if (!a.freeze_experts.empty()) mcfg.moe.frozen_experts = a.freeze_experts;
+  mcfg.validate();
   std::unique_ptr<Trainer> made;
   Corpus corpus;
   if (!a.tokens.empty()) {
@@ -247,6 +255,14 @@ Run add_init(CLI::App& app) {
   cmd->add_option("--top-k", a->top_k, "override experts per token");
   cmd->add_option("--expert-ffn", *d_ffn, "override the experts' hidden width");
   cmd->add_option("--router", a->router, "override the MoE routing method");
+  cmd->add_flag("--freeze-router", a->freeze_router,
+                "fine-tuning: keep every router as it is (no gradient, no update)");
+  cmd->add_option("--freeze-experts", a->freeze_experts,
+                  "fine-tuning: keep these routed experts (of every MoE layer) as they are, e.g. "
+                  "0,3")
+      ->delimiter(',');
+  cmd->add_flag("--train-only-experts", a->train.only_experts,
+                "fine-tuning: update the routed experts only; everything else stays as it is");
   cmd->add_option("--seed", a->train.seed, "random seed")->capture_default_str();
   cmd->add_option("--out", a->out, "checkpoint folder to write")->required();
   cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
@@ -304,6 +320,14 @@ Run add_train(CLI::App& app) {
   cmd->add_option("--top-k", a->top_k, "override experts per token");
   cmd->add_option("--aux-coef", a->aux_coef, "override the load-balancing loss coefficient");
   cmd->add_option("--z-coef", a->z_coef, "override the router z-loss coefficient");
+  cmd->add_flag("--freeze-router", a->freeze_router,
+                "fine-tuning: keep every router as it is (no gradient, no update)");
+  cmd->add_option("--freeze-experts", a->freeze_experts,
+                  "fine-tuning: keep these routed experts (of every MoE layer) as they are, e.g. "
+                  "0,3")
+      ->delimiter(',');
+  cmd->add_flag("--train-only-experts", a->train.only_experts,
+                "fine-tuning: update the routed experts only; everything else stays as it is");
   cmd->add_option("--seed", a->train.seed, "random seed")->capture_default_str();
   cmd->add_option("--expert-parallel", a->train.expert_parallel,
                   "under mpirun -np P: split each MoE layer's experts over EP ranks (P / EP "
