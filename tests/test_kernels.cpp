@@ -1,5 +1,6 @@
 // Every CPU kernel against its naive reference (src/kernels/ref/ref.h), with edge shapes.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <vector>
@@ -39,7 +40,9 @@ TYPED_TEST(KernelTest, GemmMatchesReferenceForEveryTranspose) {
   using T = TypeParam;
   const double tol = sizeof(T) == 4 ? 2e-5 : 1e-13;
   Rng rng(1);
-  const int64_t shapes[][3] = {{1, 1, 1}, {7, 5, 3}, {33, 17, 65}, {1, 64, 9}, {64, 1, 31}};
+  // Besides small shapes, products of several tiles (256 x 256 of C; 1024 rows of a gemv).
+  const int64_t shapes[][3] = {{1, 1, 1},   {7, 5, 3},      {33, 17, 65}, {1, 64, 9},
+                               {64, 1, 31}, {300, 530, 19}, {1, 2100, 5}, {513, 3, 4}};
   for (const auto& s : shapes) {
     const int64_t m = s[0], n = s[1], k = s[2];
     for (int ta = 0; ta < 2; ++ta)
@@ -75,6 +78,43 @@ TEST(KernelTest, OneRowGemmIsTheSameOnAnyThreadCount) {
     }
     set_num_threads(0);
     EXPECT_EQ(c[0], c[1]) << "tb=" << tb;
+  }
+}
+
+// Every product: the same bits on 1 and 2 threads, and called from a thread of a parallel
+// region (as the MoE layer runs its experts) or not, for every transpose, on shapes smaller and
+// larger than a tile and cut unevenly by them (the BLAS's own threading would round the edges
+// of its pieces differently).
+TEST(KernelTest, GemmIsTheSameOnAnyThreadCount) {
+  Rng rng(4);
+  const int64_t shapes[][3] = {{64, 96, 64}, {37, 200, 64}, {600, 300, 70}, {130, 1000, 33}};
+  for (const auto& s : shapes) {
+    const int64_t m = s[0], n = s[1], k = s[2];
+    for (int ta = 0; ta < 2; ++ta)
+      for (int tb = 0; tb < 2; ++tb) {
+        const int64_t lda = ta ? m : k, ldb = tb ? k : n;
+        auto a = randn<float>(rng, m * k);
+        auto b = randn<float>(rng, k * n);
+        std::vector<float> c[3];
+        const auto run = [&](std::vector<float>& out) {
+          out.assign(static_cast<size_t>(m * n), 1.0f);
+          cpu::gemm<float>(ta, tb, m, n, k, 1.0f, a.data(), lda, b.data(), ldb, 0.5f, out.data(),
+                           n);
+        };
+        set_num_threads(1);
+        run(c[0]);
+        set_num_threads(2);
+        run(c[1]);
+#pragma omp parallel num_threads(2)
+        {
+          if (omp_get_thread_num() == 1) run(c[2]);
+        }
+        set_num_threads(0);
+        EXPECT_EQ(c[0], c[1]) << "m=" << m << " n=" << n << " k=" << k << " ta=" << ta
+                              << " tb=" << tb;
+        EXPECT_EQ(c[0], c[2]) << "in a parallel region: m=" << m << " n=" << n << " k=" << k
+                              << " ta=" << ta << " tb=" << tb;
+      }
   }
 }
 

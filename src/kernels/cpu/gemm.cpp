@@ -1,13 +1,25 @@
-// GEMM through OpenBLAS (its OpenMP build: single-threaded when called inside a parallel region).
+// GEMM through OpenBLAS, in tiles that make the bits independent of the thread count.
 #include <cblas.h>
 #include <omp.h>
+
+#include <algorithm>
 
 #include "moe/error.h"
 #include "moe/kernels.h"
 
 namespace moe::cpu {
 
+// Same bits whatever the thread count. OpenBLAS's OpenMP build threads a call made outside a
+// parallel region over omp_get_max_threads() threads, and where it cuts the product decides
+// which elements its edge kernels compute, with another order of the sums: the bits of a
+// product change with the thread count (and with the CPU's kernels). So OpenBLAS only ever runs
+// single-threaded here: a product is cut into tiles fixed by its shape alone, each tile one
+// single-threaded call, and the tiles are spread over the threads.
 namespace {
+
+constexpr int64_t kRowTile = 256, kColTile = 256;  // of C; gemv: rows of its matrix
+constexpr int64_t kGemvTile = 1024;
+
 blasint to_blas(int64_t v) { return static_cast<blasint>(v); }
 
 template <class T>
@@ -15,52 +27,102 @@ void scale(T* c, int64_t m, int64_t n, int64_t ldc, T beta) {
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
 }
+
+// Outside a parallel region OpenBLAS threads over omp_get_max_threads(); one thread while this
+// lives.
+class OneBlasThread {
+ public:
+  OneBlasThread() : saved_(omp_get_max_threads()) {
+    if (saved_ > 1) omp_set_num_threads(1);
+  }
+  ~OneBlasThread() {
+    if (saved_ > 1) omp_set_num_threads(saved_);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  int saved_;
+};
+
+// Runs tile(i0, i1, j0, j1) over the tiles of an m x n output, rows in blocks of rt and
+// columns of ct; each tile single-threaded in OpenBLAS.
+template <class Tile>
+void tiled(int64_t m, int64_t n, int64_t rt, int64_t ct, const Tile& tile) {
+  const int64_t tm = (m + rt - 1) / rt, tn = (n + ct - 1) / ct, tiles = tm * tn;
+  const auto run = [&](int64_t t) {
+    const int64_t bi = t / tn, bj = t % tn;
+    tile(bi * rt, std::min(m, (bi + 1) * rt), bj * ct, std::min(n, (bj + 1) * ct));
+  };
+  if (omp_in_parallel()) {  // a thread of a team: OpenBLAS runs single-threaded
+    for (int64_t t = 0; t < tiles; ++t) run(t);
+  } else if (tiles == 1 || omp_get_max_threads() == 1) {
+    const OneBlasThread one;
+    for (int64_t t = 0; t < tiles; ++t) run(t);
+  } else {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) run(t);
+  }
+}
+
+template <class T, class Gemm, class Gemv>
+void gemm_tiled(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc, Gemm blas_gemm,
+                Gemv blas_gemv) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) return scale(c, m, n, ldc, beta);
+  if (m == 1) {
+    // One row (decoding a token): a matrix-vector product streams B once, where GEMM would first
+    // pack all of it.
+    const int64_t inc_a = trans_a ? lda : 1;
+    if (trans_b) {  // B [n, k]: c = B a, in tiles of B's rows
+      tiled(n, 1, kGemvTile, 1, [&](int64_t j0, int64_t j1, int64_t, int64_t) {
+        blas_gemv(CblasRowMajor, CblasNoTrans, to_blas(j1 - j0), to_blas(k), alpha, b + j0 * ldb,
+                  to_blas(ldb), a, to_blas(inc_a), beta, c + j0, 1);
+      });
+      return;
+    }
+    // B [k, n]: c = B^T a, rows of B streamed in order, each thread owning a range of columns
+    // (every c_j summed in the same order whatever the thread count).
+#pragma omp parallel if (!omp_in_parallel())
+    {
+      const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+      const int64_t j0 = n * id / nt, j1 = n * (id + 1) / nt;
+      for (int64_t j = j0; j < j1; ++j) c[j] = beta == T(0) ? T(0) : beta * c[j];
+      for (int64_t i = 0; i < k; ++i) {
+        const T ai = alpha * a[i * inc_a];
+        const T* row = b + i * ldb;
+        for (int64_t j = j0; j < j1; ++j) c[j] += ai * row[j];
+      }
+    }
+    return;
+  }
+  tiled(m, n, kRowTile, kColTile, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    // op(A) rows i0..i1: A [m, k] rows, or A^T [k, m] columns; op(B) columns j0..j1 likewise.
+    const T* ta = trans_a ? a + i0 : a + i0 * lda;
+    const T* tb = trans_b ? b + j0 * ldb : b + j0;
+    blas_gemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+              trans_b ? CblasTrans : CblasNoTrans, to_blas(i1 - i0), to_blas(j1 - j0), to_blas(k),
+              alpha, ta, to_blas(lda), tb, to_blas(ldb), beta, c + i0 * ldc + j0, to_blas(ldc));
+  });
+}
+
 }  // namespace
 
 template <>
 void gemm<float>(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                  const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                  int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) return scale(c, m, n, ldc, beta);
-  if (m == 1) {
-    // One row (decoding a token): a matrix-vector product streams B once, where GEMM would first
-    // pack all of it. Each output is computed whole by one thread, so the bits do not depend on
-    // the thread count (OpenBLAS splits the sums of its transposed product across threads).
-    const int64_t inc_a = trans_a ? lda : 1;
-    if (trans_b) {  // B [n, k]: c = B a
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, to_blas(n), to_blas(k), alpha, b, to_blas(ldb), a,
-                  to_blas(inc_a), beta, c, 1);
-      return;
-    }
-    // B [k, n]: c = B^T a, rows of B streamed in order, each thread owning a range of columns.
-#pragma omp parallel
-    {
-      const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-      const int64_t j0 = n * id / nt, j1 = n * (id + 1) / nt;
-      for (int64_t j = j0; j < j1; ++j) c[j] = beta == 0.0f ? 0.0f : beta * c[j];
-      for (int64_t i = 0; i < k; ++i) {
-        const float ai = alpha * a[i * inc_a];
-        const float* row = b + i * ldb;
-        for (int64_t j = j0; j < j1; ++j) c[j] += ai * row[j];
-      }
-    }
-    return;
-  }
-  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-              trans_b ? CblasTrans : CblasNoTrans, to_blas(m), to_blas(n), to_blas(k), alpha, a,
-              to_blas(lda), b, to_blas(ldb), beta, c, to_blas(ldc));
+  gemm_tiled(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, cblas_sgemm,
+             cblas_sgemv);
 }
 
 template <>
 void gemm<double>(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
                   const double* a, int64_t lda, const double* b, int64_t ldb, double beta,
                   double* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) return scale(c, m, n, ldc, beta);
-  cblas_dgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-              trans_b ? CblasTrans : CblasNoTrans, to_blas(m), to_blas(n), to_blas(k), alpha, a,
-              to_blas(lda), b, to_blas(ldb), beta, c, to_blas(ldc));
+  gemm_tiled(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, cblas_dgemm,
+             cblas_dgemv);
 }
 
 }  // namespace moe::cpu
