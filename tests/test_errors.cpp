@@ -1,9 +1,12 @@
 // Bad configurations and bad inputs give a clear moe::Error, never a crash.
 #include <gtest/gtest.h>
 
+#include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
 
+#include "moe/json_read.h"
+#include "moe/trainer.h"
 #include "moe_test_util.h"
 
 namespace moe {
@@ -116,8 +119,64 @@ TEST(Errors, ConfigJson) {
   expect_error([&] { (void)j.get<MoeConfig>(); }, "unknown expert activation 'tanh'");
   j["act"] = "relu";
   j["top_k"] = "two";
-  expect_error([&] { (void)j.get<MoeConfig>(); }, "[moe.config] bad value");
+  expect_error([&] { (void)j.get<MoeConfig>(); }, "[moe.config] 'top_k' must be an integer");
   expect_error([] { (void)nlohmann::json::array().get<MoeConfig>(); }, "expected a JSON object");
+}
+
+// A number where the file needs another kind is refused by name, never converted: a float
+// too large for an integer (casting it would be undefined behaviour), an integer too large
+// for its field, a number where a flag belongs, and each of these inside a list.
+TEST(Errors, NumbersOfTheWrongKind) {
+  const auto ours = [](const std::string& key, const std::string& value) {
+    return fmt::format(R"({{"moe_cpp": {{"vocab_size": 64, "d_model": 16, "n_layers": 1,
+        "n_heads": 2, "d_ffn": 32, "max_seq_len": 32, {}: {}}}}})",
+                       key, value);
+  };
+  const auto parse = [](const std::string& text) {
+    (void)parse_checkpoint_config(text, "config.json");
+  };
+  EXPECT_NO_THROW(parse(ours("\"n_kv_heads\"", "2")));
+  expect_error([&] { parse(ours("\"n_kv_heads\"", "4.22222e+102")); },
+               "'n_kv_heads' must be an integer, not 4.22222e+102");
+  expect_error([&] { parse(ours("\"n_kv_heads\"", "2.0")); },
+               "'n_kv_heads' must be an integer, not 2.0");
+  expect_error([&] { parse(ours("\"n_kv_heads\"", "-1e300")); }, "must be an integer");
+  expect_error([&] { parse(ours("\"tie_embeddings\"", "1")); },
+               "'tie_embeddings' must be true or false, not 1");
+  expect_error([&] { parse(ours("\"dense_layers\"", "[0, 1e200]")); },
+               "'dense_layers[1]' must be an integer, not 1e+200");
+  expect_error([&] { parse(ours("\"moe\"", R"({"top_k": 1e30})")); },
+               "[moe.config] 'top_k' must be an integer");
+  expect_error([&] { parse(ours("\"moe\"", R"({"frozen_experts": [1.5]})")); },
+               "'frozen_experts[0]' must be an integer, not 1.5");
+
+  // A HuggingFace config.json (Mixtral's own reader and the common one).
+  nlohmann::json hf = {
+      {"model_type", "mixtral"},       {"vocab_size", 64},         {"hidden_size", 16},
+      {"num_hidden_layers", 1},        {"num_attention_heads", 2}, {"intermediate_size", 32},
+      {"num_local_experts", 4},        {"num_experts_per_tok", 2}, {"max_position_embeddings", 32},
+      {"num_key_value_heads", 4.2e102}};
+  expect_error([&] { parse(hf.dump()); }, "'num_key_value_heads' must be an integer");
+  hf["num_key_value_heads"] = 2;
+  EXPECT_NO_THROW(parse(hf.dump()));
+  hf["num_local_experts"] = 1e20;
+  expect_error([&] { parse(hf.dump()); }, "'num_local_experts' must be an integer");
+  std::ifstream f(std::string(MOE_TEST_FIXTURES) + "/hf/qwen3_moe/config.json");
+  nlohmann::json qwen = nlohmann::json::parse(f);
+  EXPECT_NO_THROW(parse(qwen.dump()));
+  qwen["mlp_only_layers"] = {0.5};
+  expect_error([&] { parse(qwen.dump()); }, "'mlp_only_layers[0]' must be an integer");
+
+  // An integer beyond its C++ type, and a train config with a float where a count belongs.
+  expect_error([] { (void)json_as<int32_t>(nlohmann::json(int64_t{1} << 40), "t", "id"); },
+               "'id' = 1099511627776 is out of range");
+  expect_error([] { (void)json_as<uint32_t>(nlohmann::json(-1), "t", "crc32"); },
+               "'crc32' = -1 is out of range");
+  expect_error(
+      [] {
+        (void)nlohmann::json{{"batch", 1e99}}.get<TrainConfig>();
+      },
+      "[train.config] 'batch' must be an integer");
 }
 
 }  // namespace moe

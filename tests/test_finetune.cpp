@@ -228,6 +228,65 @@ TEST(HfFinetuneSwitches, FrozenTensorsComeOutBitIdentical) {
   }
 }
 
+// Fine-tuning reads the text through the checkpoint's own tokenizer: a folder with
+// tokenizer.json yields it, the training stream holds its ids (between <bos> and <eos> where it
+// has them), a tokenizer with ids beyond the model's vocabulary is refused, and the sample is
+// decoded through it.
+TEST(HfFinetuneText, ReadsTheTextThroughTheCheckpointsTokenizer) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::path(::testing::TempDir()) / "moe_finetune_tokenizer";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  for (const char* f : {"config.json", "model.safetensors"})
+    fs::copy_file(hf_fixture("qwen3_moe") + "/" + f, dir / f);
+  EXPECT_EQ(checkpoint_tokenizer(dir.string()), nullptr);  // bytes
+  fs::copy_file(std::string(MOE_TEST_FIXTURES) + "/tokenizers/bytelevel_bpe/tokenizer.json",
+                dir / "tokenizer.json");
+  const std::unique_ptr<Tokenizer> tok = checkpoint_tokenizer(dir.string());
+  ASSERT_NE(tok, nullptr);
+
+  Corpus corpus;
+  corpus.languages = {"text"};
+  const char* const words[] = {"the", "router",  "sends", "each",     "token", "to",  "a",
+                               "few", "experts", "and",   "balances", "their", "load"};
+  for (int d = 0; d < 60; ++d) {
+    std::string text;
+    for (int w = 0; w < 12 + d % 7; ++w)
+      text += std::string(w ? " " : "") + words[(d * 5 + w * 3) % 13];
+    corpus.docs.push_back({text, 0});
+  }
+  TrainConfig tc;
+  tc.batch = 2;
+  tc.seq_len = 16;
+  tc.steps = 2;
+  tc.eval_every = 0;
+  tc.eval_batches = 1;
+  // The fixture's vocabulary (320) is smaller than the tokenizer's (3000).
+  const std::unique_ptr<Model> qwen = load_model(dir.string());
+  try {
+    Trainer t(qwen->config(), tc, corpus, tok.get());
+    ADD_FAILURE() << "a tokenizer beyond the vocabulary was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("outside the model's vocabulary [0, 320)"),
+              std::string::npos)
+        << e.what();
+  }
+
+  ModelConfig mc = model_preset("tiny");
+  mc.vocab_size = tok->vocab_size();
+  Trainer trainer(mc, tc, corpus, tok.get());
+  size_t want = 0;
+  for (size_t i = 0; i < corpus.docs.size(); ++i)
+    if (i % static_cast<size_t>(tc.val_every) != static_cast<size_t>(tc.val_every) - 1)
+      want += tok->encode(corpus.docs[i].text).size() + (tok->bos_id() ? 1 : 0) +
+              (tok->eos_id() ? 1 : 0);
+  EXPECT_EQ(static_cast<size_t>(trainer.train_tokens()), want);
+  for (int s = 0; s < 2; ++s) EXPECT_TRUE(std::isfinite(trainer.train_step().loss));
+  // The sample starts from the tokenizer's <bos> (or <eos>) and is decoded through it.
+  EXPECT_NO_THROW((void)trainer.sample("the router", 8, 1e-9, 1));
+  fs::remove_all(dir);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfFinetune,
                          ::testing::Values("mixtral", "mixtral_top1_e4", "qwen2_moe", "qwen3_moe",
                                            "olmoe", "deepseek_v2", "deepseek_v3"));

@@ -82,6 +82,8 @@ struct ModelConfig {
   // The rotated width of a query or key head.
   int64_t rope_dim() const { return mla() ? qk_rope_dim : head_size(); }
   bool is_moe_layer(int64_t i) const;
+  // The longest T of the training sequences of T + 1 tokens (transformers_loss runs all of them).
+  int64_t max_train_len() const { return transformers_loss ? max_seq_len - 1 : max_seq_len; }
   // True when the model uses any of the variants above (LayerNorm, qkv biases, q/k norms,
   // clipping, a sliding window, latent attention or interleaved rotary pairs).
   bool uses_variants() const;

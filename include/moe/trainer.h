@@ -13,6 +13,7 @@
 #include "moe/hf.h"
 #include "moe/model.h"
 #include "moe/optimizer.h"
+#include "moe/tokenizer.h"
 
 namespace moe {
 
@@ -69,8 +70,10 @@ struct StepLog {
 
 class Trainer {
  public:
-  // Builds the model (initialized from cfg.seed) and splits the corpus.
-  Trainer(const ModelConfig& model, const TrainConfig& cfg, const Corpus& corpus);
+  // Builds the model (initialized from cfg.seed) and splits the corpus. The text is read through
+  // `tok` (a checkpoint's own tokenizer, which must outlive the trainer), or as bytes when null.
+  Trainer(const ModelConfig& model, const TrainConfig& cfg, const Corpus& corpus,
+          const Tokenizer* tok = nullptr);
   // Trains on one fixed batch of token sequences (equal lengths; every step uses all of them,
   // and validation is the loss on the same batch). cfg's batch and seq_len are taken from it.
   Trainer(const ModelConfig& model, const TrainConfig& cfg,
@@ -152,11 +155,15 @@ class Trainer {
   Tensor full_batch_;  // [batch, T + 1]: the global batch, as one process would draw it
   Tensor batch_;       // this rank's rows of it (all of it in one process)
   std::unique_ptr<HfOrigin> hf_origin_;  // set_hf_origin
+  const Tokenizer* tok_ = nullptr;       // the text's tokenizer (null: bytes)
   int64_t step_ = 0;
 };
 
 // The checkpoint folder `dir` names: itself, or the one its `latest` file points at.
 std::string resolve_checkpoint(const std::string& dir);
+// The tokenizer a checkpoint ships (tokenizer.json or tokenizer.model in its folder), or null when
+// it has none: this engine's models read bytes.
+std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& dir);
 // Writes config.json and model.safetensors of `model` into folder `dir` (created), each
 // atomically: Mixtral's layout and config when the model is a Mixtral (with this engine's config
 // under "moe_cpp"), else this engine's names.

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "moe/hf.h"
+#include "moe/json_read.h"
 
 namespace moe {
 
@@ -90,7 +91,7 @@ void qwen_like_moe(const json& j, ModelConfig& c) {
   c.moe.renormalize = bool_or(j, "norm_topk_prob", false);
   c.moe_every = int_or(j, "decoder_sparse_step", 1);
   if (j.contains("mlp_only_layers") && j["mlp_only_layers"].is_array())
-    c.dense_layers = j["mlp_only_layers"].get<std::vector<int64_t>>();
+    c.dense_layers = json_as<std::vector<int64_t>>(j["mlp_only_layers"], kWhere, "mlp_only_layers");
   MOE_CHECK(!bool_or(j, "use_sliding_window", false), kWhere,
             "Qwen's per-layer sliding window (use_sliding_window) is not supported yet");
 }

@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moe/hf.h"
+#include "moe/json_read.h"
 
 namespace moe {
 
@@ -51,27 +52,28 @@ ModelConfig config_from_mixtral(const nlohmann::json& j) {
     MOE_CHECK(j.value("model_type", std::string()) == "mixtral", "hf",
               "model_type is '{}', not mixtral", j.value("model_type", std::string()));
     ModelConfig c;
-    c.vocab_size = j.at("vocab_size").get<int64_t>();
-    c.d_model = j.at("hidden_size").get<int64_t>();
-    c.n_layers = j.at("num_hidden_layers").get<int64_t>();
-    c.n_heads = j.at("num_attention_heads").get<int64_t>();
-    c.n_kv_heads = j.value("num_key_value_heads", c.n_heads);
-    if (j.contains("head_dim") && !j["head_dim"].is_null()) c.head_dim = j["head_dim"];
-    c.max_seq_len = j.value("max_position_embeddings", int64_t{4096});
-    c.norm_eps = j.value("rms_norm_eps", 1e-5);
+    c.vocab_size = json_at<int64_t>(j, "vocab_size", "hf");
+    c.d_model = json_at<int64_t>(j, "hidden_size", "hf");
+    c.n_layers = json_at<int64_t>(j, "num_hidden_layers", "hf");
+    c.n_heads = json_at<int64_t>(j, "num_attention_heads", "hf");
+    c.n_kv_heads = json_value(j, "num_key_value_heads", c.n_heads, "hf");
+    if (j.contains("head_dim") && !j["head_dim"].is_null())
+      c.head_dim = json_at<int64_t>(j, "head_dim", "hf");
+    c.max_seq_len = json_value(j, "max_position_embeddings", int64_t{4096}, "hf");
+    c.norm_eps = json_value(j, "rms_norm_eps", 1e-5, "hf");
     if (j.contains("rope_parameters") && j["rope_parameters"].contains("rope_theta")) {
-      c.rope_theta = j["rope_parameters"]["rope_theta"].get<double>();
+      c.rope_theta = json_at<double>(j["rope_parameters"], "rope_theta", "hf");
     } else {
-      c.rope_theta = j.value("rope_theta", 1e6);
+      c.rope_theta = json_value(j, "rope_theta", 1e6, "hf");
     }
-    c.tie_embeddings = j.value("tie_word_embeddings", false);
+    c.tie_embeddings = json_value(j, "tie_word_embeddings", false, "hf");
     c.moe.d_model = c.d_model;
-    c.moe.d_ffn = j.at("intermediate_size").get<int64_t>();
-    c.moe.n_experts = j.at("num_local_experts").get<int64_t>();
-    c.moe.top_k = j.at("num_experts_per_tok").get<int64_t>();
+    c.moe.d_ffn = json_at<int64_t>(j, "intermediate_size", "hf");
+    c.moe.n_experts = json_at<int64_t>(j, "num_local_experts", "hf");
+    c.moe.top_k = json_at<int64_t>(j, "num_experts_per_tok", "hf");
     // transformers' balancing loss, over all layers together.
     c.moe.aux_loss_coef = 0;
-    c.joint_aux_loss_coef = j.value("router_aux_loss_coef", 0.0);
+    c.joint_aux_loss_coef = json_value(j, "router_aux_loss_coef", 0.0, "hf");
     c.moe.z_loss_coef = 0;
     c.d_ffn = c.moe.d_ffn;
     c.transformers_loss = true;

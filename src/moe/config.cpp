@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moe/error.h"
+#include "moe/json_read.h"
 #include "moe/moe_config.h"
 
 namespace moe {
@@ -226,34 +227,35 @@ void from_json(const nlohmann::json& j, MoeConfig& c) {
     MOE_CHECK(defaults.contains(key), "moe.config", "unknown key '{}'", key);
   try {
     c = MoeConfig{};
-    c.d_model = j.value("d_model", c.d_model);
-    c.d_ffn = j.value("d_ffn", c.d_ffn);
-    c.n_experts = j.value("n_experts", c.n_experts);
-    c.top_k = j.value("top_k", c.top_k);
-    c.act = parse_expert_act(j.value("act", std::string(to_string(c.act))));
-    c.expert_bias = j.value("expert_bias", c.expert_bias);
-    c.renormalize = j.value("renormalize", c.renormalize);
-    c.n_shared = j.value("n_shared", c.n_shared);
-    c.d_shared_ffn = j.value("d_shared_ffn", c.d_shared_ffn);
-    c.shared_gate = j.value("shared_gate", c.shared_gate);
-    c.capacity_factor = j.value("capacity_factor", c.capacity_factor);
-    c.drop_policy = parse_drop_policy(j.value("drop_policy", std::string("position")));
-    c.aux_loss_coef = j.value("aux_loss_coef", c.aux_loss_coef);
-    c.z_loss_coef = j.value("z_loss_coef", c.z_loss_coef);
-    c.router = parse_router_kind(j.value("router", std::string("topk")));
-    c.jitter_eps = j.value("jitter_eps", c.jitter_eps);
-    c.explore_prob = j.value("explore_prob", c.explore_prob);
-    c.freeze_router = j.value("freeze_router", c.freeze_router);
-    c.frozen_experts = j.value("frozen_experts", c.frozen_experts);
-    c.capacity_group = j.value("capacity_group", c.capacity_group);
-    c.seq_len = j.value("seq_len", c.seq_len);
-    c.hme_groups = j.value("hme_groups", c.hme_groups);
-    c.hme_group_k = j.value("hme_group_k", c.hme_group_k);
-    c.hme_expert_k = j.value("hme_expert_k", c.hme_expert_k);
-    c.n_group = j.value("n_group", c.n_group);
-    c.topk_group = j.value("topk_group", c.topk_group);
-    c.routed_scaling_factor = j.value("routed_scaling_factor", c.routed_scaling_factor);
-    c.bias_update_rate = j.value("bias_update_rate", c.bias_update_rate);
+    json_into(j, "d_model", c.d_model, "moe.config");
+    json_into(j, "d_ffn", c.d_ffn, "moe.config");
+    json_into(j, "n_experts", c.n_experts, "moe.config");
+    json_into(j, "top_k", c.top_k, "moe.config");
+    c.act = parse_expert_act(json_value(j, "act", std::string(to_string(c.act)), "moe.config"));
+    json_into(j, "expert_bias", c.expert_bias, "moe.config");
+    json_into(j, "renormalize", c.renormalize, "moe.config");
+    json_into(j, "n_shared", c.n_shared, "moe.config");
+    json_into(j, "d_shared_ffn", c.d_shared_ffn, "moe.config");
+    json_into(j, "shared_gate", c.shared_gate, "moe.config");
+    json_into(j, "capacity_factor", c.capacity_factor, "moe.config");
+    c.drop_policy =
+        parse_drop_policy(json_value(j, "drop_policy", std::string("position"), "moe.config"));
+    json_into(j, "aux_loss_coef", c.aux_loss_coef, "moe.config");
+    json_into(j, "z_loss_coef", c.z_loss_coef, "moe.config");
+    c.router = parse_router_kind(json_value(j, "router", std::string("topk"), "moe.config"));
+    json_into(j, "jitter_eps", c.jitter_eps, "moe.config");
+    json_into(j, "explore_prob", c.explore_prob, "moe.config");
+    json_into(j, "freeze_router", c.freeze_router, "moe.config");
+    json_into(j, "frozen_experts", c.frozen_experts, "moe.config");
+    json_into(j, "capacity_group", c.capacity_group, "moe.config");
+    json_into(j, "seq_len", c.seq_len, "moe.config");
+    json_into(j, "hme_groups", c.hme_groups, "moe.config");
+    json_into(j, "hme_group_k", c.hme_group_k, "moe.config");
+    json_into(j, "hme_expert_k", c.hme_expert_k, "moe.config");
+    json_into(j, "n_group", c.n_group, "moe.config");
+    json_into(j, "topk_group", c.topk_group, "moe.config");
+    json_into(j, "routed_scaling_factor", c.routed_scaling_factor, "moe.config");
+    json_into(j, "bias_update_rate", c.bias_update_rate, "moe.config");
   } catch (const nlohmann::json::exception& e) {
     throw_error("moe.config", fmt::format("bad value: {}", e.what()));
   }

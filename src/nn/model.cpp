@@ -9,6 +9,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
+#include "moe/json_read.h"
 #include "moe/kernels.h"
 #include "nn/layers.h"
 #include "nn/model_impl.h"
@@ -160,45 +161,45 @@ void from_json(const nlohmann::json& j, ModelConfig& c) {
   }
   try {
     c = ModelConfig{};
-    c.vocab_size = j.value("vocab_size", c.vocab_size);
-    c.d_model = j.value("d_model", c.d_model);
-    c.n_layers = j.value("n_layers", c.n_layers);
-    c.n_heads = j.value("n_heads", c.n_heads);
-    c.n_kv_heads = j.value("n_kv_heads", c.n_heads);
-    c.head_dim = j.value("head_dim", c.head_dim);
-    c.d_ffn = j.value("d_ffn", c.d_ffn);
-    c.max_seq_len = j.value("max_seq_len", c.max_seq_len);
-    c.rope_theta = j.value("rope_theta", c.rope_theta);
-    c.norm_eps = j.value("norm_eps", c.norm_eps);
-    c.tie_embeddings = j.value("tie_embeddings", c.tie_embeddings);
-    c.moe_every = j.value("moe_every", c.moe_every);
-    c.first_dense = j.value("first_dense", c.first_dense);
-    c.init_std = j.value("init_std", c.init_std);
+    json_into(j, "vocab_size", c.vocab_size, "model.config");
+    json_into(j, "d_model", c.d_model, "model.config");
+    json_into(j, "n_layers", c.n_layers, "model.config");
+    json_into(j, "n_heads", c.n_heads, "model.config");
+    c.n_kv_heads = json_value(j, "n_kv_heads", c.n_heads, "model.config");
+    json_into(j, "head_dim", c.head_dim, "model.config");
+    json_into(j, "d_ffn", c.d_ffn, "model.config");
+    json_into(j, "max_seq_len", c.max_seq_len, "model.config");
+    json_into(j, "rope_theta", c.rope_theta, "model.config");
+    json_into(j, "norm_eps", c.norm_eps, "model.config");
+    json_into(j, "tie_embeddings", c.tie_embeddings, "model.config");
+    json_into(j, "moe_every", c.moe_every, "model.config");
+    json_into(j, "first_dense", c.first_dense, "model.config");
+    json_into(j, "init_std", c.init_std, "model.config");
     if (j.contains("moe")) c.moe = j.at("moe").get<MoeConfig>();
-    c.dense_layers = j.value("dense_layers", c.dense_layers);
+    json_into(j, "dense_layers", c.dense_layers, "model.config");
     if (j.contains("norm")) {
-      const std::string n = j.at("norm").get<std::string>();
+      const auto n = json_at<std::string>(j, "norm", "model.config");
       MOE_CHECK(n == "rms" || n == "layer", "model.config", "norm must be rms or layer, got '{}'",
                 n);
       c.norm = j.at("norm").get<NormKind>();
     }
     if (j.contains("qk_norm")) {
-      const std::string n = j.at("qk_norm").get<std::string>();
+      const auto n = json_at<std::string>(j, "qk_norm", "model.config");
       MOE_CHECK(n == "none" || n == "head" || n == "full", "model.config",
                 "qk_norm must be none, head or full, got '{}'", n);
       c.qk_norm = j.at("qk_norm").get<QkNorm>();
     }
-    c.qkv_bias = j.value("qkv_bias", c.qkv_bias);
-    c.clip_qkv = j.value("clip_qkv", c.clip_qkv);
-    c.sliding_window = j.value("sliding_window", c.sliding_window);
-    c.q_lora_rank = j.value("q_lora_rank", c.q_lora_rank);
-    c.kv_lora_rank = j.value("kv_lora_rank", c.kv_lora_rank);
-    c.qk_nope_dim = j.value("qk_nope_dim", c.qk_nope_dim);
-    c.qk_rope_dim = j.value("qk_rope_dim", c.qk_rope_dim);
-    c.v_head_dim = j.value("v_head_dim", c.v_head_dim);
-    c.rope_interleave = j.value("rope_interleave", c.rope_interleave);
-    c.joint_aux_loss_coef = j.value("joint_aux_loss_coef", c.joint_aux_loss_coef);
-    c.transformers_loss = j.value("transformers_loss", c.transformers_loss);
+    json_into(j, "qkv_bias", c.qkv_bias, "model.config");
+    json_into(j, "clip_qkv", c.clip_qkv, "model.config");
+    json_into(j, "sliding_window", c.sliding_window, "model.config");
+    json_into(j, "q_lora_rank", c.q_lora_rank, "model.config");
+    json_into(j, "kv_lora_rank", c.kv_lora_rank, "model.config");
+    json_into(j, "qk_nope_dim", c.qk_nope_dim, "model.config");
+    json_into(j, "qk_rope_dim", c.qk_rope_dim, "model.config");
+    json_into(j, "v_head_dim", c.v_head_dim, "model.config");
+    json_into(j, "rope_interleave", c.rope_interleave, "model.config");
+    json_into(j, "joint_aux_loss_coef", c.joint_aux_loss_coef, "model.config");
+    json_into(j, "transformers_loss", c.transformers_loss, "model.config");
   } catch (const nlohmann::json::exception& e) {
     throw_error("model.config", fmt::format("bad value: {}", e.what()));
   }

@@ -7,8 +7,10 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "moe/hf.h"
+#include "moe/json_read.h"
 #include "moe/safetensors.h"
 
 namespace moe {
@@ -78,30 +80,29 @@ void from_json(const nlohmann::json& j, TrainConfig& c) {
   for (const auto& [key, value] : j.items())
     MOE_CHECK(defaults.contains(key), "train.config", "unknown key '{}'", key);
   try {
-    nlohmann::json merged = defaults;
-    merged.update(j);
-    c.batch = merged["batch"];
-    c.seq_len = merged["seq_len"];
-    c.steps = merged["steps"];
-    c.grad_accum = merged["grad_accum"];
-    c.lr = merged["lr"];
-    c.min_lr = merged["min_lr"];
-    c.warmup = merged["warmup"];
-    c.weight_decay = merged["weight_decay"];
-    c.beta1 = merged["beta1"];
-    c.beta2 = merged["beta2"];
-    c.eps = merged["eps"];
-    c.decay_all = merged["decay_all"];
-    c.schedule = merged["schedule"];
-    c.only_experts = merged["only_experts"];
-    c.clip = merged["clip"];
-    c.eval_every = merged["eval_every"];
-    c.eval_batches = merged["eval_batches"];
-    c.save_every = merged["save_every"];
-    c.keep = merged["keep"];
-    c.val_every = merged["val_every"];
-    c.seed = merged["seed"];
-    c.expert_parallel = merged["expert_parallel"];
+    c = TrainConfig{};
+    json_into(j, "batch", c.batch, "train.config");
+    json_into(j, "seq_len", c.seq_len, "train.config");
+    json_into(j, "steps", c.steps, "train.config");
+    json_into(j, "grad_accum", c.grad_accum, "train.config");
+    json_into(j, "lr", c.lr, "train.config");
+    json_into(j, "min_lr", c.min_lr, "train.config");
+    json_into(j, "warmup", c.warmup, "train.config");
+    json_into(j, "weight_decay", c.weight_decay, "train.config");
+    json_into(j, "beta1", c.beta1, "train.config");
+    json_into(j, "beta2", c.beta2, "train.config");
+    json_into(j, "eps", c.eps, "train.config");
+    json_into(j, "decay_all", c.decay_all, "train.config");
+    json_into(j, "schedule", c.schedule, "train.config");
+    json_into(j, "only_experts", c.only_experts, "train.config");
+    json_into(j, "clip", c.clip, "train.config");
+    json_into(j, "eval_every", c.eval_every, "train.config");
+    json_into(j, "eval_batches", c.eval_batches, "train.config");
+    json_into(j, "save_every", c.save_every, "train.config");
+    json_into(j, "keep", c.keep, "train.config");
+    json_into(j, "val_every", c.val_every, "train.config");
+    json_into(j, "seed", c.seed, "train.config");
+    json_into(j, "expert_parallel", c.expert_parallel, "train.config");
   } catch (const nlohmann::json::exception& e) {
     throw_error("train.config", fmt::format("bad value: {}", e.what()));
   }
@@ -112,8 +113,11 @@ void from_json(const nlohmann::json& j, TrainConfig& c) {
 
 Rng Trainer::setup() {
   cfg_.validate();
-  MOE_CHECK(cfg_.seq_len <= mcfg_.max_seq_len, "train",
-            "seq_len {} exceeds the model's max_seq_len {}", cfg_.seq_len, mcfg_.max_seq_len);
+  MOE_CHECK(cfg_.seq_len <= mcfg_.max_train_len(), "train",
+            "seq_len {} exceeds the model's max_seq_len {}{}", cfg_.seq_len, mcfg_.max_seq_len,
+            mcfg_.transformers_loss
+                ? " less one (transformers' loss also runs the window's last token)"
+                : "");
   model_ = std::make_unique<Model>(mcfg_, DType::F32);
   Rng rng(cfg_.seed);
   model_->init(rng);
@@ -171,13 +175,22 @@ Trainer::Trainer(const ModelConfig& model, const TrainConfig& cfg,
               full_batch_.data<int32_t>() + static_cast<int64_t>(b) * (cfg_.seq_len + 1));
 }
 
-Trainer::Trainer(const ModelConfig& model, const TrainConfig& cfg, const Corpus& corpus)
-    : mcfg_(model), cfg_(cfg) {
-  MOE_CHECK(mcfg_.vocab_size >= ByteTokenizer::kVocabSize, "train",
+Trainer::Trainer(const ModelConfig& model, const TrainConfig& cfg, const Corpus& corpus,
+                 const Tokenizer* tok)
+    : mcfg_(model), cfg_(cfg), tok_(tok) {
+  MOE_CHECK(tok || mcfg_.vocab_size >= ByteTokenizer::kVocabSize, "train",
             "the byte tokenizer needs vocab_size >= {}, the model has {}",
             ByteTokenizer::kVocabSize, mcfg_.vocab_size);
   Rng rng = setup();
-  split_corpus(corpus, cfg_.val_every, train_, val_);
+  split_corpus(corpus, cfg_.val_every, train_, val_, tok);
+  if (tok) {
+    // A tokenizer may know more ids than the model's embedding holds (added tokens).
+    for (const TokenStream* s : {&train_, &val_})
+      for (int32_t id : s->ids)
+        MOE_CHECK(id >= 0 && id < mcfg_.vocab_size, "train",
+                  "the tokenizer gives id {}, outside the model's vocabulary [0, {})", id,
+                  mcfg_.vocab_size);
+  }
   const auto window = static_cast<size_t>(cfg_.seq_len + 1);
   if (val_.ids.size() <= window) {
     // Too few documents to hold some out: validate on the last tenth of the text instead.
@@ -369,7 +382,8 @@ nlohmann::json rng_json(const Rng& r) {
 
 void rng_from_json(const nlohmann::json& j, Rng& r) {
   RngState s{};
-  for (int i = 0; i < 4; ++i) s.s[i] = j.at("s").at(static_cast<size_t>(i)).get<uint64_t>();
+  for (int i = 0; i < 4; ++i)
+    s.s[i] = json_as<uint64_t>(j.at("s").at(static_cast<size_t>(i)), "checkpoint", "s");
   s.has_spare = j.at("has_spare").get<bool>();
   s.spare = j.at("spare").get<double>();
   r.set_state(s);
@@ -564,6 +578,13 @@ WindowLoss window_loss(Model& model, const TokenStream& text, int64_t seq_len, i
   return out;
 }
 
+std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& dir) {
+  const fs::path ckpt = resolve_checkpoint(dir);
+  if (fs::exists(ckpt / "tokenizer.json") || fs::exists(ckpt / "tokenizer.model"))
+    return load_tokenizer(ckpt.string());
+  return nullptr;
+}
+
 std::string resolve_checkpoint(const std::string& dir) {
   fs::path ckpt(dir);
   if (fs::exists(ckpt / "latest")) {
@@ -656,17 +677,19 @@ void verify_checkpoint_files(const std::string& dir) {
   if (!state.contains("files") || !state["files"].is_object()) return;  // older checkpoints
   for (const auto& [file, want] : state["files"].items()) {
     const fs::path path = ckpt / file;
-    MOE_CHECK(want.is_object() && want.value("bytes", -1) >= 0 && want.contains("crc32"),
-              "checkpoint", "{}: bad record of {}", (ckpt / "trainer_state.json").string(), file);
+    MOE_CHECK(want.is_object(), "checkpoint", "{}: bad record of {}",
+              (ckpt / "trainer_state.json").string(), file);
+    const auto want_bytes = json_at<uint64_t>(want, "bytes", "checkpoint");
+    const auto want_crc = json_at<uint32_t>(want, "crc32", "checkpoint");
     MOE_CHECK(fs::exists(path), "checkpoint", "{} is missing: the checkpoint is damaged",
               path.string());
     const FileCheck got = check_file(path.string());
-    MOE_CHECK(got.bytes == want["bytes"].get<uint64_t>(), "checkpoint",
+    MOE_CHECK(got.bytes == want_bytes, "checkpoint",
               "{} has {} bytes, {} were written: the file is truncated or damaged", path.string(),
-              got.bytes, want["bytes"].get<uint64_t>());
-    MOE_CHECK(got.crc32 == want["crc32"].get<uint32_t>(), "checkpoint",
+              got.bytes, want_bytes);
+    MOE_CHECK(got.crc32 == want_crc, "checkpoint",
               "{} is corrupted: its CRC-32 is {:08x}, {:08x} was written", path.string(), got.crc32,
-              want["crc32"].get<uint32_t>());
+              want_crc);
   }
 }
 
@@ -691,7 +714,7 @@ void Trainer::resume(const std::string& dir) {
   nlohmann::json state;
   try {
     state = nlohmann::json::parse(f);
-    step_ = state.at("step").get<int64_t>();
+    step_ = json_at<int64_t>(state, "step", "checkpoint");
     if (sampler_) rng_from_json(state.at("data_rng"), sampler_->rng());
     const std::vector<MoeLayer*>& layers = model_->moe_layers();
     const auto& ls = state.at("moe_layers");
@@ -700,7 +723,7 @@ void Trainer::resume(const std::string& dir) {
     for (size_t i = 0; i < layers.size(); ++i) {
       rng_from_json(ls[i].at("noise_rng"), layers[i]->noise_rng());
       if (std::vector<double>* b = layers[i]->router().selection_bias())
-        *b = ls[i].at("selection_bias").get<std::vector<double>>();
+        *b = json_as<std::vector<double>>(ls[i].at("selection_bias"), "resume", "selection_bias");
     }
   } catch (const nlohmann::json::exception& e) {
     throw_error("resume", fmt::format("bad trainer_state.json in {}: {}", ckpt.string(), e.what()));
@@ -713,8 +736,19 @@ std::string Trainer::sample(const std::string& prompt, int64_t n, double tempera
                             uint64_t seed) {
   model_->set_training(false);
   Rng rng(seed);
-  std::vector<int32_t> ids = {ByteTokenizer::kBos};
-  for (int32_t b : ByteTokenizer::encode(prompt)) ids.push_back(b);
+  // Documents start with <bos> (the tokenizer's, when it has one) and end with <eos>.
+  std::vector<int32_t> ids;
+  std::optional<int32_t> eos = ByteTokenizer::kEos;
+  if (tok_) {
+    // Without a <bos>, the stream's documents are separated by <eos>: start after one.
+    eos = tok_->eos_id();
+    if (auto start = tok_->bos_id() ? tok_->bos_id() : eos) ids.push_back(*start);
+    for (int32_t t : tok_->encode(prompt)) ids.push_back(t);
+  } else {
+    ids.push_back(ByteTokenizer::kBos);
+    for (int32_t b : ByteTokenizer::encode(prompt)) ids.push_back(b);
+  }
+  MOE_CHECK(!ids.empty(), "sample", "an empty prompt needs a tokenizer with <bos> or <eos>");
   std::vector<int32_t> out;
   const int64_t V = mcfg_.vocab_size;
   for (int64_t i = 0; i < n; ++i) {
@@ -742,12 +776,12 @@ std::string Trainer::sample(const std::string& prompt, int64_t n, double tempera
         break;
       }
     }
-    if (next == ByteTokenizer::kEos) break;
+    if (eos && next == *eos) break;
     ids.push_back(next);
     out.push_back(next);
   }
   model_->set_training(true);
-  return ByteTokenizer::decode(out);
+  return tok_ ? tok_->decode(out) : ByteTokenizer::decode(out);
 }
 
 }  // namespace moe

@@ -3,7 +3,6 @@
 #include <fmt/core.h>
 
 #include <cmath>
-#include <filesystem>
 
 #include "commands.h"
 #include "moe/threading.h"
@@ -11,8 +10,6 @@
 #include "moe/trainer.h"
 
 namespace moe::cli {
-
-namespace fs = std::filesystem;
 
 namespace {
 
@@ -29,15 +26,13 @@ struct EvalArgs {
 int run_eval(const EvalArgs& a) {
   set_num_threads(a.threads);
   std::unique_ptr<Model> model = load_model(a.model_dir);
-  MOE_CHECK(a.seq_len >= 1 && a.seq_len <= model->config().max_seq_len, "eval",
-            "--seq-len must be in [1, {}], got {}", model->config().max_seq_len, a.seq_len);
+  MOE_CHECK(a.seq_len >= 1 && a.seq_len <= model->config().max_train_len(), "eval",
+            "--seq-len must be in [1, {}] for this model, got {}", model->config().max_train_len(),
+            a.seq_len);
   const Corpus corpus = a.data.empty() ? load_fortunes() : load_text(a.data);
   // A model folder with a tokenizer file reads text through it; otherwise (this engine's
   // models) the text is bytes.
-  const fs::path dir = resolve_checkpoint(a.model_dir);
-  std::unique_ptr<Tokenizer> tokenizer;
-  if (fs::exists(dir / "tokenizer.json") || fs::exists(dir / "tokenizer.model"))
-    tokenizer = load_tokenizer(dir.string());
+  const std::unique_ptr<Tokenizer> tokenizer = checkpoint_tokenizer(a.model_dir);
   TokenStream train, val;
   split_corpus(corpus, a.val_every, train, val, tokenizer.get());
   if (val.ids.size() <= static_cast<size_t>(a.seq_len + 1)) val = train;  // tiny corpora

@@ -11,6 +11,7 @@
 #include "commands.h"
 #include "moe/expert_cache.h"
 #include "moe/generate.h"
+#include "moe/json_read.h"
 #include "moe/safetensors.h"
 #include "moe/threading.h"
 #include "moe/tokenizer.h"
@@ -190,7 +191,7 @@ int run_tokenize(const TokenizeArgs& a) {
     std::vector<int32_t> ids;
     try {
       const nlohmann::json j = nlohmann::json::parse(text);
-      ids = j.get<std::vector<int32_t>>();
+      ids = json_as<std::vector<int32_t>>(j, "tokenize --decode", "ids");
     } catch (const nlohmann::json::exception&) {
       ids = parse_id_lists(text, "tokenize --decode")[0];
     }

@@ -33,7 +33,7 @@ int run_inspect(const InspectArgs& a) {
   split_corpus(corpus, 20, train, val);
   const RoutingReport r =
       inspect_routing(*model, val.ids.size() > 2048 ? val : train, corpus.languages, a.batches,
-                      a.batch, std::min(a.seq_len, model->config().max_seq_len));
+                      a.batch, std::min(a.seq_len, model->config().max_train_len()));
   if (a.json) {
     nlohmann::json layers = nlohmann::json::array();
     for (const LayerRouting& l : r.layers)

@@ -132,6 +132,12 @@ int run_train(TrainArgs& a) {
   mcfg.moe.freeze_router = mcfg.moe.freeze_router || a.freeze_router;
   if (!a.freeze_experts.empty()) mcfg.moe.frozen_experts = a.freeze_experts;
   mcfg.validate();
+  // Text is read through the starting checkpoint's own tokenizer when it ships one, else as
+  // bytes (this engine's models).
+  std::unique_ptr<Tokenizer> tokenizer;
+  if (!a.init_from.empty() && a.tokens.empty()) tokenizer = checkpoint_tokenizer(a.init_from);
+  if (!a.resume.empty() && a.tokens.empty() && !tokenizer)
+    tokenizer = checkpoint_tokenizer(a.resume);
   std::unique_ptr<Trainer> made;
   Corpus corpus;
   if (!a.tokens.empty()) {
@@ -139,7 +145,7 @@ int run_train(TrainArgs& a) {
     made = std::make_unique<Trainer>(mcfg, a.train, parse_id_lists(a.tokens, "--tokens"));
   } else {
     corpus = a.data.empty() ? load_fortunes() : load_text(a.data);
-    made = std::make_unique<Trainer>(mcfg, a.train, corpus);
+    made = std::make_unique<Trainer>(mcfg, a.train, corpus, tokenizer.get());
   }
   Trainer& trainer = *made;
   if (start) trainer.init_from(*start);
@@ -163,9 +169,9 @@ int run_train(TrainArgs& a) {
              model.moe_layers().empty() ? std::string("dense") : mcfg.moe.summary(),
              static_cast<double>(model.n_params()) / 1e6);
   if (a.tokens.empty()) {
-    fmt::print("data: {} documents in {} languages, {} training and {} validation tokens\n",
+    fmt::print("data: {} documents in {} languages, {} training and {} validation tokens ({})\n",
                corpus.docs.size(), corpus.languages.size(), trainer.train_tokens(),
-               trainer.val_tokens());
+               trainer.val_tokens(), tokenizer ? "the checkpoint's tokenizer" : "bytes");
   } else {
     fmt::print("data: one fixed batch of {} x {} tokens (--tokens), every step\n",
                trainer.config().batch, trainer.config().seq_len + 1);
@@ -210,15 +216,18 @@ int run_train(TrainArgs& a) {
     if ((a.train.eval_every > 0 && s.step % a.train.eval_every == 0) || last) {
       const double val = trainer.evaluate();
       if (writer)
-        progress.message(fmt::format("step {:>5}: validation loss {:.4f} ({:.3f} bits per byte)",
-                                     s.step, val, val / std::log(2.0)));
+        progress.message(fmt::format("step {:>5}: validation loss {:.4f} ({:.3f} bits per {})",
+                                     s.step, val, val / std::log(2.0),
+                                     tokenizer || !a.tokens.empty() ? "token" : "byte"));
       if (log.is_open()) log << nlohmann::json{{"step", s.step}, {"val_loss", val}}.dump() << "\n";
     }
     if ((a.train.save_every > 0 && s.step % a.train.save_every == 0) || last) trainer.save(a.out);
     if (log.is_open()) log.flush();
   }
   fmt::print("checkpoint: {}/{}\n", a.out, fmt::format("step-{:06d}", trainer.step()));
-  if (a.sample > 0) {
+  if (a.sample > 0 && tokenizer && !tokenizer->bos_id() && !tokenizer->eos_id()) {
+    fmt::print("no sample: the tokenizer has neither <bos> nor <eos> to start one\n");
+  } else if (a.sample > 0) {
     fmt::print("\nsample:\n{}\n", trainer.sample("", a.sample, 0.8, a.train.seed));
   }
   return 0;
@@ -287,7 +296,9 @@ Run add_train(CLI::App& app) {
   cmd->add_option("--out", a->out, "checkpoint folder")->capture_default_str();
   cmd->add_option("--resume", a->resume, "continue from this checkpoint (or its folder)");
   cmd->add_option("--init-from", a->init_from,
-                  "start from this checkpoint's model and weights (fresh optimizer)");
+                  "start from this checkpoint's model and weights (fresh optimizer): this "
+                  "engine's or a HuggingFace folder (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, "
+                  "DBRX), whose tokenizer then reads --data and whose layout is kept");
   cmd->add_option("--log", a->log, "write one JSON object per step and per validation");
   cmd->add_option("--steps", a->train.steps, "optimizer steps")->capture_default_str();
   cmd->add_option("--batch", a->train.batch, "sequences per micro-batch")->capture_default_str();
@@ -334,7 +345,7 @@ Run add_train(CLI::App& app) {
                   "data-parallel replicas; the batch is split over all P)")
       ->capture_default_str();
   cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
-  cmd->add_option("--sample", a->sample, "bytes to generate at the end (0: none)")
+  cmd->add_option("--sample", a->sample, "tokens to generate at the end (0: none)")
       ->capture_default_str();
   return [a] { return run_train(*a); };
 }
