@@ -145,17 +145,24 @@ void attention_backward(T* dq, T* dk, T* dv, T* scratch, const T* dout, const T*
   }
 }
 
+// A row's mean and 1 / sqrt(var + eps), for LayerNorm.
+template <class T>
+void row_moments(const T* xi, int64_t d, double eps, T& mean, T& r) {
+  mean = 0;
+  for (int64_t j = 0; j < d; ++j) mean += xi[j];
+  mean /= static_cast<T>(d);
+  T var = 0;
+  for (int64_t j = 0; j < d; ++j) var += (xi[j] - mean) * (xi[j] - mean);
+  r = T(1) / std::sqrt(var / static_cast<T>(d) + static_cast<T>(eps));
+}
+
 template <class T>
 void layernorm_forward(T* out, const T* x, const T* g, int64_t n, int64_t d, double eps) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const T* xi = x + i * d;
-    T mean = 0;
-    for (int64_t j = 0; j < d; ++j) mean += xi[j];
-    mean /= static_cast<T>(d);
-    T var = 0;
-    for (int64_t j = 0; j < d; ++j) var += (xi[j] - mean) * (xi[j] - mean);
-    const T r = T(1) / std::sqrt(var / static_cast<T>(d) + static_cast<T>(eps));
+    T mean, r;
+    row_moments(xi, d, eps, mean, r);
     for (int64_t j = 0; j < d; ++j) out[i * d + j] = (xi[j] - mean) * r * g[j];
   }
 }
@@ -167,12 +174,8 @@ void layernorm_backward(T* dx, T* dg, const T* dout, const T* x, const T* g, int
   for (int64_t i = 0; i < n; ++i) {
     const T* xi = x + i * d;
     const T* dy = dout + i * d;
-    T mean = 0;
-    for (int64_t j = 0; j < d; ++j) mean += xi[j];
-    mean /= static_cast<T>(d);
-    T var = 0;
-    for (int64_t j = 0; j < d; ++j) var += (xi[j] - mean) * (xi[j] - mean);
-    const T r = T(1) / std::sqrt(var / static_cast<T>(d) + static_cast<T>(eps));
+    T mean, r;
+    row_moments(xi, d, eps, mean, r);
     // xhat = (x - mean) r; dx = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = g dy.
     T m1 = 0, m2 = 0;
     for (int64_t j = 0; j < d; ++j) {
@@ -189,12 +192,8 @@ void layernorm_backward(T* dx, T* dg, const T* dout, const T* x, const T* g, int
   }
   for (int64_t i = 0; i < n; ++i) {
     const T* xi = x + i * d;
-    T mean = 0;
-    for (int64_t j = 0; j < d; ++j) mean += xi[j];
-    mean /= static_cast<T>(d);
-    T var = 0;
-    for (int64_t j = 0; j < d; ++j) var += (xi[j] - mean) * (xi[j] - mean);
-    const T r = T(1) / std::sqrt(var / static_cast<T>(d) + static_cast<T>(eps));
+    T mean, r;
+    row_moments(xi, d, eps, mean, r);
     for (int64_t j = 0; j < d; ++j) dg[j] += dout[i * d + j] * (xi[j] - mean) * r;
   }
 }

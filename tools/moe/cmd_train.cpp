@@ -251,6 +251,18 @@ int run_init(const TrainArgs& a, int64_t d_ffn) {
   return 0;
 }
 
+// The fine-tuning switches (docs/training.md), shared by train and init.
+void add_finetune_switches(CLI::App* cmd, TrainArgs& a) {
+  cmd->add_flag("--freeze-router", a.freeze_router,
+                "fine-tuning: keep every router as it is (no gradient, no update)");
+  cmd->add_option("--freeze-experts", a.freeze_experts,
+                  "fine-tuning: keep these routed experts (of every MoE layer) as they are, e.g. "
+                  "0,3")
+      ->delimiter(',');
+  cmd->add_flag("--train-only-experts", a.train.only_experts,
+                "fine-tuning: update the routed experts only; everything else stays as it is");
+}
+
 }  // namespace
 
 Run add_init(CLI::App& app) {
@@ -264,14 +276,7 @@ Run add_init(CLI::App& app) {
   cmd->add_option("--top-k", a->top_k, "override experts per token");
   cmd->add_option("--expert-ffn", *d_ffn, "override the experts' hidden width");
   cmd->add_option("--router", a->router, "override the MoE routing method");
-  cmd->add_flag("--freeze-router", a->freeze_router,
-                "fine-tuning: keep every router as it is (no gradient, no update)");
-  cmd->add_option("--freeze-experts", a->freeze_experts,
-                  "fine-tuning: keep these routed experts (of every MoE layer) as they are, e.g. "
-                  "0,3")
-      ->delimiter(',');
-  cmd->add_flag("--train-only-experts", a->train.only_experts,
-                "fine-tuning: update the routed experts only; everything else stays as it is");
+  add_finetune_switches(cmd, *a);
   cmd->add_option("--seed", a->train.seed, "random seed")->capture_default_str();
   cmd->add_option("--out", a->out, "checkpoint folder to write")->required();
   cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
@@ -331,14 +336,7 @@ Run add_train(CLI::App& app) {
   cmd->add_option("--top-k", a->top_k, "override experts per token");
   cmd->add_option("--aux-coef", a->aux_coef, "override the load-balancing loss coefficient");
   cmd->add_option("--z-coef", a->z_coef, "override the router z-loss coefficient");
-  cmd->add_flag("--freeze-router", a->freeze_router,
-                "fine-tuning: keep every router as it is (no gradient, no update)");
-  cmd->add_option("--freeze-experts", a->freeze_experts,
-                  "fine-tuning: keep these routed experts (of every MoE layer) as they are, e.g. "
-                  "0,3")
-      ->delimiter(',');
-  cmd->add_flag("--train-only-experts", a->train.only_experts,
-                "fine-tuning: update the routed experts only; everything else stays as it is");
+  add_finetune_switches(cmd, *a);
   cmd->add_option("--seed", a->train.seed, "random seed")->capture_default_str();
   cmd->add_option("--expert-parallel", a->train.expert_parallel,
                   "under mpirun -np P: split each MoE layer's experts over EP ranks (P / EP "
