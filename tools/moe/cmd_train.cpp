@@ -128,6 +128,14 @@ int run_train(TrainArgs& a) {
       }
     }
   }
+  if (a.init_from.empty() && a.config.empty() && !a.resume.empty()) {
+    // Resuming alone: the model is the checkpoint's, and a fine-tuned HuggingFace checkpoint
+    // stays in its own layout.
+    const CheckpointInfo info = read_checkpoint_info(a.resume);
+    mcfg = info.config;
+    apply_overrides(a, mcfg);
+    if (!info.ours) origin = hf_origin(info.dir);
+  }
   // Fine-tuning switches: training choices, not the architecture.
   mcfg.moe.freeze_router = mcfg.moe.freeze_router || a.freeze_router;
   if (!a.freeze_experts.empty()) mcfg.moe.frozen_experts = a.freeze_experts;
