@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "moe/model.h"
 #include "moe/optimizer.h"
@@ -301,6 +302,51 @@ TEST(Model, FiniteDifferencesQwenVariants) {
   c.moe.d_shared_ffn = 5;
   c.moe.shared_gate = true;
   check_model_gradients(c, 5);
+}
+
+// Fine-tuning only the experts skips the other weight gradients: the experts' (and the norms')
+// come out bit-identical to a full backward's, the embedding's, head's and attention's zero.
+TEST(Model, ExpertsOnlySkipsTheOtherWeightGradients) {
+  for (bool latent : {false, true}) {
+    SCOPED_TRACE(latent);
+    ModelConfig c = tiny_config();
+    c.qkv_bias = !latent;
+    if (latent) {
+      c.n_kv_heads = c.n_heads;
+      c.q_lora_rank = 6;
+      c.kv_lora_rank = 10;
+      c.qk_nope_dim = 6;
+      c.qk_rope_dim = 4;
+      c.v_head_dim = 5;
+    }
+    Model m = random_model(c, DType::F64, 11);
+    const Tensor tok = tokens_for(c, 2, 6, 12);
+    Arena arena;
+    m.zero_grad();
+    (void)m.forward_backward(tok, arena);
+    std::vector<Tensor> full;
+    for (NamedParam& p : m.params()) full.push_back(p.grad.clone());
+    m.set_experts_only(true);
+    m.zero_grad();
+    arena.reset();
+    (void)m.forward_backward(tok, arena);
+    size_t i = 0, skipped = 0;
+    for (NamedParam& p : m.params()) {
+      const Tensor& want = full[i++];
+      const bool other =
+          p.name == "embed.weight" || p.name == "lm_head.weight" ||
+          (p.name.find(".attn.") != std::string::npos && p.name.find("norm") == std::string::npos);
+      if (other) {
+        for (int64_t j = 0; j < p.grad.numel(); ++j) ASSERT_EQ(p.grad.at(j), 0.0) << p.name;
+        ++skipped;
+      } else {
+        ASSERT_EQ(p.grad.numel(), want.numel());
+        EXPECT_EQ(std::memcmp(p.grad.raw(), want.raw(), p.grad.nbytes()), 0) << p.name;
+      }
+    }
+    EXPECT_GT(skipped, 4u);
+    m.set_experts_only(false);
+  }
 }
 
 TEST(Model, FiniteDifferencesOlmoeAndDbrxVariants) {

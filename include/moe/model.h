@@ -159,6 +159,10 @@ class Model {
   void init(Rng& rng);
   void zero_grad();
   void set_training(bool training);
+  // Fine-tuning only the experts: the backward skips the weight gradients of the embedding, the
+  // output head and the attention projections (they stay zero); the gradients that flow to the
+  // inputs, and every expert's, are unchanged.
+  void set_experts_only(bool on);
   // The MoE layers, in depth order (for router state and statistics).
   const std::vector<MoeLayer*>& moe_layers();
   // Expert parallelism (docs/distributed.md): every MoE layer keeps only its local experts

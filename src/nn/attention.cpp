@@ -27,14 +27,14 @@ void linear(T* y, const T* x, const Tensor& w, const Tensor* b, int64_t n) {
   }
 }
 
-// Backward of linear: dW [d, k] += dy^T x, db [d] += column sums of dy (when defined),
-// dx [n, k] = dy W (accumulate: += instead of =).
+// Backward of linear: dW [d, k] += dy^T x, db [d] += column sums of dy (when defined; neither
+// when frozen), dx [n, k] = dy W (accumulate: += instead of =).
 template <class T>
 void linear_backward(T* dx, bool accumulate, Param& w, Param* b, const T* dy, const T* x,
                      int64_t n) {
   const int64_t d = w.value.size(0), k = w.value.size(1);
-  cpu::gemm<T>(true, false, d, k, n, T(1), dy, d, x, k, T(1), w.grad.data<T>(), k);
-  if (b && b->value.defined()) {
+  if (!w.frozen) cpu::gemm<T>(true, false, d, k, n, T(1), dy, d, x, k, T(1), w.grad.data<T>(), k);
+  if (b && b->value.defined() && !b->frozen) {
     T* db = b->grad.data<T>();
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < d; ++j) db[j] += dy[i * d + j];

@@ -457,7 +457,8 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
 
   // Backward.
   T* dz = arena.alloc<T>(N * D);
-  cpu::gemm<T>(true, false, V, D, N, T(1), dlogits, V, z, D, T(1), lm_head.grad.data<T>(), D);
+  if (!lm_head.frozen)
+    cpu::gemm<T>(true, false, V, D, N, T(1), dlogits, V, z, D, T(1), lm_head.grad.data<T>(), D);
   cpu::gemm<T>(false, false, N, D, V, T(1), dlogits, V, lm_head.value.data<T>(), D, T(0), dz, D);
   T* dh = arena.alloc<T>(N * D);
   norm_backward<T>(dh, final_norm, dz, h, z_rstd, N);
@@ -487,8 +488,9 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
                      N);
     for (int64_t i = 0; i < N * D; ++i) dh[i] += dmid[i];
     // h_mid = h_in + att W_o^T.
-    cpu::gemm<T>(true, false, D, H * dv, N, T(1), dh, D, static_cast<T*>(s.att), H * dv, T(1),
-                 blk.wo.grad.data<T>(), H * dv);
+    if (!blk.wo.frozen)
+      cpu::gemm<T>(true, false, D, H * dv, N, T(1), dh, D, static_cast<T*>(s.att), H * dv, T(1),
+                   blk.wo.grad.data<T>(), H * dv);
     cpu::gemm<T>(false, false, N, H * dv, D, T(1), dh, D, blk.wo.value.data<T>(), H * dv, T(0),
                  datt, H * dv);
     nn::attention_backward<T>(dq, dkk, dvv, scratch, datt, static_cast<T*>(s.q),
@@ -499,7 +501,7 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
                      N);
     for (int64_t i = 0; i < N * D; ++i) dh[i] += dmid[i];
   }
-  nn::embedding_backward<T>(embed.grad.data<T>(), dh, inputs, N, D);
+  if (!embed.frozen) nn::embedding_backward<T>(embed.grad.data<T>(), dh, inputs, N, D);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -661,6 +663,15 @@ void Model::init(Rng& rng) {
 
 void Model::zero_grad() {
   for (NamedParam& p : impl_->named) p.grad.fill(0.0);
+}
+
+void Model::set_experts_only(bool on) {
+  Impl& m = *impl_;
+  m.embed.frozen = m.lm_head.frozen = on;
+  for (auto& b : m.blocks)
+    for (Param* p :
+         {&b.wq, &b.wq_a, &b.wq_b, &b.wk, &b.wv, &b.wkv_a, &b.wkv_b, &b.b_q, &b.b_k, &b.b_v, &b.wo})
+      p->frozen = on;
 }
 
 void Model::set_training(bool training) {

@@ -17,6 +17,7 @@ namespace moe {
 
 struct Param {
   Tensor value, grad;
+  bool frozen = false;  // its weight gradient is not computed (Model::set_experts_only)
 };
 
 inline Param make_param(const Shape& shape, DType dtype) {

@@ -121,6 +121,7 @@ Rng Trainer::setup() {
   model_ = std::make_unique<Model>(mcfg_, DType::F32);
   Rng rng(cfg_.seed);
   model_->init(rng);
+  model_->set_experts_only(cfg_.only_experts);
   // A distributed run: every rank initializes the whole model as one process would, then keeps
   // its own experts and its share of each batch.
   const dist::Comm world = dist::Comm::world();
