@@ -393,7 +393,7 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
 
   T* xs = arena.alloc<T>(M * D);
   T* ys = arena.alloc<T>(M * D);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * D > kParallelMin)
   for (int64_t r = 0; r < M; ++r)
     std::memcpy(xs + r * D, xp + pair_token[row_pair[r]] * D, static_cast<size_t>(D) * sizeof(T));
   // The experts held here run on their rows: this process's own, or under expert parallelism
@@ -467,7 +467,7 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
   // Combine: each token writes its own weighted sum, pairs in plan order.
   Tensor y = arena.tensor({N, D}, dtype_of<T>());
   T* yp = y.data<T>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * D > kParallelMin)
   for (int64_t t = 0; t < N; ++t) {
     T* out = yp + t * D;
     if (sh_y) {
@@ -588,7 +588,7 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
   // Combine: y_t = sum_p w_p ys[row(p)]. dw_p = <dy_t, ys[row]>, dys[row] = w_p dy_t.
   T* dw = arena.alloc<T>(P);
   T* dys = arena.alloc<T>(M * D);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * D > kParallelMin)
   for (int64_t t = 0; t < N; ++t) {
     for (int64_t p = s.token_offsets[t]; p < s.token_offsets[t + 1]; ++p) {
       const int32_t r = s.pair_row[p];
@@ -635,7 +635,7 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
   if (ep) s.exchange.to_home(dxe, dxs, row_bytes, arena);
 
     // dx_t = sum of its pairs' rows of dxs, in plan order.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * D > kParallelMin)
   for (int64_t t = 0; t < N; ++t) {
     T* out = dx + t * D;
     std::fill_n(out, D, T(0));

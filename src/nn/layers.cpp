@@ -11,12 +11,13 @@
 #include <vector>
 
 #include "moe/kernels.h"
+#include "moe/threading.h"
 
 namespace moe::nn {
 
 template <class T>
 void embedding_forward(T* out, const int32_t* tokens, const T* table, int64_t n, int64_t d) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * d > kParallelMin)
   for (int64_t i = 0; i < n; ++i)
     std::memcpy(out + i * d, table + static_cast<int64_t>(tokens[i]) * d,
                 static_cast<size_t>(d) * sizeof(T));
@@ -32,7 +33,7 @@ void embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int64_t
 
 template <class T>
 void rmsnorm_forward(T* out, T* rstd, const T* x, const T* g, int64_t n, int64_t d, double eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * d > kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     const T* xi = x + i * d;
     T ss = 0;
@@ -46,7 +47,7 @@ void rmsnorm_forward(T* out, T* rstd, const T* x, const T* g, int64_t n, int64_t
 template <class T>
 void rmsnorm_backward(T* dx, T* dg, const T* dout, const T* x, const T* g, const T* rstd, int64_t n,
                       int64_t d) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * d > kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     const T* xi = x + i * d;
     const T* dy = dout + i * d;
@@ -76,7 +77,7 @@ void attention_forward(T* out, T* probs, const T* q, const T* k, const T* v, int
                        int64_t h, int64_t kv, int64_t dk, int64_t dv, int64_t window) {
   const int64_t group = h / kv;
   const T scale = T(1) / std::sqrt(static_cast<T>(dk));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (b * h * t * t * (dk + dv) > kParallelMin)
   for (int64_t task = 0; task < b * h; ++task) {
     const int64_t bi = task / h, hh = task % h, g = hh / group;
     const T* qb = q + (bi * t * h + hh) * dk;  // row stride h * dk
@@ -110,7 +111,7 @@ void attention_backward(T* dq, T* dk, T* dv, T* scratch, const T* dout, const T*
   // One task per (sequence, KV head): its query heads in order, so the KV gradients of a group
   // are summed in a fixed order by one thread. Masked entries have probability 0, so their
   // score gradients P (dP - rowsum(dP P)) are 0 too.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (b * h * t * t * (dkw + dvw) > kParallelMin)
   for (int64_t task = 0; task < b * kv; ++task) {
     const int64_t bi = task / kv, g = task % kv;
     T* dp = scratch + static_cast<int64_t>(omp_get_thread_num()) * 2 * t * t;
@@ -158,7 +159,7 @@ void row_moments(const T* xi, int64_t d, double eps, T& mean, T& r) {
 
 template <class T>
 void layernorm_forward(T* out, const T* x, const T* g, int64_t n, int64_t d, double eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * d > kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     const T* xi = x + i * d;
     T mean, r;
@@ -170,7 +171,7 @@ void layernorm_forward(T* out, const T* x, const T* g, int64_t n, int64_t d, dou
 template <class T>
 void layernorm_backward(T* dx, T* dg, const T* dout, const T* x, const T* g, int64_t n, int64_t d,
                         double eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * d > kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     const T* xi = x + i * d;
     const T* dy = dout + i * d;
@@ -203,7 +204,7 @@ void rope_at(T* x, const T* cos, const T* sin, const int64_t* pos, int64_t rows,
              int64_t stride, int64_t off, int64_t rd, bool interleave, bool inverse) {
   const int64_t half = rd / 2;
   const T sign = inverse ? T(-1) : T(1);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * heads * rd > kParallelMin)
   for (int64_t r = 0; r < rows; ++r) {
     const T* c = cos + pos[r] * half;
     const T* s = sin + pos[r] * half;
@@ -263,7 +264,7 @@ double cross_entropy(T* dlogits, double* row_loss, const T* logits, const int32_
                      int64_t n, int64_t v, double scale) {
   // Per-row losses summed afterwards in row order: the same sum for any thread count.
   const T g = static_cast<T>(scale / static_cast<double>(n));
-#pragma omp parallel for schedule(static) if (n * v > 32768)
+#pragma omp parallel for schedule(static) if (n * v > kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     const T* z = logits + i * v;
     T mx = z[0];

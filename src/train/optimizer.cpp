@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "moe/safetensors.h"
+#include "moe/threading.h"
 
 namespace moe {
 
@@ -37,7 +38,7 @@ void update(T* p, const T* g, double* m, double* v, int64_t n, double lr, double
             double b2, double eps, double bc1, double bc2_sqrt) {
   const double step_size = lr / bc1;
   // Element-wise, so any split across threads gives the same bits.
-#pragma omp parallel for schedule(static) if (n > 16384)
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     double pi = static_cast<double>(p[i]);
     const double gi = static_cast<double>(g[i]);

@@ -12,6 +12,7 @@
 #include "moe/hf.h"
 #include "moe/json_read.h"
 #include "moe/safetensors.h"
+#include "moe/threading.h"
 
 namespace moe {
 
@@ -323,7 +324,7 @@ StepLog Trainer::train_step() {
     for (NamedParam& p : model_->params()) {
       float* g = p.grad.data<float>();
       const int64_t n = p.grad.numel();
-#pragma omp parallel for schedule(static) if (n > 16384)
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
       for (int64_t i = 0; i < n; ++i) g[i] *= scale;
     }
   }

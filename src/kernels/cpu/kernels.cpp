@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "kernels/ref/ref.h"
+#include "moe/threading.h"
 
 namespace moe {
 
@@ -21,9 +22,7 @@ const char* activation_name(Activation a) {
 
 namespace cpu {
 
-namespace {
-constexpr int64_t kParallelMin = 1 << 15;  // below this many elements, stay on one thread
-}
+namespace {}
 
 template <class T>
 void softmax_rows(T* out, T* lse, const T* in, int64_t rows, int64_t cols) {
