@@ -166,6 +166,15 @@ TEST(Errors, NumbersOfTheWrongKind) {
   EXPECT_NO_THROW(parse(qwen.dump()));
   qwen["mlp_only_layers"] = {0.5};
   expect_error([&] { parse(qwen.dump()); }, "'mlp_only_layers[0]' must be an integer");
+  qwen.erase("mlp_only_layers");
+  // An optional field of the wrong kind is refused, not replaced by its default; null is "not
+  // set", as transformers writes it.
+  qwen["norm_topk_prob"] = 1;
+  expect_error([&] { parse(qwen.dump()); }, "'norm_topk_prob' must be true or false, not 1");
+  qwen["norm_topk_prob"] = nullptr;
+  EXPECT_NO_THROW(parse(qwen.dump()));
+  qwen["decoder_sparse_step"] = 1.5;
+  expect_error([&] { parse(qwen.dump()); }, "'decoder_sparse_step' must be an integer, not 1.5");
 
   // An integer beyond its C++ type, and a train config with a float where a count belongs.
   expect_error([] { (void)json_as<int32_t>(nlohmann::json(int64_t{1} << 40), "t", "id"); },

@@ -48,8 +48,8 @@ T json_as(const nlohmann::json& v, const char* where, std::string_view name) {
     const bool fits = v.is_number_unsigned() ? std::in_range<T>(v.get<uint64_t>())
                                              : std::in_range<T>(v.get<int64_t>());
     MOE_CHECK(fits, where, "'{}' = {} is out of range", name, v.dump());
-    return static_cast<T>(v.is_number_unsigned() ? static_cast<T>(v.get<uint64_t>())
-                                                 : static_cast<T>(v.get<int64_t>()));
+    return v.is_number_unsigned() ? static_cast<T>(v.get<uint64_t>())
+                                  : static_cast<T>(v.get<int64_t>());
   } else if constexpr (std::is_floating_point_v<T>) {
     MOE_CHECK(v.is_number(), where, "'{}' must be a number, not {}", name, json_detail::shown(v));
     return v.get<T>();

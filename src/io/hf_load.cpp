@@ -21,23 +21,23 @@ using nlohmann::json;
 
 const char* const kWhere = "hf";
 
-int64_t get_int(const json& j, const char* key) {
-  MOE_CHECK(j.contains(key) && j[key].is_number_integer(), kWhere,
-            "config.json needs an integer '{}'", key);
-  return j[key].get<int64_t>();
+int64_t get_int(const json& j, const char* key) { return json_at<int64_t>(j, key, kWhere); }
+
+// An optional field read strictly (moe/json_read.h): missing or null (transformers' "not set")
+// gives the fallback, a value of the wrong kind is an error rather than the fallback.
+template <class T>
+T optional(const json& j, const char* key, T fallback) {
+  const auto it = j.find(key);
+  return it == j.end() || it->is_null() ? fallback : json_as<T>(*it, kWhere, key);
 }
 
 int64_t int_or(const json& j, const char* key, int64_t fallback) {
-  return j.contains(key) && j[key].is_number_integer() ? j[key].get<int64_t>() : fallback;
+  return optional(j, key, fallback);
 }
-
 double num_or(const json& j, const char* key, double fallback) {
-  return j.contains(key) && j[key].is_number() ? j[key].get<double>() : fallback;
+  return optional(j, key, fallback);
 }
-
-bool bool_or(const json& j, const char* key, bool fallback) {
-  return j.contains(key) && j[key].is_boolean() ? j[key].get<bool>() : fallback;
-}
+bool bool_or(const json& j, const char* key, bool fallback) { return optional(j, key, fallback); }
 
 // rope_theta from rope_parameters (transformers 5) or the top level (older files); scaling
 // other than the default is refused rather than silently ignored.

@@ -22,8 +22,6 @@ const char* activation_name(Activation a) {
 
 namespace cpu {
 
-namespace {}
-
 template <class T>
 void softmax_rows(T* out, T* lse, const T* in, int64_t rows, int64_t cols) {
 #pragma omp parallel for schedule(static) if (rows * cols > kParallelMin)
