@@ -63,6 +63,7 @@ class ExpertCache : public ExpertSource {
   bool wants_prefetch() const override;
   void prefetch(int64_t layer, const std::vector<int64_t>& experts) override;
 
+  // The counts so far, once the reads in flight have finished.
   ExpertCacheStats stats() const;
 
   struct Impl;

@@ -3,6 +3,7 @@
 
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -425,7 +426,14 @@ void ExpertCache::release(int64_t layer, int64_t e) {
 }
 
 ExpertCacheStats ExpertCache::stats() const {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  // A read is counted when it starts and its bytes when it ends: wait for the reads in flight
+  // (read-aheads) so that the counts agree.
+  Impl& m = *impl_;
+  std::unique_lock<std::mutex> lock(m.mu);
+  m.cv.wait(lock, [&] {
+    return std::none_of(m.slots.begin(), m.slots.end(),
+                        [](const Impl::Slot& s) { return s.loading; });
+  });
   return stats_;
 }
 
