@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kernels/ref/ref.h"
+#include "moe/cpu.h"
 #include "moe/kernels.h"
 #include "moe/rng.h"
 #include "moe/threading.h"
@@ -228,5 +229,31 @@ TYPED_TEST(KernelTest, SwigluMatchesReferenceAndMayRunInPlace) {
   EXPECT_EQ(gi, dg0);
   EXPECT_EQ(dhi, du0);
 }
+
+}  // namespace moe
+
+namespace moe {
+
+TEST(CpuPathTest, FeaturesAndCap) {
+  const CpuFeatures& f = cpu_features();
+  const CpuPath best = f.best();
+  // Each level needs the features of the ones below it.
+  EXPECT_TRUE(best < CpuPath::avx2 || (f.avx2 && f.fma && f.os_avx));
+  EXPECT_TRUE(best < CpuPath::avx512 || (f.avx512f && f.avx512bw && f.os_avx512));
+  EXPECT_TRUE(best < CpuPath::avx512_bf16 || (f.avx512_bf16 && f.avx512_vnni));
+  EXPECT_TRUE(best < CpuPath::amx || (f.amx_bf16 && f.amx_int8 && f.os_amx));
+  for (const std::string& name : cpu_path_names()) {
+    const auto p = parse_cpu_path(name);
+    ASSERT_TRUE(p.has_value()) << name;
+    EXPECT_EQ(name, cpu_path_name(*p));
+    set_cpu_path_cap(*p);
+    EXPECT_EQ(cpu_path(), std::min(*p, best)) << name;  // a cap above the CPU changes nothing
+  }
+  EXPECT_FALSE(parse_cpu_path("avx1024").has_value());
+  reset_cpu_path_cap();
+  EXPECT_LE(cpu_path(), best);
+}
+
+TEST(CpuPathTest, PeakIsPositive) { EXPECT_GT(cpu::fma_peak_gflops(), 0.1); }
 
 }  // namespace moe

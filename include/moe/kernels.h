@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace moe {
 
@@ -21,6 +22,21 @@ namespace cpu {
 template <class T>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
           int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
+
+// The library that runs float32 products of more than one row: "onednn" or "openblas".
+const char* gemm_f32_backend();
+// Which library, its version and the kernels it chose ("oneDNN 2.6.3 sgemm, its avx512_core_amx
+// kernels").
+std::string gemm_f32_backend_info();
+// The same product as gemm<float>, in one call of that library threaded its own way (its bits
+// depend on the thread count): what the machine's best GEMM does, for benchmarks.
+void gemm_f32_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                      const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                      float* c, int64_t ldc);
+
+// GFLOP/s of independent fused multiply-adds on every thread, as wide as the kernel path allows
+// (AVX-512, AVX2, or SSE2's multiply and add): the machine's floating-point peak.
+double fma_peak_gflops();
 
 // out[rows, cols] = softmax(in) per row; lse[rows] = logsumexp of each row (may be null).
 template <class T>

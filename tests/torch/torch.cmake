@@ -1,25 +1,34 @@
 # tests/torch/torch.cmake: the PyTorch oracle. moe_oracle.py computes reference forwards, losses
 # and gradients with PyTorch autograd; moe_torch_tests compares our layer against them.
 #
-# The oracle is part of the suite, never skipped: a machine without PyTorch fails the configure.
+# The oracle is part of the suite, never skipped.
 # It runs under Debian's /usr/bin/python3 because that is where python3-torch installs.
 
+# Without PyTorch the configure still succeeds (the main job must not need what only the tests
+# need), and the oracle becomes one test that fails, saying what to install: it is never skipped.
 find_program(MOE_TORCH_PYTHON python3 PATHS /usr/bin NO_DEFAULT_PATH)
+set(_moe_torch_missing "")
 if(NOT MOE_TORCH_PYTHON)
-  message(FATAL_ERROR "The PyTorch oracle needs /usr/bin/python3 with torch: "
-                      "apt-get install python3 python3-torch")
+  set(_moe_torch_missing "/usr/bin/python3 is missing")
+else()
+  execute_process(
+    COMMAND ${MOE_TORCH_PYTHON} -c "import torch"
+    RESULT_VARIABLE _moe_torch_rc
+    OUTPUT_QUIET
+    ERROR_VARIABLE _moe_torch_err)
+  if(NOT _moe_torch_rc EQUAL 0)
+    string(STRIP "${_moe_torch_err}" _moe_torch_err)
+    if(_moe_torch_err MATCHES "([^\n]+)$")  # the exception, not the trace
+      set(_moe_torch_err "${CMAKE_MATCH_1}")
+    endif()
+    set(_moe_torch_missing "`${MOE_TORCH_PYTHON} -c \"import torch\"` failed: ${_moe_torch_err}")
+  endif()
 endif()
-execute_process(
-  COMMAND ${MOE_TORCH_PYTHON} -c "import torch"
-  RESULT_VARIABLE _moe_torch_rc
-  OUTPUT_QUIET
-  ERROR_VARIABLE _moe_torch_err)
-if(NOT _moe_torch_rc EQUAL 0)
-  string(STRIP "${_moe_torch_err}" _moe_torch_err)
-  string(REGEX MATCH "[^\n]*$" _moe_torch_err "${_moe_torch_err}")  # the exception, not the trace
-  message(FATAL_ERROR "The PyTorch oracle needs torch in ${MOE_TORCH_PYTHON} "
-                      "(`${MOE_TORCH_PYTHON} -c \"import torch\"` failed: ${_moe_torch_err}): "
-                      "apt-get install python3-torch")
+if(_moe_torch_missing)
+  set(_moe_torch_hint "The PyTorch oracle needs /usr/bin/python3 with torch (${_moe_torch_missing}): run scripts/install-deps.sh --test, then configure again")
+  message(WARNING "${_moe_torch_hint}. The oracle tests will fail until then.")
+  add_test(NAME torch_oracle_missing COMMAND sh -c "echo \"$1\" >&2; exit 1" sh "${_moe_torch_hint}")
+  return()
 endif()
 
 set(MOE_TORCH_CASES ${CMAKE_CURRENT_BINARY_DIR}/torch_cases.json)

@@ -2,6 +2,7 @@
 #include <utility>
 
 #include "commands.h"
+#include "moe/cpu.h"
 
 namespace moe::cli {
 
@@ -14,6 +15,15 @@ std::unique_ptr<Cli> make_cli() {
   app.name("moe");
   app.require_subcommand(1);
   app.set_version_flag("--version", "moe.cpp 0.1.0");
+  // Before or after the subcommand: `moe --cpu-path avx2 bench gemm`, `moe bench gemm
+  // --cpu-path avx2`.
+  app.fallthrough();
+  app.add_option_function<std::string>(
+         "--cpu-path", [](const std::string& name) { set_cpu_path_cap(*parse_cpu_path(name)); },
+         "run the kernels of this path or a lower one (default: the best the CPU has; also the "
+         "MOE_CPU_PATH environment variable)")
+      ->check(CLI::IsMember(cpu_path_names()))
+      ->option_text("generic|avx2|avx512|avx512_vnni|avx512_bf16|amx");
   auto add = [&](Run (*adder)(CLI::App&)) {
     const size_t before = app.get_subcommands({}).size();
     Run run = adder(app);

@@ -1,6 +1,5 @@
 // `moe bench layer`: the MoE layer against a dense SwiGLU FFN with the same active FLOPs, in one
 // run on the same engine and thread count: forward and forward+backward, medians after warm-up.
-#include <cblas.h>
 #include <fmt/core.h>
 
 #include <chrono>
@@ -24,9 +23,10 @@ namespace moe::cli {
 
 namespace {
 
-// The machine's large-GEMM throughput (GFLOP/s): a square float32 GEMM of size 2048 in one
-// OpenBLAS call threaded its own way (the engine's tiled GEMM, which keeps the bits independent
-// of the thread count, is measured against it), the median of a few runs.
+// The machine's large-GEMM throughput (GFLOP/s): a square float32 GEMM of size 2048 in one call
+// of the best library here (cpu::gemm_f32_library, threaded its own way; the engine's tiled
+// GEMM, which keeps the bits independent of the thread count, is measured against it), the
+// median of a few runs.
 double gemm_peak_gflops() {
   const int64_t n = 2048;
   Tensor a = Tensor::empty({n, n}, DType::F32), b = Tensor::empty({n, n}, DType::F32),
@@ -35,10 +35,8 @@ double gemm_peak_gflops() {
   rng.fill_normal(a, 0, 1);
   rng.fill_normal(b, 0, 1);
   const double ms = median_ms(1, 5, [&] {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(n),
-                static_cast<blasint>(n), static_cast<blasint>(n), 1.0f, a.data<float>(),
-                static_cast<blasint>(n), b.data<float>(), static_cast<blasint>(n), 0.0f,
-                c.data<float>(), static_cast<blasint>(n));
+    cpu::gemm_f32_library(false, true, n, n, n, 1.0f, a.data<float>(), n, b.data<float>(), n, 0.0f,
+                          c.data<float>(), n);
   });
   return 2.0 * static_cast<double>(n * n * n) / ms / 1e6;
 }
@@ -509,7 +507,9 @@ Run add_bench(CLI::App& app) {
   tokenize->add_option("--data", tk->data,
                        "text files or folders (default: the fortunes, the default corpus)");
   tokenize->add_flag("--json", tk->json, "print a JSON array, one object per tokenizer");
-  return [b, d, tr, tk, decode, train, tokenize] {
+  auto [gemm, run_gemm] = add_bench_gemm(*bench);
+  return [b, d, tr, tk, decode, train, tokenize, gemm = gemm, run_gemm = run_gemm] {
+    if (gemm->parsed()) return run_gemm();
     if (decode->parsed()) return run_bench_decode(*d);
     if (train->parsed()) return run_bench_train(*tr);
     if (tokenize->parsed()) return run_bench_tokenize(*tk);

@@ -29,6 +29,8 @@ std::vector<std::vector<int32_t>> parse_id_lists(const std::string& text, const 
 // Adds the subcommand to `app` and returns the function that runs it once parsed.
 Run add_demo(CLI::App& app);
 Run add_bench(CLI::App& app);
+// `moe bench gemm`, under `bench` (cmd_bench_gemm.cpp).
+std::pair<CLI::App*, Run> add_bench_gemm(CLI::App& bench);
 Run add_train(CLI::App& app);
 Run add_init(CLI::App& app);
 Run add_eval(CLI::App& app);

@@ -1,9 +1,16 @@
-// GEMM through OpenBLAS, in tiles that make the bits independent of the thread count.
+// GEMM in tiles that make the bits independent of the thread count: float32 through oneDNN's
+// sgemm where the CPU has AVX2 or better, OpenBLAS otherwise and for float64 (docs/results/gemm.md
+// has the measurements that chose them).
 #include <cblas.h>
+#include <fmt/format.h>
 #include <omp.h>
+#include <oneapi/dnnl/dnnl.h>
 
 #include <algorithm>
+#include <mutex>
+#include <string>
 
+#include "moe/cpu.h"
 #include "moe/error.h"
 #include "moe/kernels.h"
 
@@ -107,13 +114,89 @@ void gemm_tiled(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T a
   });
 }
 
+// oneDNN's sgemm with OpenBLAS's CBLAS signature. oneDNN picks its kernels from the CPU's
+// features (CPUID, like ours); its ISA is capped once, before its first kernel, at our path.
+dnnl_cpu_isa_t onednn_isa(CpuPath p) {
+  switch (p) {
+    case CpuPath::generic: return dnnl_cpu_isa_sse41;
+    case CpuPath::avx2: return dnnl_cpu_isa_avx2;
+    case CpuPath::avx512: return dnnl_cpu_isa_avx512_core;
+    case CpuPath::avx512_vnni: return dnnl_cpu_isa_avx512_core_vnni;
+    case CpuPath::avx512_bf16: return dnnl_cpu_isa_avx512_core_bf16;
+    case CpuPath::amx: return dnnl_cpu_isa_avx512_core_amx;
+  }
+  return dnnl_cpu_isa_all;
+}
+
+void onednn_sgemm(CBLAS_ORDER, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, blasint m, blasint n,
+                  blasint k, float alpha, const float* a, blasint lda, const float* b, blasint ldb,
+                  float beta, float* c, blasint ldc) {
+  const dnnl_status_t st = dnnl_sgemm(ta == CblasTrans ? 'T' : 'N', tb == CblasTrans ? 'T' : 'N', m,
+                                      n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  MOE_CHECK(st == dnnl_success, "gemm", "oneDNN sgemm failed (status {}) on {}x{}x{}",
+            static_cast<int>(st), m, n, k);
+}
+
+using SgemmFn = decltype(&onednn_sgemm);
+
+SgemmFn sgemm_backend() {
+  static std::once_flag once;
+  static SgemmFn fn = nullptr;
+  std::call_once(once, [] {
+    const CpuPath p = cpu_path();
+    if (p >= CpuPath::avx2) {
+      dnnl_set_max_cpu_isa(onednn_isa(p));  // fails harmlessly if oneDNN already ran
+      fn = onednn_sgemm;
+    } else {
+      fn = [](CBLAS_ORDER o, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, blasint m, blasint n,
+              blasint k, float alpha, const float* a, blasint lda, const float* b, blasint ldb,
+              float beta, float* c, blasint ldc) {
+        cblas_sgemm(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      };
+    }
+  });
+  return fn;
+}
+
 }  // namespace
+
+const char* gemm_f32_backend() { return sgemm_backend() == onednn_sgemm ? "onednn" : "openblas"; }
+
+std::string gemm_f32_backend_info() {
+  if (sgemm_backend() == onednn_sgemm) {
+    const dnnl_version_t* v = dnnl_version();
+    const char* isa = "?";
+    switch (dnnl_get_effective_cpu_isa()) {
+      case dnnl_cpu_isa_sse41: isa = "sse41"; break;
+      case dnnl_cpu_isa_avx: isa = "avx"; break;
+      case dnnl_cpu_isa_avx2: isa = "avx2"; break;
+      case dnnl_cpu_isa_avx512_core: isa = "avx512_core"; break;
+      case dnnl_cpu_isa_avx512_core_vnni: isa = "avx512_core_vnni"; break;
+      case dnnl_cpu_isa_avx512_core_bf16: isa = "avx512_core_bf16"; break;
+      case dnnl_cpu_isa_avx512_core_amx: isa = "avx512_core_amx"; break;
+      default: break;
+    }
+    return fmt::format("oneDNN {}.{}.{} sgemm, its {} kernels", v->major, v->minor, v->patch, isa);
+  }
+  std::string version = OPENBLAS_VERSION;  // " OpenBLAS 0.3.21 "
+  version.erase(0, version.find_first_not_of(' '));
+  version.erase(version.find_last_not_of(' ') + 1);
+  return fmt::format("{} sgemm, its {} kernels", version, openblas_get_corename());
+}
+
+void gemm_f32_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                      const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                      float* c, int64_t ldc) {
+  sgemm_backend()(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                  trans_b ? CblasTrans : CblasNoTrans, to_blas(m), to_blas(n), to_blas(k), alpha, a,
+                  to_blas(lda), b, to_blas(ldb), beta, c, to_blas(ldc));
+}
 
 template <>
 void gemm<float>(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                  const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                  int64_t ldc) {
-  gemm_tiled(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, cblas_sgemm,
+  gemm_tiled(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, sgemm_backend(),
              cblas_sgemv);
 }
 

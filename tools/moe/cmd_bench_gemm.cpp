@@ -1,0 +1,133 @@
+// `moe bench gemm`: the matrix products the engine runs, per dtype and shape class, against the
+// machine's limits measured in the same run: its FMA peak and the best library's own threaded
+// GEMM on the same shape.
+#include <fmt/core.h>
+
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "moe/cpu.h"
+#include "moe/kernels.h"
+#include "moe/rng.h"
+#include "moe/tensor.h"
+#include "moe/threading.h"
+#include "timing.h"
+
+namespace moe::cli {
+
+namespace {
+
+struct BenchGemm {
+  int threads = 0;
+  int reps = 5;
+  bool json = false;
+};
+
+// A shape class: C[m, n] = op(A) op(B) as the engine calls it.
+struct Shape3 {
+  const char* name;
+  const char* what;
+  bool trans_a, trans_b;
+  int64_t m, n, k;
+};
+
+const Shape3 kShapes[] = {
+    {"square", "2048 x 2048 x 2048", false, true, 2048, 2048, 2048},
+    {"train_ffn", "small model FFN forward: 2048 tokens x 512 <- 128", false, true, 2048, 512, 128},
+    {"train_dw", "small model weight gradient: 512 x 128 over 2048 tokens", true, false, 512, 128,
+     2048},
+    {"expert_rows", "Qwen3-30B-A3B expert on 32 prompt rows: 32 x 768 <- 2048", false, true, 32,
+     768, 2048},
+    {"gemv", "one token through a 2048 x 2048 weight", false, true, 1, 2048, 2048},
+};
+
+int run_bench_gemm(const BenchGemm& b) {
+  MOE_CHECK(b.reps >= 1, "bench", "--reps must be >= 1");
+  set_num_threads(b.threads);
+  const CpuFeatures& f = cpu_features();
+  const double peak = cpu::fma_peak_gflops();
+  const std::string backend = cpu::gemm_f32_backend_info();
+  nlohmann::json rows = nlohmann::json::array();
+  nlohmann::json f32 = nlohmann::json::object();
+  if (!b.json) {
+    fmt::print("CPU: {} ({})\n", f.brand.empty() ? "unknown" : f.brand, f.vendor);
+    fmt::print("features: {}\n", f.str());
+    fmt::print("kernel path: {} (best here: {}; cap with MOE_CPU_PATH or --cpu-path)\n",
+               cpu_path_name(cpu_path()), cpu_path_name(f.best()));
+    fmt::print("float32 GEMM: {}\n", backend);
+    fmt::print("threads: {}   FMA peak: {:.1f} GFLOP/s\n\n", num_threads(), peak);
+    fmt::print("{:<12} {:>6} {:>6} {:>6} {:>11} {:>11} {:>9} {:>8}\n", "f32 shape", "m", "n", "k",
+               "engine", "library", "of lib", "of peak");
+  }
+  Rng rng(1);
+  for (const Shape3& s : kShapes) {
+    const int64_t ra = s.trans_a ? s.k : s.m, ca = s.trans_a ? s.m : s.k;
+    const int64_t rb = s.trans_b ? s.n : s.k, cb = s.trans_b ? s.k : s.n;
+    Tensor a = Tensor::empty({ra, ca}, DType::F32), bm = Tensor::empty({rb, cb}, DType::F32),
+           c = Tensor::empty({s.m, s.n}, DType::F32);
+    rng.fill_normal(a, 0, 1);
+    rng.fill_normal(bm, 0, 1);
+    const double flop = 2.0 * static_cast<double>(s.m * s.n * s.k);
+    // Enough calls per timing that each takes some milliseconds.
+    const int calls = static_cast<int>(std::max<double>(1, 2e8 / flop));
+    const std::vector<double> ms = interleaved_median_ms(
+        1, b.reps,
+        {[&] {
+           for (int i = 0; i < calls; ++i)
+             cpu::gemm<float>(s.trans_a, s.trans_b, s.m, s.n, s.k, 1.0f, a.data<float>(), ca,
+                              bm.data<float>(), cb, 0.0f, c.data<float>(), s.n);
+         },
+         [&] {
+           for (int i = 0; i < calls; ++i)
+             cpu::gemm_f32_library(s.trans_a, s.trans_b, s.m, s.n, s.k, 1.0f, a.data<float>(), ca,
+                                   bm.data<float>(), cb, 0.0f, c.data<float>(), s.n);
+         }});
+    const double engine = flop * calls / ms[0] / 1e6, library = flop * calls / ms[1] / 1e6;
+    f32[s.name] = engine;
+    rows.push_back({{"dtype", "f32"},
+                    {"shape", s.name},
+                    {"what", s.what},
+                    {"m", s.m},
+                    {"n", s.n},
+                    {"k", s.k},
+                    {"gflops", engine},
+                    {"library_gflops", library},
+                    {"of_library", engine / library},
+                    {"of_peak", engine / peak}});
+    if (!b.json)
+      fmt::print("{:<12} {:>6} {:>6} {:>6} {:>11.1f} {:>11.1f} {:>8.0f}% {:>7.0f}%\n", s.name, s.m,
+                 s.n, s.k, engine, library, 100 * engine / library, 100 * engine / peak);
+  }
+  if (b.json) {
+    const nlohmann::json j = {{"cpu", f.brand},
+                              {"features", f.str()},
+                              {"path", cpu_path_name(cpu_path())},
+                              {"best_path", cpu_path_name(f.best())},
+                              {"f32_backend", backend},
+                              {"threads", num_threads()},
+                              {"fma_peak_gflops", peak},
+                              {"gflops", {{"f32", f32}}},
+                              {"shapes", rows}};
+    fmt::print("{}\n", j.dump());
+  } else {
+    fmt::print(
+        "\nengine: the engine's GEMM (tiles fixed by the shape: the same bits on any thread "
+        "count);\nlibrary: one call of the same library threaded its own way.\n");
+  }
+  return 0;
+}
+
+}  // namespace
+
+std::pair<CLI::App*, Run> add_bench_gemm(CLI::App& bench) {
+  auto b = std::make_shared<BenchGemm>();
+  auto* gemm = bench.add_subcommand(
+      "gemm", "matrix products per dtype and shape class against the FMA peak and the library");
+  gemm->add_option("-t,--threads", b->threads, "threads (0: all cores)")->capture_default_str();
+  gemm->add_option("--reps", b->reps, "timed runs (the median is reported)")->capture_default_str();
+  gemm->add_flag("--json", b->json,
+                 "print one JSON object (path, fma_peak_gflops, gflops per dtype and shape, ...)");
+  return {gemm, [b] { return run_bench_gemm(*b); }};
+}
+
+}  // namespace moe::cli
