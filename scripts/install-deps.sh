@@ -5,7 +5,7 @@
 set -euo pipefail
 
 packages=(build-essential cmake ninja-build pkg-config
-          libopenblas-openmp-dev libdnnl-dev nlohmann-json3-dev libcli11-dev libfmt-dev
+          libopenblas-openmp-dev libdnnl-dev libhwy-dev nlohmann-json3-dev libcli11-dev libfmt-dev
           libopenmpi-dev openmpi-bin zlib1g-dev
           libpcre2-dev libicu-dev libsentencepiece-dev
           fortunes fortunes-de fortunes-es fortunes-it fortunes-ru)

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "moe/generate.h"
 #include "moe/trainer.h"
@@ -91,6 +92,35 @@ TEST(Sampling, GenerationIsSeededAndStops) {
   EXPECT_EQ(s[1][2], a[1][2]);
   EXPECT_TRUE(s[1].size() == a[1].size() || s[1].back() == stop);
   EXPECT_THROW(generate(model, prompts, 40, c), Error);  // beyond max_seq_len
+}
+
+// A prompt pass that runs the output head on each sequence's last position only gives that
+// position's logits of the full pass (to the rounding of a product of another height) and
+// leaves the same cache behind.
+TEST(Sampling, PromptPassHeadOnLastPositions) {
+  ModelConfig cfg = model_preset("tiny");
+  cfg.max_seq_len = 32;
+  Model model(cfg);
+  Rng init(5);
+  model.init(init);
+  const int64_t B = 2, T = 7, V = cfg.vocab_size;
+  Tensor tok = Tensor::empty({B, T}, DType::I32);
+  for (int64_t i = 0; i < B * T; ++i) tok.data<int32_t>()[i] = static_cast<int32_t>(i * 37 % V);
+  KvCache full_cache = model.make_cache(B, 16), last_cache = model.make_cache(B, 16);
+  Arena a1, a2;
+  const Tensor full = model.decode(tok, full_cache, a1);
+  const Tensor last = model.decode(tok, last_cache, a2, {}, nullptr, Model::LogitRows::last);
+  ASSERT_EQ(last.shape(), Shape({B, 1, V}));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t v = 0; v < V; ++v)
+      EXPECT_NEAR(last.data<float>()[b * V + v], full.data<float>()[(b * T + T - 1) * V + v], 1e-5)
+          << b << " " << v;
+  for (size_t l = 0; l < full_cache.k.size(); ++l) {
+    EXPECT_EQ(0,
+              std::memcmp(full_cache.k[l].raw(), last_cache.k[l].raw(), full_cache.k[l].nbytes()));
+    EXPECT_EQ(0,
+              std::memcmp(full_cache.v[l].raw(), last_cache.v[l].raw(), full_cache.v[l].nbytes()));
+  }
 }
 
 }  // namespace moe

@@ -193,11 +193,16 @@ class Model {
 
   // Inference with a key/value cache (any architecture variant; no gradients).
   KvCache make_cache(int64_t slots, int64_t capacity) const;
+  // Which positions of a decode step get the output head: every one (logits of a whole text),
+  // or each sequence's last (generation samples only from it; a prompt of T tokens then costs
+  // one row of the head instead of T).
+  enum class LogitRows { all, last };
   // Runs tokens i32 [B, Tq] as the next Tq positions of cache slots `slots` (B of them; empty:
-  // 0..B-1), appending their keys and values; returns logits [B, Tq, V] in the arena.
+  // 0..B-1), appending their keys and values; returns logits [B, Tq, V] (LogitRows::last:
+  // [B, 1, V]) in the arena.
   Tensor decode(const Tensor& tokens, KvCache& cache, Arena& arena,
                 const std::vector<int64_t>& slots = {},
-                std::vector<Tensor>* router_logits = nullptr);
+                std::vector<Tensor>* router_logits = nullptr, LogitRows rows = LogitRows::all);
 
  private:
   struct Impl;

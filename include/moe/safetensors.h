@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "moe/tensor.h"
+#include "moe/weights.h"
 
 namespace moe {
 
@@ -92,9 +93,6 @@ struct StoredTensor {
 // float32 scale per row in `scales`) to float32.
 void rows_to_f32(const std::string& dtype, const void* src, const float* scales, int64_t rows,
                  int64_t row_len, float* out);
-
-// Rounds float32 to bfloat16 (to nearest, ties to even; NaN stays NaN).
-uint16_t f32_to_bf16(float f);
 
 // Int8 with per-row scales: scale = max |x| / 127 over the row (1 for an all-zero row), and
 // q = round(x / scale).

@@ -1,4 +1,6 @@
-// moe/tensor.h: a dense, row-major tensor of float32, float64, int32 or int64.
+// moe/tensor.h: a dense, row-major tensor of float32, float64, int32 or int64, or of weights as
+// a checkpoint stores them (bf16, f16): those are read by the weight kernels (moe/weights.h) and
+// converted with to(), never accessed element by element as another type.
 //
 // A Tensor either owns its buffer (Tensor::empty / zeros, 64-byte aligned) or views memory that
 // somebody else owns (Tensor::view, used for arena-backed activations). Copies share the buffer;
@@ -18,7 +20,7 @@
 
 namespace moe {
 
-enum class DType { F32, F64, I32, I64 };
+enum class DType { F32, F64, I32, I64, BF16, F16 };
 
 // A tensor's dimensions, stored inline (up to kMaxDims), so that making a tensor or a view never
 // touches the heap: the training step allocates nothing in its steady state.
@@ -119,8 +121,10 @@ class Tensor {
   const void* raw() const { return data_; }
 
   Tensor clone() const;
-  Tensor to(DType dtype) const;  // converting copy (float types only)
-  void fill(double value);       // float types only
+  // Converting copy between the float types (f32, f64; and from bf16 and f16, exactly; to bf16,
+  // rounding to nearest even).
+  Tensor to(DType dtype) const;
+  void fill(double value);  // f32, f64, i32, i64
   // Element i as double, for tests and diagnostics (float types only).
   double at(int64_t i) const;
 

@@ -8,6 +8,8 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 
+#include "moe/weights.h"
+
 namespace moe {
 
 size_t dtype_size(DType dtype) {
@@ -16,6 +18,8 @@ size_t dtype_size(DType dtype) {
     case DType::F64: return 8;
     case DType::I32: return 4;
     case DType::I64: return 8;
+    case DType::BF16:
+    case DType::F16: return 2;
   }
   return 0;
 }
@@ -26,6 +30,8 @@ const char* dtype_name(DType dtype) {
     case DType::F64: return "f64";
     case DType::I32: return "i32";
     case DType::I64: return "i64";
+    case DType::BF16: return "bf16";
+    case DType::F16: return "f16";
   }
   return "?";
 }
@@ -127,12 +133,32 @@ Tensor Tensor::clone() const {
 
 Tensor Tensor::to(DType dtype) const {
   if (dtype == dtype_) return clone();
-  MOE_CHECK((dtype_ == DType::F32 || dtype_ == DType::F64) &&
-                (dtype == DType::F32 || dtype == DType::F64),
+  const bool from16 = dtype_ == DType::BF16 || dtype_ == DType::F16;
+  const bool from_float = dtype_ == DType::F32 || dtype_ == DType::F64 || from16;
+  MOE_CHECK(from_float && (dtype == DType::F32 || dtype == DType::F64 ||
+                           (dtype == DType::BF16 && dtype_ == DType::F32)),
             "tensor", "conversion from {} to {} is not supported", dtype_name(dtype_),
             dtype_name(dtype));
   Tensor t = empty(shape_, dtype);
   const int64_t n = numel();
+  if (from16) {  // through the weight kernels' exact widening
+    const int64_t cols = ndim() > 0 ? shape_.back() : 1, rows = cols > 0 ? n / cols : 0;
+    const WeightMatrix w{dtype_ == DType::BF16 ? WType::bf16 : WType::f16, data_, rows, cols,
+                         nullptr};
+    if (dtype == DType::F32) {
+      cpu::weight_rows_f32(w, 0, rows, t.data<float>());
+    } else {
+      const Tensor f = to(DType::F32);
+      return f.to(DType::F64);
+    }
+    return t;
+  }
+  if (dtype == DType::BF16) {
+    const float* s = static_cast<const float*>(data_);
+    auto* d = static_cast<uint16_t*>(t.raw());
+    for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(s[i]);
+    return t;
+  }
   if (dtype == DType::F64) {
     const float* s = static_cast<const float*>(data_);
     double* d = t.data<double>();
@@ -151,6 +177,9 @@ void Tensor::fill(double value) {
     case DType::F64: fill_typed<double>(data_, numel(), value); break;
     case DType::I32: fill_typed<int32_t>(data_, numel(), value); break;
     case DType::I64: fill_typed<int64_t>(data_, numel(), value); break;
+    case DType::BF16:
+    case DType::F16:
+      throw_error("tensor", fmt::format("fill is not defined for {} tensors", dtype_name(dtype_)));
   }
 }
 
@@ -161,6 +190,12 @@ double Tensor::at(int64_t i) const {
     case DType::F64: return static_cast<const double*>(data_)[i];
     case DType::I32: return static_cast<const int32_t*>(data_)[i];
     case DType::I64: return static_cast<double>(static_cast<const int64_t*>(data_)[i]);
+    case DType::BF16:
+    case DType::F16: {
+      uint16_t h;  // a view of a mapped file may not be 2-byte aligned
+      std::memcpy(&h, static_cast<const char*>(data_) + 2 * i, 2);
+      return dtype_ == DType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+    }
   }
   return 0;
 }

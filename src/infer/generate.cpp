@@ -82,15 +82,16 @@ std::vector<std::vector<int32_t>> generate(Model& model,
     if (on_token) on_token(b, next[b]);
     if (std::find(stop.begin(), stop.end(), next[b]) != stop.end()) done[b] = true;
   };
-  // Prefill each prompt in one pass; its last position gives the first new token.
+  // Prefill each prompt in one pass; its last position (the only one through the output head)
+  // gives the first new token.
   for (int64_t b = 0; b < B && n > 0; ++b) {
     const std::vector<int32_t>& p = prompts[static_cast<size_t>(b)];
     const int64_t T = static_cast<int64_t>(p.size());
     Tensor tok = Tensor::empty({1, T}, DType::I32);
     std::copy(p.begin(), p.end(), tok.data<int32_t>());
     arena.reset();
-    const Tensor logits = model.decode(tok, cache, arena, {b});
-    choose(static_cast<size_t>(b), logits.to(DType::F32).data<float>() + (T - 1) * V);
+    const Tensor logits = model.decode(tok, cache, arena, {b}, nullptr, Model::LogitRows::last);
+    choose(static_cast<size_t>(b), logits.to(DType::F32).data<float>());
   }
   // Then one token per step for the sequences still running.
   for (int64_t step = 1; step < n; ++step) {

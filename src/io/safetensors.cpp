@@ -111,32 +111,10 @@ const char* st_dtype(DType d) {
     case DType::F64: return "F64";
     case DType::I32: return "I32";
     case DType::I64: return "I64";
+    case DType::BF16: return "BF16";
+    case DType::F16: return "F16";
   }
   return "?";
-}
-
-float f16_to_f32(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
-  if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {  // subnormal: normalize
-      exp = 127 - 15 + 1;
-      while ((mant & 0x400) == 0) {
-        mant <<= 1;
-        --exp;
-      }
-      bits = sign | (exp << 23) | ((mant & 0x3ff) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7f800000u | (mant << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
 }
 
 }  // namespace
@@ -221,46 +199,14 @@ bool StoredTensor::as_f32() const {
 
 void rows_to_f32(const std::string& dtype, const void* src, const float* scales, int64_t rows,
                  int64_t row_len, float* out) {
-  const int64_t n = rows * row_len;
-  // Elementwise, so the same bits on any number of threads; threads only for large blocks (an
-  // expert is converted on every use when offloading).
-  const bool par = n >= (int64_t{1} << 18);
-  if (dtype == "F32") {
-    std::memcpy(out, src, static_cast<size_t>(n) * sizeof(float));
-  } else if (dtype == "BF16") {
-    const auto* p = static_cast<const unsigned char*>(src);
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t i = 0; i < n; ++i) {
-      uint16_t v;
-      std::memcpy(&v, p + 2 * i, 2);
-      const uint32_t bits = static_cast<uint32_t>(v) << 16;
-      std::memcpy(&out[i], &bits, 4);
-    }
-  } else if (dtype == "F16") {
-    const auto* p = static_cast<const unsigned char*>(src);
-    for (int64_t i = 0; i < n; ++i) {
-      uint16_t v;
-      std::memcpy(&v, p + 2 * i, 2);
-      out[i] = f16_to_f32(v);
-    }
-  } else if (dtype == "I8") {
-    const auto* q = static_cast<const int8_t*>(src);
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t r = 0; r < rows; ++r) {
-      const float sc = scales[r];
-      for (int64_t j = 0; j < row_len; ++j) out[r * row_len + j] = sc * q[r * row_len + j];
-    }
-  } else {
-    throw_error("safetensors", fmt::format("{} values cannot be read as float32", dtype));
-  }
-}
-
-uint16_t f32_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN
-  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
-  return static_cast<uint16_t>(bits >> 16);
+  const std::optional<WType> t = dtype == "F32"    ? WType::f32
+                                 : dtype == "BF16" ? WType::bf16
+                                 : dtype == "F16"  ? WType::f16
+                                 : dtype == "I8"   ? std::optional<WType>(WType::i8)
+                                                   : std::nullopt;
+  if (!t) throw_error("safetensors", fmt::format("{} values cannot be read as float32", dtype));
+  const WeightMatrix w{*t, src, rows, row_len, scales};
+  cpu::weight_rows_f32(w, 0, rows, out);
 }
 
 void quantize_rows_int8(const float* x, int64_t rows, int64_t row_len, int8_t* q, float* scales) {

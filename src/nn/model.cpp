@@ -510,7 +510,7 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
 template <class T>
 Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
                            const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits,
-                           ModelOutput* routing) {
+                           ModelOutput* routing, Model::LogitRows rows) {
   const char* w = "model.decode";
   MOE_CHECK(tokens.ndim() == 2 && tokens.dtype() == DType::I32, w,
             "tokens must be i32[B, T], got {}", tokens.str());
@@ -596,6 +596,16 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
     for (int64_t i = 0; i < N * D; ++i) h[i] += yp[i];
   }
   for (int64_t b = 0; b < B; ++b) cache.length[static_cast<size_t>(slot[b])] += Tq;
+  if (rows == Model::LogitRows::last && Tq > 1) {
+    // Only each sequence's last position: its row of h, normalized, through the head.
+    for (int64_t b = 0; b < B; ++b)
+      std::copy(h + (b * Tq + Tq - 1) * D, h + (b * Tq + Tq) * D, o + b * D);
+    norm(a, o, final_norm, B);
+    Tensor logits = arena.tensor({B, 1, V}, dtype_of<T>());
+    cpu::gemm<T>(false, true, B, V, D, T(1), a, D, lm_head.value.data<T>(), D, T(0),
+                 logits.data<T>(), V);
+    return logits;
+  }
   norm(a, h, final_norm, N);
   Tensor logits = arena.tensor({B, Tq, V}, dtype_of<T>());
   cpu::gemm<T>(false, true, N, V, D, T(1), a, D, lm_head.value.data<T>(), D, T(0), logits.data<T>(),
@@ -623,10 +633,11 @@ KvCache Model::make_cache(int64_t slots, int64_t capacity) const {
 }
 
 Tensor Model::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
-                     const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits) {
+                     const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits,
+                     LogitRows rows) {
   return impl_->dtype == DType::F64
-             ? impl_->decode<double>(tokens, cache, arena, slots, router_logits)
-             : impl_->decode<float>(tokens, cache, arena, slots, router_logits);
+             ? impl_->decode<double>(tokens, cache, arena, slots, router_logits, nullptr, rows)
+             : impl_->decode<float>(tokens, cache, arena, slots, router_logits, nullptr, rows);
 }
 
 Model::Model(const ModelConfig& cfg, DType dtype, bool routed_experts)

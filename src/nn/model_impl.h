@@ -243,7 +243,7 @@ struct Model::Impl {
   // forward reports them.
   Tensor decode(const Tensor& tokens, KvCache& cache, Arena& arena,
                 const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits,
-                ModelOutput* routing = nullptr);
+                ModelOutput* routing = nullptr, Model::LogitRows rows = Model::LogitRows::all);
   template <class T>
   void attention_step(Block& blk, const T* a, int64_t B, int64_t Tq, const int64_t* pos,
                       const int64_t* slot, const int64_t* start, Tensor& kc, Tensor& vc,

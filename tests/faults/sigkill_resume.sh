@@ -12,17 +12,29 @@ mkdir -p "$work"
 common=(--preset tiny --batch 4 --seq-len 32 --steps 60 --save-every 3 --eval-every 100000
         --warmup 5 --sample 0 --seed 3 -t 2)
 "$moe" train "${common[@]}" --out "$work/ref" --log "$work/ref.jsonl" >/dev/null 2>&1
-# How long the whole run takes here (it differs between builds), to spread the kills over it.
+# When the first checkpoint appears and how long the whole run takes here (both differ between
+# builds and machines), to spread the kills over the part of the run that writes checkpoints.
 start=$(date +%s%N)
-"$moe" train "${common[@]}" --out "$work/timing" >/dev/null 2>&1
+"$moe" train "${common[@]}" --out "$work/timing" >/dev/null 2>&1 &
+pid=$!
+first_ms=
+while kill -0 "$pid" 2>/dev/null; do
+  if [[ -z $first_ms && -f $work/timing/latest ]]; then
+    first_ms=$(( ($(date +%s%N) - start) / 1000000 ))
+  fi
+  sleep 0.005
+done
+wait "$pid"
 total_ms=$(( ($(date +%s%N) - start) / 1000000 ))
-echo "an uninterrupted run takes ${total_ms} ms"
+first_ms=${first_ms:-0}
+echo "an uninterrupted run takes ${total_ms} ms, its first checkpoint appears at ${first_ms} ms"
+span_ms=$(( total_ms - first_ms ))
 
 resumed=0
 for i in $(seq 1 "$trials"); do
   out=$work/t$i
-  # the i-th kill lands at (i - 0.5) / trials of the run, plus up to 10% of jitter
-  delay_ms=$(( total_ms * (2 * i - 1) / (2 * trials) + RANDOM % (total_ms / 10 + 1) ))
+  # the i-th kill lands at (i - 0.5) / trials of the checkpointing part, plus up to 10% of jitter
+  delay_ms=$(( first_ms + span_ms * (2 * i - 1) / (2 * trials) + RANDOM % (span_ms / 10 + 1) ))
   "$moe" train "${common[@]}" --out "$out" >/dev/null 2>&1 &
   pid=$!
   sleep "$(printf '%d.%03d' $((delay_ms / 1000)) $((delay_ms % 1000)))"

@@ -207,11 +207,10 @@ int run_bench_decode(const BenchDecode& b) {
   Arena arena;
   Tensor tok = Tensor::empty({1, b.prompt}, DType::I32);
   for (int64_t i = 0; i < b.prompt; ++i) tok.data<int32_t>()[i] = static_cast<int32_t>(i % b.vocab);
-  Tensor logits = model.decode(tok, cache, arena);
+  Tensor logits = model.decode(tok, cache, arena, {}, nullptr, Model::LogitRows::last);
   int32_t next =
-      static_cast<int32_t>(std::max_element(logits.data<float>() + (b.prompt - 1) * b.vocab,
-                                            logits.data<float>() + b.prompt * b.vocab) -
-                           (logits.data<float>() + (b.prompt - 1) * b.vocab));
+      static_cast<int32_t>(std::max_element(logits.data<float>(), logits.data<float>() + b.vocab) -
+                           logits.data<float>());
   Tensor one = Tensor::empty({1, 1}, DType::I32);
   std::vector<double> ms;
   for (int64_t i = 0; i < b.tokens; ++i) {

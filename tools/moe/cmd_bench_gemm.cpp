@@ -11,6 +11,7 @@
 #include "moe/rng.h"
 #include "moe/tensor.h"
 #include "moe/threading.h"
+#include "moe/weights.h"
 #include "timing.h"
 
 namespace moe::cli {
@@ -55,8 +56,10 @@ int run_bench_gemm(const BenchGemm& b) {
     fmt::print("kernel path: {} (best here: {}; cap with MOE_CPU_PATH or --cpu-path)\n",
                cpu_path_name(cpu_path()), cpu_path_name(f.best()));
     fmt::print("float32 GEMM: {}\n", backend);
+    fmt::print("weight kernels (bf16, f16, int8; float32 rows <= {}): Highway {}\n",
+               cpu::kMatvecMaxRows, cpu::weight_kernel_target());
     fmt::print("threads: {}   FMA peak: {:.1f} GFLOP/s\n\n", num_threads(), peak);
-    fmt::print("{:<12} {:>6} {:>6} {:>6} {:>11} {:>11} {:>9} {:>8}\n", "f32 shape", "m", "n", "k",
+    fmt::print("{:<18} {:>6} {:>6} {:>6} {:>11} {:>11} {:>9} {:>8}\n", "f32 shape", "m", "n", "k",
                "engine", "library", "of lib", "of peak");
   }
   Rng rng(1);
@@ -95,10 +98,79 @@ int run_bench_gemm(const BenchGemm& b) {
                     {"of_library", engine / library},
                     {"of_peak", engine / peak}});
     if (!b.json)
-      fmt::print("{:<12} {:>6} {:>6} {:>6} {:>11.1f} {:>11.1f} {:>8.0f}% {:>7.0f}%\n", s.name, s.m,
+      fmt::print("{:<18} {:>6} {:>6} {:>6} {:>11.1f} {:>11.1f} {:>8.0f}% {:>7.0f}%\n", s.name, s.m,
                  s.n, s.k, engine, library, 100 * engine / library, 100 * engine / peak);
   }
+  // Weights in their stored formats: y = x W^T from bf16, f16 and int8 weights (moe/weights.h),
+  // against the float32 library on the same shape with the weights already float32.
+  const struct {
+    const char* name;
+    const char* what;
+    int64_t n, rows, cols;
+  } kWeightShapes[] = {
+      {"gemv", "one token through a 2048 x 2048 weight", 1, 2048, 2048},
+      {"gemv4", "four tokens through a 2048 x 2048 weight", 4, 2048, 2048},
+      {"expert_rows", "Qwen3-30B-A3B expert on 32 prompt rows", 32, 768, 2048},
+      {"prompt", "512 prompt rows through a 4096 x 2048 weight", 512, 4096, 2048},
+  };
+  nlohmann::json by_type = nlohmann::json::object();
+  if (!b.json)
+    fmt::print("\n{:<18} {:>6} {:>6} {:>6} {:>11} {:>11} {:>9} {:>8} {:>9}\n", "weights", "n",
+               "rows", "cols", "engine", "f32 lib", "of lib", "of peak", "GB/s of W");
+  for (WType t : {WType::bf16, WType::f16, WType::i8}) {
+    for (const auto& s : kWeightShapes) {
+      const int64_t cells = s.rows * s.cols;
+      Tensor wf = Tensor::empty({s.rows, s.cols}, DType::F32),
+             x = Tensor::empty({s.n, s.cols}, DType::F32),
+             y = Tensor::empty({s.n, s.rows}, DType::F32);
+      rng.fill_normal(wf, 0, 1);
+      rng.fill_normal(x, 0, 1);
+      std::vector<uint16_t> h(static_cast<size_t>(cells));
+      std::vector<int8_t> q(static_cast<size_t>(cells));
+      std::vector<float> scale(static_cast<size_t>(s.rows), 0.01f);
+      const float* wp = wf.data<float>();
+      for (int64_t i = 0; i < cells; ++i) {
+        h[static_cast<size_t>(i)] = t == WType::f16 ? f32_to_f16(wp[i]) : f32_to_bf16(wp[i]);
+        q[static_cast<size_t>(i)] = static_cast<int8_t>(static_cast<int>(wp[i] * 30) % 127);
+      }
+      const WeightMatrix w{t, t == WType::i8 ? static_cast<const void*>(q.data()) : h.data(),
+                           s.rows, s.cols, t == WType::i8 ? scale.data() : nullptr};
+      const double flop = 2.0 * static_cast<double>(s.n * cells);
+      const int calls = static_cast<int>(std::max<double>(1, 2e8 / flop));
+      const std::vector<double> ms = interleaved_median_ms(
+          1, b.reps,
+          {[&] {
+             for (int i = 0; i < calls; ++i)
+               cpu::matmul_wt(w, x.data<float>(), s.cols, s.n, y.data<float>(), s.rows);
+           },
+           [&] {
+             for (int i = 0; i < calls; ++i)
+               cpu::gemm_f32_library(false, true, s.n, s.rows, s.cols, 1.0f, x.data<float>(),
+                                     s.cols, wp, s.cols, 0.0f, y.data<float>(), s.rows);
+           }});
+      const double engine = flop * calls / ms[0] / 1e6, library = flop * calls / ms[1] / 1e6;
+      const double gbs = static_cast<double>(w.bytes()) * calls / ms[0] / 1e6;
+      by_type[wtype_name(t)][s.name] = engine;
+      rows.push_back({{"dtype", wtype_name(t)},
+                      {"shape", s.name},
+                      {"what", s.what},
+                      {"m", s.n},
+                      {"n", s.rows},
+                      {"k", s.cols},
+                      {"gflops", engine},
+                      {"library_gflops", library},
+                      {"of_library", engine / library},
+                      {"of_peak", engine / peak},
+                      {"weight_gb_per_s", gbs}});
+      if (!b.json)
+        fmt::print("{:<18} {:>6} {:>6} {:>6} {:>11.1f} {:>11.1f} {:>8.0f}% {:>7.0f}% {:>9.1f}\n",
+                   fmt::format("{} {}", wtype_name(t), s.name), s.n, s.rows, s.cols, engine,
+                   library, 100 * engine / library, 100 * engine / peak, gbs);
+    }
+  }
   if (b.json) {
+    nlohmann::json gf = by_type;
+    gf["f32"] = f32;
     const nlohmann::json j = {{"cpu", f.brand},
                               {"features", f.str()},
                               {"path", cpu_path_name(cpu_path())},
@@ -106,7 +178,8 @@ int run_bench_gemm(const BenchGemm& b) {
                               {"f32_backend", backend},
                               {"threads", num_threads()},
                               {"fma_peak_gflops", peak},
-                              {"gflops", {{"f32", f32}}},
+                              {"weight_kernels", cpu::weight_kernel_target()},
+                              {"gflops", gf},
                               {"shapes", rows}};
     fmt::print("{}\n", j.dump());
   } else {

@@ -13,6 +13,7 @@
 #include "moe/cpu.h"
 #include "moe/error.h"
 #include "moe/kernels.h"
+#include "moe/weights.h"
 
 namespace moe::cpu {
 
@@ -196,6 +197,12 @@ template <>
 void gemm<float>(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                  const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                  int64_t ldc) {
+  if (m == 1 && trans_b && !trans_a && ldb == k && lda >= k && ldc >= n && alpha == 1.0f &&
+      beta == 0.0f && k > 0) {
+    // One row through a weight [n, k] (decoding): our one-pass kernel (moe/weights.h).
+    matmul_wt(WeightMatrix{WType::f32, b, n, k, nullptr}, a, lda, 1, c, ldc);
+    return;
+  }
   gemm_tiled(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, sgemm_backend(),
              cblas_sgemv);
 }

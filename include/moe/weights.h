@@ -1,0 +1,67 @@
+// moe/weights.h: a weight matrix as it is stored (float32, bf16, f16, or int8 with one float32
+// scale per row), and the products the engine computes from it without converting it first.
+//
+// Linear layers compute y = x W^T with W [rows, cols] = [out, in]. Few rows of x (decoding) read
+// each weight once and are bound by memory bandwidth: one pass over W per call, each stored
+// element widened to float32 in registers. Many rows (a prompt) convert a panel of W's rows to
+// float32 in a per-thread buffer and run the float32 GEMM on it, so the weights stay in their
+// format in memory and the arithmetic is the float32 GEMM's.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace moe {
+
+enum class WType {
+  f32,
+  bf16,  // bfloat16: the top 16 bits of a float32
+  f16,   // IEEE 754 binary16
+  i8,    // int8, w[r, k] = scale[r] * q[r, k] (moe quantize --to int8)
+};
+
+const char* wtype_name(WType t);
+std::optional<WType> parse_wtype(const std::string& name);
+size_t wtype_size(WType t);  // bytes per element
+
+// W [rows, cols], row-major and contiguous as stored; scale [rows] for i8.
+struct WeightMatrix {
+  WType type = WType::f32;
+  const void* data = nullptr;
+  int64_t rows = 0, cols = 0;
+  const float* scale = nullptr;
+  size_t bytes() const { return static_cast<size_t>(rows * cols) * wtype_size(type); }
+  // Row r, element k, widened to float32 exactly (bf16, f16 and int8 are exact in float32; the
+  // i8 scale's product rounds once).
+  float at(int64_t r, int64_t k) const;
+};
+
+// Scalar conversions: bf16 and f16 bits to float32 (exact); float32 to bf16, to nearest, ties to
+// even (NaN stays NaN).
+float bf16_to_f32(uint16_t h);
+float f16_to_f32(uint16_t h);
+uint16_t f32_to_bf16(float f);
+// float32 to IEEE binary16, to nearest, ties to even (overflow to infinity, NaN stays NaN).
+uint16_t f32_to_f16(float f);
+
+namespace cpu {
+
+// y[i, r] (row stride ldy) = sum_k W[r, k] x[i, k] (x row stride ldx), for i < n, r < rows,
+// with W in its stored format; float32 arithmetic. Bits depend on the kernel path (moe/cpu.h)
+// and on n (few rows or panels), never on the thread count. Runs on all threads outside a
+// parallel region and on the calling thread inside one.
+void matmul_wt(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, float* y,
+               int64_t ldy);
+
+// Rows [r0, r1) of W widened to float32: out [(r1 - r0), cols].
+void weight_rows_f32(const WeightMatrix& w, int64_t r0, int64_t r1, float* out);
+
+// The SIMD target the weight kernels run on this path ("AVX3", "AVX2", "SCALAR").
+const char* weight_kernel_target();
+
+// At most this many rows of x take the one-pass path of matmul_wt; more take the panels.
+constexpr int64_t kMatvecMaxRows = 4;
+
+}  // namespace cpu
+}  // namespace moe

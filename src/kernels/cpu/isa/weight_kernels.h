@@ -1,0 +1,38 @@
+// The per-ISA weight kernels (moe/weights.h): one source, compiled once per kernel path with that
+// path's compiler flags (weights_generic.cpp, weights_avx2.cpp, weights_avx512.cpp) into its own
+// namespace, on Highway's ops for the target those flags make static. dispatch.cpp picks the
+// table from moe::cpu_path(), never from a library's CPU detection.
+//
+// These files include nothing but Highway and <cstdint>: a template of the standard library
+// instantiated here would be compiled for the wider ISA and could be the copy the linker keeps
+// for the whole program.
+#pragma once
+
+#include <cstdint>
+
+namespace moe::cpu {
+
+struct WeightKernels {
+  const char* target;
+  // y[i * ldy + r] = sum_k w[r * cols + k] x[i * ldx + k] for r in [r0, r1), i < n (n <= 4);
+  // i8 multiplies each row's sum by scale[r].
+  void (*dot_f32)(const float* w, int64_t cols, const float* x, int64_t ldx, int64_t n, int64_t r0,
+                  int64_t r1, float* y, int64_t ldy);
+  void (*dot_bf16)(const uint16_t* w, int64_t cols, const float* x, int64_t ldx, int64_t n,
+                   int64_t r0, int64_t r1, float* y, int64_t ldy);
+  void (*dot_f16)(const uint16_t* w, int64_t cols, const float* x, int64_t ldx, int64_t n,
+                  int64_t r0, int64_t r1, float* y, int64_t ldy);
+  void (*dot_i8)(const int8_t* w, const float* scale, int64_t cols, const float* x, int64_t ldx,
+                 int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy);
+  // out[(r - r0) * cols + k] = w[r, k] as float32, r in [r0, r1).
+  void (*rows_bf16)(const uint16_t* w, int64_t cols, int64_t r0, int64_t r1, float* out);
+  void (*rows_f16)(const uint16_t* w, int64_t cols, int64_t r0, int64_t r1, float* out);
+  void (*rows_i8)(const int8_t* w, const float* scale, int64_t cols, int64_t r0, int64_t r1,
+                  float* out);
+};
+
+extern const WeightKernels kWeightKernelsGeneric;
+extern const WeightKernels kWeightKernelsAvx2;
+extern const WeightKernels kWeightKernelsAvx512;
+
+}  // namespace moe::cpu

@@ -1,0 +1,164 @@
+// The body of the per-ISA weight kernels (weight_kernels.h). The including file defines
+// MOE_ISA_NS (its namespace) and MOE_ISA_TABLE (the table it fills), after choosing the ISA with
+// its compiler flags; Highway's static target follows those flags.
+#include <hwy/highway.h>
+
+#include "kernels/cpu/isa/scalar_convert.h"
+#include "kernels/cpu/isa/weight_kernels.h"
+
+namespace moe::cpu::MOE_ISA_NS {
+namespace {
+
+namespace hn = hwy::HWY_NAMESPACE;
+using DF = hn::ScalableTag<float>;
+using VF = hn::Vec<DF>;
+
+// Stored rows, each lane widened to float32 (load: L lanes from element k of row r).
+struct F32Rows {
+  const float* w;
+  int64_t cols;
+  HWY_INLINE VF load(DF d, int64_t r, int64_t k) const { return hn::LoadU(d, w + r * cols + k); }
+  HWY_INLINE float at(int64_t r, int64_t k) const { return w[r * cols + k]; }
+};
+
+struct Bf16Rows {
+  const uint16_t* w;
+  int64_t cols;
+  HWY_INLINE VF load(DF d, int64_t r, int64_t k) const {
+    const hn::Rebind<hwy::bfloat16_t, DF> db;
+    return hn::PromoteTo(d,
+                         hn::LoadU(db, reinterpret_cast<const hwy::bfloat16_t*>(w + r * cols + k)));
+  }
+  HWY_INLINE float at(int64_t r, int64_t k) const {
+    return scalar::bf16_to_f32(scalar::load16(w + r * cols + k));
+  }
+};
+
+struct F16Rows {
+  const uint16_t* w;
+  int64_t cols;
+  HWY_INLINE VF load(DF d, int64_t r, int64_t k) const {
+    const hn::Rebind<hwy::float16_t, DF> dh;
+    return hn::PromoteTo(d,
+                         hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(w + r * cols + k)));
+  }
+  HWY_INLINE float at(int64_t r, int64_t k) const {
+    return scalar::f16_to_f32(scalar::load16(w + r * cols + k));
+  }
+};
+
+struct I8Rows {
+  const int8_t* w;
+  int64_t cols;
+  HWY_INLINE VF load(DF d, int64_t r, int64_t k) const {
+    const hn::Rebind<int32_t, DF> di;
+    const hn::Rebind<int8_t, DF> d8;
+    return hn::ConvertTo(d, hn::PromoteTo(di, hn::LoadU(d8, w + r * cols + k)));
+  }
+  HWY_INLINE float at(int64_t r, int64_t k) const { return static_cast<float>(w[r * cols + k]); }
+};
+
+// One accumulator per weight row, summed lane-wise over k in steps of L, then across lanes, then
+// the scalar tail: the same order for a row whichever block it falls in, so a row's result does
+// not depend on how the rows were split.
+template <class W>
+HWY_INLINE void dot(const W& w, int64_t cols, const float* x, int64_t ldx, int64_t n, int64_t r0,
+                    int64_t r1, float* y, int64_t ldy, const float* scale) {
+  const DF d;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(d));
+  const int64_t kv = cols - cols % L;
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xi = x + i * ldx;
+      VF a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
+      for (int64_t k = 0; k < kv; k += L) {
+        const VF xv = hn::LoadU(d, xi + k);
+        a0 = hn::MulAdd(w.load(d, r, k), xv, a0);
+        a1 = hn::MulAdd(w.load(d, r + 1, k), xv, a1);
+        a2 = hn::MulAdd(w.load(d, r + 2, k), xv, a2);
+        a3 = hn::MulAdd(w.load(d, r + 3, k), xv, a3);
+      }
+      float s[4] = {hn::GetLane(hn::SumOfLanes(d, a0)), hn::GetLane(hn::SumOfLanes(d, a1)),
+                    hn::GetLane(hn::SumOfLanes(d, a2)), hn::GetLane(hn::SumOfLanes(d, a3))};
+      for (int j = 0; j < 4; ++j) {
+        for (int64_t k = kv; k < cols; ++k) s[j] += w.at(r + j, k) * xi[k];
+        y[i * ldy + r + j] = scale ? s[j] * scale[r + j] : s[j];
+      }
+    }
+  }
+  for (; r < r1; ++r) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xi = x + i * ldx;
+      VF a = hn::Zero(d);
+      for (int64_t k = 0; k < kv; k += L) a = hn::MulAdd(w.load(d, r, k), hn::LoadU(d, xi + k), a);
+      float s = hn::GetLane(hn::SumOfLanes(d, a));
+      for (int64_t k = kv; k < cols; ++k) s += w.at(r, k) * xi[k];
+      y[i * ldy + r] = scale ? s * scale[r] : s;
+    }
+  }
+}
+
+template <class W>
+HWY_INLINE void rows(const W& w, int64_t cols, int64_t r0, int64_t r1, float* out,
+                     const float* scale) {
+  const DF d;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(d));
+  const int64_t kv = cols - cols % L;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* o = out + (r - r0) * cols;
+    if (scale) {
+      const VF s = hn::Set(d, scale[r]);
+      for (int64_t k = 0; k < kv; k += L) hn::StoreU(hn::Mul(w.load(d, r, k), s), d, o + k);
+      for (int64_t k = kv; k < cols; ++k) o[k] = w.at(r, k) * scale[r];
+    } else {
+      for (int64_t k = 0; k < kv; k += L) hn::StoreU(w.load(d, r, k), d, o + k);
+      for (int64_t k = kv; k < cols; ++k) o[k] = w.at(r, k);
+    }
+  }
+}
+
+void dot_f32(const float* w, int64_t cols, const float* x, int64_t ldx, int64_t n, int64_t r0,
+             int64_t r1, float* y, int64_t ldy) {
+  dot(F32Rows{w, cols}, cols, x, ldx, n, r0, r1, y, ldy, nullptr);
+}
+void dot_bf16(const uint16_t* w, int64_t cols, const float* x, int64_t ldx, int64_t n, int64_t r0,
+              int64_t r1, float* y, int64_t ldy) {
+  dot(Bf16Rows{w, cols}, cols, x, ldx, n, r0, r1, y, ldy, nullptr);
+}
+void dot_f16(const uint16_t* w, int64_t cols, const float* x, int64_t ldx, int64_t n, int64_t r0,
+             int64_t r1, float* y, int64_t ldy) {
+  dot(F16Rows{w, cols}, cols, x, ldx, n, r0, r1, y, ldy, nullptr);
+}
+void dot_i8(const int8_t* w, const float* scale, int64_t cols, const float* x, int64_t ldx,
+            int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+  dot(I8Rows{w, cols}, cols, x, ldx, n, r0, r1, y, ldy, scale);
+}
+void rows_bf16(const uint16_t* w, int64_t cols, int64_t r0, int64_t r1, float* out) {
+  rows(Bf16Rows{w, cols}, cols, r0, r1, out, nullptr);
+}
+void rows_f16(const uint16_t* w, int64_t cols, int64_t r0, int64_t r1, float* out) {
+  rows(F16Rows{w, cols}, cols, r0, r1, out, nullptr);
+}
+void rows_i8(const int8_t* w, const float* scale, int64_t cols, int64_t r0, int64_t r1,
+             float* out) {
+  rows(I8Rows{w, cols}, cols, r0, r1, out, scale);
+}
+
+}  // namespace
+}  // namespace moe::cpu::MOE_ISA_NS
+
+namespace moe::cpu {
+// Highway's name of the target these flags made static.
+constexpr const char* kTargetName = HWY_TARGET == HWY_AVX3_DL  ? "AVX3_DL"
+                                    : HWY_TARGET == HWY_AVX3   ? "AVX3"
+                                    : HWY_TARGET == HWY_AVX2   ? "AVX2"
+                                    : HWY_TARGET == HWY_SSE4   ? "SSE4"
+                                    : HWY_TARGET == HWY_SSSE3  ? "SSSE3"
+                                    : HWY_TARGET == HWY_EMU128 ? "EMU128"
+                                    : HWY_TARGET == HWY_SCALAR ? "SCALAR"
+                                                               : "other";
+const WeightKernels MOE_ISA_TABLE = {
+    kTargetName,        MOE_ISA_NS::dot_f32,   MOE_ISA_NS::dot_bf16, MOE_ISA_NS::dot_f16,
+    MOE_ISA_NS::dot_i8, MOE_ISA_NS::rows_bf16, MOE_ISA_NS::rows_f16, MOE_ISA_NS::rows_i8};
+}  // namespace moe::cpu

@@ -1,0 +1,213 @@
+// Products with weights in their stored format (moe/weights.h): the per-ISA table chosen by
+// cpu_path(), the split over threads, and the scalar conversions.
+#include "moe/weights.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels/cpu/isa/scalar_convert.h"
+#include "kernels/cpu/isa/weight_kernels.h"
+#include "moe/cpu.h"
+#include "moe/error.h"
+#include "moe/kernels.h"
+#include "moe/threading.h"
+
+namespace moe {
+
+const char* wtype_name(WType t) {
+  switch (t) {
+    case WType::f32: return "f32";
+    case WType::bf16: return "bf16";
+    case WType::f16: return "f16";
+    case WType::i8: return "i8";
+  }
+  return "?";
+}
+
+std::optional<WType> parse_wtype(const std::string& name) {
+  for (WType t : {WType::f32, WType::bf16, WType::f16, WType::i8})
+    if (name == wtype_name(t)) return t;
+  return std::nullopt;
+}
+
+size_t wtype_size(WType t) {
+  switch (t) {
+    case WType::f32: return 4;
+    case WType::bf16:
+    case WType::f16: return 2;
+    case WType::i8: return 1;
+  }
+  return 0;
+}
+
+float bf16_to_f32(uint16_t h) { return cpu::scalar::bf16_to_f32(h); }
+float f16_to_f32(uint16_t h) { return cpu::scalar::f16_to_f32(h); }
+
+uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // to nearest, ties to even
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+namespace {
+uint16_t scalar_load16(const void* data, int64_t i) {
+  return cpu::scalar::load16(static_cast<const uint16_t*>(data) + i);
+}
+}  // namespace
+
+uint16_t f32_to_f16(float f) {
+  uint32_t x;
+  __builtin_memcpy(&x, &f, 4);
+  const auto sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));
+  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520: infinity
+  if (ax < 0x38800000u) {  // below 2^-14: a multiple of 2^-24 (exact scaling, rounded to even)
+    float v;
+    __builtin_memcpy(&v, &ax, 4);
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(v * 16777216.0f)));
+  }
+  uint32_t r = (((ax >> 23) - 112u) << 10) | ((ax >> 13) & 0x3ffu);
+  const uint32_t rest = ax & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (r & 1u))) ++r;  // a carry moves into the exponent
+  return static_cast<uint16_t>(sign | r);
+}
+
+float WeightMatrix::at(int64_t r, int64_t k) const {
+  const int64_t i = r * cols + k;
+  switch (type) {
+    case WType::f32: return static_cast<const float*>(data)[i];
+    case WType::bf16: return bf16_to_f32(scalar_load16(data, i));
+    case WType::f16: return f16_to_f32(scalar_load16(data, i));
+    case WType::i8: return static_cast<float>(static_cast<const int8_t*>(data)[i]) * scale[r];
+  }
+  return 0;
+}
+
+namespace cpu {
+
+namespace {
+
+const WeightKernels& kernels() {
+  const CpuPath p = cpu_path();
+  if (p >= CpuPath::avx512) return kWeightKernelsAvx512;
+  if (p >= CpuPath::avx2) return kWeightKernelsAvx2;
+  return kWeightKernelsGeneric;
+}
+
+// Rows of W per task: fixed by the shape, so the split (and nothing else) varies with threads.
+constexpr int64_t kDotRows = 64;
+constexpr int64_t kPanelRows = 64;
+
+void check(const WeightMatrix& w, const char* where) {
+  MOE_CHECK(w.rows >= 0 && w.cols >= 0, where, "weight shape [{}, {}]", w.rows, w.cols);
+  MOE_CHECK(w.data || w.rows * w.cols == 0, where, "weight [{}, {}] has no data", w.rows, w.cols);
+  MOE_CHECK(w.type != WType::i8 || w.scale || w.rows == 0, where,
+            "an int8 weight [{}, {}] needs its row scales", w.rows, w.cols);
+}
+
+// Runs task(t) for t < tasks: on all threads outside a parallel region (when the work is worth
+// it), on the calling thread inside one.
+template <class Task>
+void for_tasks(int64_t tasks, int64_t work, const Task& task) {
+  if (tasks > 1 && work >= kParallelMin && !omp_in_parallel() && omp_get_max_threads() > 1) {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) task(t);
+  } else {
+    for (int64_t t = 0; t < tasks; ++t) task(t);
+  }
+}
+
+void dot_block(const WeightKernels& k, const WeightMatrix& w, const float* x, int64_t ldx,
+               int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+  switch (w.type) {
+    case WType::f32:
+      k.dot_f32(static_cast<const float*>(w.data), w.cols, x, ldx, n, r0, r1, y, ldy);
+      break;
+    case WType::bf16:
+      k.dot_bf16(static_cast<const uint16_t*>(w.data), w.cols, x, ldx, n, r0, r1, y, ldy);
+      break;
+    case WType::f16:
+      k.dot_f16(static_cast<const uint16_t*>(w.data), w.cols, x, ldx, n, r0, r1, y, ldy);
+      break;
+    case WType::i8:
+      k.dot_i8(static_cast<const int8_t*>(w.data), w.scale, w.cols, x, ldx, n, r0, r1, y, ldy);
+      break;
+  }
+}
+
+void rows_f32(const WeightKernels& k, const WeightMatrix& w, int64_t r0, int64_t r1, float* out) {
+  switch (w.type) {
+    case WType::f32:
+      std::copy(static_cast<const float*>(w.data) + r0 * w.cols,
+                static_cast<const float*>(w.data) + r1 * w.cols, out);
+      break;
+    case WType::bf16: k.rows_bf16(static_cast<const uint16_t*>(w.data), w.cols, r0, r1, out); break;
+    case WType::f16: k.rows_f16(static_cast<const uint16_t*>(w.data), w.cols, r0, r1, out); break;
+    case WType::i8:
+      k.rows_i8(static_cast<const int8_t*>(w.data), w.scale, w.cols, r0, r1, out);
+      break;
+  }
+}
+
+}  // namespace
+
+const char* weight_kernel_target() { return kernels().target; }
+
+void weight_rows_f32(const WeightMatrix& w, int64_t r0, int64_t r1, float* out) {
+  check(w, "weight_rows_f32");
+  MOE_CHECK(0 <= r0 && r0 <= r1 && r1 <= w.rows, "weight_rows_f32", "rows [{}, {}) of {}", r0, r1,
+            w.rows);
+  // Threads only for large blocks (an offloaded expert is converted on every use).
+  const WeightKernels& k = kernels();
+  const int64_t block = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, w.cols));
+  const int64_t tasks = (r1 - r0 + block - 1) / block;
+  for_tasks(tasks, (r1 - r0) * w.cols / 8, [&](int64_t t) {
+    const int64_t a = r0 + t * block, b = std::min(r1, a + block);
+    rows_f32(k, w, a, b, out + (a - r0) * w.cols);
+  });
+}
+
+void matmul_wt(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, float* y,
+               int64_t ldy) {
+  check(w, "matmul_wt");
+  MOE_CHECK(n >= 0 && ldx >= w.cols && ldy >= w.rows, "matmul_wt",
+            "x [{}, {}] (stride {}) times W^T [{}, {}] into y (stride {})", n, w.cols, ldx, w.cols,
+            w.rows, ldy);
+  if (n == 0 || w.rows == 0) return;
+  if (w.cols == 0) {
+    for (int64_t i = 0; i < n; ++i) std::fill(y + i * ldy, y + i * ldy + w.rows, 0.0f);
+    return;
+  }
+  const WeightKernels& k = kernels();
+  if (n <= kMatvecMaxRows) {
+    const int64_t tasks = (w.rows + kDotRows - 1) / kDotRows;
+    for_tasks(tasks, w.rows * w.cols, [&](int64_t t) {
+      dot_block(k, w, x, ldx, n, t * kDotRows, std::min(w.rows, (t + 1) * kDotRows), y, ldy);
+    });
+    return;
+  }
+  if (w.type == WType::f32) {
+    gemm<float>(false, true, n, w.rows, w.cols, 1.0f, x, ldx, static_cast<const float*>(w.data),
+                w.cols, 0.0f, y, ldy);
+    return;
+  }
+  // Panels of W's rows widened into a per-thread buffer, each a single-threaded float32 GEMM.
+  const int64_t tasks = (w.rows + kPanelRows - 1) / kPanelRows;
+  for_tasks(tasks, n * w.rows * w.cols, [&](int64_t t) {
+    thread_local std::vector<float> panel;
+    const int64_t r0 = t * kPanelRows, r1 = std::min(w.rows, r0 + kPanelRows);
+    panel.resize(static_cast<size_t>((r1 - r0) * w.cols));
+    rows_f32(k, w, r0, r1, panel.data());
+    gemm<float>(false, true, n, r1 - r0, w.cols, 1.0f, x, ldx, panel.data(), w.cols, 0.0f, y + r0,
+                ldy);
+  });
+}
+
+}  // namespace cpu
+}  // namespace moe

@@ -1,0 +1,230 @@
+// Weights in their stored format (moe/weights.h): the conversions against independent oracles,
+// and matmul_wt on every kernel path this machine has against a float64 reference, within the
+// error bound of float32 accumulation, with the same bits on any thread count.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "moe/cpu.h"
+#include "moe/error.h"
+#include "moe/rng.h"
+#include "moe/weights.h"
+
+namespace moe {
+namespace {
+
+// The paths at or below this machine's best.
+std::vector<CpuPath> paths_here() {
+  std::vector<CpuPath> out;
+  for (const std::string& name : cpu_path_names()) {
+    const CpuPath p = *parse_cpu_path(name);
+    if (p <= cpu_features().best()) out.push_back(p);
+  }
+  return out;
+}
+
+struct Stored {
+  WType type;
+  std::vector<float> f32;
+  std::vector<uint16_t> h;
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  WeightMatrix view(int64_t rows, int64_t cols) const {
+    const void* d = type == WType::f32  ? static_cast<const void*>(f32.data())
+                    : type == WType::i8 ? static_cast<const void*>(q.data())
+                                        : static_cast<const void*>(h.data());
+    return {type, d, rows, cols, type == WType::i8 ? scale.data() : nullptr};
+  }
+};
+
+// A random weight [rows, cols] stored as `type`, with values of every magnitude the format
+// holds well (and some zeros).
+Stored make_weight(WType type, int64_t rows, int64_t cols, Rng& rng) {
+  Stored s{type, {}, {}, {}, {}};
+  const size_t n = static_cast<size_t>(rows * cols);
+  std::vector<float> v(n);
+  for (float& x : v) x = static_cast<float>(rng.normal()) * (rng.uniform() < 0.1 ? 0.0f : 1.0f);
+  switch (type) {
+    case WType::f32: s.f32 = v; break;
+    case WType::bf16:
+      for (float x : v) s.h.push_back(f32_to_bf16(x));
+      break;
+    case WType::f16:
+      for (float x : v)
+        s.h.push_back(static_cast<uint16_t>([&] {
+          const _Float16 f = static_cast<_Float16>(x);
+          uint16_t b;
+          std::memcpy(&b, &f, 2);
+          return b;
+        }()));
+      break;
+    case WType::i8:
+      for (int64_t r = 0; r < rows; ++r)
+        s.scale.push_back(0.01f + static_cast<float>(r % 7) * 0.003f);
+      for (float x : v)
+        s.q.push_back(static_cast<int8_t>(std::lround(std::fmax(-127, std::fmin(127, x * 40)))));
+      break;
+  }
+  return s;
+}
+
+// The exact value of element (r, k), in double (int8: q times its scale, unrounded).
+double exact(const Stored& s, const WeightMatrix& w, int64_t r, int64_t k) {
+  if (s.type == WType::i8)
+    return static_cast<double>(s.q[static_cast<size_t>(r * w.cols + k)]) *
+           s.scale[static_cast<size_t>(r)];
+  return w.at(r, k);
+}
+
+constexpr double kU = 1.0 / (1 << 24);  // float32's unit roundoff
+
+}  // namespace
+
+TEST(WeightFormats, F16ToF32MatchesTheCompilersConversionForAllValues) {
+  for (uint32_t b = 0; b < 65536; ++b) {
+    const auto h = static_cast<uint16_t>(b);
+    _Float16 f;
+    std::memcpy(&f, &h, 2);
+    const float want = static_cast<float>(f), got = f16_to_f32(h);
+    if (std::isnan(want)) {
+      EXPECT_TRUE(std::isnan(got)) << b;
+    } else {
+      EXPECT_EQ(std::memcmp(&want, &got, 4), 0) << b << " " << want << " " << got;
+    }
+  }
+}
+
+TEST(WeightFormats, F32ToF16MatchesTheCompilersConversion) {
+  Rng rng(5);
+  std::vector<float> xs = {0.0f,          -0.0f,        65504.0f,      65519.99f,
+                           65520.0f,      1e-8f,        2.9802322e-8f, 5.9604645e-8f,
+                           6.1035156e-5f, 6.097555e-5f, INFINITY,      -INFINITY};
+  for (int i = 0; i < 200000; ++i)
+    xs.push_back(static_cast<float>(rng.normal() * std::exp(rng.normal() * 6)));
+  for (float x : xs) {
+    const _Float16 f = static_cast<_Float16>(x);
+    uint16_t want;
+    std::memcpy(&want, &f, 2);
+    ASSERT_EQ(f32_to_f16(x), want) << x;
+  }
+  EXPECT_TRUE(std::isnan(f16_to_f32(f32_to_f16(std::nanf("")))));
+}
+
+TEST(WeightFormats, Bf16RoundsToNearestEven) {
+  Rng rng(3);
+  for (int i = 0; i < 100000; ++i) {
+    const float x = static_cast<float>(rng.normal() * std::exp(rng.normal() * 10));
+    const uint16_t h = f32_to_bf16(x);
+    // The two bf16 values around x: its truncation and the next one away from zero.
+    uint32_t bits;
+    std::memcpy(&bits, &x, 4);
+    const uint16_t lo = static_cast<uint16_t>(bits >> 16), hi = static_cast<uint16_t>(lo + 1);
+    const double dlo = std::fabs(static_cast<double>(bf16_to_f32(lo)) - x);
+    const double dhi = std::fabs(static_cast<double>(bf16_to_f32(hi)) - x);
+    const uint16_t want = dlo < dhi ? lo : dhi < dlo ? hi : ((lo & 1) == 0 ? lo : hi);
+    ASSERT_EQ(h, want) << x;
+  }
+  EXPECT_TRUE(std::isnan(bf16_to_f32(f32_to_bf16(std::nanf("")))));
+  EXPECT_EQ(bf16_to_f32(f32_to_bf16(INFINITY)), INFINITY);
+}
+
+// Every format and path against float64, on shapes that leave tails at every vector width, for
+// the one-pass rows (n <= 4) and the panels (n > 4). Bound: a float32 sum of `cols` products
+// (each widened exactly or, for int8 panels, rounded once) is within (cols + 2) u sum |w x|.
+TEST(WeightFormats, MatmulOnEveryPathWithinTheFloat32Bound) {
+  for (CpuPath p : paths_here()) {  // each path runs its own code
+    set_cpu_path_cap(p);
+    const std::string target = cpu::weight_kernel_target();
+    const char* want = p >= CpuPath::avx512 ? "AVX3" : p == CpuPath::avx2 ? "AVX2" : "SCALAR";
+    EXPECT_EQ(target, want) << cpu_path_name(p);
+  }
+  Rng rng(7);
+  for (WType type : {WType::f32, WType::bf16, WType::f16, WType::i8}) {
+    for (int64_t rows : {1, 3, 5, 67, 130}) {
+      for (int64_t cols : {1, 7, 16, 33, 130}) {
+        const Stored s = make_weight(type, rows, cols, rng);
+        const WeightMatrix w = s.view(rows, cols);
+        for (int64_t n : {1, 2, 4, 5, 13}) {
+          const int64_t ldx = cols + 3, ldy = rows + 2;
+          std::vector<float> x(static_cast<size_t>(n * ldx));
+          for (float& v : x) v = static_cast<float>(rng.normal());
+          for (CpuPath p : paths_here()) {
+            set_cpu_path_cap(p);
+            std::vector<float> y(static_cast<size_t>(n * ldy), -7.0f);
+            cpu::matmul_wt(w, x.data(), ldx, n, y.data(), ldy);
+            for (int64_t i = 0; i < n; ++i)
+              for (int64_t r = 0; r < rows; ++r) {
+                double ref = 0, mag = 0;
+                for (int64_t k = 0; k < cols; ++k) {
+                  const double t = exact(s, w, r, k) * x[static_cast<size_t>(i * ldx + k)];
+                  ref += t;
+                  mag += std::fabs(t);
+                }
+                const double got = y[static_cast<size_t>(i * ldy + r)];
+                ASSERT_LE(std::fabs(got - ref), (static_cast<double>(cols) + 2) * kU * mag + 1e-30)
+                    << wtype_name(type) << " " << cpu_path_name(p) << " rows " << rows << " cols "
+                    << cols << " n " << n << " at " << i << "," << r;
+              }
+            for (int64_t i = 0; i < n; ++i)  // the padding of y is untouched
+              for (int64_t r = rows; r < ldy; ++r)
+                ASSERT_EQ(y[static_cast<size_t>(i * ldy + r)], -7.0f);
+          }
+        }
+      }
+    }
+  }
+  reset_cpu_path_cap();
+}
+
+// The same bits for 1 and 2 threads, and for any split of the rows (a block of rows computed on
+// its own gives the bits of the whole).
+TEST(WeightFormats, SameBitsWhateverTheThreadsOrTheSplit) {
+  Rng rng(9);
+  const int64_t rows = 301, cols = 515;
+  const int saved = omp_get_max_threads();
+  for (WType type : {WType::f32, WType::bf16, WType::f16, WType::i8}) {
+    const Stored s = make_weight(type, rows, cols, rng);
+    const WeightMatrix w = s.view(rows, cols);
+    for (int64_t n : {1, 3, 9}) {
+      std::vector<float> x(static_cast<size_t>(n * cols));
+      for (float& v : x) v = static_cast<float>(rng.normal());
+      std::vector<float> y1(static_cast<size_t>(n * rows)), y2(y1.size()), part(y1.size());
+      omp_set_num_threads(1);
+      cpu::matmul_wt(w, x.data(), cols, n, y1.data(), rows);
+      omp_set_num_threads(2);
+      cpu::matmul_wt(w, x.data(), cols, n, y2.data(), rows);
+      EXPECT_EQ(std::memcmp(y1.data(), y2.data(), y1.size() * 4), 0) << wtype_name(type) << n;
+      if (n > cpu::kMatvecMaxRows) continue;  // panels are fixed by the shape, not any split
+      // Rows [37, 301) as their own matrix.
+      const int64_t r0 = 37;
+      const size_t esz = wtype_size(type);
+      const WeightMatrix tail{
+          type, static_cast<const char*>(w.data) + static_cast<size_t>(r0 * cols) * esz, rows - r0,
+          cols, w.scale ? w.scale + r0 : nullptr};
+      cpu::matmul_wt(tail, x.data(), cols, n, part.data(), rows - r0);
+      for (int64_t i = 0; i < n; ++i)
+        EXPECT_EQ(std::memcmp(part.data() + i * (rows - r0), y1.data() + i * rows + r0,
+                              static_cast<size_t>(rows - r0) * 4),
+                  0)
+            << wtype_name(type) << n;
+    }
+  }
+  omp_set_num_threads(saved);
+}
+
+TEST(WeightFormats, BadArgumentsAreRefused) {
+  std::vector<int8_t> q(6, 1);
+  std::vector<float> x(3, 1.0f), y(2);
+  const WeightMatrix no_scale{WType::i8, q.data(), 2, 3, nullptr};
+  EXPECT_THROW(cpu::matmul_wt(no_scale, x.data(), 3, 1, y.data(), 2), Error);
+  const WeightMatrix w{WType::i8, q.data(), 2, 3, x.data()};
+  EXPECT_THROW(cpu::matmul_wt(w, x.data(), 2, 1, y.data(), 2), Error);  // ldx < cols
+  EXPECT_THROW(cpu::matmul_wt(w, x.data(), 3, 1, y.data(), 1), Error);  // ldy < rows
+  EXPECT_FALSE(parse_wtype("q4").has_value());
+  EXPECT_EQ(*parse_wtype("bf16"), WType::bf16);
+}
+
+}  // namespace moe
