@@ -48,6 +48,8 @@ class HfTensors {
   const Tensor& get(const std::string& name);
   // The tensor as its file stores it (the file stays mapped while this object lives).
   const StoredTensor& stored(const std::string& name);
+  // A view of it in its stored dtype that keeps its file mapped (SafetensorsFile::view).
+  Tensor view(const std::string& name);
   // SafetensorsFile::drop for tensor `name` (after get and a copy).
   void drop(const std::string& name);
 
@@ -62,7 +64,12 @@ class HfTensors {
 // under the architecture's names and layouts: one tensor per expert or transformers' fused
 // gate_up_proj / down_proj, DBRX's fused Wqkv and [E*F, D] expert matrices, and DeepSeek-V3's
 // e_score_correction_bias (the router's selection bias).
-void load_hf_weights(Model& model, const std::string& model_type, HfTensors& src);
+// With `stored` (a model made with routed_experts false), the weight matrices stay as the files
+// store them (bf16, f16, f32), views of the mapped files the model computes from
+// (Model::set_weight), and the routed experts come from an ExpertSource of such views; norms,
+// biases and routers are read into float32.
+void load_hf_weights(Model& model, const std::string& model_type, HfTensors& src,
+                     bool stored = false);
 // The inverse: the model's float32 tensors (or, with `grads`, their gradients) under the
 // architecture's names and layouts, routed experts one tensor per expert or, with
 // `fused_experts`, transformers' fused gate_up_proj / down_proj; DeepSeek-V3's selection bias

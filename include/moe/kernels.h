@@ -37,6 +37,9 @@ void gemm_f32_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
 // GFLOP/s of independent fused multiply-adds on every thread, as wide as the kernel path allows
 // (AVX-512, AVX2, or SSE2's multiply and add): the machine's floating-point peak.
 double fma_peak_gflops();
+// GB/s (1e9 bytes/s) of reading a buffer of `bytes` on every thread, each summing its share with
+// the widest loads of the path: the best of 8 passes. The bandwidth floor of decoding.
+double read_bandwidth_gbs(int64_t bytes = int64_t{2} << 30);
 
 // out[rows, cols] = softmax(in) per row; lse[rows] = logsumexp of each row (may be null).
 template <class T>

@@ -179,6 +179,16 @@ class Model {
   // Routed expert e of layer `layer` (a layer index of the model, which must be an MoE layer):
   // views of its weights.
   ExpertView expert(int64_t layer, int64_t e);
+  // Replaces parameter `name` (as params() names it) by t, which the model then computes from
+  // as it is: same number of elements and the same trailing dimensions, dtype the model's or, for
+  // the weight matrices of float32 models (embedding, output head, attention projections, experts,
+  // dense FFN), bf16 or f16 as a checkpoint stores them (a view of its mapped file, say). A model
+  // holding such weights runs inference only. The parameter's old memory is released.
+  void set_weight(const std::string& name, const Tensor& t);
+  // Whether parameter `name` is a weight matrix that set_weight may take as stored.
+  bool is_weight_matrix(const std::string& name);
+  // Whether some weights are kept in a stored format (set_weight).
+  bool weights_stored() const;
 
   // tokens i32 [B, T+1] -> loss. With backward, accumulates every parameter gradient of the
   // loss (scaled by grad_scale, e.g. 1 / accumulation steps).

@@ -113,6 +113,9 @@ struct SafetensorsFile {
   // those dtypes are zero-copy views of the memory-mapped file (copy-on-write), which they keep
   // mapped; the others are converted into new memory on first use, kept until drop().
   const Tensor& at(const std::string& name) const;
+  // The tensor as stored (F32, F64, BF16 or F16; I8 is refused: it needs its scales), a view of
+  // the mapping that keeps it alive.
+  Tensor view(const std::string& name) const;
   // For loaders, once a tensor's values are copied out: frees its converted copy, or drops its
   // pages from this process when it is a view of the mapping (they stay in the page cache, and
   // read back the same if touched again: the mapping is private and never written), so that

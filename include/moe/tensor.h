@@ -121,6 +121,11 @@ class Tensor {
   const void* raw() const { return data_; }
 
   Tensor clone() const;
+  // The same memory (shared, not copied) under another shape of as many elements.
+  Tensor reshaped(const Shape& shape) const;
+  // A view of `shape` starting `offset` elements in, inside this tensor's memory, which it keeps
+  // alive.
+  Tensor view_at(int64_t offset, const Shape& shape) const;
   // Converting copy between the float types (f32, f64; and from bf16 and f16, exactly; to bf16,
   // rounding to nearest even).
   Tensor to(DType dtype) const;

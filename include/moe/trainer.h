@@ -168,8 +168,13 @@ std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& dir);
 // atomically: Mixtral's layout and config when the model is a Mixtral (with this engine's config
 // under "moe_cpp"), else this engine's names.
 void save_model(Model& model, const std::string& dir);
-// Copies every parameter of the model from a safetensors file (names and shapes must match).
-void load_weights(Model& model, const std::string& path);
+// How a checkpoint's weights are held: float32 copies (what training needs), or the weight
+// matrices kept as the files store them (bf16, f16, f32), mapped and computed from as they are
+// (inference; norms, biases and routers still become float32).
+enum class WeightsAs { float32, stored };
+// Copies every parameter of the model from a safetensors file (names and shapes must match);
+// WeightsAs::stored keeps bf16 and f16 weight matrices as views of the mapped file.
+void load_weights(Model& model, const std::string& path, WeightsAs as = WeightsAs::float32);
 // Loss of `model` (inference mode) over consecutive windows of seq_len + 1 tokens of `text`, at
 // most `max_windows` of them, `batch` at a time: the mean of the windows' cross-entropies, as
 // `moe eval` reports it. Throws when the text is shorter than one window.
@@ -197,10 +202,14 @@ CheckpointInfo read_checkpoint_info(const std::string& dir);
 void verify_checkpoint_files(const std::string& dir);
 // The same from config.json's text (`name` names it in errors; `dir` is left empty).
 CheckpointInfo parse_checkpoint_config(const std::string& text, const std::string& name);
-// Fills every parameter model.params() lists from the checkpoint's files.
-void load_checkpoint_weights(Model& model, const CheckpointInfo& info);
-// A float32 model from a checkpoint folder: one of this engine's or a HuggingFace one.
-std::unique_ptr<Model> load_model(const std::string& dir);
+// Fills every parameter model.params() lists from the checkpoint's files (WeightsAs::stored: a
+// HuggingFace model made with routed_experts false gets its experts from views of the files).
+void load_checkpoint_weights(Model& model, const CheckpointInfo& info,
+                             WeightsAs as = WeightsAs::float32);
+// A float32 model from a checkpoint folder: one of this engine's or a HuggingFace one; with
+// WeightsAs::stored its weight matrices stay as stored (resident memory about the checkpoint's
+// bytes, loaded in the time it takes to map the files), for inference.
+std::unique_ptr<Model> load_model(const std::string& dir, WeightsAs as = WeightsAs::float32);
 
 // Model presets by name ("tiny", "small", ...); throws listing the names when unknown.
 ModelConfig model_preset(const std::string& name);

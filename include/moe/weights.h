@@ -14,6 +14,8 @@
 
 namespace moe {
 
+class Tensor;
+
 enum class WType {
   f32,
   bf16,  // bfloat16: the top 16 bits of a float32
@@ -45,7 +47,17 @@ uint16_t f32_to_bf16(float f);
 // float32 to IEEE binary16, to nearest, ties to even (overflow to infinity, NaN stays NaN).
 uint16_t f32_to_f16(float f);
 
+// A tensor [rows, cols] (or [1, rows, cols]) of f32, bf16 or f16 as a weight matrix; anything
+// else is an error naming the tensor's dtype.
+WeightMatrix as_weight(const Tensor& w);
+
 namespace cpu {
+
+// y [n, rows] = x [n, cols] W^T for a weight tensor W [rows, cols] of the computation's type T
+// (float32: gemm) or, for T = float, as stored (bf16, f16: matmul_wt). A stored W with T = double
+// is an error: stored weights compute in float32.
+template <class T>
+void linear(T* y, const T* x, int64_t n, const Tensor& w);
 
 // y[i, r] (row stride ldy) = sum_k W[r, k] x[i, k] (x row stride ldx), for i < n, r < rows,
 // with W in its stored format; float32 arithmetic. Bits depend on the kernel path (moe/cpu.h)

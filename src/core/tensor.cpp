@@ -131,6 +131,25 @@ Tensor Tensor::clone() const {
   return t;
 }
 
+Tensor Tensor::reshaped(const Shape& shape) const {
+  check_shape(shape);
+  MOE_CHECK(shape_numel(shape) == numel(), "tensor", "cannot view {} as {}", str(),
+            shape_str(shape));
+  Tensor t = *this;
+  t.shape_ = shape;
+  return t;
+}
+
+Tensor Tensor::view_at(int64_t offset, const Shape& shape) const {
+  check_shape(shape);
+  MOE_CHECK(offset >= 0 && offset + shape_numel(shape) <= numel(), "tensor",
+            "a view of {} at element {} does not fit in {}", shape_str(shape), offset, str());
+  Tensor t = *this;
+  t.shape_ = shape;
+  t.data_ = static_cast<char*>(data_) + static_cast<size_t>(offset) * dtype_size(dtype_);
+  return t;
+}
+
 Tensor Tensor::to(DType dtype) const {
   if (dtype == dtype_) return clone();
   const bool from16 = dtype_ == DType::BF16 || dtype_ == DType::F16;

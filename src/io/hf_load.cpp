@@ -7,6 +7,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <tuple>
 
 #include "moe/hf.h"
 #include "moe/json_read.h"
@@ -257,6 +258,63 @@ void load_experts(Model& model, int64_t layer, HfTensors& src, const std::string
   }
 }
 
+// Routed experts kept as the checkpoint stores them: per layer, each expert's views of the mapped
+// files (one tensor per expert, or slices of transformers' fused tensors); nothing is read until
+// an expert runs.
+class StoredExperts : public ExpertSource {
+ public:
+  explicit StoredExperts(std::vector<std::vector<ExpertView>> layers)
+      : layers_(std::move(layers)) {}
+  void observe(int64_t, const std::vector<int64_t>&, int64_t) override {}
+  ExpertView acquire(int64_t layer, int64_t e) override {
+    return layers_[static_cast<size_t>(layer)][static_cast<size_t>(e)];
+  }
+  void release(int64_t, int64_t) override {}
+
+ private:
+  std::vector<std::vector<ExpertView>> layers_;
+};
+
+// Views of MoE layer `layer`'s experts as stored: "<prefix>experts.<e>.<proj>.weight", or rows
+// of the fused "<prefix>experts.gate_up_proj" [E, 2F, D] (gate rows first) and
+// "<prefix>experts.down_proj" [E, D, F].
+std::vector<ExpertView> stored_experts(const ModelConfig& c, HfTensors& src,
+                                       const std::string& prefix, const Names& n) {
+  const int64_t E = c.moe.n_experts, F = c.moe.d_ffn, D = c.d_model;
+  std::vector<ExpertView> out(static_cast<size_t>(E));
+  const bool fused = !src.has(prefix + "experts.0." + n.gate + ".weight") &&
+                     src.has(prefix + "experts.gate_up_proj");
+  if (fused) {
+    const std::string gu = prefix + "experts.gate_up_proj", dn = prefix + "experts.down_proj";
+    const Tensor g = src.view(gu), d = src.view(dn);
+    MOE_CHECK(g.shape() == Shape({E, 2 * F, D}), kWhere, "{} must be [{}, {}, {}], got {}", gu, E,
+              2 * F, D, g.str());
+    MOE_CHECK(d.shape() == Shape({E, D, F}), kWhere, "{} must be [{}, {}, {}], got {}", dn, E, D, F,
+              d.str());
+    for (int64_t e = 0; e < E; ++e) {
+      ExpertView& v = out[static_cast<size_t>(e)];
+      v.w_gate = g.view_at(2 * e * F * D, {F, D});
+      v.w_up = g.view_at((2 * e + 1) * F * D, {F, D});
+      v.w_down = d.view_at(e * D * F, {D, F});
+    }
+    return out;
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    const std::string p = prefix + "experts." + std::to_string(e) + ".";
+    ExpertView& v = out[static_cast<size_t>(e)];
+    for (auto [dst, proj, shape] :
+         {std::tuple<Tensor*, const std::string*, Shape>{&v.w_gate, &n.gate, {F, D}},
+          {&v.w_up, &n.up, {F, D}},
+          {&v.w_down, &n.down, {D, F}}}) {
+      const std::string name = p + *proj + ".weight";
+      *dst = src.view(name);
+      MOE_CHECK(dst->shape() == shape, kWhere, "{} must be {}, got {}", name, shape_str(shape),
+                dst->str());
+    }
+  }
+  return out;
+}
+
 // The model-wide tensors' names in a checkpoint.
 struct TopNames {
   const char* embed;
@@ -267,10 +325,25 @@ struct TopNames {
 // Copies the model-wide tensors by name and hands every layer's parameter to
 // per_layer(layer, rest, param, take), where rest is its name after "layers.<i>." and take(name)
 // copies the checkpoint's tensor `name` into it.
+// Weights to keep as stored: (our name, a view of the checkpoint's tensor), installed with
+// Model::set_weight once the parameter list is no longer walked.
+using Views = std::vector<std::pair<std::string, Tensor>>;
+
+// Whether tensor `theirs` may stay as stored for our parameter `ours`: a weight matrix stored
+// as f32, bf16 or f16.
+bool keep_stored(Model& model, HfTensors& src, const std::string& ours, const std::string& theirs) {
+  const std::string& d = src.stored(theirs).dtype;
+  return model.is_weight_matrix(ours) && (d == "F32" || d == "BF16" || d == "F16");
+}
+
 template <class Fn>
-void load_params(Model& model, HfTensors& src, const TopNames& top, Fn&& per_layer) {
+void load_params(Model& model, HfTensors& src, const TopNames& top, Views* views, Fn&& per_layer) {
   for (NamedParam& p : model.params()) {
     auto take = [&](const std::string& theirs) {
+      if (views && keep_stored(model, src, p.name, theirs)) {
+        views->emplace_back(p.name, src.view(theirs));
+        return;
+      }
       copy_into(p.value.raw(), p.value.dtype(), src.get(theirs), p.value.shape(), theirs);
       src.drop(theirs);
     };
@@ -326,91 +399,101 @@ std::string layer_name(const Names& n, int64_t i, const std::string& rest) {
   return "";
 }
 
-void load_llama_like(Model& model, const std::string& type, HfTensors& src) {
+void load_llama_like(Model& model, const std::string& type, HfTensors& src, Views* views) {
   const Names n = names_for(type);
   const std::vector<MoeLayer*>& moes = model.moe_layers();
   size_t moe_index = 0;
   int64_t layer = -1;
   const TopNames top{"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"};
-  load_params(model, src, top, [&](int64_t i, const std::string& rest, NamedParam& p, auto& take) {
-    const std::string M = "model.layers." + std::to_string(i) + "." + n.moe;
-    if (i != layer) {
-      layer = i;
-      if (model.config().is_moe_layer(i)) {
-        // DeepSeek-V3's selection bias is a buffer, not a parameter.
-        MoeLayer* m = moes[moe_index++];
-        if (std::vector<double>* b = m->router().selection_bias()) {
-          const std::string name = M + "gate.e_score_correction_bias";
-          const Tensor t = src.get(name).to(DType::F64);
-          t.expect(kWhere, name.c_str(), {static_cast<int64_t>(b->size())}, DType::F64);
-          b->assign(t.data<double>(), t.data<double>() + t.numel());
-        }
-      }
-    }
-    if (const std::string name = layer_name(n, i, rest); !name.empty()) {
-      take(name);
-    } else if (rest == "moe.experts.w_gate") {
-      load_experts(model, i, src, M, n);  // all three projections of every expert
-    } else if (rest == "moe.experts.w_up" || rest == "moe.experts.w_down") {
-      // loaded with w_gate
-    } else {
-      throw_error(kWhere, fmt::format("{} has no {} tensor", p.name, type));
-    }
-  });
+  if (views) {  // the routed experts as stored, from a source of views
+    std::vector<std::vector<ExpertView>> layers;
+    for (int64_t i = 0; i < model.config().n_layers; ++i)
+      if (model.config().is_moe_layer(i))
+        layers.push_back(stored_experts(model.config(), src,
+                                        "model.layers." + std::to_string(i) + "." + n.moe, n));
+    model.set_expert_source(std::make_shared<StoredExperts>(std::move(layers)));
+  }
+  load_params(model, src, top, views,
+              [&](int64_t i, const std::string& rest, NamedParam& p, auto& take) {
+                const std::string M = "model.layers." + std::to_string(i) + "." + n.moe;
+                if (i != layer) {
+                  layer = i;
+                  if (model.config().is_moe_layer(i)) {
+                    // DeepSeek-V3's selection bias is a buffer, not a parameter.
+                    MoeLayer* m = moes[moe_index++];
+                    if (std::vector<double>* b = m->router().selection_bias()) {
+                      const std::string name = M + "gate.e_score_correction_bias";
+                      const Tensor t = src.get(name).to(DType::F64);
+                      t.expect(kWhere, name.c_str(), {static_cast<int64_t>(b->size())}, DType::F64);
+                      b->assign(t.data<double>(), t.data<double>() + t.numel());
+                    }
+                  }
+                }
+                if (const std::string name = layer_name(n, i, rest); !name.empty()) {
+                  take(name);
+                } else if (rest == "moe.experts.w_gate") {
+                  load_experts(model, i, src, M, n);  // all three projections of every expert
+                } else if (rest == "moe.experts.w_up" || rest == "moe.experts.w_down") {
+                  // loaded with w_gate
+                } else {
+                  throw_error(kWhere, fmt::format("{} has no {} tensor", p.name, type));
+                }
+              });
 }
 
-void load_dbrx(Model& model, HfTensors& src) {
+void load_dbrx(Model& model, HfTensors& src, Views* views) {
   const ModelConfig& c = model.config();
   const int64_t hd = c.head_size(), H = c.n_heads, KV = c.n_kv_heads, D = c.d_model;
   const TopNames top{"transformer.wte.weight", "transformer.norm_f.weight", "lm_head.weight"};
-  load_params(model, src, top, [&](int64_t i, const std::string& rest, NamedParam& p, auto& take) {
-    const std::string B = "transformer.blocks." + std::to_string(i) + ".";
-    const std::string A = B + "norm_attn_norm.";
-    if (rest == "attn_norm.weight") {
-      take(A + "norm_1.weight");
-    } else if (rest == "ffn_norm.weight") {
-      take(A + "norm_2.weight");
-    } else if (rest == "attn.wo") {
-      take(A + "attn.out_proj.weight");
-    } else if (rest == "attn.wq" || rest == "attn.wk" || rest == "attn.wv") {
-      // Wqkv [(H + 2 KV) hd, D] = [W_q; W_k; W_v].
-      const std::string name = A + "attn.Wqkv.weight";
-      const Tensor& t = src.get(name);
-      const Tensor f = t.dtype() == p.value.dtype() ? t : t.to(p.value.dtype());
-      f.expect(kWhere, name.c_str(), {(H + 2 * KV) * hd, D}, p.value.dtype());
-      const int64_t row0 = rest == "attn.wq" ? 0 : rest == "attn.wk" ? H * hd : (H + KV) * hd;
-      std::memcpy(
-          p.value.raw(),
-          static_cast<const char*>(f.raw()) + static_cast<size_t>(row0 * D) * dtype_size(f.dtype()),
-          p.value.nbytes());
-    } else if (rest == "moe.router.weight") {
-      take(B + "ffn.router.layer.weight");
-    } else if (rest == "moe.experts.w_gate") {
-      take(B + "ffn.experts.mlp.w1");  // [E F, D] is [E, F, D]
-    } else if (rest == "moe.experts.w_up") {
-      take(B + "ffn.experts.mlp.v1");
-    } else if (rest == "moe.experts.w_down") {
-      // w2 [E F, D]: expert e computes h w2_e with w2_e [F, D], so W_down[e] = w2_e^T.
-      const std::string name = B + "ffn.experts.mlp.w2";
-      const int64_t E = p.value.size(0), F = p.value.size(2);
-      const Tensor f = src.get(name).to(DType::F64);
-      f.expect(kWhere, name.c_str(), {E * F, D}, DType::F64);
-      const double* s = f.data<double>();
-      for (int64_t e = 0; e < E; ++e)
-        for (int64_t d = 0; d < D; ++d)
-          for (int64_t k = 0; k < F; ++k) {
-            const double v = s[(e * F + k) * D + d];
-            const int64_t at = (e * D + d) * F + k;
-            if (p.value.dtype() == DType::F64) {
-              p.value.data<double>()[at] = v;
-            } else {
-              p.value.data<float>()[at] = static_cast<float>(v);
-            }
-          }
-    } else {
-      throw_error(kWhere, fmt::format("{} has no dbrx tensor", p.name));
-    }
-  });
+  load_params(
+      model, src, top, views, [&](int64_t i, const std::string& rest, NamedParam& p, auto& take) {
+        const std::string B = "transformer.blocks." + std::to_string(i) + ".";
+        const std::string A = B + "norm_attn_norm.";
+        if (rest == "attn_norm.weight") {
+          take(A + "norm_1.weight");
+        } else if (rest == "ffn_norm.weight") {
+          take(A + "norm_2.weight");
+        } else if (rest == "attn.wo") {
+          take(A + "attn.out_proj.weight");
+        } else if (rest == "attn.wq" || rest == "attn.wk" || rest == "attn.wv") {
+          // Wqkv [(H + 2 KV) hd, D] = [W_q; W_k; W_v].
+          const std::string name = A + "attn.Wqkv.weight";
+          const Tensor& t = src.get(name);
+          const Tensor f = t.dtype() == p.value.dtype() ? t : t.to(p.value.dtype());
+          f.expect(kWhere, name.c_str(), {(H + 2 * KV) * hd, D}, p.value.dtype());
+          const int64_t row0 = rest == "attn.wq" ? 0 : rest == "attn.wk" ? H * hd : (H + KV) * hd;
+          std::memcpy(p.value.raw(),
+                      static_cast<const char*>(f.raw()) +
+                          static_cast<size_t>(row0 * D) * dtype_size(f.dtype()),
+                      p.value.nbytes());
+        } else if (rest == "moe.router.weight") {
+          take(B + "ffn.router.layer.weight");
+        } else if (rest == "moe.experts.w_gate") {
+          take(B + "ffn.experts.mlp.w1");  // [E F, D] is [E, F, D]
+        } else if (rest == "moe.experts.w_up") {
+          take(B + "ffn.experts.mlp.v1");
+        } else if (rest == "moe.experts.w_down") {
+          // w2 [E F, D]: expert e computes h w2_e with w2_e [F, D], so W_down[e] = w2_e^T.
+          const std::string name = B + "ffn.experts.mlp.w2";
+          const int64_t E = p.value.size(0), F = p.value.size(2);
+          const Tensor f = src.get(name).to(DType::F64);
+          f.expect(kWhere, name.c_str(), {E * F, D}, DType::F64);
+          const double* s = f.data<double>();
+          for (int64_t e = 0; e < E; ++e)
+            for (int64_t d = 0; d < D; ++d)
+              for (int64_t k = 0; k < F; ++k) {
+                const double v = s[(e * F + k) * D + d];
+                const int64_t at = (e * D + d) * F + k;
+                if (p.value.dtype() == DType::F64) {
+                  p.value.data<double>()[at] = v;
+                } else {
+                  p.value.data<float>()[at] = static_cast<float>(v);
+                }
+              }
+        } else {
+          throw_error(kWhere, fmt::format("{} has no dbrx tensor", p.name));
+        }
+      });
 }
 
 }  // namespace
@@ -530,6 +613,8 @@ const Tensor& HfTensors::get(const std::string& name) { return shard_of(name).at
 const StoredTensor& HfTensors::stored(const std::string& name) {
   return shard_of(name).stored.at(name);
 }
+
+Tensor HfTensors::view(const std::string& name) { return shard_of(name).view(name); }
 
 void HfTensors::drop(const std::string& name) {
   auto it = where_.find(name);
@@ -677,12 +762,16 @@ std::vector<std::pair<std::string, Tensor>> hf_tensors(Model& model, const std::
   return out;
 }
 
-void load_hf_weights(Model& model, const std::string& model_type, HfTensors& src) {
+void load_hf_weights(Model& model, const std::string& model_type, HfTensors& src, bool stored) {
+  MOE_CHECK(!stored || model_type != "dbrx", kWhere,
+            "dbrx checkpoints are read into float32 (its experts' w2 is stored transposed)");
+  Views views;
   if (model_type == "dbrx") {
-    load_dbrx(model, src);
+    load_dbrx(model, src, stored ? &views : nullptr);
   } else {
-    load_llama_like(model, model_type, src);
+    load_llama_like(model, model_type, src, stored ? &views : nullptr);
   }
+  for (const auto& [name, t] : views) model.set_weight(name, t);
 }
 
 HfOrigin hf_origin(const std::string& dir) {

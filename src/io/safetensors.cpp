@@ -234,6 +234,22 @@ const Tensor& SafetensorsFile::at(const std::string& name) const {
   return tensors_.emplace(name, std::move(t)).first->second;
 }
 
+Tensor SafetensorsFile::view(const std::string& name) const {
+  auto s = stored.find(name);
+  MOE_CHECK(s != stored.end(), "safetensors", "missing tensor {}", name);
+  const StoredTensor& st = s->second;
+  const DType d =
+      st.dtype == "F32"    ? DType::F32
+      : st.dtype == "F64"  ? DType::F64
+      : st.dtype == "BF16" ? DType::BF16
+      : st.dtype == "F16"
+          ? DType::F16
+          : throw Error(fmt::format("[safetensors] {} is {}: it cannot be computed from "
+                                    "as stored (F32, BF16 and F16 can)",
+                                    name, st.dtype));
+  return Tensor::view(const_cast<char*>(st.data), st.shape, d, mapping_);
+}
+
 void SafetensorsFile::drop(const std::string& name) const {
   auto s = stored.find(name);
   if (s == stored.end()) return;

@@ -33,7 +33,11 @@ void forward_t(ExpertAct act, ExpertWeights& w, int64_t D, int64_t F, const Tens
   T* ag = act == ExpertAct::swiglu ? arena.alloc<T>(N * F) : nullptr;
   T* au = arena.alloc<T>(N * F);
   T* hh = arena.alloc<T>(N * F);
-  ffn_forward<T>(act, ffn_view<T>(w, 0, D, F), N, D, F, x.data<T>(), y.data<T>(), ag, au, hh);
+  if (w.w_up.dtype() == dtype_of<T>()) {
+    ffn_forward<T>(act, ffn_view<T>(w, 0, D, F), N, D, F, x.data<T>(), y.data<T>(), ag, au, hh);
+  } else {  // kept as stored (inference)
+    ffn_forward_any<T>(act, expert_rows(w, 0), N, D, F, x.data<T>(), y.data<T>(), ag, au, hh);
+  }
   a_gate = ag;
   a_up = au;
   h = hh;

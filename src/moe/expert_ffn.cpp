@@ -2,7 +2,10 @@
 // block's rows; the bias gradients are column sums in row order, so they are deterministic.
 #include "moe/expert_ffn.h"
 
+#include <type_traits>
+
 #include "moe/kernels.h"
+#include "moe/weights.h"
 
 namespace moe {
 
@@ -65,6 +68,53 @@ void ffn_forward(ExpertAct act, const FfnView<T>& w, int64_t n, int64_t d_model,
   add_bias(y, w.b_down, n, D);
 }
 
+ExpertView expert_rows(const ExpertWeights& w, int64_t index) {
+  auto row = [index](const Tensor& t) {
+    if (!t.defined() || t.ndim() == 0) return Tensor();
+    const Shape s(t.shape().begin() + 1, t.shape().end());
+    const auto bytes = static_cast<size_t>(shape_numel(s)) * dtype_size(t.dtype());
+    return Tensor::view(
+        const_cast<char*>(static_cast<const char*>(t.raw())) + static_cast<size_t>(index) * bytes,
+        s, t.dtype());
+  };
+  return {row(w.w_gate), row(w.w_up), row(w.w_down), row(w.b_gate), row(w.b_up), row(w.b_down)};
+}
+
+namespace {
+const float* bias(const Tensor& b) { return b.defined() && b.raw() ? b.data<float>() : nullptr; }
+}  // namespace
+
+void ffn_forward_stored(ExpertAct act, const ExpertView& w, int64_t n, int64_t d_model,
+                        int64_t d_ffn, const float* x, float* y, float* a_gate, float* a_up,
+                        float* h) {
+  if (n == 0) return;
+  const int64_t D = d_model, F = d_ffn;
+  cpu::linear<float>(a_up, x, n, w.w_up);
+  add_bias(a_up, bias(w.b_up), n, F);
+  if (act == ExpertAct::swiglu) {
+    cpu::linear<float>(a_gate, x, n, w.w_gate);
+    add_bias(a_gate, bias(w.b_gate), n, F);
+    cpu::swiglu_forward<float>(h, a_gate, a_up, n * F);
+  } else {
+    cpu::act_forward<float>(plain_act(act), h, a_up, n * F);
+  }
+  cpu::linear<float>(y, h, n, w.w_down);
+  add_bias(y, bias(w.b_down), n, D);
+}
+
+template <class T>
+void ffn_forward_any(ExpertAct act, const ExpertView& w, int64_t n, int64_t d_model, int64_t d_ffn,
+                     const T* x, T* y, T* a_gate, T* a_up, T* h) {
+  if (w.w_up.dtype() == dtype_of<T>()) {
+    ffn_forward<T>(act, ffn_view<T>(w), n, d_model, d_ffn, x, y, a_gate, a_up, h);
+  } else if constexpr (std::is_same_v<T, float>) {
+    ffn_forward_stored(act, w, n, d_model, d_ffn, x, y, a_gate, a_up, h);
+  } else {
+    throw_error("expert", fmt::format("{} expert weights compute in float32 only",
+                                      dtype_name(w.w_up.dtype())));
+  }
+}
+
 template <class T>
 void ffn_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g, int64_t n,
                   int64_t d_model, int64_t d_ffn, const T* x, const T* dy, const T* a_gate,
@@ -95,6 +145,8 @@ void ffn_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g, int64
 }
 
 #define MOE_INSTANTIATE(T)                                                                         \
+  template void ffn_forward_any<T>(ExpertAct, const ExpertView&, int64_t, int64_t, int64_t,        \
+                                   const T*, T*, T*, T*, T*);                                      \
   template FfnView<T> ffn_view<T>(const ExpertWeights&, int64_t, int64_t, int64_t);                \
   template FfnView<T> ffn_view<T>(const ExpertView&);                                              \
   template void ffn_forward<T>(ExpertAct, const FfnView<T>&, int64_t, int64_t, int64_t, const T*,  \

@@ -33,6 +33,20 @@ FfnView<T> ffn_view(const ExpertWeights& w, int64_t index, int64_t d_model, int6
 template <class T>
 FfnView<T> ffn_view(const ExpertView& v);
 
+// Expert `index` of w [X, ...] as views of its tensors, whatever their dtype.
+ExpertView expert_rows(const ExpertWeights& w, int64_t index);
+
+// Forward on n rows in float32 from weights of any stored format (f32, bf16, f16 matrices through
+// moe/weights.h; biases float32): inference of checkpoints kept as stored.
+void ffn_forward_stored(ExpertAct act, const ExpertView& w, int64_t n, int64_t d_model,
+                        int64_t d_ffn, const float* x, float* y, float* a_gate, float* a_up,
+                        float* h);
+
+// ffn_forward when w holds T, ffn_forward_stored otherwise (T = float).
+template <class T>
+void ffn_forward_any(ExpertAct act, const ExpertView& w, int64_t n, int64_t d_model, int64_t d_ffn,
+                     const T* x, T* y, T* a_gate, T* a_up, T* h);
+
 // Forward on n rows. Saves a_gate (SwiGLU only), a_up and h, each [n, F], for the backward.
 template <class T>
 void ffn_forward(ExpertAct act, const FfnView<T>& w, int64_t n, int64_t d_model, int64_t d_ffn,

@@ -187,17 +187,7 @@ ExpertView MoeLayer::expert(int64_t e) {
   MOE_CHECK(e >= first_expert_ && e < first_expert_ + local_experts(), "moe_layer",
             "expert {} is held by another expert-parallel rank (this one holds [{}, {}))", e,
             first_expert_, first_expert_ + local_experts());
-  e -= first_expert_;
-  auto row = [e](Tensor& t) {
-    if (!t.defined()) return Tensor();
-    const Shape s(t.shape().begin() + 1, t.shape().end());
-    const int64_t n = shape_numel(s);
-    return Tensor::view(
-        static_cast<char*>(t.raw()) + static_cast<size_t>(e * n) * dtype_size(t.dtype()), s,
-        t.dtype());
-  };
-  ExpertWeights& w = params_.experts;
-  return {row(w.w_gate), row(w.w_up), row(w.w_down), row(w.b_gate), row(w.b_up), row(w.b_down)};
+  return expert_rows(params_.experts, e - first_expert_);
 }
 
 void MoeLayer::zero_grad() {
@@ -423,15 +413,22 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
       const int64_t r0 = e_offsets[e], n = e_offsets[e + 1] - e_offsets[e];
       if (n == 0) continue;
       const ExpertView v = where.source->acquire(where.source_index, e);
-      ffn_forward<T>(cfg.act, ffn_view<T>(v), n, D, F, xe + r0 * D, ye + r0 * D,
-                     a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F);
+      ffn_forward_any<T>(cfg.act, v, n, D, F, xe + r0 * D, ye + r0 * D,
+                         a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F);
       where.source->release(where.source_index, e);
     }
   } else {
+    const bool as_t = params.experts.w_up.dtype() == dtype_of<T>();
     for_each_expert(El, [&](int64_t e) {
       const int64_t r0 = e_offsets[e], n = e_offsets[e + 1] - e_offsets[e];
-      ffn_forward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), n, D, F, xe + r0 * D,
-                     ye + r0 * D, a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F);
+      T* ag = a_gate ? a_gate + r0 * F : nullptr;
+      if (as_t) {
+        ffn_forward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), n, D, F, xe + r0 * D,
+                       ye + r0 * D, ag, a_up + r0 * F, h + r0 * F);
+      } else {  // kept as stored (inference)
+        ffn_forward_any<T>(cfg.act, expert_rows(params.experts, e), n, D, F, xe + r0 * D,
+                           ye + r0 * D, ag, a_up + r0 * F, h + r0 * F);
+      }
     });
   }
   if (ep) s.exchange.to_home(ye, ys, D * static_cast<int64_t>(sizeof(T)), arena);
@@ -448,8 +445,14 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
     T* sh = arena.alloc<T>(S * N * Fs);
     for (int64_t e = 0; e < S; ++e) {
       T* out = e == 0 ? sh_y : tmp;
-      ffn_forward<T>(cfg.act, ffn_view<T>(params.shared, e, D, Fs), N, D, Fs, xp, out,
-                     sa_gate ? sa_gate + e * N * Fs : nullptr, sa_up + e * N * Fs, sh + e * N * Fs);
+      T* sg = sa_gate ? sa_gate + e * N * Fs : nullptr;
+      if (params.shared.w_up.dtype() == dtype_of<T>()) {
+        ffn_forward<T>(cfg.act, ffn_view<T>(params.shared, e, D, Fs), N, D, Fs, xp, out, sg,
+                       sa_up + e * N * Fs, sh + e * N * Fs);
+      } else {  // kept as stored (inference)
+        ffn_forward_any<T>(cfg.act, expert_rows(params.shared, e), N, D, Fs, xp, out, sg,
+                           sa_up + e * N * Fs, sh + e * N * Fs);
+      }
       if (e > 0)
         for (int64_t i = 0; i < N * D; ++i) sh_y[i] += tmp[i];
     }

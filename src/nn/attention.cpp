@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "moe/kernels.h"
+#include "moe/weights.h"
 #include "nn/layers.h"
 #include "nn/model_impl.h"
 
@@ -15,11 +16,11 @@ namespace moe {
 
 namespace {
 
-// y [n, d] = x [n, k] W^T (+ b), W [d, k].
+// y [n, d] = x [n, k] W^T (+ b), W [d, k] (in T, or as stored for float32: moe/weights.h).
 template <class T>
 void linear(T* y, const T* x, const Tensor& w, const Tensor* b, int64_t n) {
-  const int64_t d = w.size(0), k = w.size(1);
-  cpu::gemm<T>(false, true, n, d, k, T(1), x, k, w.data<T>(), k, T(0), y, d);
+  const int64_t d = w.size(0);
+  cpu::linear<T>(y, x, n, w);
   if (b && b->defined()) {
     const T* bp = b->data<T>();
     for (int64_t i = 0; i < n; ++i)

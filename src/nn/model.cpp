@@ -11,6 +11,7 @@
 
 #include "moe/json_read.h"
 #include "moe/kernels.h"
+#include "moe/weights.h"
 #include "nn/layers.h"
 #include "nn/model_impl.h"
 
@@ -338,6 +339,9 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
   // Positions the network runs: the first T1 - 1 (each predicts the next token), or all T1 with
   // transformers_loss (the last predicts nothing).
   const int64_t Tn = cfg.transformers_loss ? T1 : T1 - 1;
+  MOE_CHECK(!backward || !stored, w,
+            "this model keeps its weights as the checkpoint stores them (bf16 or f16), which runs "
+            "inference only; training loads float32 master weights (moe train --init-from)");
   MOE_CHECK(Tn <= cfg.max_seq_len, w, "sequence length {} exceeds max_seq_len = {}", Tn,
             cfg.max_seq_len);
   const int64_t V = cfg.vocab_size, D = cfg.d_model, H = cfg.n_heads, N = B * Tn;
@@ -365,7 +369,7 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
   out.top_expert.resize(n_moe);
   size_t mi = 0;
   T* h = arena.alloc<T>(N * D);
-  nn::embedding_forward<T>(h, inputs, embed.value.data<T>(), N, D);
+  embed_rows<T>(h, inputs, N);
   for (Block& blk : blocks) {
     BlockSaved& s = blk.saved;
     s = {};
@@ -382,8 +386,14 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
     nn::attention_forward<T>(att, probs, q, k, v, B, Tn, H, KVh, dk, dv, cfg.sliding_window);
     T* h_mid = arena.alloc<T>(N * D);
     std::memcpy(h_mid, h, static_cast<size_t>(N * D) * sizeof(T));
-    cpu::gemm<T>(false, true, N, D, H * dv, T(1), att, H * dv, blk.wo.value.data<T>(), H * dv, T(1),
-                 h_mid, D);
+    if (blk.wo.value.dtype() == dtype_of<T>()) {
+      cpu::gemm<T>(false, true, N, D, H * dv, T(1), att, H * dv, blk.wo.value.data<T>(), H * dv,
+                   T(1), h_mid, D);
+    } else {  // weights as stored (inference only)
+      T* o = arena.alloc<T>(N * D);
+      cpu::linear<T>(o, att, N, blk.wo.value);
+      for (int64_t i = 0; i < N * D; ++i) h_mid[i] += o[i];
+    }
     T* f = arena.alloc<T>(N * D);
     T* f_rstd = arena.alloc<T>(N);
     norm_forward<T>(f, f_rstd, h_mid, blk.ffn_norm, N);
@@ -423,7 +433,7 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
   norm_forward<T>(z, z_rstd, h, final_norm, N);
   Tensor logits = arena.tensor({B, Tn, V}, dtype_of<T>());
   T* lg = logits.data<T>();
-  cpu::gemm<T>(false, true, N, V, D, T(1), z, D, lm_head.value.data<T>(), D, T(0), lg, V);
+  cpu::linear<T>(lg, z, N, lm_head.value);
   // The rows of the predicted tokens: all, or all but each sequence's last position.
   T* lp = lg;
   if (Np != N) {
@@ -545,7 +555,7 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
     norm_forward<T>(out, rstd, x, g, n);
   };
   T* h = arena.alloc<T>(N * D);
-  nn::embedding_forward<T>(h, tok, embed.value.data<T>(), N, D);
+  embed_rows<T>(h, tok, N);
   T* a = arena.alloc<T>(N * D);
   T* o = arena.alloc<T>(N * D);
   if (router_logits) router_logits->clear();
@@ -602,14 +612,12 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
       std::copy(h + (b * Tq + Tq - 1) * D, h + (b * Tq + Tq) * D, o + b * D);
     norm(a, o, final_norm, B);
     Tensor logits = arena.tensor({B, 1, V}, dtype_of<T>());
-    cpu::gemm<T>(false, true, B, V, D, T(1), a, D, lm_head.value.data<T>(), D, T(0),
-                 logits.data<T>(), V);
+    cpu::linear<T>(logits.data<T>(), a, B, lm_head.value);
     return logits;
   }
   norm(a, h, final_norm, N);
   Tensor logits = arena.tensor({B, Tq, V}, dtype_of<T>());
-  cpu::gemm<T>(false, true, N, V, D, T(1), a, D, lm_head.value.data<T>(), D, T(0), logits.data<T>(),
-               V);
+  cpu::linear<T>(logits.data<T>(), a, N, lm_head.value);
   return logits;
 }
 
@@ -706,6 +714,86 @@ void Model::set_expert_source(const std::shared_ptr<ExpertSource>& source) {
   impl_->source = source;
   impl_->name_params();
 }
+
+Tensor* Model::Impl::weight_slot(const std::string& name, bool* matrix) {
+  Impl& m = *this;
+  *matrix = false;
+  if (name == "embed.weight" || name == "lm_head.weight" || name == "norm.weight") {
+    Param& p = name == "embed.weight" ? m.embed : name == "norm.weight" ? m.final_norm : m.lm_head;
+    *matrix = name != "norm.weight";
+    return &p.value;
+  }
+  if (name.rfind("layers.", 0) != 0) return nullptr;
+  const size_t dot = name.find('.', 7);  // layers.<i>.<rest>
+  if (dot == std::string::npos) return nullptr;
+  const auto i = static_cast<size_t>(std::stoll(name.substr(7, dot - 7)));
+  if (i >= m.blocks.size()) return nullptr;
+  Block& blk = m.blocks[i];
+  const std::string rest = name.substr(dot + 1);
+  for (const BlockParam& bp : kAttentionParams)
+    if (rest == bp.name) {
+      *matrix = bp.matrix;
+      return &(blk.*bp.member).value;
+    }
+  if (rest == "attn_norm.weight") return &blk.attn_norm.value;
+  if (rest == "ffn_norm.weight") return &blk.ffn_norm.value;
+  if (blk.dense && rest.rfind("ffn.w_", 0) == 0) {
+    ExpertWeights& fw = blk.dense->params();
+    *matrix = true;
+    return rest == "ffn.w_gate" ? &fw.w_gate : rest == "ffn.w_up" ? &fw.w_up : &fw.w_down;
+  }
+  Tensor* slot = nullptr;
+  if (blk.moe && rest.rfind("moe.", 0) == 0)
+    blk.moe->params().for_each([&](const std::string& n, Tensor& x) {
+      if ("moe." + n != rest) return;
+      slot = &x;
+      *matrix = n.rfind("experts.w_", 0) == 0 || n.rfind("shared.w_", 0) == 0;
+    });
+  return slot;
+}
+
+bool Model::is_weight_matrix(const std::string& name) {
+  bool matrix = false;
+  return impl_->weight_slot(name, &matrix) != nullptr && matrix;
+}
+
+void Model::set_weight(const std::string& name, const Tensor& t) {
+  Impl& m = *impl_;
+  const char* w = "model.set_weight";
+  const auto it = std::find_if(m.named.begin(), m.named.end(),
+                               [&](const NamedParam& p) { return p.name == name; });
+  MOE_CHECK(it != m.named.end(), w, "the model has no parameter {}", name);
+  const Shape want = it->value.shape();
+  const bool stored = t.dtype() == DType::BF16 || t.dtype() == DType::F16;
+  MOE_CHECK(t.dtype() == m.dtype || (stored && m.dtype == DType::F32), w,
+            "{} is {}: a {} model takes {} weights{}", name, t.str(), dtype_name(m.dtype),
+            dtype_name(m.dtype), m.dtype == DType::F32 ? " or bf16 / f16 weight matrices" : "");
+  // Its shape, up to leading dimensions of 1 ([1, F, D] for [F, D]).
+  auto squeeze = [](const Shape& s) {
+    Shape o;
+    size_t i = 0;
+    while (i + 1 < s.size() && s[i] == 1) ++i;
+    for (; i < s.size(); ++i) o.push_back(s[i]);
+    return o;
+  };
+  MOE_CHECK(squeeze(t.shape()) == squeeze(want), w, "{} must be {}, got {}", name, shape_str(want),
+            t.str());
+  MOE_CHECK(t.raw() != nullptr || t.numel() == 0, w, "{} has no data", name);
+  bool matrix = false;
+  Tensor* slot = m.weight_slot(name, &matrix);
+  MOE_CHECK(slot != nullptr, w, "{} cannot be replaced", name);
+  MOE_CHECK(!stored || matrix, w,
+            "{} is {}: only weight matrices may stay bf16 / f16 (norms, biases and the router "
+            "compute in the model's dtype)",
+            name, t.str());
+  const Tensor v = t.reshaped(slot->shape());
+  if (slot == &m.embed.value && m.cfg.tie_embeddings) m.lm_head.value = v;
+  *slot = v;
+  m.stored = m.stored || stored;
+  m.name_params();
+}
+
+bool Model::weights_stored() const { return impl_->stored; }
 
 ExpertView Model::expert(int64_t layer, int64_t e) {
   MOE_CHECK(layer >= 0 && layer < cfg_.n_layers && impl_->blocks[static_cast<size_t>(layer)].moe,

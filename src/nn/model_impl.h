@@ -7,10 +7,12 @@
 #include <algorithm>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "moe/kernels.h"
 #include "moe/model.h"
+#include "moe/weights.h"
 #include "nn/layers.h"
 
 namespace moe {
@@ -61,6 +63,28 @@ struct Model::Impl {
   };
   std::vector<Block> blocks;
   std::vector<MoeLayer*> moe_layers;  // the blocks' MoE layers, in depth order
+  // A block's attention parameters, by their names after "layers.<i>.", in params() order;
+  // `matrix`: a weight matrix (weight decay applies; may be kept as stored), or a norm or bias.
+  struct BlockParam {
+    const char* name;
+    Param Block::*member;
+    bool matrix;
+  };
+  static constexpr BlockParam kAttentionParams[] = {{"attn.wq", &Block::wq, true},
+                                                    {"attn.wq_a", &Block::wq_a, true},
+                                                    {"attn.q_a_norm", &Block::q_a_norm, false},
+                                                    {"attn.wq_b", &Block::wq_b, true},
+                                                    {"attn.wk", &Block::wk, true},
+                                                    {"attn.wv", &Block::wv, true},
+                                                    {"attn.wkv_a", &Block::wkv_a, true},
+                                                    {"attn.kv_a_norm", &Block::kv_a_norm, false},
+                                                    {"attn.wkv_b", &Block::wkv_b, true},
+                                                    {"attn.b_q", &Block::b_q, false},
+                                                    {"attn.b_k", &Block::b_k, false},
+                                                    {"attn.b_v", &Block::b_v, false},
+                                                    {"attn.q_norm", &Block::q_norm, false},
+                                                    {"attn.k_norm", &Block::k_norm, false},
+                                                    {"attn.wo", &Block::wo, true}};
   // Expert parallelism: the ranks that share the batch and hold the experts (null: none).
   std::shared_ptr<const dist::ExpertGroups> groups;
   // Expert offloading: where the routed experts come from (null: the layers hold them).
@@ -88,6 +112,26 @@ struct Model::Impl {
   }
   std::vector<NamedParam> named;
   Tensor rope_cos, rope_sin;  // [max_seq_len, hd / 2]
+  bool stored = false;  // some weights are kept as the checkpoint stores them (Model::set_weight)
+  // Where parameter `name` lives (its holder's tensor, in the holder's own shape) and whether it
+  // is a weight matrix (may be kept as stored); null when the model has no such tensor.
+  Tensor* weight_slot(const std::string& name, bool* matrix);
+
+  // The embedding rows of tokens [n] into out [n, D]: from a table in T, or (T = float) one kept
+  // as stored (bf16, f16), each row widened exactly.
+  template <class T>
+  void embed_rows(T* out, const int32_t* tokens, int64_t n) const {
+    const int64_t D = cfg.d_model;
+    if (embed.value.dtype() == dtype_of<T>()) {
+      nn::embedding_forward<T>(out, tokens, embed.value.data<T>(), n, D);
+    } else if constexpr (std::is_same_v<T, float>) {
+      const WeightMatrix w = as_weight(embed.value);
+      for (int64_t i = 0; i < n; ++i)
+        cpu::weight_rows_f32(w, tokens[i], tokens[i] + 1, out + i * D);
+    } else {
+      throw_error("model", "a model with weights as stored decodes in float32 only");
+    }
+  }
 
   Impl(const ModelConfig& c, DType dt, bool routed_experts) : cfg(c), dtype(dt) {
     cfg.validate();
@@ -161,24 +205,10 @@ struct Model::Impl {
       Block& b = blocks[static_cast<size_t>(i)];
       const std::string p = fmt::format("layers.{}.", i);
       named.push_back({p + "attn_norm.weight", b.attn_norm.value, b.attn_norm.grad, false});
-      auto add = [&](const char* name, Param& q, bool decay) {
-        if (q.value.defined()) named.push_back({p + name, q.value, q.grad, decay});
-      };
-      add("attn.wq", b.wq, true);
-      add("attn.wq_a", b.wq_a, true);
-      add("attn.q_a_norm", b.q_a_norm, false);
-      add("attn.wq_b", b.wq_b, true);
-      add("attn.wk", b.wk, true);
-      add("attn.wv", b.wv, true);
-      add("attn.wkv_a", b.wkv_a, true);
-      add("attn.kv_a_norm", b.kv_a_norm, false);
-      add("attn.wkv_b", b.wkv_b, true);
-      add("attn.b_q", b.b_q, false);
-      add("attn.b_k", b.b_k, false);
-      add("attn.b_v", b.b_v, false);
-      add("attn.q_norm", b.q_norm, false);
-      add("attn.k_norm", b.k_norm, false);
-      add("attn.wo", b.wo, true);
+      for (const BlockParam& a : kAttentionParams) {
+        Param& q = b.*a.member;
+        if (q.value.defined()) named.push_back({p + a.name, q.value, q.grad, a.matrix});
+      }
       named.push_back({p + "ffn_norm.weight", b.ffn_norm.value, b.ffn_norm.grad, false});
       if (b.moe) {
         std::vector<Tensor> grads;

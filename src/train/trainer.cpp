@@ -604,18 +604,27 @@ std::string resolve_checkpoint(const std::string& dir) {
   return ckpt.string();
 }
 
-void load_weights(Model& model, const std::string& path) {
+void load_weights(Model& model, const std::string& path, WeightsAs as) {
   const SafetensorsFile weights = load_safetensors(path);
   if (weights.has("model.embed_tokens.weight")) {
     load_mixtral_tensors(model, weights);
     return;
   }
+  std::vector<std::pair<std::string, Tensor>> views;  // installed once the list is walked
   for (NamedParam& p : model.params()) {
+    if (as == WeightsAs::stored && weights.has(p.name) && model.is_weight_matrix(p.name)) {
+      const std::string& d = weights.stored.at(p.name).dtype;
+      if (d == "BF16" || d == "F16") {
+        views.emplace_back(p.name, weights.view(p.name));
+        continue;
+      }
+    }
     const Tensor& src = weights.at(p.name);
     src.expect(path.c_str(), p.name.c_str(), p.value.shape(), p.value.dtype());
     std::memcpy(p.value.raw(), src.raw(), src.nbytes());
     weights.drop(p.name);
   }
+  for (const auto& [name, t] : views) model.set_weight(name, t);
   const std::vector<MoeLayer*>& layers = model.moe_layers();
   for (size_t i = 0; i < layers.size(); ++i) {
     std::vector<double>* b = layers[i]->router().selection_bias();
@@ -651,20 +660,22 @@ CheckpointInfo parse_checkpoint_config(const std::string& text, const std::strin
   return info;
 }
 
-void load_checkpoint_weights(Model& model, const CheckpointInfo& info) {
+void load_checkpoint_weights(Model& model, const CheckpointInfo& info, WeightsAs as) {
   if (info.ours) {
-    load_weights(model, (fs::path(info.dir) / "model.safetensors").string());
+    load_weights(model, (fs::path(info.dir) / "model.safetensors").string(), as);
   } else {
     HfTensors tensors(info.dir);
-    load_hf_weights(model, info.model_type, tensors);
+    load_hf_weights(model, info.model_type, tensors, as == WeightsAs::stored);
   }
 }
 
-std::unique_ptr<Model> load_model(const std::string& dir) {
+std::unique_ptr<Model> load_model(const std::string& dir, WeightsAs as) {
   const CheckpointInfo info = read_checkpoint_info(dir);
   verify_checkpoint_files(info.dir);
-  auto model = std::make_unique<Model>(info.config, DType::F32);
-  load_checkpoint_weights(*model, info);
+  // Stored HuggingFace weights: the routed experts are views of the files, not the layers' own.
+  const bool views = as == WeightsAs::stored && !info.ours && info.model_type != "dbrx";
+  auto model = std::make_unique<Model>(info.config, DType::F32, /*routed_experts=*/!views);
+  load_checkpoint_weights(*model, info, views || info.ours ? as : WeightsAs::float32);
   model->set_training(false);
   return model;
 }

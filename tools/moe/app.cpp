@@ -6,6 +6,19 @@
 
 namespace moe::cli {
 
+void add_weights_option(CLI::App* cmd, std::string& value) {
+  cmd->add_option("--weights", value,
+                  "stored: compute from the weights as the checkpoint stores them (bf16, f16, f32; "
+                  "mapped, resident memory about the files' size); f32: read them into float32 "
+                  "copies")
+      ->check(CLI::IsMember({"stored", "f32"}))
+      ->capture_default_str();
+}
+
+WeightsAs weights_as(const std::string& value) {
+  return value == "f32" ? WeightsAs::float32 : WeightsAs::stored;
+}
+
 std::unique_ptr<Cli> make_cli() {
   auto cli = std::make_unique<Cli>();
   CLI::App& app = cli->app;

@@ -55,6 +55,13 @@ double matmul_macs_per_token(const ModelConfig& m, int64_t seq_len) {
   return weights + static_cast<double>(m.n_layers * m.n_heads * (qk + v)) * keys;
 }
 
+struct BenchPrefill {
+  std::string model;
+  int64_t tokens = 512;
+  int threads = 0;
+  bool json = false;
+};
+
 struct BenchLayer {
   LayerOptions opt;
   int warmup = 2;
@@ -147,33 +154,12 @@ struct BenchDecode {
   int64_t prompt = 16, tokens = 32;
   int threads = 0;
   bool json = false;
+  std::string model;  // a checkpoint folder: measure it instead of a made-up model
 };
 
-// Read bandwidth (GB/s): summing a 1 GiB float array on all threads, the median of 5 passes.
-double read_bandwidth_gbs() {
-  const int64_t n = int64_t{1} << 28;
-  Tensor t = Tensor::empty({n}, DType::F32);
-  float* p = t.data<float>();
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) p[i] = 1.0f;
-  volatile float sink = 0;
-  const double ms = median_ms(1, 5, [&] {
-    float total = 0;
-#pragma omp parallel reduction(+ : total)
-    {
-      // 32 independent lanes, so the loop vectorizes and the adds keep up with memory.
-      float acc[32] = {};
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < n; i += 32)
-        for (int j = 0; j < 32; ++j) acc[j] += p[i + j];
-      for (float v : acc) total += v;
-    }
-    sink = sink + total;
-  });
-  return static_cast<double>(n) * 4.0 / ms / 1e6;
-}
-
 int run_bench_decode(const BenchDecode& b) {
+  if (!b.model.empty())
+    return bench_model(b.model, BenchModel::decode, b.tokens, b.threads, b.json);
   set_num_threads(b.threads);
   ModelConfig c;
   c.vocab_size = b.vocab;
@@ -480,7 +466,19 @@ Run add_bench(CLI::App& app) {
       ->capture_default_str();
   decode->add_option("-t,--threads", d->threads, "threads (0: all cores)")->capture_default_str();
   decode->add_flag("--json", d->json,
-                   "print one JSON object (decode_ms_per_token, floor_ms, ratio_to_floor, ...)");
+                   "print one JSON object (decode_ms_per_token, floor_ms, ratio_to_floor, ...; "
+                   "with -m: tokens_per_s, floor_tokens_per_s, load_s, peak_rss_mb, ...)");
+  decode->add_option("-m,--model", d->model,
+                     "a checkpoint folder to measure (its weights as stored; -n tokens decoded "
+                     "after a 4-token prompt)");
+  auto pf = std::make_shared<BenchPrefill>();
+  auto* prefill = bench->add_subcommand(
+      "prefill", "one prompt of a checkpoint in one pass: tokens/s against the GEMM limit");
+  prefill->add_option("-m,--model", pf->model, "a checkpoint folder")->required();
+  prefill->add_option("-n,--tokens", pf->tokens, "prompt tokens")->capture_default_str();
+  prefill->add_option("-t,--threads", pf->threads, "threads (0: all cores)")->capture_default_str();
+  prefill->add_flag("--json", pf->json,
+                    "print one JSON object (tokens_per_s, load_s, peak_rss_mb, ...)");
   auto tr = std::make_shared<BenchTrain>();
   auto* train = bench->add_subcommand("train", "training steps of a preset model, tokens/s");
   train->add_option("--preset", tr->preset, "model preset")->capture_default_str();
@@ -507,8 +505,10 @@ Run add_bench(CLI::App& app) {
                        "text files or folders (default: the fortunes, the default corpus)");
   tokenize->add_flag("--json", tk->json, "print a JSON array, one object per tokenizer");
   auto [gemm, run_gemm] = add_bench_gemm(*bench);
-  return [b, d, tr, tk, decode, train, tokenize, gemm = gemm, run_gemm = run_gemm] {
+  return [b, d, tr, tk, pf, decode, train, tokenize, prefill, gemm = gemm, run_gemm = run_gemm] {
     if (gemm->parsed()) return run_gemm();
+    if (prefill->parsed())
+      return bench_model(pf->model, BenchModel::prefill, pf->tokens, pf->threads, pf->json);
     if (decode->parsed()) return run_bench_decode(*d);
     if (train->parsed()) return run_bench_train(*tr);
     if (tokenize->parsed()) return run_bench_tokenize(*tk);

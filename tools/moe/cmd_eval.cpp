@@ -22,11 +22,12 @@ struct EvalArgs {
   int64_t max_windows = 256;
   int64_t val_every = 20;
   int threads = 0;
+  std::string weights = "stored";
 };
 
 int run_eval(const EvalArgs& a) {
   set_num_threads(a.threads);
-  std::unique_ptr<Model> model = load_model(a.model_dir);
+  std::unique_ptr<Model> model = load_model(a.model_dir, weights_as(a.weights));
   const int64_t longest = model->config().max_train_len();
   // The default window: 128 tokens, or the model's longest when it is shorter.
   const int64_t seq_len = a.seq_len == 0 ? std::min<int64_t>(128, longest) : a.seq_len;
@@ -63,6 +64,7 @@ Run add_eval(CLI::App& app) {
   cmd->add_option("--max-windows", a->max_windows, "windows evaluated at most")
       ->capture_default_str();
   cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
+  add_weights_option(cmd, a->weights);
   return [a] { return run_eval(*a); };
 }
 

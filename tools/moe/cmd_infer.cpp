@@ -77,6 +77,7 @@ struct GenerateArgs {
   SamplingConfig sampling;
   bool ids = false;
   int threads = 0;
+  std::string weights = "stored";
 };
 
 int run_generate(const GenerateArgs& a) {
@@ -88,7 +89,7 @@ int run_generate(const GenerateArgs& a) {
       a.cache_mb > 0
           ? load_model_offloaded(a.model_dir, static_cast<int64_t>(a.cache_mb * 1e6),
                                  parse_eviction_policy(a.cache_policy), &cache, !a.no_prefetch)
-          : load_model(a.model_dir);
+          : load_model(a.model_dir, weights_as(a.weights));
   std::unique_ptr<Tokenizer> tok;
   std::vector<int32_t> prompt;
   if (!a.prompt_ids.empty()) {
@@ -147,6 +148,7 @@ int run_generate(const GenerateArgs& a) {
 struct LogitsArgs {
   std::string model_dir, tokens, out;
   int threads = 0;
+  std::string weights = "stored";
 };
 
 int run_logits(const LogitsArgs& a) {
@@ -156,7 +158,7 @@ int run_logits(const LogitsArgs& a) {
   for (size_t i = 1; i < lists.size(); ++i)
     MOE_CHECK(lists[i].size() == T, "logits",
               "sequences separated by ';' must have equal lengths: {} and {}", T, lists[i].size());
-  std::unique_ptr<Model> model = load_model(a.model_dir);
+  std::unique_ptr<Model> model = load_model(a.model_dir, weights_as(a.weights));
   const auto B = static_cast<int64_t>(lists.size());
   Tensor ids = Tensor::empty({B, static_cast<int64_t>(T)}, DType::I32);
   for (int64_t b = 0; b < B; ++b)
@@ -225,6 +227,7 @@ Run add_generate(CLI::App& app) {
   cmd->add_flag("--ids", a->ids,
                 "print the token ids (prompt included) as one JSON array instead of text");
   cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
+  add_weights_option(cmd, a->weights);
   cmd->add_option("--expert-cache-mb", a->cache_mb,
                   "keep the routed experts in the checkpoint's files and at most this many MB of "
                   "them in memory (0: load every expert)")
@@ -245,6 +248,7 @@ Run add_logits(CLI::App& app) {
   cmd->add_option("--out", a->out, "output file; one float32 tensor 'logits' [B, T, V]")
       ->required();
   cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
+  add_weights_option(cmd, a->weights);
   return [a] { return run_logits(*a); };
 }
 

@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include "moe/trainer.h"
+
 namespace moe::cli {
 
 // A subcommand's run function; returns the process exit status.
@@ -22,6 +24,11 @@ struct Cli {
 };
 std::unique_ptr<Cli> make_cli();
 
+// --weights stored|f32 of the commands that read a model for inference: stored (the default)
+// computes from the checkpoint's weights as the files store them, f32 reads them into float32.
+void add_weights_option(CLI::App* cmd, std::string& value);
+WeightsAs weights_as(const std::string& value);
+
 // Token id lists as the CLI writes them: "1,2,3;4,5,6" -> {{1, 2, 3}, {4, 5, 6}}; `what` names
 // the flag in errors.
 std::vector<std::vector<int32_t>> parse_id_lists(const std::string& text, const char* what);
@@ -29,6 +36,10 @@ std::vector<std::vector<int32_t>> parse_id_lists(const std::string& text, const 
 // Adds the subcommand to `app` and returns the function that runs it once parsed.
 Run add_demo(CLI::App& app);
 Run add_bench(CLI::App& app);
+// `moe bench decode -m DIR` and `moe bench prefill -m DIR` (cmd_bench_model.cpp): a checkpoint
+// with its weights as stored, tokens/s against the bandwidth floor, load time, peak memory.
+enum class BenchModel { decode, prefill };
+int bench_model(const std::string& dir, BenchModel what, int64_t tokens, int threads, bool json);
 // `moe bench gemm`, under `bench` (cmd_bench_gemm.cpp).
 std::pair<CLI::App*, Run> add_bench_gemm(CLI::App& bench);
 Run add_train(CLI::App& app);

@@ -6,6 +6,8 @@
 #include <functional>
 #include <vector>
 
+#include "moe/kernels.h"
+
 namespace moe::cli {
 
 // Runs fn() `warmup` times untimed, then `reps` times; returns the median in milliseconds.
@@ -44,5 +46,8 @@ inline std::vector<double> interleaved_median_ms(int warmup, int reps,
   }
   return out;
 }
+
+// Read bandwidth (GB/s): cpu::read_bandwidth_gbs on 2 GB.
+inline double read_bandwidth_gbs() { return cpu::read_bandwidth_gbs(); }
 
 }  // namespace moe::cli

@@ -17,6 +17,9 @@ using VF = hn::Vec<DF>;
 struct F32Rows {
   const float* w;
   int64_t cols;
+  HWY_INLINE void prefetch(int64_t r, int64_t k) const {
+    if (k < cols) __builtin_prefetch(w + r * cols + k);
+  }
   HWY_INLINE VF load(DF d, int64_t r, int64_t k) const { return hn::LoadU(d, w + r * cols + k); }
   HWY_INLINE float at(int64_t r, int64_t k) const { return w[r * cols + k]; }
 };
@@ -24,6 +27,9 @@ struct F32Rows {
 struct Bf16Rows {
   const uint16_t* w;
   int64_t cols;
+  HWY_INLINE void prefetch(int64_t r, int64_t k) const {
+    if (k < cols) __builtin_prefetch(w + r * cols + k);
+  }
   HWY_INLINE VF load(DF d, int64_t r, int64_t k) const {
     const hn::Rebind<hwy::bfloat16_t, DF> db;
     return hn::PromoteTo(d,
@@ -37,6 +43,9 @@ struct Bf16Rows {
 struct F16Rows {
   const uint16_t* w;
   int64_t cols;
+  HWY_INLINE void prefetch(int64_t r, int64_t k) const {
+    if (k < cols) __builtin_prefetch(w + r * cols + k);
+  }
   HWY_INLINE VF load(DF d, int64_t r, int64_t k) const {
     const hn::Rebind<hwy::float16_t, DF> dh;
     return hn::PromoteTo(d,
@@ -50,6 +59,9 @@ struct F16Rows {
 struct I8Rows {
   const int8_t* w;
   int64_t cols;
+  HWY_INLINE void prefetch(int64_t r, int64_t k) const {
+    if (k < cols) __builtin_prefetch(w + r * cols + k);
+  }
   HWY_INLINE VF load(DF d, int64_t r, int64_t k) const {
     const hn::Rebind<int32_t, DF> di;
     const hn::Rebind<int8_t, DF> d8;
@@ -61,6 +73,9 @@ struct I8Rows {
 // One accumulator per weight row, summed lane-wise over k in steps of L, then across lanes, then
 // the scalar tail: the same order for a row whichever block it falls in, so a row's result does
 // not depend on how the rows were split.
+// Elements ahead of the loads that the dot product prefetches (in each row).
+constexpr int64_t kAhead = 256;
+
 template <class W>
 HWY_INLINE void dot(const W& w, int64_t cols, const float* x, int64_t ldx, int64_t n, int64_t r0,
                     int64_t r1, float* y, int64_t ldy, const float* scale) {
@@ -73,6 +88,12 @@ HWY_INLINE void dot(const W& w, int64_t cols, const float* x, int64_t ldx, int64
       const float* xi = x + i * ldx;
       VF a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
       for (int64_t k = 0; k < kv; k += L) {
+        if (i == 0) {  // the next lines of the four rows, ahead of the hardware's prefetcher
+          w.prefetch(r, k + kAhead);
+          w.prefetch(r + 1, k + kAhead);
+          w.prefetch(r + 2, k + kAhead);
+          w.prefetch(r + 3, k + kAhead);
+        }
         const VF xv = hn::LoadU(d, xi + k);
         a0 = hn::MulAdd(w.load(d, r, k), xv, a0);
         a1 = hn::MulAdd(w.load(d, r + 1, k), xv, a1);

@@ -1,0 +1,100 @@
+// Checkpoints computed from as they are stored (WeightsAs::stored): transformers' tiny
+// checkpoints of every architecture, as written (float32) and rounded to bf16 or f16, against
+// the same weights read into float32.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+
+#include "hf_test_util.h"
+#include "moe/generate.h"
+#include "moe/trainer.h"
+
+namespace moe {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+class StoredWeights : public ::testing::TestWithParam<const char*> {};
+
+// The fixture with every tensor of two or more dimensions stored as `dtype` (bf16: rounded to
+// nearest even; f16: through f32_to_f16), in a folder of its own.
+std::string rounded_copy(const std::string& name, DType dtype) {
+  const std::string src = hf_fixture(name);
+  const fs::path dir = fs::temp_directory_path() / ("moe_stored_" + name + "_" + dtype_name(dtype) +
+                                                    "_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  fs::copy_file(src + "/config.json", dir / "config.json");
+  const SafetensorsFile all = load_safetensors(src + "/model.safetensors");
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (const auto& [n, st] : all.stored) {
+    const Tensor& t = all.at(n);
+    if (t.ndim() < 2 || t.dtype() != DType::F32) {
+      out.emplace_back(n, t);
+    } else if (dtype == DType::BF16) {
+      out.emplace_back(n, t.to(DType::BF16));
+    } else {
+      Tensor h = Tensor::empty(t.shape(), DType::F16);
+      auto* p = static_cast<uint16_t*>(h.raw());
+      for (int64_t i = 0; i < t.numel(); ++i) p[i] = f32_to_f16(t.data<float>()[i]);
+      out.emplace_back(n, h);
+    }
+  }
+  save_safetensors((dir / "model.safetensors").string(), out);
+  return dir.string();
+}
+
+Tensor logits_of(Model& m, const Tensor& ids) {
+  Arena arena;
+  return m.logits(ids, arena).clone();
+}
+
+}  // namespace
+
+// Float32 files kept as stored run the same code on the same numbers: the same bits.
+TEST_P(StoredWeights, FloatFilesGiveTheSameBits) {
+  const std::string dir = hf_fixture(GetParam());
+  const Tensor ids = as_i32(load_safetensors(dir + "/reference.safetensors").at("input_ids"));
+  std::unique_ptr<Model> copied = load_model(dir), kept = load_model(dir, WeightsAs::stored);
+  const Tensor a = logits_of(*copied, ids), b = logits_of(*kept, ids);
+  ASSERT_EQ(a.shape(), b.shape());
+  EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0);
+}
+
+// bf16 and f16 checkpoints computed from their stored bytes agree with the same weights widened
+// to float32 up to float32 rounding (the kernels sum in another order), and decode greedily to
+// the same ids; a model holding stored weights refuses to train.
+TEST_P(StoredWeights, HalfPrecisionFilesMatchTheirFloat32Copy) {
+  const std::string name = GetParam();
+  const Tensor ids =
+      as_i32(load_safetensors(hf_fixture(name) + "/reference.safetensors").at("input_ids"));
+  for (DType d : {DType::BF16, DType::F16}) {
+    const std::string dir = rounded_copy(name, d);
+    std::unique_ptr<Model> copied = load_model(dir), kept = load_model(dir, WeightsAs::stored);
+    EXPECT_FALSE(copied->weights_stored());
+    EXPECT_EQ(kept->weights_stored(), name != std::string("dbrx")) << name;  // dbrx: float32
+    const Tensor a = logits_of(*copied, ids), b = logits_of(*kept, ids);
+    const double err = relative_error(b, a);
+    std::printf("%s %s: stored against float32 copy, logits relative error %.3g\n", name.c_str(),
+                dtype_name(d), err);
+    EXPECT_LT(err, 2e-6) << dtype_name(d);
+    SamplingConfig greedy;
+    greedy.temperature = 0;
+    const std::vector<std::vector<int32_t>> prompt = {{1, 5, 9, 2}};
+    EXPECT_EQ(generate(*copied, prompt, 8, greedy), generate(*kept, prompt, 8, greedy))
+        << dtype_name(d);
+    if (kept->weights_stored()) {
+      Arena arena;
+      EXPECT_THROW(kept->forward_backward(ids, arena), Error);
+    }
+    fs::remove_all(dir);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, StoredWeights,
+                         ::testing::Values("mixtral", "mixtral_top1_e4", "qwen2_moe", "qwen3_moe",
+                                           "olmoe", "deepseek_v2", "deepseek_v3", "dbrx"));
+
+}  // namespace moe
