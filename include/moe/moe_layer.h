@@ -57,6 +57,9 @@ class ExpertSource {
   // Read-ahead: whether the source can read experts in the background, and a guess that MoE
   // layer `layer` will soon ask for `experts`.
   virtual bool wants_prefetch() const { return false; }
+  // Whether any number of experts may be acquired at once (views of mapped files, say), which
+  // lets a token's experts run together; a bounded cache says no.
+  virtual bool all_at_once() const { return false; }
   virtual void prefetch(int64_t /*layer*/, const std::vector<int64_t>& /*experts*/) {}
 };
 

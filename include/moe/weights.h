@@ -66,6 +66,18 @@ void linear(T* y, const T* x, int64_t n, const Tensor& w);
 void matmul_wt(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, float* y,
                int64_t ldy);
 
+// Several independent products y = x W^T in one parallel region (the projections of a token's
+// experts): the row blocks of every job are spread over the threads together, so that small
+// products do not each pay for starting the threads. Each job's bits are matmul_wt's.
+struct MatmulJob {
+  WeightMatrix w;
+  const float* x = nullptr;
+  int64_t ldx = 0, n = 0;
+  float* y = nullptr;
+  int64_t ldy = 0;
+};
+void matmul_wt_many(const MatmulJob* jobs, size_t count);
+
 // Rows [r0, r1) of W widened to float32: out [(r1 - r0), cols].
 void weight_rows_f32(const WeightMatrix& w, int64_t r0, int64_t r1, float* out);
 

@@ -270,6 +270,7 @@ class StoredExperts : public ExpertSource {
     return layers_[static_cast<size_t>(layer)][static_cast<size_t>(e)];
   }
   void release(int64_t, int64_t) override {}
+  bool all_at_once() const override { return true; }
 
  private:
   std::vector<std::vector<ExpertView>> layers_;

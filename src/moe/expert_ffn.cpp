@@ -102,6 +102,34 @@ void ffn_forward_stored(ExpertAct act, const ExpertView& w, int64_t n, int64_t d
   add_bias(y, bias(w.b_down), n, D);
 }
 
+void ffn_forward_stored_fused(ExpertAct act, const std::vector<ExpertRun>& runs, int64_t d_model,
+                              int64_t d_ffn) {
+  const int64_t D = d_model, F = d_ffn;
+  const bool swiglu = act == ExpertAct::swiglu;
+  std::vector<cpu::MatmulJob> jobs;
+  for (const ExpertRun& r : runs) {
+    if (r.n == 0) continue;
+    jobs.push_back({as_weight(r.w.w_up), r.x, D, r.n, r.a_up, F});
+    if (swiglu) jobs.push_back({as_weight(r.w.w_gate), r.x, D, r.n, r.a_gate, F});
+  }
+  cpu::matmul_wt_many(jobs.data(), jobs.size());
+  jobs.clear();
+  for (const ExpertRun& r : runs) {
+    if (r.n == 0) continue;
+    add_bias(r.a_up, bias(r.w.b_up), r.n, F);
+    if (swiglu) {
+      add_bias(r.a_gate, bias(r.w.b_gate), r.n, F);
+      cpu::swiglu_forward<float>(r.h, r.a_gate, r.a_up, r.n * F);
+    } else {
+      cpu::act_forward<float>(plain_act(act), r.h, r.a_up, r.n * F);
+    }
+    jobs.push_back({as_weight(r.w.w_down), r.h, F, r.n, r.y, D});
+  }
+  cpu::matmul_wt_many(jobs.data(), jobs.size());
+  for (const ExpertRun& r : runs)
+    if (r.n > 0) add_bias(r.y, bias(r.w.b_down), r.n, D);
+}
+
 template <class T>
 void ffn_forward_any(ExpertAct act, const ExpertView& w, int64_t n, int64_t d_model, int64_t d_ffn,
                      const T* x, T* y, T* a_gate, T* a_up, T* h) {

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "moe/moe_config.h"
 #include "moe/moe_layer.h"
@@ -41,6 +42,20 @@ ExpertView expert_rows(const ExpertWeights& w, int64_t index);
 void ffn_forward_stored(ExpertAct act, const ExpertView& w, int64_t n, int64_t d_model,
                         int64_t d_ffn, const float* x, float* y, float* a_gate, float* a_up,
                         float* h);
+
+// The fused decoding kernel: several experts' forwards on their few rows each (a token's k
+// experts), weights as stored: every expert's gate and up projections in one parallel region,
+// the activations, then every down projection in a second one. Each expert's results are
+// ffn_forward_stored's, bit for bit.
+struct ExpertRun {
+  ExpertView w;
+  int64_t n = 0;
+  const float* x = nullptr;                                // [n, D]
+  float* y = nullptr;                                      // [n, D]
+  float *a_gate = nullptr, *a_up = nullptr, *h = nullptr;  // [n, F] each (a_gate: SwiGLU)
+};
+void ffn_forward_stored_fused(ExpertAct act, const std::vector<ExpertRun>& runs, int64_t d_model,
+                              int64_t d_ffn);
 
 // ffn_forward when w holds T, ffn_forward_stored otherwise (T = float).
 template <class T>

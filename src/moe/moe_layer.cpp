@@ -7,11 +7,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "expert_parallel.h"
 #include "moe/expert_ffn.h"
 #include "moe/kernels.h"
 #include "moe/threading.h"
+#include "moe/weights.h"
 
 namespace moe {
 
@@ -409,7 +411,31 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
     std::vector<int64_t>& routed_now = result.stats.routed;
     routed_now.assign(routed, routed + E);
     where.source->observe(where.source_index, routed_now, N);
-    for (int64_t e = 0; e < E; ++e) {
+    // Decoding (few rows per expert) from stored weights that stay in memory: the token's experts
+    // through the fused kernel, two parallel regions in all.
+    bool fused = false;
+    if constexpr (std::is_same_v<T, float>) {
+      int64_t most = 0;
+      for (int64_t e = 0; e < E; ++e) most = std::max(most, e_offsets[e + 1] - e_offsets[e]);
+      fused = where.source->all_at_once() && most <= cpu::kMatvecMaxRows;
+      if (fused) {
+        std::vector<ExpertRun> runs;
+        for (int64_t e = 0; e < E; ++e) {
+          const int64_t r0 = e_offsets[e], n = e_offsets[e + 1] - e_offsets[e];
+          if (n == 0) continue;
+          runs.push_back({where.source->acquire(where.source_index, e), n, xe + r0 * D, ye + r0 * D,
+                          a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F});
+        }
+        if (!runs.empty() && runs[0].w.w_up.dtype() == DType::F32) {
+          fused = false;  // float32 experts: the GEMM path below
+        } else {
+          ffn_forward_stored_fused(cfg.act, runs, D, F);
+        }
+        for (int64_t e = 0; e < E; ++e)
+          if (e_offsets[e + 1] > e_offsets[e]) where.source->release(where.source_index, e);
+      }
+    }
+    for (int64_t e = 0; e < E && !fused; ++e) {
       const int64_t r0 = e_offsets[e], n = e_offsets[e + 1] - e_offsets[e];
       if (n == 0) continue;
       const ExpertView v = where.source->acquire(where.source_index, e);

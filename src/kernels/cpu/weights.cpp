@@ -206,6 +206,32 @@ void weight_rows_f32(const WeightMatrix& w, int64_t r0, int64_t r1, float* out) 
   });
 }
 
+void matmul_wt_many(const MatmulJob* jobs, size_t count) {
+  // (job, first row) of every block of kDotRows rows; jobs of more rows run on their own.
+  std::vector<std::pair<size_t, int64_t>> blocks;
+  int64_t work = 0;
+  for (size_t j = 0; j < count; ++j) {
+    const MatmulJob& b = jobs[j];
+    check(b.w, "matmul_wt_many");
+    if (b.n > kMatvecMaxRows || b.w.cols == 0) {
+      matmul_wt(b.w, b.x, b.ldx, b.n, b.y, b.ldy);
+      continue;
+    }
+    MOE_CHECK(b.n >= 0 && b.ldx >= b.w.cols && b.ldy >= b.w.rows, "matmul_wt_many",
+              "x [{}, {}] (stride {}) times W^T [{}, {}] into y (stride {})", b.n, b.w.cols, b.ldx,
+              b.w.cols, b.w.rows, b.ldy);
+    if (b.n == 0) continue;
+    for (int64_t r = 0; r < b.w.rows; r += kDotRows) blocks.emplace_back(j, r);
+    work += b.w.rows * b.w.cols;
+  }
+  const WeightKernels& k = kernels();
+  for_tasks(static_cast<int64_t>(blocks.size()), work, [&](int64_t t) {
+    const auto [j, r0] = blocks[static_cast<size_t>(t)];
+    const MatmulJob& b = jobs[j];
+    dot_block(k, b.w, b.x, b.ldx, b.n, r0, std::min(b.w.rows, r0 + kDotRows), b.y, b.ldy);
+  });
+}
+
 void matmul_wt(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, float* y,
                int64_t ldy) {
   check(w, "matmul_wt");
