@@ -39,6 +39,8 @@ struct ExpertWeights {
 // single expert (checkpoint loading, and later offloading) goes through this.
 struct ExpertView {
   Tensor w_gate, w_up, w_down, b_gate, b_up, b_down;
+  // int8 weights (moe quantize): each matrix's float32 scale per row ([F], [F], [D]).
+  Tensor s_gate, s_up, s_down;
 };
 
 // Where an MoE layer's routed experts come from when they are not held in memory (expert

@@ -113,7 +113,7 @@ struct SafetensorsFile {
   // those dtypes are zero-copy views of the memory-mapped file (copy-on-write), which they keep
   // mapped; the others are converted into new memory on first use, kept until drop().
   const Tensor& at(const std::string& name) const;
-  // The tensor as stored (F32, F64, BF16 or F16; I8 is refused: it needs its scales), a view of
+  // The tensor as stored (F32, F64, BF16, F16 or I8, whose scales are "<name>_scale"), a view of
   // the mapping that keeps it alive.
   Tensor view(const std::string& name) const;
   // For loaders, once a tensor's values are copied out: frees its converted copy, or drops its

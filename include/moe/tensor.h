@@ -1,6 +1,6 @@
 // moe/tensor.h: a dense, row-major tensor of float32, float64, int32 or int64, or of weights as
-// a checkpoint stores them (bf16, f16): those are read by the weight kernels (moe/weights.h) and
-// converted with to(), never accessed element by element as another type.
+// a checkpoint stores them (bf16, f16, int8 beside its row scales): those are read by the weight
+// kernels (moe/weights.h), never accessed element by element as another type.
 //
 // A Tensor either owns its buffer (Tensor::empty / zeros, 64-byte aligned) or views memory that
 // somebody else owns (Tensor::view, used for arena-backed activations). Copies share the buffer;
@@ -20,7 +20,7 @@
 
 namespace moe {
 
-enum class DType { F32, F64, I32, I64, BF16, F16 };
+enum class DType { F32, F64, I32, I64, BF16, F16, I8 };
 
 // A tensor's dimensions, stored inline (up to kMaxDims), so that making a tensor or a view never
 // touches the heap: the training step allocates nothing in its steady state.

@@ -47,9 +47,9 @@ uint16_t f32_to_bf16(float f);
 // float32 to IEEE binary16, to nearest, ties to even (overflow to infinity, NaN stays NaN).
 uint16_t f32_to_f16(float f);
 
-// A tensor [rows, cols] (or [1, rows, cols]) of f32, bf16 or f16 as a weight matrix; anything
-// else is an error naming the tensor's dtype.
-WeightMatrix as_weight(const Tensor& w);
+// A tensor [rows, cols] (or [1, rows, cols]) of f32, bf16, f16, or i8 with its float32 scales
+// [rows], as a weight matrix; anything else is an error naming the tensor's dtype.
+WeightMatrix as_weight(const Tensor& w, const Tensor* scale = nullptr);
 
 namespace cpu {
 
@@ -57,7 +57,7 @@ namespace cpu {
 // (float32: gemm) or, for T = float, as stored (bf16, f16: matmul_wt). A stored W with T = double
 // is an error: stored weights compute in float32.
 template <class T>
-void linear(T* y, const T* x, int64_t n, const Tensor& w);
+void linear(T* y, const T* x, int64_t n, const Tensor& w, const Tensor* scale = nullptr);
 
 // y[i, r] (row stride ldy) = sum_k W[r, k] x[i, k] (x row stride ldx), for i < n, r < rows,
 // with W in its stored format; float32 arithmetic. Bits depend on the kernel path (moe/cpu.h)

@@ -20,6 +20,7 @@ size_t dtype_size(DType dtype) {
     case DType::I64: return 8;
     case DType::BF16:
     case DType::F16: return 2;
+    case DType::I8: return 1;
   }
   return 0;
 }
@@ -32,6 +33,7 @@ const char* dtype_name(DType dtype) {
     case DType::I64: return "i64";
     case DType::BF16: return "bf16";
     case DType::F16: return "f16";
+    case DType::I8: return "i8";
   }
   return "?";
 }
@@ -198,6 +200,7 @@ void Tensor::fill(double value) {
     case DType::I64: fill_typed<int64_t>(data_, numel(), value); break;
     case DType::BF16:
     case DType::F16:
+    case DType::I8:
       throw_error("tensor", fmt::format("fill is not defined for {} tensors", dtype_name(dtype_)));
   }
 }
@@ -215,6 +218,7 @@ double Tensor::at(int64_t i) const {
       std::memcpy(&h, static_cast<const char*>(data_) + 2 * i, 2);
       return dtype_ == DType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
     }
+    case DType::I8: return static_cast<const int8_t*>(data_)[i];
   }
   return 0;
 }

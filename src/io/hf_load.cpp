@@ -312,6 +312,10 @@ std::vector<ExpertView> stored_experts(const ModelConfig& c, HfTensors& src,
       MOE_CHECK(dst->shape() == shape, kWhere, "{} must be {}, got {}", name, shape_str(shape),
                 dst->str());
     }
+    // int8 experts (moe quantize): each matrix's row scales beside it.
+    v.s_gate = v.w_gate.dtype() == DType::I8 ? src.view(p + n.gate + ".weight_scale") : Tensor();
+    v.s_up = v.w_up.dtype() == DType::I8 ? src.view(p + n.up + ".weight_scale") : Tensor();
+    v.s_down = v.w_down.dtype() == DType::I8 ? src.view(p + n.down + ".weight_scale") : Tensor();
   }
   return out;
 }

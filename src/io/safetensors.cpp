@@ -113,6 +113,7 @@ const char* st_dtype(DType d) {
     case DType::I64: return "I64";
     case DType::BF16: return "BF16";
     case DType::F16: return "F16";
+    case DType::I8: return "I8";
   }
   return "?";
 }
@@ -238,15 +239,17 @@ Tensor SafetensorsFile::view(const std::string& name) const {
   auto s = stored.find(name);
   MOE_CHECK(s != stored.end(), "safetensors", "missing tensor {}", name);
   const StoredTensor& st = s->second;
-  const DType d =
-      st.dtype == "F32"    ? DType::F32
-      : st.dtype == "F64"  ? DType::F64
-      : st.dtype == "BF16" ? DType::BF16
-      : st.dtype == "F16"
-          ? DType::F16
-          : throw Error(fmt::format("[safetensors] {} is {}: it cannot be computed from "
-                                    "as stored (F32, BF16 and F16 can)",
-                                    name, st.dtype));
+  static const std::pair<const char*, DType> kTypes[] = {{"F32", DType::F32},
+                                                         {"F64", DType::F64},
+                                                         {"BF16", DType::BF16},
+                                                         {"F16", DType::F16},
+                                                         {"I8", DType::I8}};
+  const auto t = std::find_if(std::begin(kTypes), std::end(kTypes),
+                              [&](const auto& k) { return st.dtype == k.first; });
+  MOE_CHECK(t != std::end(kTypes), "safetensors",
+            "{} is {}: it cannot be computed from as stored (F32, BF16, F16 and I8 can)", name,
+            st.dtype);
+  const DType d = t->second;
   return Tensor::view(const_cast<char*>(st.data), st.shape, d, mapping_);
 }
 

@@ -77,7 +77,15 @@ ExpertView expert_rows(const ExpertWeights& w, int64_t index) {
         const_cast<char*>(static_cast<const char*>(t.raw())) + static_cast<size_t>(index) * bytes,
         s, t.dtype());
   };
-  return {row(w.w_gate), row(w.w_up), row(w.w_down), row(w.b_gate), row(w.b_up), row(w.b_down)};
+  return {row(w.w_gate),
+          row(w.w_up),
+          row(w.w_down),
+          row(w.b_gate),
+          row(w.b_up),
+          row(w.b_down),
+          {},
+          {},
+          {}};
 }
 
 namespace {
@@ -89,16 +97,16 @@ void ffn_forward_stored(ExpertAct act, const ExpertView& w, int64_t n, int64_t d
                         float* h) {
   if (n == 0) return;
   const int64_t D = d_model, F = d_ffn;
-  cpu::linear<float>(a_up, x, n, w.w_up);
+  cpu::linear<float>(a_up, x, n, w.w_up, &w.s_up);
   add_bias(a_up, bias(w.b_up), n, F);
   if (act == ExpertAct::swiglu) {
-    cpu::linear<float>(a_gate, x, n, w.w_gate);
+    cpu::linear<float>(a_gate, x, n, w.w_gate, &w.s_gate);
     add_bias(a_gate, bias(w.b_gate), n, F);
     cpu::swiglu_forward<float>(h, a_gate, a_up, n * F);
   } else {
     cpu::act_forward<float>(plain_act(act), h, a_up, n * F);
   }
-  cpu::linear<float>(y, h, n, w.w_down);
+  cpu::linear<float>(y, h, n, w.w_down, &w.s_down);
   add_bias(y, bias(w.b_down), n, D);
 }
 
@@ -109,8 +117,8 @@ void ffn_forward_stored_fused(ExpertAct act, const std::vector<ExpertRun>& runs,
   std::vector<cpu::MatmulJob> jobs;
   for (const ExpertRun& r : runs) {
     if (r.n == 0) continue;
-    jobs.push_back({as_weight(r.w.w_up), r.x, D, r.n, r.a_up, F});
-    if (swiglu) jobs.push_back({as_weight(r.w.w_gate), r.x, D, r.n, r.a_gate, F});
+    jobs.push_back({as_weight(r.w.w_up, &r.w.s_up), r.x, D, r.n, r.a_up, F});
+    if (swiglu) jobs.push_back({as_weight(r.w.w_gate, &r.w.s_gate), r.x, D, r.n, r.a_gate, F});
   }
   cpu::matmul_wt_many(jobs.data(), jobs.size());
   jobs.clear();
@@ -123,7 +131,7 @@ void ffn_forward_stored_fused(ExpertAct act, const std::vector<ExpertRun>& runs,
     } else {
       cpu::act_forward<float>(plain_act(act), r.h, r.a_up, r.n * F);
     }
-    jobs.push_back({as_weight(r.w.w_down), r.h, F, r.n, r.y, D});
+    jobs.push_back({as_weight(r.w.w_down, &r.w.s_down), r.h, F, r.n, r.y, D});
   }
   cpu::matmul_wt_many(jobs.data(), jobs.size());
   for (const ExpertRun& r : runs)

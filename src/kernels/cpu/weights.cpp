@@ -91,38 +91,47 @@ float WeightMatrix::at(int64_t r, int64_t k) const {
   return 0;
 }
 
-WeightMatrix as_weight(const Tensor& w) {
+WeightMatrix as_weight(const Tensor& w, const Tensor* scale) {
   const int64_t nd = w.ndim();
   MOE_CHECK(nd == 2 || (nd == 3 && w.size(0) == 1), "weights",
             "a weight matrix must be [rows, cols], got {}", w.str());
-  const WType t = w.dtype() == DType::F32    ? WType::f32
-                  : w.dtype() == DType::BF16 ? WType::bf16
-                  : w.dtype() == DType::F16
-                      ? WType::f16
-                      : throw Error(fmt::format("[weights] {} weights cannot be computed from "
-                                                "as stored (f32, bf16 and f16 can)",
-                                                dtype_name(w.dtype())));
-  return {t, w.raw(), w.size(nd - 2), w.size(nd - 1), nullptr};
+  WType t = WType::f32;
+  switch (w.dtype()) {
+    case DType::F32: t = WType::f32; break;
+    case DType::BF16: t = WType::bf16; break;
+    case DType::F16: t = WType::f16; break;
+    case DType::I8: t = WType::i8; break;
+    default:
+      throw_error("weights", fmt::format("{} weights cannot be computed from as stored (f32, "
+                                         "bf16, f16 and i8 can)",
+                                         dtype_name(w.dtype())));
+  }
+  const int64_t rows = w.size(nd - 2), cols = w.size(nd - 1);
+  if (t != WType::i8) return {t, w.raw(), rows, cols, nullptr};
+  MOE_CHECK(scale && scale->defined() && scale->dtype() == DType::F32 && scale->numel() == rows,
+            "weights", "an int8 weight {} needs float32 scales [{}], got {}", w.str(), rows,
+            scale && scale->defined() ? scale->str() : std::string("none"));
+  return {t, w.raw(), rows, cols, scale->data<float>()};
 }
 
 namespace cpu {
 
 template <class T>
-void linear(T* y, const T* x, int64_t n, const Tensor& w) {
+void linear(T* y, const T* x, int64_t n, const Tensor& w, const Tensor* scale) {
   const int64_t rows = w.size(w.ndim() - 2), cols = w.size(w.ndim() - 1);
   if (w.dtype() == dtype_of<T>()) {
     gemm<T>(false, true, n, rows, cols, T(1), x, cols, w.data<T>(), cols, T(0), y, rows);
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
-    matmul_wt(as_weight(w), x, cols, n, y, rows);
+    matmul_wt(as_weight(w, scale), x, cols, n, y, rows);
   } else {
     throw_error("weights", fmt::format("{} weights compute in float32 only, not in {}",
                                        dtype_name(w.dtype()), dtype_name(dtype_of<T>())));
   }
 }
-template void linear<float>(float*, const float*, int64_t, const Tensor&);
-template void linear<double>(double*, const double*, int64_t, const Tensor&);
+template void linear<float>(float*, const float*, int64_t, const Tensor&, const Tensor*);
+template void linear<double>(double*, const double*, int64_t, const Tensor&, const Tensor*);
 
 namespace {
 
