@@ -140,9 +140,9 @@ double fma_peak_gflops() {
       flops_per_iter = 12.0 * 2 * 8;
     }
 #endif
-    fn(n / 16);  // wake the wide units
+    fn(n);  // wake the wide units (the clock settles after some milliseconds of them)
     double best = 0;
-    for (int rep = 0; rep < 3; ++rep) {
+    for (int rep = 0; rep < 10; ++rep) {
       const auto t0 = std::chrono::steady_clock::now();
       volatile float sink = fn(n);
       (void)sink;
