@@ -37,13 +37,8 @@ std::string rounded_copy(const std::string& name, DType dtype) {
     const Tensor& t = all.at(n);
     if (t.ndim() < 2 || t.dtype() != DType::F32) {
       out.emplace_back(n, t);
-    } else if (dtype == DType::BF16) {
-      out.emplace_back(n, t.to(DType::BF16));
     } else {
-      Tensor h = Tensor::empty(t.shape(), DType::F16);
-      auto* p = static_cast<uint16_t*>(h.raw());
-      for (int64_t i = 0; i < t.numel(); ++i) p[i] = f32_to_f16(t.data<float>()[i]);
-      out.emplace_back(n, h);
+      out.emplace_back(n, t.to(dtype));
     }
   }
   save_safetensors((dir / "model.safetensors").string(), out);
@@ -141,12 +136,7 @@ TEST(StoredExperts, FusedKernelEqualsOneExpertAtATime) {
            {std::pair<Tensor*, Shape>{&v.w_gate, {F, D}}, {&v.w_up, {F, D}}, {&v.w_down, {D, F}}}) {
         Tensor f = Tensor::empty(shape, DType::F32);
         rng.fill_normal(f, 0, 0.1);
-        *t = d == DType::BF16 ? f.to(DType::BF16) : [&] {
-          Tensor h = Tensor::empty(shape, DType::F16);
-          for (int64_t i = 0; i < f.numel(); ++i)
-            static_cast<uint16_t*>(h.raw())[i] = f32_to_f16(f.data<float>()[i]);
-          return h;
-        }();
+        *t = f.to(d);
       }
       experts.push_back(v);
     }

@@ -11,6 +11,7 @@
 #include "moe/cpu.h"
 #include "moe/error.h"
 #include "moe/rng.h"
+#include "moe/tensor.h"
 #include "moe/weights.h"
 
 namespace moe {
@@ -111,6 +112,12 @@ TEST(WeightFormats, F32ToF16MatchesTheCompilersConversion) {
     ASSERT_EQ(f32_to_f16(x), want) << x;
   }
   EXPECT_TRUE(std::isnan(f16_to_f32(f32_to_f16(std::nanf("")))));
+  // Tensor::to(F16) rounds each element the same way.
+  Tensor t = Tensor::empty({static_cast<int64_t>(xs.size())}, DType::F32);
+  std::copy(xs.begin(), xs.end(), t.data<float>());
+  const Tensor h = t.to(DType::F16);
+  for (size_t i = 0; i < xs.size(); ++i)
+    ASSERT_EQ(static_cast<const uint16_t*>(h.raw())[i], f32_to_f16(xs[i])) << xs[i];
 }
 
 TEST(WeightFormats, Bf16RoundsToNearestEven) {

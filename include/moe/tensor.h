@@ -126,8 +126,8 @@ class Tensor {
   // A view of `shape` starting `offset` elements in, inside this tensor's memory, which it keeps
   // alive.
   Tensor view_at(int64_t offset, const Shape& shape) const;
-  // Converting copy between the float types (f32, f64; and from bf16 and f16, exactly; to bf16,
-  // rounding to nearest even).
+  // Converting copy between the float types (f32, f64; and from bf16 and f16, exactly; from f32
+  // to bf16 or f16, rounding to nearest even).
   Tensor to(DType dtype) const;
   void fill(double value);  // f32, f64, i32, i64
   // Element i as double, for tests and diagnostics (float types only).

@@ -157,7 +157,7 @@ Tensor Tensor::to(DType dtype) const {
   const bool from16 = dtype_ == DType::BF16 || dtype_ == DType::F16;
   const bool from_float = dtype_ == DType::F32 || dtype_ == DType::F64 || from16;
   MOE_CHECK(from_float && (dtype == DType::F32 || dtype == DType::F64 ||
-                           (dtype == DType::BF16 && dtype_ == DType::F32)),
+                           ((dtype == DType::BF16 || dtype == DType::F16) && dtype_ == DType::F32)),
             "tensor", "conversion from {} to {} is not supported", dtype_name(dtype_),
             dtype_name(dtype));
   Tensor t = empty(shape_, dtype);
@@ -174,10 +174,11 @@ Tensor Tensor::to(DType dtype) const {
     }
     return t;
   }
-  if (dtype == DType::BF16) {
+  if (dtype == DType::BF16 || dtype == DType::F16) {
     const float* s = static_cast<const float*>(data_);
     auto* d = static_cast<uint16_t*>(t.raw());
-    for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(s[i]);
+    for (int64_t i = 0; i < n; ++i)
+      d[i] = dtype == DType::BF16 ? f32_to_bf16(s[i]) : f32_to_f16(s[i]);
     return t;
   }
   if (dtype == DType::F64) {

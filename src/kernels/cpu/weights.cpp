@@ -146,6 +146,13 @@ const WeightKernels& kernels() {
 constexpr int64_t kDotRows = 64;
 constexpr int64_t kPanelRows = 64;
 
+// x [n, cols] (row stride ldx) times W^T into y (row stride ldy): strides that hold the rows.
+void check_product(const WeightMatrix& w, int64_t ldx, int64_t n, int64_t ldy, const char* where) {
+  MOE_CHECK(n >= 0 && ldx >= w.cols && ldy >= w.rows, where,
+            "x [{}, {}] (stride {}) times W^T [{}, {}] into y (stride {})", n, w.cols, ldx, w.cols,
+            w.rows, ldy);
+}
+
 void check(const WeightMatrix& w, const char* where) {
   MOE_CHECK(w.rows >= 0 && w.cols >= 0, where, "weight shape [{}, {}]", w.rows, w.cols);
   MOE_CHECK(w.data || w.rows * w.cols == 0, where, "weight [{}, {}] has no data", w.rows, w.cols);
@@ -226,9 +233,7 @@ void matmul_wt_many(const MatmulJob* jobs, size_t count) {
       matmul_wt(b.w, b.x, b.ldx, b.n, b.y, b.ldy);
       continue;
     }
-    MOE_CHECK(b.n >= 0 && b.ldx >= b.w.cols && b.ldy >= b.w.rows, "matmul_wt_many",
-              "x [{}, {}] (stride {}) times W^T [{}, {}] into y (stride {})", b.n, b.w.cols, b.ldx,
-              b.w.cols, b.w.rows, b.ldy);
+    check_product(b.w, b.ldx, b.n, b.ldy, "matmul_wt_many");
     if (b.n == 0) continue;
     for (int64_t r = 0; r < b.w.rows; r += kDotRows) blocks.emplace_back(j, r);
     work += b.w.rows * b.w.cols;
@@ -244,9 +249,7 @@ void matmul_wt_many(const MatmulJob* jobs, size_t count) {
 void matmul_wt(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, float* y,
                int64_t ldy) {
   check(w, "matmul_wt");
-  MOE_CHECK(n >= 0 && ldx >= w.cols && ldy >= w.rows, "matmul_wt",
-            "x [{}, {}] (stride {}) times W^T [{}, {}] into y (stride {})", n, w.cols, ldx, w.cols,
-            w.rows, ldy);
+  check_product(w, ldx, n, ldy, "matmul_wt");
   if (n == 0 || w.rows == 0) return;
   if (w.cols == 0) {
     for (int64_t i = 0; i < n; ++i) std::fill(y + i * ldy, y + i * ldy + w.rows, 0.0f);
