@@ -1,12 +1,14 @@
 // Training: the schedule, checkpoints that round-trip, a stop and resume that continues bit for
 // bit, and the guard against non-finite values.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <filesystem>
 #include <limits>
 #include <nlohmann/json.hpp>
 
+#include "moe/kernels.h"
 #include "moe/safetensors.h"
 #include "moe/trainer.h"
 
@@ -236,6 +238,53 @@ TEST(Trainer, FixedTokenBatchOverfits) {
   EXPECT_LT(trainer.evaluate(), 0.25 * first);
   EXPECT_THROW(Trainer(model_preset("tiny"), t, {{1, 2, 3}, {4, 5}}), Error);
   EXPECT_THROW(Trainer(model_preset("tiny"), t, {{1, 2, 999}}), Error);
+}
+
+}  // namespace moe
+
+namespace moe {
+
+// Mixed precision (--dtype bf16): the products see bf16 operands, so the losses differ from
+// float32 by bf16's rounding and no more (the first step's loss to 1e-2 relative, and both runs
+// learn alike), the run is bit for bit the same on 1 and 2 threads, the eval stays float32, the
+// checkpoint keeps the float32 master weights and the setting, and a bad dtype is refused.
+TEST(Trainer, Bf16OperandsTrainLikeFloat32) {
+  const Corpus corpus = toy_corpus();
+  const auto run = [&](const std::string& dtype, int threads) {
+    TrainConfig t = toy_train(12);
+    t.dtype = dtype;
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(threads);
+    Trainer tr(toy_model(), t, corpus);
+    std::vector<double> losses;
+    for (int i = 0; i < 12; ++i) losses.push_back(tr.train_step().loss);
+    losses.push_back(tr.evaluate());
+    omp_set_num_threads(saved);
+    return losses;
+  };
+  const std::vector<double> f32 = run("f32", 2), bf16 = run("bf16", 2), bf16_one = run("bf16", 1);
+  EXPECT_EQ(bf16, bf16_one);  // the same bits whatever the thread count
+  EXPECT_NE(f32, bf16);       // the operands were rounded
+  EXPECT_NEAR(bf16[0], f32[0], 1e-2 * f32[0]);
+  EXPECT_LT(bf16[11], 0.8 * bf16[0]);  // it learns
+  EXPECT_NEAR(bf16[12], f32[12], 0.05 * f32[12]);
+  EXPECT_FALSE(cpu::Bf16Operands::active());  // only inside the step
+
+  TrainConfig t = toy_train(2);
+  t.dtype = "bf16";
+  const nlohmann::json j = t;
+  EXPECT_EQ(j.get<TrainConfig>().dtype, "bf16");
+  t.dtype = "fp8";
+  try {
+    Trainer tr(toy_model(), t, corpus);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("dtype must be f32, bf16 or auto, got 'fp8'"),
+              std::string::npos)
+        << e.what();
+  }
+  t.dtype = "auto";
+  EXPECT_EQ(t.matmul_dtype(), cpu::bf16_native() ? "bf16" : "f32");
 }
 
 }  // namespace moe

@@ -34,6 +34,38 @@ void gemm_f32_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
                       const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
                       float* c, int64_t ldc);
 
+// Mixed precision (`moe train --dtype bf16`): while a Bf16Operands lives, gemm<float> rounds both
+// operands to bf16 (to nearest, ties to even) and multiplies them with float32 accumulation, as
+// gemm_bf16 does. Process-wide, like torch.autocast; products of other threads see it too.
+// Error against the exact product of the float32 operands: each operand's rounding is at most
+// 2^-8 relative, so |C - AB| <= (2^-7 + 2^-16 + (k+2) 2^-23) sum_k |a b| (docs/architecture.md).
+class Bf16Operands {
+ public:
+  explicit Bf16Operands(bool on = true);
+  ~Bf16Operands();
+  Bf16Operands(const Bf16Operands&) = delete;
+  Bf16Operands& operator=(const Bf16Operands&) = delete;
+  static bool active();
+
+ private:
+  bool saved_;
+};
+
+// C[m, n] = alpha * op(A) op(B) + beta * C with bf16 operands (bit patterns as uint16_t) and
+// float32 accumulation; the conventions and thread-count independence of gemm. Each product is
+// exact in float32 and the sums are float32: |C - AB| <= (k+2) 2^-24 sum_k |a b| for A, B as given
+// (the bf16 hardware flushes subnormal inputs and results, below 1.2e-38, to zero).
+void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+               const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c,
+               int64_t ldc);
+// How gemm_bf16 runs here: oneDNN's bf16 GEMM (AVX512-BF16 or AMX kernels, or its AVX-512
+// emulation of them) on the avx512 paths and above, float32 products of the widened operands
+// below ("exact fallback": the same products and sums, other kernels).
+std::string gemm_bf16_backend_info();
+// Whether this CPU multiplies bf16 in hardware on the current path (AVX512-BF16 or AMX): where
+// `moe train --dtype bf16` is worth it.
+bool bf16_native();
+
 // GFLOP/s of independent fused multiply-adds on every thread, as wide as the kernel path allows
 // (AVX-512, AVX2, or SSE2's multiply and add): the machine's floating-point peak.
 double fma_peak_gflops();

@@ -47,8 +47,14 @@ struct TrainConfig {
   // into P / EP data-parallel replicas. The global batch (batch sequences) is split evenly
   // over the P ranks. 1 in one process.
   int64_t expert_parallel = 1;
+  // The matrix products' operands: "f32", or "bf16" (mixed precision: bf16 operands, float32
+  // accumulation, float32 master weights, gradients and optimizer; cpu::Bf16Operands). "auto"
+  // is bf16 where the CPU multiplies bf16 in hardware (cpu::bf16_native), f32 elsewhere.
+  std::string dtype = "f32";
 
   void validate() const;
+  // dtype with "auto" resolved on this machine: "f32" or "bf16".
+  std::string matmul_dtype() const;
   // The learning rate at step (0-based): linear warmup, then cosine from lr to min_lr; or lr.
   double lr_at(int64_t step) const;
 };
@@ -140,6 +146,7 @@ class Trainer {
 
   ModelConfig mcfg_;
   TrainConfig cfg_;
+  bool bf16_ = false;  // cfg_.matmul_dtype() == "bf16"; set up once
   std::unique_ptr<Model> model_;
   std::unique_ptr<AdamW> opt_;
   TokenStream train_, val_;

@@ -81,6 +81,10 @@ void matmul_wt_many(const MatmulJob* jobs, size_t count);
 // Rows [r0, r1) of W widened to float32: out [(r1 - r0), cols].
 void weight_rows_f32(const WeightMatrix& w, int64_t r0, int64_t r1, float* out);
 
+// out[r * cols + c] = x[r * ldx + c] rounded to bf16 (f32_to_bf16's bits) for r < rows, c < cols:
+// a compact copy. Runs on all threads outside a parallel region when it is large.
+void round_to_bf16(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint16_t* out);
+
 // The SIMD target the weight kernels run on this path ("AVX3", "AVX2", "SCALAR").
 const char* weight_kernel_target();
 

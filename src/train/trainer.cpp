@@ -11,6 +11,7 @@
 
 #include "moe/hf.h"
 #include "moe/json_read.h"
+#include "moe/kernels.h"
 #include "moe/safetensors.h"
 #include "moe/threading.h"
 
@@ -41,6 +42,13 @@ void TrainConfig::validate() const {
             "eval_every, save_every >= 0 and eval_batches, keep >= 1 required");
   MOE_CHECK(val_every >= 2, w, "val_every must be >= 2, got {}", val_every);
   MOE_CHECK(expert_parallel >= 1, w, "expert_parallel must be >= 1, got {}", expert_parallel);
+  MOE_CHECK(dtype == "f32" || dtype == "bf16" || dtype == "auto", w,
+            "dtype must be f32, bf16 or auto, got '{}'", dtype);
+}
+
+std::string TrainConfig::matmul_dtype() const {
+  if (dtype == "auto") return cpu::bf16_native() ? "bf16" : "f32";
+  return dtype;
 }
 
 double TrainConfig::lr_at(int64_t step) const {
@@ -73,7 +81,8 @@ void to_json(nlohmann::json& j, const TrainConfig& c) {
        {"keep", c.keep},
        {"val_every", c.val_every},
        {"seed", c.seed},
-       {"expert_parallel", c.expert_parallel}};
+       {"expert_parallel", c.expert_parallel},
+       {"dtype", c.dtype}};
 }
 
 void from_json(const nlohmann::json& j, TrainConfig& c) {
@@ -104,6 +113,7 @@ void from_json(const nlohmann::json& j, TrainConfig& c) {
     json_into(j, "val_every", c.val_every, "train.config");
     json_into(j, "seed", c.seed, "train.config");
     json_into(j, "expert_parallel", c.expert_parallel, "train.config");
+    json_into(j, "dtype", c.dtype, "train.config");
   } catch (const nlohmann::json::exception& e) {
     throw_error("train.config", fmt::format("bad value: {}", e.what()));
   }
@@ -114,6 +124,7 @@ void from_json(const nlohmann::json& j, TrainConfig& c) {
 
 Rng Trainer::setup() {
   cfg_.validate();
+  bf16_ = cfg_.matmul_dtype() == "bf16";
   MOE_CHECK(cfg_.seq_len <= mcfg_.max_train_len(), "train",
             "seq_len {} exceeds the model's max_seq_len {}{}", cfg_.seq_len, mcfg_.max_seq_len,
             mcfg_.transformers_loss
@@ -264,6 +275,7 @@ StepLog Trainer::train_step() {
     arena_.reset();
     ModelOutput& out = out_;
     try {
+      const cpu::Bf16Operands mixed(bf16_);
       model_->forward_backward(batch_, arena_, 1.0 / static_cast<double>(cfg_.grad_accum), out);
     } catch (const Error& e) {
       // A layer's own guard (a NaN reaching an MoE layer, say) stops the step too; a weight that

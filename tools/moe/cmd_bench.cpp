@@ -17,6 +17,7 @@
 #include "moe/threading.h"
 #include "moe/tokenizer.h"
 #include "moe/trainer.h"
+#include "moe/weights.h"
 #include "timing.h"
 
 namespace moe::cli {
@@ -246,6 +247,7 @@ struct BenchTrain {
   int warmup = 2, steps = 8;
   int threads = 0;
   int64_t expert_parallel = 1;
+  std::vector<std::string> dtypes = {"f32"};
   bool json = false;
 };
 
@@ -330,62 +332,105 @@ int run_bench_train_distributed(const BenchTrain& b) {
   return 0;
 }
 
+// The float32 GEMM's peak above, and bf16 operands' on the same 2048^3 product.
+double gemm_bf16_peak_gflops() {
+  const int64_t n = 2048;
+  std::vector<uint16_t> a(static_cast<size_t>(n * n)), b(a.size());
+  Rng rng(1);
+  for (uint16_t& v : a) v = f32_to_bf16(static_cast<float>(rng.normal()));
+  for (uint16_t& v : b) v = f32_to_bf16(static_cast<float>(rng.normal()));
+  std::vector<float> c(a.size());
+  const double ms = median_ms(1, 5, [&] {
+    cpu::gemm_bf16(false, true, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+  });
+  return 2.0 * static_cast<double>(n * n * n) / ms / 1e6;
+}
+
 int run_bench_train(const BenchTrain& b) {
   MOE_CHECK(b.steps >= 1 && b.warmup >= 0, "bench", "--steps must be >= 1 and --warmup >= 0");
   if (dist::Comm::world().size() > 1 || b.expert_parallel > 1)
     return run_bench_train_distributed(b);
   set_num_threads(b.threads);
-  TrainConfig t;
-  t.batch = b.batch;
-  t.seq_len = b.seq_len;
-  t.steps = b.warmup + b.steps;
-  t.val_every = 1000;
   const ModelConfig m = model_preset(b.preset);
-  Trainer trainer(m, t, random_corpus(b.seq_len));
-  std::vector<double> ms;
-  for (int i = 0; i < b.warmup + b.steps; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    trainer.train_step();
-    if (i >= b.warmup)
-      ms.push_back(
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  // One trainer per dtype, their steps interleaved: the machine's drift touches each alike.
+  std::vector<std::unique_ptr<Trainer>> trainers;
+  for (const std::string& dtype : b.dtypes) {
+    TrainConfig t;
+    t.batch = b.batch;
+    t.seq_len = b.seq_len;
+    t.steps = b.warmup + b.steps;
+    t.val_every = 1000;
+    t.dtype = dtype;
+    trainers.push_back(std::make_unique<Trainer>(m, t, random_corpus(b.seq_len)));
   }
-  std::sort(ms.begin(), ms.end());
-  const double step_ms = ms[ms.size() / 2];
-  const double tps = static_cast<double>(b.batch * b.seq_len) / step_ms * 1e3;
+  std::vector<std::vector<double>> ms(trainers.size());
+  for (int i = 0; i < b.warmup + b.steps; ++i)
+    for (size_t d = 0; d < trainers.size(); ++d) {
+      const auto t0 = std::chrono::steady_clock::now();
+      trainers[d]->train_step();
+      if (i >= b.warmup)
+        ms[d].push_back(
+            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                .count());
+    }
   const ParamCount n = count_params(m);
-  // The step's floor: its matrix products alone at the machine's large-GEMM throughput.
+  // The step's floor: its matrix products alone at the machine's large-GEMM throughput (for
+  // bf16 operands, the bf16 GEMM's).
   const double step_gflop =
       6.0 * matmul_macs_per_token(m, b.seq_len) * static_cast<double>(b.batch * b.seq_len) / 1e9;
   const double peak = gemm_peak_gflops();
-  const double floor_ms = step_gflop / peak * 1e3;
+  bool any_bf16 = false;
+  for (const auto& t : trainers) any_bf16 |= t->config().matmul_dtype() == "bf16";
+  const double peak_bf16 = any_bf16 ? gemm_bf16_peak_gflops() : 0.0;
+  nlohmann::json runs = nlohmann::json::array();
+  for (size_t d = 0; d < trainers.size(); ++d) {
+    std::sort(ms[d].begin(), ms[d].end());
+    const double step_ms = ms[d][ms[d].size() / 2];
+    const bool bf16 = trainers[d]->config().matmul_dtype() == "bf16";
+    const double p = bf16 ? peak_bf16 : peak;
+    runs.push_back(
+        {{"dtype", trainers[d]->config().matmul_dtype()},
+         {"step_ms", step_ms},
+         {"tokens_per_s", static_cast<double>(b.batch * b.seq_len) / step_ms * 1e3},
+         {"gemm_peak_gflops", p},
+         {"floor_ms", step_gflop / p * 1e3},
+         {"ratio_to_floor", step_ms / (step_gflop / p * 1e3)},
+         {"speedup_over_first", runs.empty() ? 1.0 : runs[0]["step_ms"].get<double>() / step_ms}});
+  }
   if (b.json) {
-    fmt::print("{}\n", nlohmann::json{{"preset", b.preset},
-                                      {"threads", num_threads()},
-                                      {"batch", b.batch},
-                                      {"seq_len", b.seq_len},
-                                      {"step_ms", step_ms},
-                                      {"tokens_per_s", tps},
-                                      {"total_params", n.total},
-                                      {"active_params", n.active},
-                                      {"matmul_gflop_per_step", step_gflop},
-                                      {"gemm_peak_gflops", peak},
-                                      {"floor_ms", floor_ms},
-                                      {"ratio_to_floor", step_ms / floor_ms}}
-                           .dump());
+    nlohmann::json j = {{"preset", b.preset},
+                        {"threads", num_threads()},
+                        {"batch", b.batch},
+                        {"seq_len", b.seq_len},
+                        {"total_params", n.total},
+                        {"active_params", n.active},
+                        {"matmul_gflop_per_step", step_gflop},
+                        {"runs", runs}};
+    // The first run's figures at the top level too (the fields of earlier versions).
+    for (const char* key :
+         {"step_ms", "tokens_per_s", "gemm_peak_gflops", "floor_ms", "ratio_to_floor"})
+      j[key] = runs[0][key];
+    fmt::print("{}\n", j.dump());
     return 0;
   }
   fmt::print(
       "training step, preset {} ({:.2f}M parameters, {:.2f}M active), {} x {} tokens, {} "
-      "threads\n",
+      "threads, {:.2f} GFLOP of matrix products\n",
       b.preset, static_cast<double>(n.total) / 1e6, static_cast<double>(n.active) / 1e6, b.batch,
-      b.seq_len, num_threads());
-  fmt::print("step (median of {})   {:.1f} ms\ntokens per second      {:.0f}\n", b.steps, step_ms,
-             tps);
+      b.seq_len, num_threads(), step_gflop);
+  if (any_bf16) fmt::print("bf16 operands: {}\n", cpu::gemm_bf16_backend_info());
+  fmt::print("{:<6} {:>12} {:>10} {:>14} {:>10} {:>10} {:>9}\n", "dtype",
+             fmt::format("step (med {})", b.steps), "tokens/s", "GEMM GFLOP/s", "floor ms",
+             "of floor", "speed-up");
+  for (const nlohmann::json& r : runs)
+    fmt::print("{:<6} {:>9.1f} ms {:>10.0f} {:>14.0f} {:>10.1f} {:>9.2f}x {:>8.2f}x\n",
+               r["dtype"].get<std::string>(), r["step_ms"].get<double>(),
+               r["tokens_per_s"].get<double>(), r["gemm_peak_gflops"].get<double>(),
+               r["floor_ms"].get<double>(), r["ratio_to_floor"].get<double>(),
+               r["speedup_over_first"].get<double>());
   fmt::print(
-      "floor                  {:.1f} ms ({:.2f} GFLOP of matrix products at the machine's {:.0f} "
-      "GFLOP/s)\nstep / floor           {:.2f}\n",
-      floor_ms, step_gflop, peak, step_ms / floor_ms);
+      "floor: the step's matrix products at the machine's 2048^3 GEMM throughput of that dtype; "
+      "speed-up: over the first dtype.\n");
   return 0;
 }
 
@@ -492,6 +537,12 @@ Run add_bench(CLI::App& app) {
       ->add_option("--expert-parallel", tr->expert_parallel,
                    "under mpirun -np P: experts split over EP ranks; --batch is then per rank, and "
                    "the all-to-all bytes per step are reported")
+      ->capture_default_str();
+  train
+      ->add_option("--dtype", tr->dtypes,
+                   "the matrix products' operands, one run each, steps interleaved: f32, bf16, "
+                   "auto (moe train --dtype), e.g. --dtype f32 bf16")
+      ->check(CLI::IsMember({"f32", "bf16", "auto"}))
       ->capture_default_str();
   train->add_flag("--json", tr->json, "print one JSON object (step_ms, tokens_per_s, ...)");
   auto tk = std::make_shared<BenchTokenize>();

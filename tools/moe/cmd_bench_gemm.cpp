@@ -168,14 +168,65 @@ int run_bench_gemm(const BenchGemm& b) {
                    library, 100 * engine / library, 100 * engine / peak, gbs);
     }
   }
+  // Mixed precision (`moe train --dtype bf16`): the same shape classes with bf16 operands and
+  // float32 accumulation, against the float32 library on the same shape.
+  nlohmann::json bf16_ops = nlohmann::json::object();
+  const std::string bf16_backend = cpu::gemm_bf16_backend_info();
+  if (!b.json)
+    fmt::print("\nbf16 operands: {}\n{:<18} {:>6} {:>6} {:>6} {:>11} {:>11} {:>9} {:>8}\n",
+               bf16_backend, "bf16 x bf16 shape", "m", "n", "k", "engine", "f32 lib", "of lib",
+               "of peak");
+  for (const Shape3& s : kShapes) {
+    if (s.m == 1) continue;  // decoding keeps its weights' own kernels
+    const int64_t ra = s.trans_a ? s.k : s.m, ca = s.trans_a ? s.m : s.k;
+    const int64_t rb = s.trans_b ? s.n : s.k, cb = s.trans_b ? s.k : s.n;
+    Tensor a = Tensor::empty({ra, ca}, DType::F32), bm = Tensor::empty({rb, cb}, DType::F32),
+           c = Tensor::empty({s.m, s.n}, DType::F32);
+    rng.fill_normal(a, 0, 1);
+    rng.fill_normal(bm, 0, 1);
+    std::vector<uint16_t> ha(static_cast<size_t>(ra * ca)), hb(static_cast<size_t>(rb * cb));
+    cpu::round_to_bf16(a.data<float>(), 1, ra * ca, 0, ha.data());
+    cpu::round_to_bf16(bm.data<float>(), 1, rb * cb, 0, hb.data());
+    const double flop = 2.0 * static_cast<double>(s.m * s.n * s.k);
+    const int calls = static_cast<int>(std::max<double>(1, 2e8 / flop));
+    const std::vector<double> ms = interleaved_median_ms(
+        1, b.reps,
+        {[&] {
+           for (int i = 0; i < calls; ++i)
+             cpu::gemm_bf16(s.trans_a, s.trans_b, s.m, s.n, s.k, 1.0f, ha.data(), ca, hb.data(), cb,
+                            0.0f, c.data<float>(), s.n);
+         },
+         [&] {
+           for (int i = 0; i < calls; ++i)
+             cpu::gemm_f32_library(s.trans_a, s.trans_b, s.m, s.n, s.k, 1.0f, a.data<float>(), ca,
+                                   bm.data<float>(), cb, 0.0f, c.data<float>(), s.n);
+         }});
+    const double engine = flop * calls / ms[0] / 1e6, library = flop * calls / ms[1] / 1e6;
+    bf16_ops[s.name] = engine;
+    rows.push_back({{"dtype", "bf16_operands"},
+                    {"shape", s.name},
+                    {"what", s.what},
+                    {"m", s.m},
+                    {"n", s.n},
+                    {"k", s.k},
+                    {"gflops", engine},
+                    {"library_gflops", library},
+                    {"of_library", engine / library},
+                    {"of_peak", engine / peak}});
+    if (!b.json)
+      fmt::print("{:<18} {:>6} {:>6} {:>6} {:>11.1f} {:>11.1f} {:>8.0f}% {:>7.0f}%\n", s.name, s.m,
+                 s.n, s.k, engine, library, 100 * engine / library, 100 * engine / peak);
+  }
   if (b.json) {
     nlohmann::json gf = by_type;
     gf["f32"] = f32;
+    gf["bf16_operands"] = bf16_ops;
     const nlohmann::json j = {{"cpu", f.brand},
                               {"features", f.str()},
                               {"path", cpu_path_name(cpu_path())},
                               {"best_path", cpu_path_name(f.best())},
                               {"f32_backend", backend},
+                              {"bf16_backend", bf16_backend},
                               {"threads", num_threads()},
                               {"fma_peak_gflops", peak},
                               {"weight_kernels", cpu::weight_kernel_target()},

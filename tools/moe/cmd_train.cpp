@@ -10,7 +10,9 @@
 #include <optional>
 
 #include "commands.h"
+#include "moe/cpu.h"
 #include "moe/dist.h"
+#include "moe/kernels.h"
 #include "moe/threading.h"
 #include "moe/trainer.h"
 
@@ -192,6 +194,12 @@ int run_train(TrainArgs& a) {
              trainer.config().batch * a.train.grad_accum, trainer.config().seq_len, a.train.lr,
              schedule, num_threads(),
              trainer.step() > 0 ? fmt::format(", resumed at step {}", trainer.step()) : "");
+  if (trainer.config().matmul_dtype() == "bf16")
+    fmt::print("matrix products: bf16 operands, float32 accumulation and master weights ({})\n",
+               cpu::gemm_bf16_backend_info());
+  else if (a.train.dtype == "auto")
+    fmt::print("matrix products: float32 (this CPU has no bf16 arithmetic on path {})\n",
+               cpu_path_name(cpu_path()));
   std::fflush(stdout);
   std::ofstream log;
   if (!a.log.empty()) {
@@ -332,6 +340,12 @@ Run add_train(CLI::App& app) {
   cmd->add_option("--schedule", a->train.schedule,
                   "learning rate: cosine (warmup, then down to --min-lr) or constant (--lr)")
       ->check(CLI::IsMember({"cosine", "constant"}))
+      ->capture_default_str();
+  cmd->add_option("--dtype", a->train.dtype,
+                  "matrix products: f32, bf16 (bf16 operands, float32 accumulation, float32 "
+                  "master weights and optimizer) or auto (bf16 where the CPU has AVX512-BF16 or "
+                  "AMX)")
+      ->check(CLI::IsMember({"f32", "bf16", "auto"}))
       ->capture_default_str();
   cmd->add_option("--clip,--grad-clip", a->train.clip, "gradient-norm clip (0: none)")
       ->capture_default_str();

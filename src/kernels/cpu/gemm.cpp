@@ -7,13 +7,23 @@
 #include <oneapi/dnnl/dnnl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "moe/cpu.h"
 #include "moe/error.h"
 #include "moe/kernels.h"
 #include "moe/weights.h"
+
+// oneDNN's bf16 GEMM: bf16 A and B, float32 C, row-major like dnnl_sgemm. libdnnl 2.x exports it
+// (DNNL_API, C linkage) but declares it only in an internal header (src/cpu/gemm/gemm.hpp), so it
+// is declared here; its bf16 type is a 16-bit struct, passed by pointer.
+extern "C" dnnl_status_t dnnl_gemm_bf16bf16f32(char transa, char transb, dnnl_dim_t m, dnnl_dim_t n,
+                                               dnnl_dim_t k, float alpha, const uint16_t* a,
+                                               dnnl_dim_t lda, const uint16_t* b, dnnl_dim_t ldb,
+                                               float beta, float* c, dnnl_dim_t ldc);
 
 namespace moe::cpu {
 
@@ -138,6 +148,19 @@ void onednn_sgemm(CBLAS_ORDER, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, blasint m
             static_cast<int>(st), m, n, k);
 }
 
+const char* onednn_isa_name() {
+  switch (dnnl_get_effective_cpu_isa()) {
+    case dnnl_cpu_isa_sse41: return "sse41";
+    case dnnl_cpu_isa_avx: return "avx";
+    case dnnl_cpu_isa_avx2: return "avx2";
+    case dnnl_cpu_isa_avx512_core: return "avx512_core";
+    case dnnl_cpu_isa_avx512_core_vnni: return "avx512_core_vnni";
+    case dnnl_cpu_isa_avx512_core_bf16: return "avx512_core_bf16";
+    case dnnl_cpu_isa_avx512_core_amx: return "avx512_core_amx";
+    default: return "?";
+  }
+}
+
 using SgemmFn = decltype(&onednn_sgemm);
 
 SgemmFn sgemm_backend() {
@@ -166,18 +189,8 @@ const char* gemm_f32_backend() { return sgemm_backend() == onednn_sgemm ? "onedn
 std::string gemm_f32_backend_info() {
   if (sgemm_backend() == onednn_sgemm) {
     const dnnl_version_t* v = dnnl_version();
-    const char* isa = "?";
-    switch (dnnl_get_effective_cpu_isa()) {
-      case dnnl_cpu_isa_sse41: isa = "sse41"; break;
-      case dnnl_cpu_isa_avx: isa = "avx"; break;
-      case dnnl_cpu_isa_avx2: isa = "avx2"; break;
-      case dnnl_cpu_isa_avx512_core: isa = "avx512_core"; break;
-      case dnnl_cpu_isa_avx512_core_vnni: isa = "avx512_core_vnni"; break;
-      case dnnl_cpu_isa_avx512_core_bf16: isa = "avx512_core_bf16"; break;
-      case dnnl_cpu_isa_avx512_core_amx: isa = "avx512_core_amx"; break;
-      default: break;
-    }
-    return fmt::format("oneDNN {}.{}.{} sgemm, its {} kernels", v->major, v->minor, v->patch, isa);
+    return fmt::format("oneDNN {}.{}.{} sgemm, its {} kernels", v->major, v->minor, v->patch,
+                       onednn_isa_name());
   }
   std::string version = OPENBLAS_VERSION;  // " OpenBLAS 0.3.21 "
   version.erase(0, version.find_first_not_of(' '));
@@ -193,10 +206,96 @@ void gemm_f32_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
                   to_blas(lda), b, to_blas(ldb), beta, c, to_blas(ldc));
 }
 
+namespace {
+
+std::atomic<bool> g_bf16_operands{false};
+
+// oneDNN's bf16 GEMM runs from the avx512 path up (its kernels need AVX-512; it emulates the bf16
+// dot product where the CPU lacks it). Tried once on a small product before it is trusted.
+bool bf16_by_onednn() {
+  static const bool yes = [] {
+    sgemm_backend();  // caps oneDNN's ISA at our path before its first kernel
+    if (cpu_path() < CpuPath::avx512) return false;
+    const uint16_t one = 0x3f80;  // 1.0
+    float c = 0;
+    return dnnl_gemm_bf16bf16f32('N', 'N', 1, 1, 1, 1.0f, &one, 1, &one, 1, 0.0f, &c, 1) ==
+               dnnl_success &&
+           c == 1.0f;
+  }();
+  return yes;
+}
+
+// A [rows, cols] of bf16 with row stride ld, widened into a compact float32 copy (exact).
+void widen_bf16(const uint16_t* x, int64_t rows, int64_t cols, int64_t ld,
+                std::vector<float>& out) {
+  out.resize(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r)
+    weight_rows_f32(WeightMatrix{WType::bf16, x + r * ld, 1, cols, nullptr}, 0, 1,
+                    out.data() + r * cols);
+}
+
+}  // namespace
+
+Bf16Operands::Bf16Operands(bool on) : saved_(g_bf16_operands.exchange(on)) {}
+Bf16Operands::~Bf16Operands() { g_bf16_operands.store(saved_); }
+bool Bf16Operands::active() { return g_bf16_operands.load(std::memory_order_relaxed); }
+
+bool bf16_native() { return cpu_path() >= CpuPath::avx512_bf16; }
+
+std::string gemm_bf16_backend_info() {
+  if (bf16_by_onednn()) {
+    const dnnl_version_t* v = dnnl_version();
+    return fmt::format("oneDNN {}.{}.{} bf16 gemm, its {} kernels{}", v->major, v->minor, v->patch,
+                       onednn_isa_name(),
+                       bf16_native() ? "" : " (bf16 dot products emulated in AVX-512)");
+  }
+  return fmt::format("bf16 operands widened to float32, then {}", gemm_f32_backend_info());
+}
+
+void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+               const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c,
+               int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) return scale(c, m, n, ldc, beta);
+  if (bf16_by_onednn()) {
+    tiled(m, n, kRowTile, kColTile, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+      const uint16_t* ta = trans_a ? a + i0 : a + i0 * lda;
+      const uint16_t* tb = trans_b ? b + j0 * ldb : b + j0;
+      const dnnl_status_t st =
+          dnnl_gemm_bf16bf16f32(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', i1 - i0, j1 - j0, k,
+                                alpha, ta, lda, tb, ldb, beta, c + i0 * ldc + j0, ldc);
+      MOE_CHECK(st == dnnl_success, "gemm_bf16", "oneDNN bf16 gemm failed (status {}) on {}x{}x{}",
+                static_cast<int>(st), i1 - i0, j1 - j0, k);
+    });
+    return;
+  }
+  // The exact fallback: bf16 values are float32 values, so float32 products of the widened
+  // operands are the same products, summed in float32.
+  thread_local std::vector<float> wa, wb;
+  const int64_t ra = trans_a ? k : m, ca = trans_a ? m : k;
+  const int64_t rb = trans_b ? n : k, cb = trans_b ? k : n;
+  widen_bf16(a, ra, ca, lda, wa);
+  widen_bf16(b, rb, cb, ldb, wb);
+  gemm_tiled(trans_a, trans_b, m, n, k, alpha, wa.data(), ca, wb.data(), cb, beta, c, ldc,
+             sgemm_backend(), cblas_sgemv);
+}
+
 template <>
 void gemm<float>(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                  const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                  int64_t ldc) {
+  if (Bf16Operands::active() && m > 0 && n > 0 && k > 0) {
+    // Mixed precision: both operands rounded to bf16 into per-thread buffers, then gemm_bf16.
+    thread_local std::vector<uint16_t> ha, hb;
+    const int64_t ra = trans_a ? k : m, ca = trans_a ? m : k;
+    const int64_t rb = trans_b ? n : k, cb = trans_b ? k : n;
+    ha.resize(static_cast<size_t>(ra * ca));
+    hb.resize(static_cast<size_t>(rb * cb));
+    round_to_bf16(a, ra, ca, lda, ha.data());
+    round_to_bf16(b, rb, cb, ldb, hb.data());
+    gemm_bf16(trans_a, trans_b, m, n, k, alpha, ha.data(), ca, hb.data(), cb, beta, c, ldc);
+    return;
+  }
   if (m == 1 && trans_b && !trans_a && ldb == k && lda >= k && ldc >= n && alpha == 1.0f &&
       beta == 0.0f && k > 0) {
     // One row through a weight [n, k] (decoding): our one-pass kernel (moe/weights.h).

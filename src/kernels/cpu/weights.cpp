@@ -48,13 +48,7 @@ size_t wtype_size(WType t) {
 float bf16_to_f32(uint16_t h) { return cpu::scalar::bf16_to_f32(h); }
 float f16_to_f32(uint16_t h) { return cpu::scalar::f16_to_f32(h); }
 
-uint16_t f32_to_bf16(float f) {
-  uint32_t bits;
-  __builtin_memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);  // to nearest, ties to even
-  return static_cast<uint16_t>(bits >> 16);
-}
+uint16_t f32_to_bf16(float f) { return cpu::scalar::f32_to_bf16(f); }
 
 namespace {
 uint16_t scalar_load16(const void* data, int64_t i) {
@@ -278,6 +272,22 @@ void matmul_wt(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, fl
     gemm<float>(false, true, n, r1 - r0, w.cols, 1.0f, x, ldx, panel.data(), w.cols, 0.0f, y + r0,
                 ldy);
   });
+}
+
+void round_to_bf16(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint16_t* out) {
+  MOE_CHECK(rows >= 0 && cols >= 0 && (ldx >= cols || rows <= 1), "round_to_bf16",
+            "[{}, {}] with row stride {}", rows, cols, ldx);
+  if (rows == 0 || cols == 0) return;
+  const WeightKernels& k = kernels();
+  if (ldx == cols) {  // one run, in blocks
+    const int64_t n = rows * cols, block = 1 << 16, tasks = (n + block - 1) / block;
+    for_tasks(tasks, n, [&](int64_t t) {
+      const int64_t i0 = t * block;
+      k.to_bf16(x + i0, std::min(block, n - i0), out + i0);
+    });
+    return;
+  }
+  for_tasks(rows, rows * cols, [&](int64_t r) { k.to_bf16(x + r * ldx, cols, out + r * cols); });
 }
 
 }  // namespace cpu

@@ -1,4 +1,4 @@
-// Exact scalar conversions of 16-bit floats to float32, TU-local (static) so that the per-ISA
+// Scalar conversions between 16-bit floats and float32, TU-local (static) so that the per-ISA
 // files can use them without sharing a symbol with the rest of the program.
 #pragma once
 
@@ -20,6 +20,15 @@ static inline float bits_to_f32(uint32_t bits) {
 }
 
 static inline float bf16_to_f32(uint16_t h) { return bits_to_f32(static_cast<uint32_t>(h) << 16); }
+
+// float32 -> bf16, to nearest, ties to even; a NaN stays a NaN (made quiet).
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
 
 // IEEE binary16 -> binary32: zeros, subnormals (normalized), infinities and NaNs (payload kept).
 static inline float f16_to_f32(uint16_t h) {

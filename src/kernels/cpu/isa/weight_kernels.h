@@ -29,6 +29,9 @@ struct WeightKernels {
   void (*rows_f16)(const uint16_t* w, int64_t cols, int64_t r0, int64_t r1, float* out);
   void (*rows_i8)(const int8_t* w, const float* scale, int64_t cols, int64_t r0, int64_t r1,
                   float* out);
+  // out[i] = x[i] rounded to bf16, to nearest, ties to even (a NaN stays a quiet NaN): the same
+  // bits as moe::f32_to_bf16 on every path.
+  void (*to_bf16)(const float* x, int64_t n, uint16_t* out);
 };
 
 extern const WeightKernels kWeightKernelsGeneric;

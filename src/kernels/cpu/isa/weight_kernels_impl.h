@@ -166,6 +166,27 @@ void rows_i8(const int8_t* w, const float* scale, int64_t cols, int64_t r0, int6
   rows(I8Rows{w, cols}, cols, r0, r1, out, scale);
 }
 
+void to_bf16(const float* x, int64_t n, uint16_t* out) {
+  const DF d;
+  const hn::RebindToUnsigned<DF> du;
+  const hn::RebindToSigned<DF> di;
+  const hn::Rebind<uint16_t, decltype(di)> d16;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(d));
+  const auto one = hn::Set(du, 1u), half = hn::Set(du, 0x7fffu), quiet = hn::Set(du, 0x40u);
+  const auto abs_mask = hn::Set(du, 0x7fffffffu);
+  const auto inf = hn::Set(di, 0x7f800000);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const auto bits = hn::BitCast(du, hn::LoadU(d, x + i));
+    const auto top = hn::ShiftRight<16>(bits);
+    const auto rounded = hn::ShiftRight<16>(hn::Add(bits, hn::Add(half, hn::And(top, one))));
+    const auto is_nan = hn::Gt(hn::BitCast(di, hn::And(bits, abs_mask)), inf);
+    const auto r = hn::IfThenElse(hn::RebindMask(du, is_nan), hn::Or(top, quiet), rounded);
+    hn::StoreU(hn::DemoteTo(d16, hn::BitCast(di, r)), d16, out + i);
+  }
+  for (; i < n; ++i) out[i] = scalar::f32_to_bf16(x[i]);
+}
+
 }  // namespace
 }  // namespace moe::cpu::MOE_ISA_NS
 
@@ -180,6 +201,7 @@ constexpr const char* kTargetName = HWY_TARGET == HWY_AVX3_DL  ? "AVX3_DL"
                                     : HWY_TARGET == HWY_SCALAR ? "SCALAR"
                                                                : "other";
 const WeightKernels MOE_ISA_TABLE = {
-    kTargetName,        MOE_ISA_NS::dot_f32,   MOE_ISA_NS::dot_bf16, MOE_ISA_NS::dot_f16,
-    MOE_ISA_NS::dot_i8, MOE_ISA_NS::rows_bf16, MOE_ISA_NS::rows_f16, MOE_ISA_NS::rows_i8};
+    kTargetName,          MOE_ISA_NS::dot_f32, MOE_ISA_NS::dot_bf16,
+    MOE_ISA_NS::dot_f16,  MOE_ISA_NS::dot_i8,  MOE_ISA_NS::rows_bf16,
+    MOE_ISA_NS::rows_f16, MOE_ISA_NS::rows_i8, MOE_ISA_NS::to_bf16};
 }  // namespace moe::cpu
