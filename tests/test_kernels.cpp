@@ -41,9 +41,11 @@ TYPED_TEST(KernelTest, GemmMatchesReferenceForEveryTranspose) {
   using T = TypeParam;
   const double tol = sizeof(T) == 4 ? 2e-5 : 1e-13;
   Rng rng(1);
-  // Besides small shapes, products of several tiles (256 x 256 of C; 1024 rows of a gemv).
-  const int64_t shapes[][3] = {{1, 1, 1},   {7, 5, 3},      {33, 17, 65}, {1, 64, 9},
-                               {64, 1, 31}, {300, 530, 19}, {1, 2100, 5}, {513, 3, 4}};
+  // Besides small shapes, products of several tiles (256 x 256 of C; 1024 rows of a gemv) and
+  // small outputs over a long k (cut into chunks of 512, summed in order).
+  const int64_t shapes[][3] = {{1, 1, 1},       {7, 5, 3},      {33, 17, 65}, {1, 64, 9},
+                               {64, 1, 31},     {300, 530, 19}, {1, 2100, 5}, {513, 3, 4},
+                               {40, 300, 1100}, {257, 9, 1537}};
   for (const auto& s : shapes) {
     const int64_t m = s[0], n = s[1], k = s[2];
     for (int ta = 0; ta < 2; ++ta)
@@ -88,7 +90,8 @@ TEST(KernelTest, OneRowGemmIsTheSameOnAnyThreadCount) {
 // of its pieces differently).
 TEST(KernelTest, GemmIsTheSameOnAnyThreadCount) {
   Rng rng(4);
-  const int64_t shapes[][3] = {{64, 96, 64}, {37, 200, 64}, {600, 300, 70}, {130, 1000, 33}};
+  const int64_t shapes[][3] = {
+      {64, 96, 64}, {37, 200, 64}, {600, 300, 70}, {130, 1000, 33}, {200, 130, 2000}};
   for (const auto& s : shapes) {
     const int64_t m = s[0], n = s[1], k = s[2];
     for (int ta = 0; ta < 2; ++ta)

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -96,7 +97,7 @@ TEST(MixedPrecision, GemmBf16WithinTheFloat32Bound) {
     for (bool tb : {false, true})
       for (int64_t m : {1, 3, 70, 300})
         for (int64_t n : {1, 17, 259})
-          for (int64_t k : {1, 2, 31, 513}) {
+          for (int64_t k : {1, 2, 31, 513, 1500}) {  // 1500: k in chunks where C is small
             const int64_t lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 1, ldc = n + 2;
             const std::vector<uint16_t> a = to_bf16(normals((ta ? k : m) * lda, rng));
             const std::vector<uint16_t> b = to_bf16(normals((tb ? n : k) * ldb, rng));
@@ -172,16 +173,17 @@ TEST(MixedPrecision, Bf16OperandsRoundThenMultiply) {
 
 TEST(MixedPrecision, SameBitsForAnyThreadCount) {
   Rng rng(14);
-  const int64_t m = 700, n = 600, k = 300;
-  const std::vector<uint16_t> a = to_bf16(normals(m * k, rng)), b = to_bf16(normals(n * k, rng));
-  std::vector<float> c1(static_cast<size_t>(m * n)), c2(c1.size());
   const int saved = omp_get_max_threads();
-  omp_set_num_threads(1);
-  cpu::gemm_bf16(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, c1.data(), n);
-  omp_set_num_threads(2);
-  cpu::gemm_bf16(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, c2.data(), n);
+  for (const auto [m, n, k] : {std::array<int64_t, 3>{700, 600, 300}, {200, 130, 2000}}) {
+    const std::vector<uint16_t> a = to_bf16(normals(m * k, rng)), b = to_bf16(normals(n * k, rng));
+    std::vector<float> c1(static_cast<size_t>(m * n), 1.0f), c2(c1.size(), 1.0f);
+    omp_set_num_threads(1);
+    cpu::gemm_bf16(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.5f, c1.data(), n);
+    omp_set_num_threads(2);
+    cpu::gemm_bf16(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.5f, c2.data(), n);
+    EXPECT_EQ(std::memcmp(c1.data(), c2.data(), c1.size() * 4), 0) << m << "x" << n << "x" << k;
+  }
   omp_set_num_threads(saved);
-  EXPECT_EQ(std::memcmp(c1.data(), c2.data(), c1.size() * 4), 0);
 }
 
 TEST(MixedPrecision, BackendIsNamed) {

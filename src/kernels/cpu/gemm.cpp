@@ -83,6 +83,59 @@ void tiled(int64_t m, int64_t n, int64_t rt, int64_t ct, const Tile& tile) {
   }
 }
 
+// A product whose output is a tile or two but whose k is long (a weight gradient, [D, F] summed
+// over the tokens) would run on one thread. Such a k is cut into chunks fixed by the shape; each
+// (tile, chunk) product goes into a buffer of its chunk, in parallel, and the chunks are summed
+// in order: the same bits on any thread count.
+constexpr int64_t kKChunk = 512;
+
+int64_t k_chunks(int64_t m, int64_t n, int64_t k) {
+  const int64_t tiles = ((m + kRowTile - 1) / kRowTile) * ((n + kColTile - 1) / kColTile);
+  return tiles >= 4 || k < 2 * kKChunk ? 1 : (k + kKChunk - 1) / kKChunk;
+}
+
+// C = alpha op(A) op(B) + beta C in tiles, and in k chunks where k_chunks says so.
+// part(i0, i1, j0, j1, p0, p1, alpha, beta, c, ldc) computes rows [i0, i1) and columns [j0, j1)
+// of alpha op(A)[:, p0:p1] op(B)[p0:p1, :] + beta c into c (the tile's corner, stride ldc).
+template <class T, class Part>
+void tiled_k(int64_t m, int64_t n, int64_t k, T alpha, T beta, T* c, int64_t ldc,
+             const Part& part) {
+  const int64_t chunks = k_chunks(m, n, k);
+  if (chunks == 1) {
+    tiled(m, n, kRowTile, kColTile, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+      part(i0, i1, j0, j1, int64_t{0}, k, alpha, beta, c + i0 * ldc + j0, ldc);
+    });
+    return;
+  }
+  thread_local std::vector<T> buf;
+  buf.resize(static_cast<size_t>(chunks * m * n));
+  T* parts = buf.data();
+  tiled(m, n * chunks, kRowTile, kColTile, [&](int64_t i0, int64_t i1, int64_t q0, int64_t q1) {
+    // Columns of the virtual [m, n * chunks] output: chunk q / n, column q % n; a tile of kColTile
+    // columns may span two chunks, so it is cut at their border.
+    for (int64_t q = q0; q < q1;) {
+      const int64_t ch = q / n, j0 = q % n, j1 = std::min(n, j0 + (q1 - q));
+      const int64_t p0 = ch * kKChunk, p1 = std::min(k, p0 + kKChunk);
+      part(i0, i1, j0, j1, p0, p1, T(1), T(0), parts + ch * m * n + i0 * n + j0, n);
+      q += j1 - j0;
+    }
+  });
+  const auto reduce = [&](int64_t i) {
+    for (int64_t j = 0; j < n; ++j) {
+      T sum = parts[i * n + j];
+      for (int64_t ch = 1; ch < chunks; ++ch) sum += parts[ch * m * n + i * n + j];
+      T& cij = c[i * ldc + j];
+      cij = beta == T(0) ? alpha * sum : alpha * sum + beta * cij;
+    }
+  };
+  if (omp_in_parallel()) {
+    for (int64_t i = 0; i < m; ++i) reduce(i);
+  } else {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < m; ++i) reduce(i);
+  }
+}
+
 template <class T, class Gemm, class Gemv>
 void gemm_tiled(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
                 int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc, Gemm blas_gemm,
@@ -115,14 +168,18 @@ void gemm_tiled(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T a
     }
     return;
   }
-  tiled(m, n, kRowTile, kColTile, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    // op(A) rows i0..i1: A [m, k] rows, or A^T [k, m] columns; op(B) columns j0..j1 likewise.
-    const T* ta = trans_a ? a + i0 : a + i0 * lda;
-    const T* tb = trans_b ? b + j0 * ldb : b + j0;
-    blas_gemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-              trans_b ? CblasTrans : CblasNoTrans, to_blas(i1 - i0), to_blas(j1 - j0), to_blas(k),
-              alpha, ta, to_blas(lda), tb, to_blas(ldb), beta, c + i0 * ldc + j0, to_blas(ldc));
-  });
+  tiled_k(m, n, k, alpha, beta, c, ldc,
+          [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t p0, int64_t p1, T al, T be,
+              T* ct, int64_t ldct) {
+            // op(A) rows i0..i1 and columns p0..p1: of A [m, k], or of A^T with A [k, m]; op(B)
+            // rows p0..p1 and columns j0..j1 likewise.
+            const T* ta = trans_a ? a + p0 * lda + i0 : a + i0 * lda + p0;
+            const T* tb = trans_b ? b + j0 * ldb + p0 : b + p0 * ldb + j0;
+            blas_gemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                      trans_b ? CblasTrans : CblasNoTrans, to_blas(i1 - i0), to_blas(j1 - j0),
+                      to_blas(p1 - p0), al, ta, to_blas(lda), tb, to_blas(ldb), be, ct,
+                      to_blas(ldct));
+          });
 }
 
 // oneDNN's sgemm with OpenBLAS's CBLAS signature. oneDNN picks its kernels from the CPU's
@@ -258,15 +315,18 @@ void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, floa
   if (m == 0 || n == 0) return;
   if (k == 0) return scale(c, m, n, ldc, beta);
   if (bf16_by_onednn()) {
-    tiled(m, n, kRowTile, kColTile, [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-      const uint16_t* ta = trans_a ? a + i0 : a + i0 * lda;
-      const uint16_t* tb = trans_b ? b + j0 * ldb : b + j0;
-      const dnnl_status_t st =
-          dnnl_gemm_bf16bf16f32(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', i1 - i0, j1 - j0, k,
-                                alpha, ta, lda, tb, ldb, beta, c + i0 * ldc + j0, ldc);
-      MOE_CHECK(st == dnnl_success, "gemm_bf16", "oneDNN bf16 gemm failed (status {}) on {}x{}x{}",
-                static_cast<int>(st), i1 - i0, j1 - j0, k);
-    });
+    tiled_k(m, n, k, alpha, beta, c, ldc,
+            [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t p0, int64_t p1, float al,
+                float be, float* ct, int64_t ldct) {
+              const uint16_t* ta = trans_a ? a + p0 * lda + i0 : a + i0 * lda + p0;
+              const uint16_t* tb = trans_b ? b + j0 * ldb + p0 : b + p0 * ldb + j0;
+              const dnnl_status_t st =
+                  dnnl_gemm_bf16bf16f32(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', i1 - i0, j1 - j0,
+                                        p1 - p0, al, ta, lda, tb, ldb, be, ct, ldct);
+              MOE_CHECK(st == dnnl_success, "gemm_bf16",
+                        "oneDNN bf16 gemm failed (status {}) on {}x{}x{}", static_cast<int>(st),
+                        i1 - i0, j1 - j0, p1 - p0);
+            });
     return;
   }
   // The exact fallback: bf16 values are float32 values, so float32 products of the widened
