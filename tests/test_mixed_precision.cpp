@@ -22,15 +22,6 @@ namespace {
 
 constexpr double kU = 1.0 / (1 << 24);  // float32's unit roundoff
 
-std::vector<CpuPath> paths_here() {
-  std::vector<CpuPath> out;
-  for (const std::string& name : cpu_path_names()) {
-    const CpuPath p = *parse_cpu_path(name);
-    if (p <= cpu_features().best()) out.push_back(p);
-  }
-  return out;
-}
-
 float from_bits(uint32_t b) {
   float f;
   std::memcpy(&f, &b, 4);
@@ -73,7 +64,7 @@ TEST(MixedPrecision, RoundToBf16GivesTheScalarBitsOnEveryPath) {
   for (int64_t r = 0; r < rows; ++r)
     std::memcpy(&strided[static_cast<size_t>(r * ld)], &x[static_cast<size_t>(r * cols)],
                 static_cast<size_t>(cols) * 4);
-  for (CpuPath p : paths_here()) {
+  for (CpuPath p : cpu_paths_here()) {
     set_cpu_path_cap(p);
     std::vector<uint16_t> flat(x.size()), rect(static_cast<size_t>(rows * cols));
     cpu::round_to_bf16(x.data(), 1, static_cast<int64_t>(x.size()), 0, flat.data());

@@ -17,16 +17,6 @@
 namespace moe {
 namespace {
 
-// The paths at or below this machine's best.
-std::vector<CpuPath> paths_here() {
-  std::vector<CpuPath> out;
-  for (const std::string& name : cpu_path_names()) {
-    const CpuPath p = *parse_cpu_path(name);
-    if (p <= cpu_features().best()) out.push_back(p);
-  }
-  return out;
-}
-
 struct Stored {
   WType type;
   std::vector<float> f32;
@@ -142,7 +132,7 @@ TEST(WeightFormats, Bf16RoundsToNearestEven) {
 // the one-pass rows (n <= 4) and the panels (n > 4). Bound: a float32 sum of `cols` products
 // (each widened exactly or, for int8 panels, rounded once) is within (cols + 2) u sum |w x|.
 TEST(WeightFormats, MatmulOnEveryPathWithinTheFloat32Bound) {
-  for (CpuPath p : paths_here()) {  // each path runs its own code
+  for (CpuPath p : cpu_paths_here()) {  // each path runs its own code
     set_cpu_path_cap(p);
     const std::string target = cpu::weight_kernel_target();
     const char* want = p >= CpuPath::avx512 ? "AVX3" : p == CpuPath::avx2 ? "AVX2" : "SCALAR";
@@ -158,7 +148,7 @@ TEST(WeightFormats, MatmulOnEveryPathWithinTheFloat32Bound) {
           const int64_t ldx = cols + 3, ldy = rows + 2;
           std::vector<float> x(static_cast<size_t>(n * ldx));
           for (float& v : x) v = static_cast<float>(rng.normal());
-          for (CpuPath p : paths_here()) {
+          for (CpuPath p : cpu_paths_here()) {
             set_cpu_path_cap(p);
             std::vector<float> y(static_cast<size_t>(n * ldy), -7.0f);
             cpu::matmul_wt(w, x.data(), ldx, n, y.data(), ldy);

@@ -44,6 +44,8 @@ const CpuFeatures& cpu_features();
 const char* cpu_path_name(CpuPath p);
 std::optional<CpuPath> parse_cpu_path(const std::string& name);
 std::vector<std::string> cpu_path_names();
+// The paths this machine can run: generic up to cpu_features().best(), lowest first.
+std::vector<CpuPath> cpu_paths_here();
 
 // The path kernels run: min(best, cap). The cap starts from MOE_CPU_PATH when set (an unknown
 // name is an error naming the valid ones). Capping above what the CPU has changes nothing.

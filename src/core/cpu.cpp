@@ -191,6 +191,15 @@ std::optional<CpuPath> parse_cpu_path(const std::string& name) {
 
 std::vector<std::string> cpu_path_names() { return {std::begin(kNames), std::end(kNames)}; }
 
+std::vector<CpuPath> cpu_paths_here() {
+  std::vector<CpuPath> out;
+  for (const std::string& name : cpu_path_names()) {
+    const CpuPath p = *parse_cpu_path(name);
+    if (p <= cpu_features().best()) out.push_back(p);
+  }
+  return out;
+}
+
 CpuPath cpu_path() {
   int cap = g_cap.load(std::memory_order_relaxed);
   if (cap == -2) {

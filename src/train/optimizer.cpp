@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/cpu/isa/weight_kernels.h"
 #include "moe/safetensors.h"
 #include "moe/threading.h"
 
@@ -49,6 +50,21 @@ void update(T* p, const T* g, double* m, double* v, int64_t n, double lr, double
     p[i] = static_cast<T>(pi - step_size * m[i] / denom);
   }
 }
+
+// float32 weights: the same update on the per-ISA kernels, in blocks fixed by n (the same bits
+// on any thread count; the vector paths may fuse a multiply and an add).
+void update_f32(float* p, const float* g, double* m, double* v, int64_t n, double lr, double wd,
+                double b1, double b2, double eps, double bc1, double bc2_sqrt) {
+  const double c[6] = {1 - lr * wd, b1, b2, eps, lr / bc1, bc2_sqrt};
+  const cpu::WeightKernels& k = cpu::path_kernels();
+  constexpr int64_t kBlock = 8192;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t i = b * kBlock;
+    k.adamw_f32(p + i, g + i, m + i, v + i, std::min(kBlock, n - i), c);
+  }
+}
 }  // namespace
 
 void AdamW::step(double lr) {
@@ -74,8 +90,9 @@ void AdamW::step(double lr) {
         update(s.param.data<double>() + at, s.grad.data<double>() + at, s.m.data<double>() + at,
                s.v.data<double>() + at, n, lr, wd, cfg_.beta1, cfg_.beta2, cfg_.eps, bc1, bc2_sqrt);
       } else {
-        update(s.param.data<float>() + at, s.grad.data<float>() + at, s.m.data<double>() + at,
-               s.v.data<double>() + at, n, lr, wd, cfg_.beta1, cfg_.beta2, cfg_.eps, bc1, bc2_sqrt);
+        update_f32(s.param.data<float>() + at, s.grad.data<float>() + at, s.m.data<double>() + at,
+                   s.v.data<double>() + at, n, lr, wd, cfg_.beta1, cfg_.beta2, cfg_.eps, bc1,
+                   bc2_sqrt);
       }
       r0 = r1;
     }

@@ -42,43 +42,41 @@ const Shape3 kShapes[] = {
     {"gemv", "one token through a 2048 x 2048 weight", false, true, 1, 2048, 2048},
 };
 
-int run_bench_gemm(const BenchGemm& b) {
-  MOE_CHECK(b.reps >= 1, "bench", "--reps must be >= 1");
-  set_num_threads(b.threads);
-  const CpuFeatures& f = cpu_features();
-  const double peak = cpu::fma_peak_gflops();
-  const std::string backend = cpu::gemm_f32_backend_info();
-  nlohmann::json rows = nlohmann::json::array();
-  nlohmann::json f32 = nlohmann::json::object();
-  if (!b.json) {
-    fmt::print("CPU: {} ({})\n", f.brand.empty() ? "unknown" : f.brand, f.vendor);
-    fmt::print("features: {}\n", f.str());
-    fmt::print("kernel path: {} (best here: {}; cap with MOE_CPU_PATH or --cpu-path)\n",
-               cpu_path_name(cpu_path()), cpu_path_name(f.best()));
-    fmt::print("float32 GEMM: {}\n", backend);
-    fmt::print("weight kernels (bf16, f16, int8; float32 rows <= {}): Highway {}\n",
-               cpu::kMatvecMaxRows, cpu::weight_kernel_target());
-    fmt::print("threads: {}   FMA peak: {:.1f} GFLOP/s\n\n", num_threads(), peak);
-    fmt::print("{:<18} {:>6} {:>6} {:>6} {:>11} {:>11} {:>9} {:>8}\n", "f32 shape", "m", "n", "k",
-               "engine", "library", "of lib", "of peak");
-  }
-  Rng rng(1);
+// The shape classes with float32 operands (the engine's gemm) or bf16 operands (gemm_bf16; not
+// the one-row product, which decoding runs on its weights' own kernels), each against the float32
+// library on the same shape: GFLOP/s per shape, a row of `rows` each.
+nlohmann::json run_shapes(bool bf16, const BenchGemm& b, double peak, Rng& rng,
+                          nlohmann::json& rows) {
+  nlohmann::json by_shape = nlohmann::json::object();
   for (const Shape3& s : kShapes) {
+    if (bf16 && s.m == 1) continue;
     const int64_t ra = s.trans_a ? s.k : s.m, ca = s.trans_a ? s.m : s.k;
     const int64_t rb = s.trans_b ? s.n : s.k, cb = s.trans_b ? s.k : s.n;
     Tensor a = Tensor::empty({ra, ca}, DType::F32), bm = Tensor::empty({rb, cb}, DType::F32),
            c = Tensor::empty({s.m, s.n}, DType::F32);
     rng.fill_normal(a, 0, 1);
     rng.fill_normal(bm, 0, 1);
+    std::vector<uint16_t> ha, hb;
+    if (bf16) {
+      ha.resize(static_cast<size_t>(ra * ca));
+      hb.resize(static_cast<size_t>(rb * cb));
+      cpu::round_to_bf16(a.data<float>(), 1, ra * ca, 0, ha.data());
+      cpu::round_to_bf16(bm.data<float>(), 1, rb * cb, 0, hb.data());
+    }
     const double flop = 2.0 * static_cast<double>(s.m * s.n * s.k);
     // Enough calls per timing that each takes some milliseconds.
     const int calls = static_cast<int>(std::max<double>(1, 2e8 / flop));
     const std::vector<double> ms = interleaved_median_ms(
         1, b.reps,
         {[&] {
-           for (int i = 0; i < calls; ++i)
-             cpu::gemm<float>(s.trans_a, s.trans_b, s.m, s.n, s.k, 1.0f, a.data<float>(), ca,
-                              bm.data<float>(), cb, 0.0f, c.data<float>(), s.n);
+           for (int i = 0; i < calls; ++i) {
+             if (bf16)
+               cpu::gemm_bf16(s.trans_a, s.trans_b, s.m, s.n, s.k, 1.0f, ha.data(), ca, hb.data(),
+                              cb, 0.0f, c.data<float>(), s.n);
+             else
+               cpu::gemm<float>(s.trans_a, s.trans_b, s.m, s.n, s.k, 1.0f, a.data<float>(), ca,
+                                bm.data<float>(), cb, 0.0f, c.data<float>(), s.n);
+           }
          },
          [&] {
            for (int i = 0; i < calls; ++i)
@@ -86,8 +84,8 @@ int run_bench_gemm(const BenchGemm& b) {
                                    bm.data<float>(), cb, 0.0f, c.data<float>(), s.n);
          }});
     const double engine = flop * calls / ms[0] / 1e6, library = flop * calls / ms[1] / 1e6;
-    f32[s.name] = engine;
-    rows.push_back({{"dtype", "f32"},
+    by_shape[s.name] = engine;
+    rows.push_back({{"dtype", bf16 ? "bf16_operands" : "f32"},
                     {"shape", s.name},
                     {"what", s.what},
                     {"m", s.m},
@@ -101,6 +99,31 @@ int run_bench_gemm(const BenchGemm& b) {
       fmt::print("{:<18} {:>6} {:>6} {:>6} {:>11.1f} {:>11.1f} {:>8.0f}% {:>7.0f}%\n", s.name, s.m,
                  s.n, s.k, engine, library, 100 * engine / library, 100 * engine / peak);
   }
+  return by_shape;
+}
+
+int run_bench_gemm(const BenchGemm& b) {
+  MOE_CHECK(b.reps >= 1, "bench", "--reps must be >= 1");
+  set_num_threads(b.threads);
+  const CpuFeatures& f = cpu_features();
+  const double peak = cpu::fma_peak_gflops();
+  const std::string backend = cpu::gemm_f32_backend_info();
+  nlohmann::json rows = nlohmann::json::array();
+  nlohmann::json f32;
+  if (!b.json) {
+    fmt::print("CPU: {} ({})\n", f.brand.empty() ? "unknown" : f.brand, f.vendor);
+    fmt::print("features: {}\n", f.str());
+    fmt::print("kernel path: {} (best here: {}; cap with MOE_CPU_PATH or --cpu-path)\n",
+               cpu_path_name(cpu_path()), cpu_path_name(f.best()));
+    fmt::print("float32 GEMM: {}\n", backend);
+    fmt::print("weight kernels (bf16, f16, int8; float32 rows <= {}): Highway {}\n",
+               cpu::kMatvecMaxRows, cpu::weight_kernel_target());
+    fmt::print("threads: {}   FMA peak: {:.1f} GFLOP/s\n\n", num_threads(), peak);
+    fmt::print("{:<18} {:>6} {:>6} {:>6} {:>11} {:>11} {:>9} {:>8}\n", "f32 shape", "m", "n", "k",
+               "engine", "library", "of lib", "of peak");
+  }
+  Rng rng(1);
+  f32 = run_shapes(false, b, peak, rng, rows);
   // Weights in their stored formats: y = x W^T from bf16, f16 and int8 weights (moe/weights.h),
   // against the float32 library on the same shape with the weights already float32.
   const struct {
@@ -170,53 +193,13 @@ int run_bench_gemm(const BenchGemm& b) {
   }
   // Mixed precision (`moe train --dtype bf16`): the same shape classes with bf16 operands and
   // float32 accumulation, against the float32 library on the same shape.
-  nlohmann::json bf16_ops = nlohmann::json::object();
+  nlohmann::json bf16_ops;
   const std::string bf16_backend = cpu::gemm_bf16_backend_info();
   if (!b.json)
     fmt::print("\nbf16 operands: {}\n{:<18} {:>6} {:>6} {:>6} {:>11} {:>11} {:>9} {:>8}\n",
                bf16_backend, "bf16 x bf16 shape", "m", "n", "k", "engine", "f32 lib", "of lib",
                "of peak");
-  for (const Shape3& s : kShapes) {
-    if (s.m == 1) continue;  // decoding keeps its weights' own kernels
-    const int64_t ra = s.trans_a ? s.k : s.m, ca = s.trans_a ? s.m : s.k;
-    const int64_t rb = s.trans_b ? s.n : s.k, cb = s.trans_b ? s.k : s.n;
-    Tensor a = Tensor::empty({ra, ca}, DType::F32), bm = Tensor::empty({rb, cb}, DType::F32),
-           c = Tensor::empty({s.m, s.n}, DType::F32);
-    rng.fill_normal(a, 0, 1);
-    rng.fill_normal(bm, 0, 1);
-    std::vector<uint16_t> ha(static_cast<size_t>(ra * ca)), hb(static_cast<size_t>(rb * cb));
-    cpu::round_to_bf16(a.data<float>(), 1, ra * ca, 0, ha.data());
-    cpu::round_to_bf16(bm.data<float>(), 1, rb * cb, 0, hb.data());
-    const double flop = 2.0 * static_cast<double>(s.m * s.n * s.k);
-    const int calls = static_cast<int>(std::max<double>(1, 2e8 / flop));
-    const std::vector<double> ms = interleaved_median_ms(
-        1, b.reps,
-        {[&] {
-           for (int i = 0; i < calls; ++i)
-             cpu::gemm_bf16(s.trans_a, s.trans_b, s.m, s.n, s.k, 1.0f, ha.data(), ca, hb.data(), cb,
-                            0.0f, c.data<float>(), s.n);
-         },
-         [&] {
-           for (int i = 0; i < calls; ++i)
-             cpu::gemm_f32_library(s.trans_a, s.trans_b, s.m, s.n, s.k, 1.0f, a.data<float>(), ca,
-                                   bm.data<float>(), cb, 0.0f, c.data<float>(), s.n);
-         }});
-    const double engine = flop * calls / ms[0] / 1e6, library = flop * calls / ms[1] / 1e6;
-    bf16_ops[s.name] = engine;
-    rows.push_back({{"dtype", "bf16_operands"},
-                    {"shape", s.name},
-                    {"what", s.what},
-                    {"m", s.m},
-                    {"n", s.n},
-                    {"k", s.k},
-                    {"gflops", engine},
-                    {"library_gflops", library},
-                    {"of_library", engine / library},
-                    {"of_peak", engine / peak}});
-    if (!b.json)
-      fmt::print("{:<18} {:>6} {:>6} {:>6} {:>11.1f} {:>11.1f} {:>8.0f}% {:>7.0f}%\n", s.name, s.m,
-                 s.n, s.k, engine, library, 100 * engine / library, 100 * engine / peak);
-  }
+  bf16_ops = run_shapes(true, b, peak, rng, rows);
   if (b.json) {
     nlohmann::json gf = by_type;
     gf["f32"] = f32;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kernels/cpu/isa/weight_kernels.h"
 #include "kernels/ref/ref.h"
 #include "moe/threading.h"
 
@@ -125,15 +126,45 @@ void swiglu_backward(T* da_gate, T* da_up, const T* dh, const T* a_gate, const T
   }
 }
 
+// float32 on the per-ISA kernels (Highway's exp), in blocks fixed by n: the same bits on any
+// thread count.
+constexpr int64_t kSwigluBlock = 4096;
+
+template <>
+void swiglu_forward<float>(float* h, const float* a_gate, const float* a_up, int64_t n) {
+  const WeightKernels& k = path_kernels();
+  const int64_t blocks = (n + kSwigluBlock - 1) / kSwigluBlock;
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t i = b * kSwigluBlock;
+    k.swiglu_forward(h + i, a_gate + i, a_up + i, std::min(kSwigluBlock, n - i));
+  }
+}
+
+template <>
+void swiglu_backward<float>(float* da_gate, float* da_up, const float* dh, const float* a_gate,
+                            const float* a_up, int64_t n) {
+  const WeightKernels& k = path_kernels();
+  const int64_t blocks = (n + kSwigluBlock - 1) / kSwigluBlock;
+#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t i = b * kSwigluBlock;
+    k.swiglu_backward(da_gate + i, da_up + i, dh + i, a_gate + i, a_up + i,
+                      std::min(kSwigluBlock, n - i));
+  }
+}
+
 #define MOE_INSTANTIATE(T)                                                       \
   template void softmax_rows<T>(T*, T*, const T*, int64_t, int64_t);             \
   template void topk_rows<T>(int32_t*, T*, const T*, int64_t, int64_t, int64_t); \
   template void act_forward<T>(Activation, T*, const T*, int64_t);               \
-  template void act_backward<T>(Activation, T*, const T*, const T*, int64_t);    \
-  template void swiglu_forward<T>(T*, const T*, const T*, int64_t);              \
-  template void swiglu_backward<T>(T*, T*, const T*, const T*, const T*, int64_t);
+  template void act_backward<T>(Activation, T*, const T*, const T*, int64_t);
+
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
+template void swiglu_forward<double>(double*, const double*, const double*, int64_t);
+template void swiglu_backward<double>(double*, double*, const double*, const double*, const double*,
+                                      int64_t);
 #undef MOE_INSTANTIATE
 
 }  // namespace cpu

@@ -127,14 +127,16 @@ void linear(T* y, const T* x, int64_t n, const Tensor& w, const Tensor* scale) {
 template void linear<float>(float*, const float*, int64_t, const Tensor&, const Tensor*);
 template void linear<double>(double*, const double*, int64_t, const Tensor&, const Tensor*);
 
-namespace {
-
-const WeightKernels& kernels() {
+const WeightKernels& path_kernels() {
   const CpuPath p = cpu_path();
   if (p >= CpuPath::avx512) return kWeightKernelsAvx512;
   if (p >= CpuPath::avx2) return kWeightKernelsAvx2;
   return kWeightKernelsGeneric;
 }
+
+namespace {
+
+const WeightKernels& kernels() { return path_kernels(); }
 
 // Rows of W per task: fixed by the shape, so the split (and nothing else) varies with threads.
 constexpr int64_t kDotRows = 64;

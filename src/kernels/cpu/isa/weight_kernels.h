@@ -1,7 +1,8 @@
-// The per-ISA weight kernels (moe/weights.h): one source, compiled once per kernel path with that
-// path's compiler flags (weights_generic.cpp, weights_avx2.cpp, weights_avx512.cpp) into its own
-// namespace, on Highway's ops for the target those flags make static. dispatch.cpp picks the
-// table from moe::cpu_path(), never from a library's CPU detection.
+// The per-ISA kernels: the weight kernels (moe/weights.h), bf16 rounding and SwiGLU: one source,
+// compiled once per kernel path with that path's compiler flags (weights_generic.cpp,
+// weights_avx2.cpp, weights_avx512.cpp) into its own namespace, on Highway's ops for the target
+// those flags make static. dispatch.cpp picks the table from moe::cpu_path(), never from a
+// library's CPU detection.
 //
 // These files include nothing but Highway and <cstdint>: a template of the standard library
 // instantiated here would be compiled for the wider ISA and could be the copy the linker keeps
@@ -32,7 +33,18 @@ struct WeightKernels {
   // out[i] = x[i] rounded to bf16, to nearest, ties to even (a NaN stays a quiet NaN): the same
   // bits as moe::f32_to_bf16 on every path.
   void (*to_bf16)(const float* x, int64_t n, uint16_t* out);
+  // SwiGLU (moe/kernels.h) in float32 with Highway's exp (at most 1 ulp from the correctly
+  // rounded exp): h = silu(g) u, and its backward; outputs may alias inputs element for element.
+  void (*swiglu_forward)(float* h, const float* g, const float* u, int64_t n);
+  void (*swiglu_backward)(float* dg, float* du, const float* dh, const float* g, const float* u,
+                          int64_t n);
+  // AdamW on float32 weights with float64 moments, element by element in torch.optim.AdamW's
+  // order (train/optimizer.cpp): c = {1 - lr wd, beta1, beta2, eps, lr / bc1, sqrt(bc2)}.
+  void (*adamw_f32)(float* p, const float* g, double* m, double* v, int64_t n, const double* c);
 };
+
+// The table of the current kernel path (moe::cpu_path()).
+const WeightKernels& path_kernels();
 
 extern const WeightKernels kWeightKernelsGeneric;
 extern const WeightKernels kWeightKernelsAvx2;

@@ -2,6 +2,8 @@
 // MOE_ISA_NS (its namespace) and MOE_ISA_TABLE (the table it fills), after choosing the ISA with
 // its compiler flags; Highway's static target follows those flags.
 #include <hwy/highway.h>
+// After highway.h: the math functions of the same target.
+#include <hwy/contrib/math/math-inl.h>
 
 #include "kernels/cpu/isa/scalar_convert.h"
 #include "kernels/cpu/isa/weight_kernels.h"
@@ -187,6 +189,93 @@ void to_bf16(const float* x, int64_t n, uint16_t* out) {
   for (; i < n; ++i) out[i] = scalar::f32_to_bf16(x[i]);
 }
 
+// The logistic sigmoid 1 / (1 + exp(-g)); -g is capped at 88 so that exp stays finite (beyond
+// it the sigmoid is below 1e-38 either way).
+HWY_INLINE VF sigmoid(DF d, VF g) {
+  const VF one = hn::Set(d, 1.0f);
+  return hn::Div(one, hn::Add(one, hn::Exp(d, hn::Min(hn::Neg(g), hn::Set(d, 88.0f)))));
+}
+
+// Runs body(i, d) over the vectors of n elements; the tail goes through a padded vector (the
+// lanes past n read zeros and are not written back). body reads and writes through the pointers
+// it is given, so the tail's are the copies.
+template <int kIn, int kOut, class Body>
+HWY_INLINE void by_vectors(int64_t n, const float* const (&in)[kIn], float* const (&out)[kOut],
+                           const Body& body) {
+  const DF d;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(d));
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    VF x[kIn];
+    for (int j = 0; j < kIn; ++j) x[j] = hn::LoadU(d, in[j] + i);
+    VF y[kOut];
+    body(d, x, y);
+    for (int j = 0; j < kOut; ++j) hn::StoreU(y[j], d, out[j] + i);
+  }
+  if (i == n) return;
+  HWY_ALIGN float buf[kIn > kOut ? kIn : kOut][HWY_MAX_BYTES / sizeof(float)] = {};
+  VF x[kIn];
+  for (int j = 0; j < kIn; ++j) {
+    for (int64_t t = 0; t < n - i; ++t) buf[j][t] = in[j][i + t];
+    x[j] = hn::Load(d, buf[j]);
+  }
+  VF y[kOut];
+  body(d, x, y);
+  for (int j = 0; j < kOut; ++j) {
+    hn::Store(y[j], d, buf[j]);
+    for (int64_t t = 0; t < n - i; ++t) out[j][i + t] = buf[j][t];
+  }
+}
+
+void swiglu_forward(float* h, const float* g, const float* u, int64_t n) {
+  const float* const in[2] = {g, u};
+  float* const out[1] = {h};
+  by_vectors<2, 1>(n, in, out, [](DF d, const VF* x, VF* y) {
+    y[0] = hn::Mul(hn::Mul(x[0], sigmoid(d, x[0])), x[1]);
+  });
+}
+
+void swiglu_backward(float* dg, float* du, const float* dh, const float* g, const float* u,
+                     int64_t n) {
+  const float* const in[3] = {dh, g, u};
+  float* const out[2] = {dg, du};
+  by_vectors<3, 2>(n, in, out, [](DF d, const VF* x, VF* y) {
+    const VF one = hn::Set(d, 1.0f);
+    const VF s = sigmoid(d, x[1]);
+    y[1] = hn::Mul(hn::Mul(x[0], x[1]), s);  // dh g s
+    // dh u s (1 + g (1 - s))
+    y[0] = hn::Mul(hn::Mul(hn::Mul(x[0], x[2]), s), hn::Add(one, hn::Mul(x[1], hn::Sub(one, s))));
+  });
+}
+
+void adamw_f32(float* p, const float* g, double* m, double* v, int64_t n, const double* c) {
+  const hn::ScalableTag<double> dd;
+  const hn::Rebind<float, decltype(dd)> dfh;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(dd));
+  const double b1 = c[1], b2 = c[2];
+  const auto decay = hn::Set(dd, c[0]), vb1 = hn::Set(dd, b1), vb2 = hn::Set(dd, b2);
+  const auto nb1 = hn::Set(dd, 1 - b1), nb2 = hn::Set(dd, 1 - b2), eps = hn::Set(dd, c[3]);
+  const auto step = hn::Set(dd, c[4]), bc2 = hn::Set(dd, c[5]);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const auto gi = hn::PromoteTo(dd, hn::LoadU(dfh, g + i));
+    const auto pi = hn::Mul(hn::PromoteTo(dd, hn::LoadU(dfh, p + i)), decay);
+    const auto mi = hn::Add(hn::Mul(vb1, hn::LoadU(dd, m + i)), hn::Mul(nb1, gi));
+    const auto vi = hn::Add(hn::Mul(vb2, hn::LoadU(dd, v + i)), hn::Mul(hn::Mul(nb2, gi), gi));
+    hn::StoreU(mi, dd, m + i);
+    hn::StoreU(vi, dd, v + i);
+    const auto denom = hn::Add(hn::Div(hn::Sqrt(vi), bc2), eps);
+    hn::StoreU(hn::DemoteTo(dfh, hn::Sub(pi, hn::Div(hn::Mul(step, mi), denom))), dfh, p + i);
+  }
+  for (; i < n; ++i) {
+    const double gi = g[i], pi = static_cast<double>(p[i]) * c[0];
+    m[i] = b1 * m[i] + (1 - b1) * gi;
+    v[i] = b2 * v[i] + (1 - b2) * gi * gi;
+    const double denom = __builtin_sqrt(v[i]) / c[5] + c[3];
+    p[i] = static_cast<float>(pi - c[4] * m[i] / denom);
+  }
+}
+
 }  // namespace
 }  // namespace moe::cpu::MOE_ISA_NS
 
@@ -200,8 +289,16 @@ constexpr const char* kTargetName = HWY_TARGET == HWY_AVX3_DL  ? "AVX3_DL"
                                     : HWY_TARGET == HWY_EMU128 ? "EMU128"
                                     : HWY_TARGET == HWY_SCALAR ? "SCALAR"
                                                                : "other";
-const WeightKernels MOE_ISA_TABLE = {
-    kTargetName,          MOE_ISA_NS::dot_f32, MOE_ISA_NS::dot_bf16,
-    MOE_ISA_NS::dot_f16,  MOE_ISA_NS::dot_i8,  MOE_ISA_NS::rows_bf16,
-    MOE_ISA_NS::rows_f16, MOE_ISA_NS::rows_i8, MOE_ISA_NS::to_bf16};
+const WeightKernels MOE_ISA_TABLE = {kTargetName,
+                                     MOE_ISA_NS::dot_f32,
+                                     MOE_ISA_NS::dot_bf16,
+                                     MOE_ISA_NS::dot_f16,
+                                     MOE_ISA_NS::dot_i8,
+                                     MOE_ISA_NS::rows_bf16,
+                                     MOE_ISA_NS::rows_f16,
+                                     MOE_ISA_NS::rows_i8,
+                                     MOE_ISA_NS::to_bf16,
+                                     MOE_ISA_NS::swiglu_forward,
+                                     MOE_ISA_NS::swiglu_backward,
+                                     MOE_ISA_NS::adamw_f32};
 }  // namespace moe::cpu
