@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `moe generate --expert-cache-mb` on a model with 200 MB of routed experts and a 6 MB cache
 # (ctest: offload_bounded_memory): every policy generates the tokens of the fully loaded model,
-# and with CHECK_RSS=1 the process's peak resident memory stays under the cache plus 40 MB (the
-# other weights, about 3 MB, the program and its libraries), while the fully loaded model's
+# and with CHECK_RSS=1 the process's peak resident memory stays under the cache plus 42 MB (the
+# other weights, about 3 MB, the program and its libraries: 38-39 MB in all on the generic kernel
+# path, 45-46 MB where oneDNN's float32 GEMM loads its JIT kernels for the prompt), while the fully loaded model's
 # stays under 280 MB (the weights once, not also the file's pages).
 # usage: bounded_memory.sh MOE_BINARY WORK_DIR CHECK_RSS
 set -euo pipefail
@@ -35,8 +36,8 @@ for policy in lru lfu routing; do
   fi
   peak=$(peak_mb "$policy.err")
   echo "$policy: same tokens; peak resident memory $peak MB"
-  if [[ $check_rss == 1 ]] && ! awk -v p="$peak" 'BEGIN { exit !(p < 46) }'; then
-    echo "FAIL $policy: peak resident memory $peak MB is not under 6 + 40 MB"
+  if [[ $check_rss == 1 ]] && ! awk -v p="$peak" 'BEGIN { exit !(p < 48) }'; then
+    echo "FAIL $policy: peak resident memory $peak MB is not under 6 + 42 MB"
     exit 1
   fi
 done
