@@ -177,6 +177,36 @@ TEST(MixedPrecision, SameBitsForAnyThreadCount) {
   omp_set_num_threads(saved);
 }
 
+// The float32 exponential of softmax and cross-entropy on every path: each value within 2 ulp of
+// exp in float64 (Highway's exp is within 1 ulp; x - shift is rounded once), the sum within the
+// float32 bound of its terms, in place too, with tails after every vector width.
+TEST(KernelPaths, ExpShiftedWithinTwoUlpOnEveryPath) {
+  Rng rng(15);
+  for (CpuPath p : cpu_paths_here()) {
+    set_cpu_path_cap(p);
+    for (int64_t n : {1, 5, 16, 37, 259}) {
+      std::vector<float> x = normals(n, rng);
+      for (float& v : x) v *= 8.0f;
+      x[0] = -100.0f;  // underflows to 0 or a subnormal
+      const float shift = 3.5f;
+      std::vector<float> y(x.size());
+      const float sum = cpu::exp_shifted(y.data(), x.data(), n, shift);
+      double ref_sum = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const double want = std::exp(static_cast<double>(x[j] - shift));
+        ASSERT_LE(std::fabs(y[j] - want), 2 * std::ldexp(want, -23) + 1e-44)
+            << cpu_path_name(p) << " exp(" << x[j] << " - " << shift << ")";
+        ref_sum += y[j];
+      }
+      EXPECT_LE(std::fabs(sum - ref_sum), (static_cast<double>(n) + 1) * kU * ref_sum);
+      std::vector<float> inplace = x;
+      EXPECT_EQ(cpu::exp_shifted(inplace.data(), inplace.data(), n, shift), sum);
+      EXPECT_EQ(inplace, y);
+    }
+  }
+  reset_cpu_path_cap();
+}
+
 TEST(MixedPrecision, BackendIsNamed) {
   const std::string info = cpu::gemm_bf16_backend_info();
   if (cpu_path() >= CpuPath::avx512)

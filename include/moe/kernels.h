@@ -73,6 +73,17 @@ double fma_peak_gflops();
 // the widest loads of the path: the best of 8 passes. The bandwidth floor of decoding.
 double read_bandwidth_gbs(int64_t bytes = int64_t{2} << 30);
 
+// y[j] = exp(x[j] - shift) for j < n (y may be x); returns their sum. float32 runs on the
+// kernel path's vectors (Highway's exp: at most 1 ulp from the correctly rounded exp; the sum
+// lane-wise, then across lanes), float64 on std::exp in order. The arguments must be <= 88
+// (float32; softmax's x - max is <= 0).
+template <class T>
+T exp_shifted(T* y, const T* x, int64_t n, T shift);
+template <>
+float exp_shifted<float>(float* y, const float* x, int64_t n, float shift);
+template <>
+double exp_shifted<double>(double* y, const double* x, int64_t n, double shift);
+
 // out[rows, cols] = softmax(in) per row; lse[rows] = logsumexp of each row (may be null).
 template <class T>
 void softmax_rows(T* out, T* lse, const T* in, int64_t rows, int64_t cols);

@@ -90,11 +90,7 @@ void attention_forward(T* out, T* probs, const T* q, const T* k, const T* v, int
       const int64_t lo = window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
       T mx = row[lo];
       for (int64_t j = lo + 1; j <= i; ++j) mx = std::max(mx, row[j]);
-      T sum = 0;
-      for (int64_t j = lo; j <= i; ++j) {
-        row[j] = std::exp(row[j] - mx);
-        sum += row[j];
-      }
+      const T sum = cpu::exp_shifted(row + lo, row + lo, i - lo + 1, mx);
       for (int64_t j = 0; j < t; ++j) row[j] = (j >= lo && j <= i) ? row[j] / sum : T(0);
     }
     cpu::gemm<T>(false, false, t, dv, t, T(1), p, t, vb, kv * dv, T(0),
@@ -246,11 +242,7 @@ void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int64_
         const int64_t lo = window > 0 ? std::max<int64_t>(0, at - window + 1) : 0;
         T mx = row[lo];
         for (int64_t j = lo; j <= at; ++j) mx = std::max(mx, row[j]);
-        T sum = 0;
-        for (int64_t j = lo; j <= at; ++j) {
-          row[j] = std::exp(row[j] - mx);
-          sum += row[j];
-        }
+        const T sum = cpu::exp_shifted(row + lo, row + lo, at - lo + 1, mx);
         for (int64_t j = 0; j < len; ++j) row[j] = (j >= lo && j <= at) ? row[j] / sum : T(0);
       }
       cpu::gemm<T>(false, false, tq, dv, len, T(1), p.data(), len, vb, kv * dv, T(0),
@@ -269,13 +261,17 @@ double cross_entropy(T* dlogits, double* row_loss, const T* logits, const int32_
     const T* z = logits + i * v;
     T mx = z[0];
     for (int64_t j = 1; j < v; ++j) mx = std::max(mx, z[j]);
-    T sum = 0;
-    for (int64_t j = 0; j < v; ++j) sum += std::exp(z[j] - mx);
+    // The exponentials go to the row of dlogits (or a scratch row), written again below.
+    thread_local std::vector<T> scratch;
+    T* e = dlogits ? dlogits + i * v : (scratch.resize(static_cast<size_t>(v)), scratch.data());
+    const T sum = cpu::exp_shifted(e, z, v, mx);
     const T lse = mx + std::log(sum);
     row_loss[i] = static_cast<double>(lse - z[targets[i]]);
     if (dlogits) {
-      for (int64_t j = 0; j < v; ++j) dlogits[i * v + j] = g * std::exp(z[j] - lse);
-      dlogits[i * v + targets[i]] -= g;
+      T* dl = dlogits + i * v;
+      cpu::exp_shifted(dl, z, v, lse);
+      for (int64_t j = 0; j < v; ++j) dl[j] *= g;
+      dl[targets[i]] -= g;
     }
   }
   double loss = 0;

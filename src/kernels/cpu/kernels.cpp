@@ -126,6 +126,21 @@ void swiglu_backward(T* da_gate, T* da_up, const T* dh, const T* a_gate, const T
   }
 }
 
+template <>
+float exp_shifted<float>(float* y, const float* x, int64_t n, float shift) {
+  return path_kernels().exp_shifted(y, x, n, shift);
+}
+
+template <>
+double exp_shifted<double>(double* y, const double* x, int64_t n, double shift) {
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] = std::exp(x[i] - shift);
+    sum += y[i];
+  }
+  return sum;
+}
+
 // float32 on the per-ISA kernels (Highway's exp), in blocks fixed by n: the same bits on any
 // thread count.
 constexpr int64_t kSwigluBlock = 4096;

@@ -38,6 +38,9 @@ struct WeightKernels {
   void (*swiglu_forward)(float* h, const float* g, const float* u, int64_t n);
   void (*swiglu_backward)(float* dg, float* du, const float* dh, const float* g, const float* u,
                           int64_t n);
+  // y[j] = exp(x[j] - shift) for j < n (y may be x), returning their float32 sum (summed
+  // lane-wise, then across lanes, then the tail).
+  float (*exp_shifted)(float* y, const float* x, int64_t n, float shift);
   // AdamW on float32 weights with float64 moments, element by element in torch.optim.AdamW's
   // order (train/optimizer.cpp): c = {1 - lr wd, beta1, beta2, eps, lr / bc1, sqrt(bc2)}.
   void (*adamw_f32)(float* p, const float* g, double* m, double* v, int64_t n, const double* c);

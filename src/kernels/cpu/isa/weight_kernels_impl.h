@@ -248,6 +248,30 @@ void swiglu_backward(float* dg, float* du, const float* dh, const float* g, cons
   });
 }
 
+float exp_shifted(float* y, const float* x, int64_t n, float shift) {
+  const DF d;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(d));
+  const VF sh = hn::Set(d, shift);
+  VF acc = hn::Zero(d);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const VF e = hn::Exp(d, hn::Sub(hn::LoadU(d, x + i), sh));
+    hn::StoreU(e, d, y + i);
+    acc = hn::Add(acc, e);
+  }
+  float sum = hn::GetLane(hn::SumOfLanes(d, acc));
+  if (i < n) {  // the tail through a padded vector; its extra lanes are not added
+    HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)] = {};
+    for (int64_t t = 0; t < n - i; ++t) buf[t] = x[i + t];
+    hn::Store(hn::Exp(d, hn::Sub(hn::Load(d, buf), sh)), d, buf);
+    for (int64_t t = 0; t < n - i; ++t) {
+      y[i + t] = buf[t];
+      sum += buf[t];
+    }
+  }
+  return sum;
+}
+
 void adamw_f32(float* p, const float* g, double* m, double* v, int64_t n, const double* c) {
   const hn::ScalableTag<double> dd;
   const hn::Rebind<float, decltype(dd)> dfh;
@@ -300,5 +324,6 @@ const WeightKernels MOE_ISA_TABLE = {kTargetName,
                                      MOE_ISA_NS::to_bf16,
                                      MOE_ISA_NS::swiglu_forward,
                                      MOE_ISA_NS::swiglu_backward,
+                                     MOE_ISA_NS::exp_shifted,
                                      MOE_ISA_NS::adamw_f32};
 }  // namespace moe::cpu
