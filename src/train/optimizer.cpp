@@ -5,7 +5,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "kernels/cpu/isa/weight_kernels.h"
+#include "kernels/cpu/isa/isa_kernels.h"
 #include "moe/safetensors.h"
 #include "moe/threading.h"
 
@@ -56,7 +56,7 @@ void update(T* p, const T* g, double* m, double* v, int64_t n, double lr, double
 void update_f32(float* p, const float* g, double* m, double* v, int64_t n, double lr, double wd,
                 double b1, double b2, double eps, double bc1, double bc2_sqrt) {
   const double c[6] = {1 - lr * wd, b1, b2, eps, lr / bc1, bc2_sqrt};
-  const cpu::WeightKernels& k = cpu::path_kernels();
+  const cpu::IsaKernels& k = cpu::path_kernels();
   constexpr int64_t kBlock = 8192;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
 #pragma omp parallel for schedule(static) if (n > kParallelMin)

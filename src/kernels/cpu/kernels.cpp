@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "kernels/cpu/isa/weight_kernels.h"
+#include "kernels/cpu/isa/isa_kernels.h"
 #include "kernels/ref/ref.h"
 #include "moe/threading.h"
 
@@ -147,7 +147,7 @@ constexpr int64_t kSwigluBlock = 4096;
 
 template <>
 void swiglu_forward<float>(float* h, const float* a_gate, const float* a_up, int64_t n) {
-  const WeightKernels& k = path_kernels();
+  const IsaKernels& k = path_kernels();
   const int64_t blocks = (n + kSwigluBlock - 1) / kSwigluBlock;
 #pragma omp parallel for schedule(static) if (n > kParallelMin)
   for (int64_t b = 0; b < blocks; ++b) {
@@ -159,7 +159,7 @@ void swiglu_forward<float>(float* h, const float* a_gate, const float* a_up, int
 template <>
 void swiglu_backward<float>(float* da_gate, float* da_up, const float* dh, const float* a_gate,
                             const float* a_up, int64_t n) {
-  const WeightKernels& k = path_kernels();
+  const IsaKernels& k = path_kernels();
   const int64_t blocks = (n + kSwigluBlock - 1) / kSwigluBlock;
 #pragma omp parallel for schedule(static) if (n > kParallelMin)
   for (int64_t b = 0; b < blocks; ++b) {

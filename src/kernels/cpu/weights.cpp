@@ -9,8 +9,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/cpu/isa/isa_kernels.h"
 #include "kernels/cpu/isa/scalar_convert.h"
-#include "kernels/cpu/isa/weight_kernels.h"
 #include "moe/cpu.h"
 #include "moe/error.h"
 #include "moe/kernels.h"
@@ -127,16 +127,16 @@ void linear(T* y, const T* x, int64_t n, const Tensor& w, const Tensor* scale) {
 template void linear<float>(float*, const float*, int64_t, const Tensor&, const Tensor*);
 template void linear<double>(double*, const double*, int64_t, const Tensor&, const Tensor*);
 
-const WeightKernels& path_kernels() {
+const IsaKernels& path_kernels() {
   const CpuPath p = cpu_path();
-  if (p >= CpuPath::avx512) return kWeightKernelsAvx512;
-  if (p >= CpuPath::avx2) return kWeightKernelsAvx2;
-  return kWeightKernelsGeneric;
+  if (p >= CpuPath::avx512) return kIsaKernelsAvx512;
+  if (p >= CpuPath::avx2) return kIsaKernelsAvx2;
+  return kIsaKernelsGeneric;
 }
 
 namespace {
 
-const WeightKernels& kernels() { return path_kernels(); }
+const IsaKernels& kernels() { return path_kernels(); }
 
 // Rows of W per task: fixed by the shape, so the split (and nothing else) varies with threads.
 constexpr int64_t kDotRows = 64;
@@ -168,8 +168,8 @@ void for_tasks(int64_t tasks, int64_t work, const Task& task) {
   }
 }
 
-void dot_block(const WeightKernels& k, const WeightMatrix& w, const float* x, int64_t ldx,
-               int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+void dot_block(const IsaKernels& k, const WeightMatrix& w, const float* x, int64_t ldx, int64_t n,
+               int64_t r0, int64_t r1, float* y, int64_t ldy) {
   switch (w.type) {
     case WType::f32:
       k.dot_f32(static_cast<const float*>(w.data), w.cols, x, ldx, n, r0, r1, y, ldy);
@@ -186,7 +186,7 @@ void dot_block(const WeightKernels& k, const WeightMatrix& w, const float* x, in
   }
 }
 
-void rows_f32(const WeightKernels& k, const WeightMatrix& w, int64_t r0, int64_t r1, float* out) {
+void rows_f32(const IsaKernels& k, const WeightMatrix& w, int64_t r0, int64_t r1, float* out) {
   switch (w.type) {
     case WType::f32:
       std::copy(static_cast<const float*>(w.data) + r0 * w.cols,
@@ -209,7 +209,7 @@ void weight_rows_f32(const WeightMatrix& w, int64_t r0, int64_t r1, float* out) 
   MOE_CHECK(0 <= r0 && r0 <= r1 && r1 <= w.rows, "weight_rows_f32", "rows [{}, {}) of {}", r0, r1,
             w.rows);
   // Threads only for large blocks (an offloaded expert is converted on every use).
-  const WeightKernels& k = kernels();
+  const IsaKernels& k = kernels();
   const int64_t block = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, w.cols));
   const int64_t tasks = (r1 - r0 + block - 1) / block;
   for_tasks(tasks, (r1 - r0) * w.cols / 8, [&](int64_t t) {
@@ -234,7 +234,7 @@ void matmul_wt_many(const MatmulJob* jobs, size_t count) {
     for (int64_t r = 0; r < b.w.rows; r += kDotRows) blocks.emplace_back(j, r);
     work += b.w.rows * b.w.cols;
   }
-  const WeightKernels& k = kernels();
+  const IsaKernels& k = kernels();
   for_tasks(static_cast<int64_t>(blocks.size()), work, [&](int64_t t) {
     const auto [j, r0] = blocks[static_cast<size_t>(t)];
     const MatmulJob& b = jobs[j];
@@ -251,7 +251,7 @@ void matmul_wt(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, fl
     for (int64_t i = 0; i < n; ++i) std::fill(y + i * ldy, y + i * ldy + w.rows, 0.0f);
     return;
   }
-  const WeightKernels& k = kernels();
+  const IsaKernels& k = kernels();
   if (n <= kMatvecMaxRows) {
     const int64_t tasks = (w.rows + kDotRows - 1) / kDotRows;
     for_tasks(tasks, w.rows * w.cols, [&](int64_t t) {
@@ -280,7 +280,7 @@ void round_to_bf16(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint
   MOE_CHECK(rows >= 0 && cols >= 0 && (ldx >= cols || rows <= 1), "round_to_bf16",
             "[{}, {}] with row stride {}", rows, cols, ldx);
   if (rows == 0 || cols == 0) return;
-  const WeightKernels& k = kernels();
+  const IsaKernels& k = kernels();
   if (ldx == cols) {  // one run, in blocks
     const int64_t n = rows * cols, block = 1 << 16, tasks = (n + block - 1) / block;
     for_tasks(tasks, n, [&](int64_t t) {

@@ -1,7 +1,8 @@
-// The per-ISA kernels: the weight kernels (moe/weights.h), bf16 rounding and SwiGLU: one source,
-// compiled once per kernel path with that path's compiler flags (weights_generic.cpp,
-// weights_avx2.cpp, weights_avx512.cpp) into its own namespace, on Highway's ops for the target
-// those flags make static. dispatch.cpp picks the table from moe::cpu_path(), never from a
+// The per-ISA kernels: products with weights in their stored formats (moe/weights.h), bf16
+// rounding, SwiGLU, softmax's exponentials and AdamW's update. One source (isa_kernels_impl.h),
+// compiled once per kernel path with that path's compiler flags (isa_generic.cpp, isa_avx2.cpp,
+// isa_avx512.cpp) into its own namespace, on Highway's ops for the target those flags make
+// static. path_kernels() (weights.cpp) picks the table from moe::cpu_path(), never from a
 // library's CPU detection.
 //
 // These files include nothing but Highway and <cstdint>: a template of the standard library
@@ -13,7 +14,7 @@
 
 namespace moe::cpu {
 
-struct WeightKernels {
+struct IsaKernels {
   const char* target;
   // y[i * ldy + r] = sum_k w[r * cols + k] x[i * ldx + k] for r in [r0, r1), i < n (n <= 4);
   // i8 multiplies each row's sum by scale[r].
@@ -47,10 +48,10 @@ struct WeightKernels {
 };
 
 // The table of the current kernel path (moe::cpu_path()).
-const WeightKernels& path_kernels();
+const IsaKernels& path_kernels();
 
-extern const WeightKernels kWeightKernelsGeneric;
-extern const WeightKernels kWeightKernelsAvx2;
-extern const WeightKernels kWeightKernelsAvx512;
+extern const IsaKernels kIsaKernelsGeneric;
+extern const IsaKernels kIsaKernelsAvx2;
+extern const IsaKernels kIsaKernelsAvx512;
 
 }  // namespace moe::cpu

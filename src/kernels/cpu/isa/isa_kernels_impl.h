@@ -1,12 +1,12 @@
-// The body of the per-ISA weight kernels (weight_kernels.h). The including file defines
+// The body of the per-ISA kernels (isa_kernels.h). The including file defines
 // MOE_ISA_NS (its namespace) and MOE_ISA_TABLE (the table it fills), after choosing the ISA with
 // its compiler flags; Highway's static target follows those flags.
 #include <hwy/highway.h>
 // After highway.h: the math functions of the same target.
 #include <hwy/contrib/math/math-inl.h>
 
+#include "kernels/cpu/isa/isa_kernels.h"
 #include "kernels/cpu/isa/scalar_convert.h"
-#include "kernels/cpu/isa/weight_kernels.h"
 
 namespace moe::cpu::MOE_ISA_NS {
 namespace {
@@ -313,17 +313,17 @@ constexpr const char* kTargetName = HWY_TARGET == HWY_AVX3_DL  ? "AVX3_DL"
                                     : HWY_TARGET == HWY_EMU128 ? "EMU128"
                                     : HWY_TARGET == HWY_SCALAR ? "SCALAR"
                                                                : "other";
-const WeightKernels MOE_ISA_TABLE = {kTargetName,
-                                     MOE_ISA_NS::dot_f32,
-                                     MOE_ISA_NS::dot_bf16,
-                                     MOE_ISA_NS::dot_f16,
-                                     MOE_ISA_NS::dot_i8,
-                                     MOE_ISA_NS::rows_bf16,
-                                     MOE_ISA_NS::rows_f16,
-                                     MOE_ISA_NS::rows_i8,
-                                     MOE_ISA_NS::to_bf16,
-                                     MOE_ISA_NS::swiglu_forward,
-                                     MOE_ISA_NS::swiglu_backward,
-                                     MOE_ISA_NS::exp_shifted,
-                                     MOE_ISA_NS::adamw_f32};
+const IsaKernels MOE_ISA_TABLE = {kTargetName,
+                                  MOE_ISA_NS::dot_f32,
+                                  MOE_ISA_NS::dot_bf16,
+                                  MOE_ISA_NS::dot_f16,
+                                  MOE_ISA_NS::dot_i8,
+                                  MOE_ISA_NS::rows_bf16,
+                                  MOE_ISA_NS::rows_f16,
+                                  MOE_ISA_NS::rows_i8,
+                                  MOE_ISA_NS::to_bf16,
+                                  MOE_ISA_NS::swiglu_forward,
+                                  MOE_ISA_NS::swiglu_backward,
+                                  MOE_ISA_NS::exp_shifted,
+                                  MOE_ISA_NS::adamw_f32};
 }  // namespace moe::cpu

@@ -1,5 +1,0 @@
-// The weight kernels of the avx512 path (weight_kernels_impl.h). Compiler flags (CMakeLists.txt):
-// AVX2's and -mavx512f -mavx512bw -mavx512dq -mavx512vl.
-#define MOE_ISA_NS avx512
-#define MOE_ISA_TABLE kWeightKernelsAvx512
-#include "kernels/cpu/isa/weight_kernels_impl.h"
