@@ -10,9 +10,11 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "moe/cpu.h"
+#include "moe/error.h"
 #include "moe/kernels.h"
 #include "moe/rng.h"
 #include "moe/weights.h"
@@ -160,6 +162,77 @@ TEST(MixedPrecision, Bf16OperandsRoundThenMultiply) {
   // on random data), and float32 alone is far more exact.
   EXPECT_GT(worst, std::ldexp(1.0, -12));
   EXPECT_NE(std::memcmp(mixed.data(), f32.data(), mixed.size() * 4), 0);
+}
+
+// Ranges kept in a store are rounded once and read from there: the same bits as rounding them
+// again, found only where a product's whole operand lies inside one, forgotten with a Bf16Kept,
+// cleared with the scope; a range changed after it was kept is caught in verify mode.
+TEST(MixedPrecision, KeptOperandsAreTheSameBits) {
+  Rng rng(21);
+  const int64_t m = 90, n = 70, k = 80;
+  const std::vector<float> a = normals(m * k + 8, rng), b = normals(n * k, rng);
+  std::vector<float> plain(static_cast<size_t>(m * n)), kept(plain.size());
+  cpu::Bf16Store store;
+  {
+    const cpu::Bf16Operands on;
+    cpu::gemm<float>(false, true, m, n, k, 1.0f, a.data() + 3, k, b.data(), k, 0.0f, plain.data(),
+                     n);
+  }
+  {
+    const cpu::Bf16Operands on(true, &store);
+    cpu::bf16_keep(a.data(), static_cast<int64_t>(a.size()));
+    EXPECT_FALSE(store.keep(a.data() + 5, 10));  // overlaps: not kept twice
+    EXPECT_EQ(store.kept_values(), static_cast<int64_t>(a.size()));
+    const uint16_t* in = cpu::Bf16Operands::rounded(a.data() + 3, (m - 1) * k + k);
+    ASSERT_NE(in, nullptr);
+    EXPECT_EQ(in[0], f32_to_bf16(a[3]));
+    EXPECT_EQ(cpu::Bf16Operands::rounded(b.data(), 4), nullptr);                  // not kept
+    EXPECT_EQ(cpu::Bf16Operands::rounded(a.data() + 4, m * k + 8 - 3), nullptr);  // runs past
+    {
+      const cpu::Bf16Kept kb(b.data(), static_cast<int64_t>(b.size()));
+      EXPECT_NE(cpu::Bf16Operands::rounded(b.data() + 1, 4), nullptr);
+      cpu::gemm<float>(false, true, m, n, k, 1.0f, a.data() + 3, k, b.data(), k, 0.0f, kept.data(),
+                       n);
+    }
+    EXPECT_EQ(cpu::Bf16Operands::rounded(b.data(), 4), nullptr);  // forgotten
+  }
+  EXPECT_EQ(std::memcmp(plain.data(), kept.data(), plain.size() * 4), 0);
+  EXPECT_EQ(store.kept_values(), 0);  // cleared with the scope
+  EXPECT_EQ(cpu::Bf16Operands::store(), nullptr);
+
+  std::vector<float> changing = normals(k * n, rng);
+  cpu::Bf16Store::set_verify(true);
+  {
+    const cpu::Bf16Operands on(true, &store);
+    cpu::bf16_keep(changing.data(), k * n);
+    changing[7] += 1.0f;
+    try {
+      cpu::gemm<float>(false, true, m, n, k, 1.0f, a.data(), k, changing.data(), k, 0.0f,
+                       kept.data(), n);
+      ADD_FAILURE() << "a kept range that changed was read";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("changed after it was rounded"), std::string::npos)
+          << e.what();
+    }
+  }
+  cpu::Bf16Store::set_verify(false);
+}
+
+// A product with a dimension of 32 or less stays float32 under Bf16Operands.
+TEST(MixedPrecision, NarrowProductsStayFloat32) {
+  Rng rng(22);
+  for (const auto [m, n, k] :
+       {std::array<int64_t, 3>{128, 128, 32}, {300, 8, 128}, {24, 100, 90}}) {
+    const std::vector<float> a = normals(m * k, rng), b = normals(n * k, rng);
+    std::vector<float> mixed(static_cast<size_t>(m * n)), f32(mixed.size());
+    {
+      const cpu::Bf16Operands on;
+      cpu::gemm<float>(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, mixed.data(), n);
+    }
+    cpu::gemm<float>(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, f32.data(), n);
+    EXPECT_EQ(std::memcmp(mixed.data(), f32.data(), f32.size() * 4), 0)
+        << m << "x" << n << "x" << k;
+  }
 }
 
 TEST(MixedPrecision, SameBitsForAnyThreadCount) {

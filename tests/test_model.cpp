@@ -194,7 +194,7 @@ TEST(Model, BadConfigAndTokens) {
 namespace moe {
 
 TEST(Model, ParameterCountsMatchTheAllocatedModel) {
-  for (const char* preset : {"tiny", "small", "small-dense"}) {
+  for (const char* preset : {"tiny", "small", "small-dense", "medium"}) {
     SCOPED_TRACE(preset);
     ModelConfig c = model_preset(preset);
     EXPECT_EQ(count_params(c).total, Model(c).n_params());

@@ -10,6 +10,7 @@
 #include "hf_test_util.h"
 #include "moe/expert_ffn.h"
 #include "moe/generate.h"
+#include "moe/hf.h"
 #include "moe/quantize.h"
 #include "moe/rng.h"
 #include "moe/trainer.h"
@@ -120,6 +121,85 @@ TEST_P(StoredWeights, QuantizedExpertsComputeAsStored) {
     EXPECT_EQ(generate(*copied, prompt, 8, greedy), generate(*kept, prompt, 8, greedy));
     fs::remove_all(dir);
   }
+}
+
+namespace {
+
+// The same weights read into float32 and kept as stored: the same logits up to float32 rounding
+// (bit for bit where the files are float32) and the same greedy ids; and the stored model's
+// routed experts are views of the file (its layers hold none).
+void expect_stored_like_float32(const std::string& dir, const Tensor& ids, bool float_file) {
+  std::unique_ptr<Model> copied = load_model(dir), kept = load_model(dir, WeightsAs::stored);
+  ASSERT_FALSE(kept->moe_layers().empty());
+  EXPECT_EQ(kept->moe_layers()[0]->params().experts.w_up.size(0), 0)
+      << "the routed experts were copied";
+  const Tensor a = logits_of(*copied, ids), b = logits_of(*kept, ids);
+  if (float_file) {
+    EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0);
+  } else {
+    const double err = relative_error(b, a);
+    std::printf("%s: stored against float32 copy, logits relative error %.3g\n", dir.c_str(), err);
+    EXPECT_LT(err, 2e-6);
+  }
+  SamplingConfig greedy;
+  greedy.temperature = 0;
+  const std::vector<std::vector<int32_t>> prompt = {{1, 5, 9, 2}};
+  EXPECT_EQ(generate(*copied, prompt, 8, greedy), generate(*kept, prompt, 8, greedy));
+}
+
+}  // namespace
+
+// This engine's own checkpoints (stacked experts "layers.<i>.moe.experts.w_up" [E, F, D], here
+// with expert biases) are computed from as stored too: float32, and quantized to int8 and bf16.
+TEST(StoredWeights, OwnCheckpointsKeepTheirStackedExperts) {
+  ModelConfig c = model_preset("tiny");
+  c.moe.router = RouterKind::noisy_topk;  // not Mixtral's layout: saved under our own names
+  c.moe.expert_bias = true;
+  Model m(c);
+  Rng rng(9);
+  m.init(rng);
+  for (NamedParam& p : m.params())
+    if (p.name.find("experts.b_") != std::string::npos)
+      for (int64_t i = 0; i < p.value.numel(); ++i)
+        p.value.data<float>()[i] = static_cast<float>(0.1 * rng.normal());
+  const fs::path dir = fs::temp_directory_path() / ("moe_stored_own_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  save_model(m, (dir / "f32").string());
+  ASSERT_TRUE(
+      load_safetensors((dir / "f32/model.safetensors").string()).has("layers.0.moe.experts.b_up"));
+  Tensor ids = Tensor::empty({2, 9}, DType::I32);
+  for (int64_t i = 0; i < ids.numel(); ++i)
+    ids.data<int32_t>()[i] = static_cast<int32_t>(3 + 7 * i % 250);
+  expect_stored_like_float32((dir / "f32").string(), ids, true);
+  for (ExpertFormat f : {ExpertFormat::int8, ExpertFormat::bf16}) {
+    SCOPED_TRACE(to_string(f));
+    const fs::path q = dir / to_string(f);
+    quantize_checkpoint((dir / "f32").string(), q.string(), f);
+    expect_stored_like_float32(q.string(), ids, false);
+  }
+  fs::remove_all(dir);
+}
+
+// transformers' fused expert layout (gate_up_proj [E, 2F, D], down_proj [E, D, F]) quantized to
+// int8 keeps its row scales beside the fused tensors ([E, 2F], [E, D]) and is computed from as
+// stored.
+TEST(StoredWeights, FusedInt8ExpertsComputeAsStored) {
+  const std::string src = hf_fixture("qwen3_moe");
+  const Tensor ids = as_i32(load_safetensors(src + "/reference.safetensors").at("input_ids"));
+  const fs::path dir =
+      fs::temp_directory_path() / ("moe_stored_fused_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir / "fused");
+  fs::copy_file(src + "/config.json", dir / "fused/config.json");
+  std::unique_ptr<Model> m = load_model(src);
+  save_safetensors((dir / "fused/model.safetensors").string(),
+                   hf_tensors(*m, "qwen3_moe", /*fused_experts=*/true));
+  quantize_checkpoint((dir / "fused").string(), (dir / "int8").string(), ExpertFormat::int8);
+  const SafetensorsFile q = load_safetensors((dir / "int8/model.safetensors").string());
+  ASSERT_TRUE(q.has("model.layers.0.mlp.experts.gate_up_proj_scale"));
+  EXPECT_EQ(q.stored.at("model.layers.0.mlp.experts.gate_up_proj").dtype, "I8");
+  expect_stored_like_float32((dir / "int8").string(), ids, false);
+  fs::remove_all(dir);
 }
 
 // The fused decoding kernel (a token's experts in two parallel regions) gives each expert's

@@ -250,12 +250,19 @@ namespace moe {
 // checkpoint keeps the float32 master weights and the setting, and a bad dtype is refused.
 TEST(Trainer, Bf16OperandsTrainLikeFloat32) {
   const Corpus corpus = toy_corpus();
+  // Wide enough that the products go to bf16 (a dimension of 32 or less stays float32), and every
+  // operand kept for a step is checked against its contents when a product reads it.
+  ModelConfig wide = toy_model();
+  wide.d_model = wide.moe.d_model = wide.moe.d_ffn = 64;
+  wide.d_ffn = 128;
+  cpu::Bf16Store::set_verify(true);
   const auto run = [&](const std::string& dtype, int threads) {
     TrainConfig t = toy_train(12);
     t.dtype = dtype;
+    t.batch = 8;
     const int saved = omp_get_max_threads();
     omp_set_num_threads(threads);
-    Trainer tr(toy_model(), t, corpus);
+    Trainer tr(wide, t, corpus);
     std::vector<double> losses;
     for (int i = 0; i < 12; ++i) losses.push_back(tr.train_step().loss);
     losses.push_back(tr.evaluate());
@@ -269,6 +276,7 @@ TEST(Trainer, Bf16OperandsTrainLikeFloat32) {
   EXPECT_LT(bf16[11], 0.8 * bf16[0]);  // it learns
   EXPECT_NEAR(bf16[12], f32[12], 0.05 * f32[12]);
   EXPECT_FALSE(cpu::Bf16Operands::active());  // only inside the step
+  cpu::Bf16Store::set_verify(false);
 
   TrainConfig t = toy_train(2);
   t.dtype = "bf16";

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <map>
+#include <memory>
 #include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <utility>
@@ -70,6 +71,9 @@ class HfTensors {
 // biases and routers are read into float32.
 void load_hf_weights(Model& model, const std::string& model_type, HfTensors& src,
                      bool stored = false);
+// Routed experts as views of mapped files (per MoE layer, each expert's ExpertView), any number
+// of them at once: the ExpertSource of a checkpoint computed from as stored.
+std::shared_ptr<ExpertSource> stored_expert_source(std::vector<std::vector<ExpertView>> layers);
 // The inverse: the model's float32 tensors (or, with `grads`, their gradients) under the
 // architecture's names and layouts, routed experts one tensor per expert or, with
 // `fused_experts`, transformers' fused gate_up_proj / down_proj; DeepSeek-V3's selection bias

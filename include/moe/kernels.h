@@ -5,7 +5,10 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 namespace moe {
 
@@ -37,18 +40,94 @@ void gemm_f32_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
 // Mixed precision (`moe train --dtype bf16`): while a Bf16Operands lives, gemm<float> rounds both
 // operands to bf16 (to nearest, ties to even) and multiplies them with float32 accumulation, as
 // gemm_bf16 does. Process-wide, like torch.autocast; products of other threads see it too.
+// Products with a dimension of 32 or less (attention's per-head products, the router's) stay in
+// float32, where bf16 operands did not pay. Ranges kept in the scope's store (bf16_keep) are
+// rounded once and read from there.
 // Error against the exact product of the float32 operands: each operand's rounding is at most
 // 2^-8 relative, so |C - AB| <= (2^-7 + 2^-16 + (k+2) 2^-23) sum_k |a b| (docs/architecture.md).
+class Bf16Store;
 class Bf16Operands {
  public:
-  explicit Bf16Operands(bool on = true);
+  // store: where kept ranges (bf16_keep) live; cleared when the scope starts and when it ends.
+  explicit Bf16Operands(bool on = true, Bf16Store* store = nullptr);
   ~Bf16Operands();
   Bf16Operands(const Bf16Operands&) = delete;
   Bf16Operands& operator=(const Bf16Operands&) = delete;
   static bool active();
+  // Products with a dimension of at most `dim` stay float32 (32 unless changed; tests lower it).
+  static void set_narrow(int64_t dim);
+  // The kept copy of [p, p + extent) where it lies within a kept range of the scope's store.
+  static const uint16_t* rounded(const float* p, int64_t extent);
+  static Bf16Store* store();
 
  private:
   bool saved_;
+  Bf16Store* saved_store_;
+};
+
+// Rounded bf16 copies of float32 ranges that hold their values for a while (a model's weights
+// during a training step; the activations a forward saves for its backward): a range is rounded
+// once, when kept, and every product that reads it takes the copy instead of rounding it again
+// (the same bits). Its memory serves step after step. Thread-safe.
+class Bf16Store {
+ public:
+  Bf16Store();
+  ~Bf16Store();
+  Bf16Store(const Bf16Store&) = delete;
+  Bf16Store& operator=(const Bf16Store&) = delete;
+  // Rounds [p, p + n) now; false where it overlaps a range already kept (then not kept).
+  bool keep(const float* p, int64_t n);
+  void forget(const float* p);  // the range kept at p, if any
+  const uint16_t* find(const float* p, int64_t extent) const;
+  void clear();  // forgets every range; keeps the memory
+  int64_t kept_values() const;
+  // Tests, for every store of the process: each find also rounds the range again and throws,
+  // naming it, where the copy no longer matches (a range changed after it was kept).
+  static void set_verify(bool on);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Under a Bf16Operands scope with a store: [p, p + n) keeps its values until the scope ends, so
+// products round it once. Nothing otherwise, and nothing for double.
+template <class T>
+void bf16_keep(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (Bf16Store* s = Bf16Operands::store()) s->keep(p, n);
+  } else {
+    (void)p;
+    (void)n;
+  }
+}
+
+// bf16_keep for the life of this object only (a gradient read by the two products of a linear
+// layer's backward, in a buffer that is written again later).
+class Bf16Kept {
+ public:
+  template <class T>
+  Bf16Kept(const T* p, int64_t n) {
+    if constexpr (std::is_same_v<T, float>) {
+      Bf16Store* s = Bf16Operands::store();
+      if (s && s->keep(p, n)) {
+        store_ = s;
+        p_ = p;
+      }
+    } else {
+      (void)p;
+      (void)n;
+    }
+  }
+  ~Bf16Kept() {
+    if (store_) store_->forget(p_);
+  }
+  Bf16Kept(const Bf16Kept&) = delete;
+  Bf16Kept& operator=(const Bf16Kept&) = delete;
+
+ private:
+  Bf16Store* store_ = nullptr;
+  const float* p_ = nullptr;
 };
 
 // C[m, n] = alpha * op(A) op(B) + beta * C with bf16 operands (bit patterns as uint16_t) and

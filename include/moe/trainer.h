@@ -11,6 +11,7 @@
 
 #include "moe/data.h"
 #include "moe/hf.h"
+#include "moe/kernels.h"
 #include "moe/model.h"
 #include "moe/optimizer.h"
 #include "moe/tokenizer.h"
@@ -147,6 +148,8 @@ class Trainer {
   ModelConfig mcfg_;
   TrainConfig cfg_;
   bool bf16_ = false;  // cfg_.matmul_dtype() == "bf16"; set up once
+  // bf16: the weights and saved activations of a step, rounded once (cpu::bf16_keep).
+  cpu::Bf16Store bf16_store_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<AdamW> opt_;
   TokenStream train_, val_;

@@ -147,8 +147,9 @@ ExpertFormat parse_expert_format(const std::string& s) {
 const char* to_string(ExpertFormat f) { return f == ExpertFormat::bf16 ? "bf16" : "int8"; }
 
 bool is_routed_expert_weight(const std::string& name, int64_t ndim) {
+  // Biases: transformers' "...bias" and this engine's stacked "experts.b_gate" [E, F] and the like.
   return ndim >= 2 && name.find(".experts.") != std::string::npos && !ends_with(name, "bias") &&
-         !ends_with(name, "_scale");
+         name.find(".experts.b_") == std::string::npos && !ends_with(name, "_scale");
 }
 
 std::string QuantizeReport::str() const {

@@ -258,9 +258,11 @@ void load_experts(Model& model, int64_t layer, HfTensors& src, const std::string
   }
 }
 
+}  // namespace
+
 // Routed experts kept as the checkpoint stores them: per layer, each expert's views of the mapped
-// files (one tensor per expert, or slices of transformers' fused tensors); nothing is read until
-// an expert runs.
+// files (one tensor per expert, or slices of stacked tensors); nothing is read until an expert
+// runs.
 class StoredExperts : public ExpertSource {
  public:
   explicit StoredExperts(std::vector<std::vector<ExpertView>> layers)
@@ -275,6 +277,12 @@ class StoredExperts : public ExpertSource {
  private:
   std::vector<std::vector<ExpertView>> layers_;
 };
+
+std::shared_ptr<ExpertSource> stored_expert_source(std::vector<std::vector<ExpertView>> layers) {
+  return std::make_shared<StoredExperts>(std::move(layers));
+}
+
+namespace {
 
 // Views of MoE layer `layer`'s experts as stored: "<prefix>experts.<e>.<proj>.weight", or rows
 // of the fused "<prefix>experts.gate_up_proj" [E, 2F, D] (gate rows first) and
@@ -292,11 +300,19 @@ std::vector<ExpertView> stored_experts(const ModelConfig& c, HfTensors& src,
               2 * F, D, g.str());
     MOE_CHECK(d.shape() == Shape({E, D, F}), kWhere, "{} must be [{}, {}, {}], got {}", dn, E, D, F,
               d.str());
+    // int8 (moe quantize): a scale per stored row beside each, [E, 2F] and [E, D].
+    const Tensor gs = g.dtype() == DType::I8 ? src.view(gu + "_scale") : Tensor();
+    const Tensor ds = d.dtype() == DType::I8 ? src.view(dn + "_scale") : Tensor();
     for (int64_t e = 0; e < E; ++e) {
       ExpertView& v = out[static_cast<size_t>(e)];
       v.w_gate = g.view_at(2 * e * F * D, {F, D});
       v.w_up = g.view_at((2 * e + 1) * F * D, {F, D});
       v.w_down = d.view_at(e * D * F, {D, F});
+      if (gs.defined()) {
+        v.s_gate = gs.view_at(2 * e * F, {F});
+        v.s_up = gs.view_at((2 * e + 1) * F, {F});
+      }
+      if (ds.defined()) v.s_down = ds.view_at(e * D, {D});
     }
     return out;
   }
@@ -416,7 +432,7 @@ void load_llama_like(Model& model, const std::string& type, HfTensors& src, View
       if (model.config().is_moe_layer(i))
         layers.push_back(stored_experts(model.config(), src,
                                         "model.layers." + std::to_string(i) + "." + n.moe, n));
-    model.set_expert_source(std::make_shared<StoredExperts>(std::move(layers)));
+    model.set_expert_source(stored_expert_source(std::move(layers)));
   }
   load_params(model, src, top, views,
               [&](int64_t i, const std::string& rest, NamedParam& p, auto& take) {

@@ -55,6 +55,7 @@ void ffn_forward(ExpertAct act, const FfnView<T>& w, int64_t n, int64_t d_model,
                  const T* x, T* y, T* a_gate, T* a_up, T* h) {
   if (n == 0) return;
   const int64_t D = d_model, F = d_ffn;
+  cpu::bf16_keep(x, n * D);  // x and h are saved for the backward: they hold still
   cpu::gemm<T>(false, true, n, F, D, T(1), x, D, w.w_up, D, T(0), a_up, F);
   add_bias(a_up, w.b_up, n, F);
   if (act == ExpertAct::swiglu) {
@@ -64,6 +65,7 @@ void ffn_forward(ExpertAct act, const FfnView<T>& w, int64_t n, int64_t d_model,
   } else {
     cpu::act_forward<T>(plain_act(act), h, a_up, n * F);
   }
+  cpu::bf16_keep(h, n * F);
   cpu::gemm<T>(false, true, n, D, F, T(1), h, F, w.w_down, F, T(0), y, D);
   add_bias(y, w.b_down, n, D);
 }
@@ -158,7 +160,8 @@ void ffn_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g, int64
   if (n == 0) return;
   const int64_t D = d_model, F = d_ffn;
   // y = h W_down^T + b_down
-  const bool train = g.w_up != nullptr;  // a frozen expert passes gradients through only
+  const bool train = g.w_up != nullptr;    // a frozen expert passes gradients through only
+  const cpu::Bf16Kept dy_kept(dy, n * D);  // each gradient is read by two products
   if (train) cpu::gemm<T>(true, false, D, F, n, T(1), dy, D, h, F, T(1), g.w_down, F);
   add_colsum(g.b_down, dy, n, D);
   cpu::gemm<T>(false, false, n, F, D, T(1), dy, D, w.w_down, F, T(0), dh, F);
@@ -170,6 +173,8 @@ void ffn_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g, int64
     cpu::act_backward<T>(plain_act(act), da_up, dh, a_up, n * F);
   }
   // a_up = x W_up^T + b_up (and the same for a_gate)
+  const cpu::Bf16Kept da_up_kept(da_up, n * F);
+  const cpu::Bf16Kept da_gate_kept(act == ExpertAct::swiglu ? da_gate : nullptr, n * F);
   if (train) cpu::gemm<T>(true, false, F, D, n, T(1), da_up, F, x, D, T(1), g.w_up, D);
   add_colsum(g.b_up, da_up, n, F);
   cpu::gemm<T>(false, false, n, D, F, T(1), da_up, F, w.w_up, D, T(0), dx, D);

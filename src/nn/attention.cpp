@@ -20,6 +20,7 @@ namespace {
 template <class T>
 void linear(T* y, const T* x, const Tensor& w, const Tensor* b, int64_t n) {
   const int64_t d = w.size(0);
+  cpu::bf16_keep(x, n * w.size(1));  // training saves x for the backward: it holds still
   cpu::linear<T>(y, x, n, w);
   if (b && b->defined()) {
     const T* bp = b->data<T>();
@@ -34,6 +35,7 @@ template <class T>
 void linear_backward(T* dx, bool accumulate, Param& w, Param* b, const T* dy, const T* x,
                      int64_t n) {
   const int64_t d = w.value.size(0), k = w.value.size(1);
+  const cpu::Bf16Kept dy_kept(dy, n * d);  // read by both products
   if (!w.frozen) cpu::gemm<T>(true, false, d, k, n, T(1), dy, d, x, k, T(1), w.grad.data<T>(), k);
   if (b && b->value.defined() && !b->frozen) {
     T* db = b->grad.data<T>();

@@ -384,6 +384,7 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
     T* probs = arena.alloc<T>(B * H * Tn * Tn);
     T* att = arena.alloc<T>(N * H * dv);
     nn::attention_forward<T>(att, probs, q, k, v, B, Tn, H, KVh, dk, dv, cfg.sliding_window);
+    cpu::bf16_keep(att, N * H * dv);  // saved for the backward
     T* h_mid = arena.alloc<T>(N * D);
     std::memcpy(h_mid, h, static_cast<size_t>(N * D) * sizeof(T));
     if (blk.wo.value.dtype() == dtype_of<T>()) {
@@ -433,6 +434,7 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
   norm_forward<T>(z, z_rstd, h, final_norm, N);
   Tensor logits = arena.tensor({B, Tn, V}, dtype_of<T>());
   T* lg = logits.data<T>();
+  cpu::bf16_keep(z, N * D);  // saved for the backward
   cpu::linear<T>(lg, z, N, lm_head.value);
   // The rows of the predicted tokens: all, or all but each sequence's last position.
   T* lp = lg;
@@ -467,9 +469,12 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
 
   // Backward.
   T* dz = arena.alloc<T>(N * D);
-  if (!lm_head.frozen)
-    cpu::gemm<T>(true, false, V, D, N, T(1), dlogits, V, z, D, T(1), lm_head.grad.data<T>(), D);
-  cpu::gemm<T>(false, false, N, D, V, T(1), dlogits, V, lm_head.value.data<T>(), D, T(0), dz, D);
+  {
+    const cpu::Bf16Kept dlogits_kept(dlogits, N * V);  // read by both products
+    if (!lm_head.frozen)
+      cpu::gemm<T>(true, false, V, D, N, T(1), dlogits, V, z, D, T(1), lm_head.grad.data<T>(), D);
+    cpu::gemm<T>(false, false, N, D, V, T(1), dlogits, V, lm_head.value.data<T>(), D, T(0), dz, D);
+  }
   T* dh = arena.alloc<T>(N * D);
   norm_backward<T>(dh, final_norm, dz, h, z_rstd, N);
   T* tmp = arena.alloc<T>(N * D);
@@ -498,11 +503,14 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
                      N);
     for (int64_t i = 0; i < N * D; ++i) dh[i] += dmid[i];
     // h_mid = h_in + att W_o^T.
-    if (!blk.wo.frozen)
-      cpu::gemm<T>(true, false, D, H * dv, N, T(1), dh, D, static_cast<T*>(s.att), H * dv, T(1),
-                   blk.wo.grad.data<T>(), H * dv);
-    cpu::gemm<T>(false, false, N, H * dv, D, T(1), dh, D, blk.wo.value.data<T>(), H * dv, T(0),
-                 datt, H * dv);
+    {
+      const cpu::Bf16Kept dh_kept(dh, N * D);  // read by both products, then added to again
+      if (!blk.wo.frozen)
+        cpu::gemm<T>(true, false, D, H * dv, N, T(1), dh, D, static_cast<T*>(s.att), H * dv, T(1),
+                     blk.wo.grad.data<T>(), H * dv);
+      cpu::gemm<T>(false, false, N, H * dv, D, T(1), dh, D, blk.wo.value.data<T>(), H * dv, T(0),
+                   datt, H * dv);
+    }
     nn::attention_backward<T>(dq, dkk, dvv, scratch, datt, static_cast<T*>(s.q),
                               static_cast<T*>(s.k), static_cast<T*>(s.v), static_cast<T*>(s.probs),
                               B, Tn, H, KVh, dk, dv);

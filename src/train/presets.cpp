@@ -107,6 +107,9 @@ const Preset kPresets[] = {
        c.moe_every = 0;
        return c;
      }},
+    // medium: the small model's layout four times as wide, for measuring kernels on products
+    // of the width real models have (bf16 operands pay from here).
+    {"medium", [] { return byte_model(512, 4, 8, 4, 8, 2, 1024, 2048); }},
     // Mistral AI, "Mixtral of Experts" (2024): 46.7B total, 12.9B active.
     {"mixtral-8x7b", [] { return gqa_moe(32000, 4096, 32, 32, 8, 8, 2, 14336, 32768, 1e6); }},
     // Mixtral 8x22B (Mistral AI, 2024): 141B total, 39B active.

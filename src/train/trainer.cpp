@@ -14,6 +14,7 @@
 #include "moe/kernels.h"
 #include "moe/safetensors.h"
 #include "moe/threading.h"
+#include "train/checkpoint_names.h"
 
 namespace moe {
 
@@ -238,9 +239,16 @@ double sum_of_squares(const float* g, int64_t n) {
   double part[kChunks] = {};
 #pragma omp parallel for schedule(static) if (count > 1)
   for (int64_t c = 0; c < count; ++c) {
+    // Eight running sums (the compiler keeps them in vector lanes), added in a fixed order.
+    constexpr int64_t kLanes = 8;
+    double lane[kLanes] = {};
+    const int64_t i0 = c * chunk, i1 = std::min(n, (c + 1) * chunk);
+    int64_t i = i0;
+    for (; i + kLanes <= i1; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) lane[j] += static_cast<double>(g[i + j]) * g[i + j];
+    for (int64_t j = 0; i < i1; ++i, ++j) lane[j] += static_cast<double>(g[i]) * g[i];
     double s = 0;
-    for (int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i)
-      s += static_cast<double>(g[i]) * g[i];
+    for (const double v : lane) s += v;
     part[c] = s;
   }
   double total = 0;
@@ -275,7 +283,10 @@ StepLog Trainer::train_step() {
     arena_.reset();
     ModelOutput& out = out_;
     try {
-      const cpu::Bf16Operands mixed(bf16_);
+      const cpu::Bf16Operands mixed(bf16_, &bf16_store_);
+      if (bf16_)  // the weights hold still for the step: rounded once, read by every product
+        for (const NamedParam& p : model_->params())
+          cpu::bf16_keep(p.value.data<float>(), p.value.numel());
       model_->forward_backward(batch_, arena_, 1.0 / static_cast<double>(cfg_.grad_accum), out);
     } catch (const Error& e) {
       // A layer's own guard (a NaN reaching an MoE layer, say) stops the step too; a weight that
@@ -376,8 +387,6 @@ double Trainer::evaluate() {
   return total / static_cast<double>(cfg_.eval_batches);
 }
 
-namespace {
-// Router state saved with the weights: "<layer>.moe.router.selection_bias" (f64 [E]).
 std::string bias_name(const Model& model, size_t moe_index) {
   size_t k = 0;
   for (int64_t i = 0; i < model.config().n_layers; ++i)
@@ -385,7 +394,6 @@ std::string bias_name(const Model& model, size_t moe_index) {
       return fmt::format("layers.{}.moe.router.selection_bias", i);
   return "";
 }
-}  // namespace
 
 namespace {
 
@@ -590,132 +598,6 @@ WindowLoss window_loss(Model& model, const TokenStream& text, int64_t seq_len, i
   }
   out.loss = total / static_cast<double>(out.windows);
   return out;
-}
-
-std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& dir) {
-  const fs::path ckpt = resolve_checkpoint(dir);
-  if (fs::exists(ckpt / "tokenizer.json") || fs::exists(ckpt / "tokenizer.model"))
-    return load_tokenizer(ckpt.string());
-  return nullptr;
-}
-
-std::string resolve_checkpoint(const std::string& dir) {
-  fs::path ckpt(dir);
-  if (fs::exists(ckpt / "latest")) {
-    std::ifstream f(ckpt / "latest");
-    std::string name;
-    f >> name;
-    ckpt /= name;
-  }
-  MOE_CHECK(fs::exists(ckpt / "config.json") && (fs::exists(ckpt / "model.safetensors") ||
-                                                 fs::exists(ckpt / "model.safetensors.index.json")),
-            "checkpoint",
-            "{} is not a checkpoint (no config.json with model.safetensors or "
-            "model.safetensors.index.json)",
-            ckpt.string());
-  return ckpt.string();
-}
-
-void load_weights(Model& model, const std::string& path, WeightsAs as) {
-  const SafetensorsFile weights = load_safetensors(path);
-  if (weights.has("model.embed_tokens.weight")) {
-    load_mixtral_tensors(model, weights);
-    return;
-  }
-  std::vector<std::pair<std::string, Tensor>> views;  // installed once the list is walked
-  for (NamedParam& p : model.params()) {
-    if (as == WeightsAs::stored && weights.has(p.name) && model.is_weight_matrix(p.name)) {
-      const std::string& d = weights.stored.at(p.name).dtype;
-      if (d == "BF16" || d == "F16") {
-        views.emplace_back(p.name, weights.view(p.name));
-        continue;
-      }
-    }
-    const Tensor& src = weights.at(p.name);
-    src.expect(path.c_str(), p.name.c_str(), p.value.shape(), p.value.dtype());
-    std::memcpy(p.value.raw(), src.raw(), src.nbytes());
-    weights.drop(p.name);
-  }
-  for (const auto& [name, t] : views) model.set_weight(name, t);
-  const std::vector<MoeLayer*>& layers = model.moe_layers();
-  for (size_t i = 0; i < layers.size(); ++i) {
-    std::vector<double>* b = layers[i]->router().selection_bias();
-    if (!b) continue;
-    const Tensor& src = weights.at(bias_name(model, i));
-    src.expect(path.c_str(), "selection_bias", {static_cast<int64_t>(b->size())}, DType::F64);
-    b->assign(src.data<double>(), src.data<double>() + src.numel());
-  }
-}
-
-CheckpointInfo read_checkpoint_info(const std::string& dir) {
-  const fs::path ckpt = resolve_checkpoint(dir);
-  std::ifstream f(ckpt / "config.json", std::ios::binary);
-  MOE_CHECK(f.good(), "checkpoint", "cannot read {}/config.json", ckpt.string());
-  const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  CheckpointInfo info = parse_checkpoint_config(text, (ckpt / "config.json").string());
-  info.dir = ckpt.string();
-  return info;
-}
-
-CheckpointInfo parse_checkpoint_config(const std::string& text, const std::string& name) {
-  CheckpointInfo info;
-  try {
-    const nlohmann::json j = nlohmann::json::parse(text);
-    MOE_CHECK(j.is_object(), "checkpoint", "{} is not a JSON object", name);
-    info.model_type = j.value("model_type", std::string());
-    info.ours = j.contains("moe_cpp");
-    // Ours carries its own config; a HuggingFace checkpoint of a supported architecture, its.
-    info.config = info.ours ? j.at("moe_cpp").get<ModelConfig>() : config_from_hf(j);
-  } catch (const nlohmann::json::exception& e) {
-    throw_error("checkpoint", fmt::format("bad {}: {}", name, e.what()));
-  }
-  return info;
-}
-
-void load_checkpoint_weights(Model& model, const CheckpointInfo& info, WeightsAs as) {
-  if (info.ours) {
-    load_weights(model, (fs::path(info.dir) / "model.safetensors").string(), as);
-  } else {
-    HfTensors tensors(info.dir);
-    load_hf_weights(model, info.model_type, tensors, as == WeightsAs::stored);
-  }
-}
-
-std::unique_ptr<Model> load_model(const std::string& dir, WeightsAs as) {
-  const CheckpointInfo info = read_checkpoint_info(dir);
-  verify_checkpoint_files(info.dir);
-  // Stored HuggingFace weights: the routed experts are views of the files, not the layers' own.
-  const bool views = as == WeightsAs::stored && !info.ours && info.model_type != "dbrx";
-  auto model = std::make_unique<Model>(info.config, DType::F32, /*routed_experts=*/!views);
-  load_checkpoint_weights(*model, info, views || info.ours ? as : WeightsAs::float32);
-  model->set_training(false);
-  return model;
-}
-
-void verify_checkpoint_files(const std::string& dir) {
-  const fs::path ckpt(dir);
-  std::ifstream f(ckpt / "trainer_state.json");
-  if (!f) return;  // not a training checkpoint: nothing recorded
-  const nlohmann::json state = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
-  MOE_CHECK(state.is_object(), "checkpoint", "{} is not valid JSON: the checkpoint is damaged",
-            (ckpt / "trainer_state.json").string());
-  if (!state.contains("files") || !state["files"].is_object()) return;  // older checkpoints
-  for (const auto& [file, want] : state["files"].items()) {
-    const fs::path path = ckpt / file;
-    MOE_CHECK(want.is_object(), "checkpoint", "{}: bad record of {}",
-              (ckpt / "trainer_state.json").string(), file);
-    const auto want_bytes = json_at<uint64_t>(want, "bytes", "checkpoint");
-    const auto want_crc = json_at<uint32_t>(want, "crc32", "checkpoint");
-    MOE_CHECK(fs::exists(path), "checkpoint", "{} is missing: the checkpoint is damaged",
-              path.string());
-    const FileCheck got = check_file(path.string());
-    MOE_CHECK(got.bytes == want_bytes, "checkpoint",
-              "{} has {} bytes, {} were written: the file is truncated or damaged", path.string(),
-              got.bytes, want_bytes);
-    MOE_CHECK(got.crc32 == want_crc, "checkpoint",
-              "{} is corrupted: its CRC-32 is {:08x}, {:08x} was written", path.string(), got.crc32,
-              want_crc);
-  }
 }
 
 void Trainer::resume(const std::string& dir) {

@@ -306,7 +306,8 @@ Run add_train(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "train",
       "train an MoE language model (default: the small MoE preset on the fortunes corpus)");
-  cmd->add_option("--preset", a->preset, "model preset: tiny, small, small-dense (trainable)")
+  cmd->add_option("--preset", a->preset,
+                  "model preset: tiny, small, small-dense, medium (trainable)")
       ->capture_default_str();
   cmd->add_option("--config", a->config, "model config JSON (overrides --preset)");
   cmd->add_option("--data", a->data,

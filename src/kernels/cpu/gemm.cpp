@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "moe/arena.h"
 #include "moe/cpu.h"
 #include "moe/error.h"
 #include "moe/kernels.h"
@@ -266,6 +267,12 @@ void gemm_f32_library(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
 namespace {
 
 std::atomic<bool> g_bf16_operands{false};
+// Under Bf16Operands a product with a dimension of 32 or less stays in float32: attention's
+// per-head products (head width 32) and the router's (8 experts) ran slower with bf16 operands
+// (the rounding and oneDNN's bf16 packing cost more than the products; docs/results.md).
+std::atomic<int64_t> g_bf16_narrow{32};
+std::atomic<Bf16Store*> g_bf16_store{nullptr};
+std::atomic<bool> g_bf16_verify{false};
 
 // oneDNN's bf16 GEMM runs from the avx512 path up (its kernels need AVX-512; it emulates the bf16
 // dot product where the CPU lacks it). Tried once on a small product before it is trusted.
@@ -293,9 +300,107 @@ void widen_bf16(const uint16_t* x, int64_t rows, int64_t cols, int64_t ld,
 
 }  // namespace
 
-Bf16Operands::Bf16Operands(bool on) : saved_(g_bf16_operands.exchange(on)) {}
-Bf16Operands::~Bf16Operands() { g_bf16_operands.store(saved_); }
+Bf16Operands::Bf16Operands(bool on, Bf16Store* store)
+    : saved_(g_bf16_operands.exchange(on)),
+      saved_store_(g_bf16_store.exchange(on ? store : nullptr)) {
+  if (on && store) store->clear();
+}
+Bf16Operands::~Bf16Operands() {
+  if (Bf16Store* s = g_bf16_store.exchange(saved_store_)) s->clear();
+  g_bf16_operands.store(saved_);
+}
 bool Bf16Operands::active() { return g_bf16_operands.load(std::memory_order_relaxed); }
+void Bf16Operands::set_narrow(int64_t dim) { g_bf16_narrow.store(dim); }
+Bf16Store* Bf16Operands::store() { return g_bf16_store.load(std::memory_order_relaxed); }
+const uint16_t* Bf16Operands::rounded(const float* p, int64_t extent) {
+  const Bf16Store* s = g_bf16_store.load(std::memory_order_relaxed);
+  return s ? s->find(p, extent) : nullptr;
+}
+
+struct Bf16Store::Impl {
+  struct Range {
+    std::uintptr_t begin, end;  // bytes of the float32 range
+    const uint16_t* copy;
+  };
+  mutable std::mutex mu;
+  Arena memory;
+  std::vector<Range> ranges;  // sorted, disjoint
+  int64_t values = 0;
+
+  // The first range ending after a (the one that may hold a).
+  std::vector<Range>::const_iterator after(std::uintptr_t a) const {
+    return std::upper_bound(ranges.begin(), ranges.end(), a,
+                            [](std::uintptr_t x, const Range& r) { return x < r.end; });
+  }
+};
+
+namespace {
+std::uintptr_t address(const float* p) { return reinterpret_cast<std::uintptr_t>(p); }
+}  // namespace
+
+Bf16Store::Bf16Store() : impl_(std::make_unique<Impl>()) {}
+Bf16Store::~Bf16Store() = default;
+
+bool Bf16Store::keep(const float* p, int64_t n) {
+  if (p == nullptr || n <= 0) return false;
+  const std::uintptr_t b = address(p), e = address(p + n);
+  uint16_t* copy = nullptr;
+  {
+    const std::lock_guard<std::mutex> lock(impl_->mu);
+    const auto at = impl_->after(b);
+    if (at != impl_->ranges.end() && at->begin < e) return false;  // overlaps a kept range
+    copy = impl_->memory.alloc<uint16_t>(n);
+  }
+  round_to_bf16(p, 1, n, n, copy);  // outside the lock; the range is visible only once rounded
+  const std::lock_guard<std::mutex> lock(impl_->mu);
+  const auto at = impl_->after(b);
+  if (at != impl_->ranges.end() && at->begin < e) return false;  // kept meanwhile by another
+  impl_->ranges.insert(at, Impl::Range{b, e, copy});
+  impl_->values += n;
+  return true;
+}
+
+void Bf16Store::forget(const float* p) {
+  const std::lock_guard<std::mutex> lock(impl_->mu);
+  const auto at = impl_->after(address(p));
+  if (at != impl_->ranges.end() && at->begin == address(p)) {
+    impl_->values -= static_cast<int64_t>((at->end - at->begin) / sizeof(float));
+    impl_->ranges.erase(at);
+  }
+}
+
+const uint16_t* Bf16Store::find(const float* p, int64_t extent) const {
+  const std::uintptr_t b = address(p), e = address(p + extent);
+  const uint16_t* copy = nullptr;
+  {
+    const std::lock_guard<std::mutex> lock(impl_->mu);
+    const auto at = impl_->after(b);
+    if (at == impl_->ranges.end() || at->begin > b || e > at->end) return nullptr;
+    copy = at->copy + (b - at->begin) / sizeof(float);
+  }
+  if (g_bf16_verify.load(std::memory_order_relaxed)) {
+    std::vector<uint16_t> again(static_cast<size_t>(extent));
+    round_to_bf16(p, 1, extent, extent, again.data());
+    MOE_CHECK(std::equal(again.begin(), again.end(), copy), "bf16 operands",
+              "a float32 range kept for this step ({} values at {}) changed after it was rounded",
+              extent, static_cast<const void*>(p));
+  }
+  return copy;
+}
+
+void Bf16Store::clear() {
+  const std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->ranges.clear();
+  impl_->values = 0;
+  impl_->memory.reset();
+}
+
+int64_t Bf16Store::kept_values() const {
+  const std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->values;
+}
+
+void Bf16Store::set_verify(bool on) { g_bf16_verify.store(on); }
 
 bool bf16_native() { return cpu_path() >= CpuPath::avx512_bf16; }
 
@@ -344,16 +449,26 @@ template <>
 void gemm<float>(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                  const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
                  int64_t ldc) {
-  if (Bf16Operands::active() && m > 0 && n > 0 && k > 0) {
+  if (Bf16Operands::active() &&
+      std::min({m, n, k}) > g_bf16_narrow.load(std::memory_order_relaxed)) {
     // Mixed precision: both operands rounded to bf16 into per-thread buffers, then gemm_bf16.
+    // An operand kept in the scope's store (bf16_keep) is read from there, with its own stride.
     thread_local std::vector<uint16_t> ha, hb;
-    const int64_t ra = trans_a ? k : m, ca = trans_a ? m : k;
-    const int64_t rb = trans_b ? n : k, cb = trans_b ? k : n;
-    ha.resize(static_cast<size_t>(ra * ca));
-    hb.resize(static_cast<size_t>(rb * cb));
-    round_to_bf16(a, ra, ca, lda, ha.data());
-    round_to_bf16(b, rb, cb, ldb, hb.data());
-    gemm_bf16(trans_a, trans_b, m, n, k, alpha, ha.data(), ca, hb.data(), cb, beta, c, ldc);
+    const auto operand = [](const float* x, int64_t rows, int64_t cols, int64_t ld,
+                            std::vector<uint16_t>& buf, int64_t& ld_out) -> const uint16_t* {
+      if (const uint16_t* kept = Bf16Operands::rounded(x, (rows - 1) * ld + cols)) {
+        ld_out = ld;
+        return kept;
+      }
+      buf.resize(static_cast<size_t>(rows * cols));
+      round_to_bf16(x, rows, cols, ld, buf.data());
+      ld_out = cols;
+      return buf.data();
+    };
+    int64_t la = 0, lb = 0;
+    const uint16_t* pa = operand(a, trans_a ? k : m, trans_a ? m : k, lda, ha, la);
+    const uint16_t* pb = operand(b, trans_b ? n : k, trans_b ? k : n, ldb, hb, lb);
+    gemm_bf16(trans_a, trans_b, m, n, k, alpha, pa, la, pb, lb, beta, c, ldc);
     return;
   }
   if (m == 1 && trans_b && !trans_a && ldb == k && lda >= k && ldc >= n && alpha == 1.0f &&
