@@ -53,14 +53,20 @@ Tensor logits_of(Model& m, const Tensor& ids) {
 
 }  // namespace
 
-// Float32 files kept as stored run the same code on the same numbers: the same bits.
+// Float32 files kept as stored run the same code on the same numbers: the same bits. DBRX's
+// experts' w2, stored with its input rows, is multiplied in that orientation (x W rather than the
+// copy's x W^T), so there the sums differ in order: float32 rounding.
 TEST_P(StoredWeights, FloatFilesGiveTheSameBits) {
   const std::string dir = hf_fixture(GetParam());
   const Tensor ids = as_i32(load_safetensors(dir + "/reference.safetensors").at("input_ids"));
   std::unique_ptr<Model> copied = load_model(dir), kept = load_model(dir, WeightsAs::stored);
   const Tensor a = logits_of(*copied, ids), b = logits_of(*kept, ids);
   ASSERT_EQ(a.shape(), b.shape());
-  EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0);
+  if (GetParam() == std::string("dbrx")) {
+    EXPECT_LT(relative_error(b, a), 1e-6);
+  } else {
+    EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0);
+  }
 }
 
 // bf16 and f16 checkpoints computed from their stored bytes agree with the same weights widened
@@ -74,7 +80,7 @@ TEST_P(StoredWeights, HalfPrecisionFilesMatchTheirFloat32Copy) {
     const std::string dir = rounded_copy(name, d);
     std::unique_ptr<Model> copied = load_model(dir), kept = load_model(dir, WeightsAs::stored);
     EXPECT_FALSE(copied->weights_stored());
-    EXPECT_EQ(kept->weights_stored(), name != std::string("dbrx")) << name;  // dbrx: float32
+    EXPECT_TRUE(kept->weights_stored()) << name;
     const Tensor a = logits_of(*copied, ids), b = logits_of(*kept, ids);
     const double err = relative_error(b, a);
     std::printf("%s %s: stored against float32 copy, logits relative error %.3g\n", name.c_str(),
@@ -98,10 +104,6 @@ TEST_P(StoredWeights, HalfPrecisionFilesMatchTheirFloat32Copy) {
 // rounding, and the same greedy ids.
 TEST_P(StoredWeights, QuantizedExpertsComputeAsStored) {
   const std::string name = GetParam();
-  if (name == "dbrx") {  // read into float32: its experts' w2 is stored transposed
-    EXPECT_FALSE(load_model(hf_fixture(name), WeightsAs::stored)->weights_stored());
-    return;
-  }
   const Tensor ids =
       as_i32(load_safetensors(hf_fixture(name) + "/reference.safetensors").at("input_ids"));
   for (ExpertFormat f : {ExpertFormat::int8, ExpertFormat::bf16}) {

@@ -212,6 +212,57 @@ TEST(WeightFormats, SameBitsWhateverTheThreadsOrTheSplit) {
   omp_set_num_threads(saved);
 }
 
+// y = x W for a weight stored [in, out] (DBRX's w2): within the float32 bound of the exact sum,
+// across the panels of W's rows, on every path; the same bits on 1 and 2 threads.
+TEST(WeightFormats, InputRowsProductWithinTheFloat32Bound) {
+  Rng rng(11);
+  const int saved = omp_get_max_threads();
+  for (WType type : {WType::f32, WType::bf16, WType::f16, WType::i8}) {
+    for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{1, 7}, {67, 1}, {700, 130}}) {
+      const Stored s = make_weight(type, rows, cols, rng);
+      const WeightMatrix w = s.view(rows, cols);
+      for (int64_t n : {1, 3, 9}) {
+        const int64_t ldx = rows + 3, ldy = cols + 2;
+        std::vector<float> x(static_cast<size_t>(n * ldx));
+        for (float& v : x) v = static_cast<float>(rng.normal());
+        std::vector<float> first;
+        for (CpuPath p : cpu_paths_here()) {
+          set_cpu_path_cap(p);
+          for (int threads : {1, 2}) {
+            omp_set_num_threads(threads);
+            std::vector<float> y(static_cast<size_t>(n * ldy), -7.0f);
+            cpu::matmul_w(w, x.data(), ldx, n, y.data(), ldy);
+            for (int64_t i = 0; i < n; ++i)
+              for (int64_t c = 0; c < cols; ++c) {
+                double ref = 0, mag = 0;
+                for (int64_t r = 0; r < rows; ++r) {
+                  const double t = exact(s, w, r, c) * x[static_cast<size_t>(i * ldx + r)];
+                  ref += t;
+                  mag += std::fabs(t);
+                }
+                ASSERT_LE(std::fabs(y[static_cast<size_t>(i * ldy + c)] - ref),
+                          (static_cast<double>(rows) + 2) * kU * mag + 1e-30)
+                    << wtype_name(type) << " " << cpu_path_name(p) << " [" << rows << ", " << cols
+                    << "] n " << n;
+              }
+            for (int64_t i = 0; i < n; ++i)  // the padding of y is untouched
+              for (int64_t c = cols; c < ldy; ++c)
+                ASSERT_EQ(y[static_cast<size_t>(i * ldy + c)], -7.0f);
+            if (threads == 1) {
+              first = y;
+            } else {
+              EXPECT_EQ(std::memcmp(first.data(), y.data(), y.size() * 4), 0)
+                  << wtype_name(type) << " " << cpu_path_name(p) << " n " << n;
+            }
+          }
+        }
+      }
+    }
+  }
+  omp_set_num_threads(saved);
+  reset_cpu_path_cap();
+}
+
 TEST(WeightFormats, BadArgumentsAreRefused) {
   std::vector<int8_t> q(6, 1);
   std::vector<float> x(3, 1.0f), y(2);

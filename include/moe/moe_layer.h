@@ -39,8 +39,12 @@ struct ExpertWeights {
 // single expert (checkpoint loading, and later offloading) goes through this.
 struct ExpertView {
   Tensor w_gate, w_up, w_down, b_gate, b_up, b_down;
-  // int8 weights (moe quantize): each matrix's float32 scale per row ([F], [F], [D]).
+  // int8 weights (moe quantize): each matrix's float32 scale per stored row ([F], [F], [D], or
+  // [F] for a w_down stored [F, D]).
   Tensor s_gate, s_up, s_down;
+  // w_down stored [F, D] (input rows: DBRX's w2), so that y = h w_down; else [D, F], y = h
+  // w_down^T.
+  bool down_in_rows = false;
 };
 
 // Where an MoE layer's routed experts come from when they are not held in memory (expert

@@ -66,6 +66,12 @@ void linear(T* y, const T* x, int64_t n, const Tensor& w, const Tensor* scale = 
 void matmul_wt(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, float* y,
                int64_t ldy);
 
+// y[i, c] (row stride ldy) = sum_r x[i, r] W[r, c] (x row stride ldx), for i < n, c < cols: a
+// weight stored [in, out] (DBRX's experts' w2), in its stored format, float32 arithmetic; panels
+// of W's rows widened to float32, each a GEMM added in order (bits independent of the thread
+// count).
+void matmul_w(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, float* y, int64_t ldy);
+
 // Several independent products y = x W^T in one parallel region (the projections of a token's
 // experts): the row blocks of every job are spread over the threads together, so that small
 // products do not each pay for starting the threads. Each job's bits are matmul_wt's.

@@ -462,10 +462,44 @@ void load_llama_like(Model& model, const std::string& type, HfTensors& src, View
               });
 }
 
+// DBRX's experts of block i as stored: rows of w1 and v1 [E F, D] (gate and up), and of w2
+// [E F, D], which holds each expert's down projection with its input rows (down_in_rows); int8
+// ones with their scales [E F] per stored row.
+std::vector<ExpertView> dbrx_stored_experts(const ModelConfig& c, HfTensors& src, int64_t i) {
+  const int64_t E = c.moe.n_experts, F = c.moe.d_ffn, D = c.d_model;
+  const std::string B = "transformer.blocks." + std::to_string(i) + ".ffn.experts.mlp.";
+  Tensor m[3], sc[3];
+  const char* names[3] = {"w1", "v1", "w2"};
+  for (int k = 0; k < 3; ++k) {
+    m[k] = src.view(B + names[k]);
+    MOE_CHECK(m[k].shape() == Shape({E * F, D}), kWhere, "{}{} must be [{}, {}], got {}", B,
+              names[k], E * F, D, m[k].str());
+    if (m[k].dtype() == DType::I8) sc[k] = src.view(B + names[k] + "_scale");
+  }
+  std::vector<ExpertView> out(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) {
+    ExpertView& v = out[static_cast<size_t>(e)];
+    Tensor* w[3] = {&v.w_gate, &v.w_up, &v.w_down};
+    Tensor* s[3] = {&v.s_gate, &v.s_up, &v.s_down};
+    for (int k = 0; k < 3; ++k) {
+      *w[k] = m[k].view_at(e * F * D, {F, D});
+      if (sc[k].defined()) *s[k] = sc[k].view_at(e * F, {F});
+    }
+    v.down_in_rows = true;
+  }
+  return out;
+}
+
 void load_dbrx(Model& model, HfTensors& src, Views* views) {
   const ModelConfig& c = model.config();
   const int64_t hd = c.head_size(), H = c.n_heads, KV = c.n_kv_heads, D = c.d_model;
   const TopNames top{"transformer.wte.weight", "transformer.norm_f.weight", "lm_head.weight"};
+  if (views) {  // the routed experts as stored, from a source of views
+    std::vector<std::vector<ExpertView>> layers;
+    for (int64_t i = 0; i < c.n_layers; ++i)
+      if (c.is_moe_layer(i)) layers.push_back(dbrx_stored_experts(c, src, i));
+    model.set_expert_source(stored_expert_source(std::move(layers)));
+  }
   load_params(
       model, src, top, views, [&](int64_t i, const std::string& rest, NamedParam& p, auto& take) {
         const std::string B = "transformer.blocks." + std::to_string(i) + ".";
@@ -479,10 +513,17 @@ void load_dbrx(Model& model, HfTensors& src, Views* views) {
         } else if (rest == "attn.wq" || rest == "attn.wk" || rest == "attn.wv") {
           // Wqkv [(H + 2 KV) hd, D] = [W_q; W_k; W_v].
           const std::string name = A + "attn.Wqkv.weight";
+          const int64_t row0 = rest == "attn.wq" ? 0 : rest == "attn.wk" ? H * hd : (H + KV) * hd;
+          if (views && keep_stored(model, src, p.name, name)) {
+            const Tensor t = src.view(name);
+            MOE_CHECK(t.shape() == Shape({(H + 2 * KV) * hd, D}), kWhere, "{} must be [{}, {}]",
+                      name, (H + 2 * KV) * hd, D);
+            views->emplace_back(p.name, t.view_at(row0 * D, p.value.shape()));
+            return;
+          }
           const Tensor& t = src.get(name);
           const Tensor f = t.dtype() == p.value.dtype() ? t : t.to(p.value.dtype());
           f.expect(kWhere, name.c_str(), {(H + 2 * KV) * hd, D}, p.value.dtype());
-          const int64_t row0 = rest == "attn.wq" ? 0 : rest == "attn.wk" ? H * hd : (H + KV) * hd;
           std::memcpy(p.value.raw(),
                       static_cast<const char*>(f.raw()) +
                           static_cast<size_t>(row0 * D) * dtype_size(f.dtype()),
@@ -784,8 +825,6 @@ std::vector<std::pair<std::string, Tensor>> hf_tensors(Model& model, const std::
 }
 
 void load_hf_weights(Model& model, const std::string& model_type, HfTensors& src, bool stored) {
-  MOE_CHECK(!stored || model_type != "dbrx", kWhere,
-            "dbrx checkpoints are read into float32 (its experts' w2 is stored transposed)");
   Views views;
   if (model_type == "dbrx") {
     load_dbrx(model, src, stored ? &views : nullptr);

@@ -94,6 +94,17 @@ namespace {
 const float* bias(const Tensor& b) { return b.defined() && b.raw() ? b.data<float>() : nullptr; }
 }  // namespace
 
+namespace {
+// y [n, D] = h [n, F] through the stored down projection, in either orientation.
+void down_stored(const ExpertView& w, const float* h, int64_t n, float* y) {
+  if (w.down_in_rows) {
+    cpu::matmul_w(as_weight(w.w_down, &w.s_down), h, w.w_down.size(0), n, y, w.w_down.size(1));
+  } else {
+    cpu::linear<float>(y, h, n, w.w_down, &w.s_down);
+  }
+}
+}  // namespace
+
 void ffn_forward_stored(ExpertAct act, const ExpertView& w, int64_t n, int64_t d_model,
                         int64_t d_ffn, const float* x, float* y, float* a_gate, float* a_up,
                         float* h) {
@@ -108,7 +119,7 @@ void ffn_forward_stored(ExpertAct act, const ExpertView& w, int64_t n, int64_t d
   } else {
     cpu::act_forward<float>(plain_act(act), h, a_up, n * F);
   }
-  cpu::linear<float>(y, h, n, w.w_down, &w.s_down);
+  down_stored(w, h, n, y);
   add_bias(y, bias(w.b_down), n, D);
 }
 
@@ -133,9 +144,12 @@ void ffn_forward_stored_fused(ExpertAct act, const std::vector<ExpertRun>& runs,
     } else {
       cpu::act_forward<float>(plain_act(act), r.h, r.a_up, r.n * F);
     }
+    if (r.w.down_in_rows) continue;  // below, on its own
     jobs.push_back({as_weight(r.w.w_down, &r.w.s_down), r.h, F, r.n, r.y, D});
   }
   cpu::matmul_wt_many(jobs.data(), jobs.size());
+  for (const ExpertRun& r : runs)
+    if (r.n > 0 && r.w.down_in_rows) down_stored(r.w, r.h, r.n, r.y);
   for (const ExpertRun& r : runs)
     if (r.n > 0) add_bias(r.y, bias(r.w.b_down), r.n, D);
 }
@@ -143,7 +157,7 @@ void ffn_forward_stored_fused(ExpertAct act, const std::vector<ExpertRun>& runs,
 template <class T>
 void ffn_forward_any(ExpertAct act, const ExpertView& w, int64_t n, int64_t d_model, int64_t d_ffn,
                      const T* x, T* y, T* a_gate, T* a_up, T* h) {
-  if (w.w_up.dtype() == dtype_of<T>()) {
+  if (w.w_up.dtype() == dtype_of<T>() && !w.down_in_rows) {
     ffn_forward<T>(act, ffn_view<T>(w), n, d_model, d_ffn, x, y, a_gate, a_up, h);
   } else if constexpr (std::is_same_v<T, float>) {
     ffn_forward_stored(act, w, n, d_model, d_ffn, x, y, a_gate, a_up, h);

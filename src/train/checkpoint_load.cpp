@@ -115,7 +115,7 @@ std::vector<std::vector<ExpertView>> stacked_expert_views(const ModelConfig& c,
 // Whether load_model keeps this checkpoint's routed experts as views (the model is then made
 // without routed experts of its own).
 bool experts_as_views(const CheckpointInfo& info, WeightsAs as) {
-  if (as != WeightsAs::stored || info.model_type == "dbrx") return false;
+  if (as != WeightsAs::stored) return false;
   if (!info.ours) return true;
   const SafetensorsFile f = load_safetensors((fs::path(info.dir) / "model.safetensors").string());
   return !f.has("model.embed_tokens.weight") && stacked_experts_computable(info.config, f);

@@ -276,6 +276,35 @@ void matmul_wt(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, fl
   });
 }
 
+void matmul_w(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, float* y,
+              int64_t ldy) {
+  check(w, "matmul_w");
+  MOE_CHECK(n >= 0 && ldx >= w.rows && ldy >= w.cols, "matmul_w",
+            "x [{}, {}] (stride {}) times W [{}, {}] into y (stride {})", n, w.rows, ldx, w.rows,
+            w.cols, ldy);
+  if (n == 0 || w.cols == 0) return;
+  if (w.type == WType::f32) {
+    gemm<float>(false, false, n, w.cols, w.rows, 1.0f, x, ldx, static_cast<const float*>(w.data),
+                w.cols, 0.0f, y, ldy);
+    return;
+  }
+  // Panels of W's rows (the product's k) widened to float32, each a GEMM adding its part, in
+  // order: the bits do not depend on the thread count.
+  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 16) / w.cols);
+  thread_local std::vector<float> panel;
+  if (w.rows == 0) {
+    for (int64_t i = 0; i < n; ++i) std::fill(y + i * ldy, y + i * ldy + w.cols, 0.0f);
+    return;
+  }
+  for (int64_t r0 = 0; r0 < w.rows; r0 += rows) {
+    const int64_t r1 = std::min(w.rows, r0 + rows);
+    panel.resize(static_cast<size_t>((r1 - r0) * w.cols));
+    weight_rows_f32(w, r0, r1, panel.data());
+    gemm<float>(false, false, n, w.cols, r1 - r0, 1.0f, x + r0, ldx, panel.data(), w.cols,
+                r0 == 0 ? 0.0f : 1.0f, y, ldy);
+  }
+}
+
 void round_to_bf16(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint16_t* out) {
   MOE_CHECK(rows >= 0 && cols >= 0 && (ldx >= cols || rows <= 1), "round_to_bf16",
             "[{}, {}] with row stride {}", rows, cols, ldx);
