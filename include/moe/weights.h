@@ -3,9 +3,12 @@
 //
 // Linear layers compute y = x W^T with W [rows, cols] = [out, in]. Few rows of x (decoding) read
 // each weight once and are bound by memory bandwidth: one pass over W per call, each stored
-// element widened to float32 in registers. Many rows (a prompt) convert a panel of W's rows to
-// float32 in a per-thread buffer and run the float32 GEMM on it, so the weights stay in their
-// format in memory and the arithmetic is the float32 GEMM's.
+// element widened to float32 in registers. Many rows (a prompt) run a GEMM on panels of W's rows:
+// bf16 panels as stored, against x rounded to bf16 (as llama.cpp does; oneDNN's AMX or
+// AVX512-BF16 kernels, an exact float32 fallback elsewhere: each product of two bf16 values is
+// exact in float32, so |y - x_bf16 W^T| <= (k+2) 2^-24 sum |x_bf16 w|, and x_bf16 is within 2^-9
+// of x relative); f16 and int8 panels widened to float32 in a per-thread buffer, then the
+// float32 GEMM on x. The weights stay in their format in memory.
 #pragma once
 
 #include <cstdint>
@@ -73,8 +76,9 @@ void matmul_wt(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, fl
 void matmul_w(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, float* y, int64_t ldy);
 
 // Several independent products y = x W^T in one parallel region (the projections of a token's
-// experts): the row blocks of every job are spread over the threads together, so that small
-// products do not each pay for starting the threads. Each job's bits are matmul_wt's.
+// experts; of a prompt's experts, a grouped GEMM): the row blocks and panels of every job are
+// spread over the threads together, so that small products do not each pay for starting the
+// threads. Each job's bits are matmul_wt's.
 struct MatmulJob {
   WeightMatrix w;
   const float* x = nullptr;

@@ -43,10 +43,10 @@ void ffn_forward_stored(ExpertAct act, const ExpertView& w, int64_t n, int64_t d
                         int64_t d_ffn, const float* x, float* y, float* a_gate, float* a_up,
                         float* h);
 
-// The fused decoding kernel: several experts' forwards on their few rows each (a token's k
-// experts), weights as stored: every expert's gate and up projections in one parallel region,
-// the activations, then every down projection in a second one. Each expert's results are
-// ffn_forward_stored's, bit for bit.
+// The fused expert kernel: several experts' forwards on their rows (a token's k experts when
+// decoding; every expert's block of a prompt, a grouped GEMM), weights as stored: every expert's
+// gate and up projections in one parallel region, the activations, then every down projection in
+// a second one. Each expert's results are ffn_forward_stored's, bit for bit.
 struct ExpertRun {
   ExpertView w;
   int64_t n = 0;

@@ -411,13 +411,11 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
     std::vector<int64_t>& routed_now = result.stats.routed;
     routed_now.assign(routed, routed + E);
     where.source->observe(where.source_index, routed_now, N);
-    // Decoding (few rows per expert) from stored weights that stay in memory: the token's experts
-    // through the fused kernel, two parallel regions in all.
+    // Stored weights that stay in memory: every expert with rows through the fused kernel, two
+    // parallel regions in all (decoding: a token's experts; a prompt: a grouped GEMM).
     bool fused = false;
     if constexpr (std::is_same_v<T, float>) {
-      int64_t most = 0;
-      for (int64_t e = 0; e < E; ++e) most = std::max(most, e_offsets[e + 1] - e_offsets[e]);
-      fused = where.source->all_at_once() && most <= cpu::kMatvecMaxRows;
+      fused = where.source->all_at_once();
       if (fused) {
         std::vector<ExpertRun> runs;
         for (int64_t e = 0; e < E; ++e) {

@@ -200,6 +200,37 @@ void rows_f32(const IsaKernels& k, const WeightMatrix& w, int64_t r0, int64_t r1
   }
 }
 
+// Rows per panel of the many-row products: bf16 panels go to the bf16 GEMM as they are stored,
+// so they can be larger; other formats are widened into a per-thread buffer first.
+int64_t panel_rows(const WeightMatrix& w) { return w.type == WType::bf16 ? 256 : kPanelRows; }
+
+// y[:, r0:r1] = x W[r0:r1]^T for n rows. bf16 W multiplies xb, x rounded to bf16 ([n, cols]
+// compact), by the stored panel (gemm_bf16: oneDNN's AMX or AVX512-BF16 kernels, an exact
+// float32 fallback elsewhere); other formats widen the panel to float32 and run the float32
+// GEMM on x. Single-threaded inside a parallel region.
+void panel_product(const IsaKernels& k, const WeightMatrix& w, const float* x, int64_t ldx,
+                   const uint16_t* xb, int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+  if (w.type == WType::bf16) {
+    gemm_bf16(false, true, n, r1 - r0, w.cols, 1.0f, xb, w.cols,
+              static_cast<const uint16_t*>(w.data) + r0 * w.cols, w.cols, 0.0f, y + r0, ldy);
+    return;
+  }
+  thread_local std::vector<float> panel;
+  panel.resize(static_cast<size_t>((r1 - r0) * w.cols));
+  rows_f32(k, w, r0, r1, panel.data());
+  gemm<float>(false, true, n, r1 - r0, w.cols, 1.0f, x, ldx, panel.data(), w.cols, 0.0f, y + r0,
+              ldy);
+}
+
+// x [n, cols] (stride ldx) rounded to bf16 where W is bf16 (panel_product's xb), else empty.
+std::vector<uint16_t> rounded_rows(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n) {
+  std::vector<uint16_t> xb;
+  if (w.type != WType::bf16) return xb;
+  xb.resize(static_cast<size_t>(n * w.cols));
+  round_to_bf16(x, n, w.cols, ldx, xb.data());
+  return xb;
+}
+
 }  // namespace
 
 const char* weight_kernel_target() { return kernels().target; }
@@ -219,26 +250,35 @@ void weight_rows_f32(const WeightMatrix& w, int64_t r0, int64_t r1, float* out) 
 }
 
 void matmul_wt_many(const MatmulJob* jobs, size_t count) {
-  // (job, first row) of every block of kDotRows rows; jobs of more rows run on their own.
+  // (job, first row) of every block: kDotRows rows of W read once for a few rows of x, or a
+  // panel of W for many (a grouped GEMM: every expert's panels in one parallel region).
   std::vector<std::pair<size_t, int64_t>> blocks;
+  std::vector<std::vector<uint16_t>> xb(count);  // bf16 panels' x, rounded once per job
   int64_t work = 0;
   for (size_t j = 0; j < count; ++j) {
     const MatmulJob& b = jobs[j];
     check(b.w, "matmul_wt_many");
-    if (b.n > kMatvecMaxRows || b.w.cols == 0) {
+    if (b.w.cols == 0 || (b.w.type == WType::f32 && b.n > kMatvecMaxRows)) {  // float32 GEMM
       matmul_wt(b.w, b.x, b.ldx, b.n, b.y, b.ldy);
       continue;
     }
     check_product(b.w, b.ldx, b.n, b.ldy, "matmul_wt_many");
     if (b.n == 0) continue;
-    for (int64_t r = 0; r < b.w.rows; r += kDotRows) blocks.emplace_back(j, r);
-    work += b.w.rows * b.w.cols;
+    const int64_t step = b.n <= kMatvecMaxRows ? kDotRows : panel_rows(b.w);
+    if (b.n > kMatvecMaxRows) xb[j] = rounded_rows(b.w, b.x, b.ldx, b.n);
+    for (int64_t r = 0; r < b.w.rows; r += step) blocks.emplace_back(j, r);
+    work += b.n * b.w.rows * b.w.cols;
   }
   const IsaKernels& k = kernels();
   for_tasks(static_cast<int64_t>(blocks.size()), work, [&](int64_t t) {
     const auto [j, r0] = blocks[static_cast<size_t>(t)];
     const MatmulJob& b = jobs[j];
-    dot_block(k, b.w, b.x, b.ldx, b.n, r0, std::min(b.w.rows, r0 + kDotRows), b.y, b.ldy);
+    if (b.n <= kMatvecMaxRows) {
+      dot_block(k, b.w, b.x, b.ldx, b.n, r0, std::min(b.w.rows, r0 + kDotRows), b.y, b.ldy);
+    } else {
+      panel_product(k, b.w, b.x, b.ldx, xb[j].data(), b.n, r0,
+                    std::min(b.w.rows, r0 + panel_rows(b.w)), b.y, b.ldy);
+    }
   });
 }
 
@@ -264,15 +304,12 @@ void matmul_wt(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, fl
                 w.cols, 0.0f, y, ldy);
     return;
   }
-  // Panels of W's rows widened into a per-thread buffer, each a single-threaded float32 GEMM.
-  const int64_t tasks = (w.rows + kPanelRows - 1) / kPanelRows;
+  // Panels of W's rows, each a single-threaded GEMM (panel_product).
+  const std::vector<uint16_t> xb = rounded_rows(w, x, ldx, n);
+  const int64_t rows = panel_rows(w), tasks = (w.rows + rows - 1) / rows;
   for_tasks(tasks, n * w.rows * w.cols, [&](int64_t t) {
-    thread_local std::vector<float> panel;
-    const int64_t r0 = t * kPanelRows, r1 = std::min(w.rows, r0 + kPanelRows);
-    panel.resize(static_cast<size_t>((r1 - r0) * w.cols));
-    rows_f32(k, w, r0, r1, panel.data());
-    gemm<float>(false, true, n, r1 - r0, w.cols, 1.0f, x, ldx, panel.data(), w.cols, 0.0f, y + r0,
-                ldy);
+    const int64_t r0 = t * rows;
+    panel_product(k, w, x, ldx, xb.data(), n, r0, std::min(w.rows, r0 + rows), y, ldy);
   });
 }
 
