@@ -7,8 +7,9 @@
 // bf16 panels as stored, against x rounded to bf16 (as llama.cpp does; oneDNN's AMX or
 // AVX512-BF16 kernels, an exact float32 fallback elsewhere: each product of two bf16 values is
 // exact in float32, so |y - x_bf16 W^T| <= (k+2) 2^-24 sum |x_bf16 w|, and x_bf16 is within 2^-9
-// of x relative); f16 and int8 panels widened to float32 in a per-thread buffer, then the
-// float32 GEMM on x. The weights stay in their format in memory.
+// of x relative); int8 panels likewise, their values exact in bf16 and each row's scale applied
+// to its sums; f16 panels widened to float32 in a per-thread buffer, then the float32 GEMM on x.
+// The weights stay in their format in memory.
 #pragma once
 
 #include <cstdint>

@@ -200,19 +200,39 @@ void rows_f32(const IsaKernels& k, const WeightMatrix& w, int64_t r0, int64_t r1
   }
 }
 
+// The many-row products of bf16 and int8 weights run on the bf16 GEMM, against x rounded to bf16
+// (an int8 value is exact in bf16, its row scale applied to the sums).
+bool bf16_panels(const WeightMatrix& w) { return w.type == WType::bf16 || w.type == WType::i8; }
+
 // Rows per panel of the many-row products: bf16 panels go to the bf16 GEMM as they are stored,
-// so they can be larger; other formats are widened into a per-thread buffer first.
+// so they can be larger; other formats are converted into a per-thread buffer first.
 int64_t panel_rows(const WeightMatrix& w) { return w.type == WType::bf16 ? 256 : kPanelRows; }
 
 // y[:, r0:r1] = x W[r0:r1]^T for n rows. bf16 W multiplies xb, x rounded to bf16 ([n, cols]
 // compact), by the stored panel (gemm_bf16: oneDNN's AMX or AVX512-BF16 kernels, an exact
-// float32 fallback elsewhere); other formats widen the panel to float32 and run the float32
-// GEMM on x. Single-threaded inside a parallel region.
+// float32 fallback elsewhere); int8 W does the same with its values as bf16 (exact), then
+// scales each column of y by its row's scale; f16 widens the panel to float32 and runs the
+// float32 GEMM on x. Single-threaded inside a parallel region.
 void panel_product(const IsaKernels& k, const WeightMatrix& w, const float* x, int64_t ldx,
                    const uint16_t* xb, int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy) {
   if (w.type == WType::bf16) {
     gemm_bf16(false, true, n, r1 - r0, w.cols, 1.0f, xb, w.cols,
               static_cast<const uint16_t*>(w.data) + r0 * w.cols, w.cols, 0.0f, y + r0, ldy);
+    return;
+  }
+  if (w.type == WType::i8) {
+    thread_local std::vector<float> row;
+    thread_local std::vector<uint16_t> q;
+    row.resize(static_cast<size_t>(w.cols));
+    q.resize(static_cast<size_t>((r1 - r0) * w.cols));
+    for (int64_t r = r0; r < r1; ++r) {  // q as bf16, a row at a time through float32
+      k.rows_i8(static_cast<const int8_t*>(w.data), nullptr, w.cols, r, r + 1, row.data());
+      k.to_bf16(row.data(), w.cols, q.data() + (r - r0) * w.cols);
+    }
+    gemm_bf16(false, true, n, r1 - r0, w.cols, 1.0f, xb, w.cols, q.data(), w.cols, 0.0f, y + r0,
+              ldy);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t r = r0; r < r1; ++r) y[i * ldy + r] *= w.scale[r];
     return;
   }
   thread_local std::vector<float> panel;
@@ -222,10 +242,11 @@ void panel_product(const IsaKernels& k, const WeightMatrix& w, const float* x, i
               ldy);
 }
 
-// x [n, cols] (stride ldx) rounded to bf16 where W is bf16 (panel_product's xb), else empty.
+// x [n, cols] (stride ldx) rounded to bf16 where W's panels are bf16 (panel_product's xb), else
+// empty.
 std::vector<uint16_t> rounded_rows(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n) {
   std::vector<uint16_t> xb;
-  if (w.type != WType::bf16) return xb;
+  if (!bf16_panels(w)) return xb;
   xb.resize(static_cast<size_t>(n * w.cols));
   round_to_bf16(x, n, w.cols, ldx, xb.data());
   return xb;
