@@ -26,37 +26,24 @@ struct F32Rows {
   HWY_INLINE float at(int64_t r, int64_t k) const { return w[r * cols + k]; }
 };
 
-struct Bf16Rows {
+// 16-bit floats (Half: hwy::bfloat16_t or hwy::float16_t), widened exactly to float32.
+template <class Half, float (*ToF32)(uint16_t)>
+struct HalfRows {
   const uint16_t* w;
   int64_t cols;
   HWY_INLINE void prefetch(int64_t r, int64_t k) const {
     if (k < cols) __builtin_prefetch(w + r * cols + k);
   }
   HWY_INLINE VF load(DF d, int64_t r, int64_t k) const {
-    const hn::Rebind<hwy::bfloat16_t, DF> db;
-    return hn::PromoteTo(d,
-                         hn::LoadU(db, reinterpret_cast<const hwy::bfloat16_t*>(w + r * cols + k)));
+    const hn::Rebind<Half, DF> dh;
+    return hn::PromoteTo(d, hn::LoadU(dh, reinterpret_cast<const Half*>(w + r * cols + k)));
   }
   HWY_INLINE float at(int64_t r, int64_t k) const {
-    return scalar::bf16_to_f32(scalar::load16(w + r * cols + k));
+    return ToF32(scalar::load16(w + r * cols + k));
   }
 };
-
-struct F16Rows {
-  const uint16_t* w;
-  int64_t cols;
-  HWY_INLINE void prefetch(int64_t r, int64_t k) const {
-    if (k < cols) __builtin_prefetch(w + r * cols + k);
-  }
-  HWY_INLINE VF load(DF d, int64_t r, int64_t k) const {
-    const hn::Rebind<hwy::float16_t, DF> dh;
-    return hn::PromoteTo(d,
-                         hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(w + r * cols + k)));
-  }
-  HWY_INLINE float at(int64_t r, int64_t k) const {
-    return scalar::f16_to_f32(scalar::load16(w + r * cols + k));
-  }
-};
+using Bf16Rows = HalfRows<hwy::bfloat16_t, scalar::bf16_to_f32>;
+using F16Rows = HalfRows<hwy::float16_t, scalar::f16_to_f32>;
 
 struct I8Rows {
   const int8_t* w;
