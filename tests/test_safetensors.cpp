@@ -2,6 +2,9 @@
 // clear error (never a crash, never a silently wrong tensor).
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -255,6 +258,64 @@ TEST(Safetensors, Float32IsZeroCopyFromTheMappedFile) {
   for (int64_t i = 0; i < a.numel(); ++i) EXPECT_EQ(t.data<float>()[i], a.data<float>()[i]);
   t.data<float>()[0] = 7;  // copy-on-write: allowed, private
   EXPECT_EQ(t.data<float>()[0], 7.0f);
+}
+
+namespace {
+
+// How many of the pages under [p, p + bytes) this process has mapped (/proc/self/pagemap's
+// "present" bit, readable without privileges), or -1 where the file cannot be read.
+int64_t present_pages(const void* p, size_t bytes) {
+  const int fd = ::open("/proc/self/pagemap", O_RDONLY);
+  if (fd < 0) return -1;
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(p) / page;
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + bytes + page - 1) / page;
+  int64_t present = 0;
+  for (uintptr_t v = lo; v < hi; ++v) {
+    uint64_t entry = 0;
+    if (::pread(fd, &entry, sizeof entry, static_cast<off_t>(v * sizeof entry)) != sizeof entry) {
+      present = -1;
+      break;
+    }
+    present += static_cast<int64_t>(entry >> 63);
+  }
+  ::close(fd);
+  return present;
+}
+
+}  // namespace
+
+// Weights computed from as stored are mapped into the process when their view is made, so the
+// first products do not stop at page faults; without prefault, a view maps (almost) nothing
+// until it is read.
+TEST(Safetensors, PrefaultedViewsAreMappedAtOnce) {
+  const std::string path = temp_file("prefault");
+  const int64_t rows = 512, cols = 1024;  // 1 MiB of bf16: 256 pages
+  std::vector<uint16_t> w(static_cast<size_t>(rows * cols));
+  for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_bf16(static_cast<float>(i % 977));
+  {
+    SafetensorsWriter out(path, {{"w", "BF16", {rows, cols}}});
+    out.write(w.data(), w.size() * sizeof(uint16_t));
+    out.commit();
+  }
+  for (const bool on : {false, true}) {
+    SafetensorsFile f = load_safetensors(path);
+    f.set_prefault(on);
+    const Tensor v = f.view("w");
+    ASSERT_EQ(v.dtype(), DType::BF16);
+    const int64_t pages = present_pages(v.raw(), static_cast<size_t>(v.nbytes()));
+    ASSERT_GE(pages, 0) << "/proc/self/pagemap cannot be read";
+    if (on) {
+      EXPECT_GE(pages, v.nbytes() / sysconf(_SC_PAGESIZE)) << "every page mapped";
+    } else {
+      // Only what reading the header touched (and the kernel's fault-around near it).
+      EXPECT_LE(pages, 16) << "mapped before it is read";
+    }
+    EXPECT_EQ(static_cast<const uint16_t*>(v.raw())[rows * cols - 1], w.back());
+  }
+  std::filesystem::remove(path);
+  EXPECT_TRUE(fits_in_available_memory(1 << 20));
+  EXPECT_FALSE(fits_in_available_memory(uint64_t{1} << 62));
 }
 
 TEST(Safetensors, DirectoriesAndMissingFilesAreRefused) {

@@ -53,9 +53,12 @@ class HfTensors {
   Tensor view(const std::string& name);
   // SafetensorsFile::drop for tensor `name` (after get and a copy).
   void drop(const std::string& name);
+  // SafetensorsFile::set_prefault for every shard, read already or later.
+  void set_prefault(bool on);
 
  private:
   std::string dir_;
+  bool prefault_ = false;
   std::map<std::string, std::string> where_;  // tensor -> shard file
   SafetensorsFile& shard_of(const std::string& name);
   std::map<std::string, SafetensorsFile> shards_;

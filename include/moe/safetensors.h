@@ -121,6 +121,10 @@ struct SafetensorsFile {
   // read back the same if touched again: the mapping is private and never written), so that
   // loading a model does not hold the file and the copy in memory at once.
   void drop(const std::string& name) const;
+  // With prefault on, view() maps the view's pages into this process at once
+  // (prefault_mapped_pages), so that the products that first read them do not stop at a page
+  // fault every 4 KiB. For weights computed from as stored, where the files fit in memory.
+  void set_prefault(bool on) { prefault_ = on; }
   const char* data_begin = nullptr;  // the tensor bytes in the mapping (after the header)
   const char* data_end = nullptr;
 
@@ -130,6 +134,7 @@ struct SafetensorsFile {
   friend SafetensorsFile load_safetensors(const std::string& path);
   std::shared_ptr<void> mapping_;
   bool mapped_ = false;  // a file mapping (drop may release its pages), not other memory
+  bool prefault_ = false;
   mutable std::map<std::string, Tensor> tensors_;  // views, and conversions made by at()
 };
 
@@ -147,5 +152,12 @@ SafetensorsFile parse_safetensors(char* data, uint64_t size, std::shared_ptr<voi
 // Drops the pages under [p, p + bytes) of a private, never written file mapping from this
 // process (madvise): they stay in the page cache and read back the same if touched again.
 void drop_mapped_pages(const void* p, size_t bytes);
+// Maps the pages under [p, p + bytes) of a file mapping into this process now, read-only
+// (madvise MADV_POPULATE_READ, Linux 5.14 and later, in parallel chunks), reading from the file
+// what the page cache lacks. False where the kernel cannot: the pages then come on first touch.
+bool prefault_mapped_pages(const void* p, size_t bytes);
+// Whether `bytes` more would fit in the memory the system has available now (MemAvailable of
+// /proc/meminfo; false where it cannot be read).
+bool fits_in_available_memory(uint64_t bytes);
 
 }  // namespace moe

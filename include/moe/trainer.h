@@ -218,7 +218,8 @@ void load_checkpoint_weights(Model& model, const CheckpointInfo& info,
                              WeightsAs as = WeightsAs::float32);
 // A float32 model from a checkpoint folder: one of this engine's or a HuggingFace one; with
 // WeightsAs::stored its weight matrices stay as stored (resident memory about the checkpoint's
-// bytes, loaded in the time it takes to map the files), for inference.
+// bytes, loaded in the time it takes to map the files and, where they fit in the available
+// memory, to map their pages in: SafetensorsFile::set_prefault), for inference.
 std::unique_ptr<Model> load_model(const std::string& dir, WeightsAs as = WeightsAs::float32);
 
 // Model presets by name ("tiny", "small", ...); throws listing the names when unknown.

@@ -654,6 +654,11 @@ HfTensors::HfTensors(const std::string& dir) : dir_(dir) {
   }
 }
 
+void HfTensors::set_prefault(bool on) {
+  prefault_ = on;
+  for (auto& [name, shard] : shards_) shard.set_prefault(on);
+}
+
 bool HfTensors::has(const std::string& name) const { return where_.count(name) > 0; }
 
 SafetensorsFile& HfTensors::shard_of(const std::string& name) {
@@ -664,6 +669,7 @@ SafetensorsFile& HfTensors::shard_of(const std::string& name) {
     const fs::path path = fs::path(dir_) / it->second;
     MOE_CHECK(fs::exists(path), kWhere, "shard {} is missing", path.string());
     s = shards_.emplace(it->second, load_safetensors(path.string())).first;
+    s->second.set_prefault(prefault_);
   }
   MOE_CHECK(s->second.has(name), kWhere, "shard {} has no tensor '{}' (the index says so)",
             it->second, name);

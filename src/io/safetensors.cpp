@@ -250,6 +250,7 @@ Tensor SafetensorsFile::view(const std::string& name) const {
             "{} is {}: it cannot be computed from as stored (F32, BF16, F16 and I8 can)", name,
             st.dtype);
   const DType d = t->second;
+  if (mapped_ && prefault_ && st.bytes > 0) prefault_mapped_pages(st.data, st.bytes);
   return Tensor::view(const_cast<char*>(st.data), st.shape, d, mapping_);
 }
 
@@ -440,6 +441,33 @@ void drop_mapped_pages(const void* p, size_t bytes) {
   const auto lo = reinterpret_cast<uintptr_t>(p) / page * page;
   const auto hi = (reinterpret_cast<uintptr_t>(p) + bytes + page - 1) / page * page;
   madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+}
+
+bool prefault_mapped_pages(const void* p, size_t bytes) {
+#ifndef MADV_POPULATE_READ
+  constexpr int MADV_POPULATE_READ = 22;  // Linux 5.14; older headers lack the name
+#endif
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(p) / page * page;
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + bytes + page - 1) / page * page;
+  constexpr uintptr_t kChunk = uintptr_t{16} << 20;
+  const auto chunks = static_cast<int64_t>((hi - lo + kChunk - 1) / kChunk);
+  int failed = 0;
+#pragma omp parallel for schedule(dynamic) reduction(+ : failed) if (chunks > 1)
+  for (int64_t i = 0; i < chunks; ++i) {
+    const uintptr_t a = lo + static_cast<uintptr_t>(i) * kChunk, b = std::min(hi, a + kChunk);
+    failed += madvise(reinterpret_cast<void*>(a), b - a, MADV_POPULATE_READ) != 0 ? 1 : 0;
+  }
+  return failed == 0;
+}
+
+bool fits_in_available_memory(uint64_t bytes) {
+  std::ifstream f("/proc/meminfo");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("MemAvailable:", 0) == 0)
+      return bytes / 1024 < std::strtoull(line.c_str() + 13, nullptr, 10);  // in KiB
+  return false;
 }
 
 }  // namespace moe

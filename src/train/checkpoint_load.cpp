@@ -124,7 +124,8 @@ bool experts_as_views(const CheckpointInfo& info, WeightsAs as) {
 }  // namespace
 
 void load_weights(Model& model, const std::string& path, WeightsAs as) {
-  const SafetensorsFile weights = load_safetensors(path);
+  SafetensorsFile weights = load_safetensors(path);
+  weights.set_prefault(as == WeightsAs::stored && fits_in_available_memory(fs::file_size(path)));
   if (weights.has("model.embed_tokens.weight")) {
     load_mixtral_tensors(model, weights);
     return;
@@ -190,6 +191,12 @@ void load_checkpoint_weights(Model& model, const CheckpointInfo& info, WeightsAs
     load_weights(model, (fs::path(info.dir) / "model.safetensors").string(), as);
   } else {
     HfTensors tensors(info.dir);
+    if (as == WeightsAs::stored) {
+      uint64_t bytes = 0;
+      for (const auto& e : fs::directory_iterator(info.dir))
+        if (e.path().extension() == ".safetensors") bytes += e.file_size();
+      tensors.set_prefault(fits_in_available_memory(bytes));
+    }
     load_hf_weights(model, info.model_type, tensors, as == WeightsAs::stored);
   }
 }

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/isa/isa_kernels.h"
 #include "moe/arena.h"
 #include "moe/cpu.h"
 #include "moe/error.h"
@@ -216,6 +217,28 @@ const char* onednn_isa_name() {
     case dnnl_cpu_isa_avx512_core_bf16: return "avx512_core_bf16";
     case dnnl_cpu_isa_avx512_core_amx: return "avx512_core_amx";
     default: return "?";
+  }
+}
+
+// OpenBLAS's sgemv (no transpose) on the path's dot kernel, a row of B at a time at any stride:
+// OpenBLAS takes its kernels from the CPU's model number and runs generic SSE3 ones on a CPU
+// newer than its build. c[r] = alpha sum_p b[r, p] a[p inc_a] + beta c[r] (c[r] alone where beta
+// is 0, as BLAS does).
+void dot_sgemv(CBLAS_ORDER, CBLAS_TRANSPOSE, blasint rows, blasint k, float alpha, const float* b,
+               blasint ldb, const float* a, blasint inc_a, float beta, float* c, blasint inc_c) {
+  thread_local std::vector<float> packed;
+  const float* x = a;
+  if (inc_a != 1) {
+    packed.resize(static_cast<size_t>(k));
+    for (blasint p = 0; p < k; ++p) packed[static_cast<size_t>(p)] = a[p * inc_a];
+    x = packed.data();
+  }
+  const auto dot = path_kernels().dot_f32;
+  for (blasint r = 0; r < rows; ++r) {
+    float s = 0;
+    dot(b + static_cast<int64_t>(r) * ldb, k, x, k, 1, 0, 1, &s, 1);
+    float& cr = c[static_cast<int64_t>(r) * inc_c];
+    cr = beta == 0.0f ? alpha * s : alpha * s + beta * cr;
   }
 }
 
@@ -442,7 +465,7 @@ void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, floa
   widen_bf16(a, ra, ca, lda, wa);
   widen_bf16(b, rb, cb, ldb, wb);
   gemm_tiled(trans_a, trans_b, m, n, k, alpha, wa.data(), ca, wb.data(), cb, beta, c, ldc,
-             sgemm_backend(), cblas_sgemv);
+             sgemm_backend(), dot_sgemv);
 }
 
 template <>
@@ -478,7 +501,7 @@ void gemm<float>(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
     return;
   }
   gemm_tiled(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, sgemm_backend(),
-             cblas_sgemv);
+             dot_sgemv);
 }
 
 template <>

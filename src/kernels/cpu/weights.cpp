@@ -157,11 +157,14 @@ void check(const WeightMatrix& w, const char* where) {
 }
 
 // Runs task(t) for t < tasks: on all threads outside a parallel region (when the work is worth
-// it), on the calling thread inside one.
+// it), on the calling thread inside one. Tasks are handed out one at a time as threads finish
+// (a task writes only its own outputs, so the bits do not depend on which thread runs it): a
+// thread slowed for a moment (a shared core, a page fault) does not hold the other at the
+// barrier, which static halves did (decoding 2-3% faster on 2 threads).
 template <class Task>
 void for_tasks(int64_t tasks, int64_t work, const Task& task) {
   if (tasks > 1 && work >= kParallelMin && !omp_in_parallel() && omp_get_max_threads() > 1) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic)
     for (int64_t t = 0; t < tasks; ++t) task(t);
   } else {
     for (int64_t t = 0; t < tasks; ++t) task(t);
