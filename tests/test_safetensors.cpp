@@ -1,8 +1,7 @@
 // safetensors: round trips, bf16/f16 conversion, and a set of corrupt files, each refused with a
 // clear error (never a crash, never a silently wrong tensor).
-#include <gtest/gtest.h>
-
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <cmath>

@@ -139,7 +139,7 @@ namespace {
 const IsaKernels& kernels() { return path_kernels(); }
 
 // Rows of W per task: fixed by the shape, so the split (and nothing else) varies with threads.
-constexpr int64_t kDotRows = 64;
+constexpr int64_t kDotRows = 128;
 constexpr int64_t kPanelRows = 64;
 
 // x [n, cols] (row stride ldx) times W^T into y (row stride ldy): strides that hold the rows.

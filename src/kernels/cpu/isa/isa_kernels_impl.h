@@ -62,8 +62,12 @@ struct I8Rows {
 // One accumulator per weight row, summed lane-wise over k in steps of L, then across lanes, then
 // the scalar tail: the same order for a row whichever block it falls in, so a row's result does
 // not depend on how the rows were split.
-// Elements ahead of the loads that the dot product prefetches (in each row).
-constexpr int64_t kAhead = 256;
+// Elements ahead of the loads that the dot product prefetches, in each of the four rows it reads
+// at once; a row's stream goes on into the row four further once it ends, so that the distance
+// holds for short rows too (an expert's down projection has 768 columns) and the next rows start
+// warm. With 256 elements ahead and no look past a row's end, the 768-column rows were read at
+// 80% of the long rows' speed; with this, 89% (decoding's per-product rates); 2048 is no better.
+constexpr int64_t kAhead = 1024;
 
 template <class W>
 HWY_INLINE void dot(const W& w, int64_t cols, const float* x, int64_t ldx, int64_t n, int64_t r0,
@@ -77,11 +81,18 @@ HWY_INLINE void dot(const W& w, int64_t cols, const float* x, int64_t ldx, int64
       const float* xi = x + i * ldx;
       VF a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
       for (int64_t k = 0; k < kv; k += L) {
-        if (i == 0) {  // the next lines of the four rows, ahead of the hardware's prefetcher
-          w.prefetch(r, k + kAhead);
-          w.prefetch(r + 1, k + kAhead);
-          w.prefetch(r + 2, k + kAhead);
-          w.prefetch(r + 3, k + kAhead);
+        if (i == 0) {  // the four rows' lines kAhead elements ahead
+          int64_t pr = r, pk = k + kAhead;
+          while (pk >= cols) {  // past the rows' end: the next four rows' lines
+            pr += 4;
+            pk -= cols;
+          }
+          if (pr + 4 <= r1) {
+            w.prefetch(pr, pk);
+            w.prefetch(pr + 1, pk);
+            w.prefetch(pr + 2, pk);
+            w.prefetch(pr + 3, pk);
+          }
         }
         const VF xv = hn::LoadU(d, xi + k);
         a0 = hn::MulAdd(w.load(d, r, k), xv, a0);
