@@ -112,9 +112,9 @@ def main():
               "",
               "The floor is the bytes one token reads (attention, router, norms, one embedding row, "
               "the output head, and the 8 routed experts of each layer) over the read bandwidth "
-              "(llama.cpp's readbw, 2 threads, 2 GB). Resident memory stays below the checkpoint's "
-              "size because only the experts the tokens were routed to are ever read from the "
-              "mapped files.",
+              "(llama.cpp's readbw, 2 threads, 2 GB). Loading maps every weight's pages into the "
+              "process (the checkpoint fits in the available memory), so resident memory is about "
+              "the checkpoint's weight bytes from the start and no token stops at a page fault.",
               "",
               "GEMM on this machine (`moe bench gemm`, GFLOP/s):", "",
               "| dtype | shape | engine | library | of library | of FMA peak |", "|---|---|---|---|---|---|"]
