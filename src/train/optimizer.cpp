@@ -38,8 +38,7 @@ template <class T>
 void update(T* p, const T* g, double* m, double* v, int64_t n, double lr, double wd, double b1,
             double b2, double eps, double bc1, double bc2_sqrt) {
   const double step_size = lr / bc1;
-  // Element-wise, so any split across threads gives the same bits.
-#pragma omp parallel for schedule(static) if (n > kParallelMin)
+  // Element-wise, so any split gives the same bits (called on a piece inside a parallel region).
   for (int64_t i = 0; i < n; ++i) {
     double pi = static_cast<double>(p[i]);
     const double gi = static_cast<double>(g[i]);
@@ -51,28 +50,25 @@ void update(T* p, const T* g, double* m, double* v, int64_t n, double lr, double
   }
 }
 
-// float32 weights: the same update on the per-ISA kernels, in blocks fixed by n (the same bits
-// on any thread count; the vector paths may fuse a multiply and an add).
-void update_f32(float* p, const float* g, double* m, double* v, int64_t n, double lr, double wd,
-                double b1, double b2, double eps, double bc1, double bc2_sqrt) {
-  const double c[6] = {1 - lr * wd, b1, b2, eps, lr / bc1, bc2_sqrt};
-  const cpu::IsaKernels& k = cpu::path_kernels();
-  constexpr int64_t kBlock = 8192;
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (n > kParallelMin)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t i = b * kBlock;
-    k.adamw_f32(p + i, g + i, m + i, v + i, std::min(kBlock, n - i), c);
-  }
-}
+// A piece of one parameter's update: n elements from element `at` (a block of a run of rows
+// between frozen ones).
+struct Piece {
+  size_t slot;
+  int64_t at, n;
+};
 }  // namespace
 
 void AdamW::step(double lr) {
   ++t_;
   const double bc1 = 1 - std::pow(cfg_.beta1, static_cast<double>(t_));
   const double bc2_sqrt = std::sqrt(1 - std::pow(cfg_.beta2, static_cast<double>(t_)));
-  for (Slot& s : slots_) {
-    const double wd = s.decay ? cfg_.weight_decay : 0.0;
+  // Every parameter's pieces, updated in one parallel region (a region per parameter made the
+  // threads meet at a barrier some hundred times a step). Blocks of kBlock elements from each
+  // run's start: fixed by the shapes, so the bits do not depend on the thread count.
+  constexpr int64_t kBlock = 8192;
+  std::vector<Piece> pieces;
+  for (size_t si = 0; si < slots_.size(); ++si) {
+    const Slot& s = slots_[si];
     // Runs of rows between frozen ones (all rows when none is frozen).
     const int64_t rows = s.param.ndim() ? s.param.size(0) : 1;
     const int64_t row = rows ? s.param.numel() / rows : 0;
@@ -86,15 +82,28 @@ void AdamW::step(double lr) {
              std::find(s.frozen_rows.begin(), s.frozen_rows.end(), r1) == s.frozen_rows.end())
         ++r1;
       const int64_t at = r0 * row, n = (r1 - r0) * row;
-      if (s.param.dtype() == DType::F64) {
-        update(s.param.data<double>() + at, s.grad.data<double>() + at, s.m.data<double>() + at,
-               s.v.data<double>() + at, n, lr, wd, cfg_.beta1, cfg_.beta2, cfg_.eps, bc1, bc2_sqrt);
-      } else {
-        update_f32(s.param.data<float>() + at, s.grad.data<float>() + at, s.m.data<double>() + at,
-                   s.v.data<double>() + at, n, lr, wd, cfg_.beta1, cfg_.beta2, cfg_.eps, bc1,
-                   bc2_sqrt);
-      }
+      for (int64_t i = 0; i < n; i += kBlock)
+        pieces.push_back({si, at + i, std::min(kBlock, n - i)});
       r0 = r1;
+    }
+  }
+  const cpu::IsaKernels& k = cpu::path_kernels();
+  int64_t total = 0;
+  for (const Piece& q : pieces) total += q.n;
+  const auto count = static_cast<int64_t>(pieces.size());
+#pragma omp parallel for schedule(static) if (total > kParallelMin)
+  for (int64_t i = 0; i < count; ++i) {
+    const Piece& q = pieces[static_cast<size_t>(i)];
+    Slot& s = slots_[q.slot];
+    const double wd = s.decay ? cfg_.weight_decay : 0.0;
+    double* m = s.m.data<double>() + q.at;
+    double* v = s.v.data<double>() + q.at;
+    if (s.param.dtype() == DType::F64) {
+      update(s.param.data<double>() + q.at, s.grad.data<double>() + q.at, m, v, q.n, lr, wd,
+             cfg_.beta1, cfg_.beta2, cfg_.eps, bc1, bc2_sqrt);
+    } else {  // the per-ISA kernel (the vector paths may fuse a multiply and an add)
+      const double c[6] = {1 - lr * wd, cfg_.beta1, cfg_.beta2, cfg_.eps, lr / bc1, bc2_sqrt};
+      k.adamw_f32(s.param.data<float>() + q.at, s.grad.data<float>() + q.at, m, v, q.n, c);
     }
   }
 }

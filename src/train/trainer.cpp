@@ -232,28 +232,67 @@ namespace {
 
 // Sum of squares in double, over fixed chunks summed in order: the same bits on any number of
 // threads. The chunk sums live on the stack (at most kChunks; larger tensors use bigger chunks).
-double sum_of_squares(const float* g, int64_t n) {
+// Each tensor's sum of squares (in float64), all tensors in one parallel region: each is cut into
+// at most 64 chunks (of at least 4096 values, fixed by its size), a chunk summed in eight running
+// sums (the compiler keeps them in vector lanes) added in a fixed order, then the chunks in order:
+// the same bits on any thread count.
+std::vector<double> sums_of_squares(const std::vector<Tensor*>& tensors) {
   constexpr int64_t kChunks = 64;
-  const int64_t chunk = std::max<int64_t>(4096, (n + kChunks - 1) / kChunks);
-  const int64_t count = (n + chunk - 1) / chunk;
-  double part[kChunks] = {};
-#pragma omp parallel for schedule(static) if (count > 1)
+  struct Chunk {
+    const float* g;
+    int64_t n;
+  };
+  std::vector<Chunk> chunks;
+  std::vector<size_t> first(tensors.size() + 1);
+  int64_t total = 0;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    first[t] = chunks.size();
+    const float* g = tensors[t]->data<float>();
+    const int64_t n = tensors[t]->numel();
+    const int64_t chunk = std::max<int64_t>(4096, (n + kChunks - 1) / kChunks);
+    for (int64_t i = 0; i < n; i += chunk) chunks.push_back({g + i, std::min(chunk, n - i)});
+    total += n;
+  }
+  first[tensors.size()] = chunks.size();
+  std::vector<double> part(chunks.size());
+  const auto count = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(static) if (total > kParallelMin)
   for (int64_t c = 0; c < count; ++c) {
-    // Eight running sums (the compiler keeps them in vector lanes), added in a fixed order.
     constexpr int64_t kLanes = 8;
     double lane[kLanes] = {};
-    const int64_t i0 = c * chunk, i1 = std::min(n, (c + 1) * chunk);
-    int64_t i = i0;
-    for (; i + kLanes <= i1; i += kLanes)
+    const float* g = chunks[static_cast<size_t>(c)].g;
+    const int64_t n = chunks[static_cast<size_t>(c)].n;
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
       for (int64_t j = 0; j < kLanes; ++j) lane[j] += static_cast<double>(g[i + j]) * g[i + j];
-    for (int64_t j = 0; i < i1; ++i, ++j) lane[j] += static_cast<double>(g[i]) * g[i];
+    for (int64_t j = 0; i < n; ++i, ++j) lane[j] += static_cast<double>(g[i]) * g[i];
     double s = 0;
     for (const double v : lane) s += v;
-    part[c] = s;
+    part[static_cast<size_t>(c)] = s;
   }
-  double total = 0;
-  for (int64_t c = 0; c < count; ++c) total += part[c];
-  return total;
+  std::vector<double> sums(tensors.size(), 0.0);
+  for (size_t t = 0; t < tensors.size(); ++t)
+    for (size_t c = first[t]; c < first[t + 1]; ++c) sums[t] += part[c];
+  return sums;
+}
+
+// g *= scale for every tensor, in one parallel region.
+void scale_all(const std::vector<Tensor*>& tensors, float scale) {
+  constexpr int64_t kChunk = int64_t{1} << 14;
+  std::vector<std::pair<float*, int64_t>> chunks;
+  int64_t total = 0;
+  for (Tensor* t : tensors) {
+    float* g = t->data<float>();
+    for (int64_t i = 0; i < t->numel(); i += kChunk)
+      chunks.emplace_back(g + i, std::min(kChunk, t->numel() - i));
+    total += t->numel();
+  }
+  const auto count = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(static) if (total > kParallelMin)
+  for (int64_t c = 0; c < count; ++c) {
+    const auto [g, n] = chunks[static_cast<size_t>(c)];
+    for (int64_t i = 0; i < n; ++i) g[i] *= scale;
+  }
 }
 
 }  // namespace
@@ -330,10 +369,13 @@ StepLog Trainer::train_step() {
   // every rank, the one holding the tensor naming it).
   double sq = 0, sq_routed = 0;
   std::string bad;
-  for (NamedParam& p : model_->params()) {
-    const double s = sum_of_squares(p.grad.data<float>(), p.grad.numel());
-    if (!std::isfinite(s) && bad.empty()) bad = p.name;
-    (p.routed ? sq_routed : sq) += s;
+  std::vector<Tensor*> grads;
+  for (NamedParam& p : model_->params()) grads.push_back(&p.grad);
+  const std::vector<double> sums = sums_of_squares(grads);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const NamedParam& p = model_->params()[i];
+    if (!std::isfinite(sums[i]) && bad.empty()) bad = p.name;
+    (p.routed ? sq_routed : sq) += sums[i];
   }
   const bool any_bad = groups_ ? groups_->world.max(bad.empty() ? 0.0 : 1.0) > 0 : !bad.empty();
   MOE_CHECK(!any_bad, "train", "step {}: {}; no weight was updated", log.step,
@@ -342,15 +384,8 @@ StepLog Trainer::train_step() {
                                             : first_nonfinite(true));
   if (groups_) sq_routed = groups_->ep.sum(sq_routed);  // the experts are split over the group
   log.grad_norm = std::sqrt(sq + sq_routed);
-  if (cfg_.clip > 0 && log.grad_norm > cfg_.clip) {
-    const float scale = static_cast<float>(cfg_.clip / log.grad_norm);
-    for (NamedParam& p : model_->params()) {
-      float* g = p.grad.data<float>();
-      const int64_t n = p.grad.numel();
-#pragma omp parallel for schedule(static) if (n > kParallelMin)
-      for (int64_t i = 0; i < n; ++i) g[i] *= scale;
-    }
-  }
+  if (cfg_.clip > 0 && log.grad_norm > cfg_.clip)
+    scale_all(grads, static_cast<float>(cfg_.clip / log.grad_norm));
   log.lr = cfg_.lr_at(step_);
   opt_->step(log.lr);
   for (MoeLayer* m : model_->moe_layers()) m->after_step();
