@@ -410,7 +410,9 @@ TEST(GgufFormat, CorruptFilesAreRefusedWithClearErrors) {
   // tensor.two: n_dims (4 bytes), ne[0], ne[1] (8 each), type (4), offset (8).
   const size_t two = after(good, "tensor.two");
   expect_refused("unknown_ggml_type", with([&](std::string& b) { patch(b, two + 20, 99, 4); }),
-                 "unknown or unsupported ggml type 99");
+                 "unknown ggml type 99");
+  expect_refused("unsupported_ggml_type", with([&](std::string& b) { patch(b, two + 20, 16, 4); }),
+                 "ggml type IQ2_XXS (16) is not supported; supported: F32 (0), F16 (1)");
   expect_refused("unknown_ggml_type_names_the_known",
                  with([&](std::string& b) { patch(b, two + 20, 99, 4); }), "Q4_K (12)");
   expect_refused("misaligned_offset", with([&](std::string& b) { patch(b, two + 24, 48, 8); }),

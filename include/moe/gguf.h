@@ -47,6 +47,9 @@ struct GgmlTypeInfo {
 const GgmlTypeInfo* ggml_type_info(uint32_t t);
 const GgmlTypeInfo& ggml_type_info(GgmlType t);
 const char* ggml_type_name(GgmlType t);
+// The name of a type number ggml has (or had) that the table lacks (IQ2_XXS, Q8_K, I32, ...), for
+// error messages; nullptr for a number ggml never used.
+const char* ggml_other_type_name(uint32_t t);
 // "F32 (0), F16 (1), ...": the types the reader knows, for error messages.
 std::string ggml_known_types();
 // Bytes of `n` elements of type t (n a multiple of its block; checked).

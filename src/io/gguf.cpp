@@ -416,9 +416,16 @@ GgufFile parse_gguf(const char* data, uint64_t size, std::shared_ptr<void> owner
     const uint64_t type_at = r.pos();
     const uint32_t type = r.u32("a tensor's type");
     const GgmlTypeInfo* info = ggml_type_info(type);
-    MOE_CHECK(info != nullptr, w.c_str(),
-              "tensor '{}': unknown or unsupported ggml type {} at byte {}; supported: {}", t.name,
-              type, type_at, ggml_known_types());
+    if (info == nullptr) {
+      const char* other = ggml_other_type_name(type);
+      throw_error(
+          w.c_str(),
+          other != nullptr
+              ? fmt::format("tensor '{}': ggml type {} ({}) is not supported; supported: {}",
+                            t.name, other, type, ggml_known_types())
+              : fmt::format("tensor '{}': unknown ggml type {} at byte {}; supported: {}", t.name,
+                            type, type_at, ggml_known_types()));
+    }
     t.type = info->type;
     MOE_CHECK(t.ne[0] % info->block == 0, w.c_str(),
               "tensor '{}': ne[0] = {} is not a multiple of {}'s block size {}", t.name, t.ne[0],

@@ -247,6 +247,19 @@ const GgmlTypeInfo& ggml_type_info(GgmlType t) {
 
 const char* ggml_type_name(GgmlType t) { return ggml_type_info(t).name; }
 
+const char* ggml_other_type_name(uint32_t t) {
+  // ggml's enum ggml_type (ggml.h): the numbers of the types this reader does not handle, and those
+  // that GGUF files no longer hold (4, 5, 31 to 33, 36 to 38).
+  static const char* const names[] = {
+      nullptr, nullptr,      nullptr,      nullptr,     "Q4_2",     "Q4_3",     nullptr,
+      nullptr, nullptr,      "Q8_1",       nullptr,     nullptr,    nullptr,    nullptr,
+      nullptr, "Q8_K",       "IQ2_XXS",    "IQ2_XS",    "IQ3_XXS",  "IQ1_S",    "IQ4_NL",
+      "IQ3_S", "IQ2_S",      "IQ4_XS",     "I8",        "I16",      "I32",      "I64",
+      "F64",   "IQ1_M",      nullptr,      "Q4_0_4_4",  "Q4_0_4_8", "Q4_0_8_8", "TQ1_0",
+      "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8"};
+  return t < sizeof(names) / sizeof(names[0]) ? names[t] : nullptr;
+}
+
 std::string ggml_known_types() {
   std::string s;
   for (const GgmlTypeInfo& i : kTypes)
