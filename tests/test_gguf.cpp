@@ -329,6 +329,8 @@ TEST(GgufFormat, WrittenFilesReadBack) {
   EXPECT_EQ(f.get_i64("test.xount"), -3);
   EXPECT_EQ(f.get_f32("test.scale"), 0.25f);
   EXPECT_TRUE(f.get_bool("test.flag"));
+  EXPECT_EQ(f.get_array_size("test.names"), 3u);
+  EXPECT_THROW(f.get_bool("test.count"), Error);
   EXPECT_EQ(f.get_array_strings("test.names"), (std::vector<std::string>{"x", "yy", "zzz"}));
   try {
     f.get_u32("test.xount");
@@ -347,9 +349,18 @@ TEST(GgufFormat, WrittenFilesReadBack) {
   EXPECT_EQ(two[0], -8.0f);
   EXPECT_EQ(two[63], 8.0f);  // row 1: (31 - 16 + 1) / 2
   EXPECT_THROW(f.tensors[1].dequantize_rows(1, 2, two.data()), Error);
-  // write_gguf writes the same bytes.
-  write_gguf(path, {{"k", GgufValue::u64(1)}}, {});
-  EXPECT_EQ(load_gguf(path).get_u64("k"), 1u);
+  // write_gguf writes a file that reads back, through a temporary file and a rename.
+  write_gguf(path,
+             {{"k", GgufValue::u64(1)},
+              {"big", {GgufValueType::F64, GgufValueType::U8, 1e300}},
+              {"ints", GgufValue::array(GgufValueType::I16,
+                                        {{GgufValueType::I16, GgufValueType::U8, int64_t{-2}}})}},
+             {});
+  const GgufFile g = load_gguf(path);
+  EXPECT_EQ(g.get_u64("k"), 1u);
+  EXPECT_EQ(g.get_f64("big"), 1e300);
+  EXPECT_THROW(g.get_f32("big"), Error);  // beyond float32
+  EXPECT_EQ(g.get_array_ints("ints"), std::vector<int64_t>{-2});
   std::filesystem::remove(path);
 }
 

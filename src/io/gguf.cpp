@@ -195,6 +195,14 @@ bool int_fits(const GgufValue& v, T& out) {
   return true;
 }
 
+// A float64 as float32: refused where it is finite and beyond float32's range (the conversion would
+// be undefined), infinities and NaNs kept.
+float narrow_f32(double v, const char* where, const std::string& key) {
+  MOE_CHECK(!(std::abs(v) > std::numeric_limits<float>::max()) || std::isinf(v), where,
+            "key '{}': {} does not fit a float32", key, v);
+  return static_cast<float>(v);
+}
+
 std::string int_text(const GgufValue& v) {
   return std::holds_alternative<uint64_t>(v.v) ? std::to_string(std::get<uint64_t>(v.v))
                                                : std::to_string(std::get<int64_t>(v.v));
@@ -259,7 +267,9 @@ double GgufFile::get_f64(const std::string& key) const {
     wrong_type(*this, key, v, "a float");
   return std::get<double>(v.v);
 }
-float GgufFile::get_f32(const std::string& key) const { return static_cast<float>(get_f64(key)); }
+float GgufFile::get_f32(const std::string& key) const {
+  return narrow_f32(get_f64(key), ("gguf " + path).c_str(), key);
+}
 bool GgufFile::get_bool(const std::string& key) const {
   const GgufValue& v = get(key);
   if (v.type != GgufValueType::BOOL) wrong_type(*this, key, v, "a bool");
@@ -300,7 +310,8 @@ std::vector<float> GgufFile::get_array_f32(const std::string& key) const {
     wrong_type(*this, key, v, "an array of floats");
   std::vector<float> out;
   out.reserve(v.items().size());
-  for (const GgufValue& x : v.items()) out.push_back(static_cast<float>(std::get<double>(x.v)));
+  for (const GgufValue& x : v.items())
+    out.push_back(narrow_f32(std::get<double>(x.v), ("gguf " + path).c_str(), key));
   return out;
 }
 
@@ -497,7 +508,7 @@ void put_value(std::string& out, const GgufValue& v) {
       break;
     }
     case GgufValueType::F32: {
-      const auto x = static_cast<float>(std::get<double>(v.v));
+      const float x = narrow_f32(std::get<double>(v.v), "gguf", "(a FLOAT32 being written)");
       uint32_t bits;
       std::memcpy(&bits, &x, 4);
       put(out, bits, 4);
