@@ -342,6 +342,7 @@ TEST(GgufFormat, WrittenFilesReadBack) {
   EXPECT_EQ(f.tensors[0].name, "tensor.one");
   EXPECT_EQ(f.tensors[1].bytes, 68u);
   EXPECT_EQ(f.tensors[1].offset, 32u);  // 32 bytes of F32, aligned to 32
+  EXPECT_EQ(f.data_size, 100u);  // no padding after the last tensor, as llama.cpp writes them
   std::vector<float> one(8), two(64);
   f.tensors[0].dequantize_rows(0, 2, one.data());
   f.tensors[1].dequantize_rows(0, 2, two.data());

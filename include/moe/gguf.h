@@ -176,8 +176,9 @@ struct GgufWriteTensor {
   const void* data = nullptr;
 };
 // A GGUF version 3 file's bytes: the metadata in the order given, the tensors in the order given,
-// each at the next offset aligned to general.alignment (32 when the metadata has none). The
-// result reads back with parse_gguf (the same checks are made here).
+// each at the next offset aligned to general.alignment (32 when the metadata has none), with no
+// padding after the last (as llama.cpp writes them). The result reads back with parse_gguf (the
+// same checks are made here).
 std::string gguf_bytes(const std::vector<std::pair<std::string, GgufValue>>& metadata,
                        const std::vector<GgufWriteTensor>& tensors);
 // gguf_bytes written to `path` atomically.

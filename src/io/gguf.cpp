@@ -576,7 +576,6 @@ std::string gguf_bytes(const std::vector<std::pair<std::string, GgufValue>>& met
     out.resize(data_start + offsets[i], '\0');
     out.append(static_cast<const char*>(tensors[i].data), sizes[i]);
   }
-  out.resize(data_start + offset, '\0');
   // What is written must read back.
   parse_gguf(out.data(), out.size(), nullptr, "(being written)");
   return out;
