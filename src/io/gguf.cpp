@@ -418,7 +418,8 @@ GgufFile parse_gguf(const char* data, uint64_t size, std::shared_ptr<void> owner
     for (uint32_t d = 0; d < n_dims; ++d) {
       const uint64_t ne = r.u64("a tensor's ne");
       MOE_CHECK(ne >= 1 && ne <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()),
-                w.c_str(), "tensor '{}': ne[{}] = {} (must be at least 1)", t.name, d, ne);
+                w.c_str(), "tensor '{}': ne[{}] = {} (each must be at least 1 and below 2^63)",
+                t.name, d, ne);
       MOE_CHECK(numel <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) / ne, w.c_str(),
                 "tensor '{}': the product of its dimensions overflows", t.name);
       numel *= ne;
