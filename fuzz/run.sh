@@ -12,7 +12,7 @@ build=${1:?usage: fuzz/run.sh BUILD SECONDS [TARGET...]}
 seconds=${2:?usage: fuzz/run.sh BUILD SECONDS [TARGET...]}
 shift 2
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(fuzz_safetensors fuzz_config fuzz_tokenizer_json fuzz_tokenize fuzz_cli)
+[[ ${#targets[@]} -gt 0 ]] || targets=(fuzz_safetensors fuzz_gguf fuzz_config fuzz_tokenizer_json fuzz_tokenize fuzz_cli)
 mkdir -p "$build/fuzz_artifacts"
 
 status=0
@@ -27,6 +27,8 @@ for t in "${targets[@]}"; do
     fuzz_safetensors)
       max_len=1100000
       for d in "$fixtures"/hf/*/ "$fixtures/trained_tiny/"; do seeds+=("$d"); done ;;
+    fuzz_gguf)
+      max_len=65536 ;;  # the fixtures' GGUF files (3-6 MB) are too large to mutate usefully
     fuzz_config)
       for d in "$fixtures"/hf/*/ "$fixtures/trained_tiny/"; do seeds+=("$d"); done ;;
     fuzz_tokenizer_json)
