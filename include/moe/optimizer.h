@@ -55,8 +55,15 @@ class AdamW {
     bool decay;
     std::vector<int64_t> frozen_rows;
   };
+  // A piece of one parameter's update: n elements from element `at` (a block of a run of rows
+  // between frozen ones); made once, after the last add().
+  struct Piece {
+    size_t slot;
+    int64_t at, n;
+  };
   AdamWConfig cfg_;
   std::vector<Slot> slots_;
+  std::vector<Piece> pieces_;
   int64_t t_ = 0;
 };
 

@@ -161,6 +161,8 @@ class Trainer {
   Arena arena_;
   ModelOutput out_;                           // reused by every micro-batch
   std::vector<std::vector<int64_t>> routed_;  // StepLog::routed
+  std::vector<Tensor*> grads_;                // the step's gradients, and their sums of squares
+  std::vector<double> grad_sums_;
   std::unique_ptr<dist::ExpertGroups> groups_;
   Tensor full_batch_;  // [batch, T + 1]: the global batch, as one process would draw it
   Tensor batch_;       // this rank's rows of it (all of it in one process)

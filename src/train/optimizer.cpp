@@ -26,6 +26,7 @@ void AdamW::add(const std::string& name, Tensor param, Tensor grad, bool decay,
             "gradient of {} is {}, the parameter is {}", name, grad.str(), param.str());
   MOE_CHECK(param.dtype() == DType::F32 || param.dtype() == DType::F64, "adamw",
             "{} must be a float tensor, got {}", name, param.str());
+  pieces_.clear();  // made again at the next step
   slots_.push_back({name, param, grad, Tensor::zeros(param.shape(), DType::F64),
                     Tensor::zeros(param.shape(), DType::F64), decay, std::move(frozen_rows)});
   for (int64_t r : slots_.back().frozen_rows)
@@ -49,13 +50,6 @@ void update(T* p, const T* g, double* m, double* v, int64_t n, double lr, double
     p[i] = static_cast<T>(pi - step_size * m[i] / denom);
   }
 }
-
-// A piece of one parameter's update: n elements from element `at` (a block of a run of rows
-// between frozen ones).
-struct Piece {
-  size_t slot;
-  int64_t at, n;
-};
 }  // namespace
 
 void AdamW::step(double lr) {
@@ -66,8 +60,8 @@ void AdamW::step(double lr) {
   // threads meet at a barrier some hundred times a step). Blocks of kBlock elements from each
   // run's start: fixed by the shapes, so the bits do not depend on the thread count.
   constexpr int64_t kBlock = 8192;
-  std::vector<Piece> pieces;
-  for (size_t si = 0; si < slots_.size(); ++si) {
+  const bool make = pieces_.empty();  // once, after the last add()
+  for (size_t si = 0; make && si < slots_.size(); ++si) {
     const Slot& s = slots_[si];
     // Runs of rows between frozen ones (all rows when none is frozen).
     const int64_t rows = s.param.ndim() ? s.param.size(0) : 1;
@@ -83,17 +77,17 @@ void AdamW::step(double lr) {
         ++r1;
       const int64_t at = r0 * row, n = (r1 - r0) * row;
       for (int64_t i = 0; i < n; i += kBlock)
-        pieces.push_back({si, at + i, std::min(kBlock, n - i)});
+        pieces_.push_back({si, at + i, std::min(kBlock, n - i)});
       r0 = r1;
     }
   }
   const cpu::IsaKernels& k = cpu::path_kernels();
   int64_t total = 0;
-  for (const Piece& q : pieces) total += q.n;
-  const auto count = static_cast<int64_t>(pieces.size());
+  for (const Piece& q : pieces_) total += q.n;
+  const auto count = static_cast<int64_t>(pieces_.size());
 #pragma omp parallel for schedule(static) if (total > kParallelMin)
   for (int64_t i = 0; i < count; ++i) {
-    const Piece& q = pieces[static_cast<size_t>(i)];
+    const Piece& q = pieces_[static_cast<size_t>(i)];
     Slot& s = slots_[q.slot];
     const double wd = s.decay ? cfg_.weight_decay : 0.0;
     double* m = s.m.data<double>() + q.at;

@@ -236,14 +236,18 @@ namespace {
 // at most 64 chunks (of at least 4096 values, fixed by its size), a chunk summed in eight running
 // sums (the compiler keeps them in vector lanes) added in a fixed order, then the chunks in order:
 // the same bits on any thread count.
-std::vector<double> sums_of_squares(const std::vector<Tensor*>& tensors) {
+// `sums` receives them; the scratch is kept from step to step (a step allocates nothing).
+void sums_of_squares(const std::vector<Tensor*>& tensors, std::vector<double>& sums) {
   constexpr int64_t kChunks = 64;
   struct Chunk {
     const float* g;
     int64_t n;
   };
-  std::vector<Chunk> chunks;
-  std::vector<size_t> first(tensors.size() + 1);
+  thread_local std::vector<Chunk> chunks;
+  thread_local std::vector<size_t> first;
+  thread_local std::vector<double> part;
+  chunks.clear();
+  first.assign(tensors.size() + 1, 0);
   int64_t total = 0;
   for (size_t t = 0; t < tensors.size(); ++t) {
     first[t] = chunks.size();
@@ -254,32 +258,35 @@ std::vector<double> sums_of_squares(const std::vector<Tensor*>& tensors) {
     total += n;
   }
   first[tensors.size()] = chunks.size();
-  std::vector<double> part(chunks.size());
+  part.assign(chunks.size(), 0.0);
+  // The workers see this thread's scratch through these (their own thread_locals are others).
+  const Chunk* const chunk_at = chunks.data();
+  double* const part_at = part.data();
   const auto count = static_cast<int64_t>(chunks.size());
 #pragma omp parallel for schedule(static) if (total > kParallelMin)
   for (int64_t c = 0; c < count; ++c) {
     constexpr int64_t kLanes = 8;
     double lane[kLanes] = {};
-    const float* g = chunks[static_cast<size_t>(c)].g;
-    const int64_t n = chunks[static_cast<size_t>(c)].n;
+    const float* g = chunk_at[c].g;
+    const int64_t n = chunk_at[c].n;
     int64_t i = 0;
     for (; i + kLanes <= n; i += kLanes)
       for (int64_t j = 0; j < kLanes; ++j) lane[j] += static_cast<double>(g[i + j]) * g[i + j];
     for (int64_t j = 0; i < n; ++i, ++j) lane[j] += static_cast<double>(g[i]) * g[i];
     double s = 0;
     for (const double v : lane) s += v;
-    part[static_cast<size_t>(c)] = s;
+    part_at[c] = s;
   }
-  std::vector<double> sums(tensors.size(), 0.0);
+  sums.assign(tensors.size(), 0.0);
   for (size_t t = 0; t < tensors.size(); ++t)
     for (size_t c = first[t]; c < first[t + 1]; ++c) sums[t] += part[c];
-  return sums;
 }
 
 // g *= scale for every tensor, in one parallel region.
 void scale_all(const std::vector<Tensor*>& tensors, float scale) {
   constexpr int64_t kChunk = int64_t{1} << 14;
-  std::vector<std::pair<float*, int64_t>> chunks;
+  thread_local std::vector<std::pair<float*, int64_t>> chunks;
+  chunks.clear();
   int64_t total = 0;
   for (Tensor* t : tensors) {
     float* g = t->data<float>();
@@ -288,9 +295,10 @@ void scale_all(const std::vector<Tensor*>& tensors, float scale) {
     total += t->numel();
   }
   const auto count = static_cast<int64_t>(chunks.size());
+  const std::pair<float*, int64_t>* const chunk_at = chunks.data();  // this thread's scratch
 #pragma omp parallel for schedule(static) if (total > kParallelMin)
   for (int64_t c = 0; c < count; ++c) {
-    const auto [g, n] = chunks[static_cast<size_t>(c)];
+    const auto [g, n] = chunk_at[c];
     for (int64_t i = 0; i < n; ++i) g[i] *= scale;
   }
 }
@@ -369,13 +377,13 @@ StepLog Trainer::train_step() {
   // every rank, the one holding the tensor naming it).
   double sq = 0, sq_routed = 0;
   std::string bad;
-  std::vector<Tensor*> grads;
-  for (NamedParam& p : model_->params()) grads.push_back(&p.grad);
-  const std::vector<double> sums = sums_of_squares(grads);
-  for (size_t i = 0; i < grads.size(); ++i) {
+  grads_.clear();
+  for (NamedParam& p : model_->params()) grads_.push_back(&p.grad);
+  sums_of_squares(grads_, grad_sums_);
+  for (size_t i = 0; i < grads_.size(); ++i) {
     const NamedParam& p = model_->params()[i];
-    if (!std::isfinite(sums[i]) && bad.empty()) bad = p.name;
-    (p.routed ? sq_routed : sq) += sums[i];
+    if (!std::isfinite(grad_sums_[i]) && bad.empty()) bad = p.name;
+    (p.routed ? sq_routed : sq) += grad_sums_[i];
   }
   const bool any_bad = groups_ ? groups_->world.max(bad.empty() ? 0.0 : 1.0) > 0 : !bad.empty();
   MOE_CHECK(!any_bad, "train", "step {}: {}; no weight was updated", log.step,
@@ -385,7 +393,7 @@ StepLog Trainer::train_step() {
   if (groups_) sq_routed = groups_->ep.sum(sq_routed);  // the experts are split over the group
   log.grad_norm = std::sqrt(sq + sq_routed);
   if (cfg_.clip > 0 && log.grad_norm > cfg_.clip)
-    scale_all(grads, static_cast<float>(cfg_.clip / log.grad_norm));
+    scale_all(grads_, static_cast<float>(cfg_.clip / log.grad_norm));
   log.lr = cfg_.lr_at(step_);
   opt_->step(log.lr);
   for (MoeLayer* m : model_->moe_layers()) m->after_step();
