@@ -55,6 +55,8 @@ class HfTensors {
   void drop(const std::string& name);
   // SafetensorsFile::set_prefault for every shard, read already or later.
   void set_prefault(bool on);
+  // Bytes of the checkpoint's weight files (model.safetensors, or every shard the index names).
+  uint64_t file_bytes() const;
 
  private:
   std::string dir_;

@@ -218,6 +218,9 @@ CheckpointInfo parse_checkpoint_config(const std::string& text, const std::strin
 // HuggingFace model made with routed_experts false gets its experts from views of the files).
 void load_checkpoint_weights(Model& model, const CheckpointInfo& info,
                              WeightsAs as = WeightsAs::float32);
+// Bytes of a checkpoint folder's weight files: its model.safetensors, or a HuggingFace index's
+// shards.
+uint64_t checkpoint_weight_bytes(const CheckpointInfo& info);
 // A float32 model from a checkpoint folder: one of this engine's or a HuggingFace one; with
 // WeightsAs::stored its weight matrices stay as stored (resident memory about the checkpoint's
 // bytes, loaded in the time it takes to map the files and, where they fit in the available

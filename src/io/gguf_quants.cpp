@@ -7,6 +7,7 @@
 // This file is compiled with -ffp-contract=off (CMakeLists.txt): a fused multiply-add in
 // `d * q - m` would round once where ggml rounds twice.
 #include <cstring>
+#include <utility>
 
 #include "moe/error.h"
 #include "moe/gguf.h"
@@ -159,6 +160,14 @@ void deq_q3_k(const u8* b, float* y) {
   }
 }
 
+// Sub-block j's scale and offset in Q4_K and Q5_K: (d * sc_j, dmin * m_j), each one float32
+// product as ggml computes it.
+std::pair<float, float> k_scale(int j, const u8* sm, float d, float dmin) {
+  u8 sc, m;
+  scale_min_k4(j, sm, sc, m);
+  return {d * static_cast<float>(sc), dmin * static_cast<float>(m)};
+}
+
 // Q4_K: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins (scale_min_k4), 128 bytes of nibbles.
 // Each 64 elements read 32 bytes: low nibbles the first 32 (sub-block 2i), high nibbles the next
 // 32 (sub-block 2i + 1): (d*sc) * q - (dmin*m).
@@ -167,11 +176,8 @@ void deq_q4_k(const u8* b, float* y) {
   const u8* sm = b + 4;
   const u8* q = b + 16;
   for (int is = 0; is < 8; is += 2) {
-    u8 sc, m;
-    scale_min_k4(is, sm, sc, m);
-    const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(m);
-    scale_min_k4(is + 1, sm, sc, m);
-    const float d2 = d * static_cast<float>(sc), m2 = dmin * static_cast<float>(m);
+    const auto [d1, m1] = k_scale(is, sm, d, dmin);
+    const auto [d2, m2] = k_scale(is + 1, sm, d, dmin);
     for (int l = 0; l < 32; ++l) *y++ = d1 * static_cast<float>(q[l] & 0xF) - m1;
     for (int l = 0; l < 32; ++l) *y++ = d2 * static_cast<float>(q[l] >> 4) - m2;
     q += 32;
@@ -187,11 +193,8 @@ void deq_q5_k(const u8* b, float* y) {
   const u8* ql = b + 48;
   u8 u1 = 1, u2 = 2;
   for (int is = 0; is < 8; is += 2) {
-    u8 sc, m;
-    scale_min_k4(is, sm, sc, m);
-    const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(m);
-    scale_min_k4(is + 1, sm, sc, m);
-    const float d2 = d * static_cast<float>(sc), m2 = dmin * static_cast<float>(m);
+    const auto [d1, m1] = k_scale(is, sm, d, dmin);
+    const auto [d2, m2] = k_scale(is + 1, sm, d, dmin);
     for (int l = 0; l < 32; ++l)
       *y++ = d1 * static_cast<float>((ql[l] & 0xF) + ((qh[l] & u1) ? 16 : 0)) - m1;
     for (int l = 0; l < 32; ++l)

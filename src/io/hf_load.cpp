@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <tuple>
 
@@ -453,6 +454,18 @@ HfTensors::HfTensors(const std::string& dir) : dir_(dir) {
 void HfTensors::set_prefault(bool on) {
   prefault_ = on;
   for (auto& [name, shard] : shards_) shard.set_prefault(on);
+}
+
+uint64_t HfTensors::file_bytes() const {
+  std::set<std::string> files;
+  for (const auto& [name, file] : where_) files.insert(file);
+  uint64_t bytes = 0;
+  for (const std::string& f : files) {
+    std::error_code ec;
+    const uintmax_t n = fs::file_size(fs::path(dir_) / f, ec);
+    if (!ec) bytes += n;  // a missing shard is reported when it is read
+  }
+  return bytes;
 }
 
 bool HfTensors::has(const std::string& name) const { return where_.count(name) > 0; }

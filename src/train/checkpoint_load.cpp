@@ -191,14 +191,15 @@ void load_checkpoint_weights(Model& model, const CheckpointInfo& info, WeightsAs
     load_weights(model, (fs::path(info.dir) / "model.safetensors").string(), as);
   } else {
     HfTensors tensors(info.dir);
-    if (as == WeightsAs::stored) {
-      uint64_t bytes = 0;
-      for (const auto& e : fs::directory_iterator(info.dir))
-        if (e.path().extension() == ".safetensors") bytes += e.file_size();
-      tensors.set_prefault(fits_in_available_memory(bytes));
-    }
+    if (as == WeightsAs::stored)
+      tensors.set_prefault(fits_in_available_memory(tensors.file_bytes()));
     load_hf_weights(model, info.model_type, tensors, as == WeightsAs::stored);
   }
+}
+
+uint64_t checkpoint_weight_bytes(const CheckpointInfo& info) {
+  if (info.ours) return fs::file_size(fs::path(info.dir) / "model.safetensors");
+  return HfTensors(info.dir).file_bytes();
 }
 
 std::unique_ptr<Model> load_model(const std::string& dir, WeightsAs as) {

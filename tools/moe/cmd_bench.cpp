@@ -27,22 +27,61 @@ namespace moe::cli {
 
 namespace {
 
+// One 2048^3 product of the float32 GEMM's library, or of the bf16 GEMM (both operands bf16), at
+// a time: the step's floor measured between its steps, so that both see the machine alike.
+class GemmProbe {
+ public:
+  explicit GemmProbe(bool bf16) : bf16_(bf16) {
+    const size_t nn = static_cast<size_t>(kN * kN);
+    Rng rng(1);
+    if (bf16_) {
+      ha_.resize(nn);
+      hb_.resize(nn);
+      for (uint16_t& v : ha_) v = f32_to_bf16(static_cast<float>(rng.normal()));
+      for (uint16_t& v : hb_) v = f32_to_bf16(static_cast<float>(rng.normal()));
+    } else {
+      fa_.resize(nn);
+      fb_.resize(nn);
+      for (float& v : fa_) v = static_cast<float>(rng.normal());
+      for (float& v : fb_) v = static_cast<float>(rng.normal());
+    }
+    c_.resize(nn);
+    run_gflops();  // warm: the library's buffers and the wide units
+  }
+  double run_gflops() {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (bf16_) {
+      cpu::gemm_bf16(false, true, kN, kN, kN, 1.0f, ha_.data(), kN, hb_.data(), kN, 0.0f, c_.data(),
+                     kN);
+    } else {
+      cpu::gemm_f32_library(false, true, kN, kN, kN, 1.0f, fa_.data(), kN, fb_.data(), kN, 0.0f,
+                            c_.data(), kN);
+    }
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return 2.0 * static_cast<double>(kN * kN * kN) / s / 1e9;
+  }
+
+ private:
+  static constexpr int64_t kN = 2048;
+  bool bf16_;
+  std::vector<float> fa_, fb_, c_;
+  std::vector<uint16_t> ha_, hb_;
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
 // The machine's large-GEMM throughput (GFLOP/s): a square float32 GEMM of size 2048 in one call
 // of the best library here (cpu::gemm_f32_library, threaded its own way; the engine's tiled
 // GEMM, which keeps the bits independent of the thread count, is measured against it), the
-// median of a few runs.
+// median of five runs.
 double gemm_peak_gflops() {
-  const int64_t n = 2048;
-  Tensor a = Tensor::empty({n, n}, DType::F32), b = Tensor::empty({n, n}, DType::F32),
-         c = Tensor::empty({n, n}, DType::F32);
-  Rng rng(1);
-  rng.fill_normal(a, 0, 1);
-  rng.fill_normal(b, 0, 1);
-  const double ms = median_ms(1, 5, [&] {
-    cpu::gemm_f32_library(false, true, n, n, n, 1.0f, a.data<float>(), n, b.data<float>(), n, 0.0f,
-                          c.data<float>(), n);
-  });
-  return 2.0 * static_cast<double>(n * n * n) / ms / 1e6;
+  GemmProbe probe(false);
+  std::vector<double> runs;
+  for (int i = 0; i < 5; ++i) runs.push_back(probe.run_gflops());
+  return median(runs);
 }
 
 // The multiply-adds per token of a training step's matrix products, forward only: every active
@@ -333,52 +372,6 @@ int run_bench_train_distributed(const BenchTrain& b) {
   fmt::print("all-to-all per step         {:.2f} MB (minimum {:.2f} MB, ratio {:.2f})\n",
              bytes / 1e6, min_bytes / 1e6, min_bytes > 0 ? bytes / min_bytes : 0);
   return 0;
-}
-
-// One 2048^3 product of the float32 GEMM's library, or of the bf16 GEMM (both operands bf16), at
-// a time: the step's floor measured between its steps, so that both see the machine alike.
-class GemmProbe {
- public:
-  explicit GemmProbe(bool bf16) : bf16_(bf16) {
-    const size_t nn = static_cast<size_t>(kN * kN);
-    Rng rng(1);
-    if (bf16_) {
-      ha_.resize(nn);
-      hb_.resize(nn);
-      for (uint16_t& v : ha_) v = f32_to_bf16(static_cast<float>(rng.normal()));
-      for (uint16_t& v : hb_) v = f32_to_bf16(static_cast<float>(rng.normal()));
-    } else {
-      fa_.resize(nn);
-      fb_.resize(nn);
-      for (float& v : fa_) v = static_cast<float>(rng.normal());
-      for (float& v : fb_) v = static_cast<float>(rng.normal());
-    }
-    c_.resize(nn);
-    run_gflops();  // warm: the library's buffers and the wide units
-  }
-  double run_gflops() {
-    const auto t0 = std::chrono::steady_clock::now();
-    if (bf16_) {
-      cpu::gemm_bf16(false, true, kN, kN, kN, 1.0f, ha_.data(), kN, hb_.data(), kN, 0.0f, c_.data(),
-                     kN);
-    } else {
-      cpu::gemm_f32_library(false, true, kN, kN, kN, 1.0f, fa_.data(), kN, fb_.data(), kN, 0.0f,
-                            c_.data(), kN);
-    }
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    return 2.0 * static_cast<double>(kN * kN * kN) / s / 1e9;
-  }
-
- private:
-  static constexpr int64_t kN = 2048;
-  bool bf16_;
-  std::vector<float> fa_, fb_, c_;
-  std::vector<uint16_t> ha_, hb_;
-};
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 int run_bench_train(const BenchTrain& b) {

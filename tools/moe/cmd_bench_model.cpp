@@ -8,7 +8,6 @@
 #include <unistd.h>
 
 #include <chrono>
-#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
@@ -24,7 +23,6 @@ namespace moe::cli {
 
 namespace {
 
-namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) {
@@ -55,15 +53,6 @@ double read_bandwidth_apart() {
   close(fd[0]);
   if (pid > 0) waitpid(pid, nullptr, 0);
   return ok ? bw : read_bandwidth_gbs();
-}
-
-// Bytes of the checkpoint's weight files (*.safetensors) in `dir`.
-double checkpoint_bytes(const std::string& dir) {
-  double b = 0;
-  for (const auto& e : fs::directory_iterator(dir))
-    if (e.path().extension() == ".safetensors" && e.path().filename() != "reference.safetensors")
-      b += static_cast<double>(e.file_size());
-  return b;
 }
 
 // Bytes of weights one decoded token reads: every tensor but the routed experts and the
@@ -102,7 +91,7 @@ int bench_model(const std::string& dir, BenchModel what, int64_t tokens, int thr
   const double load_s = seconds_since(t0);
   const ModelConfig& c = model->config();
   const int64_t V = c.vocab_size;
-  const double file_bytes = checkpoint_bytes(dir);
+  const auto file_bytes = static_cast<double>(checkpoint_weight_bytes(read_checkpoint_info(dir)));
   nlohmann::json j = {{"model", dir},
                       {"threads", num_threads()},
                       {"path", cpu_path_name(cpu_path())},
