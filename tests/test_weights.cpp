@@ -58,9 +58,56 @@ Stored make_weight(WType type, int64_t rows, int64_t cols, Rng& rng) {
       for (float x : v)
         s.q.push_back(static_cast<int8_t>(std::lround(std::fmax(-127, std::fmin(127, x * 40)))));
       break;
+    default: break;  // quantized: make_quantized
   }
   return s;
 }
+
+// Where a quantized type's blocks keep their float16 scales (byte offsets in the block), or for
+// MXFP4 its E8M0 exponent byte: random bytes everywhere else are valid codes.
+std::vector<int> scale_offsets(WType t) {
+  switch (t) {
+    case WType::q4_0:
+    case WType::q5_0:
+    case WType::q8_0: return {0};
+    case WType::q4_1:
+    case WType::q5_1:
+    case WType::q4_k:
+    case WType::q5_k: return {0, 2};
+    case WType::q2_k: return {80, 82};
+    case WType::q3_k: return {108};
+    case WType::q6_k: return {208};
+    default: return {};
+  }
+}
+
+// Random blocks of a quantized type [rows, cols], their scales set to moderate values.
+struct Quantized {
+  WType type;
+  std::vector<uint8_t> bytes;
+  WeightMatrix view(int64_t rows, int64_t cols) const { return {type, bytes.data(), rows, cols}; }
+};
+Quantized make_quantized(WType type, int64_t rows, int64_t cols, Rng& rng) {
+  const DType dt = wtype_dtype(type);
+  Quantized q{type, std::vector<uint8_t>(static_cast<size_t>(rows) * dtype_bytes(dt, cols))};
+  for (uint8_t& b : q.bytes) b = static_cast<uint8_t>(rng.uniform() * 256);
+  const size_t bb = dtype_block_bytes(dt);
+  for (size_t at = 0; at < q.bytes.size(); at += bb) {
+    if (type == WType::mxfp4) {
+      q.bytes[at] = static_cast<uint8_t>(120 + rng.uniform() * 8);  // 2^-7 .. 2^0
+      continue;
+    }
+    for (int off : scale_offsets(type)) {
+      const uint16_t h = f32_to_f16(static_cast<float>((0.5 + rng.uniform()) * 0.01));
+      std::memcpy(&q.bytes[at + static_cast<size_t>(off)], &h, 2);
+    }
+  }
+  return q;
+}
+
+constexpr WType kQuantTypes[] = {WType::q4_0, WType::q4_1, WType::q5_0, WType::q5_1,
+                                 WType::q8_0, WType::q2_k, WType::q3_k, WType::q4_k,
+                                 WType::q5_k, WType::q6_k, WType::mxfp4};
 
 // The exact value of element (r, k), in double (int8: q times its scale, unrounded).
 double exact(const Stored& s, const WeightMatrix& w, int64_t r, int64_t k) {
@@ -267,6 +314,96 @@ TEST(WeightFormats, InputRowsProductWithinTheFloat32Bound) {
   }
   omp_set_num_threads(saved);
   reset_cpu_path_cap();
+}
+
+// Quantized weights (ggml's block types): the fused decode-and-dot against float64 sums of the
+// values ggml's dequantization gives (WeightMatrix::at, the scalar twin), within the float32
+// bound, on every path, for few rows of x (the decode kernel) and many (panels decoded to float32
+// for the GEMM); the rows' values as dequantize_row gives them; the same bits on 1 and 2 threads
+// and for any split of the rows.
+TEST(WeightFormats, QuantizedMatmulOnEveryPathWithinTheFloat32Bound) {
+  Rng rng(13);
+  const int saved = omp_get_max_threads();
+  for (WType type : kQuantTypes) {
+    const int64_t block = dtype_block(wtype_dtype(type));
+    for (int64_t rows : {1, 3, 6, 133}) {
+      for (int64_t cols : {block, 3 * block, int64_t{512}}) {
+        if (cols % block) continue;
+        const Quantized s = make_quantized(type, rows, cols, rng);
+        const WeightMatrix w = s.view(rows, cols);
+        // The rows as float32 are dequantize_row's, bit for bit.
+        std::vector<float> all(static_cast<size_t>(rows * cols));
+        cpu::weight_rows_f32(w, 0, rows, all.data());
+        for (int64_t r = 0; r < rows; r += 5)
+          for (int64_t k = 0; k < cols; k += 7)
+            ASSERT_EQ(all[static_cast<size_t>(r * cols + k)], w.at(r, k)) << wtype_name(type);
+        for (int64_t n : {1, 3, 4, 9}) {
+          const int64_t ldx = cols + 5, ldy = rows + 1;
+          std::vector<float> x(static_cast<size_t>(n * ldx));
+          for (float& v : x) v = static_cast<float>(rng.normal());
+          std::vector<float> first;
+          for (CpuPath p : cpu_paths_here()) {
+            set_cpu_path_cap(p);
+            for (int threads : {1, 2}) {
+              omp_set_num_threads(threads);
+              std::vector<float> y(static_cast<size_t>(n * ldy), -7.0f);
+              cpu::matmul_wt(w, x.data(), ldx, n, y.data(), ldy);
+              for (int64_t i = 0; i < n; ++i) {
+                for (int64_t r = 0; r < rows; ++r) {
+                  double ref = 0, mag = 0;
+                  for (int64_t k = 0; k < cols; ++k) {
+                    const double t = static_cast<double>(all[static_cast<size_t>(r * cols + k)]) *
+                                     x[static_cast<size_t>(i * ldx + k)];
+                    ref += t;
+                    mag += std::fabs(t);
+                  }
+                  ASSERT_LE(std::fabs(y[static_cast<size_t>(i * ldy + r)] - ref),
+                            (static_cast<double>(cols) + 3) * kU * mag + 1e-30)
+                      << wtype_name(type) << " " << cpu_path_name(p) << " rows " << rows << " cols "
+                      << cols << " n " << n;
+                }
+                ASSERT_EQ(y[static_cast<size_t>(i * ldy + rows)], -7.0f);  // padding untouched
+              }
+              if (threads == 1) {
+                first = y;
+              } else {
+                ASSERT_EQ(std::memcmp(first.data(), y.data(), y.size() * 4), 0)
+                    << wtype_name(type) << " " << cpu_path_name(p) << " n " << n;
+              }
+            }
+            if (n > cpu::kMatvecMaxRows || rows < 6) continue;
+            // Rows [5, rows) on their own give the same bits as within the whole.
+            const WeightMatrix tail{type, s.bytes.data() + 5 * w.row_bytes(), rows - 5, cols};
+            std::vector<float> part(static_cast<size_t>(n * (rows - 5)));
+            cpu::matmul_wt(tail, x.data(), ldx, n, part.data(), rows - 5);
+            for (int64_t i = 0; i < n; ++i)
+              ASSERT_EQ(std::memcmp(part.data() + i * (rows - 5), first.data() + i * ldy + 5,
+                                    static_cast<size_t>(rows - 5) * 4),
+                        0)
+                  << wtype_name(type) << " " << cpu_path_name(p);
+          }
+        }
+      }
+    }
+  }
+  omp_set_num_threads(saved);
+  reset_cpu_path_cap();
+}
+
+TEST(WeightFormats, QuantizedTensorsViewWholeBlocks) {
+  std::vector<uint8_t> bytes(2 * 144);
+  const Tensor t = Tensor::view(bytes.data(), {2, 256}, DType::Q4_K);
+  EXPECT_EQ(t.nbytes(), 288u);
+  EXPECT_EQ(t.view_at(256, {1, 256}).raw(), bytes.data() + 144);
+  EXPECT_THROW(t.view_at(128, {128}), Error);                              // not a whole block
+  EXPECT_THROW(Tensor::view(bytes.data(), {2, 100}, DType::Q4_K), Error);  // rows of 100
+  EXPECT_THROW(dtype_size(DType::Q4_K), Error);
+  const WeightMatrix w = as_weight(t);
+  EXPECT_EQ(w.type, WType::q4_k);
+  EXPECT_EQ(w.bytes(), 288u);
+  std::vector<float> x(100), y(2);
+  const WeightMatrix odd{WType::q4_k, bytes.data(), 2, 100};
+  EXPECT_THROW(cpu::matmul_wt(odd, x.data(), 100, 1, y.data(), 2), Error);
 }
 
 TEST(WeightFormats, BadArgumentsAreRefused) {

@@ -16,6 +16,8 @@
 #include <variant>
 #include <vector>
 
+#include "moe/tensor.h"
+
 namespace moe {
 
 // ggml's tensor types (the numbers are ggml's `enum ggml_type`, as GGUF stores them).
@@ -61,6 +63,16 @@ bool ggml_can_dequantize(GgmlType t);
 // ggml's dequantize_row_* (and gguf-py's dequantize). n must be a multiple of t's block size.
 // dst: n floats.
 void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n);
+
+// One block of a quantized type as float32, the values dequantize_row gives: `block` elements at
+// `out` from the block's bytes at `b`. nullptr for F32, F16 and BF16.
+using BlockDecoder = void (*)(const uint8_t* b, float* out);
+BlockDecoder ggml_block_decoder(GgmlType t);
+
+// The tensor dtype of a ggml type (every type of the table has one), and back (F32, F16, BF16 and
+// the quantized dtypes; others throw).
+DType dtype_of_ggml(GgmlType t);
+GgmlType ggml_type_of(DType d);
 
 // GGUF metadata value types (numbers as GGUF stores them).
 enum class GgufValueType : uint32_t {
@@ -147,12 +159,18 @@ struct GgufFile {
 
   bool has_tensor(const std::string& name) const { return index_.count(name) > 0; }
   const GgufTensor& tensor(const std::string& name) const;  // throws when absent
+  // Tensor `name` as a view of the mapping that keeps it alive, in PyTorch's dimension order
+  // (ne reversed: [ne[n_dims - 1], ..., ne[0]]) and the dtype of its ggml type.
+  Tensor view(const std::string& name) const;
 
  private:
   friend GgufFile parse_gguf(const char*, uint64_t, std::shared_ptr<void>, const std::string&);
   std::map<std::string, size_t> index_;
   std::shared_ptr<void> owner_;  // keeps the bytes alive
 };
+
+// Whether `path` is a regular file that begins with GGUF's magic.
+bool is_gguf_file(const std::string& path);
 
 // Reads and validates a GGUF file, memory-mapped read-only: magic "GGUF"; version 2 or 3
 // (big-endian files and version 1 refused by name); tensor and key-value counts, string and

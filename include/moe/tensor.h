@@ -1,6 +1,7 @@
 // moe/tensor.h: a dense, row-major tensor of float32, float64, int32 or int64, or of weights as
-// a checkpoint stores them (bf16, f16, int8 beside its row scales): those are read by the weight
-// kernels (moe/weights.h), never accessed element by element as another type.
+// a checkpoint stores them (bf16, f16, int8 beside its row scales, or ggml's block-quantized
+// types as GGUF files store them): those are read by the weight kernels (moe/weights.h), never
+// accessed element by element as another type.
 //
 // A Tensor either owns its buffer (Tensor::empty / zeros, 64-byte aligned) or views memory that
 // somebody else owns (Tensor::view, used for arena-backed activations). Copies share the buffer;
@@ -20,7 +21,28 @@
 
 namespace moe {
 
-enum class DType { F32, F64, I32, I64, BF16, F16, I8 };
+// The quantized types are ggml's (moe/gguf.h has their layouts): along the last dimension, every
+// dtype_block(t) elements are one block of dtype_block_bytes(t) bytes.
+enum class DType {
+  F32,
+  F64,
+  I32,
+  I64,
+  BF16,
+  F16,
+  I8,
+  Q4_0,
+  Q4_1,
+  Q5_0,
+  Q5_1,
+  Q8_0,
+  Q2_K,
+  Q3_K,
+  Q4_K,
+  Q5_K,
+  Q6_K,
+  MXFP4,
+};
 
 // A tensor's dimensions, stored inline (up to kMaxDims), so that making a tensor or a view never
 // touches the heap: the training step allocates nothing in its steady state.
@@ -62,8 +84,15 @@ class Shape {
 void to_json(nlohmann::json& j, const Shape& s);
 void from_json(const nlohmann::json& j, Shape& s);
 
+// Bytes per element; throws for the block-quantized types, which have none (dtype_bytes).
 size_t dtype_size(DType dtype);
 const char* dtype_name(DType dtype);
+bool dtype_quantized(DType dtype);
+// Elements per block (1 for the element types) and bytes per block.
+int64_t dtype_block(DType dtype);
+size_t dtype_block_bytes(DType dtype);
+// Bytes of n elements (n a multiple of the block; checked).
+size_t dtype_bytes(DType dtype, int64_t n);
 std::string shape_str(const Shape& shape);
 int64_t shape_numel(const Shape& shape);
 
@@ -104,7 +133,7 @@ class Tensor {
   int64_t ndim() const { return static_cast<int64_t>(shape_.size()); }
   int64_t size(int64_t dim) const;
   int64_t numel() const { return shape_numel(shape_); }
-  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
+  size_t nbytes() const { return dtype_bytes(dtype_, numel()); }
   std::string str() const;  // "f32[2, 3]"
 
   template <class T>
@@ -124,10 +153,10 @@ class Tensor {
   // The same memory (shared, not copied) under another shape of as many elements.
   Tensor reshaped(const Shape& shape) const;
   // A view of `shape` starting `offset` elements in, inside this tensor's memory, which it keeps
-  // alive.
+  // alive (for a block-quantized tensor, offset and shape cover whole blocks).
   Tensor view_at(int64_t offset, const Shape& shape) const;
-  // Converting copy between the float types (f32, f64; and from bf16 and f16, exactly; from f32
-  // to bf16 or f16, rounding to nearest even).
+  // Converting copy between the float types (f32, f64; and from bf16, f16 and the quantized
+  // types, exactly as ggml dequantizes; from f32 to bf16 or f16, rounding to nearest even).
   Tensor to(DType dtype) const;
   void fill(double value);  // f32, f64, i32, i64
   // Element i as double, for tests and diagnostics (float types only).

@@ -225,7 +225,11 @@ uint64_t checkpoint_weight_bytes(const CheckpointInfo& info);
 // WeightsAs::stored its weight matrices stay as stored (resident memory about the checkpoint's
 // bytes, loaded in the time it takes to map the files and, where they fit in the available
 // memory, to map their pages in: SafetensorsFile::set_prefault), for inference.
+// A GGUF file (llama.cpp's format) in place of the folder: its config from the metadata and its
+// tensors (moe/gguf_model.h); WeightsAs::stored computes from the mapped file, quantized blocks
+// included.
 std::unique_ptr<Model> load_model(const std::string& dir, WeightsAs as = WeightsAs::float32);
+std::unique_ptr<Model> load_gguf_model(const std::string& path, WeightsAs as);
 
 // Model presets by name ("tiny", "small", ...); throws listing the names when unknown.
 ModelConfig model_preset(const std::string& name);

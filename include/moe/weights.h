@@ -16,20 +16,36 @@
 #include <optional>
 #include <string>
 
-namespace moe {
+#include "moe/tensor.h"
 
-class Tensor;
+namespace moe {
 
 enum class WType {
   f32,
   bf16,  // bfloat16: the top 16 bits of a float32
   f16,   // IEEE 754 binary16
   i8,    // int8, w[r, k] = scale[r] * q[r, k] (moe quantize --to int8)
+  // ggml's block-quantized types (GGUF files; moe/gguf.h), in DType's order: each row is
+  // cols / block blocks, the products decode a block at a time in registers or a small buffer
+  // (never the whole matrix) into the values ggml's dequantization gives.
+  q4_0,
+  q4_1,
+  q5_0,
+  q5_1,
+  q8_0,
+  q2_k,
+  q3_k,
+  q4_k,
+  q5_k,
+  q6_k,
+  mxfp4,
 };
 
 const char* wtype_name(WType t);
 std::optional<WType> parse_wtype(const std::string& name);
-size_t wtype_size(WType t);  // bytes per element
+size_t wtype_size(WType t);  // bytes per element; 0 for the block-quantized types
+bool wtype_quantized(WType t);
+DType wtype_dtype(WType t);
 
 // W [rows, cols], row-major and contiguous as stored; scale [rows] for i8.
 struct WeightMatrix {
@@ -37,9 +53,10 @@ struct WeightMatrix {
   const void* data = nullptr;
   int64_t rows = 0, cols = 0;
   const float* scale = nullptr;
-  size_t bytes() const { return static_cast<size_t>(rows * cols) * wtype_size(type); }
+  size_t row_bytes() const;
+  size_t bytes() const { return static_cast<size_t>(rows) * row_bytes(); }
   // Row r, element k, widened to float32 exactly (bf16, f16 and int8 are exact in float32; the
-  // i8 scale's product rounds once).
+  // i8 scale's product rounds once; a quantized block as ggml dequantizes it).
   float at(int64_t r, int64_t k) const;
 };
 
@@ -51,8 +68,8 @@ uint16_t f32_to_bf16(float f);
 // float32 to IEEE binary16, to nearest, ties to even (overflow to infinity, NaN stays NaN).
 uint16_t f32_to_f16(float f);
 
-// A tensor [rows, cols] (or [1, rows, cols]) of f32, bf16, f16, or i8 with its float32 scales
-// [rows], as a weight matrix; anything else is an error naming the tensor's dtype.
+// A tensor [rows, cols] (or [1, rows, cols]) of f32, bf16, f16, a quantized type, or i8 with its
+// float32 scales [rows], as a weight matrix; anything else is an error naming the tensor's dtype.
 WeightMatrix as_weight(const Tensor& w, const Tensor* scale = nullptr);
 
 namespace cpu {

@@ -8,6 +8,7 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 
+#include "moe/gguf.h"
 #include "moe/weights.h"
 
 namespace moe {
@@ -21,8 +22,12 @@ size_t dtype_size(DType dtype) {
     case DType::BF16:
     case DType::F16: return 2;
     case DType::I8: return 1;
+    default: break;
   }
-  return 0;
+  throw_error("tensor",
+              fmt::format("{} is block-quantized: it has no size per element (its "
+                          "block of {} elements takes {} bytes)",
+                          dtype_name(dtype), dtype_block(dtype), dtype_block_bytes(dtype)));
 }
 
 const char* dtype_name(DType dtype) {
@@ -34,8 +39,24 @@ const char* dtype_name(DType dtype) {
     case DType::BF16: return "bf16";
     case DType::F16: return "f16";
     case DType::I8: return "i8";
+    default: return ggml_type_name(ggml_type_of(dtype));
   }
-  return "?";
+}
+
+bool dtype_quantized(DType dtype) { return dtype >= DType::Q4_0; }
+
+int64_t dtype_block(DType dtype) {
+  return dtype_quantized(dtype) ? ggml_type_info(ggml_type_of(dtype)).block : 1;
+}
+
+size_t dtype_block_bytes(DType dtype) {
+  return dtype_quantized(dtype) ? ggml_type_info(ggml_type_of(dtype)).block_size
+                                : dtype_size(dtype);
+}
+
+size_t dtype_bytes(DType dtype, int64_t n) {
+  if (!dtype_quantized(dtype)) return static_cast<size_t>(n) * dtype_size(dtype);
+  return ggml_row_bytes(ggml_type_of(dtype), n);
 }
 
 void to_json(nlohmann::json& j, const Shape& s) { j = s.vec(); }
@@ -55,7 +76,7 @@ int64_t shape_numel(const Shape& shape) {
 
 namespace {
 
-void check_shape(const Shape& shape) {
+void check_shape(const Shape& shape, DType dtype) {
   int64_t n = 1;
   for (int64_t d : shape) {
     MOE_CHECK(d >= 0, "tensor", "negative dimension in shape {}", shape_str(shape));
@@ -63,6 +84,10 @@ void check_shape(const Shape& shape) {
               "shape {} is too large", shape_str(shape));
     n *= d;
   }
+  const int64_t block = dtype_block(dtype);
+  MOE_CHECK(block == 1 || (!shape.empty() && shape.back() % block == 0), "tensor",
+            "a {} tensor's rows are whole blocks of {} elements: shape {}", dtype_name(dtype),
+            block, shape_str(shape));
 }
 
 template <class T>
@@ -74,7 +99,7 @@ void fill_typed(void* p, int64_t n, double v) {
 }  // namespace
 
 Tensor Tensor::empty(const Shape& shape, DType dtype) {
-  check_shape(shape);
+  check_shape(shape, dtype);
   Tensor t;
   t.shape_ = shape;
   t.dtype_ = dtype;
@@ -91,7 +116,7 @@ Tensor Tensor::empty(const Shape& shape, DType dtype) {
 }
 
 Tensor Tensor::zeros(const Shape& shape, DType dtype) {
-  check_shape(shape);
+  check_shape(shape, dtype);
   Tensor t;
   t.shape_ = shape;
   t.dtype_ = dtype;
@@ -106,7 +131,7 @@ Tensor Tensor::zeros(const Shape& shape, DType dtype) {
 }
 
 Tensor Tensor::view(void* data, const Shape& shape, DType dtype) {
-  check_shape(shape);
+  check_shape(shape, dtype);
   Tensor t;
   t.shape_ = shape;
   t.dtype_ = dtype;
@@ -134,7 +159,7 @@ Tensor Tensor::clone() const {
 }
 
 Tensor Tensor::reshaped(const Shape& shape) const {
-  check_shape(shape);
+  check_shape(shape, dtype_);
   MOE_CHECK(shape_numel(shape) == numel(), "tensor", "cannot view {} as {}", str(),
             shape_str(shape));
   Tensor t = *this;
@@ -143,17 +168,29 @@ Tensor Tensor::reshaped(const Shape& shape) const {
 }
 
 Tensor Tensor::view_at(int64_t offset, const Shape& shape) const {
-  check_shape(shape);
+  check_shape(shape, dtype_);
   MOE_CHECK(offset >= 0 && offset + shape_numel(shape) <= numel(), "tensor",
             "a view of {} at element {} does not fit in {}", shape_str(shape), offset, str());
   Tensor t = *this;
   t.shape_ = shape;
-  t.data_ = static_cast<char*>(data_) + static_cast<size_t>(offset) * dtype_size(dtype_);
+  MOE_CHECK(offset % dtype_block(dtype_) == 0, "tensor",
+            "a view of {} at element {}: not at a block of {} elements", str(), offset,
+            dtype_block(dtype_));
+  t.data_ = static_cast<char*>(data_) + dtype_bytes(dtype_, offset);
   return t;
 }
 
 Tensor Tensor::to(DType dtype) const {
   if (dtype == dtype_) return clone();
+  if (dtype_quantized(dtype_) && (dtype == DType::F32 || dtype == DType::F64)) {
+    Tensor t = empty(shape_, DType::F32);  // row by row, as ggml dequantizes
+    const int64_t cols = shape_.back(), rows = cols > 0 ? numel() / cols : 0;
+    const size_t row_bytes = dtype_bytes(dtype_, cols);
+    for (int64_t r = 0; r < rows; ++r)
+      dequantize_row(ggml_type_of(dtype_), static_cast<const char*>(data_) + r * row_bytes,
+                     t.data<float>() + r * cols, cols);
+    return dtype == DType::F32 ? t : t.to(dtype);
+  }
   const bool from16 = dtype_ == DType::BF16 || dtype_ == DType::F16;
   const bool from_float = dtype_ == DType::F32 || dtype_ == DType::F64 || from16;
   MOE_CHECK(from_float && (dtype == DType::F32 || dtype == DType::F64 ||
@@ -201,7 +238,7 @@ void Tensor::fill(double value) {
     case DType::I64: fill_typed<int64_t>(data_, numel(), value); break;
     case DType::BF16:
     case DType::F16:
-    case DType::I8:
+    default:
       throw_error("tensor", fmt::format("fill is not defined for {} tensors", dtype_name(dtype_)));
   }
 }
@@ -220,8 +257,16 @@ double Tensor::at(int64_t i) const {
       return dtype_ == DType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
     }
     case DType::I8: return static_cast<const int8_t*>(data_)[i];
+    default: break;
   }
-  return 0;
+  // A block-quantized tensor: the block holding element i, dequantized.
+  const int64_t block = dtype_block(dtype_);
+  float values[256];
+  MOE_CHECK(block <= 256, "tensor", "{}: blocks of {} elements", str(), block);
+  dequantize_row(ggml_type_of(dtype_),
+                 static_cast<const char*>(data_) + dtype_bytes(dtype_, i / block * block), values,
+                 block);
+  return values[i % block];
 }
 
 void Tensor::expect(const char* where, const char* what, const Shape& shape, DType dtype) const {

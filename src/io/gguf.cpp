@@ -321,6 +321,24 @@ const GgufTensor& GgufFile::tensor(const std::string& name) const {
   return tensors[it->second];
 }
 
+Tensor GgufFile::view(const std::string& name) const {
+  const GgufTensor& t = tensor(name);
+  Shape shape;
+  for (int i = t.n_dims - 1; i >= 0; --i) shape.push_back(t.ne[static_cast<size_t>(i)]);
+  return Tensor::view(const_cast<char*>(t.data), shape, dtype_of_ggml(t.type), owner_);
+}
+
+bool is_gguf_file(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return false;
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) return false;
+  char magic[4] = {};
+  const bool ok = ::read(fd, magic, 4) == 4 && std::memcmp(magic, "GGUF", 4) == 0;
+  ::close(fd);
+  return ok;
+}
+
 GgufFile load_gguf(const std::string& path) {
   const std::string w = "gguf " + path;
   const int fd = ::open(path.c_str(), O_RDONLY);

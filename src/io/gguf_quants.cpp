@@ -285,7 +285,7 @@ void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n) {
             "{} elements of {}: not a multiple of its block of {}", n, info.name, info.block);
   const auto* b = static_cast<const u8*>(src);
   const int64_t nb = n / info.block;
-  void (*block_fn)(const u8*, float*) = nullptr;
+  const BlockDecoder block_fn = ggml_block_decoder(t);
   switch (t) {
     case GgmlType::F32:
       if (n > 0) std::memcpy(dst, src, static_cast<size_t>(n) * 4);
@@ -296,21 +296,51 @@ void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n) {
     case GgmlType::BF16:
       for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(le16(b + 2 * i));
       return;
-    case GgmlType::Q4_0: block_fn = deq_q4_0; break;
-    case GgmlType::Q4_1: block_fn = deq_q4_1; break;
-    case GgmlType::Q5_0: block_fn = deq_q5_0; break;
-    case GgmlType::Q5_1: block_fn = deq_q5_1; break;
-    case GgmlType::Q8_0: block_fn = deq_q8_0; break;
-    case GgmlType::Q2_K: block_fn = deq_q2_k; break;
-    case GgmlType::Q3_K: block_fn = deq_q3_k; break;
-    case GgmlType::Q4_K: block_fn = deq_q4_k; break;
-    case GgmlType::Q5_K: block_fn = deq_q5_k; break;
-    case GgmlType::Q6_K: block_fn = deq_q6_k; break;
-    case GgmlType::MXFP4: block_fn = deq_mxfp4; break;
+    default: break;
   }
   MOE_CHECK(block_fn != nullptr, "dequantize", "cannot dequantize ggml type {}", info.name);
   for (int64_t i = 0; i < nb; ++i)
     block_fn(b + i * static_cast<int64_t>(info.block_size), dst + i * info.block);
+}
+
+BlockDecoder ggml_block_decoder(GgmlType t) {
+  switch (t) {
+    case GgmlType::Q4_0: return deq_q4_0;
+    case GgmlType::Q4_1: return deq_q4_1;
+    case GgmlType::Q5_0: return deq_q5_0;
+    case GgmlType::Q5_1: return deq_q5_1;
+    case GgmlType::Q8_0: return deq_q8_0;
+    case GgmlType::Q2_K: return deq_q2_k;
+    case GgmlType::Q3_K: return deq_q3_k;
+    case GgmlType::Q4_K: return deq_q4_k;
+    case GgmlType::Q5_K: return deq_q5_k;
+    case GgmlType::Q6_K: return deq_q6_k;
+    case GgmlType::MXFP4: return deq_mxfp4;
+    default: return nullptr;
+  }
+}
+
+namespace {
+// ggml types and tensor dtypes, one to one.
+constexpr std::pair<GgmlType, DType> kDtypes[] = {
+    {GgmlType::F32, DType::F32},   {GgmlType::F16, DType::F16},     {GgmlType::BF16, DType::BF16},
+    {GgmlType::Q4_0, DType::Q4_0}, {GgmlType::Q4_1, DType::Q4_1},   {GgmlType::Q5_0, DType::Q5_0},
+    {GgmlType::Q5_1, DType::Q5_1}, {GgmlType::Q8_0, DType::Q8_0},   {GgmlType::Q2_K, DType::Q2_K},
+    {GgmlType::Q3_K, DType::Q3_K}, {GgmlType::Q4_K, DType::Q4_K},   {GgmlType::Q5_K, DType::Q5_K},
+    {GgmlType::Q6_K, DType::Q6_K}, {GgmlType::MXFP4, DType::MXFP4},
+};
+}  // namespace
+
+DType dtype_of_ggml(GgmlType t) {
+  for (const auto& [g, d] : kDtypes)
+    if (g == t) return d;
+  throw_error("gguf", fmt::format("ggml type {} has no tensor dtype", static_cast<uint32_t>(t)));
+}
+
+GgmlType ggml_type_of(DType d) {
+  for (const auto& [g, dt] : kDtypes)
+    if (dt == d) return g;
+  throw_error("gguf", fmt::format("dtype {} is not a ggml type", static_cast<int>(d)));
 }
 
 void GgufTensor::dequantize_rows(int64_t first, int64_t n, float* out) const {

@@ -114,8 +114,11 @@ const char* st_dtype(DType d) {
     case DType::BF16: return "BF16";
     case DType::F16: return "F16";
     case DType::I8: return "I8";
+    default: break;
   }
-  return "?";
+  throw_error(
+      "safetensors",
+      fmt::format("{} tensors have no safetensors dtype (write them as GGUF)", dtype_name(d)));
 }
 
 }  // namespace

@@ -772,10 +772,12 @@ void Model::set_weight(const std::string& name, const Tensor& t) {
                                [&](const NamedParam& p) { return p.name == name; });
   MOE_CHECK(it != m.named.end(), w, "the model has no parameter {}", name);
   const Shape want = it->value.shape();
-  const bool stored = t.dtype() == DType::BF16 || t.dtype() == DType::F16;
+  const bool stored =
+      t.dtype() == DType::BF16 || t.dtype() == DType::F16 || dtype_quantized(t.dtype());
   MOE_CHECK(t.dtype() == m.dtype || (stored && m.dtype == DType::F32), w,
             "{} is {}: a {} model takes {} weights{}", name, t.str(), dtype_name(m.dtype),
-            dtype_name(m.dtype), m.dtype == DType::F32 ? " or bf16 / f16 weight matrices" : "");
+            dtype_name(m.dtype),
+            m.dtype == DType::F32 ? " or bf16 / f16 / quantized weight matrices" : "");
   // Its shape, up to leading dimensions of 1 ([1, F, D] for [F, D]).
   auto squeeze = [](const Shape& s) {
     Shape o;
@@ -791,8 +793,8 @@ void Model::set_weight(const std::string& name, const Tensor& t) {
   Tensor* slot = m.weight_slot(name, &matrix);
   MOE_CHECK(slot != nullptr, w, "{} cannot be replaced", name);
   MOE_CHECK(!stored || matrix, w,
-            "{} is {}: only weight matrices may stay bf16 / f16 (norms, biases and the router "
-            "compute in the model's dtype)",
+            "{} is {}: only weight matrices may stay bf16 / f16 / quantized (norms, biases and "
+            "the router compute in the model's dtype)",
             name, t.str());
   const Tensor v = t.reshaped(slot->shape());
   if (slot == &m.embed.value && m.cfg.tie_embeddings) m.lm_head.value = v;

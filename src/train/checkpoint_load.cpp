@@ -5,6 +5,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "moe/gguf_model.h"
 #include "moe/hf.h"
 #include "moe/json_read.h"
 #include "moe/safetensors.h"
@@ -16,6 +17,7 @@ namespace moe {
 namespace fs = std::filesystem;
 
 std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& dir) {
+  if (is_gguf_file(dir)) return load_tokenizer(dir);
   const fs::path ckpt = resolve_checkpoint(dir);
   if (fs::exists(ckpt / "tokenizer.json") || fs::exists(ckpt / "tokenizer.model"))
     return load_tokenizer(ckpt.string());
@@ -203,12 +205,25 @@ uint64_t checkpoint_weight_bytes(const CheckpointInfo& info) {
 }
 
 std::unique_ptr<Model> load_model(const std::string& dir, WeightsAs as) {
+  if (is_gguf_file(dir)) return load_gguf_model(dir, as);
   const CheckpointInfo info = read_checkpoint_info(dir);
   verify_checkpoint_files(info.dir);
   // Stored weights: the routed experts are views of the files, not the layers' own.
   const bool views = experts_as_views(info, as);
   auto model = std::make_unique<Model>(info.config, DType::F32, /*routed_experts=*/!views);
   load_checkpoint_weights(*model, info, views || info.ours ? as : WeightsAs::float32);
+  model->set_training(false);
+  return model;
+}
+
+std::unique_ptr<Model> load_gguf_model(const std::string& path, WeightsAs as) {
+  const GgufFile f = load_gguf(path);
+  const bool stored = as == WeightsAs::stored;
+  auto model = std::make_unique<Model>(config_from_gguf(f), DType::F32, /*routed_experts=*/!stored);
+  // Mapped pages are read in at once where the file fits in memory (as for safetensors).
+  if (stored && fits_in_available_memory(f.data_size))
+    prefault_mapped_pages(f.data_begin, f.data_size);
+  load_gguf_weights(*model, f, stored);
   model->set_training(false);
   return model;
 }

@@ -13,11 +13,26 @@
 #include "kernels/cpu/isa/scalar_convert.h"
 #include "moe/cpu.h"
 #include "moe/error.h"
+#include "moe/gguf.h"
 #include "moe/kernels.h"
 #include "moe/tensor.h"
 #include "moe/threading.h"
 
 namespace moe {
+
+bool wtype_quantized(WType t) { return t >= WType::q4_0; }
+
+DType wtype_dtype(WType t) {
+  switch (t) {
+    case WType::f32: return DType::F32;
+    case WType::bf16: return DType::BF16;
+    case WType::f16: return DType::F16;
+    case WType::i8: return DType::I8;
+    default:  // the quantized types, in the same order
+      return static_cast<DType>(static_cast<int>(DType::Q4_0) + static_cast<int>(t) -
+                                static_cast<int>(WType::q4_0));
+  }
+}
 
 const char* wtype_name(WType t) {
   switch (t) {
@@ -25,8 +40,8 @@ const char* wtype_name(WType t) {
     case WType::bf16: return "bf16";
     case WType::f16: return "f16";
     case WType::i8: return "i8";
+    default: return dtype_name(wtype_dtype(t));
   }
-  return "?";
 }
 
 std::optional<WType> parse_wtype(const std::string& name) {
@@ -41,8 +56,13 @@ size_t wtype_size(WType t) {
     case WType::bf16:
     case WType::f16: return 2;
     case WType::i8: return 1;
+    default: return 0;
   }
-  return 0;
+}
+
+size_t WeightMatrix::row_bytes() const {
+  return wtype_quantized(type) ? dtype_bytes(wtype_dtype(type), cols)
+                               : static_cast<size_t>(cols) * wtype_size(type);
 }
 
 float bf16_to_f32(uint16_t h) { return cpu::scalar::bf16_to_f32(h); }
@@ -81,8 +101,17 @@ float WeightMatrix::at(int64_t r, int64_t k) const {
     case WType::bf16: return bf16_to_f32(scalar_load16(data, i));
     case WType::f16: return f16_to_f32(scalar_load16(data, i));
     case WType::i8: return static_cast<float>(static_cast<const int8_t*>(data)[i]) * scale[r];
+    default: break;
   }
-  return 0;
+  const DType dt = wtype_dtype(type);  // the block holding (r, k), dequantized
+  const int64_t block = dtype_block(dt);
+  float values[256];
+  MOE_CHECK(block <= 256, "weights", "blocks of {} elements", block);
+  dequantize_row(ggml_type_of(dt),
+                 static_cast<const char*>(data) + static_cast<size_t>(r) * row_bytes() +
+                     dtype_bytes(dt, k / block * block),
+                 values, block);
+  return values[k % block];
 }
 
 WeightMatrix as_weight(const Tensor& w, const Tensor* scale) {
@@ -96,9 +125,12 @@ WeightMatrix as_weight(const Tensor& w, const Tensor* scale) {
     case DType::F16: t = WType::f16; break;
     case DType::I8: t = WType::i8; break;
     default:
-      throw_error("weights", fmt::format("{} weights cannot be computed from as stored (f32, "
-                                         "bf16, f16 and i8 can)",
-                                         dtype_name(w.dtype())));
+      MOE_CHECK(dtype_quantized(w.dtype()), "weights",
+                "{} weights cannot be computed from as stored (f32, bf16, f16, i8 and ggml's "
+                "quantized types can)",
+                dtype_name(w.dtype()));
+      t = static_cast<WType>(static_cast<int>(WType::q4_0) + static_cast<int>(w.dtype()) -
+                             static_cast<int>(DType::Q4_0));
   }
   const int64_t rows = w.size(nd - 2), cols = w.size(nd - 1);
   if (t != WType::i8) return {t, w.raw(), rows, cols, nullptr};
@@ -154,6 +186,9 @@ void check(const WeightMatrix& w, const char* where) {
   MOE_CHECK(w.data || w.rows * w.cols == 0, where, "weight [{}, {}] has no data", w.rows, w.cols);
   MOE_CHECK(w.type != WType::i8 || w.scale || w.rows == 0, where,
             "an int8 weight [{}, {}] needs its row scales", w.rows, w.cols);
+  MOE_CHECK(!wtype_quantized(w.type) || w.cols % dtype_block(wtype_dtype(w.type)) == 0, where,
+            "a {} weight's rows are whole blocks of {} elements, not {}", wtype_name(w.type),
+            dtype_block(wtype_dtype(w.type)), w.cols);
 }
 
 // Runs task(t) for t < tasks: on all threads outside a parallel region (when the work is worth
@@ -171,6 +206,13 @@ void for_tasks(int64_t tasks, int64_t work, const Task& task) {
   }
 }
 
+// The block layout and decoder of a quantized weight type, for the ISA kernels.
+QuantFormat quant_format(WType t) {
+  const DType d = wtype_dtype(t);
+  return {dtype_block(d), static_cast<int64_t>(dtype_block_bytes(d)),
+          ggml_block_decoder(ggml_type_of(d))};
+}
+
 void dot_block(const IsaKernels& k, const WeightMatrix& w, const float* x, int64_t ldx, int64_t n,
                int64_t r0, int64_t r1, float* y, int64_t ldy) {
   switch (w.type) {
@@ -186,6 +228,9 @@ void dot_block(const IsaKernels& k, const WeightMatrix& w, const float* x, int64
     case WType::i8:
       k.dot_i8(static_cast<const int8_t*>(w.data), w.scale, w.cols, x, ldx, n, r0, r1, y, ldy);
       break;
+    default:
+      k.dot_q(quant_format(w.type), static_cast<const uint8_t*>(w.data), w.cols, x, ldx, n, r0, r1,
+              y, ldy);
   }
 }
 
@@ -200,6 +245,11 @@ void rows_f32(const IsaKernels& k, const WeightMatrix& w, int64_t r0, int64_t r1
     case WType::i8:
       k.rows_i8(static_cast<const int8_t*>(w.data), w.scale, w.cols, r0, r1, out);
       break;
+    default:
+      for (int64_t r = r0; r < r1; ++r)
+        dequantize_row(ggml_type_of(wtype_dtype(w.type)),
+                       static_cast<const char*>(w.data) + static_cast<size_t>(r) * w.row_bytes(),
+                       out + (r - r0) * w.cols, w.cols);
   }
 }
 

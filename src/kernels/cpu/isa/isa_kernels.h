@@ -14,6 +14,15 @@
 
 namespace moe::cpu {
 
+// A block-quantized row format (ggml's types): `block` elements in `block_bytes` bytes, decode
+// writing one block's float32 values (moe::ggml_block_decoder, the values ggml's dequantization
+// gives).
+struct QuantFormat {
+  int64_t block;
+  int64_t block_bytes;
+  void (*decode)(const uint8_t* b, float* out);
+};
+
 struct IsaKernels {
   const char* target;
   // y[i * ldy + r] = sum_k w[r * cols + k] x[i * ldx + k] for r in [r0, r1), i < n (n <= 4);
@@ -26,6 +35,11 @@ struct IsaKernels {
                   int64_t r0, int64_t r1, float* y, int64_t ldy);
   void (*dot_i8)(const int8_t* w, const float* scale, int64_t cols, const float* x, int64_t ldx,
                  int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy);
+  // The same for quantized rows (cols / q.block blocks each): a block of four rows decoded into
+  // a buffer at a time, then multiplied in registers. A row's sum runs lane-wise over k, then
+  // across lanes, whatever rows it is decoded with.
+  void (*dot_q)(QuantFormat q, const uint8_t* w, int64_t cols, const float* x, int64_t ldx,
+                int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy);
   // out[(r - r0) * cols + k] = w[r, k] as float32, r in [r0, r1).
   void (*rows_bf16)(const uint16_t* w, int64_t cols, int64_t r0, int64_t r1, float* out);
   void (*rows_f16)(const uint16_t* w, int64_t cols, int64_t r0, int64_t r1, float* out);

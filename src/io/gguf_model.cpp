@@ -1,0 +1,219 @@
+// GGUF model files as models (moe/gguf_model.h): llama.cpp's metadata keys and tensor names
+// (its llama-arch.cpp and convert_hf_to_gguf.py) mapped onto this engine's config and parameters.
+// The config goes through the HuggingFace config.json the file's metadata stands for, so that one
+// mapping (hf_config.cpp) knows each architecture's variants and refuses what is not supported.
+#include "moe/gguf_model.h"
+
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "moe/error.h"
+#include "moe/hf.h"
+
+namespace moe {
+
+namespace {
+
+using nlohmann::json;
+
+const char* const kWhere = "gguf";
+
+// Metadata of the file's architecture: "{arch}.{key}".
+struct Meta {
+  const GgufFile& f;
+  std::string arch;
+  std::string key(const std::string& k) const { return arch + "." + k; }
+  bool has(const std::string& k) const { return f.has(key(k)); }
+  int64_t i(const std::string& k) const { return f.get_i64(key(k)); }
+  int64_t i_or(const std::string& k, int64_t fallback) const { return has(k) ? i(k) : fallback; }
+  double d(const std::string& k) const { return f.get_f64(key(k)); }
+  double d_or(const std::string& k, double fallback) const { return has(k) ? d(k) : fallback; }
+};
+
+// The vocabulary size: the token list's length, or the embedding's rows.
+int64_t vocab_size(const GgufFile& f) {
+  if (f.has("tokenizer.ggml.tokens"))
+    return static_cast<int64_t>(f.get_array_size("tokenizer.ggml.tokens"));
+  return f.tensor("token_embd.weight").ne[1];
+}
+
+// The fields every architecture shares (Llama's names in config.json).
+json common_config(const Meta& m) {
+  const GgufFile& f = m.f;
+  json j;
+  j["vocab_size"] = vocab_size(f);
+  j["hidden_size"] = m.i("embedding_length");
+  j["num_hidden_layers"] = m.i("block_count");
+  j["num_attention_heads"] = m.i("attention.head_count");
+  j["num_key_value_heads"] = m.i_or("attention.head_count_kv", m.i("attention.head_count"));
+  j["max_position_embeddings"] = m.i_or("context_length", 4096);
+  j["rms_norm_eps"] = m.d("attention.layer_norm_rms_epsilon");
+  j["rope_theta"] = m.d_or("rope.freq_base", 10000.0);
+  j["tie_word_embeddings"] = !f.has_tensor("output.weight");
+  if (m.has("attention.key_length")) {
+    const int64_t k = m.i("attention.key_length");
+    MOE_CHECK(m.i_or("attention.value_length", k) == k, kWhere,
+              "{}: {} = {} and {} = {}: keys and values of different widths are not supported",
+              f.path, m.key("attention.key_length"), k, m.key("attention.value_length"),
+              m.i("attention.value_length"));
+    j["head_dim"] = k;
+  }
+  if (m.has("rope.scaling.type")) {
+    const std::string type = f.get_string(m.key("rope.scaling.type"));
+    MOE_CHECK(type == "none", kWhere, "{}: rope scaling '{}' is not supported yet", f.path, type);
+  }
+  j["num_experts_per_tok"] = m.i("expert_used_count");
+  return j;
+}
+
+}  // namespace
+
+std::vector<std::string> gguf_architectures() { return {"qwen3moe", "qwen2moe", "olmoe", "llama"}; }
+
+ModelConfig config_from_gguf(const GgufFile& f) {
+  const Meta m{f, f.get_string("general.architecture")};
+  const std::string& arch = m.arch;
+  std::string known;
+  for (const std::string& a : gguf_architectures()) known += (known.empty() ? "" : ", ") + a;
+  MOE_CHECK(arch == "qwen3moe" || arch == "qwen2moe" || arch == "olmoe" || arch == "llama", kWhere,
+            "{}: architecture '{}' is not supported ({})", f.path, arch, known);
+  MOE_CHECK(m.has("expert_count") && m.i("expert_count") > 0, kWhere,
+            "{}: a '{}' model without experts ({} missing or 0) is a dense model, which this "
+            "engine does not run",
+            f.path, arch, m.key("expert_count"));
+  json j = common_config(m);
+  const int64_t E = m.i("expert_count");
+  // The expert width: expert_feed_forward_length where the converter writes it (Qwen), else
+  // feed_forward_length (Mixtral, OLMoE).
+  const int64_t F = m.i_or("expert_feed_forward_length", m.i("feed_forward_length"));
+  if (arch == "llama") {
+    j["model_type"] = "mixtral";
+    j["num_local_experts"] = E;
+    j["intermediate_size"] = F;
+    if (m.has("rope.dimension_count") && !j.contains("head_dim"))
+      j["head_dim"] = m.i("rope.dimension_count");
+  } else {
+    j["model_type"] = arch == "qwen3moe" ? "qwen3_moe" : arch == "qwen2moe" ? "qwen2_moe" : "olmoe";
+    j["num_experts"] = E;
+    j["moe_intermediate_size"] = F;
+    j["intermediate_size"] = m.i_or("feed_forward_length", F);
+    // llama.cpp's build_moe_ffn renormalizes the top-k weights for Qwen3-MoE only.
+    j["norm_topk_prob"] = arch == "qwen3moe";
+    if (arch == "qwen2moe") {
+      j["qkv_bias"] = f.has_tensor("blk.0.attn_q.bias");
+      if (m.has("expert_shared_feed_forward_length"))
+        j["shared_expert_intermediate_size"] = m.i("expert_shared_feed_forward_length");
+    }
+  }
+  ModelConfig c = config_from_hf(j);
+  // Mixtral's q and k rows come permuted for rotation of adjacent pairs (see the header).
+  if (arch == "llama") c.rope_interleave = true;
+  c.validate();
+  return c;
+}
+
+namespace {
+
+// The GGUF name of our parameter `ours` (names of docs/model.md), or empty when it has none.
+std::string gguf_name(const std::string& ours) {
+  if (ours == "embed.weight") return "token_embd.weight";
+  if (ours == "norm.weight") return "output_norm.weight";
+  if (ours == "lm_head.weight") return "output.weight";
+  if (ours.rfind("layers.", 0) != 0) return "";
+  const size_t dot = ours.find('.', 7);
+  if (dot == std::string::npos) return "";
+  const std::string blk = "blk." + ours.substr(7, dot - 7) + ".", rest = ours.substr(dot + 1);
+  static const std::pair<const char*, const char*> kNames[] = {
+      {"attn_norm.weight", "attn_norm.weight"},
+      {"ffn_norm.weight", "ffn_norm.weight"},
+      {"attn.wq", "attn_q.weight"},
+      {"attn.wk", "attn_k.weight"},
+      {"attn.wv", "attn_v.weight"},
+      {"attn.wo", "attn_output.weight"},
+      {"attn.b_q", "attn_q.bias"},
+      {"attn.b_k", "attn_k.bias"},
+      {"attn.b_v", "attn_v.bias"},
+      {"attn.q_norm", "attn_q_norm.weight"},
+      {"attn.k_norm", "attn_k_norm.weight"},
+      {"ffn.w_gate", "ffn_gate.weight"},
+      {"ffn.w_up", "ffn_up.weight"},
+      {"ffn.w_down", "ffn_down.weight"},
+      {"moe.router.weight", "ffn_gate_inp.weight"},
+      {"moe.experts.w_gate", "ffn_gate_exps.weight"},
+      {"moe.experts.w_up", "ffn_up_exps.weight"},
+      {"moe.experts.w_down", "ffn_down_exps.weight"},
+      {"moe.shared.w_gate", "ffn_gate_shexp.weight"},
+      {"moe.shared.w_up", "ffn_up_shexp.weight"},
+      {"moe.shared.w_down", "ffn_down_shexp.weight"},
+      {"moe.shared.gate", "ffn_gate_inp_shexp.weight"}};
+  for (const auto& [a, b] : kNames)
+    if (rest == a) return blk + b;
+  return "";
+}
+
+// A shape without its leading dimensions of 1 ([F, D] for [1, F, D]).
+Shape squeezed(const Shape& s) {
+  Shape o;
+  size_t i = 0;
+  while (i + 1 < s.size() && s[i] == 1) ++i;
+  for (; i < s.size(); ++i) o.push_back(s[i]);
+  return o;
+}
+
+// The file's tensor `name` with the shape `want` (up to leading dimensions of 1).
+Tensor checked_view(const GgufFile& f, const std::string& name, const Shape& want,
+                    const std::string& ours) {
+  MOE_CHECK(f.has_tensor(name), kWhere, "{}: no tensor '{}' (for {})", f.path, name, ours);
+  const Tensor t = f.view(name);
+  MOE_CHECK(squeezed(t.shape()) == squeezed(want), kWhere,
+            "{}: '{}' must be {} (in ggml's order, ne reversed), got {}", f.path, name,
+            shape_str(want), t.str());
+  return t;
+}
+
+// Views of the routed experts of MoE layer `layer`: expert e's [F, D] / [D, F] slices of the
+// stacked ffn_{gate,up,down}_exps tensors [E, F, D] and [E, D, F].
+std::vector<ExpertView> expert_views(const ModelConfig& c, const GgufFile& f, int64_t layer) {
+  const int64_t E = c.moe.n_experts, F = c.moe.d_ffn, D = c.d_model;
+  const std::string blk = "blk." + std::to_string(layer) + ".";
+  const Tensor g = checked_view(f, blk + "ffn_gate_exps.weight", {E, F, D}, "the experts");
+  const Tensor u = checked_view(f, blk + "ffn_up_exps.weight", {E, F, D}, "the experts");
+  const Tensor d = checked_view(f, blk + "ffn_down_exps.weight", {E, D, F}, "the experts");
+  std::vector<ExpertView> out(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) {
+    ExpertView& v = out[static_cast<size_t>(e)];
+    v.w_gate = g.view_at(e * F * D, {F, D});
+    v.w_up = u.view_at(e * F * D, {F, D});
+    v.w_down = d.view_at(e * D * F, {D, F});
+  }
+  return out;
+}
+
+}  // namespace
+
+void load_gguf_weights(Model& model, const GgufFile& f, bool stored) {
+  const ModelConfig& c = model.config();
+  const std::vector<MoeLayer*>& moes = model.moe_layers();
+  const bool expert_source = stored && !moes.empty() && moes[0]->params().experts.w_up.numel() == 0;
+  if (expert_source) {
+    std::vector<std::vector<ExpertView>> layers;
+    for (int64_t i = 0; i < c.n_layers; ++i)
+      if (c.is_moe_layer(i)) layers.push_back(expert_views(c, f, i));
+    model.set_expert_source(stored_expert_source(std::move(layers)));
+  }
+  std::vector<std::pair<std::string, Tensor>> views;  // installed once the list is walked
+  for (NamedParam& p : model.params()) {
+    const std::string name = gguf_name(p.name);
+    MOE_CHECK(!name.empty(), kWhere, "{}: parameter {} has no GGUF tensor name", f.path, p.name);
+    const Tensor t = checked_view(f, name, p.value.shape(), p.name);
+    if (stored && model.is_weight_matrix(p.name)) {
+      views.emplace_back(p.name, t);
+      continue;
+    }
+    const Tensor v = t.dtype() == p.value.dtype() ? t : t.to(p.value.dtype());
+    std::memcpy(p.value.raw(), v.raw(), p.value.nbytes());
+  }
+  for (const auto& [ours, t] : views) model.set_weight(ours, t);
+}
+
+}  // namespace moe
