@@ -2,7 +2,10 @@
 #pragma once
 
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "moe/tokenizer.h"
 
@@ -13,6 +16,18 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path);
 // The same from the file's text (no tokenizer_config.json is looked for); `name` names it in
 // errors.
 std::unique_ptr<Tokenizer> parse_hf_tokenizer(const std::string& text, const std::string& name);
+
+// A tokenizer.json with a BPE model given as its parts rather than as text: `doc` is the document
+// without model.vocab and model.merges, `tokens[id]` the vocabulary, `merges` the merges (left,
+// right) in rank order. Errors name `name`, and the vocabulary and the merges as `tokens_key` and
+// `merges_key`.
+struct BpeParts {
+  nlohmann::json doc;
+  std::vector<std::string> tokens;
+  std::vector<std::pair<std::string, std::string>> merges;
+  std::string tokens_key = "model.vocab", merges_key = "model.merges";
+};
+std::unique_ptr<Tokenizer> make_bpe_tokenizer(BpeParts parts, const std::string& name);
 
 // A SentencePiece model file (tokenizer.model), through libsentencepiece (sentencepiece.cpp).
 std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& path);
