@@ -9,7 +9,11 @@
 
 #include "moe/tokenizer.h"
 
-namespace moe::tok {
+namespace moe {
+
+struct GgufFile;
+
+namespace tok {
 
 // A HuggingFace tokenizers file (tokenizer.json) with a BPE model (bpe.cpp).
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path);
@@ -17,10 +21,10 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path);
 // errors.
 std::unique_ptr<Tokenizer> parse_hf_tokenizer(const std::string& text, const std::string& name);
 
-// A tokenizer.json with a BPE model given as its parts rather than as text: `doc` is the document
-// without model.vocab and model.merges, `tokens[id]` the vocabulary, `merges` the merges (left,
-// right) in rank order. Errors name `name`, and the vocabulary and the merges as `tokens_key` and
-// `merges_key`.
+// A tokenizer.json with a BPE model given as its parts rather than as text (gguf_vocab.cpp builds
+// them from a GGUF file's metadata): `doc` is the document without model.vocab and model.merges,
+// `tokens[id]` the vocabulary, `merges` the merges (left, right) in rank order. Errors name `name`,
+// and the vocabulary and the merges as `tokens_key` and `merges_key`.
 struct BpeParts {
   nlohmann::json doc;
   std::vector<std::string> tokens;
@@ -32,4 +36,11 @@ std::unique_ptr<Tokenizer> make_bpe_tokenizer(BpeParts parts, const std::string&
 // A SentencePiece model file (tokenizer.model), through libsentencepiece (sentencepiece.cpp).
 std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& path);
 
-}  // namespace moe::tok
+// The tokenizer of a GGUF file's metadata, tokenizer.ggml.* (gguf_vocab.cpp).
+std::unique_ptr<Tokenizer> gguf_tokenizer(const GgufFile& f);
+// The tokenizer.ggml.pre names whose pre-tokenizer gguf_tokenizer knows, sorted.
+std::vector<std::string> gguf_pre_tokenizer_names();
+
+}  // namespace tok
+
+}  // namespace moe
