@@ -14,6 +14,9 @@
 // decode(ids): the tokens' texts through the decoder chain (ByteLevel, Replace, ByteFallback,
 // Fuse, Strip, Metaspace), as tokenizers' decode with skip_special_tokens=False.
 //
+// make_bpe_tokenizer takes the same document as parts, its vocabulary and merges as lists rather
+// than JSON text: gguf_vocab.cpp builds a GGUF file's tokenizer that way.
+//
 // Unicode normalization (NFC) is ICU's (Unicode Standard Annex #15).
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
@@ -336,6 +339,10 @@ constexpr const char* kGpt2Regex =
 class Fields {
  public:
   explicit Fields(std::string file) : file_(std::move(file)) {}
+  // The vocabulary and the merges named otherwise in errors (a GGUF file's keys, for the parts
+  // make_bpe_tokenizer is given).
+  Fields(std::string file, std::string vocab, std::string merges)
+      : file_(std::move(file)), vocab_(std::move(vocab)), merges_(std::move(merges)) {}
 
   [[noreturn]] void fail(const std::string& what) const {
     throw_error("tokenizer", fmt::format("{}: {}", file_, what));
@@ -398,9 +405,12 @@ class Fields {
     fail(fmt::format("{} must be {{\"Regex\": ...}} or {{\"String\": ...}}", at));
   }
   const std::string& file() const { return file_; }
+  const std::string& vocab() const { return vocab_; }
+  const std::string& merges() const { return merges_; }
 
  private:
   std::string file_;
+  std::string vocab_ = "model.vocab", merges_ = "model.merges";
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1080,7 +1090,7 @@ class BpeModel {
     const std::string where = "model";
     // vocab: token -> id
     if (!raw.has_vocab) f.fail("model has no \"vocab\"");
-    if (raw.vocab.empty()) f.fail("model.vocab is empty");
+    if (raw.vocab.empty()) f.fail(fmt::format("{} is empty", f.vocab()));
     vocab_.reset(raw.vocab.size());
     for (auto& [token, id64] : raw.vocab) {
       if (id64 < 0 || id64 >= (int64_t{1} << 26))
@@ -1090,10 +1100,11 @@ class BpeModel {
       if (!id_to_token_[id].empty())
         f.fail(fmt::format("model.vocab gives the id {} to both {:?} and {:?}", id,
                            id_to_token_[id], token));
-      if (token.empty()) f.fail(fmt::format("model.vocab has an empty token (id {})", id));
+      if (token.empty()) f.fail(fmt::format("{} has an empty token (id {})", f.vocab(), id));
       id_to_token_[id] = std::move(token);
       if (!vocab_.insert(id, id_to_token_))
-        f.fail(fmt::format("model.vocab lists {:?} twice", id_to_token_[id]));
+        f.fail(fmt::format("{} lists {:?} twice (ids {} and {})", f.vocab(), id_to_token_[id],
+                           find(id_to_token_[id]), id));
     }
 
     // merges, in priority order
@@ -1102,7 +1113,8 @@ class BpeModel {
     const auto lookup = [&](std::string_view token, size_t i, const char* what) {
       const int32_t id = find(token);
       if (id < 0)
-        f.fail(fmt::format("model.merges[{}]: the {} {:?} is not in model.vocab", i, what, token));
+        f.fail(
+            fmt::format("{}[{}]: the {} {:?} is not in {}", f.merges(), i, what, token, f.vocab()));
       return id;
     };
     std::string joined;
@@ -1112,7 +1124,7 @@ class BpeModel {
       if (m.joined) {
         const size_t space = a.find(' ');
         if (space == std::string::npos || a.find(' ', space + 1) != std::string::npos)
-          f.fail(fmt::format("model.merges[{}] = {:?} is not two tokens \"a b\"", i, m.a));
+          f.fail(fmt::format("{}[{}] = {:?} is not two tokens \"a b\"", f.merges(), i, m.a));
         b = a.substr(space + 1);
         a = a.substr(0, space);
       }
@@ -1126,7 +1138,7 @@ class BpeModel {
     if (const json* unk = f.find(model, "unk_token")) {
       const std::string token = f.string(*unk, "model.unk_token");
       unk_id_ = find(token);
-      if (*unk_id_ < 0) f.fail(fmt::format("model.unk_token {:?} is not in model.vocab", token));
+      if (*unk_id_ < 0) f.fail(fmt::format("model.unk_token {:?} is not in {}", token, f.vocab()));
     }
     fuse_unk_ = f.flag(model, where, "fuse_unk", false);
     byte_fallback_ = f.flag(model, where, "byte_fallback", false);
@@ -1440,12 +1452,9 @@ void take_vocab_and_merges(const Fields& f, json& model, RawModel& raw) {
 
 class HfTokenizer final : public Tokenizer {
  public:
-  // The file's text, `path` naming it in errors; with `beside`, tokenizer_config.json next to
-  // it names bos and eos.
-  HfTokenizer(const std::string& path, const std::string& text, bool beside) {
-    const Fields f(path);
-    RawModel raw;
-    json root = read_tokenizer_json(f, text, raw);
+  // The file's document without model.vocab and model.merges, which are in `raw`; `config`,
+  // when not empty, is the tokenizer_config.json that may name bos and eos.
+  HfTokenizer(const Fields& f, json root, RawModel raw, const fs::path& config) {
     f.expect_object(root, "the file");
 
     f.get(root, "the file", "model");  // there, and not null
@@ -1468,7 +1477,7 @@ class HfTokenizer final : public Tokenizer {
     has_token_.assign(id_to_token_.size(), false);
     for (size_t i = 0; i < id_to_token_.size(); ++i) has_token_[i] = !id_to_token_[i].empty();
 
-    find_bos_eos(beside ? fs::path(path).parent_path() / "tokenizer_config.json" : fs::path());
+    find_bos_eos(config);
   }
 
   std::vector<int32_t> encode(const std::string& text) const override {
@@ -1611,6 +1620,18 @@ class HfTokenizer final : public Tokenizer {
   mutable StringMap<std::vector<int32_t>> cache_;
 };
 
+// The tokenizer of a tokenizer.json's text, `path` naming it in errors; with `beside`,
+// tokenizer_config.json next to it names bos and eos.
+std::unique_ptr<Tokenizer> from_text(const std::string& path, const std::string& text,
+                                     bool beside) {
+  const Fields f(path);
+  RawModel raw;
+  json root = read_tokenizer_json(f, text, raw);
+  return std::make_unique<HfTokenizer>(
+      f, std::move(root), std::move(raw),
+      beside ? fs::path(path).parent_path() / "tokenizer_config.json" : fs::path());
+}
+
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path) {
@@ -1618,11 +1639,23 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path) {
   if (!in) Fields(path).fail("cannot open the file");
   std::ostringstream buffer;
   buffer << in.rdbuf();
-  return std::make_unique<HfTokenizer>(path, std::move(buffer).str(), true);
+  return from_text(path, std::move(buffer).str(), true);
 }
 
 std::unique_ptr<Tokenizer> parse_hf_tokenizer(const std::string& text, const std::string& name) {
-  return std::make_unique<HfTokenizer>(name, text, false);
+  return from_text(name, text, false);
+}
+
+std::unique_ptr<Tokenizer> make_bpe_tokenizer(BpeParts parts, const std::string& name) {
+  const Fields f(name, parts.tokens_key, parts.merges_key);
+  RawModel raw;
+  raw.has_vocab = raw.has_merges = true;
+  raw.vocab.reserve(parts.tokens.size());
+  for (size_t id = 0; id < parts.tokens.size(); ++id)
+    raw.vocab.emplace_back(std::move(parts.tokens[id]), static_cast<int64_t>(id));
+  raw.merges.reserve(parts.merges.size());
+  for (auto& [a, b] : parts.merges) raw.merges.push_back({std::move(a), std::move(b), false});
+  return std::make_unique<HfTokenizer>(f, std::move(parts.doc), std::move(raw), fs::path());
 }
 
 }  // namespace moe::tok

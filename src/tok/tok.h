@@ -2,11 +2,18 @@
 #pragma once
 
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "moe/tokenizer.h"
 
-namespace moe::tok {
+namespace moe {
+
+struct GgufFile;
+
+namespace tok {
 
 // A HuggingFace tokenizers file (tokenizer.json) with a BPE model (bpe.cpp).
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path);
@@ -14,7 +21,26 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path);
 // errors.
 std::unique_ptr<Tokenizer> parse_hf_tokenizer(const std::string& text, const std::string& name);
 
+// A tokenizer.json with a BPE model given as its parts rather than as text (gguf_vocab.cpp builds
+// them from a GGUF file's metadata): `doc` is the document without model.vocab and model.merges,
+// `tokens[id]` the vocabulary, `merges` the merges (left, right) in rank order. Errors name `name`,
+// and the vocabulary and the merges as `tokens_key` and `merges_key`.
+struct BpeParts {
+  nlohmann::json doc;
+  std::vector<std::string> tokens;
+  std::vector<std::pair<std::string, std::string>> merges;
+  std::string tokens_key = "model.vocab", merges_key = "model.merges";
+};
+std::unique_ptr<Tokenizer> make_bpe_tokenizer(BpeParts parts, const std::string& name);
+
 // A SentencePiece model file (tokenizer.model), through libsentencepiece (sentencepiece.cpp).
 std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& path);
 
-}  // namespace moe::tok
+// The tokenizer of a GGUF file's metadata, tokenizer.ggml.* (gguf_vocab.cpp).
+std::unique_ptr<Tokenizer> gguf_tokenizer(const GgufFile& f);
+// The tokenizer.ggml.pre names whose pre-tokenizer gguf_tokenizer knows, sorted.
+std::vector<std::string> gguf_pre_tokenizer_names();
+
+}  // namespace tok
+
+}  // namespace moe

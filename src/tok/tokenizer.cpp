@@ -10,6 +10,7 @@
 
 #include "moe/data.h"
 #include "moe/error.h"
+#include "moe/gguf.h"
 #include "tok/tok.h"
 
 namespace moe {
@@ -75,6 +76,13 @@ bool is_engine_folder(const fs::path& dir) {
   return j.is_object() && j.contains("moe_cpp");
 }
 
+// Whether the file starts with GGUF's magic.
+bool has_gguf_magic(const fs::path& file) {
+  std::ifstream f(file, std::ios::binary);
+  std::array<char, 4> magic{};
+  return f.read(magic.data(), magic.size()) && std::string_view(magic.data(), 4) == "GGUF";
+}
+
 // A file named neither *.json nor *.model: JSON starts with '{', a SentencePiece model (a
 // protobuf) does not.
 bool looks_like_json(const fs::path& file) {
@@ -89,6 +97,10 @@ bool looks_like_json(const fs::path& file) {
 
 std::unique_ptr<Tokenizer> make_byte_tokenizer() {
   return std::make_unique<ByteTokenizerAdapter>();
+}
+
+std::unique_ptr<Tokenizer> gguf_tokenizer(const GgufFile& file) {
+  return tok::gguf_tokenizer(file);
 }
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
@@ -107,6 +119,7 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   }
   MOE_CHECK(fs::is_regular_file(p), "tokenizer", "{}: no such file or folder", path);
   const std::string ext = p.extension().string();
+  if (ext == ".gguf" || has_gguf_magic(p)) return tok::gguf_tokenizer(load_gguf(path));
   if (ext == ".json") return tok::load_hf_tokenizer(path);
   if (ext == ".model") return tok::load_sentencepiece(path);
   return looks_like_json(p) ? tok::load_hf_tokenizer(path) : tok::load_sentencepiece(path);
