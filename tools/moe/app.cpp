@@ -8,9 +8,9 @@ namespace moe::cli {
 
 void add_weights_option(CLI::App* cmd, std::string& value) {
   cmd->add_option("--weights", value,
-                  "stored: compute from the weights as the checkpoint stores them (bf16, f16, f32; "
-                  "mapped, resident memory about the files' size); f32: read them into float32 "
-                  "copies")
+                  "stored: compute from the weights as the checkpoint stores them (bf16, f16, f32, "
+                  "GGUF's quantized blocks; mapped, resident memory about the files' size); f32: "
+                  "read them into float32 copies")
       ->check(CLI::IsMember({"stored", "f32"}))
       ->capture_default_str();
 }

@@ -544,13 +544,14 @@ Run add_bench(CLI::App& app) {
   decode->add_flag("--json", d->json,
                    "print one JSON object (decode_ms_per_token, floor_ms, ratio_to_floor, ...; "
                    "with -m: tokens_per_s, floor_tokens_per_s, load_s, peak_rss_mb, ...)");
-  decode->add_option("-m,--model", d->model,
-                     "a checkpoint folder to measure (its weights as stored; -n tokens decoded "
-                     "after a 4-token prompt)");
+  decode->add_option(
+      "-m,--model", d->model,
+      "a checkpoint folder or GGUF file to measure (its weights as stored; -n tokens decoded "
+      "after a 4-token prompt)");
   auto pf = std::make_shared<BenchPrefill>();
   auto* prefill = bench->add_subcommand(
       "prefill", "one prompt of a checkpoint in one pass: tokens/s against the GEMM limit");
-  prefill->add_option("-m,--model", pf->model, "a checkpoint folder")->required();
+  prefill->add_option("-m,--model", pf->model, "a checkpoint folder or GGUF file")->required();
   prefill->add_option("-n,--tokens", pf->tokens, "prompt tokens")->capture_default_str();
   prefill->add_option("-t,--threads", pf->threads, "threads (0: all cores)")->capture_default_str();
   prefill->add_flag("--json", pf->json,

@@ -8,10 +8,12 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
 #include "moe/cpu.h"
+#include "moe/gguf.h"
 #include "moe/kernels.h"
 #include "moe/model.h"
 #include "moe/threading.h"
@@ -61,11 +63,11 @@ double read_bandwidth_apart() {
 double bytes_per_token(Model& model) {
   const ModelConfig& c = model.config();
   double bytes = 0;
-  size_t elem = 4;
+  DType stored = DType::F32;
   for (const NamedParam& p : model.params()) {
     if (p.name == "embed.weight") {
-      elem = dtype_size(p.value.dtype());
-      bytes += static_cast<double>(c.d_model * static_cast<int64_t>(elem));
+      stored = p.value.dtype();
+      bytes += static_cast<double>(dtype_bytes(stored, c.d_model));
       if (c.tie_embeddings) bytes += static_cast<double>(p.value.nbytes());
       continue;
     }
@@ -75,8 +77,27 @@ double bytes_per_token(Model& model) {
   int64_t moe_layers = 0;
   for (int64_t i = 0; i < c.n_layers; ++i) moe_layers += c.is_moe_layer(i) ? 1 : 0;
   const int64_t mats = c.moe.act == ExpertAct::swiglu ? 3 : 2;
-  bytes += static_cast<double>(moe_layers * c.moe.top_k * mats * c.d_model * c.moe.d_ffn) *
-           static_cast<double>(elem);
+  bytes += static_cast<double>(moe_layers * c.moe.top_k * mats) *
+           static_cast<double>(dtype_bytes(stored, c.d_model * c.moe.d_ffn));
+  return bytes;
+}
+
+// The same for a GGUF file, from its tensors' own sizes (each may have its own type): the
+// routed experts' tensors (ffn_*_exps) count top_k / n_experts of their bytes, the embedding one
+// row.
+double gguf_bytes_per_token(const GgufFile& f, const ModelConfig& c) {
+  double bytes = 0;
+  for (const GgufTensor& t : f.tensors) {
+    const auto b = static_cast<double>(t.bytes);
+    if (t.name == "token_embd.weight") {
+      bytes += b / static_cast<double>(t.rows());
+      if (c.tie_embeddings) bytes += b;
+    } else if (t.name.find("_exps.") != std::string::npos) {
+      bytes += b * static_cast<double>(c.moe.top_k) / static_cast<double>(c.moe.n_experts);
+    } else {
+      bytes += b;
+    }
+  }
   return bytes;
 }
 
@@ -91,7 +112,9 @@ int bench_model(const std::string& dir, BenchModel what, int64_t tokens, int thr
   const double load_s = seconds_since(t0);
   const ModelConfig& c = model->config();
   const int64_t V = c.vocab_size;
-  const auto file_bytes = static_cast<double>(checkpoint_weight_bytes(read_checkpoint_info(dir)));
+  const auto file_bytes =
+      static_cast<double>(is_gguf_file(dir) ? std::filesystem::file_size(dir)
+                                            : checkpoint_weight_bytes(read_checkpoint_info(dir)));
   nlohmann::json j = {{"model", dir},
                       {"threads", num_threads()},
                       {"path", cpu_path_name(cpu_path())},
@@ -127,7 +150,8 @@ int bench_model(const std::string& dir, BenchModel what, int64_t tokens, int thr
     const double total_s = seconds_since(d0);
     std::vector<double> sorted = ms;
     std::sort(sorted.begin(), sorted.end());
-    const double bytes = bytes_per_token(*model);
+    const double bytes =
+        is_gguf_file(dir) ? gguf_bytes_per_token(load_gguf(dir), c) : bytes_per_token(*model);
     const double tps = static_cast<double>(tokens) / total_s;
     const double floor_tps = bw * 1e9 / bytes;
     j.update({{"tokens", tokens},

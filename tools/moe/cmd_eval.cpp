@@ -55,7 +55,8 @@ int run_eval(const EvalArgs& a) {
 Run add_eval(CLI::App& app) {
   auto a = std::make_shared<EvalArgs>();
   auto* cmd = app.add_subcommand("eval", "validation loss and perplexity of a checkpoint");
-  cmd->add_option("-m,--model", a->model_dir, "checkpoint folder (or a training --out folder)")
+  cmd->add_option("-m,--model", a->model_dir,
+                  "checkpoint folder (or a training --out folder) or GGUF file")
       ->required();
   cmd->add_option("--data", a->data, "text files or folders (default: the fortunes)");
   cmd->add_option("--seq-len", a->seq_len,

@@ -212,7 +212,7 @@ Run add_generate(CLI::App& app) {
   auto a = std::make_shared<GenerateArgs>();
   auto* cmd = app.add_subcommand("generate", "generate text from a checkpoint (KV-cached)");
   cmd->add_option("-m,--model", a->model_dir,
-                  "checkpoint folder: a HuggingFace model or one of this engine's")
+                  "checkpoint folder (a HuggingFace model or one of this engine's) or GGUF file")
       ->required();
   cmd->add_option("-p,--prompt", a->prompt, "prompt text (tokenized with the model's tokenizer)");
   cmd->add_option("--prompt-ids", a->prompt_ids, "prompt token ids, e.g. 1,2,3");
@@ -243,7 +243,7 @@ Run add_generate(CLI::App& app) {
 Run add_logits(CLI::App& app) {
   auto a = std::make_shared<LogitsArgs>();
   auto* cmd = app.add_subcommand("logits", "logits of token ids, written to a safetensors file");
-  cmd->add_option("-m,--model", a->model_dir, "checkpoint folder")->required();
+  cmd->add_option("-m,--model", a->model_dir, "checkpoint folder or GGUF file")->required();
   cmd->add_option("--tokens", a->tokens, "token ids: 1,2,3[;4,5,6] (equal lengths)")->required();
   cmd->add_option("--out", a->out, "output file; one float32 tensor 'logits' [B, T, V]")
       ->required();
@@ -256,8 +256,9 @@ Run add_tokenize(CLI::App& app) {
   auto a = std::make_shared<TokenizeArgs>();
   auto* cmd = app.add_subcommand(
       "tokenize", "text to token ids (a JSON array, no special tokens added), or back");
-  cmd->add_option("-m,--model", a->model_dir,
-                  "a model folder, or a folder holding only tokenizer.json or tokenizer.model")
+  cmd->add_option(
+         "-m,--model", a->model_dir,
+         "a model folder or GGUF file, or a folder holding only tokenizer.json or tokenizer.model")
       ->required();
   cmd->add_option("text", a->text, "the text (or, with --decode, the ids)");
   cmd->add_option("--text-file", a->text_file, "read the text from a file");

@@ -87,7 +87,7 @@ Run add_inspect(CLI::App& app) {
   auto a = std::make_shared<InspectArgs>();
   auto* cmd = app.add_subcommand(
       "inspect", "routing of a checkpoint: expert load, dead experts, entropy, language by expert");
-  cmd->add_option("-m,--model", a->model_dir, "checkpoint folder")->required();
+  cmd->add_option("-m,--model", a->model_dir, "checkpoint folder or GGUF file")->required();
   cmd->add_option("--data", a->data, "text files or folders (default: the fortunes)");
   cmd->add_option("--plots", a->plots, "folder for the SVG plots ('' for none)")
       ->capture_default_str();

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "moe/gguf_model.h"
 #include "moe/hf.h"
 #include "moe/trainer.h"
 
@@ -22,6 +23,8 @@ ModelConfig read_config(const ParamsArgs& a) {
   MOE_CHECK(!a.preset.empty() + !a.config.empty() + !a.model_dir.empty() == 1, "params",
             "give exactly one of --preset, --config, -m");
   if (!a.preset.empty()) return model_preset(a.preset);
+  if (!a.model_dir.empty() && is_gguf_file(a.model_dir))
+    return config_from_gguf(load_gguf(a.model_dir));
   const std::string path =
       a.config.empty() ? resolve_checkpoint(a.model_dir) + "/config.json" : a.config;
   std::ifstream f(path);
@@ -85,7 +88,7 @@ Run add_params(CLI::App& app) {
   cmd->add_option("--preset", a->preset, "a model preset: " + names);
   cmd->add_option("--config", a->config, "a model config JSON (this engine's or HuggingFace's)");
   cmd->add_option("-m,--model", a->model_dir,
-                  "a checkpoint folder (this engine's or a HuggingFace model's)");
+                  "a checkpoint folder (this engine's or a HuggingFace model's) or a GGUF file");
   cmd->add_flag("--json", a->json, "print one JSON object (total_params, active_params, ...)");
   return [a] { return run_params(*a); };
 }

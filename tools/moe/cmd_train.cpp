@@ -12,6 +12,7 @@
 #include "commands.h"
 #include "moe/cpu.h"
 #include "moe/dist.h"
+#include "moe/gguf.h"
 #include "moe/kernels.h"
 #include "moe/threading.h"
 #include "moe/trainer.h"
@@ -116,7 +117,9 @@ int run_train(TrainArgs& a) {
     start = load_model(a.init_from);
     mcfg = start->config();
     apply_overrides(a, mcfg);
-    const CheckpointInfo info = read_checkpoint_info(a.init_from);
+    // A GGUF file's model is written in this engine's layout.
+    const CheckpointInfo info = is_gguf_file(a.init_from) ? CheckpointInfo{{}, mcfg, "gguf", true}
+                                                          : read_checkpoint_info(a.init_from);
     // A HuggingFace checkpoint fine-tuned as it is comes out in its own layout; overrides that
     // change the architecture leave this engine's.
     if (!info.ours) {
@@ -320,7 +323,8 @@ Run add_train(CLI::App& app) {
   cmd->add_option("--init-from", a->init_from,
                   "start from this checkpoint's model and weights (fresh optimizer): this "
                   "engine's or a HuggingFace folder (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, "
-                  "DBRX), whose tokenizer then reads --data and whose layout is kept");
+                  "DBRX), whose tokenizer then reads --data and whose layout is kept; or a GGUF "
+                  "file (its tensors dequantized to float32; saved in this engine's layout)");
   cmd->add_option("--log", a->log, "write one JSON object per step and per validation");
   cmd->add_option("--steps", a->train.steps, "optimizer steps")->capture_default_str();
   cmd->add_option("--batch", a->train.batch, "sequences per micro-batch")->capture_default_str();
