@@ -209,7 +209,13 @@ void for_tasks(int64_t tasks, int64_t work, const Task& task) {
 // The block layout and decoder of a quantized weight type, for the ISA kernels.
 QuantFormat quant_format(WType t) {
   const DType d = wtype_dtype(t);
-  return {dtype_block(d), static_cast<int64_t>(dtype_block_bytes(d)),
+  const QuantKind kind = t == WType::q8_0   ? QuantKind::q8_0
+                         : t == WType::q4_0 ? QuantKind::q4_0
+                         : t == WType::q4_k ? QuantKind::q4_k
+                         : t == WType::q5_k ? QuantKind::q5_k
+                         : t == WType::q6_k ? QuantKind::q6_k
+                                            : QuantKind::other;
+  return {kind, dtype_block(d), static_cast<int64_t>(dtype_block_bytes(d)),
           ggml_block_decoder(ggml_type_of(d))};
 }
 

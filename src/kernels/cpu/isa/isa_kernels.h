@@ -14,10 +14,15 @@
 
 namespace moe::cpu {
 
+// The quantized types with kernels of their own (quant_dot_impl.h); the others decode blocks
+// through QuantFormat::decode.
+enum class QuantKind { q8_0, q4_0, q4_k, q5_k, q6_k, other };
+
 // A block-quantized row format (ggml's types): `block` elements in `block_bytes` bytes, decode
 // writing one block's float32 values (moe::ggml_block_decoder, the values ggml's dequantization
 // gives).
 struct QuantFormat {
+  QuantKind kind;
   int64_t block;
   int64_t block_bytes;
   void (*decode)(const uint8_t* b, float* out);
@@ -35,9 +40,9 @@ struct IsaKernels {
                   int64_t r0, int64_t r1, float* y, int64_t ldy);
   void (*dot_i8)(const int8_t* w, const float* scale, int64_t cols, const float* x, int64_t ldx,
                  int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy);
-  // The same for quantized rows (cols / q.block blocks each): a block of four rows decoded into
-  // a buffer at a time, then multiplied in registers. A row's sum runs lane-wise over k, then
-  // across lanes, whatever rows it is decoded with.
+  // The same for quantized rows (cols / q.block blocks each; quant_dot_impl.h says how each
+  // type's sums are formed, and their error bound). A row's result does not depend on the rows
+  // it is computed with.
   void (*dot_q)(QuantFormat q, const uint8_t* w, int64_t cols, const float* x, int64_t ldx,
                 int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy);
   // out[(r - r0) * cols + k] = w[r, k] as float32, r in [r0, r1).

@@ -120,42 +120,6 @@ HWY_INLINE void dot(const W& w, int64_t cols, const float* x, int64_t ldx, int64
   }
 }
 
-// Quantized rows: for each block column, the (up to) four rows' blocks are decoded into a
-// buffer, then each of the n rows of x multiplies them into its four accumulators. Blocks are at
-// most 256 elements and a multiple of the lanes (32 or 256 elements; at most 16 lanes).
-void dot_q(QuantFormat q, const uint8_t* w, int64_t cols, const float* x, int64_t ldx, int64_t n,
-           int64_t r0, int64_t r1, float* y, int64_t ldy) {
-  const DF d;
-  const int64_t L = static_cast<int64_t>(hn::Lanes(d));
-  const int64_t nb = cols / q.block, row_bytes = nb * q.block_bytes;
-  HWY_ALIGN float buf[4][256];
-  for (int64_t r = r0; r < r1; r += 4) {
-    const int64_t m = r1 - r < 4 ? r1 - r : 4;
-    VF acc[4][4];
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < m; ++j) acc[i][j] = hn::Zero(d);
-    const uint8_t* row = w + r * row_bytes;
-    for (int64_t b = 0; b < nb; ++b) {
-      for (int64_t j = 0; j < m; ++j) {
-        const uint8_t* blk = row + j * row_bytes + b * q.block_bytes;
-        __builtin_prefetch(blk + 8 * q.block_bytes);
-        q.decode(blk, buf[j]);
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        const float* xi = x + i * ldx + b * q.block;
-        for (int64_t k = 0; k < q.block; k += L) {
-          const VF xv = hn::LoadU(d, xi + k);
-          for (int64_t j = 0; j < m; ++j)
-            acc[i][j] = hn::MulAdd(hn::Load(d, buf[j] + k), xv, acc[i][j]);
-        }
-      }
-    }
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < m; ++j)
-        y[i * ldy + r + j] = hn::GetLane(hn::SumOfLanes(d, acc[i][j]));
-  }
-}
-
 template <class W>
 HWY_INLINE void rows(const W& w, int64_t cols, int64_t r0, int64_t r1, float* out,
                      const float* scale) {
@@ -336,6 +300,8 @@ void adamw_f32(float* p, const float* g, double* m, double* v, int64_t n, const 
 
 }  // namespace
 }  // namespace moe::cpu::MOE_ISA_NS
+
+#include "kernels/cpu/isa/quant_dot_impl.h"
 
 namespace moe::cpu {
 // Highway's name of the target these flags made static.
