@@ -54,14 +54,15 @@ constexpr int64_t kAheadBytes = 768;  // software prefetch distance along a weig
 struct Q8_0 {
   static constexpr int64_t kBlock = 32, kBytes = 34;
   static constexpr bool kOffsets = false;
-  HWY_INLINE static void block(const uint8_t* b, const float* x, int64_t ldx, int64_t n, VF* acc,
-                               float*, const float*, int64_t) {
+  template <int N>
+  HWY_INLINE static void block(const uint8_t* b, const float* x, int64_t ldx, VF* acc, float*,
+                               const float*, int64_t) {
     const DF d;
     const int64_t L = static_cast<int64_t>(hn::Lanes(d));
     const VF s = hn::Set(d, half_at(b));
     for (int64_t c = 0; c < 32; c += L) {
       const VF w = hn::Mul(to_f(load_i8(b + 2 + c)), s);
-      for (int64_t i = 0; i < n; ++i) acc[i] = hn::MulAdd(w, hn::LoadU(d, x + i * ldx + c), acc[i]);
+      for (int i = 0; i < N; ++i) acc[i] = hn::MulAdd(w, hn::LoadU(d, x + i * ldx + c), acc[i]);
     }
   }
 };
@@ -69,8 +70,9 @@ struct Q8_0 {
 struct Q4_0 {
   static constexpr int64_t kBlock = 32, kBytes = 18;
   static constexpr bool kOffsets = false;
-  HWY_INLINE static void block(const uint8_t* b, const float* x, int64_t ldx, int64_t n, VF* acc,
-                               float*, const float*, int64_t) {
+  template <int N>
+  HWY_INLINE static void block(const uint8_t* b, const float* x, int64_t ldx, VF* acc, float*,
+                               const float*, int64_t) {
     const DF d;
     const int64_t L = static_cast<int64_t>(hn::Lanes(d));
     const VF s = hn::Set(d, half_at(b));
@@ -79,7 +81,7 @@ struct Q4_0 {
       const VI32 v = load_u8(b + 2 + c);
       const VF lo = hn::Mul(to_f(hn::Sub(hn::And(v, low), eight)), s);
       const VF hi = hn::Mul(to_f(hn::Sub(hn::ShiftRight<4>(v), eight)), s);
-      for (int64_t i = 0; i < n; ++i) {
+      for (int i = 0; i < N; ++i) {
         acc[i] = hn::MulAdd(lo, hn::LoadU(d, x + i * ldx + c), acc[i]);
         acc[i] = hn::MulAdd(hi, hn::LoadU(d, x + i * ldx + 16 + c), acc[i]);
       }
@@ -91,17 +93,21 @@ struct Q4_0 {
 struct Q6_K {
   static constexpr int64_t kBlock = 256, kBytes = 210;
   static constexpr bool kOffsets = false;
-  HWY_INLINE static void block(const uint8_t* b, const float* x, int64_t ldx, int64_t n, VF* acc,
-                               float*, const float*, int64_t) {
+  template <int N>
+  HWY_INLINE static void block(const uint8_t* b, const float* x, int64_t ldx, VF* acc, float*,
+                               const float*, int64_t) {
     const DF d;
     const int64_t L = static_cast<int64_t>(hn::Lanes(d));
-    const float dd = half_at(b + 208);
-    const auto* sc = reinterpret_cast<const int8_t*>(b + 192);
+    // The 16 scales times d, (d * sc) as ggml rounds it, formed a vector at a time.
+    HWY_ALIGN float scale[16];
+    const VF dd = hn::Set(d, half_at(b + 208));
+    for (int64_t c = 0; c < 16; c += L)
+      hn::Store(hn::Mul(dd, to_f(load_i8(b + 192 + c))), d, scale + c);
     const VI32 low = hn::Set(DI32(), 0xF), three = hn::Set(DI32(), 3), bias = hn::Set(DI32(), 32);
     for (int64_t h = 0; h < 2; ++h) {  // two halves of 128 elements
       const uint8_t* ql = b + 64 * h;
       const uint8_t* qh = b + 128 + 32 * h;
-      const int8_t* s = sc + 8 * h;
+      const float* s = scale + 8 * h;
       const float* xh = x + 128 * h;
       for (int64_t c = 0; c < 32; c += L) {
         const int64_t is = c / 16;
@@ -117,8 +123,8 @@ struct Q6_K {
             hn::Sub(hn::Or(hn::ShiftRight<4>(bq), hn::ShiftLeft<4>(hn::ShiftRight<6>(hb))), bias)};
         for (int k = 0; k < 4; ++k) {
           // (d * sc) * q: ggml's value, one product after the scale's.
-          const VF w = hn::Mul(hn::Set(d, dd * static_cast<float>(s[is + 2 * k])), to_f(q[k]));
-          for (int64_t i = 0; i < n; ++i)
+          const VF w = hn::Mul(hn::Set(d, s[is + 2 * k]), to_f(q[k]));
+          for (int i = 0; i < N; ++i)
             acc[i] = hn::MulAdd(w, hn::LoadU(d, xh + i * ldx + 32 * k + c), acc[i]);
         }
       }
@@ -133,8 +139,9 @@ template <bool kFive>
 struct QK {
   static constexpr int64_t kBlock = 256, kBytes = kFive ? 176 : 144;
   static constexpr bool kOffsets = true;
-  HWY_INLINE static void block(const uint8_t* b, const float* x, int64_t ldx, int64_t n, VF* acc,
-                               float* off, const float* xs, int64_t xs_ld) {
+  template <int N>
+  HWY_INLINE static void block(const uint8_t* b, const float* x, int64_t ldx, VF* acc, float* off,
+                               const float* xs, int64_t xs_ld) {
     const DF d;
     const int64_t L = static_cast<int64_t>(hn::Lanes(d));
     const float dd = half_at(b), dmin = half_at(b + 2);
@@ -146,8 +153,8 @@ struct QK {
       int sc0, m0, sc1, m1;
       scale_min_k4(2 * p, sm, sc0, m0);
       scale_min_k4(2 * p + 1, sm, sc1, m1);
-      VF t0[4], t1[4];
-      for (int64_t i = 0; i < n; ++i) t0[i] = t1[i] = hn::Zero(d);
+      VF t0[N], t1[N];
+      for (int i = 0; i < N; ++i) t0[i] = t1[i] = hn::Zero(d);
       const float* xp = x + 64 * p;
       for (int64_t c = 0; c < 32; c += L) {
         VI32 lo = hn::And(load_u8(q + 32 * p + c), low);
@@ -158,7 +165,7 @@ struct QK {
           hi = hn::Or(hi, hn::ShiftLeft<4>(hn::And(hn::ShiftRightSame(h, 2 * p + 1), one)));
         }
         const VF fl = to_f(lo), fh = to_f(hi);
-        for (int64_t i = 0; i < n; ++i) {
+        for (int i = 0; i < N; ++i) {
           t0[i] = hn::MulAdd(fl, hn::LoadU(d, xp + i * ldx + c), t0[i]);
           t1[i] = hn::MulAdd(fh, hn::LoadU(d, xp + i * ldx + 32 + c), t1[i]);
         }
@@ -166,7 +173,7 @@ struct QK {
       const VF d0 = hn::Set(d, dd * static_cast<float>(sc0)),
                d1 = hn::Set(d, dd * static_cast<float>(sc1));
       const float mm0 = dmin * static_cast<float>(m0), mm1 = dmin * static_cast<float>(m1);
-      for (int64_t i = 0; i < n; ++i) {
+      for (int i = 0; i < N; ++i) {
         acc[i] = hn::MulAdd(d0, t0[i], acc[i]);
         acc[i] = hn::MulAdd(d1, t1[i], acc[i]);
         off[i] += mm0 * xs[i * xs_ld + 2 * p] + mm1 * xs[i * xs_ld + 2 * p + 1];
@@ -178,15 +185,17 @@ struct QK {
 // stack); longer rows take the generic path.
 constexpr int64_t kMaxSubBlocks = 2048;
 
-template <class Fmt>
-void dot_rows(const uint8_t* w, int64_t cols, const float* x, int64_t ldx, int64_t n, int64_t r0,
-              int64_t r1, float* y, int64_t ldy) {
+// Rows [r0, r1) for N rows of x (a constant, so that the accumulators live in registers). Blocks
+// alternate between two sets of accumulators, so that consecutive blocks' FMA chains overlap.
+template <class Fmt, int N>
+void dot_rows_n(const uint8_t* w, int64_t cols, const float* x, int64_t ldx, int64_t r0, int64_t r1,
+                float* y, int64_t ldy) {
   const DF d;
   const int64_t nb = cols / Fmt::kBlock, row_bytes = nb * Fmt::kBytes;
-  const int64_t nsb = cols / 32;
+  const int64_t nsb = cols / 32, sbs = Fmt::kBlock / 32;
   HWY_ALIGN float xs[Fmt::kOffsets ? 4 * kMaxSubBlocks : 1];
   if constexpr (Fmt::kOffsets) {
-    for (int64_t i = 0; i < n; ++i)
+    for (int i = 0; i < N; ++i)
       for (int64_t s = 0; s < nsb; ++s) {
         float t = 0;
         for (int64_t k = 0; k < 32; ++k) t += x[i * ldx + 32 * s + k];
@@ -195,17 +204,37 @@ void dot_rows(const uint8_t* w, int64_t cols, const float* x, int64_t ldx, int64
   }
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w + r * row_bytes;
-    VF acc[4];
-    float off[4] = {0, 0, 0, 0};
-    for (int64_t i = 0; i < n; ++i) acc[i] = hn::Zero(d);
-    for (int64_t b = 0; b < nb; ++b) {
+    VF a0[N], a1[N];
+    float off[N];
+    for (int i = 0; i < N; ++i) {
+      a0[i] = a1[i] = hn::Zero(d);
+      off[i] = 0;
+    }
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
       const uint8_t* blk = row + b * Fmt::kBytes;
       __builtin_prefetch(blk + kAheadBytes);
-      Fmt::block(blk, x + b * Fmt::kBlock, ldx, n, acc, off,
-                 Fmt::kOffsets ? xs + b * (Fmt::kBlock / 32) : nullptr, nsb);
+      __builtin_prefetch(blk + kAheadBytes + 64);
+      Fmt::template block<N>(blk, x + b * Fmt::kBlock, ldx, a0, off, xs + b * sbs, nsb);
+      Fmt::template block<N>(blk + Fmt::kBytes, x + (b + 1) * Fmt::kBlock, ldx, a1, off,
+                             xs + (b + 1) * sbs, nsb);
     }
-    for (int64_t i = 0; i < n; ++i)
-      y[i * ldy + r] = hn::GetLane(hn::SumOfLanes(d, acc[i])) - off[i];
+    if (b < nb)
+      Fmt::template block<N>(row + b * Fmt::kBytes, x + b * Fmt::kBlock, ldx, a0, off, xs + b * sbs,
+                             nsb);
+    for (int i = 0; i < N; ++i)
+      y[i * ldy + r] = hn::GetLane(hn::SumOfLanes(d, hn::Add(a0[i], a1[i]))) - off[i];
+  }
+}
+
+template <class Fmt>
+void dot_rows(const uint8_t* w, int64_t cols, const float* x, int64_t ldx, int64_t n, int64_t r0,
+              int64_t r1, float* y, int64_t ldy) {
+  switch (n) {
+    case 1: return dot_rows_n<Fmt, 1>(w, cols, x, ldx, r0, r1, y, ldy);
+    case 2: return dot_rows_n<Fmt, 2>(w, cols, x, ldx, r0, r1, y, ldy);
+    case 3: return dot_rows_n<Fmt, 3>(w, cols, x, ldx, r0, r1, y, ldy);
+    default: return dot_rows_n<Fmt, 4>(w, cols, x, ldx, r0, r1, y, ldy);
   }
 }
 
