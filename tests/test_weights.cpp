@@ -337,70 +337,126 @@ TEST(WeightFormats, InputRowsProductWithinTheFloat32Bound) {
 TEST(WeightFormats, QuantizedMatmulOnEveryPathWithinTheFloat32Bound) {
   Rng rng(13);
   const int saved = omp_get_max_threads();
-  for (WType type : kQuantTypes) {
-    const int64_t block = dtype_block(wtype_dtype(type));
-    for (int64_t rows : {1, 3, 6, 70}) {
-      for (int64_t cols : {block, 3 * block, int64_t{512}}) {
-        if (cols % block) continue;
-        const Quantized s = make_quantized(type, rows, cols, rng);
-        const WeightMatrix w = s.view(rows, cols);
-        // The rows as float32 are dequantize_row's, bit for bit.
-        std::vector<float> all(static_cast<size_t>(rows * cols));
-        cpu::weight_rows_f32(w, 0, rows, all.data());
-        for (int64_t r = 0; r < rows; r += 5)
-          for (int64_t k = 0; k < cols; k += 7)
-            ASSERT_EQ(all[static_cast<size_t>(r * cols + k)], w.at(r, k)) << wtype_name(type);
-        for (int64_t n : {1, 3, 4, 9}) {
-          const int64_t ldx = cols + 5, ldy = rows + 1;
-          std::vector<float> x(static_cast<size_t>(n * ldx));
-          for (float& v : x) v = static_cast<float>(rng.normal());
-          std::vector<float> first;
-          for (CpuPath p : cpu_paths_here()) {
-            set_cpu_path_cap(p);
-            for (int threads : {1, 2}) {
-              omp_set_num_threads(threads);
-              std::vector<float> y(static_cast<size_t>(n * ldy), -7.0f);
-              cpu::matmul_wt(w, x.data(), ldx, n, y.data(), ldy);
+  for (cpu::QuantActivations acts : {cpu::QuantActivations::f32, cpu::QuantActivations::int8}) {
+    cpu::set_quant_activations(acts);
+    for (WType type : kQuantTypes) {
+      const int64_t block = dtype_block(wtype_dtype(type));
+      // The integer products round x per block (quantize_activations): x_q is what they multiply.
+      const bool int8 =
+          acts == cpu::QuantActivations::int8 && (type == WType::q4_k || type == WType::q5_k ||
+                                                  type == WType::q6_k || type == WType::q8_0);
+      for (int64_t rows : {1, 6, 37}) {
+        for (int64_t cols : {block, 3 * block, int64_t{512}}) {
+          if (cols % block) continue;
+          const Quantized s = make_quantized(type, rows, cols, rng);
+          const WeightMatrix w = s.view(rows, cols);
+          // The rows as float32 are dequantize_row's, bit for bit.
+          std::vector<float> all(static_cast<size_t>(rows * cols));
+          cpu::weight_rows_f32(w, 0, rows, all.data());
+          for (int64_t r = 0; r < rows; r += 5)
+            for (int64_t k = 0; k < cols; k += 7)
+              ASSERT_EQ(all[static_cast<size_t>(r * cols + k)], w.at(r, k)) << wtype_name(type);
+          for (int64_t n : {1, 4, 9}) {
+            const int64_t ldx = cols + 5, ldy = rows + 1;
+            std::vector<float> x(static_cast<size_t>(n * ldx));
+            for (float& v : x) v = static_cast<float>(rng.normal());
+            // What the product multiplies: x, or x as the integer products round it.
+            std::vector<float> xm = x;
+            if (int8 && n <= cpu::kMatvecMaxRows) {
+              const int64_t xb = type == WType::q8_0 ? 32 : 256;
+              std::vector<int8_t> q(static_cast<size_t>(cols));
+              std::vector<float> d(static_cast<size_t>(cols / xb));
+              std::vector<int32_t> bsum(static_cast<size_t>(cols / 16));
               for (int64_t i = 0; i < n; ++i) {
-                for (int64_t r = 0; r < rows; ++r) {
-                  double ref = 0, mag = 0;
-                  for (int64_t k = 0; k < cols; ++k) {
-                    const double xv = x[static_cast<size_t>(i * ldx + k)];
-                    const double t =
-                        static_cast<double>(all[static_cast<size_t>(r * cols + k)]) * xv;
-                    ref += t;
-                    mag += std::fabs(t) + offset_bound(s, w, r, k) * std::fabs(xv);
-                  }
-                  ASSERT_LE(std::fabs(y[static_cast<size_t>(i * ldy + r)] - ref),
-                            (static_cast<double>(cols) + 3) * kU * mag + 1e-30)
-                      << wtype_name(type) << " " << cpu_path_name(p) << " rows " << rows << " cols "
-                      << cols << " n " << n;
+                cpu::quantize_activations(type, x.data() + i * ldx, cols, q.data(), d.data(),
+                                          bsum.data());
+                for (int64_t k = 0; k < cols; ++k) {
+                  xm[static_cast<size_t>(i * ldx + k)] =
+                      d[static_cast<size_t>(k / xb)] * q[static_cast<size_t>(k)];
+                  // x_q is within half a step of x
+                  ASSERT_LE(std::fabs(xm[static_cast<size_t>(i * ldx + k)] -
+                                      x[static_cast<size_t>(i * ldx + k)]),
+                            0.5001 * std::fabs(d[static_cast<size_t>(k / xb)]));
                 }
-                ASSERT_EQ(y[static_cast<size_t>(i * ldy + rows)], -7.0f);  // padding untouched
-              }
-              if (threads == 1) {
-                first = y;
-              } else {
-                ASSERT_EQ(std::memcmp(first.data(), y.data(), y.size() * 4), 0)
-                    << wtype_name(type) << " " << cpu_path_name(p) << " n " << n;
+                if (type != WType::q8_0)
+                  for (int64_t g = 0; g < cols / 16; ++g) {
+                    int32_t t = 0;
+                    for (int64_t k = 0; k < 16; ++k) t += q[static_cast<size_t>(16 * g + k)];
+                    ASSERT_EQ(bsum[static_cast<size_t>(g)], t);
+                  }
               }
             }
-            if (n > cpu::kMatvecMaxRows || rows < 6) continue;
-            // Rows [5, rows) on their own give the same bits as within the whole.
-            const WeightMatrix tail{type, s.bytes.data() + 5 * w.row_bytes(), rows - 5, cols};
-            std::vector<float> part(static_cast<size_t>(n * (rows - 5)));
-            cpu::matmul_wt(tail, x.data(), ldx, n, part.data(), rows - 5);
-            for (int64_t i = 0; i < n; ++i)
-              ASSERT_EQ(std::memcmp(part.data() + i * (rows - 5), first.data() + i * ldy + 5,
-                                    static_cast<size_t>(rows - 5) * 4),
-                        0)
-                  << wtype_name(type) << " " << cpu_path_name(p);
+            std::vector<float> first;
+            for (CpuPath p : cpu_paths_here()) {
+              set_cpu_path_cap(p);
+              for (int threads : {1, 2}) {
+                omp_set_num_threads(threads);
+                std::vector<float> y(static_cast<size_t>(n * ldy), -7.0f);
+                cpu::matmul_wt(w, x.data(), ldx, n, y.data(), ldy);
+                for (int64_t i = 0; i < n; ++i) {
+                  for (int64_t r = 0; r < rows; ++r) {
+                    double ref = 0, mag = 0;
+                    for (int64_t k = 0; k < cols; ++k) {
+                      const double xv = xm[static_cast<size_t>(i * ldx + k)];
+                      const double t =
+                          static_cast<double>(all[static_cast<size_t>(r * cols + k)]) * xv;
+                      ref += t;
+                      mag += std::fabs(t) + offset_bound(s, w, r, k) * std::fabs(xv);
+                    }
+                    ASSERT_LE(std::fabs(y[static_cast<size_t>(i * ldy + r)] - ref),
+                              (static_cast<double>(cols) + 3) * kU * mag + 1e-30)
+                        << wtype_name(type) << " " << cpu_path_name(p) << " rows " << rows
+                        << " cols " << cols << " n " << n << " "
+                        << cpu::quant_activations_name(acts);
+                  }
+                  ASSERT_EQ(y[static_cast<size_t>(i * ldy + rows)], -7.0f);  // padding untouched
+                }
+                if (threads == 1) {
+                  first = y;
+                } else {
+                  ASSERT_EQ(std::memcmp(first.data(), y.data(), y.size() * 4), 0)
+                      << wtype_name(type) << " " << cpu_path_name(p) << " n " << n;
+                }
+              }
+              if (n > cpu::kMatvecMaxRows || rows < 6) continue;
+              // Rows [5, rows) on their own give the same bits as within the whole.
+              const WeightMatrix tail{type, s.bytes.data() + 5 * w.row_bytes(), rows - 5, cols};
+              std::vector<float> part(static_cast<size_t>(n * (rows - 5)));
+              cpu::matmul_wt(tail, x.data(), ldx, n, part.data(), rows - 5);
+              for (int64_t i = 0; i < n; ++i)
+                ASSERT_EQ(std::memcmp(part.data() + i * (rows - 5), first.data() + i * ldy + 5,
+                                      static_cast<size_t>(rows - 5) * 4),
+                          0)
+                    << wtype_name(type) << " " << cpu_path_name(p);
+            }
           }
         }
       }
     }
   }
+  cpu::set_quant_activations(cpu::QuantActivations::int8);
   omp_set_num_threads(saved);
+  reset_cpu_path_cap();
+}
+
+// The integer products give the same bits on every path (their sums are exact integers).
+TEST(WeightFormats, IntegerProductsAreTheSameOnEveryPath) {
+  Rng rng(17);
+  for (WType type : {WType::q4_k, WType::q5_k, WType::q6_k, WType::q8_0}) {
+    const int64_t rows = 37, cols = 768;
+    const Quantized s = make_quantized(type, rows, cols, rng);
+    std::vector<float> x(static_cast<size_t>(2 * cols));
+    for (float& v : x) v = static_cast<float>(rng.normal());
+    std::vector<float> first;
+    for (CpuPath p : cpu_paths_here()) {
+      set_cpu_path_cap(p);
+      std::vector<float> y(static_cast<size_t>(2 * rows));
+      cpu::matmul_wt(s.view(rows, cols), x.data(), cols, 2, y.data(), rows);
+      if (first.empty()) first = y;
+      ASSERT_EQ(std::memcmp(y.data(), first.data(), y.size() * 4), 0)
+          << wtype_name(type) << " " << cpu_path_name(p);
+    }
+  }
   reset_cpu_path_cap();
 }
 

@@ -5,7 +5,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -219,8 +221,36 @@ QuantFormat quant_format(WType t) {
           ggml_block_decoder(ggml_type_of(d))};
 }
 
+// x rounded to int8 per block for the integer products of a quantized weight (QuantRows), or
+// nothing where the product keeps x float32.
+struct QuantizedX {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> bsum;
+  bool used = false;
+  QuantRows rows() const { return {q.data(), d.data(), bsum.data()}; }
+};
+
+bool int8_products(const WeightMatrix& w, int64_t n) {
+  return n <= kMatvecMaxRows && quant_activations() == QuantActivations::int8 &&
+         (w.type == WType::q4_k || w.type == WType::q5_k || w.type == WType::q6_k ||
+          w.type == WType::q8_0);
+}
+
+void quantize_x(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, QuantizedX& out) {
+  out.used = int8_products(w, n);
+  if (!out.used) return;
+  const int64_t block = w.type == WType::q8_0 ? 32 : 256, cols = w.cols;
+  out.q.resize(static_cast<size_t>(n * cols));
+  out.d.resize(static_cast<size_t>(n * (cols / block)));
+  out.bsum.resize(static_cast<size_t>(n * (cols / 16)));
+  for (int64_t i = 0; i < n; ++i)
+    quantize_activations(w.type, x + i * ldx, cols, out.q.data() + i * cols,
+                         out.d.data() + i * (cols / block), out.bsum.data() + i * (cols / 16));
+}
+
 void dot_block(const IsaKernels& k, const WeightMatrix& w, const float* x, int64_t ldx, int64_t n,
-               int64_t r0, int64_t r1, float* y, int64_t ldy) {
+               int64_t r0, int64_t r1, float* y, int64_t ldy, const QuantizedX* xq = nullptr) {
   switch (w.type) {
     case WType::f32:
       k.dot_f32(static_cast<const float*>(w.data), w.cols, x, ldx, n, r0, r1, y, ldy);
@@ -235,8 +265,14 @@ void dot_block(const IsaKernels& k, const WeightMatrix& w, const float* x, int64
       k.dot_i8(static_cast<const int8_t*>(w.data), w.scale, w.cols, x, ldx, n, r0, r1, y, ldy);
       break;
     default:
-      k.dot_q(quant_format(w.type), static_cast<const uint8_t*>(w.data), w.cols, x, ldx, n, r0, r1,
-              y, ldy);
+      if (xq && xq->used) {
+        const QuantRows rows = xq->rows();
+        k.dot_q(quant_format(w.type), static_cast<const uint8_t*>(w.data), w.cols, x, ldx, n, r0,
+                r1, y, ldy, &rows);
+      } else {
+        k.dot_q(quant_format(w.type), static_cast<const uint8_t*>(w.data), w.cols, x, ldx, n, r0,
+                r1, y, ldy, nullptr);
+      }
   }
 }
 
@@ -315,6 +351,16 @@ std::vector<uint16_t> rounded_rows(const WeightMatrix& w, const float* x, int64_
 
 const char* weight_kernel_target() { return kernels().target; }
 
+namespace {
+std::atomic<QuantActivations> g_quant_activations{QuantActivations::int8};
+}  // namespace
+
+void set_quant_activations(QuantActivations a) { g_quant_activations = a; }
+QuantActivations quant_activations() { return g_quant_activations; }
+const char* quant_activations_name(QuantActivations a) {
+  return a == QuantActivations::int8 ? "int8" : "f32";
+}
+
 void weight_rows_f32(const WeightMatrix& w, int64_t r0, int64_t r1, float* out) {
   check(w, "weight_rows_f32");
   MOE_CHECK(0 <= r0 && r0 <= r1 && r1 <= w.rows, "weight_rows_f32", "rows [{}, {}) of {}", r0, r1,
@@ -334,6 +380,9 @@ void matmul_wt_many(const MatmulJob* jobs, size_t count) {
   // panel of W for many (a grouped GEMM: every expert's panels in one parallel region).
   std::vector<std::pair<size_t, int64_t>> blocks;
   std::vector<std::vector<uint16_t>> xb(count);  // bf16 panels' x, rounded once per job
+  thread_local std::vector<QuantizedX> xq_keep;  // quantized weights' x, rounded once per job
+  if (xq_keep.size() < count) xq_keep.resize(count);
+  QuantizedX* xq = xq_keep.data();  // the workers read the caller's (thread_local is per thread)
   int64_t work = 0;
   for (size_t j = 0; j < count; ++j) {
     const MatmulJob& b = jobs[j];
@@ -346,6 +395,7 @@ void matmul_wt_many(const MatmulJob* jobs, size_t count) {
     if (b.n == 0) continue;
     const int64_t step = b.n <= kMatvecMaxRows ? kDotRows : panel_rows(b.w);
     if (b.n > kMatvecMaxRows) xb[j] = rounded_rows(b.w, b.x, b.ldx, b.n);
+    quantize_x(b.w, b.x, b.ldx, b.n, xq[j]);
     for (int64_t r = 0; r < b.w.rows; r += step) blocks.emplace_back(j, r);
     work += b.n * b.w.rows * b.w.cols;
   }
@@ -354,7 +404,7 @@ void matmul_wt_many(const MatmulJob* jobs, size_t count) {
     const auto [j, r0] = blocks[static_cast<size_t>(t)];
     const MatmulJob& b = jobs[j];
     if (b.n <= kMatvecMaxRows) {
-      dot_block(k, b.w, b.x, b.ldx, b.n, r0, std::min(b.w.rows, r0 + kDotRows), b.y, b.ldy);
+      dot_block(k, b.w, b.x, b.ldx, b.n, r0, std::min(b.w.rows, r0 + kDotRows), b.y, b.ldy, &xq[j]);
     } else {
       panel_product(k, b.w, b.x, b.ldx, xb[j].data(), b.n, r0,
                     std::min(b.w.rows, r0 + panel_rows(b.w)), b.y, b.ldy);
@@ -373,9 +423,12 @@ void matmul_wt(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, fl
   }
   const IsaKernels& k = kernels();
   if (n <= kMatvecMaxRows) {
+    thread_local QuantizedX xq;
+    quantize_x(w, x, ldx, n, xq);
+    const QuantizedX* xqp = &xq;  // the workers read the caller's
     const int64_t tasks = (w.rows + kDotRows - 1) / kDotRows;
     for_tasks(tasks, w.rows * w.cols, [&](int64_t t) {
-      dot_block(k, w, x, ldx, n, t * kDotRows, std::min(w.rows, (t + 1) * kDotRows), y, ldy);
+      dot_block(k, w, x, ldx, n, t * kDotRows, std::min(w.rows, (t + 1) * kDotRows), y, ldy, xqp);
     });
     return;
   }
@@ -419,6 +472,59 @@ void matmul_w(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, flo
     weight_rows_f32(w, r0, r1, panel.data());
     gemm<float>(false, false, n, w.cols, r1 - r0, 1.0f, x + r0, ldx, panel.data(), w.cols,
                 r0 == 0 ? 0.0f : 1.0f, y, ldy);
+  }
+}
+
+namespace {
+
+int nearest_int(float f) {  // ggml's: round half to even, for |f| < 2^22
+  const float v = f + 12582912.f;
+  int i;
+  std::memcpy(&i, &v, 4);
+  return (i & 0x007fffff) - 0x00400000;
+}
+
+}  // namespace
+
+void quantize_activations(WType type, const float* x, int64_t cols, int8_t* q, float* d,
+                          int32_t* bsum) {
+  if (type == WType::q8_0) {  // blocks of 32, scale max|x| / 127 (llama.cpp's Q8_0, in float)
+    for (int64_t b = 0; b < cols / 32; ++b) {
+      const float* xb = x + 32 * b;
+      float amax = 0;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      const float s = amax / 127, inv = s != 0 ? 1 / s : 0;
+      d[b] = s;
+      for (int j = 0; j < 32; ++j) q[32 * b + j] = static_cast<int8_t>(nearest_int(xb[j] * inv));
+    }
+    return;
+  }
+  // llama.cpp's quantize_row_q8_K_ref: the value of largest magnitude maps to -127.
+  for (int64_t b = 0; b < cols / 256; ++b) {
+    const float* xb = x + 256 * b;
+    float max = 0, amax = 0;
+    for (int j = 0; j < 256; ++j) {
+      const float ax = std::fabs(xb[j]);
+      if (ax > amax) {
+        amax = ax;
+        max = xb[j];
+      }
+    }
+    int8_t* qb = q + 256 * b;
+    if (amax == 0) {
+      d[b] = 0;
+      std::fill(qb, qb + 256, int8_t{0});
+    } else {
+      const float iscale = -127.f / max;
+      for (int j = 0; j < 256; ++j)
+        qb[j] = static_cast<int8_t>(std::min(127, nearest_int(iscale * xb[j])));
+      d[b] = 1 / iscale;
+    }
+    for (int g = 0; g < 16; ++g) {
+      int32_t sum = 0;
+      for (int j = 0; j < 16; ++j) sum += qb[16 * g + j];
+      bsum[16 * b + g] = sum;
+    }
   }
 }
 

@@ -28,6 +28,15 @@ struct QuantFormat {
   void (*decode)(const uint8_t* b, float* out);
 };
 
+// n rows of x rounded to int8 per block (weights.cpp's quantize_activations): codes q [n, cols],
+// a float scale per block d [n, cols / block], and (the K-quants' blocks of 256) the sums of
+// every 16 codes bsum [n, cols / 16].
+struct QuantRows {
+  const int8_t* q;
+  const float* d;
+  const int32_t* bsum;
+};
+
 struct IsaKernels {
   const char* target;
   // y[i * ldy + r] = sum_k w[r * cols + k] x[i * ldx + k] for r in [r0, r1), i < n (n <= 4);
@@ -43,8 +52,10 @@ struct IsaKernels {
   // The same for quantized rows (cols / q.block blocks each; quant_dot_impl.h says how each
   // type's sums are formed, and their error bound). A row's result does not depend on the rows
   // it is computed with.
+  // With xq (x as quantize_activations rounds it, for Q4_K, Q5_K, Q6_K and Q8_0), the products
+  // are the integer ones of quant_int_impl.h; else x is float32.
   void (*dot_q)(QuantFormat q, const uint8_t* w, int64_t cols, const float* x, int64_t ldx,
-                int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy);
+                int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy, const QuantRows* xq);
   // out[(r - r0) * cols + k] = w[r, k] as float32, r in [r0, r1).
   void (*rows_bf16)(const uint16_t* w, int64_t cols, int64_t r0, int64_t r1, float* out);
   void (*rows_f16)(const uint16_t* w, int64_t cols, int64_t r0, int64_t r1, float* out);

@@ -302,6 +302,32 @@ void adamw_f32(float* p, const float* g, double* m, double* v, int64_t n, const 
 }  // namespace moe::cpu::MOE_ISA_NS
 
 #include "kernels/cpu/isa/quant_dot_impl.h"
+#include "kernels/cpu/isa/quant_int_impl.h"
+
+namespace moe::cpu::MOE_ISA_NS {
+namespace {
+
+void dot_q(QuantFormat q, const uint8_t* w, int64_t cols, const float* x, int64_t ldx, int64_t n,
+           int64_t r0, int64_t r1, float* y, int64_t ldy, const QuantRows* xq) {
+  if (xq) return dot_q_int(q.kind, q.block_bytes, w, cols, *xq, n, r0, r1, y, ldy);
+  switch (q.kind) {
+    case QuantKind::q8_0: return dot_rows<Q8_0>(w, cols, x, ldx, n, r0, r1, y, ldy);
+    case QuantKind::q4_0: return dot_rows<Q4_0>(w, cols, x, ldx, n, r0, r1, y, ldy);
+    case QuantKind::q6_k: return dot_rows<Q6_K>(w, cols, x, ldx, n, r0, r1, y, ldy);
+    case QuantKind::q4_k:
+      if (cols / 32 <= kMaxSubBlocks)
+        return dot_rows<QK<false>>(w, cols, x, ldx, n, r0, r1, y, ldy);
+      break;
+    case QuantKind::q5_k:
+      if (cols / 32 <= kMaxSubBlocks) return dot_rows<QK<true>>(w, cols, x, ldx, n, r0, r1, y, ldy);
+      break;
+    case QuantKind::other: break;
+  }
+  dot_decoded(q, w, cols, x, ldx, n, r0, r1, y, ldy);
+}
+
+}  // namespace
+}  // namespace moe::cpu::MOE_ISA_NS
 
 namespace moe::cpu {
 // Highway's name of the target these flags made static.

@@ -14,6 +14,10 @@
 // A row's sum is lane-wise over its blocks in order, then across lanes, then (Q4_K, Q5_K) minus
 // the offsets' sum: the same for any split of the rows.
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 namespace moe::cpu::MOE_ISA_NS {
 namespace {
 
@@ -33,7 +37,12 @@ HWY_INLINE VI32 load_i8(const uint8_t* p) {
 HWY_INLINE VF to_f(VI32 v) { return hn::ConvertTo(DF(), v); }
 
 HWY_INLINE float half_at(const uint8_t* p) {
-  return scalar::f16_to_f32(static_cast<uint16_t>(p[0] | (p[1] << 8)));
+  const auto h = static_cast<uint16_t>(p[0] | (p[1] << 8));
+#if defined(__F16C__)
+  return _cvtsh_ss(h);  // exact, as the scalar conversion
+#else
+  return scalar::f16_to_f32(h);
+#endif
 }
 
 // Q4_K / Q5_K: sub-block j's 6-bit scale and min (ggml's get_scale_min_k4).
@@ -271,24 +280,6 @@ void dot_decoded(QuantFormat q, const uint8_t* w, int64_t cols, const float* x, 
       for (int64_t j = 0; j < m; ++j)
         y[i * ldy + r + j] = hn::GetLane(hn::SumOfLanes(d, acc[i][j]));
   }
-}
-
-void dot_q(QuantFormat q, const uint8_t* w, int64_t cols, const float* x, int64_t ldx, int64_t n,
-           int64_t r0, int64_t r1, float* y, int64_t ldy) {
-  switch (q.kind) {
-    case QuantKind::q8_0: return dot_rows<Q8_0>(w, cols, x, ldx, n, r0, r1, y, ldy);
-    case QuantKind::q4_0: return dot_rows<Q4_0>(w, cols, x, ldx, n, r0, r1, y, ldy);
-    case QuantKind::q6_k: return dot_rows<Q6_K>(w, cols, x, ldx, n, r0, r1, y, ldy);
-    case QuantKind::q4_k:
-      if (cols / 32 <= kMaxSubBlocks)
-        return dot_rows<QK<false>>(w, cols, x, ldx, n, r0, r1, y, ldy);
-      break;
-    case QuantKind::q5_k:
-      if (cols / 32 <= kMaxSubBlocks) return dot_rows<QK<true>>(w, cols, x, ldx, n, r0, r1, y, ldy);
-      break;
-    case QuantKind::other: break;
-  }
-  dot_decoded(q, w, cols, x, ldx, n, r0, r1, y, ldy);
 }
 
 }  // namespace

@@ -1,0 +1,208 @@
+// Part of the per-ISA kernels (isa_kernels_impl.h includes it): quantized weights times
+// activations quantized to int8 per block, as llama.cpp computes its products. The rows of x come
+// rounded (cpu::quantize_activations, weights.cpp: llama.cpp's Q8_K for the K-quants, 256 values
+// and one float scale per block with the sums of every 16 codes; blocks of 32 with a float scale
+// for Q8_0), once per product; each weight block's codes multiply them in integers, exactly, and
+// one float per block (weight scale times activation scale times the integer sum) is added to the
+// row's sum.
+//
+// The integer sums are exact on every path (AVX2's vpmaddubsw/vpmaddwd where the path has them,
+// plain loops elsewhere), and the float combination, block by block in order, uses explicit
+// fused multiply-adds (the C library's fmaf where the path lacks the instruction), so that no
+// compiler contraction differs between paths: the result is the same bits on every path and
+// for any split of the rows. Its error against float32 activations is the activations' rounding:
+// |x - x_q| <= d_x / 2 per element, d_x = max|x| / 127 per block (what llama.cpp's own products
+// carry).
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace moe::cpu::MOE_ISA_NS {
+namespace {
+
+// sum_k u[k] s[k] over 32 unsigned codes (< 128) and 32 int8 activations, in 16 pairwise int16
+// sums weighted by sc_lo (the first 16 values) and sc_hi (the last 16): sc_lo * sum(first 16) +
+// sc_hi * sum(last 16), exactly.
+#if defined(__AVX2__)
+HWY_INLINE __m256i dot32_scaled(__m256i u, const int8_t* s, int16_t sc_lo, int16_t sc_hi) {
+  const __m256i p =
+      _mm256_maddubs_epi16(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+  const __m256i sc = _mm256_setr_m128i(_mm_set1_epi16(sc_lo), _mm_set1_epi16(sc_hi));
+  return _mm256_madd_epi16(p, sc);
+}
+HWY_INLINE __m256i dot32_scaled(__m256i u, const int8_t* s, int16_t sc) {
+  const __m256i p =
+      _mm256_maddubs_epi16(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(sc));
+}
+HWY_INLINE int32_t hsum_i32(__m256i v) {
+  const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i t = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 1)));
+}
+#endif
+
+// Q4_K / Q5_K block against a Q8_K block: sum_j sc_j (q . x)_j and sum_j m_j (sum x)_j.
+template <bool kFive>
+HWY_INLINE void qk_int_block(const uint8_t* b, const int8_t* xq, const int32_t* bsum, int32_t& sumi,
+                             int32_t& summ) {
+  const uint8_t* sm = b + 4;
+  const uint8_t* qh = b + 16;
+  const uint8_t* q = b + (kFive ? 48 : 16);
+  // The eight 6-bit scales and mins at once (the bytes of u[0..1] and u[2..3]), as
+  // scale_min_k4 reads them one by one.
+  uint32_t u[4];
+  __builtin_memcpy(u, sm, 12);
+  constexpr uint32_t k6 = 0x3f3f3f3fu, k4 = 0x0f0f0f0fu, k2 = 0x03030303u;
+  u[3] = ((u[2] >> 4) & k4) | (((u[1] >> 6) & k2) << 4);
+  const uint32_t mins_lo = u[1] & k6;
+  u[1] = (u[2] & k4) | (((u[0] >> 6) & k2) << 4);
+  u[2] = mins_lo;
+  u[0] &= k6;
+  uint8_t sc[8], m[8];
+  __builtin_memcpy(sc, u, 8);
+  __builtin_memcpy(m, u + 2, 8);
+  summ = 0;
+  for (int j = 0; j < 8; ++j) summ += m[j] * (bsum[2 * j] + bsum[2 * j + 1]);
+#if defined(__AVX2__)
+  const __m256i low = _mm256_set1_epi8(0xF);
+  __m256i acc = _mm256_setzero_si256();
+  const __m256i hbits = kFive ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh)) : acc;
+  for (int p = 0; p < 4; ++p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * p));
+    __m256i lo = _mm256_and_si256(v, low);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    if constexpr (kFive) {  // bit 2p of qh[l] is the fifth bit of lo's element l, 2p + 1 of hi's
+      const __m256i one = _mm256_set1_epi8(1);
+      const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * p), one);
+      const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * p + 1), one);
+      lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+      hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+    }
+    const auto s0 = static_cast<int16_t>(sc[2 * p]), s1 = static_cast<int16_t>(sc[2 * p + 1]);
+    acc = _mm256_add_epi32(acc, dot32_scaled(lo, xq + 64 * p, s0));
+    acc = _mm256_add_epi32(acc, dot32_scaled(hi, xq + 64 * p + 32, s1));
+  }
+  sumi = hsum_i32(acc);
+#else
+  sumi = 0;
+  for (int p = 0; p < 4; ++p) {
+    int32_t s0 = 0, s1 = 0;
+    for (int l = 0; l < 32; ++l) {
+      int lo = q[32 * p + l] & 0xF, hi = q[32 * p + l] >> 4;
+      if constexpr (kFive) {
+        lo |= ((qh[l] >> (2 * p)) & 1) << 4;
+        hi |= ((qh[l] >> (2 * p + 1)) & 1) << 4;
+      }
+      s0 += lo * xq[64 * p + l];
+      s1 += hi * xq[64 * p + 32 + l];
+    }
+    sumi += sc[2 * p] * s0 + sc[2 * p + 1] * s1;
+  }
+#endif
+}
+
+// Q6_K block against a Q8_K block: sum_g sc_g ((q + 32) . x)_g - 32 sum_g sc_g (sum x)_g.
+HWY_INLINE int32_t q6k_int_block(const uint8_t* b, const int8_t* xq, const int32_t* bsum) {
+  const auto* sc = reinterpret_cast<const int8_t*>(b + 192);
+  int32_t off = 0;
+  for (int g = 0; g < 16; ++g) off += sc[g] * bsum[g];
+#if defined(__AVX2__)
+  const __m256i low = _mm256_set1_epi8(0xF), m30 = _mm256_set1_epi8(0x30);
+  __m256i acc = _mm256_setzero_si256();
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* ql = b + 64 * h;
+    const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+    const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+    const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+    const __m256i q[4] = {
+        _mm256_or_si256(_mm256_and_si256(l0, low), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30)),
+        _mm256_or_si256(_mm256_and_si256(l1, low), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low), _mm256_and_si256(hb, m30)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
+                        _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30))};
+    for (int k = 0; k < 4; ++k)
+      acc = _mm256_add_epi32(
+          acc, dot32_scaled(q[k], xq + 128 * h + 32 * k, sc[8 * h + 2 * k], sc[8 * h + 2 * k + 1]));
+  }
+  return hsum_i32(acc) - 32 * off;
+#else
+  int32_t sumi = 0;
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* ql = b + 64 * h;
+    const uint8_t* qh = b + 128 + 32 * h;
+    for (int l = 0; l < 32; ++l) {
+      const int q[4] = {
+          (ql[l] & 0xF) | ((qh[l] & 3) << 4), (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
+          (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4), (ql[l + 32] >> 4) | ((qh[l] >> 6) << 4)};
+      for (int k = 0; k < 4; ++k)
+        sumi += sc[8 * h + 2 * k + l / 16] * q[k] * xq[128 * h + 32 * k + l];
+    }
+  }
+  return sumi - 32 * off;
+#endif
+}
+
+// Q8_0 block against 32 int8 activations: sum_k w_k x_k.
+HWY_INLINE int32_t q8_0_int_block(const uint8_t* b, const int8_t* xq) {
+  const auto* w = reinterpret_cast<const int8_t*>(b + 2);
+#if defined(__AVX2__)
+  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+  // |w| (at most 128, unsigned) times x with w's sign: pairs of at most 2 * 128 * 127.
+  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+  return hsum_i32(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#else
+  int32_t s = 0;
+  for (int k = 0; k < 32; ++k) s += w[k] * xq[k];
+  return s;
+#endif
+}
+
+// Rows [r0, r1) of a K-quant or Q8_0 matrix times the n rows of x as quantized (xq).
+void dot_q_int(QuantKind kind, int64_t block_bytes, const uint8_t* w, int64_t cols,
+               const QuantRows& xq, int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+  const bool k_quant = kind != QuantKind::q8_0;
+  const int64_t block = k_quant ? 256 : 32, nb = cols / block, row_bytes = nb * block_bytes;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w + r * row_bytes;
+    for (int64_t i = 0; i < n; ++i) {
+      const int8_t* q = xq.q + i * cols;
+      const float* xd = xq.d + i * (cols / block);
+      const int32_t* bsum = xq.bsum + i * (cols / 16);
+      float sum = 0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = row + b * block_bytes;
+        if (i == 0) __builtin_prefetch(blk + kAheadBytes);
+        switch (kind) {
+          case QuantKind::q4_k:
+          case QuantKind::q5_k: {
+            int32_t sumi, summ;
+            if (kind == QuantKind::q4_k) {
+              qk_int_block<false>(blk, q + 256 * b, bsum + 16 * b, sumi, summ);
+            } else {
+              qk_int_block<true>(blk, q + 256 * b, bsum + 16 * b, sumi, summ);
+            }
+            const float off = (xd[b] * half_at(blk + 2)) * static_cast<float>(summ);
+            sum += __builtin_fmaf(xd[b] * half_at(blk), static_cast<float>(sumi), -off);
+            break;
+          }
+          case QuantKind::q6_k:
+            sum = __builtin_fmaf(xd[b] * half_at(blk + 208),
+                                 static_cast<float>(q6k_int_block(blk, q + 256 * b, bsum + 16 * b)),
+                                 sum);
+            break;
+          default:  // Q8_0
+            sum = __builtin_fmaf(xd[b] * half_at(blk),
+                                 static_cast<float>(q8_0_int_block(blk, q + 32 * b)), sum);
+            break;
+        }
+      }
+      y[i * ldy + r] = sum;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moe::cpu::MOE_ISA_NS
