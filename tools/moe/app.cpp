@@ -3,6 +3,7 @@
 
 #include "commands.h"
 #include "moe/cpu.h"
+#include "moe/weights.h"
 
 namespace moe::cli {
 
@@ -13,6 +14,22 @@ void add_weights_option(CLI::App* cmd, std::string& value) {
                   "read them into float32 copies")
       ->check(CLI::IsMember({"stored", "f32"}))
       ->capture_default_str();
+  add_activations_option(cmd);
+}
+
+void add_activations_option(CLI::App* cmd) {
+  cmd->add_option_function<std::string>(
+         "--activations",
+         [](const std::string& v) {
+           cpu::set_quant_activations(v == "f32" ? cpu::QuantActivations::f32
+                                                 : cpu::QuantActivations::int8);
+         },
+         "how decoding multiplies Q4_K, Q5_K, Q6_K and Q8_0 weights (GGUF): int8 rounds the "
+         "activations per block and multiplies in integers, as llama.cpp does (default, "
+         "faster); f32 keeps them float32 (within 1e-5 of the dequantized weights' float32 "
+         "result)")
+      ->check(CLI::IsMember({"int8", "f32"}))
+      ->default_str("int8");
 }
 
 WeightsAs weights_as(const std::string& value) {

@@ -556,6 +556,7 @@ Run add_bench(CLI::App& app) {
   prefill->add_option("-t,--threads", pf->threads, "threads (0: all cores)")->capture_default_str();
   prefill->add_flag("--json", pf->json,
                     "print one JSON object (tokens_per_s, load_s, peak_rss_mb, ...)");
+  add_activations_option(decode);
   auto tr = std::make_shared<BenchTrain>();
   auto* train = bench->add_subcommand("train", "training steps of a preset model, tokens/s");
   train->add_option("--preset", tr->preset, "model preset")->capture_default_str();

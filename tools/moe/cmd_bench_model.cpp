@@ -119,6 +119,7 @@ int bench_model(const std::string& dir, BenchModel what, int64_t tokens, int thr
                       {"threads", num_threads()},
                       {"path", cpu_path_name(cpu_path())},
                       {"weights_stored", model->weights_stored()},
+                      {"activations", cpu::quant_activations_name(cpu::quant_activations())},
                       {"load_s", load_s},
                       {"checkpoint_mb", file_bytes / 1e6}};
   Arena arena;
@@ -166,8 +167,9 @@ int bench_model(const std::string& dir, BenchModel what, int64_t tokens, int thr
     if (!json) {
       fmt::print("{}: loaded in {:.2f} s ({} weights)\n", dir, load_s,
                  model->weights_stored() ? "stored" : "float32");
-      fmt::print("decode: {} tokens after a {}-token prompt, {} threads, path {}\n", tokens, prompt,
-                 num_threads(), cpu_path_name(cpu_path()));
+      fmt::print("decode: {} tokens after a {}-token prompt, {} threads, path {}, {} activations\n",
+                 tokens, prompt, num_threads(), cpu_path_name(cpu_path()),
+                 cpu::quant_activations_name(cpu::quant_activations()));
       fmt::print("  {:.2f} tokens/s (median {:.1f} ms per token)\n", tps,
                  sorted[sorted.size() / 2]);
       fmt::print("  floor: {:.1f} MB per token / {:.1f} GB/s = {:.2f} tokens/s ({:.0f}% of it)\n",

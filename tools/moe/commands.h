@@ -27,6 +27,8 @@ std::unique_ptr<Cli> make_cli();
 // --weights stored|f32 of the commands that read a model for inference: stored (the default)
 // computes from the checkpoint's weights as the files store them, f32 reads them into float32.
 void add_weights_option(CLI::App* cmd, std::string& value);
+// --activations int8|f32 (cpu::set_quant_activations); add_weights_option adds it too.
+void add_activations_option(CLI::App* cmd);
 WeightsAs weights_as(const std::string& value);
 
 // Token id lists as the CLI writes them: "1,2,3;4,5,6" -> {{1, 2, 3}, {4, 5, 6}}; `what` names
