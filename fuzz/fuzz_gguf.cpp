@@ -1,7 +1,8 @@
 // libFuzzer target: the GGUF reader on arbitrary bytes. Every input either loads, and then every
-// key reads back through the typed getters and the first and last row of every tensor
-// dequantizes, or is refused with moe::Error; anything else (a crash, a sanitizer report, another
-// exception) is a finding.
+// key reads back through the typed getters, the first and last row of every tensor dequantizes,
+// the model config is read from the metadata (checked against the tensors' sizes) and the
+// tokenizer is built from it, or is refused with moe::Error; anything else (a crash, a sanitizer
+// report, another exception) is a finding.
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -9,6 +10,8 @@
 
 #include "moe/error.h"
 #include "moe/gguf.h"
+#include "moe/gguf_model.h"
+#include "moe/tokenizer.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::shared_ptr<char[]> bytes(new char[size + 1]);
@@ -40,6 +43,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       t.dequantize_rows(0, 1, row.data());
       t.dequantize_rows(t.rows() - 1, 1, row.data());
       sum += row.back();
+    }
+    try {
+      sum += static_cast<double>(moe::config_from_gguf(f).n_layers);
+    } catch (const moe::Error&) {
+    }
+    try {
+      const auto tok = moe::gguf_tokenizer(f);
+      sum += static_cast<double>(tok->encode("Hello, world 123").size());
+    } catch (const moe::Error&) {
     }
     volatile double sink = sum;
     (void)sink;

@@ -202,6 +202,27 @@ TEST(GgufModel, UnsupportedFilesAreRefusedByName) {
   EXPECT_NE(message(rewritten("rwkv6", true)).find("architecture 'rwkv6' is not supported"),
             std::string::npos);
   EXPECT_NE(message(rewritten("qwen3moe", false)).find("dense model"), std::string::npos);
+  // Sizes the tensors do not back are refused before a model of those sizes is made.
+  const auto with_value = [&](const std::string& changed, const GgufValue& v) {
+    std::vector<std::pair<std::string, GgufValue>> meta;
+    for (const std::string& key : q.key_order)
+      meta.emplace_back(key, key == changed ? v : q.get(key));
+    std::vector<GgufWriteTensor> tensors;
+    for (const GgufTensor& t : q.tensors)
+      tensors.push_back({t.name, t.type, {t.ne.begin(), t.ne.begin() + t.n_dims}, t.data});
+    const std::string path =
+        (std::filesystem::temp_directory_path() / "moe_gguf_model_sizes.gguf").string();
+    write_gguf(path, meta, tensors);
+    return message(path);
+  };
+  EXPECT_NE(with_value("qwen3moe.block_count", GgufValue::u32(1000000)).find("1000000 layers"),
+            std::string::npos);
+  EXPECT_NE(with_value("qwen3moe.embedding_length", GgufValue::u32(1 << 20))
+                .find("'token_embd.weight' has ne [256, 3000]; the metadata's sizes make it "
+                      "[1048576, 3000]"),
+            std::string::npos);
+  EXPECT_NE(with_value("qwen3moe.expert_count", GgufValue::u32(4096)).find("ffn_gate_exps"),
+            std::string::npos);
   // A tensor of the wrong shape names the tensor.
   std::vector<std::pair<std::string, GgufValue>> meta;
   for (const std::string& key : q.key_order) meta.emplace_back(key, q.get(key));

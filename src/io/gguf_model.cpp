@@ -66,6 +66,35 @@ json common_config(const Meta& m) {
   return j;
 }
 
+// The sizes the metadata declares, against the tensors the file holds, before a model of those
+// sizes is made: a file cannot make the engine allocate more than its own tensors describe.
+void check_sizes_against_tensors(const GgufFile& f, const ModelConfig& c) {
+  const auto expect_ne = [&](const std::string& name, std::initializer_list<int64_t> ne) {
+    MOE_CHECK(f.has_tensor(name), kWhere, "{}: no tensor '{}'", f.path, name);
+    const GgufTensor& t = f.tensor(name);
+    std::string want, got;
+    for (int64_t d : ne) want += (want.empty() ? "" : ", ") + std::to_string(d);
+    for (int i = 0; i < t.n_dims; ++i)
+      got += (got.empty() ? "" : ", ") + std::to_string(t.ne[static_cast<size_t>(i)]);
+    MOE_CHECK(want == got, kWhere, "{}: '{}' has ne [{}]; the metadata's sizes make it [{}]",
+              f.path, name, got, want);
+  };
+  MOE_CHECK(c.n_layers <= static_cast<int64_t>(f.tensors.size()), kWhere,
+            "{}: {} layers declared, but the file holds {} tensors", f.path, c.n_layers,
+            f.tensors.size());
+  expect_ne("token_embd.weight", {c.d_model, c.vocab_size});
+  const int64_t hd = c.head_size();
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    const std::string b = "blk." + std::to_string(i) + ".";
+    expect_ne(b + "attn_norm.weight", {c.d_model});
+    if (i > 0 && i + 1 < c.n_layers) continue;  // the first and last layers in full
+    expect_ne(b + "attn_q.weight", {c.d_model, c.n_heads * hd});
+    expect_ne(b + "attn_k.weight", {c.d_model, c.n_kv_heads * hd});
+    if (c.is_moe_layer(i))
+      expect_ne(b + "ffn_gate_exps.weight", {c.d_model, c.moe.d_ffn, c.moe.n_experts});
+  }
+}
+
 }  // namespace
 
 std::vector<std::string> gguf_architectures() { return {"qwen3moe", "qwen2moe", "olmoe", "llama"}; }
@@ -109,6 +138,7 @@ ModelConfig config_from_gguf(const GgufFile& f) {
   // Mixtral's q and k rows come permuted for rotation of adjacent pairs (see the header).
   if (arch == "llama") c.rope_interleave = true;
   c.validate();
+  check_sizes_against_tensors(f, c);
   return c;
 }
 
