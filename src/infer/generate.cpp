@@ -20,12 +20,19 @@ int32_t sample_token(const float* logits, int64_t vocab, const SamplingConfig& c
     MOE_CHECK(!std::isnan(logits[v]), "sample", "logit {} is NaN", v);
   if (cfg.temperature == 0)
     return static_cast<int32_t>(std::max_element(logits, logits + vocab) - logits);
-  // Candidates by decreasing logit (ties to the lower id), cut by top-k.
+  // Candidates by decreasing logit (ties to the lower id: a total order, so any sort gives the
+  // same list), cut by top-k; only the top k are sorted.
   std::vector<int32_t> ids(static_cast<size_t>(vocab));
   std::iota(ids.begin(), ids.end(), 0);
-  std::stable_sort(ids.begin(), ids.end(),
-                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
-  if (cfg.top_k > 0 && cfg.top_k < vocab) ids.resize(static_cast<size_t>(cfg.top_k));
+  const auto before = [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  };
+  if (cfg.top_k > 0 && cfg.top_k < vocab) {
+    std::partial_sort(ids.begin(), ids.begin() + cfg.top_k, ids.end(), before);
+    ids.resize(static_cast<size_t>(cfg.top_k));
+  } else {
+    std::sort(ids.begin(), ids.end(), before);
+  }
   std::vector<double> p(ids.size());
   const double mx = logits[ids[0]];
   double sum = 0;
