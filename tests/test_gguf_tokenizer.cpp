@@ -36,7 +36,14 @@ GgufFile gguf_of(const Metadata& meta, const std::string& name = "test.gguf") {
 
 GgufValue ints(GgufValueType type, const std::vector<int64_t>& xs) {
   std::vector<GgufValue> items;
-  for (int64_t x : xs) items.push_back({type, GgufValueType::U8, x});
+  // Built in steps: GCC 12 at -O2 under the sanitizers took the brace-initialized value's
+  // string alternative for maybe uninitialized.
+  for (int64_t x : xs) {
+    GgufValue v;
+    v.type = type;
+    v.v = x;
+    items.push_back(std::move(v));
+  }
   return GgufValue::array(type, std::move(items));
 }
 GgufValue floats(const std::vector<float>& xs) {
