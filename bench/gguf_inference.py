@@ -74,13 +74,20 @@ def main():
               flush=True)
 
     last = rounds[-1]["int8"]
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        info = f.read()
+    name = re.search(r"model name\s*:\s*(.*)", info)
+    model = re.search(r"^model\s*:\s*(\d+)", info, re.M)
+    if name:
+        cpu = name.group(1).strip() + (f" (model {model.group(1)})" if model else "")
     lines = [
         "# moe.cpp against llama.cpp on a Q4_K_M GGUF file",
         "",
         "Written by `bench/gguf_inference.py` (its docstring says how the file was made). The",
         f"file: {os.path.basename(a.gguf)}, {last['checkpoint_mb']:.0f} MB, Qwen3-30B-A3B-shaped,",
         f"6 layers (Q4_K with Q6_K for half of the expert down projections and the output head).",
-        f"{last['threads']} threads, kernel path {last['path']}; each round runs both engines one",
+        f"{last['threads']} threads on {cpu}, kernel path {last['path']}; each round runs both engines one",
         "after the other (this machine's speed varies by up to 30% from minute to minute).",
         "",
         "| round | moe.cpp decode, int8 activations | moe.cpp, float32 activations | llama.cpp decode | "
