@@ -47,8 +47,9 @@ double median_of(std::vector<double> v) {
   return v[v.size() / 2];
 }
 // The architectures of the fixtures in the repository (the others are in ../shared/fixtures).
-const char* const kModels[] = {"qwen3moe-Q4_K_M", "qwen3moe-Q8_0", "qwen3moe-BF16",
-                               "mixtral-Q4_0",    "mixtral-Q6_K",  "olmoe-Q4_K_M"};
+const char* const kModels[] = {"qwen3moe-Q4_K_M",  "qwen3moe-Q8_0",     "qwen3moe-BF16",
+                               "mixtral-Q4_0",     "mixtral-Q6_K",      "olmoe-Q4_K_M",
+                               "deepseek_v3-Q8_0", "deepseek_v3-Q5_K_M"};
 
 // Logits of the fixture's 16 ids, and the largest per-position relative L2 from llama.cpp's
 // float32 run on the file's exact weights, beside llama.cpp's own (activations rounded as its
@@ -150,6 +151,57 @@ TEST(GgufModel, GreedyContinuationIsLlamaCppsInFloat32) {
   cpu::set_quant_activations(cpu::QuantActivations::int8);
 }
 
+// Older converters wrote DeepSeek's kv_b_proj whole (attn_kv_b [H * (nope + v), kv_lora]) where
+// today's write its halves (attn_k_b, each head's key rows transposed, and attn_v_b): the fixture
+// rewritten the old way gives the same logits.
+TEST(GgufModel, DeepSeekKvDecompressionWholeOrInHalves) {
+  const std::string name = "deepseek_v3-Q8_0";
+  const GgufFile f = load_gguf(kDir + name + ".gguf");
+  const ModelConfig c = config_from_gguf(f);
+  const int64_t H = c.n_heads, R = c.kv_lora_rank, N = c.qk_nope_dim, V = c.v_head_dim;
+  std::vector<std::pair<std::string, GgufValue>> meta;
+  for (const std::string& key : f.key_order) meta.emplace_back(key, f.get(key));
+  std::vector<GgufWriteTensor> tensors;
+  std::vector<std::vector<float>> whole;  // kept alive until written
+  for (const GgufTensor& t : f.tensors) {
+    const std::string& n = t.name;
+    if (n.find("attn_v_b") != std::string::npos) continue;
+    if (n.find("attn_k_b") == std::string::npos) {
+      tensors.push_back({n, t.type, {t.ne.begin(), t.ne.begin() + t.n_dims}, t.data});
+      continue;
+    }
+    const std::string blk = n.substr(0, n.find("attn_k_b"));
+    const Tensor kb = f.view(n).to(DType::F32);                        // [H, R, N]
+    const Tensor vb = f.view(blk + "attn_v_b.weight").to(DType::F32);  // [H, V, R]
+    std::vector<float>& w = whole.emplace_back(static_cast<size_t>(H * (N + V) * R));
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t i = 0; i < N; ++i)
+          w[static_cast<size_t>((h * (N + V) + i) * R + r)] = kb.data<float>()[(h * R + r) * N + i];
+        for (int64_t j = 0; j < V; ++j)
+          w[static_cast<size_t>((h * (N + V) + N + j) * R + r)] =
+              vb.data<float>()[(h * V + j) * R + r];
+      }
+    tensors.push_back({blk + "attn_kv_b.weight", GgmlType::F32, {R, H * (N + V)}, w.data()});
+  }
+  const std::string path =
+      (std::filesystem::temp_directory_path() / "moe_gguf_deepseek_kv_b.gguf").string();
+  write_gguf(path, meta, tensors);
+  Tensor tokens = Tensor::empty({1, 16}, DType::I32);
+  const auto ids = reference_json(name).at("input_ids").get<std::vector<int32_t>>();
+  std::copy(ids.begin(), ids.end(), tokens.data<int32_t>());
+  Arena arena;
+  cpu::set_quant_activations(cpu::QuantActivations::f32);
+  const Tensor a = load_model(kDir + name + ".gguf", WeightsAs::stored)->logits(tokens, arena);
+  const Tensor b = load_model(path, WeightsAs::stored)->logits(tokens, arena);
+  cpu::set_quant_activations(cpu::QuantActivations::int8);
+  ASSERT_EQ(a.numel(), b.numel());
+  const double d = max_of(rel_l2(b.data<float>(), a.data<float>(), 16, c.vocab_size));
+  std::printf("kv_b whole against its halves: relative L2 %.2e\n", d);
+  EXPECT_LT(d, 1e-6);
+  std::filesystem::remove(path);
+}
+
 TEST(GgufModel, ConfigComesFromTheMetadata) {
   const GgufFile q = load_gguf(kDir + "qwen3moe-Q4_K_M.gguf");
   const ModelConfig c = config_from_gguf(q);
@@ -170,6 +222,26 @@ TEST(GgufModel, ConfigComesFromTheMetadata) {
   EXPECT_TRUE(m.rope_interleave);  // the converter's permuted q/k rows
   EXPECT_TRUE(m.moe.renormalize);
   EXPECT_EQ(m.qk_norm, QkNorm::none);
+  // DeepSeek-V3 (deepseek2, sigmoid gating): latent attention with the decompressed heads'
+  // sizes, a leading dense layer, a shared expert, group-limited routing.
+  const ModelConfig d = config_from_gguf(load_gguf(kDir + "deepseek_v3-Q8_0.gguf"));
+  EXPECT_TRUE(d.mla());
+  EXPECT_EQ(d.n_heads, 2);
+  EXPECT_EQ(d.q_lora_rank, 256);
+  EXPECT_EQ(d.kv_lora_rank, 256);
+  EXPECT_EQ(d.qk_nope_dim, 256);
+  EXPECT_EQ(d.qk_rope_dim, 64);
+  EXPECT_EQ(d.v_head_dim, 128);
+  EXPECT_TRUE(d.rope_interleave);
+  EXPECT_EQ(d.first_dense, 1);
+  EXPECT_EQ(d.d_ffn, 512);
+  EXPECT_EQ(d.moe.router, RouterKind::deepseek);
+  EXPECT_EQ(d.moe.n_group, 2);
+  EXPECT_EQ(d.moe.topk_group, 1);
+  EXPECT_EQ(d.moe.n_shared, 1);
+  EXPECT_EQ(d.moe.shared_width(), 256);
+  EXPECT_DOUBLE_EQ(d.moe.routed_scaling_factor, 2.5);
+  EXPECT_TRUE(d.moe.renormalize);
 }
 
 TEST(GgufModel, UnsupportedFilesAreRefusedByName) {

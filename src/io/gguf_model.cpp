@@ -4,6 +4,7 @@
 // mapping (hf_config.cpp) knows each architecture's variants and refuses what is not supported.
 #include "moe/gguf_model.h"
 
+#include <algorithm>
 #include <cstring>
 #include <nlohmann/json.hpp>
 
@@ -50,7 +51,7 @@ json common_config(const Meta& m) {
   j["rms_norm_eps"] = m.d("attention.layer_norm_rms_epsilon");
   j["rope_theta"] = m.d_or("rope.freq_base", 10000.0);
   j["tie_word_embeddings"] = !f.has_tensor("output.weight");
-  if (m.has("attention.key_length")) {
+  if (m.has("attention.key_length") && m.arch != "deepseek2") {
     const int64_t k = m.i("attention.key_length");
     MOE_CHECK(m.i_or("attention.value_length", k) == k, kWhere,
               "{}: {} = {} and {} = {}: keys and values of different widths are not supported",
@@ -88,8 +89,17 @@ void check_sizes_against_tensors(const GgufFile& f, const ModelConfig& c) {
     const std::string b = "blk." + std::to_string(i) + ".";
     expect_ne(b + "attn_norm.weight", {c.d_model});
     if (i > 0 && i + 1 < c.n_layers) continue;  // the first and last layers in full
-    expect_ne(b + "attn_q.weight", {c.d_model, c.n_heads * hd});
-    expect_ne(b + "attn_k.weight", {c.d_model, c.n_kv_heads * hd});
+    if (c.mla()) {
+      const int64_t qk = c.qk_nope_dim + c.qk_rope_dim;
+      if (c.q_lora_rank > 0)
+        expect_ne(b + "attn_q_b.weight", {c.q_lora_rank, c.n_heads * qk});
+      else
+        expect_ne(b + "attn_q.weight", {c.d_model, c.n_heads * qk});
+      expect_ne(b + "attn_kv_a_mqa.weight", {c.d_model, c.kv_lora_rank + c.qk_rope_dim});
+    } else {
+      expect_ne(b + "attn_q.weight", {c.d_model, c.n_heads * hd});
+      expect_ne(b + "attn_k.weight", {c.d_model, c.n_kv_heads * hd});
+    }
     if (c.is_moe_layer(i))
       expect_ne(b + "ffn_gate_exps.weight", {c.d_model, c.moe.d_ffn, c.moe.n_experts});
   }
@@ -97,14 +107,68 @@ void check_sizes_against_tensors(const GgufFile& f, const ModelConfig& c) {
 
 }  // namespace
 
-std::vector<std::string> gguf_architectures() { return {"qwen3moe", "qwen2moe", "olmoe", "llama"}; }
+std::vector<std::string> gguf_architectures() {
+  return {"qwen3moe", "qwen2moe", "olmoe", "llama", "deepseek2"};
+}
+
+namespace {
+
+// DeepSeek-V2/V3 (llama.cpp's deepseek2): multi-head latent attention, leading dense layers,
+// shared experts, and the gating function as a number (llama_expert_gating_func_type: 1 softmax,
+// the V2 router, 2 sigmoid with the selection bias exp_probs_b and group-limited top-k, V3's).
+// The MLA sizes are those of the decompressed heads (key_length_mla, value_length_mla); files
+// from converters older than those keys give them as key_length and value_length.
+void deepseek2_config(const Meta& m, json& j) {
+  const GgufFile& f = m.f;
+  const int64_t gating = m.i_or("expert_gating_func", 1);
+  MOE_CHECK(gating == 1 || gating == 2, kWhere,
+            "{}: {} = {} is not supported (1 softmax, 2 sigmoid)", f.path,
+            m.key("expert_gating_func"), gating);
+  const bool v3 = gating == 2;
+  j["model_type"] = v3 ? "deepseek_v3" : "deepseek_v2";
+  j.erase("head_dim");
+  const int64_t rope = m.i("rope.dimension_count");
+  const int64_t k = m.i_or("attention.key_length_mla", m.i("attention.key_length"));
+  MOE_CHECK(k > rope, kWhere, "{}: a key of {} values cannot hold {} rotated ones", f.path, k,
+            rope);
+  j["qk_rope_head_dim"] = rope;
+  j["qk_nope_head_dim"] = k - rope;
+  j["v_head_dim"] = m.i_or("attention.value_length_mla", m.i("attention.value_length"));
+  j["kv_lora_rank"] = m.i("attention.kv_lora_rank");
+  j["q_lora_rank"] = m.i_or("attention.q_lora_rank", 0);
+  j["intermediate_size"] = m.i("feed_forward_length");
+  j["moe_intermediate_size"] = m.i("expert_feed_forward_length");
+  j["n_routed_experts"] = m.i("expert_count");
+  j["n_shared_experts"] = m.i_or("expert_shared_count", 0);
+  j["first_k_dense_replace"] = m.i_or("leading_dense_block_count", 0);
+  j["routed_scaling_factor"] = m.d_or("expert_weights_scale", 1.0);
+  j["norm_topk_prob"] = m.has("expert_weights_norm") && f.get_bool(m.key("expert_weights_norm"));
+  const int64_t groups = m.i_or("expert_group_count", 1);
+  if (v3) {
+    j["topk_method"] = "noaux_tc";
+    j["n_group"] = groups;
+    j["topk_group"] = m.i_or("expert_group_used_count", 1);
+  } else {
+    // llama.cpp ranks V2's groups by their two best scores, transformers' group_limited_greedy
+    // by the best one: neither is run here.
+    MOE_CHECK(groups <= 1, kWhere,
+              "{}: DeepSeek-V2's group-limited routing ({} = {}) is not supported yet", f.path,
+              m.key("expert_group_count"), groups);
+    j["topk_method"] = "greedy";
+  }
+  // Rotation of adjacent pairs, from the rows as the converter writes them (not permuted).
+  j["rope_interleave"] = true;
+}
+
+}  // namespace
 
 ModelConfig config_from_gguf(const GgufFile& f) {
   const Meta m{f, f.get_string("general.architecture")};
   const std::string& arch = m.arch;
   std::string known;
   for (const std::string& a : gguf_architectures()) known += (known.empty() ? "" : ", ") + a;
-  MOE_CHECK(arch == "qwen3moe" || arch == "qwen2moe" || arch == "olmoe" || arch == "llama", kWhere,
+  const std::vector<std::string> archs = gguf_architectures();
+  MOE_CHECK(std::find(archs.begin(), archs.end(), arch) != archs.end(), kWhere,
             "{}: architecture '{}' is not supported ({})", f.path, arch, known);
   MOE_CHECK(m.has("expert_count") && m.i("expert_count") > 0, kWhere,
             "{}: a '{}' model without experts ({} missing or 0) is a dense model, which this "
@@ -115,7 +179,9 @@ ModelConfig config_from_gguf(const GgufFile& f) {
   // The expert width: expert_feed_forward_length where the converter writes it (Qwen), else
   // feed_forward_length (Mixtral, OLMoE).
   const int64_t F = m.i_or("expert_feed_forward_length", m.i("feed_forward_length"));
-  if (arch == "llama") {
+  if (arch == "deepseek2") {
+    deepseek2_config(m, j);
+  } else if (arch == "llama") {
     j["model_type"] = "mixtral";
     j["num_local_experts"] = E;
     j["intermediate_size"] = F;
@@ -165,6 +231,12 @@ std::string gguf_name(const std::string& ours) {
       {"attn.b_v", "attn_v.bias"},
       {"attn.q_norm", "attn_q_norm.weight"},
       {"attn.k_norm", "attn_k_norm.weight"},
+      {"attn.wq_a", "attn_q_a.weight"},
+      {"attn.q_a_norm", "attn_q_a_norm.weight"},
+      {"attn.wq_b", "attn_q_b.weight"},
+      {"attn.wkv_a", "attn_kv_a_mqa.weight"},
+      {"attn.kv_a_norm", "attn_kv_a_norm.weight"},
+      {"attn.wkv_b", "attn_kv_b.weight"},
       {"ffn.w_gate", "ffn_gate.weight"},
       {"ffn.w_up", "ffn_up.weight"},
       {"ffn.w_down", "ffn_down.weight"},
@@ -219,6 +291,61 @@ std::vector<ExpertView> expert_views(const ModelConfig& c, const GgufFile& f, in
   return out;
 }
 
+// MLA's key-and-value decompression kv_b [H * (nope + v), kv_lora] (HuggingFace's kv_b_proj),
+// from the two halves today's converter writes instead: attn_k_b [H, kv_lora, nope] (each head's
+// key rows transposed) and attn_v_b [H, v, kv_lora]. Values as float32 (exact for every type).
+Tensor kv_b_from_halves(const ModelConfig& c, const GgufFile& f, const std::string& blk) {
+  const int64_t H = c.n_heads, R = c.kv_lora_rank, N = c.qk_nope_dim, V = c.v_head_dim;
+  const Tensor kb =
+      checked_view(f, blk + "attn_k_b.weight", {H, R, N}, "attn.wkv_b").to(DType::F32);
+  const Tensor vb =
+      checked_view(f, blk + "attn_v_b.weight", {H, V, R}, "attn.wkv_b").to(DType::F32);
+  Tensor out = Tensor::empty({H * (N + V), R}, DType::F32);
+  const float* k = kb.data<float>();
+  const float* v = vb.data<float>();
+  float* o = out.data<float>();
+  for (int64_t h = 0; h < H; ++h) {
+    float* head = o + h * (N + V) * R;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t i = 0; i < N; ++i) head[i * R + r] = k[(h * R + r) * N + i];
+    std::copy(v + h * V * R, v + (h + 1) * V * R, head + N * R);
+  }
+  return out;
+}
+
+// The parameter `ours` from the file: its tensor, or what it is made of.
+Tensor param_tensor(const ModelConfig& c, const GgufFile& f, const std::string& ours,
+                    const Shape& want) {
+  const std::string name = gguf_name(ours);
+  MOE_CHECK(!name.empty(), kWhere, "{}: parameter {} has no GGUF tensor name", f.path, ours);
+  const std::string suffix = "attn_kv_b.weight";
+  if (c.mla() && name.size() > suffix.size() &&
+      name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0 &&
+      !f.has_tensor(name)) {
+    const Tensor t = kv_b_from_halves(c, f, name.substr(0, name.size() - suffix.size()));
+    MOE_CHECK(t.shape() == want, kWhere, "{}: {} must be {}, got {}", f.path, ours, shape_str(want),
+              t.str());
+    return t;
+  }
+  return checked_view(f, name, want, ours);
+}
+
+// The routers' selection biases (DeepSeek-V3's e_score_correction_bias): exp_probs_b.bias of
+// each MoE layer, zero where the file has none (as llama.cpp reads it).
+void load_selection_biases(Model& model, const GgufFile& f) {
+  const ModelConfig& c = model.config();
+  size_t mi = 0;
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    if (!c.is_moe_layer(i)) continue;
+    std::vector<double>* bias = model.moe_layers()[mi++]->router().selection_bias();
+    if (bias == nullptr) continue;
+    const std::string name = "blk." + std::to_string(i) + ".exp_probs_b.bias";
+    if (!f.has_tensor(name)) continue;
+    const Tensor t = checked_view(f, name, {c.moe.n_experts}, "the selection bias").to(DType::F32);
+    bias->assign(t.data<float>(), t.data<float>() + t.numel());
+  }
+}
+
 }  // namespace
 
 void load_gguf_weights(Model& model, const GgufFile& f, bool stored) {
@@ -233,9 +360,7 @@ void load_gguf_weights(Model& model, const GgufFile& f, bool stored) {
   }
   std::vector<std::pair<std::string, Tensor>> views;  // installed once the list is walked
   for (NamedParam& p : model.params()) {
-    const std::string name = gguf_name(p.name);
-    MOE_CHECK(!name.empty(), kWhere, "{}: parameter {} has no GGUF tensor name", f.path, p.name);
-    const Tensor t = checked_view(f, name, p.value.shape(), p.name);
+    const Tensor t = param_tensor(c, f, p.name, p.value.shape());
     if (stored && model.is_weight_matrix(p.name)) {
       views.emplace_back(p.name, t);
       continue;
@@ -244,6 +369,7 @@ void load_gguf_weights(Model& model, const GgufFile& f, bool stored) {
     std::memcpy(p.value.raw(), v.raw(), p.value.nbytes());
   }
   for (const auto& [ours, t] : views) model.set_weight(ours, t);
+  load_selection_biases(model, f);
 }
 
 }  // namespace moe

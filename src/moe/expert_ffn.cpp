@@ -74,10 +74,7 @@ ExpertView expert_rows(const ExpertWeights& w, int64_t index) {
   auto row = [index](const Tensor& t) {
     if (!t.defined() || t.ndim() == 0) return Tensor();
     const Shape s(t.shape().begin() + 1, t.shape().end());
-    const auto bytes = static_cast<size_t>(shape_numel(s)) * dtype_size(t.dtype());
-    return Tensor::view(
-        const_cast<char*>(static_cast<const char*>(t.raw())) + static_cast<size_t>(index) * bytes,
-        s, t.dtype());
+    return t.view_at(index * shape_numel(s), s);  // block-aware for quantized types
   };
   return {row(w.w_gate),
           row(w.w_up),
