@@ -6,9 +6,11 @@
 
 #include <cstring>
 #include <filesystem>
+#include <set>
 
 #include "moe/expert_cache.h"
 #include "moe/generate.h"
+#include "moe/gguf.h"
 #include "moe/quantize.h"
 #include "moe/trainer.h"
 
@@ -115,6 +117,57 @@ INSTANTIATE_TEST_SUITE_P(LayoutsAndFormats, Offload,
                            return std::string(std::get<0>(p.param) ? "mixtral_" : "ours_") +
                                   std::get<1>(p.param);
                          });
+
+// GGUF files: the experts are held and computed from in their stored types, each layer's own
+// (the Q4_K_M file's last layer has Q6_K down projections, larger than its Q4_K ones): the same
+// logits, bit for bit, and tokens as the file's model with every expert mapped. DeepSeek-V3's
+// file adds a dense layer and a shared expert.
+TEST(OffloadGguf, SameLogitsAndTokensAsTheMappedFile) {
+  for (const char* name : {"qwen3moe-Q4_K_M", "deepseek_v3-Q5_K_M"}) {
+    SCOPED_TRACE(name);
+    const std::string path = std::string(MOE_TEST_FIXTURES) + "/gguf/" + name + ".gguf";
+    std::unique_ptr<Model> resident = load_model(path, WeightsAs::stored);
+    const std::vector<std::vector<int32_t>> seqs = {{1, 72, 101, 108, 108, 111, 44, 32},
+                                                    {1, 87, 111, 114, 108, 100, 33, 10}};
+    const Tensor want = logits_of(*resident, seqs);
+    SamplingConfig greedy;
+    greedy.temperature = 0;
+    const auto want_ids = generate(*resident, {{1, 72, 101}, {1, 87}}, 12, greedy);
+    const ModelConfig& cfg = resident->config();
+    const GgufFile f = load_gguf(path);
+    int64_t all = 0, expert_bytes = 0;
+    std::set<std::string> types;
+    const int64_t E = cfg.moe.n_experts;
+    for (int64_t i = 0; i < cfg.n_layers; ++i) {
+      if (!cfg.is_moe_layer(i)) continue;
+      all += E;
+      int64_t bytes = 0;
+      for (const char* part : {"gate", "up", "down"}) {
+        const Tensor t = f.view(fmt::format("blk.{}.ffn_{}_exps.weight", i, part));
+        bytes += static_cast<int64_t>((t.nbytes() / static_cast<size_t>(E) + 63) / 64 * 64);
+        types.insert(dtype_name(t.dtype()));
+      }
+      expert_bytes = std::max(expert_bytes, bytes);  // the largest layer's (by part, here)
+    }
+    for (bool ahead : {false, true})
+      for (EvictionPolicy policy : {EvictionPolicy::lru, EvictionPolicy::routing})
+        for (int64_t slots : {int64_t{1}, int64_t{3}, all}) {
+          SCOPED_TRACE(fmt::format("{} with {} slots{}", to_string(policy), slots,
+                                   ahead ? ", read-ahead" : ""));
+          std::shared_ptr<ExpertCache> cache;
+          std::unique_ptr<Model> model =
+              load_model_offloaded(path, slots * expert_bytes, policy, &cache, ahead);
+          const Tensor got = logits_of(*model, seqs);
+          EXPECT_EQ(std::memcmp(got.raw(), want.raw(), want.nbytes()), 0) << "logits differ";
+          EXPECT_EQ(generate(*model, {{1, 72, 101}, {1, 87}}, 12, greedy), want_ids);
+          const ExpertCacheStats s = cache->stats();
+          EXPECT_EQ(s.slots, slots);
+          EXPECT_EQ(s.expert_bytes, expert_bytes);
+          EXPECT_EQ(s.bytes_read, (s.misses + s.prefetches) * expert_bytes);
+          for (const std::string& t : types) EXPECT_NE(s.stored_as.find(t), std::string::npos);
+        }
+  }
+}
 
 // Three layers each needing expert 0 on every pass, with room for two: LRU always evicts the
 // one needed next (no hit at all), the routing policy evicts the one needed last.

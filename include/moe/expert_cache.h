@@ -47,8 +47,10 @@ class ExpertCache : public ExpertSource {
  public:
   // The routed experts of the model `cfg` in checkpoint folder `dir` (ours, or a HuggingFace
   // folder of `model_type` with one tensor per expert), stored as float32, bf16, f16 or int8
-  // (moe/quantize.h) and held in the cache as stored; `capacity_bytes` bounds the resident
-  // experts' weights (at least one expert).
+  // (moe/quantize.h) and held in the cache as stored; or in the GGUF file `dir` (`model_type`
+  // "gguf"), held and computed from in their stored types (each layer's own: a Q4_K_M file
+  // mixes Q4_K and Q6_K). `capacity_bytes` bounds the resident experts' weights (at least one
+  // expert).
   // With `prefetch`, a reader thread copies in the experts prefetch() names while the layers
   // compute.
   ExpertCache(const std::string& dir, const ModelConfig& cfg, const std::string& model_type,
@@ -76,9 +78,10 @@ class ExpertCache : public ExpertSource {
   ExpertCacheStats stats_;  // guarded by the Impl's mutex
 };
 
-// A float32 model from a checkpoint folder (as load_model) whose routed experts stay in the
-// files, behind an ExpertCache of `capacity_bytes`; `cache` receives it (for its statistics);
-// `prefetch` reads the next MoE layer's likely experts ahead (Model::decode guesses them).
+// A float32 model from a checkpoint folder or a GGUF file (as load_model) whose routed experts
+// stay in the files, behind an ExpertCache of `capacity_bytes`; `cache` receives it (for its
+// statistics); `prefetch` reads the next MoE layer's likely experts ahead (Model::decode guesses
+// them).
 std::unique_ptr<Model> load_model_offloaded(const std::string& dir, int64_t capacity_bytes,
                                             EvictionPolicy policy,
                                             std::shared_ptr<ExpertCache>* cache = nullptr,

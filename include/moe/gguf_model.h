@@ -28,7 +28,8 @@ ModelConfig config_from_gguf(const GgufFile& f);
 // output head, attention and FFN matrices and, when the model was made without routed experts,
 // its experts (an ExpertSource of views) stay as stored with `stored`; norms, biases and routers
 // are converted to float32. Without `stored` every tensor is converted to the model's float32
-// parameters. Every tensor must be there with its shape.
-void load_gguf_weights(Model& model, const GgufFile& f, bool stored);
+// parameters. Every tensor must be there with its shape. Without `experts` the routed experts
+// are left to the source the model already has (an ExpertCache: offloading).
+void load_gguf_weights(Model& model, const GgufFile& f, bool stored, bool experts = true);
 
 }  // namespace moe

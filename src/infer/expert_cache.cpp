@@ -4,6 +4,7 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -13,6 +14,8 @@
 #include <mutex>
 #include <thread>
 
+#include "moe/gguf.h"
+#include "moe/gguf_model.h"
 #include "moe/hf.h"
 #include "moe/safetensors.h"
 #include "moe/trainer.h"
@@ -62,10 +65,12 @@ int64_t peak_rss_bytes() {
 
 namespace {
 
-// One expert's weights in the checkpoint: rows of tensors in the mapped files, as stored.
+// One expert's weights in the checkpoint: for each part (gate, SwiGLU only; up; down) its bytes
+// in the mapped files, as stored, and for int8 its rows' scales.
 struct Located {
-  const StoredTensor* part[3] = {nullptr, nullptr, nullptr};  // gate (SwiGLU only), up, down
-  int64_t first_row[3] = {0, 0, 0};
+  const char* from[3] = {nullptr, nullptr, nullptr};
+  size_t bytes[3] = {0, 0, 0};
+  const float* scales[3] = {nullptr, nullptr, nullptr};
 };
 
 }  // namespace
@@ -76,17 +81,21 @@ struct ExpertCache::Impl {
   int64_t L = 0, E = 0, F = 0, D = 0;
   bool gate = true;
   int64_t floats = 0;  // per expert, as float32
-  // How the experts are stored (every expert alike): each part's dtype, and its bytes in a slot
-  // (values, then one float32 scale per row for int8).
+  // How the experts are stored (in safetensors, every expert alike): each part's dtype, and its
+  // bytes in a slot (values, then one float32 scale per row for int8; the largest layer's for
+  // GGUF).
   std::string dtype[3];
   int64_t rows[3] = {0, 0, 0}, part_bytes[3] = {0, 0, 0}, slot_bytes = 0;
   bool float32 = true;            // all parts float32: the layers read the slots themselves
   std::unique_ptr<float[]> work;  // else: the acquired expert, converted to float32
   bool work_busy = false;
-  // The files: our checkpoint (one safetensors file) or a HuggingFace folder (shards).
+  // The files: our checkpoint (one safetensors file), a HuggingFace folder (shards) or a GGUF
+  // file, whose experts are computed from as stored (each layer's parts in their own types).
   std::unique_ptr<SafetensorsFile> ours;
   std::unique_ptr<HfTensors> hf;
-  std::vector<Located> where;  // [L * E]
+  std::unique_ptr<GgufFile> gguf;
+  std::vector<std::array<DType, 3>> gguf_types;  // [L]
+  std::vector<Located> where;                    // [L * E]
 
   struct Slot {
     int64_t key = -1;  // l * E + e, or -1 when free
@@ -118,13 +127,10 @@ struct ExpertCache::Impl {
   void copy_in(char* out, int64_t key) const {
     const Located& src = where[static_cast<size_t>(key)];
     for (int k = gate ? 0 : 1; k < 3; ++k) {
-      const StoredTensor& t = *src.part[k];
-      const size_t bytes = static_cast<size_t>(rows[k]) * t.row_bytes();
-      const char* from = t.data + static_cast<size_t>(src.first_row[k]) * t.row_bytes();
-      std::memcpy(out, from, bytes);
-      drop_mapped_pages(from, bytes);
-      if (t.scale)
-        std::memcpy(out + bytes, t.scale_values + src.first_row[k],
+      std::memcpy(out, src.from[k], src.bytes[k]);
+      drop_mapped_pages(src.from[k], src.bytes[k]);
+      if (src.scales[k])
+        std::memcpy(out + (src.bytes[k] + 63) / 64 * 64, src.scales[k],
                     static_cast<size_t>(rows[k]) * sizeof(float));
       out += part_bytes[k];
     }
@@ -195,6 +201,92 @@ struct ExpertCache::Impl {
   }
 };
 
+namespace {
+
+// Where every expert is in a safetensors checkpoint (ours: one stacked tensor per part and
+// layer; HuggingFace: one tensor per expert and part), and how they are stored: as expert 0 is,
+// every expert alike.
+void locate_safetensors(ExpertCache::Impl& m, const std::string& dir, const ModelConfig& cfg,
+                        const std::string& model_type) {
+  const char* w = "offload";
+  std::vector<const StoredTensor*> parts[3];  // [L * E] per part
+  for (auto& p : parts) p.resize(static_cast<size_t>(m.L * m.E));
+  auto check = [&](const StoredTensor& t, const std::string& name, int64_t rows, int64_t cols) {
+    MOE_CHECK(t.as_f32() && t.row_len() == cols && t.rows() == rows, w,
+              "{} must be float32, bf16, f16 or int8 with {} rows of {} to be offloaded, got {} {}",
+              name, rows, cols, t.dtype, fmt::format("{}", fmt::join(t.shape, "x")));
+  };
+  const int64_t part_cols[3] = {m.D, m.D, m.F};
+  // Expert (li, e)'s part k: rows [first, first + m.rows[k]) of t.
+  auto place = [&](int64_t li, int64_t e, int k, const StoredTensor& t, int64_t first) {
+    Located& at = m.where[static_cast<size_t>(li * m.E + e)];
+    at.from[k] = t.data + static_cast<size_t>(first) * t.row_bytes();
+    at.bytes[k] = static_cast<size_t>(m.rows[k]) * t.row_bytes();
+    at.scales[k] = t.scale ? t.scale_values + first : nullptr;
+    parts[k][static_cast<size_t>(li * m.E + e)] = &t;
+  };
+  int64_t li = 0;
+  if (model_type == "moe_cpp") {
+    m.ours = std::make_unique<SafetensorsFile>(
+        load_safetensors((fs::path(dir) / "model.safetensors").string()));
+    for (int64_t i = 0; i < cfg.n_layers; ++i) {
+      if (!cfg.is_moe_layer(i)) continue;
+      const std::string p = fmt::format("layers.{}.moe.experts.", i);
+      const char* names[3] = {"w_gate", "w_up", "w_down"};
+      for (int k = m.gate ? 0 : 1; k < 3; ++k) {
+        MOE_CHECK(m.ours->has(p + names[k]), w, "{} has no tensor {}", dir, p + names[k]);
+        const StoredTensor& t = m.ours->stored.at(p + names[k]);
+        check(t, p + names[k], m.E * m.rows[k], part_cols[k]);
+        for (int64_t e = 0; e < m.E; ++e) place(li, e, k, t, e * m.rows[k]);
+      }
+      ++li;
+    }
+  } else {
+    m.hf = std::make_unique<HfTensors>(dir);
+    for (int64_t i = 0; i < cfg.n_layers; ++i) {
+      if (!cfg.is_moe_layer(i)) continue;
+      for (int64_t e = 0; e < m.E; ++e) {
+        const std::vector<std::string> names = hf_expert_names(model_type, i, e);
+        for (int k = m.gate ? 0 : 1; k < 3; ++k) {
+          const std::string& name = names[static_cast<size_t>(k)];
+          MOE_CHECK(m.hf->has(name), w,
+                    "{} has no tensor {} (offloading reads one tensor per expert)", dir, name);
+          const StoredTensor& t = m.hf->stored(name);
+          check(t, name, m.rows[k], part_cols[k]);
+          place(li, e, k, t, 0);
+        }
+      }
+      ++li;
+    }
+  }
+  auto align = [](int64_t b) { return (b + 63) / 64 * 64; };
+  for (int k = m.gate ? 0 : 1; k < 3; ++k) {
+    const StoredTensor& t = *parts[k][0];
+    m.dtype[k] = t.dtype;
+    m.part_bytes[k] = align(m.rows[k] * static_cast<int64_t>(t.row_bytes())) +
+                      (t.scale ? align(m.rows[k] * 4) : 0);
+    m.slot_bytes += m.part_bytes[k];
+    m.float32 = m.float32 && t.dtype == "F32";
+    for (const StoredTensor* at : parts[k])
+      MOE_CHECK(
+          at->dtype == t.dtype, w,
+          "the experts are stored in different dtypes ({} and {}): offloading needs them alike",
+          t.dtype, at->dtype);
+  }
+}
+
+// A GGUF file's expert types, each once in order of appearance: "Q4_K+Q6_K".
+std::string gguf_types_str(const std::vector<std::array<DType, 3>>& types) {
+  std::vector<std::string> names;
+  for (const auto& layer : types)
+    for (DType t : layer)
+      if (std::find(names.begin(), names.end(), dtype_name(t)) == names.end())
+        names.emplace_back(dtype_name(t));
+  return fmt::format("{}", fmt::join(names, "+"));
+}
+
+}  // namespace
+
 ExpertCache::ExpertCache(const std::string& dir, const ModelConfig& cfg,
                          const std::string& model_type, int64_t capacity_bytes,
                          EvictionPolicy policy, bool prefetch)
@@ -215,69 +307,44 @@ ExpertCache::ExpertCache(const std::string& dir, const ModelConfig& cfg,
 
   // Where every expert is in the files.
   m.where.resize(static_cast<size_t>(m.L * m.E));
-  auto check = [&](const StoredTensor& t, const std::string& name, int64_t rows, int64_t cols) {
-    MOE_CHECK(t.as_f32() && t.row_len() == cols && t.rows() == rows, w,
-              "{} must be float32, bf16, f16 or int8 with {} rows of {} to be offloaded, got {} {}",
-              name, rows, cols, t.dtype, fmt::format("{}", fmt::join(t.shape, "x")));
-  };
   const int64_t part_rows[3] = {m.F, m.F, m.D}, part_cols[3] = {m.D, m.D, m.F};
-  int64_t li = 0;
-  if (model_type == "moe_cpp") {
-    m.ours = std::make_unique<SafetensorsFile>(
-        load_safetensors((fs::path(dir) / "model.safetensors").string()));
+  for (int k = 0; k < 3; ++k) m.rows[k] = part_rows[k];
+  auto align = [](int64_t b) { return (b + 63) / 64 * 64; };
+  if (model_type == "gguf") {
+    m.gguf = std::make_unique<GgufFile>(load_gguf(dir));
+    const char* names[3] = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"};
+    m.gguf_types.resize(static_cast<size_t>(m.L));
+    int64_t li = 0;
     for (int64_t i = 0; i < cfg.n_layers; ++i) {
       if (!cfg.is_moe_layer(i)) continue;
-      const std::string p = fmt::format("layers.{}.moe.experts.", i);
-      const char* names[3] = {"w_gate", "w_up", "w_down"};
       for (int k = m.gate ? 0 : 1; k < 3; ++k) {
-        MOE_CHECK(m.ours->has(p + names[k]), w, "{} has no tensor {}", dir, p + names[k]);
-        const StoredTensor& t = m.ours->stored.at(p + names[k]);
-        check(t, p + names[k], m.E * part_rows[k], part_cols[k]);
+        const std::string name = fmt::format("blk.{}.{}.weight", i, names[k]);
+        MOE_CHECK(m.gguf->has_tensor(name), w, "{} has no tensor {}", dir, name);
+        const Tensor t = m.gguf->view(name);
+        MOE_CHECK(t.shape() == Shape({m.E, part_rows[k], part_cols[k]}), w,
+                  "{}: {} must be [{}, {}, {}] to be offloaded, got {}", dir, name, m.E,
+                  part_rows[k], part_cols[k], t.str());
+        const auto bytes = static_cast<size_t>(dtype_bytes(t.dtype(), part_rows[k] * part_cols[k]));
         for (int64_t e = 0; e < m.E; ++e) {
           Located& at = m.where[static_cast<size_t>(li * m.E + e)];
-          at.part[k] = &t;
-          at.first_row[k] = e * part_rows[k];
+          at.from[k] = static_cast<const char*>(t.raw()) + static_cast<size_t>(e) * bytes;
+          at.bytes[k] = bytes;
         }
+        m.gguf_types[static_cast<size_t>(li)][static_cast<size_t>(k)] = t.dtype();
+        m.part_bytes[k] = std::max(m.part_bytes[k], align(static_cast<int64_t>(bytes)));
+        m.dtype[k] = dtype_name(t.dtype());
       }
       ++li;
     }
+    for (int k = m.gate ? 0 : 1; k < 3; ++k) m.slot_bytes += m.part_bytes[k];
+    m.float32 = true;  // the slots are read in place, as stored
   } else {
-    m.hf = std::make_unique<HfTensors>(dir);
-    for (int64_t i = 0; i < cfg.n_layers; ++i) {
-      if (!cfg.is_moe_layer(i)) continue;
-      for (int64_t e = 0; e < m.E; ++e) {
-        const std::vector<std::string> names = hf_expert_names(model_type, i, e);
-        for (int k = m.gate ? 0 : 1; k < 3; ++k) {
-          const std::string& name = names[static_cast<size_t>(k)];
-          MOE_CHECK(m.hf->has(name), w,
-                    "{} has no tensor {} (offloading reads one tensor per expert)", dir, name);
-          const StoredTensor& t = m.hf->stored(name);
-          check(t, name, part_rows[k], part_cols[k]);
-          m.where[static_cast<size_t>(li * m.E + e)].part[k] = &t;
-        }
-      }
-      ++li;
-    }
-  }
-  // How they are stored: as expert 0 is, and every expert alike.
-  auto align = [](int64_t b) { return (b + 63) / 64 * 64; };
-  for (int k = m.gate ? 0 : 1; k < 3; ++k) {
-    const StoredTensor& t = *m.where[0].part[k];
-    m.dtype[k] = t.dtype;
-    m.rows[k] = part_rows[k];
-    m.part_bytes[k] = align(part_rows[k] * static_cast<int64_t>(t.row_bytes())) +
-                      (t.scale ? align(part_rows[k] * 4) : 0);
-    m.slot_bytes += m.part_bytes[k];
-    m.float32 = m.float32 && t.dtype == "F32";
-    for (const Located& at : m.where)
-      MOE_CHECK(
-          at.part[k]->dtype == t.dtype, w,
-          "the experts are stored in different dtypes ({} and {}): offloading needs them alike",
-          t.dtype, at.part[k]->dtype);
+    locate_safetensors(m, dir, cfg, model_type);
   }
   if (!m.float32) m.work = std::make_unique<float[]>(static_cast<size_t>(m.floats));
   stats_.expert_bytes = m.slot_bytes;
-  stats_.stored_as = m.dtype[2] == "F32"    ? "float32"
+  stats_.stored_as = m.gguf                 ? gguf_types_str(m.gguf_types)
+                     : m.dtype[2] == "F32"  ? "float32"
                      : m.dtype[2] == "I8"   ? "int8"
                      : m.dtype[2] == "BF16" ? "bf16"
                                             : "f16";
@@ -402,6 +469,12 @@ ExpertView ExpertCache::acquire(int64_t layer, int64_t e) {
   Tensor* parts[3] = {&v.w_gate, &v.w_up, &v.w_down};
   for (int k = m.gate ? 0 : 1; k < 3; ++k) {
     const int64_t rows = m.rows[k], cols = k == 2 ? m.F : m.D;
+    if (m.gguf) {  // computed from as stored, in the layer's types
+      const DType t = m.gguf_types[static_cast<size_t>(layer)][static_cast<size_t>(k)];
+      *parts[k] = Tensor::view(const_cast<char*>(in), {rows, cols}, t);
+      in += m.part_bytes[k];
+      continue;
+    }
     float* p = const_cast<float*>(reinterpret_cast<const float*>(in));
     if (!m.float32) {
       const int64_t value_bytes = rows * cols * static_cast<int64_t>(st_dtype_size(m.dtype[k]));
@@ -440,6 +513,19 @@ ExpertCacheStats ExpertCache::stats() const {
 std::unique_ptr<Model> load_model_offloaded(const std::string& dir, int64_t capacity_bytes,
                                             EvictionPolicy policy,
                                             std::shared_ptr<ExpertCache>* cache, bool prefetch) {
+  if (is_gguf_file(dir)) {
+    // The file is mapped twice (the cache's reads and the model's views): the kernel shares the
+    // pages. Nothing is read in ahead: the experts stay on disk until a token needs one.
+    const GgufFile f = load_gguf(dir);
+    const ModelConfig cfg = config_from_gguf(f);
+    auto made = std::make_shared<ExpertCache>(dir, cfg, "gguf", capacity_bytes, policy, prefetch);
+    auto model = std::make_unique<Model>(cfg, DType::F32, /*routed_experts=*/false);
+    model->set_expert_source(made);
+    load_gguf_weights(*model, f, /*stored=*/true, /*experts=*/false);
+    model->set_training(false);
+    if (cache) *cache = made;
+    return model;
+  }
   const CheckpointInfo info = read_checkpoint_info(dir);
   auto made = std::make_shared<ExpertCache>(info.dir, info.config, info.model_type, capacity_bytes,
                                             policy, prefetch);

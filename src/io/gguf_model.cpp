@@ -348,10 +348,11 @@ void load_selection_biases(Model& model, const GgufFile& f) {
 
 }  // namespace
 
-void load_gguf_weights(Model& model, const GgufFile& f, bool stored) {
+void load_gguf_weights(Model& model, const GgufFile& f, bool stored, bool experts) {
   const ModelConfig& c = model.config();
   const std::vector<MoeLayer*>& moes = model.moe_layers();
-  const bool expert_source = stored && !moes.empty() && moes[0]->params().experts.w_up.numel() == 0;
+  const bool expert_source =
+      stored && experts && !moes.empty() && moes[0]->params().experts.w_up.numel() == 0;
   if (expert_source) {
     std::vector<std::vector<ExpertView>> layers;
     for (int64_t i = 0; i < c.n_layers; ++i)
