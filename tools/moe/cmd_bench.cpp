@@ -197,12 +197,13 @@ struct BenchDecode {
   int64_t prompt = 16, tokens = 32;
   int threads = 0;
   bool json = false;
-  std::string model;  // a checkpoint folder: measure it instead of a made-up model
+  std::string model;    // a checkpoint folder: measure it instead of a made-up model
+  double cache_mb = 0;  // with model: offload the experts behind a cache of this size
 };
 
 int run_bench_decode(const BenchDecode& b) {
   if (!b.model.empty())
-    return bench_model(b.model, BenchModel::decode, b.tokens, b.threads, b.json);
+    return bench_model(b.model, BenchModel::decode, b.tokens, b.threads, b.json, b.cache_mb);
   set_num_threads(b.threads);
   ModelConfig c;
   c.vocab_size = b.vocab;
@@ -548,6 +549,11 @@ Run add_bench(CLI::App& app) {
       "-m,--model", d->model,
       "a checkpoint folder or GGUF file to measure (its weights as stored; -n tokens decoded "
       "after a 4-token prompt)");
+  decode
+      ->add_option("--expert-cache-mb", d->cache_mb,
+                   "with -m: keep the routed experts in the files and at most this many MB of "
+                   "them in memory (routing policy, read-ahead; 0: every expert mapped)")
+      ->check(CLI::NonNegativeNumber);
   auto pf = std::make_shared<BenchPrefill>();
   auto* prefill = bench->add_subcommand(
       "prefill", "one prompt of a checkpoint in one pass: tokens/s against the GEMM limit");

@@ -13,6 +13,7 @@
 
 #include "commands.h"
 #include "moe/cpu.h"
+#include "moe/expert_cache.h"
 #include "moe/gguf.h"
 #include "moe/kernels.h"
 #include "moe/model.h"
@@ -103,12 +104,17 @@ double gguf_bytes_per_token(const GgufFile& f, const ModelConfig& c) {
 
 }  // namespace
 
-int bench_model(const std::string& dir, BenchModel what, int64_t tokens, int threads, bool json) {
+int bench_model(const std::string& dir, BenchModel what, int64_t tokens, int threads, bool json,
+                double cache_mb) {
   MOE_CHECK(tokens >= 1, "bench", "-n must be >= 1, got {}", tokens);
   set_num_threads(threads);
   const double bw = what == BenchModel::decode ? read_bandwidth_apart() : 0;
   const auto t0 = Clock::now();
-  std::unique_ptr<Model> model = load_model(dir, WeightsAs::stored);
+  std::shared_ptr<ExpertCache> experts;
+  std::unique_ptr<Model> model =
+      cache_mb > 0 ? load_model_offloaded(dir, static_cast<int64_t>(cache_mb * 1e6),
+                                          EvictionPolicy::routing, &experts, /*prefetch=*/true)
+                   : load_model(dir, WeightsAs::stored);
   const double load_s = seconds_since(t0);
   const ModelConfig& c = model->config();
   const int64_t V = c.vocab_size;
@@ -164,6 +170,17 @@ int bench_model(const std::string& dir, BenchModel what, int64_t tokens, int thr
               {"of_floor", tps / floor_tps},
               {"peak_rss_mb", peak_rss_mb()},
               {"rss_of_checkpoint", peak_rss_mb() * 1e6 / file_bytes}});
+    if (experts) {
+      const ExpertCacheStats s = experts->stats();
+      j.update(
+          {{"expert_cache_mb", cache_mb},
+           {"cache_slots", s.slots},
+           {"cache_hit_rate", static_cast<double>(s.hits) /
+                                  static_cast<double>(std::max<int64_t>(1, s.hits + s.misses))},
+           {"cache_read_mb", static_cast<double>(s.bytes_read) / 1e6},
+           {"cache_stall_s", s.stall_s}});
+      if (!json) fmt::print("{}\n", s.str());
+    }
     if (!json) {
       fmt::print("{}: loaded in {:.2f} s ({} weights)\n", dir, load_s,
                  model->weights_stored() ? "stored" : "float32");

@@ -41,7 +41,10 @@ Run add_bench(CLI::App& app);
 // `moe bench decode -m DIR` and `moe bench prefill -m DIR` (cmd_bench_model.cpp): a checkpoint
 // with its weights as stored, tokens/s against the bandwidth floor, load time, peak memory.
 enum class BenchModel { decode, prefill };
-int bench_model(const std::string& dir, BenchModel what, int64_t tokens, int threads, bool json);
+// With cache_mb > 0 (decode), the routed experts stay in the files behind an expert cache of
+// that size (routing policy, read-ahead), and its counts are reported.
+int bench_model(const std::string& dir, BenchModel what, int64_t tokens, int threads, bool json,
+                double cache_mb = 0);
 // `moe bench gemm`, under `bench` (cmd_bench_gemm.cpp).
 std::pair<CLI::App*, Run> add_bench_gemm(CLI::App& bench);
 Run add_train(CLI::App& app);
