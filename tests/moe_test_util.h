@@ -63,6 +63,20 @@ inline std::vector<NamedConfig> option_matrix() {
     c.n_experts = 1;
     c.top_k = 1;
   });
+  // gpt-oss: router and expert biases, the clamped SwiGLU at its own limit (no value reaches it
+  // here) and at one most values pass (both sides of both clamps).
+  add("gpt_oss", [](MoeConfig& c) {
+    c.act = ExpertAct::swiglu_oai;
+    c.expert_bias = true;
+    c.router_bias = true;
+  });
+  add("gpt_oss_clamped", [](MoeConfig& c) {
+    c.act = ExpertAct::swiglu_oai;
+    c.swiglu_limit = 0.02;
+    c.expert_bias = true;
+    c.router_bias = true;
+    c.n_shared = 1;
+  });
   add("shared1", [](MoeConfig& c) { c.n_shared = 1; });
   add("shared2_gated", [](MoeConfig& c) {
     c.n_shared = 2;

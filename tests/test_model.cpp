@@ -276,6 +276,14 @@ TEST(Model, ParameterCountsFollowEveryVariant) {
     c.moe.d_shared_ffn = 7;
     configs.push_back(c);
   }
+  c = base();  // gpt-oss
+  c.qkv_bias = true;
+  c.attn_sinks = true;
+  c.o_bias = true;
+  c.moe.router_bias = true;
+  c.moe.expert_bias = true;
+  c.moe.act = ExpertAct::swiglu_oai;
+  configs.push_back(c);
   for (const ModelConfig& cfg : configs) {
     const ParamCount n = count_params(cfg);
     EXPECT_EQ(n.total, Model(cfg).n_params());
@@ -355,6 +363,33 @@ TEST(Model, FiniteDifferencesOlmoeAndDbrxVariants) {
   c.norm = NormKind::layer;  // DBRX
   c.clip_qkv = 0.6;          // clamps some of the projections' values
   check_model_gradients(c, 6);
+}
+
+// gpt-oss: attention sinks, a bias on the output projection, the sliding window on every other
+// layer, q/k/v biases, a router bias, expert biases and the clamped SwiGLU (a limit low enough
+// that some gate and up values are clamped, so both sides of each clamp are crossed).
+TEST(Model, FiniteDifferencesGptOssVariants) {
+  ModelConfig c = tiny_config();
+  c.n_layers = 2;
+  c.qkv_bias = true;
+  c.attn_sinks = true;
+  c.o_bias = true;
+  c.sliding_window = 2;
+  c.window_layers = {0};
+  c.moe.router_bias = true;
+  c.moe.expert_bias = true;
+  c.moe.act = ExpertAct::swiglu_oai;
+  c.moe.swiglu_limit = 0.05;
+  check_model_gradients(c, 8);
+  // The sinks take part: the loss moves with them.
+  Model m = random_model(c, DType::F64, 3);
+  const Tensor tok = tokens_for(c, 2, 6, 4);
+  Arena arena;
+  const double before = m.forward(tok, arena).loss;
+  for (NamedParam& p : m.params())
+    if (p.name.find("attn.sinks") != std::string::npos) p.value.data<double>()[0] += 1.0;
+  arena.reset();
+  EXPECT_GT(std::abs(m.forward(tok, arena).loss - before), 1e-6);
 }
 
 TEST(Model, FiniteDifferencesLatentAttention) {

@@ -55,6 +55,12 @@ struct ModelConfig {
   QkNorm qk_norm = QkNorm::none;
   double clip_qkv = 0;         // clamp q, k and v to [-c, c] (DBRX); 0: off
   int64_t sliding_window = 0;  // attend to the last W positions only (Mistral); 0: all
+  // The layers the sliding window applies to (gpt-oss: every other one); empty: all of them.
+  std::vector<int64_t> window_layers;
+  // Attention sinks (gpt-oss): a learned logit per head joins each query's softmax as a key
+  // with no value, so a head can attend to nothing.
+  bool attn_sinks = false;
+  bool o_bias = false;  // a bias on the output projection (gpt-oss)
   // Multi-head latent attention (DeepSeek-V2/V3) when kv_lora_rank > 0: keys and values come
   // from a rank-kv_lora_rank compression of the input; each head's query and key are a
   // qk_nope_dim part without and a qk_rope_dim part with rotary embedding (the latter's key
@@ -82,10 +88,13 @@ struct ModelConfig {
   // The rotated width of a query or key head.
   int64_t rope_dim() const { return mla() ? qk_rope_dim : head_size(); }
   bool is_moe_layer(int64_t i) const;
+  // The sliding window of layer i (0: none).
+  int64_t window_of(int64_t i) const;
   // The longest T of the training sequences of T + 1 tokens (transformers_loss runs all of them).
   int64_t max_train_len() const { return transformers_loss ? max_seq_len - 1 : max_seq_len; }
   // True when the model uses any of the variants above (LayerNorm, qkv biases, q/k norms,
-  // clipping, a sliding window, latent attention or interleaved rotary pairs).
+  // clipping, a sliding window, sinks, an output bias, latent attention or interleaved rotary
+  // pairs).
   bool uses_variants() const;
   void validate() const;
 };

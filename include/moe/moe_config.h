@@ -11,8 +11,19 @@
 namespace moe {
 
 // The expert FFN: act(x W_up^T + b_up) W_down^T + b_down, or for SwiGLU
-// (silu(x W_gate^T + b_gate) * (x W_up^T + b_up)) W_down^T + b_down.
-enum class ExpertAct { relu, gelu, swiglu };
+// (silu(x W_gate^T + b_gate) * (x W_up^T + b_up)) W_down^T + b_down. swiglu_oai is gpt-oss's
+// clamped variant: with g = min(gate, L) and u = clamp(up, -L, L) (L = swiglu_limit),
+// h = (u + 1) * g * sigmoid(1.702 g).
+enum class ExpertAct { relu, gelu, swiglu, swiglu_oai };
+// Whether the activation has a gate projection (SwiGLU and its variants).
+inline bool gated(ExpertAct a) { return a == ExpertAct::swiglu || a == ExpertAct::swiglu_oai; }
+// An expert activation with its parameter (swiglu_oai's clamp; the default is gpt-oss's).
+struct FfnAct {
+  ExpertAct kind = ExpertAct::swiglu;
+  double limit = 7.0;
+  FfnAct(ExpertAct k, double l = 7.0) : kind(k), limit(l) {}  // NOLINT: converts
+  bool gated() const { return moe::gated(kind); }
+};
 
 // Which tokens an expert over capacity keeps: the first ones in token order, those with the
 // highest router score (ties to the earlier token), or first choices before second choices
@@ -38,6 +49,8 @@ struct MoeConfig {
   int64_t top_k = 1;      // K, experts per token
   ExpertAct act = ExpertAct::swiglu;
   bool expert_bias = false;    // biases on every expert projection
+  double swiglu_limit = 7.0;   // swiglu_oai's clamp
+  bool router_bias = false;    // a bias on the router's logits (gpt-oss)
   bool renormalize = true;     // divide the K selected probabilities by their sum (Mixtral)
   int64_t n_shared = 0;        // S always-active shared experts (DeepSeekMoE)
   int64_t d_shared_ffn = 0;    // hidden width of each shared expert; 0 means d_ffn
@@ -64,6 +77,7 @@ struct MoeConfig {
   double bias_update_rate = 0.001;
 
   int64_t shared_width() const { return d_shared_ffn > 0 ? d_shared_ffn : d_ffn; }
+  FfnAct ffn_act() const { return {act, swiglu_limit}; }
   // Throws moe::Error naming the first bad field.
   void validate() const;
   std::string summary() const;

@@ -71,6 +71,7 @@ class ExpertSource {
 
 struct MoeParams {
   Tensor w_router;  // [E, D]
+  Tensor b_router;  // [E], router_bias only
   ExpertWeights experts;
   ExpertWeights shared;  // S > 0 only
   Tensor w_shared_gate;  // [1, D], shared_gate only

@@ -302,7 +302,7 @@ ExpertCache::ExpertCache(const std::string& dir, const ModelConfig& cfg,
   m.E = mc.n_experts;
   m.F = mc.d_ffn;
   m.D = mc.d_model;
-  m.gate = mc.act == ExpertAct::swiglu;
+  m.gate = gated(mc.act);
   m.floats = (m.gate ? 2 : 1) * m.F * m.D + m.D * m.F;
 
   // Where every expert is in the files.

@@ -17,6 +17,8 @@ void MoeConfig::validate() const {
   MOE_CHECK(top_k >= 1 && top_k <= n_experts, w, "top_k must be in [1, n_experts = {}], got {}",
             n_experts, top_k);
   MOE_CHECK(n_shared >= 0, w, "n_shared must be >= 0, got {}", n_shared);
+  MOE_CHECK(std::isfinite(swiglu_limit) && swiglu_limit > 0, w,
+            "swiglu_limit must be finite and > 0, got {}", swiglu_limit);
   MOE_CHECK(d_shared_ffn >= 0, w, "d_shared_ffn must be >= 0 (0 means d_ffn), got {}",
             d_shared_ffn);
   MOE_CHECK(!shared_gate || n_shared > 0, w, "shared_gate needs n_shared > 0");
@@ -96,6 +98,7 @@ std::string MoeConfig::summary() const {
   std::string s =
       fmt::format("D={} E={} K={} F={} act={}{}{}", d_model, n_experts, top_k, d_ffn,
                   to_string(act), expert_bias ? " bias" : "", renormalize ? " renorm" : "");
+  if (router_bias) s += " router-bias";
   if (n_shared > 0)
     s += fmt::format(" shared={}x{}{}", n_shared, shared_width(), shared_gate ? " gated" : "");
   if (capacity_factor > 0)
@@ -129,6 +132,7 @@ const char* to_string(ExpertAct a) {
     case ExpertAct::relu: return "relu";
     case ExpertAct::gelu: return "gelu";
     case ExpertAct::swiglu: return "swiglu";
+    case ExpertAct::swiglu_oai: return "swiglu_oai";
   }
   return "?";
 }
@@ -178,7 +182,9 @@ ExpertAct parse_expert_act(const std::string& s) {
   if (s == "relu") return ExpertAct::relu;
   if (s == "gelu") return ExpertAct::gelu;
   if (s == "swiglu") return ExpertAct::swiglu;
-  throw_error("moe.config", fmt::format("unknown expert activation '{}' (relu, gelu, swiglu)", s));
+  if (s == "swiglu_oai") return ExpertAct::swiglu_oai;
+  throw_error("moe.config",
+              fmt::format("unknown expert activation '{}' (relu, gelu, swiglu, swiglu_oai)", s));
 }
 
 DropPolicy parse_drop_policy(const std::string& s) {
@@ -195,6 +201,8 @@ void to_json(nlohmann::json& j, const MoeConfig& c) {
        {"top_k", c.top_k},
        {"act", to_string(c.act)},
        {"expert_bias", c.expert_bias},
+       {"swiglu_limit", c.swiglu_limit},
+       {"router_bias", c.router_bias},
        {"renormalize", c.renormalize},
        {"n_shared", c.n_shared},
        {"d_shared_ffn", c.d_shared_ffn},
@@ -233,6 +241,8 @@ void from_json(const nlohmann::json& j, MoeConfig& c) {
     json_into(j, "top_k", c.top_k, "moe.config");
     c.act = parse_expert_act(json_value(j, "act", std::string(to_string(c.act)), "moe.config"));
     json_into(j, "expert_bias", c.expert_bias, "moe.config");
+    json_into(j, "swiglu_limit", c.swiglu_limit, "moe.config");
+    json_into(j, "router_bias", c.router_bias, "moe.config");
     json_into(j, "renormalize", c.renormalize, "moe.config");
     json_into(j, "n_shared", c.n_shared, "moe.config");
     json_into(j, "d_shared_ffn", c.d_shared_ffn, "moe.config");

@@ -30,7 +30,7 @@ template <class T>
 void forward_t(ExpertAct act, ExpertWeights& w, int64_t D, int64_t F, const Tensor& x, Tensor& y,
                Arena& arena, void*& a_gate, void*& a_up, void*& h) {
   const int64_t N = x.size(0);
-  T* ag = act == ExpertAct::swiglu ? arena.alloc<T>(N * F) : nullptr;
+  T* ag = gated(act) ? arena.alloc<T>(N * F) : nullptr;
   T* au = arena.alloc<T>(N * F);
   T* hh = arena.alloc<T>(N * F);
   if (w.w_up.dtype() == dtype_of<T>()) {
@@ -49,7 +49,7 @@ void backward_t(ExpertAct act, ExpertWeights& w, ExpertWeights& g, int64_t D, in
                 void* a_up, void* h) {
   const int64_t N = x.size(0);
   T* dh = arena.alloc<T>(N * F);
-  T* dag = act == ExpertAct::swiglu ? arena.alloc<T>(N * F) : nullptr;
+  T* dag = gated(act) ? arena.alloc<T>(N * F) : nullptr;
   ffn_backward<T>(act, ffn_view<T>(w, 0, D, F), ffn_view<T>(g, 0, D, F), N, D, F, x.data<T>(),
                   dy.data<T>(), static_cast<T*>(a_gate), static_cast<T*>(a_up), static_cast<T*>(h),
                   dh, dag, dx.data<T>());

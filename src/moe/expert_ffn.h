@@ -39,9 +39,8 @@ ExpertView expert_rows(const ExpertWeights& w, int64_t index);
 
 // Forward on n rows in float32 from weights of any stored format (f32, bf16, f16 matrices through
 // moe/weights.h; biases float32): inference of checkpoints kept as stored.
-void ffn_forward_stored(ExpertAct act, const ExpertView& w, int64_t n, int64_t d_model,
-                        int64_t d_ffn, const float* x, float* y, float* a_gate, float* a_up,
-                        float* h);
+void ffn_forward_stored(FfnAct act, const ExpertView& w, int64_t n, int64_t d_model, int64_t d_ffn,
+                        const float* x, float* y, float* a_gate, float* a_up, float* h);
 
 // The fused expert kernel: several experts' forwards on their rows (a token's k experts when
 // decoding; every expert's block of a prompt, a grouped GEMM), weights as stored: every expert's
@@ -54,24 +53,24 @@ struct ExpertRun {
   float* y = nullptr;                                      // [n, D]
   float *a_gate = nullptr, *a_up = nullptr, *h = nullptr;  // [n, F] each (a_gate: SwiGLU)
 };
-void ffn_forward_stored_fused(ExpertAct act, const std::vector<ExpertRun>& runs, int64_t d_model,
+void ffn_forward_stored_fused(FfnAct act, const std::vector<ExpertRun>& runs, int64_t d_model,
                               int64_t d_ffn);
 
 // ffn_forward when w holds T, ffn_forward_stored otherwise (T = float).
 template <class T>
-void ffn_forward_any(ExpertAct act, const ExpertView& w, int64_t n, int64_t d_model, int64_t d_ffn,
+void ffn_forward_any(FfnAct act, const ExpertView& w, int64_t n, int64_t d_model, int64_t d_ffn,
                      const T* x, T* y, T* a_gate, T* a_up, T* h);
 
 // Forward on n rows. Saves a_gate (SwiGLU only), a_up and h, each [n, F], for the backward.
 template <class T>
-void ffn_forward(ExpertAct act, const FfnView<T>& w, int64_t n, int64_t d_model, int64_t d_ffn,
+void ffn_forward(FfnAct act, const FfnView<T>& w, int64_t n, int64_t d_model, int64_t d_ffn,
                  const T* x, T* y, T* a_gate, T* a_up, T* h);
 
 // Backward on n rows: dx [n, D] written, gradients accumulated into g (an empty view, as for a
 // frozen expert, accumulates nothing). dh and da_gate are [n, F] scratch (da_gate SwiGLU only).
 template <class T>
-void ffn_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g, int64_t n,
-                  int64_t d_model, int64_t d_ffn, const T* x, const T* dy, const T* a_gate,
-                  const T* a_up, const T* h, T* dh, T* da_gate, T* dx);
+void ffn_backward(FfnAct act, const FfnView<T>& w, const FfnView<T>& g, int64_t n, int64_t d_model,
+                  int64_t d_ffn, const T* x, const T* dy, const T* a_gate, const T* a_up,
+                  const T* h, T* dh, T* da_gate, T* dx);
 
 }  // namespace moe

@@ -23,7 +23,7 @@ namespace moe {
 MoeParams MoeParams::zeros(const MoeConfig& cfg, DType dtype, bool routed) {
   cfg.validate();
   const int64_t D = cfg.d_model, E = cfg.n_experts, F = cfg.d_ffn;
-  const bool swiglu = cfg.act == ExpertAct::swiglu;
+  const bool swiglu = gated(cfg.act);
   auto experts = [&](int64_t X, int64_t W) {
     ExpertWeights w;
     if (swiglu) w.w_gate = Tensor::zeros({X, W, D}, dtype);
@@ -38,6 +38,7 @@ MoeParams MoeParams::zeros(const MoeConfig& cfg, DType dtype, bool routed) {
   };
   MoeParams p;
   p.w_router = Tensor::zeros({make_router(cfg)->logit_rows(), D}, dtype);
+  if (cfg.router_bias) p.b_router = Tensor::zeros({make_router(cfg)->logit_rows()}, dtype);
   p.experts = experts(routed ? E : 0, F);
   if (cfg.n_shared > 0) p.shared = experts(cfg.n_shared, cfg.shared_width());
   if (cfg.shared_gate) p.w_shared_gate = Tensor::zeros({1, D}, dtype);
@@ -51,6 +52,7 @@ void visit_params(P& p, F&& f) {
     if (t.raw()) f(std::string(name), t);
   };
   visit("router.weight", p.w_router);
+  visit("router.bias", p.b_router);
   visit("experts.w_gate", p.experts.w_gate);
   visit("experts.w_up", p.experts.w_up);
   visit("experts.w_down", p.experts.w_down);
@@ -350,6 +352,11 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
   s.r = R;
   T* logits = arena.alloc<T>(N * R);
   cpu::gemm<T>(false, true, N, R, D, T(1), xr, D, params.w_router.data<T>(), D, T(0), logits, R);
+  if (cfg.router_bias) {
+    const T* b = params.b_router.data<T>();
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t r = 0; r < R; ++r) logits[i * R + r] += b[r];
+  }
   check_finite(w, "router logits (check the router weights)", logits, N, R);
   RouterForward<T> rf;
   rf.n_tokens = N;
@@ -403,7 +410,7 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
     ye = arena.alloc<T>(Me * D);
     s.exchange.to_experts(xs, xe, D * static_cast<int64_t>(sizeof(T)), arena);
   }
-  T* a_gate = cfg.act == ExpertAct::swiglu ? arena.alloc<T>(Me * F) : nullptr;
+  T* a_gate = gated(cfg.act) ? arena.alloc<T>(Me * F) : nullptr;
   T* a_up = arena.alloc<T>(Me * F);
   T* h = arena.alloc<T>(Me * F);
   if (where.source) {
@@ -427,7 +434,7 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
         if (!runs.empty() && runs[0].w.w_up.dtype() == DType::F32) {
           fused = false;  // float32 experts: the GEMM path below
         } else {
-          ffn_forward_stored_fused(cfg.act, runs, D, F);
+          ffn_forward_stored_fused(cfg.ffn_act(), runs, D, F);
         }
         for (int64_t e = 0; e < E; ++e)
           if (e_offsets[e + 1] > e_offsets[e]) where.source->release(where.source_index, e);
@@ -437,7 +444,7 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
       const int64_t r0 = e_offsets[e], n = e_offsets[e + 1] - e_offsets[e];
       if (n == 0) continue;
       const ExpertView v = where.source->acquire(where.source_index, e);
-      ffn_forward_any<T>(cfg.act, v, n, D, F, xe + r0 * D, ye + r0 * D,
+      ffn_forward_any<T>(cfg.ffn_act(), v, n, D, F, xe + r0 * D, ye + r0 * D,
                          a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F);
       where.source->release(where.source_index, e);
     }
@@ -447,10 +454,10 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
       const int64_t r0 = e_offsets[e], n = e_offsets[e + 1] - e_offsets[e];
       T* ag = a_gate ? a_gate + r0 * F : nullptr;
       if (as_t) {
-        ffn_forward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), n, D, F, xe + r0 * D,
+        ffn_forward<T>(cfg.ffn_act(), ffn_view<T>(params.experts, e, D, F), n, D, F, xe + r0 * D,
                        ye + r0 * D, ag, a_up + r0 * F, h + r0 * F);
       } else {  // kept as stored (inference)
-        ffn_forward_any<T>(cfg.act, expert_rows(params.experts, e), n, D, F, xe + r0 * D,
+        ffn_forward_any<T>(cfg.ffn_act(), expert_rows(params.experts, e), n, D, F, xe + r0 * D,
                            ye + r0 * D, ag, a_up + r0 * F, h + r0 * F);
       }
     });
@@ -464,17 +471,17 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
   if (S > 0) {
     sh_y = arena.alloc<T>(N * D);
     T* tmp = arena.alloc<T>(N * D);
-    T* sa_gate = cfg.act == ExpertAct::swiglu ? arena.alloc<T>(S * N * Fs) : nullptr;
+    T* sa_gate = gated(cfg.act) ? arena.alloc<T>(S * N * Fs) : nullptr;
     T* sa_up = arena.alloc<T>(S * N * Fs);
     T* sh = arena.alloc<T>(S * N * Fs);
     for (int64_t e = 0; e < S; ++e) {
       T* out = e == 0 ? sh_y : tmp;
       T* sg = sa_gate ? sa_gate + e * N * Fs : nullptr;
       if (params.shared.w_up.dtype() == dtype_of<T>()) {
-        ffn_forward<T>(cfg.act, ffn_view<T>(params.shared, e, D, Fs), N, D, Fs, xp, out, sg,
+        ffn_forward<T>(cfg.ffn_act(), ffn_view<T>(params.shared, e, D, Fs), N, D, Fs, xp, out, sg,
                        sa_up + e * N * Fs, sh + e * N * Fs);
       } else {  // kept as stored (inference)
-        ffn_forward_any<T>(cfg.act, expert_rows(params.shared, e), N, D, Fs, xp, out, sg,
+        ffn_forward_any<T>(cfg.ffn_act(), expert_rows(params.shared, e), N, D, Fs, xp, out, sg,
                            sa_up + e * N * Fs, sh + e * N * Fs);
       }
       if (e > 0)
@@ -646,7 +653,7 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
     dxe = arena.alloc<T>(Me * D);
   }
   T* dh = arena.alloc<T>(Me * F);
-  T* da_gate = cfg.act == ExpertAct::swiglu ? arena.alloc<T>(Me * F) : nullptr;
+  T* da_gate = gated(cfg.act) ? arena.alloc<T>(Me * F) : nullptr;
   const T* xe = static_cast<const T*>(s.xe);
   const T* a_gate = static_cast<const T*>(s.a_gate);
   const T* a_up = static_cast<const T*>(s.a_up);
@@ -655,7 +662,7 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
     const int64_t r0 = s.e_offsets[e], n = s.e_offsets[e + 1] - s.e_offsets[e];
     const FfnView<T> g =
         is_frozen(cfg, first_expert + e) ? FfnView<T>{} : ffn_view<T>(grads.experts, e, D, F);
-    ffn_backward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), g, n, D, F, xe + r0 * D,
+    ffn_backward<T>(cfg.ffn_act(), ffn_view<T>(params.experts, e, D, F), g, n, D, F, xe + r0 * D,
                     dye + r0 * D, a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F,
                     dh + r0 * F, da_gate ? da_gate + r0 * F : nullptr, dxe + r0 * D);
   });
@@ -698,12 +705,12 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
     }
     T* sdx = arena.alloc<T>(N * D);
     T* sdh = arena.alloc<T>(N * Fs);
-    T* sda_gate = cfg.act == ExpertAct::swiglu ? arena.alloc<T>(N * Fs) : nullptr;
+    T* sda_gate = gated(cfg.act) ? arena.alloc<T>(N * Fs) : nullptr;
     const T* sa_gate = static_cast<const T*>(s.sh_a_gate);
     const T* sa_up = static_cast<const T*>(s.sh_a_up);
     const T* sh = static_cast<const T*>(s.sh_h);
     for (int64_t e = 0; e < S; ++e) {
-      ffn_backward<T>(cfg.act, ffn_view<T>(params.shared, e, D, Fs),
+      ffn_backward<T>(cfg.ffn_act(), ffn_view<T>(params.shared, e, D, Fs),
                       ffn_view<T>(grads.shared, e, D, Fs), N, D, Fs, xp, dsh,
                       sa_gate ? sa_gate + e * N * Fs : nullptr, sa_up + e * N * Fs, sh + e * N * Fs,
                       sdh, sda_gate, sdx);
@@ -721,8 +728,14 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
     for (int64_t i = 0; i < N * R; ++i) dlogits[i] += extra[i];
   }
   const T* xr = static_cast<const T*>(s.xr);
-  if (!cfg.freeze_router)
+  if (!cfg.freeze_router) {
     cpu::gemm<T>(true, false, R, D, N, T(1), dlogits, R, xr, D, T(1), grads.w_router.data<T>(), D);
+    if (cfg.router_bias) {  // column sums in row order
+      T* db = grads.b_router.data<T>();
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t r = 0; r < R; ++r) db[r] += dlogits[i * R + r];
+    }
+  }
   if (s.jitter) {
     const T* jitter = static_cast<const T*>(s.jitter);
     T* dxr = arena.alloc<T>(N * D);

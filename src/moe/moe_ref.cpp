@@ -47,7 +47,8 @@ std::unique_ptr<Routing<T>> route(const MoeConfig& cfg, const MoeParams& params,
     for (int64_t e = 0; e < R; ++e) {
       T acc = 0;
       for (int64_t d = 0; d < D; ++d) acc += r->xr[static_cast<size_t>(t * D + d)] * wr[e * D + d];
-      logits[static_cast<size_t>(t * R + e)] = acc;
+      logits[static_cast<size_t>(t * R + e)] =
+          acc + (cfg.router_bias ? params.b_router.data<T>()[e] : T(0));
     }
   RouterForward<T> f;
   f.n_tokens = N;
@@ -98,21 +99,39 @@ bool frozen(const MoeConfig& cfg, int64_t e) {
   return false;
 }
 
+// gpt-oss's clamped SwiGLU, as transformers' GptOssExperts writes it: gate.clamp(max=L),
+// up.clamp(-L, L), (up + 1) * gate * sigmoid(1.702 gate); and its derivatives (torch.clamp passes
+// the gradient where the input is within its bounds, ends included).
+template <class T>
+T oai(T gate, T up, double limit) {
+  const T L = static_cast<T>(limit);
+  const T g = gate > L ? L : gate, u = up > L ? L : (up < -L ? -L : up);
+  return (u + T(1)) * g * (T(1) / (T(1) + std::exp(T(-1.702) * g)));
+}
+template <class T>
+void oai_grad(T gate, T up, double limit, T dh, T* dgate, T* dup) {
+  const T L = static_cast<T>(limit);
+  const T g = gate > L ? L : gate, u = up > L ? L : (up < -L ? -L : up);
+  const T s = T(1) / (T(1) + std::exp(T(-1.702) * g));
+  *dgate = gate <= L ? dh * (u + T(1)) * (s + T(1.702) * g * s * (T(1) - s)) : T(0);
+  *dup = (up >= -L && up <= L) ? dh * g * s : T(0);
+}
+
 // One token through one expert; a_gate, a_up, h are [F] buffers the backward reuses.
 template <class T>
-void ffn_token(ExpertAct act, const FfnView<T>& w, int64_t D, int64_t F, const T* x, T* y,
-               T* a_gate, T* a_up, T* h) {
+void ffn_token(FfnAct act, const FfnView<T>& w, int64_t D, int64_t F, const T* x, T* y, T* a_gate,
+               T* a_up, T* h) {
   for (int64_t f = 0; f < F; ++f) {
     T u = w.b_up ? w.b_up[f] : T(0);
     for (int64_t d = 0; d < D; ++d) u += w.w_up[f * D + d] * x[d];
     a_up[f] = u;
-    if (act == ExpertAct::swiglu) {
+    if (act.gated()) {
       T g = w.b_gate ? w.b_gate[f] : T(0);
       for (int64_t d = 0; d < D; ++d) g += w.w_gate[f * D + d] * x[d];
       a_gate[f] = g;
-      h[f] = silu(g) * u;
+      h[f] = act.kind == ExpertAct::swiglu ? silu(g) * u : oai(g, u, act.limit);
     } else {
-      h[f] = ref::act(act == ExpertAct::relu ? Activation::relu : Activation::gelu, u);
+      h[f] = ref::act(act.kind == ExpertAct::relu ? Activation::relu : Activation::gelu, u);
     }
   }
   for (int64_t d = 0; d < D; ++d) {
@@ -124,9 +143,9 @@ void ffn_token(ExpertAct act, const FfnView<T>& w, int64_t D, int64_t F, const T
 
 // Backward of ffn_token for the upstream gradient dy [D]: dx [D] accumulates.
 template <class T>
-void ffn_token_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g, int64_t D,
-                        int64_t F, const T* x, const T* dy, const T* a_gate, const T* a_up,
-                        const T* h, T* dx) {
+void ffn_token_backward(FfnAct act, const FfnView<T>& w, const FfnView<T>& g, int64_t D, int64_t F,
+                        const T* x, const T* dy, const T* a_gate, const T* a_up, const T* h,
+                        T* dx) {
   const bool train = g.w_up != nullptr;
   for (int64_t d = 0; d < D; ++d) {
     if (g.b_down) g.b_down[d] += dy[d];
@@ -137,18 +156,21 @@ void ffn_token_backward(ExpertAct act, const FfnView<T>& w, const FfnView<T>& g,
     T dh = 0;
     for (int64_t d = 0; d < D; ++d) dh += dy[d] * w.w_down[d * F + f];
     T da_up, da_gate = 0;
-    if (act == ExpertAct::swiglu) {
+    if (act.kind == ExpertAct::swiglu) {
       da_up = dh * silu(a_gate[f]);
       da_gate = dh * a_up[f] * silu_grad(a_gate[f]);
+    } else if (act.kind == ExpertAct::swiglu_oai) {
+      oai_grad(a_gate[f], a_up[f], act.limit, dh, &da_gate, &da_up);
     } else {
-      da_up = dh * act_grad(act == ExpertAct::relu ? Activation::relu : Activation::gelu, a_up[f]);
+      da_up =
+          dh * act_grad(act.kind == ExpertAct::relu ? Activation::relu : Activation::gelu, a_up[f]);
     }
     if (g.b_up) g.b_up[f] += da_up;
     for (int64_t d = 0; d < D; ++d) {
       if (train) g.w_up[f * D + d] += da_up * x[d];
       dx[d] += da_up * w.w_up[f * D + d];
     }
-    if (act == ExpertAct::swiglu) {
+    if (act.gated()) {
       if (g.b_gate) g.b_gate[f] += da_gate;
       for (int64_t d = 0; d < D; ++d) {
         if (train) g.w_gate[f * D + d] += da_gate * x[d];
@@ -183,13 +205,13 @@ RefOutput forward_impl(const MoeConfig& cfg, const MoeParams& params, const Tens
   for (int64_t t = 0; t < N; ++t) {
     for (int64_t p = plan.token_offsets[t]; p < plan.token_offsets[t + 1]; ++p) {
       if (!r->kept[static_cast<size_t>(p)]) continue;
-      ffn_token<T>(cfg.act, ffn_view<T>(params.experts, plan.expert[p], D, F), D, F, x + t * D,
-                   ye.data(), ag.data(), au.data(), h.data());
+      ffn_token<T>(cfg.ffn_act(), ffn_view<T>(params.experts, plan.expert[p], D, F), D, F,
+                   x + t * D, ye.data(), ag.data(), au.data(), h.data());
       for (int64_t d = 0; d < D; ++d) y[t * D + d] += plan.weight[p] * ye[static_cast<size_t>(d)];
     }
     const T g = shared_gate<T>(cfg, params, x + t * D);
     for (int64_t e = 0; e < cfg.n_shared; ++e) {
-      ffn_token<T>(cfg.act, ffn_view<T>(params.shared, e, D, Fs), D, Fs, x + t * D, ye.data(),
+      ffn_token<T>(cfg.ffn_act(), ffn_view<T>(params.shared, e, D, Fs), D, Fs, x + t * D, ye.data(),
                    ag.data(), au.data(), h.data());
       for (int64_t d = 0; d < D; ++d) y[t * D + d] += g * ye[static_cast<size_t>(d)];
     }
@@ -227,26 +249,26 @@ void backward_impl(const MoeConfig& cfg, const MoeParams& params, const Tensor& 
     for (int64_t p = plan.token_offsets[t]; p < plan.token_offsets[t + 1]; ++p) {
       if (!r->kept[static_cast<size_t>(p)]) continue;
       const int32_t e = plan.expert[p];
-      ffn_token<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), D, F, xt_, ye.data(), ag.data(),
-                   au.data(), h.data());
+      ffn_token<T>(cfg.ffn_act(), ffn_view<T>(params.experts, e, D, F), D, F, xt_, ye.data(),
+                   ag.data(), au.data(), h.data());
       for (int64_t d = 0; d < D; ++d) {
         dw[static_cast<size_t>(p)] += dyt_[d] * ye[static_cast<size_t>(d)];
         dye[static_cast<size_t>(d)] = plan.weight[p] * dyt_[d];
       }
       const FfnView<T> g = frozen(cfg, e) ? FfnView<T>{} : ffn_view<T>(grads.experts, e, D, F);
-      ffn_token_backward<T>(cfg.act, ffn_view<T>(params.experts, e, D, F), g, D, F, xt_, dye.data(),
-                            ag.data(), au.data(), h.data(), dxt_);
+      ffn_token_backward<T>(cfg.ffn_act(), ffn_view<T>(params.experts, e, D, F), g, D, F, xt_,
+                            dye.data(), ag.data(), au.data(), h.data(), dxt_);
     }
     // Shared experts: y_t += g_t * sum_s E_s(x_t).
     if (cfg.n_shared > 0) {
       const T g = shared_gate<T>(cfg, params, xt_);
       std::fill(sh.begin(), sh.end(), T(0));
       for (int64_t e = 0; e < cfg.n_shared; ++e) {
-        ffn_token<T>(cfg.act, ffn_view<T>(params.shared, e, D, Fs), D, Fs, xt_, ye.data(),
+        ffn_token<T>(cfg.ffn_act(), ffn_view<T>(params.shared, e, D, Fs), D, Fs, xt_, ye.data(),
                      ag.data(), au.data(), h.data());
         for (int64_t d = 0; d < D; ++d) sh[static_cast<size_t>(d)] += ye[static_cast<size_t>(d)];
         for (int64_t d = 0; d < D; ++d) dye[static_cast<size_t>(d)] = g * dyt_[d];
-        ffn_token_backward<T>(cfg.act, ffn_view<T>(params.shared, e, D, Fs),
+        ffn_token_backward<T>(cfg.ffn_act(), ffn_view<T>(params.shared, e, D, Fs),
                               ffn_view<T>(grads.shared, e, D, Fs), D, Fs, xt_, dye.data(),
                               ag.data(), au.data(), h.data(), dxt_);
       }
@@ -270,6 +292,7 @@ void backward_impl(const MoeConfig& cfg, const MoeParams& params, const Tensor& 
   for (int64_t t = 0; t < N; ++t)
     for (int64_t e = 0; e < R; ++e) {
       const T dl = dlogits[static_cast<size_t>(t * R + e)];
+      if (cfg.router_bias && !cfg.freeze_router) grads.b_router.data<T>()[e] += dl;
       for (int64_t d = 0; d < D; ++d) {
         const size_t i = static_cast<size_t>(t * D + d);
         if (!cfg.freeze_router) gwr[e * D + d] += dl * r->xr[i];

@@ -256,9 +256,10 @@ void Model::Impl::attention_step(Block& blk, const T* a, int64_t B, int64_t Tq, 
                   static_cast<size_t>(KVh * dv) * sizeof(T));
     }
   T* att = arena.alloc<T>(N * H * dv);
-  nn::attention_cached<T>(att, q, kcp, vcp, slot, start, B, Tq, H, KVh, dk, dv, cap,
-                          cfg.sliding_window, 1.0 / std::sqrt(static_cast<double>(dk)));
-  linear<T>(out, att, blk.wo.value, nullptr, N);
+  nn::attention_cached<T>(att, q, kcp, vcp, slot, start, B, Tq, H, KVh, dk, dv, cap, blk.window,
+                          1.0 / std::sqrt(static_cast<double>(dk)),
+                          cfg.attn_sinks ? blk.sinks.value.data<T>() : nullptr);
+  linear<T>(out, att, blk.wo.value, cfg.o_bias ? &blk.b_o.value : nullptr, N);
 }
 
 #define MOE_INSTANTIATE(T)                                                                         \

@@ -74,7 +74,8 @@ void rope_tables(T* cos, T* sin, int64_t max_len, int64_t hd, double base) {
 
 template <class T>
 void attention_forward(T* out, T* probs, const T* q, const T* k, const T* v, int64_t b, int64_t t,
-                       int64_t h, int64_t kv, int64_t dk, int64_t dv, int64_t window) {
+                       int64_t h, int64_t kv, int64_t dk, int64_t dv, int64_t window,
+                       const T* sinks) {
   const int64_t group = h / kv;
   const T scale = T(1) / std::sqrt(static_cast<T>(dk));
 #pragma omp parallel for schedule(static) if (b * h * t * t * (dk + dv) > kParallelMin)
@@ -90,7 +91,9 @@ void attention_forward(T* out, T* probs, const T* q, const T* k, const T* v, int
       const int64_t lo = window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
       T mx = row[lo];
       for (int64_t j = lo + 1; j <= i; ++j) mx = std::max(mx, row[j]);
-      const T sum = cpu::exp_shifted(row + lo, row + lo, i - lo + 1, mx);
+      if (sinks) mx = std::max(mx, sinks[hh]);
+      T sum = cpu::exp_shifted(row + lo, row + lo, i - lo + 1, mx);
+      if (sinks) sum += std::exp(sinks[hh] - mx);
       for (int64_t j = 0; j < t; ++j) row[j] = (j >= lo && j <= i) ? row[j] / sum : T(0);
     }
     cpu::gemm<T>(false, false, t, dv, t, T(1), p, t, vb, kv * dv, T(0),
@@ -101,12 +104,14 @@ void attention_forward(T* out, T* probs, const T* q, const T* k, const T* v, int
 template <class T>
 void attention_backward(T* dq, T* dk, T* dv, T* scratch, const T* dout, const T* q, const T* k,
                         const T* v, const T* probs, int64_t b, int64_t t, int64_t h, int64_t kv,
-                        int64_t dkw, int64_t dvw) {
+                        int64_t dkw, int64_t dvw, T* dsinks) {
   const int64_t group = h / kv;
   const T scale = T(1) / std::sqrt(static_cast<T>(dkw));
   // One task per (sequence, KV head): its query heads in order, so the KV gradients of a group
   // are summed in a fixed order by one thread. Masked entries have probability 0, so their
-  // score gradients P (dP - rowsum(dP P)) are 0 too.
+  // score gradients P (dP - rowsum(dP P)) are 0 too. The sinks' gradients go to one entry per
+  // (sequence, head), summed over the sequences in order afterwards.
+  std::vector<T> sink_part(dsinks ? static_cast<size_t>(b * h) : 0, T(0));
 #pragma omp parallel for schedule(static) if (b * h * t * t * (dkw + dvw) > kParallelMin)
   for (int64_t task = 0; task < b * kv; ++task) {
     const int64_t bi = task / kv, g = task % kv;
@@ -133,6 +138,11 @@ void attention_backward(T* dq, T* dk, T* dv, T* scratch, const T* dout, const T*
         T dot = 0;
         for (int64_t j = 0; j <= i; ++j) dot += row[j] * pr[j];
         for (int64_t j = 0; j <= i; ++j) row[j] = pr[j] * (row[j] - dot);
+        if (dsinks) {
+          T mass = 0;
+          for (int64_t j = 0; j <= i; ++j) mass += pr[j];
+          sink_part[static_cast<size_t>(bi * h + hh)] -= (T(1) - mass) * dot;
+        }
         for (int64_t j = i + 1; j < t; ++j) row[j] = 0;
       }
       // S = scale Q K^T: dQ = scale dS K, dK += scale dS^T Q.
@@ -140,6 +150,9 @@ void attention_backward(T* dq, T* dk, T* dv, T* scratch, const T* dout, const T*
       cpu::gemm<T>(true, false, t, dkw, t, scale, dp, t, qb, h * dkw, T(1), dkb, kv * dkw);
     }
   }
+  if (dsinks)
+    for (int64_t bi = 0; bi < b; ++bi)
+      for (int64_t hh = 0; hh < h; ++hh) dsinks[hh] += sink_part[static_cast<size_t>(bi * h + hh)];
 }
 
 // A row's mean and 1 / sqrt(var + eps), for LayerNorm.
@@ -221,7 +234,8 @@ void rope_at(T* x, const T* cos, const T* sin, const int64_t* pos, int64_t rows,
 template <class T>
 void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int64_t* slot,
                       const int64_t* start, int64_t b, int64_t tq, int64_t h, int64_t kv,
-                      int64_t dk, int64_t dv, int64_t cap, int64_t window, double scale) {
+                      int64_t dk, int64_t dv, int64_t cap, int64_t window, double scale,
+                      const T* sinks) {
   const int64_t group = h / kv;
 #pragma omp parallel
   {
@@ -242,7 +256,9 @@ void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int64_
         const int64_t lo = window > 0 ? std::max<int64_t>(0, at - window + 1) : 0;
         T mx = row[lo];
         for (int64_t j = lo; j <= at; ++j) mx = std::max(mx, row[j]);
-        const T sum = cpu::exp_shifted(row + lo, row + lo, at - lo + 1, mx);
+        if (sinks) mx = std::max(mx, sinks[hh]);
+        T sum = cpu::exp_shifted(row + lo, row + lo, at - lo + 1, mx);
+        if (sinks) sum += std::exp(sinks[hh] - mx);
         for (int64_t j = 0; j < len; ++j) row[j] = (j >= lo && j <= at) ? row[j] / sum : T(0);
       }
       cpu::gemm<T>(false, false, tq, dv, len, T(1), p.data(), len, vb, kv * dv, T(0),
@@ -287,10 +303,10 @@ double cross_entropy(T* dlogits, double* row_loss, const T* logits, const int32_
                                     int64_t);                                                    \
   template void rope_tables<T>(T*, T*, int64_t, int64_t, double);                                \
   template void attention_forward<T>(T*, T*, const T*, const T*, const T*, int64_t, int64_t,     \
-                                     int64_t, int64_t, int64_t, int64_t, int64_t);               \
+                                     int64_t, int64_t, int64_t, int64_t, int64_t, const T*);     \
   template void attention_backward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const T*,    \
                                       const T*, int64_t, int64_t, int64_t, int64_t, int64_t,     \
-                                      int64_t);                                                  \
+                                      int64_t, T*);                                              \
   template void layernorm_forward<T>(T*, const T*, const T*, int64_t, int64_t, double);          \
   template void layernorm_backward<T>(T*, T*, const T*, const T*, const T*, int64_t, int64_t,    \
                                       double);                                                   \
@@ -298,7 +314,7 @@ double cross_entropy(T* dlogits, double* row_loss, const T* logits, const int32_
                            int64_t, int64_t, bool, bool);                                        \
   template void attention_cached<T>(T*, const T*, const T*, const T*, const int64_t*,            \
                                     const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, \
-                                    int64_t, int64_t, int64_t, double);                          \
+                                    int64_t, int64_t, int64_t, double, const T*);                \
   template double cross_entropy<T>(T*, double*, const T*, const int32_t*, int64_t, int64_t, double);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)

@@ -35,16 +35,20 @@ void rope_at(T* x, const T* cos, const T* sin, const int64_t* pos, int64_t rows,
 
 // Causal grouped-query attention, scores scaled by 1 / sqrt(dk). q [B*T, H, dk], k [B*T, KV, dk]
 // and v [B*T, KV, dv] (rotated already) -> out [B*T, H, dv]; probs [B, H, T, T] saved (zero
-// outside the mask). window > 0 keeps the keys j > i - window only (a sliding window).
+// outside the mask). window > 0 keeps the keys j > i - window only (a sliding window). sinks [H]
+// (may be null): each head's sink logit joins every row's softmax as a key without a value
+// (gpt-oss), so a row's probabilities sum to less than one.
 template <class T>
 void attention_forward(T* out, T* probs, const T* q, const T* k, const T* v, int64_t b, int64_t t,
-                       int64_t h, int64_t kv, int64_t dk, int64_t dv, int64_t window);
-// dq [B*T, H, dk], dk [B*T, KV, dk] and dv [B*T, KV, dv] written. scratch: threads * 2 * T * T
-// elements.
+                       int64_t h, int64_t kv, int64_t dk, int64_t dv, int64_t window,
+                       const T* sinks = nullptr);
+// dq [B*T, H, dk], dk [B*T, KV, dk] and dv [B*T, KV, dv] written; dsinks [H] (may be null)
+// accumulates the sinks' gradient: the sink's probability is 1 - sum_j P_ij, and its logit's
+// gradient -(1 - sum_j P_ij) sum_j P_ij dP_ij. scratch: threads * 2 * T * T elements.
 template <class T>
 void attention_backward(T* dq, T* dk, T* dv, T* scratch, const T* dout, const T* q, const T* k,
                         const T* v, const T* probs, int64_t b, int64_t t, int64_t h, int64_t kv,
-                        int64_t dkw, int64_t dvw);
+                        int64_t dkw, int64_t dvw, T* dsinks = nullptr);
 
 // LayerNorm without bias: out = (x - mean) / sqrt(var + eps) * g, rows of width d (DBRX).
 template <class T>
@@ -59,11 +63,13 @@ void layernorm_backward(T* dx, T* dg, const T* dout, const T* x, const T* g, int
 // Causal attention of tq new queries per sequence against a key/value cache.
 // q [B, tq, H, dk]; kc [slots, cap, KV, dk], vc [slots, cap, KV, dv]; sequence b reads cache
 // slot slot[b], whose first start[b] + tq positions are filled, and its query i sits at
-// position start[b] + i. window > 0 keeps keys j > position - window. out [B, tq, H, dv].
+// position start[b] + i. window > 0 keeps keys j > position - window; sinks as in
+// attention_forward. out [B, tq, H, dv].
 template <class T>
 void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int64_t* slot,
                       const int64_t* start, int64_t b, int64_t tq, int64_t h, int64_t kv,
-                      int64_t dk, int64_t dv, int64_t cap, int64_t window, double scale);
+                      int64_t dk, int64_t dv, int64_t cap, int64_t window, double scale,
+                      const T* sinks = nullptr);
 
 // Mean cross-entropy of logits [N, V] against targets [N]; dlogits (may be null) = scale *
 // (softmax - onehot) / N. row_loss [N] is scratch (the per-row losses, summed in row order).

@@ -150,7 +150,8 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
     qkv_forward<T>(blk, a, N, pos, q, k, v, arena, &s);
     T* probs = arena.alloc<T>(B * H * Tn * Tn);
     T* att = arena.alloc<T>(N * H * dv);
-    nn::attention_forward<T>(att, probs, q, k, v, B, Tn, H, KVh, dk, dv, cfg.sliding_window);
+    nn::attention_forward<T>(att, probs, q, k, v, B, Tn, H, KVh, dk, dv, blk.window,
+                             cfg.attn_sinks ? blk.sinks.value.data<T>() : nullptr);
     cpu::bf16_keep(att, N * H * dv);  // saved for the backward
     T* h_mid = arena.alloc<T>(N * D);
     std::memcpy(h_mid, h, static_cast<size_t>(N * D) * sizeof(T));
@@ -161,6 +162,11 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
       T* o = arena.alloc<T>(N * D);
       cpu::linear<T>(o, att, N, blk.wo.value);
       for (int64_t i = 0; i < N * D; ++i) h_mid[i] += o[i];
+    }
+    if (cfg.o_bias) {
+      const T* bo = blk.b_o.value.data<T>();
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t d = 0; d < D; ++d) h_mid[i * D + d] += bo[d];
     }
     T* f = arena.alloc<T>(N * D);
     T* f_rstd = arena.alloc<T>(N);
@@ -278,9 +284,15 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
       cpu::gemm<T>(false, false, N, H * dv, D, T(1), dh, D, blk.wo.value.data<T>(), H * dv, T(0),
                    datt, H * dv);
     }
-    nn::attention_backward<T>(dq, dkk, dvv, scratch, datt, static_cast<T*>(s.q),
-                              static_cast<T*>(s.k), static_cast<T*>(s.v), static_cast<T*>(s.probs),
-                              B, Tn, H, KVh, dk, dv);
+    if (cfg.o_bias && !blk.b_o.frozen) {  // column sums in row order
+      T* db = blk.b_o.grad.data<T>();
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t d = 0; d < D; ++d) db[d] += dh[i * D + d];
+    }
+    nn::attention_backward<T>(
+        dq, dkk, dvv, scratch, datt, static_cast<T*>(s.q), static_cast<T*>(s.k),
+        static_cast<T*>(s.v), static_cast<T*>(s.probs), B, Tn, H, KVh, dk, dv,
+        cfg.attn_sinks && !blk.sinks.frozen ? blk.sinks.grad.data<T>() : nullptr);
     qkv_backward<T>(blk, static_cast<T*>(s.a), N, pos, dq, dkk, dvv, tmp, arena, s);
     norm_backward<T>(dmid, blk.attn_norm, tmp, static_cast<T*>(s.h_in), static_cast<T*>(s.a_rstd),
                      N);
@@ -463,8 +475,8 @@ void Model::set_experts_only(bool on) {
   Impl& m = *impl_;
   m.embed.frozen = m.lm_head.frozen = on;
   for (auto& b : m.blocks)
-    for (Param* p :
-         {&b.wq, &b.wq_a, &b.wq_b, &b.wk, &b.wv, &b.wkv_a, &b.wkv_b, &b.b_q, &b.b_k, &b.b_v, &b.wo})
+    for (Param* p : {&b.wq, &b.wq_a, &b.wq_b, &b.wk, &b.wv, &b.wkv_a, &b.wkv_b, &b.b_q, &b.b_k,
+                     &b.b_v, &b.wo, &b.b_o, &b.sinks})
       p->frozen = on;
 }
 

@@ -27,6 +27,12 @@ void ModelConfig::validate() const {
             rope_dim());
   MOE_CHECK(std::isfinite(clip_qkv) && clip_qkv >= 0, w, "clip_qkv must be >= 0, got {}", clip_qkv);
   MOE_CHECK(sliding_window >= 0, w, "sliding_window must be >= 0, got {}", sliding_window);
+  MOE_CHECK(window_layers.empty() || sliding_window > 0, w,
+            "window_layers needs a sliding_window > 0");
+  for (size_t i = 0; i < window_layers.size(); ++i)
+    MOE_CHECK(window_layers[i] >= 0 && window_layers[i] < n_layers, w,
+              "window_layers[{}] = {} is not a layer index in [0, {})", i, window_layers[i],
+              n_layers);
   MOE_CHECK(q_lora_rank >= 0 && kv_lora_rank >= 0, w,
             "q_lora_rank and kv_lora_rank must be >= 0, got {} and {}", q_lora_rank, kv_lora_rank);
   if (mla()) {
@@ -34,8 +40,8 @@ void ModelConfig::validate() const {
               "latent attention needs qk_nope_dim >= 0, qk_rope_dim >= 2 and v_head_dim >= 1, got "
               "{}, {}, {}",
               qk_nope_dim, qk_rope_dim, v_head_dim);
-    MOE_CHECK(!qkv_bias && qk_norm == QkNorm::none && clip_qkv == 0, w,
-              "latent attention takes no qkv_bias, qk_norm or clip_qkv");
+    MOE_CHECK(!qkv_bias && qk_norm == QkNorm::none && clip_qkv == 0 && !attn_sinks && !o_bias, w,
+              "latent attention takes no qkv_bias, qk_norm, clip_qkv, attn_sinks or o_bias");
   } else {
     MOE_CHECK(q_lora_rank == 0, w, "q_lora_rank needs latent attention (kv_lora_rank > 0)");
   }
@@ -69,9 +75,16 @@ bool ModelConfig::is_moe_layer(int64_t i) const {
   return moe_every > 0 && i >= first_dense && (i + 1) % moe_every == 0;
 }
 
+int64_t ModelConfig::window_of(int64_t i) const {
+  if (window_layers.empty()) return sliding_window;
+  return std::find(window_layers.begin(), window_layers.end(), i) != window_layers.end()
+             ? sliding_window
+             : 0;
+}
+
 bool ModelConfig::uses_variants() const {
   return !(norm == NormKind::rms && !qkv_bias && qk_norm == QkNorm::none && clip_qkv == 0 &&
-           sliding_window == 0 && !mla() && !rope_interleave);
+           sliding_window == 0 && !attn_sinks && !o_bias && !mla() && !rope_interleave);
 }
 
 NLOHMANN_JSON_SERIALIZE_ENUM(NormKind, {{NormKind::rms, "rms"}, {NormKind::layer, "layer"}})
@@ -103,6 +116,9 @@ void to_json(nlohmann::json& j, const ModelConfig& c) {
   if (c.qk_norm != d.qk_norm) j["qk_norm"] = c.qk_norm;
   if (c.clip_qkv != 0) j["clip_qkv"] = c.clip_qkv;
   if (c.sliding_window != 0) j["sliding_window"] = c.sliding_window;
+  if (!c.window_layers.empty()) j["window_layers"] = c.window_layers;
+  if (c.attn_sinks) j["attn_sinks"] = true;
+  if (c.o_bias) j["o_bias"] = true;
   if (c.mla()) {
     j["q_lora_rank"] = c.q_lora_rank;
     j["kv_lora_rank"] = c.kv_lora_rank;
@@ -138,6 +154,9 @@ void from_json(const nlohmann::json& j, ModelConfig& c) {
                                      "qk_norm",
                                      "clip_qkv",
                                      "sliding_window",
+                                     "window_layers",
+                                     "attn_sinks",
+                                     "o_bias",
                                      "q_lora_rank",
                                      "kv_lora_rank",
                                      "qk_nope_dim",
@@ -185,6 +204,9 @@ void from_json(const nlohmann::json& j, ModelConfig& c) {
     json_into(j, "qkv_bias", c.qkv_bias, "model.config");
     json_into(j, "clip_qkv", c.clip_qkv, "model.config");
     json_into(j, "sliding_window", c.sliding_window, "model.config");
+    json_into(j, "window_layers", c.window_layers, "model.config");
+    json_into(j, "attn_sinks", c.attn_sinks, "model.config");
+    json_into(j, "o_bias", c.o_bias, "model.config");
     json_into(j, "q_lora_rank", c.q_lora_rank, "model.config");
     json_into(j, "kv_lora_rank", c.kv_lora_rank, "model.config");
     json_into(j, "qk_nope_dim", c.qk_nope_dim, "model.config");
@@ -206,7 +228,7 @@ ParamCount count_params(const ModelConfig& c) {
   n.norms = D * (2 * c.n_layers + 1);
   int64_t active_experts = 0;
   const MoeConfig& m = c.moe;
-  const int64_t mats = m.act == ExpertAct::swiglu ? 3 : 2;
+  const int64_t mats = gated(m.act) ? 3 : 2;
   const int64_t H = c.n_heads, KV = c.n_kv_heads;
   int64_t attention = 0;  // one layer's
   if (c.mla()) {
@@ -220,6 +242,8 @@ ParamCount count_params(const ModelConfig& c) {
     if (c.qkv_bias) attention += hd * (H + 2 * KV);
     if (c.qk_norm == QkNorm::head) attention += 2 * hd;
     if (c.qk_norm == QkNorm::full) attention += hd * (H + KV);
+    if (c.attn_sinks) attention += H;
+    if (c.o_bias) attention += D;
   }
   for (int64_t i = 0; i < c.n_layers; ++i) {
     n.attention += attention;
@@ -233,7 +257,8 @@ ParamCount count_params(const ModelConfig& c) {
     n.routed_experts += m.n_experts * expert;
     active_experts += m.top_k * expert;
     n.shared_experts += m.n_shared * (mats * D * m.shared_width() + sbias);
-    n.router += make_router(m)->logit_rows() * D + (m.shared_gate ? D : 0);
+    n.router +=
+        make_router(m)->logit_rows() * (D + (m.router_bias ? 1 : 0)) + (m.shared_gate ? D : 0);
   }
   const int64_t common =
       n.embedding + n.norms + n.attention + n.dense_ffn + n.shared_experts + n.router;

@@ -56,7 +56,9 @@ struct Model::Impl {
     Param attn_norm, wq, wk, wv, wo, ffn_norm;
     Param b_q, b_k, b_v, q_norm, k_norm;                  // variants (model.h)
     Param wq_a, q_a_norm, wq_b, wkv_a, kv_a_norm, wkv_b;  // latent attention
-    MoeOutput moe_out;  // the MoE layer's last output (its vectors reused)
+    Param sinks, b_o;    // attention sinks [H] and the output projection's bias [D] (gpt-oss)
+    int64_t window = 0;  // the sliding window of this layer (0: none)
+    MoeOutput moe_out;   // the MoE layer's last output (its vectors reused)
     std::unique_ptr<DenseFfn> dense;
     std::unique_ptr<MoeLayer> moe;
     BlockSaved saved;
@@ -84,7 +86,9 @@ struct Model::Impl {
                                                     {"attn.b_v", &Block::b_v, false},
                                                     {"attn.q_norm", &Block::q_norm, false},
                                                     {"attn.k_norm", &Block::k_norm, false},
-                                                    {"attn.wo", &Block::wo, true}};
+                                                    {"attn.sinks", &Block::sinks, false},
+                                                    {"attn.wo", &Block::wo, true},
+                                                    {"attn.b_o", &Block::b_o, false}};
   // Expert parallelism: the ranks that share the batch and hold the experts (null: none).
   std::shared_ptr<const dist::ExpertGroups> groups;
   // Expert offloading: where the routed experts come from (null: the layers hold them).
@@ -171,6 +175,9 @@ struct Model::Impl {
           b.k_norm = make_param({full ? KV * hd : hd}, dt);
         }
       }
+      if (cfg.attn_sinks) b.sinks = make_param({H}, dt);
+      if (cfg.o_bias) b.b_o = make_param({D}, dt);
+      b.window = cfg.window_of(i);
       b.ffn_norm = make_param({D}, dt);
       if (cfg.is_moe_layer(i)) {
         b.moe = std::make_unique<MoeLayer>(cfg.moe, dt, routed_experts);

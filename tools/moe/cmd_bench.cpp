@@ -152,7 +152,7 @@ int run_bench_layer(BenchLayer& b) {
                                                           dense.backward(dy, dx, arena);
                                                         }});
   const double moe_fwd = ms[0], moe_fwdbwd = ms[1], dense_fwd = ms[2], dense_fwdbwd = ms[3];
-  const int mats = cfg.act == ExpertAct::swiglu ? 3 : 2;
+  const int mats = gated(cfg.act) ? 3 : 2;
   const double fwd_flops = 2.0 * static_cast<double>(N * D * dense_width * mats);
   const double peak = gemm_peak_gflops();
   const double dense_gflops = 3 * fwd_flops / dense_fwdbwd / 1e6;

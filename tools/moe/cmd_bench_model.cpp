@@ -77,7 +77,7 @@ double bytes_per_token(Model& model) {
   }
   int64_t moe_layers = 0;
   for (int64_t i = 0; i < c.n_layers; ++i) moe_layers += c.is_moe_layer(i) ? 1 : 0;
-  const int64_t mats = c.moe.act == ExpertAct::swiglu ? 3 : 2;
+  const int64_t mats = gated(c.moe.act) ? 3 : 2;
   bytes += static_cast<double>(moe_layers * c.moe.top_k * mats) *
            static_cast<double>(dtype_bytes(stored, c.d_model * c.moe.d_ffn));
   return bytes;
