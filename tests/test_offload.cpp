@@ -121,9 +121,9 @@ INSTANTIATE_TEST_SUITE_P(LayoutsAndFormats, Offload,
 // GGUF files: the experts are held and computed from in their stored types, each layer's own
 // (the Q4_K_M file's last layer has Q6_K down projections, larger than its Q4_K ones): the same
 // logits, bit for bit, and tokens as the file's model with every expert mapped. DeepSeek-V3's
-// file adds a dense layer and a shared expert.
+// file adds a dense layer and a shared expert, gpt-oss's experts with biases (read in place).
 TEST(OffloadGguf, SameLogitsAndTokensAsTheMappedFile) {
-  for (const char* name : {"qwen3moe-Q4_K_M", "deepseek_v3-Q5_K_M"}) {
+  for (const char* name : {"qwen3moe-Q4_K_M", "deepseek_v3-Q5_K_M", "gpt_oss-MXFP4"}) {
     SCOPED_TRACE(name);
     const std::string path = std::string(MOE_TEST_FIXTURES) + "/gguf/" + name + ".gguf";
     std::unique_ptr<Model> resident = load_model(path, WeightsAs::stored);

@@ -95,6 +95,7 @@ struct ExpertCache::Impl {
   std::unique_ptr<HfTensors> hf;
   std::unique_ptr<GgufFile> gguf;
   std::vector<std::array<DType, 3>> gguf_types;  // [L]
+  std::vector<std::array<Tensor, 3>> gguf_bias;  // [L] float32 [E, F], [E, F], [E, D] (gpt-oss)
   std::vector<Located> where;                    // [L * E]
 
   struct Slot {
@@ -296,7 +297,8 @@ ExpertCache::ExpertCache(const std::string& dir, const ModelConfig& cfg,
   m.cfg = cfg;
   m.policy = policy;
   const MoeConfig& mc = cfg.moe;
-  MOE_CHECK(!mc.expert_bias, w, "offloading experts with biases is not supported");
+  MOE_CHECK(!mc.expert_bias || model_type == "gguf", w,
+            "offloading experts with biases is supported for GGUF files only");
   for (int64_t i = 0; i < cfg.n_layers; ++i) m.L += cfg.is_moe_layer(i) ? 1 : 0;
   MOE_CHECK(m.L > 0, w, "the model has no MoE layer: nothing to offload");
   m.E = mc.n_experts;
@@ -314,6 +316,7 @@ ExpertCache::ExpertCache(const std::string& dir, const ModelConfig& cfg,
     m.gguf = std::make_unique<GgufFile>(load_gguf(dir));
     const char* names[3] = {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"};
     m.gguf_types.resize(static_cast<size_t>(m.L));
+    m.gguf_bias.resize(static_cast<size_t>(m.L));
     int64_t li = 0;
     for (int64_t i = 0; i < cfg.n_layers; ++i) {
       if (!cfg.is_moe_layer(i)) continue;
@@ -331,6 +334,14 @@ ExpertCache::ExpertCache(const std::string& dir, const ModelConfig& cfg,
           at.bytes[k] = bytes;
         }
         m.gguf_types[static_cast<size_t>(li)][static_cast<size_t>(k)] = t.dtype();
+        if (mc.expert_bias) {  // small: read where they lie, never cached
+          const std::string b = fmt::format("blk.{}.{}.bias", i, names[k]);
+          MOE_CHECK(m.gguf->has_tensor(b), w, "{} has no tensor {}", dir, b);
+          const Tensor bt = m.gguf->view(b);
+          MOE_CHECK(bt.dtype() == DType::F32 && bt.shape() == Shape({m.E, part_rows[k]}), w,
+                    "{}: {} must be float32 [{}, {}], got {}", dir, b, m.E, part_rows[k], bt.str());
+          m.gguf_bias[static_cast<size_t>(li)][static_cast<size_t>(k)] = bt;
+        }
         m.part_bytes[k] = std::max(m.part_bytes[k], align(static_cast<int64_t>(bytes)));
         m.dtype[k] = dtype_name(t.dtype());
       }
@@ -467,11 +478,14 @@ ExpertView ExpertCache::acquire(int64_t layer, int64_t e) {
   const char* in = slot.data.get();
   float* work = m.work.get();
   Tensor* parts[3] = {&v.w_gate, &v.w_up, &v.w_down};
+  Tensor* biases[3] = {&v.b_gate, &v.b_up, &v.b_down};
   for (int k = m.gate ? 0 : 1; k < 3; ++k) {
     const int64_t rows = m.rows[k], cols = k == 2 ? m.F : m.D;
     if (m.gguf) {  // computed from as stored, in the layer's types
       const DType t = m.gguf_types[static_cast<size_t>(layer)][static_cast<size_t>(k)];
       *parts[k] = Tensor::view(const_cast<char*>(in), {rows, cols}, t);
+      const Tensor& b = m.gguf_bias[static_cast<size_t>(layer)][static_cast<size_t>(k)];
+      if (b.defined()) *biases[k] = b.view_at(e * rows, {rows});
       in += m.part_bytes[k];
       continue;
     }

@@ -108,7 +108,7 @@ void check_sizes_against_tensors(const GgufFile& f, const ModelConfig& c) {
 }  // namespace
 
 std::vector<std::string> gguf_architectures() {
-  return {"qwen3moe", "qwen2moe", "olmoe", "llama", "deepseek2"};
+  return {"qwen3moe", "qwen2moe", "olmoe", "llama", "deepseek2", "gpt-oss"};
 }
 
 namespace {
@@ -181,6 +181,18 @@ ModelConfig config_from_gguf(const GgufFile& f) {
   const int64_t F = m.i_or("expert_feed_forward_length", m.i("feed_forward_length"));
   if (arch == "deepseek2") {
     deepseek2_config(m, j);
+  } else if (arch == "gpt-oss") {
+    // llama.cpp's graph (openai-moe): the window on the even layers, SwiGLU clamped at 7.
+    j["model_type"] = "gpt_oss";
+    j["num_local_experts"] = E;
+    j["intermediate_size"] = F;
+    j["attention_bias"] = true;
+    j["swiglu_limit"] = 7.0;
+    j["sliding_window"] = m.i("attention.sliding_window");
+    json types = json::array();
+    for (int64_t i = 0; i < m.i("block_count"); ++i)
+      types.push_back(i % 2 == 0 ? "sliding_attention" : "full_attention");
+    j["layer_types"] = types;
   } else if (arch == "llama") {
     j["model_type"] = "mixtral";
     j["num_local_experts"] = E;
@@ -222,6 +234,12 @@ std::string gguf_name(const std::string& ours) {
   static const std::pair<const char*, const char*> kNames[] = {
       {"attn_norm.weight", "attn_norm.weight"},
       {"ffn_norm.weight", "ffn_norm.weight"},
+      {"attn.sinks", "attn_sinks.weight"},
+      {"attn.b_o", "attn_output.bias"},
+      {"moe.router.bias", "ffn_gate_inp.bias"},
+      {"moe.experts.b_gate", "ffn_gate_exps.bias"},
+      {"moe.experts.b_up", "ffn_up_exps.bias"},
+      {"moe.experts.b_down", "ffn_down_exps.bias"},
       {"attn.wq", "attn_q.weight"},
       {"attn.wk", "attn_k.weight"},
       {"attn.wv", "attn_v.weight"},
@@ -288,6 +306,19 @@ std::vector<ExpertView> expert_views(const ModelConfig& c, const GgufFile& f, in
     v.w_up = u.view_at(e * F * D, {F, D});
     v.w_down = d.view_at(e * D * F, {D, F});
   }
+  if (c.moe.expert_bias) {  // gpt-oss: float32 [E, F] and [E, D]
+    const auto bias = [&](const char* part, int64_t width) {
+      const std::string name = blk + "ffn_" + part + "_exps.bias";
+      return checked_view(f, name, {E, width}, "the experts' biases").to(DType::F32);
+    };
+    const Tensor bg = bias("gate", F), bu = bias("up", F), bd = bias("down", D);
+    for (int64_t e = 0; e < E; ++e) {
+      ExpertView& v = out[static_cast<size_t>(e)];
+      v.b_gate = bg.view_at(e * F, {F});
+      v.b_up = bu.view_at(e * F, {F});
+      v.b_down = bd.view_at(e * D, {D});
+    }
+  }
   return out;
 }
 
@@ -318,6 +349,15 @@ Tensor param_tensor(const ModelConfig& c, const GgufFile& f, const std::string& 
                     const Shape& want) {
   const std::string name = gguf_name(ours);
   MOE_CHECK(!name.empty(), kWhere, "{}: parameter {} has no GGUF tensor name", f.path, ours);
+  // gpt-oss's converter names the FFN's norm post_attention_norm.
+  const std::string ffn_norm = "ffn_norm.weight";
+  if (name.size() > ffn_norm.size() &&
+      name.compare(name.size() - ffn_norm.size(), ffn_norm.size(), ffn_norm) == 0 &&
+      !f.has_tensor(name)) {
+    const std::string post =
+        name.substr(0, name.size() - ffn_norm.size()) + "post_attention_norm.weight";
+    if (f.has_tensor(post)) return checked_view(f, post, want, ours);
+  }
   const std::string suffix = "attn_kv_b.weight";
   if (c.mla() && name.size() > suffix.size() &&
       name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0 &&

@@ -134,6 +134,41 @@ ModelConfig deepseek_config(const json& j, bool v3) {
   return c;
 }
 
+// gpt-oss (transformers' GptOssConfig): q/k/v and output biases, a sink logit per head, the
+// sliding window on the layers layer_types names "sliding_attention", a router with a bias
+// whose top-k logits go through a softmax (the same weights as a softmax over all, renormalized
+// over the top k), experts with biases and the clamped SwiGLU.
+ModelConfig gpt_oss_config(const json& j) {
+  ModelConfig c = llama_like(j);
+  c.qkv_bias = c.o_bias = bool_or(j, "attention_bias", true);
+  c.attn_sinks = true;
+  c.sliding_window = int_or(j, "sliding_window", 0);
+  if (j.contains("layer_types") && !j["layer_types"].is_null()) {
+    const auto types = json_as<std::vector<std::string>>(j["layer_types"], kWhere, "layer_types");
+    MOE_CHECK(static_cast<int64_t>(types.size()) == c.n_layers, kWhere,
+              "layer_types has {} entries for {} layers", types.size(), c.n_layers);
+    for (size_t i = 0; i < types.size(); ++i) {
+      MOE_CHECK(types[i] == "sliding_attention" || types[i] == "full_attention", kWhere,
+                "layer_types[{}] = '{}' (sliding_attention or full_attention)", i, types[i]);
+      if (types[i] == "sliding_attention") c.window_layers.push_back(static_cast<int64_t>(i));
+    }
+    if (c.window_layers.empty()) c.sliding_window = 0;
+  }
+  MoeConfig& m = c.moe;
+  m.n_experts = get_int(j, "num_local_experts");
+  m.top_k = j.contains("num_experts_per_tok") ? get_int(j, "num_experts_per_tok")
+                                              : get_int(j, "experts_per_token");
+  m.d_ffn = get_int(j, "intermediate_size");
+  m.act = ExpertAct::swiglu_oai;
+  m.swiglu_limit = num_or(j, "swiglu_limit", 7.0);
+  m.expert_bias = true;
+  m.router_bias = true;
+  m.renormalize = true;
+  // transformers adds the balancing loss only when the model outputs its router logits.
+  if (!bool_or(j, "output_router_logits", false)) c.joint_aux_loss_coef = 0;
+  return c;
+}
+
 ModelConfig dbrx_config(const json& j) {
   MOE_CHECK(j.contains("attn_config") && j.contains("ffn_config"), kWhere,
             "a dbrx config.json needs attn_config and ffn_config");
@@ -172,7 +207,8 @@ ModelConfig dbrx_config(const json& j) {
 }  // namespace
 
 std::vector<std::string> hf_model_types() {
-  return {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dbrx"};
+  return {"mixtral",     "qwen2_moe",   "qwen3_moe", "olmoe",
+          "deepseek_v2", "deepseek_v3", "dbrx",      "gpt_oss"};
 }
 
 ModelConfig config_from_hf(const json& j) {
@@ -208,6 +244,8 @@ ModelConfig config_from_hf(const json& j) {
       c = deepseek_config(j, type == "deepseek_v3");
     } else if (type == "dbrx") {
       c = dbrx_config(j);
+    } else if (type == "gpt_oss") {
+      c = gpt_oss_config(j);
     } else {
       std::string known;
       for (const std::string& t : hf_model_types()) known += (known.empty() ? "" : ", ") + t;
