@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -13,6 +14,7 @@
 #include "moe/generate.h"
 #include "moe/gguf_model.h"
 #include "moe/safetensors.h"
+#include "moe/tokenizer.h"
 #include "moe/trainer.h"
 #include "moe/weights.h"
 
@@ -202,6 +204,37 @@ TEST(GgufModel, DeepSeekKvDecompressionWholeOrInHalves) {
   std::printf("kv_b whole against its halves: relative L2 %.2e\n", d);
   EXPECT_LT(d, 1e-6);
   std::filesystem::remove(path);
+}
+
+// gpt-oss from its HuggingFace folder (MXFP4 experts as _blocks and _scales, the rest bf16) and
+// from the GGUF file llama.cpp's converter made of it: the same weights, so the same logits as
+// llama.cpp's float32 run on the file's, and the same as the GGUF file's, bit for bit.
+TEST(GgufModel, GptOssFromItsHuggingFaceFolder) {
+  const std::string hf = kDir + "gpt_oss_hf";
+  const std::string name = "gpt_oss-MXFP4";
+  const nlohmann::json ref = reference_json(name);
+  const SafetensorsFile want = load_safetensors(kDir + name + ".reference.safetensors");
+  const Tensor& expect = want.at("logits_dequantized_f32");
+  const auto ids = ref.at("input_ids").get<std::vector<int32_t>>();
+  Tensor tokens = Tensor::empty({1, static_cast<int64_t>(ids.size())}, DType::I32);
+  std::copy(ids.begin(), ids.end(), tokens.data<int32_t>());
+  const int64_t rows = expect.size(0), cols = expect.size(1);
+  cpu::set_quant_activations(cpu::QuantActivations::f32);
+  Arena arena;
+  const Tensor f32 = load_model(hf, WeightsAs::float32)->logits(tokens, arena).clone();
+  const double d = max_of(rel_l2(f32.data<float>(), expect.data<float>(), rows, cols));
+  std::printf("gpt-oss HF folder, float32 weights: relative L2 %.2e from llama.cpp's float32\n", d);
+  EXPECT_LT(d, 1e-5);
+  const Tensor a = load_model(hf, WeightsAs::stored)->logits(tokens, arena).clone();
+  const Tensor b = load_model(kDir + name + ".gguf", WeightsAs::stored)->logits(tokens, arena);
+  cpu::set_quant_activations(cpu::QuantActivations::int8);
+  ASSERT_EQ(a.numel(), b.numel());
+  EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << "HF and GGUF logits differ";
+  // Its tokenizer (tokenizer.json) gives llama.cpp's ids.
+  const auto tok = load_tokenizer(hf);
+  for (const auto& c : ref.at("tokenize"))
+    EXPECT_EQ(tok->encode(c.at("text").get<std::string>()), c.at("ids").get<std::vector<int32_t>>())
+        << c.at("text");
 }
 
 TEST(GgufModel, ConfigComesFromTheMetadata) {

@@ -44,6 +44,8 @@ Names names_for(const std::string& type) {
     n.shared_gate = "shared_expert_gate.weight";
   } else if (type == "deepseek_v2" || type == "deepseek_v3") {
     n.shared = "shared_experts.";
+  } else if (type == "gpt_oss") {
+    n.router = "router.weight";
   }
   return n;
 }
@@ -250,7 +252,9 @@ std::string layer_name(const Names& n, int64_t i, const std::string& rest) {
       {"attn.wq_b", "q_b_proj.weight"},
       {"attn.wkv_a", "kv_a_proj_with_mqa.weight"},
       {"attn.kv_a_norm", "kv_a_layernorm.weight"},
-      {"attn.wkv_b", "kv_b_proj.weight"}};
+      {"attn.wkv_b", "kv_b_proj.weight"},
+      {"attn.b_o", "o_proj.bias"},
+      {"attn.sinks", "sinks"}};
   for (const auto& [a, b] : attn)
     if (rest == a) return A + b;
   if (rest == "attn_norm.weight") return L + "input_layernorm.weight";
@@ -259,6 +263,7 @@ std::string layer_name(const Names& n, int64_t i, const std::string& rest) {
   if (rest == "ffn.w_up") return L + "mlp.up_proj.weight";
   if (rest == "ffn.w_down") return L + "mlp.down_proj.weight";
   if (rest == "moe.router.weight") return M + n.router;
+  if (rest == "moe.router.bias") return M + "router.bias";
   if (!n.shared.empty()) {
     if (rest == "moe.shared.w_gate") return M + n.shared + "gate_proj.weight";
     if (rest == "moe.shared.w_up") return M + n.shared + "up_proj.weight";
@@ -274,40 +279,55 @@ void load_llama_like(Model& model, const std::string& type, HfTensors& src, View
   size_t moe_index = 0;
   int64_t layer = -1;
   const TopNames top{"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"};
+  const bool gpt_oss = type == "gpt_oss";
   if (views) {  // the routed experts as stored, from a source of views
     std::vector<std::vector<ExpertView>> layers;
     for (int64_t i = 0; i < model.config().n_layers; ++i)
       if (model.config().is_moe_layer(i))
-        layers.push_back(stored_experts(model.config(), src,
-                                        "model.layers." + std::to_string(i) + "." + n.moe, n));
+        layers.push_back(gpt_oss ? gpt_oss_experts(model.config(), src, i).views()
+                                 : stored_experts(model.config(), src,
+                                                  "model.layers." + std::to_string(i) + "." + n.moe,
+                                                  n));
     model.set_expert_source(stored_expert_source(std::move(layers)));
   }
-  load_params(model, src, top, views,
-              [&](int64_t i, const std::string& rest, NamedParam& p, auto& take) {
-                const std::string M = "model.layers." + std::to_string(i) + "." + n.moe;
-                if (i != layer) {
-                  layer = i;
-                  if (model.config().is_moe_layer(i)) {
-                    // DeepSeek-V3's selection bias is a buffer, not a parameter.
-                    MoeLayer* m = moes[moe_index++];
-                    if (std::vector<double>* b = m->router().selection_bias()) {
-                      const std::string name = M + "gate.e_score_correction_bias";
-                      const Tensor t = src.get(name).to(DType::F64);
-                      t.expect(kWhere, name.c_str(), {static_cast<int64_t>(b->size())}, DType::F64);
-                      b->assign(t.data<double>(), t.data<double>() + t.numel());
-                    }
-                  }
-                }
-                if (const std::string name = layer_name(n, i, rest); !name.empty()) {
-                  take(name);
-                } else if (rest == "moe.experts.w_gate") {
-                  load_experts(model, i, src, M, n);  // all three projections of every expert
-                } else if (rest == "moe.experts.w_up" || rest == "moe.experts.w_down") {
-                  // loaded with w_gate
-                } else {
-                  throw_error(kWhere, fmt::format("{} has no {} tensor", p.name, type));
-                }
-              });
+  GptOssExperts oss;  // gpt-oss, float32 parameters: the current layer's, converted once
+  load_params(
+      model, src, top, views, [&](int64_t i, const std::string& rest, NamedParam& p, auto& take) {
+        const std::string M = "model.layers." + std::to_string(i) + "." + n.moe;
+        if (i != layer) {
+          layer = i;
+          if (model.config().is_moe_layer(i)) {
+            // DeepSeek-V3's selection bias is a buffer, not a parameter.
+            MoeLayer* m = moes[moe_index++];
+            if (std::vector<double>* b = m->router().selection_bias()) {
+              const std::string name = M + "gate.e_score_correction_bias";
+              const Tensor t = src.get(name).to(DType::F64);
+              t.expect(kWhere, name.c_str(), {static_cast<int64_t>(b->size())}, DType::F64);
+              b->assign(t.data<double>(), t.data<double>() + t.numel());
+            }
+          }
+        }
+        if (const std::string name = layer_name(n, i, rest); !name.empty()) {
+          take(name);
+        } else if (gpt_oss && rest.rfind("moe.experts.", 0) == 0) {
+          if (rest == "moe.experts.w_gate") oss = gpt_oss_experts(model.config(), src, i);
+          const std::string part = rest.substr(12);
+          const Tensor& t = part == "w_gate"   ? oss.gate
+                            : part == "w_up"   ? oss.up
+                            : part == "w_down" ? oss.down
+                            : part == "b_gate" ? oss.b_gate
+                            : part == "b_up"   ? oss.b_up
+                                               : oss.b_down;
+          MOE_CHECK(t.defined(), kWhere, "{}: the experts are read with w_gate first", p.name);
+          copy_into(p.value.raw(), p.value.dtype(), t.to(DType::F32), p.value.shape(), p.name);
+        } else if (rest == "moe.experts.w_gate") {
+          load_experts(model, i, src, M, n);  // all three projections of every expert
+        } else if (rest == "moe.experts.w_up" || rest == "moe.experts.w_down") {
+          // loaded with w_gate
+        } else {
+          throw_error(kWhere, fmt::format("{} has no {} tensor", p.name, type));
+        }
+      });
 }
 
 // DBRX's experts of block i as stored: rows of w1 and v1 [E F, D] (gate and up), and of w2

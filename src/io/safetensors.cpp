@@ -127,7 +127,7 @@ size_t st_dtype_size(const std::string& dtype) {
   if (dtype == "F32" || dtype == "I32") return 4;
   if (dtype == "F64" || dtype == "I64") return 8;
   if (dtype == "BF16" || dtype == "F16") return 2;
-  if (dtype == "I8") return 1;
+  if (dtype == "I8" || dtype == "U8") return 1;
   return 0;
 }
 
@@ -352,7 +352,7 @@ SafetensorsFile parse_safetensors(char* base, uint64_t size, std::shared_ptr<voi
     e.dtype = v["dtype"].get<std::string>();
     const uint64_t elem = st_dtype_size(e.dtype);
     MOE_CHECK(elem > 0, w.c_str(),
-              "tensor '{}': unsupported dtype '{}' (F32, F64, BF16, F16, I8, I32, I64)", name,
+              "tensor '{}': unsupported dtype '{}' (F32, F64, BF16, F16, I8, U8, I32, I64)", name,
               e.dtype);
     const auto& shape = v["shape"];
     MOE_CHECK(shape.is_array(), w.c_str(), "tensor '{}': shape is not an array", name);
