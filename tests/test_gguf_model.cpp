@@ -237,6 +237,66 @@ TEST(GgufModel, GptOssFromItsHuggingFaceFolder) {
         << c.at("text");
 }
 
+// YaRN from the metadata (rope.scaling.*): the fixtures given the keys of
+// yarn/make_references.py, run with float32 weights, against llama.cpp's float32 logits of the
+// same (yarn/*.logits.f32); and the scaling changes them (against the unscaled reference).
+TEST(GgufModel, YarnRopeScalingAsLlamaCpp) {
+  struct Case {
+    const char *name, *fixture;
+    double factor;
+    uint32_t original;
+    double log_mul;  // DeepSeek's yarn_log_multiplier; 0: none
+  };
+  const Case cases[] = {{"gpt_oss", "gpt_oss-Q8_0", 32, 256, 0},
+                        {"qwen3moe", "qwen3moe-Q8_0", 4, 1024, 0},
+                        {"deepseek_v3", "deepseek_v3-Q8_0", 40, 256, 0.1}};
+  cpu::set_quant_activations(cpu::QuantActivations::f32);
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const GgufFile f = load_gguf(kDir + c.fixture + ".gguf");
+    const std::string arch = f.get_string("general.architecture");
+    std::vector<std::pair<std::string, GgufValue>> meta;
+    for (const std::string& key : f.key_order) meta.emplace_back(key, f.get(key));
+    meta.emplace_back(arch + ".rope.scaling.type", GgufValue::str("yarn"));
+    meta.emplace_back(arch + ".rope.scaling.factor", GgufValue::f32(static_cast<float>(c.factor)));
+    meta.emplace_back(arch + ".rope.scaling.original_context_length", GgufValue::u32(c.original));
+    if (c.log_mul != 0)
+      meta.emplace_back(arch + ".rope.scaling.yarn_log_multiplier",
+                        GgufValue::f32(static_cast<float>(c.log_mul)));
+    std::vector<GgufWriteTensor> tensors;
+    for (const GgufTensor& t : f.tensors)
+      tensors.push_back({t.name, t.type, {t.ne.begin(), t.ne.begin() + t.n_dims}, t.data});
+    const std::string path =
+        (std::filesystem::temp_directory_path() / (std::string("moe_yarn_") + c.name + ".gguf"))
+            .string();
+    write_gguf(path, meta, tensors);
+    std::unique_ptr<Model> model = load_model(path, WeightsAs::float32);
+    EXPECT_TRUE(model->config().rope_scaling.yarn());
+    const auto ids = reference_json(c.fixture).at("input_ids").get<std::vector<int32_t>>();
+    Tensor tokens = Tensor::empty({1, static_cast<int64_t>(ids.size())}, DType::I32);
+    std::copy(ids.begin(), ids.end(), tokens.data<int32_t>());
+    Arena arena;
+    const Tensor got = model->logits(tokens, arena);
+    const int64_t rows = static_cast<int64_t>(ids.size()), cols = model->config().vocab_size;
+    std::vector<float> want(static_cast<size_t>(rows * cols));
+    std::ifstream in(kDir + "yarn/" + c.name + ".logits.f32", std::ios::binary);
+    in.read(reinterpret_cast<char*>(want.data()),
+            static_cast<std::streamsize>(want.size() * sizeof(float)));
+    ASSERT_TRUE(in.good());
+    const double d = max_of(rel_l2(got.data<float>(), want.data(), rows, cols));
+    const Tensor plain = load_safetensors(kDir + c.fixture + ".reference.safetensors")
+                             .at("logits_dequantized_f32")
+                             .clone();
+    const double moved = max_of(rel_l2(plain.data<float>(), want.data(), rows, cols));
+    std::printf("%s with YaRN: relative L2 %.2e from llama.cpp's float32 (unscaled: %.2e)\n",
+                c.name, d, moved);
+    EXPECT_LT(d, 1e-5);
+    EXPECT_GT(moved, 100 * d);
+    std::filesystem::remove(path);
+  }
+  cpu::set_quant_activations(cpu::QuantActivations::int8);
+}
+
 TEST(GgufModel, ConfigComesFromTheMetadata) {
   const GgufFile q = load_gguf(kDir + "qwen3moe-Q4_K_M.gguf");
   const ModelConfig c = config_from_gguf(q);

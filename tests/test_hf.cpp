@@ -100,3 +100,55 @@ TEST(HfMixtral, TrainerCheckpointRoundTrips) {
 }
 
 }  // namespace moe
+
+namespace moe {
+
+// YaRN in config.json, as transformers' _compute_yarn_parameters reads it: gpt-oss's (the blended
+// range not rounded, truncate false) and DeepSeek-V3's (mscale and mscale_all_dim: cos and sin
+// unscaled, the scores scaled by mscale^2). The frequencies are checked against the formula
+// evaluated here on its own; the config survives its JSON.
+TEST(HfConfig, YarnRopeScaling) {
+  nlohmann::json oss = nlohmann::json::parse(
+      std::ifstream(std::string(MOE_TEST_FIXTURES) + "/gguf/gpt_oss_hf/config.json"));
+  oss["rope_scaling"] = {{"rope_type", "yarn"},          {"factor", 32.0},
+                         {"beta_fast", 32.0},            {"beta_slow", 1.0},
+                         {"truncate", false},            {"original_max_position_embeddings", 4096}};
+  const ModelConfig c = config_from_hf(oss);
+  ASSERT_TRUE(c.rope_scaling.yarn());
+  EXPECT_FALSE(c.rope_scaling.truncate);
+  EXPECT_DOUBLE_EQ(c.rope_attention_factor(), 0.1 * std::log(32.0) + 1);
+  EXPECT_EQ(c.attn_scale_mult, 1.0);
+  const std::vector<double> f = c.rope_inv_freq();
+  ASSERT_EQ(f.size(), 32u);
+  // head_dim 64, theta 150000: the ramp runs from pair 64 ln(4096 / 64 pi) / (2 ln 150000) to
+  // pair 64 ln(4096 / 2 pi) / (2 ln 150000).
+  const double lo = 64 * std::log(4096 / (32 * 2 * M_PI)) / (2 * std::log(150000.0));
+  const double hi = 64 * std::log(4096 / (2 * M_PI)) / (2 * std::log(150000.0));
+  for (int i : {0, 5, 9, 12, 17, 25, 31}) {
+    const double base = std::pow(150000.0, -2.0 * i / 64);
+    const double t = std::min(1.0, std::max(0.0, (i - lo) / (hi - lo)));
+    EXPECT_NEAR(f[static_cast<size_t>(i)], base * (1 - t) + base / 32 * t, 1e-15) << i;
+  }
+  nlohmann::json back;
+  to_json(back, c);
+  ModelConfig again;
+  from_json(back, again);
+  EXPECT_EQ(again.rope_inv_freq(), f);
+  EXPECT_EQ(again.rope_attention_factor(), c.rope_attention_factor());
+
+  nlohmann::json ds = nlohmann::json::parse(
+      std::ifstream(std::string(MOE_TEST_FIXTURES) + "/hf/deepseek_v3/config.json"));
+  ds["rope_scaling"] = {{"type", "yarn"},       {"factor", 40.0},         {"mscale", 1.0},
+                        {"mscale_all_dim", 1.0}, {"beta_fast", 32},        {"beta_slow", 1},
+                        {"original_max_position_embeddings", 4096}};
+  ds.erase("rope_parameters");
+  ds["rope_theta"] = 10000.0;
+  const ModelConfig d = config_from_hf(ds);
+  EXPECT_DOUBLE_EQ(d.rope_attention_factor(), 1.0);
+  EXPECT_DOUBLE_EQ(d.attn_scale_mult, std::pow(0.1 * std::log(40.0) + 1, 2));
+  nlohmann::json unknown = ds;
+  unknown["rope_scaling"]["type"] = "longrope";
+  EXPECT_THROW(config_from_hf(unknown), Error);
+}
+
+}  // namespace moe

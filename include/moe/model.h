@@ -29,6 +29,20 @@ enum class QkNorm {
   full,  // RMSNorm over the whole projection, weights [H*hd] and [KV*hd] (OLMoE)
 };
 
+// Rotary embeddings stretched to a longer context by YaRN (Peng et al. 2023, "YaRN: Efficient
+// Context Window Extension of Large Language Models", section 3; transformers'
+// _compute_yarn_parameters): each rotated pair's frequency blends the original one (fast pairs,
+// over beta_fast turns in the original context) with one divided by `factor` (slow pairs, under
+// beta_slow turns), linearly in between; cos and sin are multiplied by the attention factor.
+struct RopeScaling {
+  double factor = 1.0;       // 1: no scaling
+  int64_t original_max = 0;  // the context the model was trained with (0: max_seq_len)
+  double beta_fast = 32, beta_slow = 1;
+  double attention_factor = 0;  // 0: 0.1 ln(factor) + 1
+  bool truncate = true;         // round the blended range out to whole pairs
+  bool yarn() const { return factor != 1.0; }
+};
+
 struct ModelConfig {
   int64_t vocab_size = 0;   // V
   int64_t d_model = 0;      // D
@@ -39,6 +53,10 @@ struct ModelConfig {
   int64_t d_ffn = 0;        // width of the dense SwiGLU FFNs
   int64_t max_seq_len = 0;  // longest sequence (rotary tables)
   double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  // The attention scores' scale is attn_scale_mult / sqrt(key width) (DeepSeek's YaRN multiplies
+  // it by mscale^2).
+  double attn_scale_mult = 1.0;
   double norm_eps = 1e-5;
   bool tie_embeddings = false;
   // Which layers are MoE: layer i (from 0) when i >= first_dense and (i + 1) % moe_every == 0.
@@ -88,6 +106,10 @@ struct ModelConfig {
   // The rotated width of a query or key head.
   int64_t rope_dim() const { return mla() ? qk_rope_dim : head_size(); }
   bool is_moe_layer(int64_t i) const;
+  // The rotated pairs' frequencies (rope_theta^(-2i/rd), YaRN applied) and the factor cos and
+  // sin are multiplied by.
+  std::vector<double> rope_inv_freq() const;
+  double rope_attention_factor() const;
   // The sliding window of layer i (0: none).
   int64_t window_of(int64_t i) const;
   // The longest T of the training sequences of T + 1 tokens (transformers_loss runs all of them).

@@ -60,8 +60,24 @@ json common_config(const Meta& m) {
     j["head_dim"] = k;
   }
   if (m.has("rope.scaling.type")) {
+    // llama.cpp's YaRN: the blended range always rounded out to whole pairs (its
+    // ggml_rope_yarn_corr_dims), the attention factor 0.1 ln(factor) + 1 unless DeepSeek's
+    // yarn_log_multiplier says otherwise (deepseek2_config).
     const std::string type = f.get_string(m.key("rope.scaling.type"));
-    MOE_CHECK(type == "none", kWhere, "{}: rope scaling '{}' is not supported yet", f.path, type);
+    MOE_CHECK(type == "none" || type == "yarn", kWhere,
+              "{}: rope scaling '{}' is not supported (none, yarn)", f.path, type);
+    MOE_CHECK(m.d_or("rope.scaling.attn_factor", 1.0) == 1.0, kWhere,
+              "{}: {} other than 1 is not supported", f.path, m.key("rope.scaling.attn_factor"));
+    if (type == "yarn") {
+      json y = {{"rope_type", "yarn"},
+                {"factor", m.d("rope.scaling.factor")},
+                {"original_max_position_embeddings",
+                 m.i_or("rope.scaling.original_context_length", m.i_or("context_length", 4096))},
+                {"beta_fast", m.d_or("rope.scaling.yarn_beta_fast", 32.0)},
+                {"beta_slow", m.d_or("rope.scaling.yarn_beta_slow", 1.0)},
+                {"truncate", true}};
+      j["rope_scaling"] = y;
+    }
   }
   j["num_experts_per_tok"] = m.i("expert_used_count");
   return j;
@@ -158,6 +174,13 @@ void deepseek2_config(const Meta& m, json& j) {
   }
   // Rotation of adjacent pairs, from the rows as the converter writes them (not permuted).
   j["rope_interleave"] = true;
+  // YaRN: the converter writes 0.1 * mscale_all_dim as yarn_log_multiplier (llama.cpp divides it
+  // back); mscale is 1, or for V2 files mscale_all_dim itself (llama.cpp's special case).
+  if (j.contains("rope_scaling") && m.has("rope.scaling.yarn_log_multiplier")) {
+    const double all = m.d("rope.scaling.yarn_log_multiplier") / 0.1;
+    j["rope_scaling"]["mscale_all_dim"] = all;
+    j["rope_scaling"]["mscale"] = v3 || all == 1.0 ? 1.0 : all;
+  }
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // config.json of each HuggingFace MoE architecture (moe/hf.h) mapped onto ModelConfig: the
 // fields each model_type names, read strictly (a field of the wrong kind is an error, not its
 // default), and the options this engine does not implement refused by name.
+#include <cmath>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -34,21 +35,47 @@ double num_or(const json& j, const char* key, double fallback) {
 }
 bool bool_or(const json& j, const char* key, bool fallback) { return optional(j, key, fallback); }
 
-// rope_theta from rope_parameters (transformers 5) or the top level (older files); scaling
-// other than the default is refused rather than silently ignored.
+// YaRN's mscale (transformers' get_mscale): 0.1 m ln(factor) + 1, 1 for factor <= 1.
+double yarn_mscale(double factor, double m) {
+  return factor <= 1 ? 1.0 : 0.1 * m * std::log(factor) + 1.0;
+}
+
+// The rope scaling object (rope_parameters in transformers 5, rope_scaling before), or null.
+const json* rope_scaling_of(const json& j) {
+  for (const char* key : {"rope_parameters", "rope_scaling"}) {
+    if (!j.contains(key) || !j[key].is_object()) continue;
+    const json& s = j[key];
+    std::string type = "default";
+    if (s.contains("rope_type") && s["rope_type"].is_string()) type = s["rope_type"];
+    if (s.contains("type") && s["type"].is_string()) type = s["type"];
+    MOE_CHECK(type == "default" || type == "yarn", kWhere,
+              "rope scaling '{}' is not supported (default, yarn)", type);
+    if (type == "yarn") return &s;
+  }
+  return nullptr;
+}
+
+// rope_theta from rope_parameters (transformers 5) or the top level (older files), and YaRN's
+// parameters as transformers' _compute_yarn_parameters reads them; other scalings are refused
+// rather than silently ignored.
 void read_rope(const json& j, ModelConfig& c, double fallback) {
   const json* params = j.contains("rope_parameters") && j["rope_parameters"].is_object()
                            ? &j["rope_parameters"]
                            : nullptr;
   c.rope_theta = params && params->contains("rope_theta") ? num_or(*params, "rope_theta", fallback)
                                                           : num_or(j, "rope_theta", fallback);
-  for (const json* s : {params, j.contains("rope_scaling") ? &j["rope_scaling"] : nullptr}) {
-    if (!s || s->is_null()) continue;
-    std::string type = "default";
-    if (s->contains("rope_type") && (*s)["rope_type"].is_string()) type = (*s)["rope_type"];
-    if (s->contains("type") && (*s)["type"].is_string()) type = (*s)["type"];
-    MOE_CHECK(type == "default", kWhere, "rope scaling '{}' is not supported yet", type);
-  }
+  const json* y = rope_scaling_of(j);
+  if (!y) return;
+  RopeScaling& r = c.rope_scaling;
+  r.factor = json_at<double>(*y, "factor", kWhere);
+  r.original_max = int_or(*y, "original_max_position_embeddings", c.max_seq_len);
+  r.beta_fast = num_or(*y, "beta_fast", 32.0);
+  r.beta_slow = num_or(*y, "beta_slow", 1.0);
+  r.truncate = bool_or(*y, "truncate", true);
+  r.attention_factor = num_or(*y, "attention_factor", 0.0);
+  const double m = num_or(*y, "mscale", 0.0), m_all = num_or(*y, "mscale_all_dim", 0.0);
+  if (r.attention_factor == 0 && m != 0 && m_all != 0)
+    r.attention_factor = yarn_mscale(r.factor, m) / yarn_mscale(r.factor, m_all);
 }
 
 // The fields every architecture spells the same way (Llama's names).
@@ -93,6 +120,12 @@ void qwen_like_moe(const json& j, ModelConfig& c) {
 
 ModelConfig deepseek_config(const json& j, bool v3) {
   ModelConfig c = llama_like(j);
+  // With YaRN, transformers' DeepSeek attention scales its scores by mscale(factor,
+  // mscale_all_dim)^2 too.
+  if (const json* y = rope_scaling_of(j)) {
+    const double m_all = num_or(*y, "mscale_all_dim", 0.0);
+    if (m_all != 0) c.attn_scale_mult = std::pow(yarn_mscale(c.rope_scaling.factor, m_all), 2);
+  }
   c.head_dim = 0;
   c.q_lora_rank = int_or(j, "q_lora_rank", 0);
   c.kv_lora_rank = get_int(j, "kv_lora_rank");

@@ -257,7 +257,7 @@ void Model::Impl::attention_step(Block& blk, const T* a, int64_t B, int64_t Tq, 
     }
   T* att = arena.alloc<T>(N * H * dv);
   nn::attention_cached<T>(att, q, kcp, vcp, slot, start, B, Tq, H, KVh, dk, dv, cap, blk.window,
-                          1.0 / std::sqrt(static_cast<double>(dk)),
+                          cfg.attn_scale_mult / std::sqrt(static_cast<double>(dk)),
                           cfg.attn_sinks ? blk.sinks.value.data<T>() : nullptr);
   linear<T>(out, att, blk.wo.value, cfg.o_bias ? &blk.b_o.value : nullptr, N);
 }

@@ -62,22 +62,23 @@ void rmsnorm_backward(T* dx, T* dg, const T* dout, const T* x, const T* g, const
 }
 
 template <class T>
-void rope_tables(T* cos, T* sin, int64_t max_len, int64_t hd, double base) {
-  const int64_t half = hd / 2;
+void rope_tables(T* cos, T* sin, int64_t max_len, const std::vector<double>& inv_freq,
+                 double mscale) {
+  const auto half = static_cast<int64_t>(inv_freq.size());
   for (int64_t p = 0; p < max_len; ++p)
     for (int64_t i = 0; i < half; ++i) {
-      const double theta = std::pow(base, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
-      cos[p * half + i] = static_cast<T>(std::cos(static_cast<double>(p) * theta));
-      sin[p * half + i] = static_cast<T>(std::sin(static_cast<double>(p) * theta));
+      const double a = static_cast<double>(p) * inv_freq[static_cast<size_t>(i)];
+      cos[p * half + i] = static_cast<T>(std::cos(a) * mscale);
+      sin[p * half + i] = static_cast<T>(std::sin(a) * mscale);
     }
 }
 
 template <class T>
 void attention_forward(T* out, T* probs, const T* q, const T* k, const T* v, int64_t b, int64_t t,
                        int64_t h, int64_t kv, int64_t dk, int64_t dv, int64_t window,
-                       const T* sinks) {
+                       const T* sinks, double scale_mult) {
   const int64_t group = h / kv;
-  const T scale = T(1) / std::sqrt(static_cast<T>(dk));
+  const T scale = static_cast<T>(scale_mult / std::sqrt(static_cast<double>(dk)));
 #pragma omp parallel for schedule(static) if (b * h * t * t * (dk + dv) > kParallelMin)
   for (int64_t task = 0; task < b * h; ++task) {
     const int64_t bi = task / h, hh = task % h, g = hh / group;
@@ -104,9 +105,9 @@ void attention_forward(T* out, T* probs, const T* q, const T* k, const T* v, int
 template <class T>
 void attention_backward(T* dq, T* dk, T* dv, T* scratch, const T* dout, const T* q, const T* k,
                         const T* v, const T* probs, int64_t b, int64_t t, int64_t h, int64_t kv,
-                        int64_t dkw, int64_t dvw, T* dsinks) {
+                        int64_t dkw, int64_t dvw, T* dsinks, double scale_mult) {
   const int64_t group = h / kv;
-  const T scale = T(1) / std::sqrt(static_cast<T>(dkw));
+  const T scale = static_cast<T>(scale_mult / std::sqrt(static_cast<double>(dkw)));
   // One task per (sequence, KV head): its query heads in order, so the KV gradients of a group
   // are summed in a fixed order by one thread. Masked entries have probability 0, so their
   // score gradients P (dP - rowsum(dP P)) are 0 too. The sinks' gradients go to one entry per
@@ -301,12 +302,13 @@ double cross_entropy(T* dlogits, double* row_loss, const T* logits, const int32_
   template void rmsnorm_forward<T>(T*, T*, const T*, const T*, int64_t, int64_t, double);        \
   template void rmsnorm_backward<T>(T*, T*, const T*, const T*, const T*, const T*, int64_t,     \
                                     int64_t);                                                    \
-  template void rope_tables<T>(T*, T*, int64_t, int64_t, double);                                \
+  template void rope_tables<T>(T*, T*, int64_t, const std::vector<double>&, double);             \
   template void attention_forward<T>(T*, T*, const T*, const T*, const T*, int64_t, int64_t,     \
-                                     int64_t, int64_t, int64_t, int64_t, int64_t, const T*);     \
+                                     int64_t, int64_t, int64_t, int64_t, int64_t, const T*,      \
+                                     double);                                                    \
   template void attention_backward<T>(T*, T*, T*, T*, const T*, const T*, const T*, const T*,    \
                                       const T*, int64_t, int64_t, int64_t, int64_t, int64_t,     \
-                                      int64_t, T*);                                              \
+                                      int64_t, T*, double);                                      \
   template void layernorm_forward<T>(T*, const T*, const T*, int64_t, int64_t, double);          \
   template void layernorm_backward<T>(T*, T*, const T*, const T*, const T*, int64_t, int64_t,    \
                                       double);                                                   \

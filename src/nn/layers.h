@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace moe::nn {
 
@@ -24,7 +25,8 @@ void rmsnorm_backward(T* dx, T* dg, const T* dout, const T* x, const T* g, const
 
 // Rotary tables cos, sin [max_len, rd / 2] for theta_i = base^(-2i / rd).
 template <class T>
-void rope_tables(T* cos, T* sin, int64_t max_len, int64_t rd, double base);
+void rope_tables(T* cos, T* sin, int64_t max_len, const std::vector<double>& inv_freq,
+                 double mscale);
 // Rotates, in every row r of x (rows of `heads` heads, `stride` values apart), the values
 // [off, off + rd) of each head to position pos[r]; tables [max_len, rd / 2]. Interleaved pairs
 // (x0, x1), (x2, x3), ... when `interleave`, else the two halves. `inverse` rotates back by the
@@ -33,22 +35,22 @@ template <class T>
 void rope_at(T* x, const T* cos, const T* sin, const int64_t* pos, int64_t rows, int64_t heads,
              int64_t stride, int64_t off, int64_t rd, bool interleave, bool inverse = false);
 
-// Causal grouped-query attention, scores scaled by 1 / sqrt(dk). q [B*T, H, dk], k [B*T, KV, dk]
-// and v [B*T, KV, dv] (rotated already) -> out [B*T, H, dv]; probs [B, H, T, T] saved (zero
+// Causal grouped-query attention, scores scaled by scale_mult / sqrt(dk). q [B*T, H, dk], k [B*T,
+// KV, dk] and v [B*T, KV, dv] (rotated already) -> out [B*T, H, dv]; probs [B, H, T, T] saved (zero
 // outside the mask). window > 0 keeps the keys j > i - window only (a sliding window). sinks [H]
 // (may be null): each head's sink logit joins every row's softmax as a key without a value
 // (gpt-oss), so a row's probabilities sum to less than one.
 template <class T>
 void attention_forward(T* out, T* probs, const T* q, const T* k, const T* v, int64_t b, int64_t t,
                        int64_t h, int64_t kv, int64_t dk, int64_t dv, int64_t window,
-                       const T* sinks = nullptr);
+                       const T* sinks = nullptr, double scale_mult = 1.0);
 // dq [B*T, H, dk], dk [B*T, KV, dk] and dv [B*T, KV, dv] written; dsinks [H] (may be null)
 // accumulates the sinks' gradient: the sink's probability is 1 - sum_j P_ij, and its logit's
 // gradient -(1 - sum_j P_ij) sum_j P_ij dP_ij. scratch: threads * 2 * T * T elements.
 template <class T>
 void attention_backward(T* dq, T* dk, T* dv, T* scratch, const T* dout, const T* q, const T* k,
                         const T* v, const T* probs, int64_t b, int64_t t, int64_t h, int64_t kv,
-                        int64_t dkw, int64_t dvw, T* dsinks = nullptr);
+                        int64_t dkw, int64_t dvw, T* dsinks = nullptr, double scale_mult = 1.0);
 
 // LayerNorm without bias: out = (x - mean) / sqrt(var + eps) * g, rows of width d (DBRX).
 template <class T>

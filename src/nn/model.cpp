@@ -151,7 +151,8 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
     T* probs = arena.alloc<T>(B * H * Tn * Tn);
     T* att = arena.alloc<T>(N * H * dv);
     nn::attention_forward<T>(att, probs, q, k, v, B, Tn, H, KVh, dk, dv, blk.window,
-                             cfg.attn_sinks ? blk.sinks.value.data<T>() : nullptr);
+                             cfg.attn_sinks ? blk.sinks.value.data<T>() : nullptr,
+                             cfg.attn_scale_mult);
     cpu::bf16_keep(att, N * H * dv);  // saved for the backward
     T* h_mid = arena.alloc<T>(N * D);
     std::memcpy(h_mid, h, static_cast<size_t>(N * D) * sizeof(T));
@@ -292,7 +293,8 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
     nn::attention_backward<T>(
         dq, dkk, dvv, scratch, datt, static_cast<T*>(s.q), static_cast<T*>(s.k),
         static_cast<T*>(s.v), static_cast<T*>(s.probs), B, Tn, H, KVh, dk, dv,
-        cfg.attn_sinks && !blk.sinks.frozen ? blk.sinks.grad.data<T>() : nullptr);
+        cfg.attn_sinks && !blk.sinks.frozen ? blk.sinks.grad.data<T>() : nullptr,
+        cfg.attn_scale_mult);
     qkv_backward<T>(blk, static_cast<T*>(s.a), N, pos, dq, dkk, dvv, tmp, arena, s);
     norm_backward<T>(dmid, blk.attn_norm, tmp, static_cast<T*>(s.h_in), static_cast<T*>(s.a_rstd),
                      N);

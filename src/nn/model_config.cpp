@@ -52,6 +52,21 @@ void ModelConfig::validate() const {
   MOE_CHECK(max_seq_len >= 1, w, "max_seq_len must be >= 1, got {}", max_seq_len);
   MOE_CHECK(std::isfinite(rope_theta) && rope_theta > 0, w, "rope_theta must be > 0, got {}",
             rope_theta);
+  {
+    const RopeScaling& y = rope_scaling;
+    MOE_CHECK(std::isfinite(y.factor) && y.factor >= 1, w,
+              "rope_scaling.factor must be >= 1, got {}", y.factor);
+    MOE_CHECK(y.original_max >= 0, w, "rope_scaling.original_max must be >= 0, got {}",
+              y.original_max);
+    MOE_CHECK(std::isfinite(y.beta_fast) && std::isfinite(y.beta_slow) && y.beta_fast > 0 &&
+                  y.beta_slow > 0,
+              w, "rope_scaling's beta_fast and beta_slow must be > 0, got {} and {}", y.beta_fast,
+              y.beta_slow);
+    MOE_CHECK(std::isfinite(y.attention_factor) && y.attention_factor >= 0, w,
+              "rope_scaling.attention_factor must be >= 0, got {}", y.attention_factor);
+  }
+  MOE_CHECK(std::isfinite(attn_scale_mult) && attn_scale_mult > 0, w,
+            "attn_scale_mult must be > 0, got {}", attn_scale_mult);
   MOE_CHECK(std::isfinite(norm_eps) && norm_eps > 0, w, "norm_eps must be > 0, got {}", norm_eps);
   MOE_CHECK(moe_every >= 0 && first_dense >= 0, w,
             "moe_every and first_dense must be >= 0, got {} and {}", moe_every, first_dense);
@@ -73,6 +88,42 @@ void ModelConfig::validate() const {
 bool ModelConfig::is_moe_layer(int64_t i) const {
   if (std::find(dense_layers.begin(), dense_layers.end(), i) != dense_layers.end()) return false;
   return moe_every > 0 && i >= first_dense && (i + 1) % moe_every == 0;
+}
+
+std::vector<double> ModelConfig::rope_inv_freq() const {
+  const int64_t rd = rope_dim(), half = rd / 2;
+  const double base = rope_theta, d = static_cast<double>(rd);
+  std::vector<double> f(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i)
+    f[static_cast<size_t>(i)] = std::pow(base, -2.0 * static_cast<double>(i) / d);
+  if (!rope_scaling.yarn()) return f;
+  const RopeScaling& y = rope_scaling;
+  const double ctx = static_cast<double>(y.original_max > 0 ? y.original_max : max_seq_len);
+  // The pair index at which a frequency turns `turns` times over the original context.
+  const auto pair_of = [&](double turns) {
+    return d * std::log(ctx / (turns * 2 * M_PI)) / (2 * std::log(base));
+  };
+  double lo = pair_of(y.beta_fast), hi = pair_of(y.beta_slow);
+  if (y.truncate) {
+    lo = std::floor(lo);
+    hi = std::ceil(hi);
+  }
+  lo = std::max(lo, 0.0);
+  hi = std::min(hi, d - 1);
+  if (lo == hi) hi += 0.001;
+  for (int64_t i = 0; i < half; ++i) {
+    // ramp 0 below lo (fast pairs keep their frequency), 1 above hi (slow pairs interpolate).
+    const double ramp = std::clamp((static_cast<double>(i) - lo) / (hi - lo), 0.0, 1.0);
+    double& v = f[static_cast<size_t>(i)];
+    v = v / y.factor * ramp + v * (1 - ramp);
+  }
+  return f;
+}
+
+double ModelConfig::rope_attention_factor() const {
+  if (!rope_scaling.yarn()) return 1.0;
+  if (rope_scaling.attention_factor > 0) return rope_scaling.attention_factor;
+  return rope_scaling.factor <= 1 ? 1.0 : 0.1 * std::log(rope_scaling.factor) + 1.0;
 }
 
 int64_t ModelConfig::window_of(int64_t i) const {
@@ -127,6 +178,15 @@ void to_json(nlohmann::json& j, const ModelConfig& c) {
     j["v_head_dim"] = c.v_head_dim;
   }
   if (c.rope_interleave) j["rope_interleave"] = true;
+  if (c.rope_scaling.yarn())
+    j["rope_scaling"] = {{"type", "yarn"},
+                         {"factor", c.rope_scaling.factor},
+                         {"original_max", c.rope_scaling.original_max},
+                         {"beta_fast", c.rope_scaling.beta_fast},
+                         {"beta_slow", c.rope_scaling.beta_slow},
+                         {"attention_factor", c.rope_scaling.attention_factor},
+                         {"truncate", c.rope_scaling.truncate}};
+  if (c.attn_scale_mult != 1.0) j["attn_scale_mult"] = c.attn_scale_mult;
   if (c.joint_aux_loss_coef != 0) j["joint_aux_loss_coef"] = c.joint_aux_loss_coef;
   if (c.transformers_loss) j["transformers_loss"] = true;
 }
@@ -163,6 +223,8 @@ void from_json(const nlohmann::json& j, ModelConfig& c) {
                                      "qk_rope_dim",
                                      "v_head_dim",
                                      "rope_interleave",
+                                     "rope_scaling",
+                                     "attn_scale_mult",
                                      "joint_aux_loss_coef",
                                      "transformers_loss"};
   for (const auto& item : j.items()) {
@@ -213,6 +275,24 @@ void from_json(const nlohmann::json& j, ModelConfig& c) {
     json_into(j, "qk_rope_dim", c.qk_rope_dim, "model.config");
     json_into(j, "v_head_dim", c.v_head_dim, "model.config");
     json_into(j, "rope_interleave", c.rope_interleave, "model.config");
+    json_into(j, "attn_scale_mult", c.attn_scale_mult, "model.config");
+    if (j.contains("rope_scaling")) {
+      const nlohmann::json& y = j.at("rope_scaling");
+      MOE_CHECK(y.is_object() && y.value("type", std::string()) == "yarn", "model.config",
+                "rope_scaling must be an object of type yarn");
+      for (const auto& item : y.items())
+        MOE_CHECK(item.key() == "type" || item.key() == "factor" || item.key() == "original_max" ||
+                      item.key() == "beta_fast" || item.key() == "beta_slow" ||
+                      item.key() == "attention_factor" || item.key() == "truncate",
+                  "model.config", "unknown key 'rope_scaling.{}'", item.key());
+      RopeScaling& r = c.rope_scaling;
+      json_into(y, "factor", r.factor, "model.config");
+      json_into(y, "original_max", r.original_max, "model.config");
+      json_into(y, "beta_fast", r.beta_fast, "model.config");
+      json_into(y, "beta_slow", r.beta_slow, "model.config");
+      json_into(y, "attention_factor", r.attention_factor, "model.config");
+      json_into(y, "truncate", r.truncate, "model.config");
+    }
     json_into(j, "joint_aux_loss_coef", c.joint_aux_loss_coef, "model.config");
     json_into(j, "transformers_loss", c.transformers_loss, "model.config");
   } catch (const nlohmann::json::exception& e) {

@@ -194,12 +194,14 @@ struct Model::Impl {
     const int64_t rd = cfg.rope_dim();
     rope_cos = Tensor::empty({cfg.max_seq_len, rd / 2}, dt);
     rope_sin = Tensor::empty({cfg.max_seq_len, rd / 2}, dt);
+    const std::vector<double> inv_freq = cfg.rope_inv_freq();
+    const double mscale = cfg.rope_attention_factor();
     if (dt == DType::F64) {
-      nn::rope_tables(rope_cos.data<double>(), rope_sin.data<double>(), cfg.max_seq_len, rd,
-                      cfg.rope_theta);
+      nn::rope_tables(rope_cos.data<double>(), rope_sin.data<double>(), cfg.max_seq_len, inv_freq,
+                      mscale);
     } else {
-      nn::rope_tables(rope_cos.data<float>(), rope_sin.data<float>(), cfg.max_seq_len, rd,
-                      cfg.rope_theta);
+      nn::rope_tables(rope_cos.data<float>(), rope_sin.data<float>(), cfg.max_seq_len, inv_freq,
+                      mscale);
     }
   }
 
