@@ -13,6 +13,7 @@
 
 #include "moe/generate.h"
 #include "moe/gguf_model.h"
+#include "moe/hf.h"
 #include "moe/safetensors.h"
 #include "moe/tokenizer.h"
 #include "moe/trainer.h"
@@ -295,6 +296,49 @@ TEST(GgufModel, YarnRopeScalingAsLlamaCpp) {
     std::filesystem::remove(path);
   }
   cpu::set_quant_activations(cpu::QuantActivations::int8);
+}
+
+// Fine-tuning gpt-oss: its float32 model trains (a step's gradients reach the sinks, the biases
+// and the experts) and is saved in transformers' unquantized layout (gate_up_proj [E, D, 2F] with
+// gate and up interleaved, down_proj [E, F, D], their biases), config.json without the MXFP4
+// quantization_config; the saved folder loads back to the same logits, bit for bit.
+TEST(GgufModel, GptOssTrainsAndSavesInTransformersLayout) {
+  const std::string hf = kDir + "gpt_oss_hf";
+  std::unique_ptr<Model> model = load_model(hf, WeightsAs::float32);
+  const ModelConfig& c = model->config();
+  Tensor batch = Tensor::empty({1, 9}, DType::I32);
+  for (int64_t i = 0; i < 9; ++i) batch.data<int32_t>()[i] = static_cast<int32_t>(17 + 300 * i);
+  Arena arena;
+  model->zero_grad();
+  const double loss = model->forward_backward(batch, arena).loss;
+  EXPECT_TRUE(std::isfinite(loss));
+  for (NamedParam& p : model->params()) {
+    if (p.name.find("sinks") == std::string::npos && p.name.find("bias") == std::string::npos &&
+        p.name.find("b_o") == std::string::npos && p.name.find("experts.w_up") == std::string::npos)
+      continue;
+    double norm = 0;
+    for (int64_t i = 0; i < p.grad.numel(); ++i) norm += p.grad.at(i) * p.grad.at(i);
+    EXPECT_GT(norm, 0) << p.name;
+  }
+  const std::string out = (std::filesystem::temp_directory_path() / "moe_gpt_oss_saved").string();
+  std::filesystem::remove_all(out);
+  save_hf_model(*model, hf_origin(hf), out);
+  const nlohmann::json cfg = nlohmann::json::parse(std::ifstream(out + "/config.json"));
+  EXPECT_FALSE(cfg.contains("quantization_config"));
+  const SafetensorsFile saved = load_safetensors(out + "/model.safetensors");
+  const int64_t E = c.moe.n_experts, F = c.moe.d_ffn, D = c.d_model;
+  EXPECT_EQ(saved.stored.at("model.layers.1.mlp.experts.gate_up_proj").shape, Shape({E, D, 2 * F}));
+  EXPECT_EQ(saved.stored.at("model.layers.1.mlp.experts.gate_up_proj_bias").shape,
+            Shape({E, 2 * F}));
+  EXPECT_EQ(saved.stored.at("model.layers.1.mlp.experts.down_proj").shape, Shape({E, F, D}));
+  EXPECT_TRUE(saved.stored.count("model.layers.0.self_attn.sinks"));
+  const Tensor tokens = batch.view_at(0, {1, 8});
+  arena.reset();
+  const Tensor a = model->logits(tokens, arena).clone();
+  const Tensor b = load_model(out, WeightsAs::float32)->logits(tokens, arena);
+  ASSERT_EQ(a.numel(), b.numel());
+  EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << "the saved model's logits differ";
+  std::filesystem::remove_all(out);
 }
 
 TEST(GgufModel, ConfigComesFromTheMetadata) {

@@ -617,6 +617,39 @@ std::vector<std::pair<std::string, Tensor>> hf_tensors(Model& model, const std::
     }
     const std::string M = "model.layers." + std::to_string(i) + "." + n.moe;
     const int64_t E = t.size(0);
+    if (model_type == "gpt_oss") {
+      // transformers' unquantized layout: gate_up_proj [E, D, 2F] (input rows; gate and up
+      // columns interleaved) with its bias [E, 2F], down_proj [E, F, D] and its bias [E, D].
+      const auto next = [&] { return grads ? params[pi + 1].grad : params[pi + 1].value; };
+      if (rest == "moe.experts.w_gate" || rest == "moe.experts.b_gate") {
+        const bool w = rest == "moe.experts.w_gate";
+        const Tensor up = next();
+        const int64_t F = t.size(1), D = w ? t.size(2) : 1;
+        Tensor gu =
+            w ? Tensor::empty({E, D, 2 * F}, DType::F32) : Tensor::empty({E, 2 * F}, DType::F32);
+        float* o = gu.data<float>();
+        for (int64_t e = 0; e < E; ++e)
+          for (int64_t f = 0; f < F; ++f)
+            for (int64_t d = 0; d < D; ++d) {
+              o[(e * D + d) * 2 * F + 2 * f] = t.data<float>()[(e * F + f) * D + d];
+              o[(e * D + d) * 2 * F + 2 * f + 1] = up.data<float>()[(e * F + f) * D + d];
+            }
+        out.emplace_back(M + (w ? "experts.gate_up_proj" : "experts.gate_up_proj_bias"), gu);
+      } else if (rest == "moe.experts.w_down") {
+        const int64_t D = t.size(1), F = t.size(2);
+        Tensor dp = Tensor::empty({E, F, D}, DType::F32);
+        for (int64_t e = 0; e < E; ++e)
+          for (int64_t d = 0; d < D; ++d)
+            for (int64_t f = 0; f < F; ++f)
+              dp.data<float>()[(e * F + f) * D + d] = t.data<float>()[(e * D + d) * F + f];
+        out.emplace_back(M + "experts.down_proj", dp);
+      } else if (rest == "moe.experts.b_down") {
+        out.emplace_back(M + "experts.down_proj_bias", t);
+      } else if (rest != "moe.experts.w_up" && rest != "moe.experts.b_up") {
+        throw_error(kWhere, fmt::format("{} has no gpt_oss tensor", p.name));
+      }
+      continue;
+    }
     if (fused_experts) {
       if (rest == "moe.experts.w_gate") {  // gate_up_proj [E, 2F, D]: gate rows, then up rows
         const Tensor& up = grads ? params[pi + 1].grad : params[pi + 1].value;
@@ -699,7 +732,17 @@ HfOrigin hf_origin(const std::string& dir) {
 
 void save_hf_model(Model& model, const HfOrigin& origin, const std::string& dir) {
   fs::create_directories(dir);
-  write_file_atomic((fs::path(dir) / "config.json").string(), origin.config_text);
+  std::string config = origin.config_text;
+  if (origin.model_type == "gpt_oss") {
+    // The experts are written unquantized (float32): the MXFP4 quantization_config no longer
+    // describes them.
+    json j = json::parse(config);
+    if (j.contains("quantization_config")) {
+      j.erase("quantization_config");
+      config = j.dump(2) + "\n";
+    }
+  }
+  write_file_atomic((fs::path(dir) / "config.json").string(), config);
   save_safetensors((fs::path(dir) / "model.safetensors").string(),
                    hf_tensors(model, origin.model_type, origin.fused_experts), {{"format", "pt"}});
   for (const char* file : {"generation_config.json", "tokenizer.json", "tokenizer_config.json",
