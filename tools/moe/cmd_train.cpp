@@ -323,8 +323,9 @@ Run add_train(CLI::App& app) {
   cmd->add_option("--init-from", a->init_from,
                   "start from this checkpoint's model and weights (fresh optimizer): this "
                   "engine's or a HuggingFace folder (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, "
-                  "DBRX), whose tokenizer then reads --data and whose layout is kept; or a GGUF "
-                  "file (its tensors dequantized to float32; saved in this engine's layout)");
+                  "DBRX, gpt-oss), whose tokenizer then reads --data and whose layout is kept "
+                  "(gpt-oss's MXFP4 experts are saved unquantized); or a GGUF file (its tensors "
+                  "dequantized to float32; saved in this engine's layout)");
   cmd->add_option("--log", a->log, "write one JSON object per step and per validation");
   cmd->add_option("--steps", a->train.steps, "optimizer steps")->capture_default_str();
   cmd->add_option("--batch", a->train.batch, "sequences per micro-batch")->capture_default_str();
