@@ -63,6 +63,9 @@ class ExpertCache : public ExpertSource {
   ExpertView acquire(int64_t layer, int64_t e) override;
   void release(int64_t layer, int64_t e) override;
   bool wants_prefetch() const override;
+  // GGUF experts are computed from their slots in place: when the cache can hold a whole
+  // layer's, the layer takes all it needs at once and runs them through the fused kernel.
+  bool all_at_once() const override;
   void prefetch(int64_t layer, const std::vector<int64_t>& experts) override;
 
   // The counts so far, once the reads in flight have finished.

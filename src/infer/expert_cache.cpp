@@ -386,6 +386,8 @@ ExpertCache::~ExpertCache() {
 
 bool ExpertCache::wants_prefetch() const { return impl_->reader.joinable(); }
 
+bool ExpertCache::all_at_once() const { return impl_->gguf && impl_->max_slots >= impl_->E; }
+
 void ExpertCache::prefetch(int64_t layer, const std::vector<int64_t>& experts) {
   Impl& m = *impl_;
   {
