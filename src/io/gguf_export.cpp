@@ -301,6 +301,9 @@ void check_expressible(const ModelConfig& c, const std::string& arch, const std:
     need(c.moe.n_shared == 1 && c.moe.shared_gate, "one shared expert with its sigmoid gate");
   } else if (arch == "olmoe") {
     need(c.qk_norm == QkNorm::full, "RMSNorm over the whole q and k projections");
+    // llama.cpp's olmoe normalizes k over n_embd values: as many key heads as query heads.
+    need(c.n_kv_heads == 0 || c.n_kv_heads == c.n_heads,
+         "as many key/value heads as query heads (its k norm has the width of q's)");
     need(!c.moe.renormalize, "top-k weights not renormalized");
     need(!c.qkv_bias && c.moe.n_shared == 0, "no q/k/v biases and no shared experts");
   } else {
