@@ -492,6 +492,14 @@ TEST(GgufWrite, RefusesBadRequestsByName) {
       [&] { write_gguf_model(kHf + "deepseek_v3", temp_path("ds.gguf"), GgufFileType::F32); },
       "deepseek_v3");
   EXPECT_FALSE(fs::exists(temp_path("ds.gguf")));
+  // A SentencePiece-style tokenizer.json (metaspace BPE) cannot be written yet.
+  const std::string sp = temp_path("mixtral-metaspace");
+  fs::remove_all(sp);
+  fs::copy(kHf + "mixtral", sp);
+  fs::copy_file(std::string(MOE_TEST_FIXTURES) + "/tokenizers/metaspace_bpe/tokenizer.json",
+                sp + "/tokenizer.json");
+  expect_error([&] { write_gguf_model(sp, sp + ".gguf", GgufFileType::F32); }, "SentencePiece-style");
+  EXPECT_FALSE(fs::exists(sp + ".gguf"));
   // llama.cpp's olmoe takes as many key heads as query heads; this OLMoE fixture has 2 of 4.
   expect_error([&] { write_gguf_model(kHf + "olmoe", temp_path("olmoe.gguf"), GgufFileType::F32); },
                "as many key/value heads as query heads");

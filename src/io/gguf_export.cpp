@@ -152,8 +152,12 @@ void add_tokenizer(Meta& meta, const fs::path& dir, int64_t vocab_size,
                 !(*tj)["pre_tokenizer"].is_null(),
             kWhere,
             "{}: only byte-level BPE tokenizers can be written as GGUF vocabularies yet (this "
-            "one is {}); SentencePiece-style ones are not",
-            file, model.value("type", "?"));
+            "one: model {}, pre-tokenizer {}); SentencePiece-style ones (Llama 2, Mistral, "
+            "Mixtral: llama.cpp's \"llama\" vocabulary) are not",
+            file, model.value("type", "?"),
+            tj->contains("pre_tokenizer") && (*tj)["pre_tokenizer"].is_object()
+                ? (*tj)["pre_tokenizer"].value("type", "?")
+                : std::string("none"));
   std::vector<std::string> regexes;
   bool byte_level = false, gpt2_regex = false;
   collect_splits((*tj)["pre_tokenizer"], regexes, byte_level, gpt2_regex, file);
