@@ -40,8 +40,9 @@ struct GgufTensorDesc {
 };
 
 // llama.cpp's choice of type for every tensor (llama-quant.cpp's llama_tensor_get_type, no
-// imatrix, no overrides): weight matrices (2-D or 3-D "*weight" tensors other than norms and the
-// routers' ffn_gate_inp) get the file type's default, except for the mixes' rules (Q4_K_M:
+// imatrix, no overrides): weight matrices (2-D or 3-D "*weight" tensors, counting dimensions as
+// ggml_n_dims does ([D, 1] is 1-D); not norms, not the routers' ffn_gate_inp) get the file type's
+// default, except for the mixes' rules (Q4_K_M:
 // output.weight Q6_K; attn_v and ffn_down Q6_K in the layers of use_more_bits; attn_output Q5_K,
 // attn_k and attn_v Q8_0 when the model has exactly 8 experts; MXFP4_MOE: expert tensors
 // (ne[2] > 1) MXFP4, the other matrices Q8_0); a row length that is not a multiple of the chosen

@@ -55,9 +55,16 @@ namespace {
 
 bool contains(const std::string& s, const char* part) { return s.find(part) != std::string::npos; }
 
+// ggml_n_dims: the dimensions up to the last one above 1 ([D, 1] is 1-D).
+size_t n_dims(const std::vector<int64_t>& ne) {
+  size_t n = ne.size();
+  while (n > 1 && ne[n - 1] == 1) --n;
+  return n;
+}
+
 // tensor_allows_quantization: weight matrices (2-D, 3-D), not norms, not the routers.
 bool allows_quantization(const GgufTensorDesc& t) {
-  if (t.ne.size() < 2) return false;
+  if (n_dims(t.ne) < 2) return false;
   const std::string& n = t.name;
   bool q = n.size() >= 6 && n.compare(n.size() - 6, 6, "weight") == 0;
   q = q && !contains(n, "_norm.weight") && !contains(n, "ffn_gate_inp.weight");
