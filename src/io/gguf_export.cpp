@@ -216,6 +216,7 @@ void add_tokenizer(Meta& meta, const fs::path& dir, int64_t vocab_size,
   std::vector<GgufValue> tv;
   for (int32_t t : types) tv.push_back(GgufValue::i32(t));
   meta.emplace_back("tokenizer.ggml.token_type", GgufValue::array(GgufValueType::I32, tv));
+  // Even empty: llama.cpp's gpt2 vocabulary refuses a file without the key.
   meta.emplace_back("tokenizer.ggml.merges", GgufValue::strings(merges));
 
   // Special ids: tokenizer_config.json's tokens, else config.json's ids.
@@ -263,11 +264,13 @@ std::string architecture_of(const CheckpointInfo& info) {
     if (t == "qwen2_moe") return "qwen2moe";
     if (t == "olmoe") return "olmoe";
     if (t == "mixtral") return "llama";
+    if (t == "deepseek_v2" || t == "deepseek_v3") return "deepseek2";
     throw_error(kWhere,
                 fmt::format("{}: writing model_type '{}' as GGUF is not supported (qwen3_moe, "
-                            "qwen2_moe, olmoe and mixtral are)",
+                            "qwen2_moe, olmoe, mixtral, deepseek_v2 and deepseek_v3 are)",
                             info.dir, t));
   }
+  if (c.mla()) return "deepseek2";
   if (c.qk_norm == QkNorm::head) return "qwen3moe";
   if (c.qk_norm == QkNorm::full) return "olmoe";
   if (c.moe.n_shared > 0 || c.qkv_bias) return "qwen2moe";
@@ -284,18 +287,37 @@ void check_expressible(const ModelConfig& c, const std::string& arch, const std:
   need(c.norm == NormKind::rms, "RMSNorm");
   need(c.moe.act == ExpertAct::swiglu, "SwiGLU experts");
   need(!c.moe.expert_bias, "experts without biases");
-  need(c.moe.router == RouterKind::topk, "a softmax top-k router");
   need(c.clip_qkv == 0, "no q/k/v clipping");
   need(c.sliding_window == 0, "attention over all positions (no sliding window)");
-  need(!c.mla(), "multi-head attention (DeepSeek's latent attention is not written yet)");
-  for (int64_t i = 0; i < c.n_layers; ++i)
-    if (!c.is_moe_layer(i)) {
-      bad.push_back(fmt::format("every layer an MoE layer (layer {} is dense)", i));
-      break;
-    }
-  const bool halves = arch != "llama";
+  const bool deepseek = arch == "deepseek2";
+  if (deepseek) {
+    // Leading dense layers, then MoE layers: DeepSeek's layout.
+    for (int64_t i = 0; i < c.n_layers; ++i)
+      if (c.is_moe_layer(i) != (i >= c.first_dense)) {
+        bad.push_back(fmt::format("dense layers only before the MoE layers (layer {})", i));
+        break;
+      }
+    need(c.mla(), "multi-head latent attention");
+    need(c.rope_interleave, "rotary embedding of adjacent pairs");
+    need(c.moe.router == RouterKind::deepseek ||
+             (c.moe.router == RouterKind::topk && c.moe.n_group <= 1),
+         "DeepSeek-V3's sigmoid router or DeepSeek-V2's softmax top-k without groups");
+    need(c.qk_norm == QkNorm::none && !c.qkv_bias, "no q/k norms and no q/k/v biases");
+    need(c.moe.n_shared <= 1 && !c.moe.shared_gate, "shared experts as one ungated MLP");
+  } else {
+    need(c.moe.router == RouterKind::topk, "a softmax top-k router");
+    need(!c.mla(), "multi-head attention (latent attention is DeepSeek's, deepseek2)");
+    for (int64_t i = 0; i < c.n_layers; ++i)
+      if (!c.is_moe_layer(i)) {
+        bad.push_back(fmt::format("every layer an MoE layer (layer {} is dense)", i));
+        break;
+      }
+  }
+  const bool halves = arch != "llama" && !deepseek;
   if (halves) need(!c.rope_interleave, "rotary embedding of the two halves");
-  if (arch == "qwen3moe") {
+  if (deepseek) {
+    // (the rest is in the config's metadata)
+  } else if (arch == "qwen3moe") {
     need(c.qk_norm == QkNorm::head, "RMSNorm on each head of q and k");
     need(c.moe.renormalize, "top-k weights renormalized");
     need(!c.qkv_bias && c.moe.n_shared == 0, "no q/k/v biases and no shared experts");
@@ -330,6 +352,53 @@ Meta arch_metadata(const ModelConfig& c, const std::string& arch, const std::str
   m.emplace_back("general.architecture", GgufValue::str(arch));
   m.emplace_back("general.type", GgufValue::str("model"));
   m.emplace_back("general.name", GgufValue::str(name));
+  if (arch == "deepseek2") {
+    // As llama.cpp's DeepseekV2Model converter writes them: MLA as MQA with one key/value head
+    // of kv_lora + rope values (key_length, value_length), the decompressed heads' sizes in the
+    // *_mla keys.
+    const bool v3 = c.moe.router == RouterKind::deepseek;
+    m.emplace_back(key("block_count"), u32(c.n_layers));
+    m.emplace_back(key("context_length"), u32(c.max_seq_len));
+    m.emplace_back(key("embedding_length"), u32(c.d_model));
+    m.emplace_back(key("feed_forward_length"), u32(c.d_ffn > 0 ? c.d_ffn : c.moe.d_ffn));
+    m.emplace_back(key("attention.head_count"), u32(c.n_heads));
+    m.emplace_back(key("attention.head_count_kv"), u32(1));
+    m.emplace_back(key("rope.freq_base"), GgufValue::f32(static_cast<float>(c.rope_theta)));
+    m.emplace_back(key("attention.layer_norm_rms_epsilon"),
+                   GgufValue::f32(static_cast<float>(c.norm_eps)));
+    m.emplace_back(key("expert_count"), u32(c.moe.n_experts));
+    m.emplace_back(key("expert_used_count"), u32(c.moe.top_k));
+    if (v3) {
+      m.emplace_back(key("expert_group_count"), u32(c.moe.n_group));
+      m.emplace_back(key("expert_group_used_count"), u32(c.moe.topk_group));
+    }
+    m.emplace_back(key("expert_gating_func"), u32(v3 ? 2 : 1));  // sigmoid, softmax
+    m.emplace_back(key("leading_dense_block_count"), u32(c.first_dense));
+    m.emplace_back(key("vocab_size"), u32(c.vocab_size));
+    // Written also when 0 (queries without compression, DeepSeek-V2-Lite): llama.cpp reads the
+    // key of every deepseek2 model but the layer counts it knows as "lite".
+    m.emplace_back(key("attention.q_lora_rank"), u32(c.q_lora_rank));
+    m.emplace_back(key("attention.kv_lora_rank"), u32(c.kv_lora_rank));
+    m.emplace_back(key("attention.key_length"), u32(c.kv_lora_rank + c.qk_rope_dim));
+    m.emplace_back(key("attention.value_length"), u32(c.kv_lora_rank));
+    m.emplace_back(key("attention.key_length_mla"), u32(c.qk_nope_dim + c.qk_rope_dim));
+    m.emplace_back(key("attention.value_length_mla"), u32(c.v_head_dim));
+    m.emplace_back(key("expert_feed_forward_length"), u32(c.moe.d_ffn));
+    // The shared experts are one MLP; llama.cpp's width is expert_shared_count x the expert's.
+    const int64_t shared = c.moe.n_shared > 0 ? c.moe.shared_width() : 0;
+    MOE_CHECK(shared % c.moe.d_ffn == 0, kWhere,
+              "shared experts of width {}: llama.cpp's deepseek2 takes a multiple of the routed "
+              "experts' width {}",
+              shared, c.moe.d_ffn);
+    m.emplace_back(key("expert_shared_count"), u32(shared / c.moe.d_ffn));
+    m.emplace_back(key("expert_weights_scale"),
+                   GgufValue::f32(static_cast<float>(c.moe.routed_scaling_factor)));
+    if (c.moe.renormalize) m.emplace_back(key("expert_weights_norm"), GgufValue::boolean(true));
+    m.emplace_back(key("rope.dimension_count"), u32(c.qk_rope_dim));
+    m.emplace_back("general.file_type", u32(0));  // set by the caller
+    m.emplace_back("general.quantization_version", u32(2));
+    return m;
+  }
   m.emplace_back(key("block_count"), u32(c.n_layers));
   m.emplace_back(key("context_length"), u32(c.max_seq_len));
   m.emplace_back(key("embedding_length"), u32(c.d_model));
@@ -383,6 +452,35 @@ Tensor permute_rope_rows(const Tensor& w, int64_t heads) {
         std::copy(s + (h * hd + a * hd / 2 + i) * cols, s + (h * hd + a * hd / 2 + i + 1) * cols,
                   o + (h * hd + 2 * i + a) * cols);
   return out;
+}
+
+// MLA's kv_b [H * (nope + v), kv_lora] as llama.cpp's converter splits it: attn_k_b, each head's
+// key rows transposed (ne [nope, kv_lora, H]), and attn_v_b (ne [kv_lora, v, H]).
+void add_kv_b_halves(std::vector<Source>& sources, const ModelConfig& c, const std::string& blk,
+                     const Tensor& kv_b) {
+  const int64_t H = c.n_heads, R = c.kv_lora_rank, N = c.qk_nope_dim, V = c.v_head_dim;
+  Source k, v;
+  k.desc = {blk + "attn_k_b.weight", {N, R, H}, GgmlType::F32};
+  v.desc = {blk + "attn_v_b.weight", {R, V, H}, GgmlType::F32};
+  k.values = [=] {
+    const Tensor w = kv_b.to(DType::F32);
+    Tensor out = Tensor::empty({H, R, N}, DType::F32);
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t i = 0; i < N; ++i)
+          out.data<float>()[(h * R + r) * N + i] = w.data<float>()[(h * (N + V) + i) * R + r];
+    return out;
+  };
+  v.values = [=] {
+    const Tensor w = kv_b.to(DType::F32);
+    Tensor out = Tensor::empty({H, V, R}, DType::F32);
+    for (int64_t h = 0; h < H; ++h)
+      std::copy(w.data<float>() + (h * (N + V) + N) * R, w.data<float>() + (h + 1) * (N + V) * R,
+                out.data<float>() + h * V * R);
+    return out;
+  };
+  sources.push_back(std::move(k));
+  sources.push_back(std::move(v));
 }
 
 // The file: the recipe's types, the header, then each tensor's bytes in turn.
@@ -477,7 +575,10 @@ GgufWriteReport write_from_gguf(
   std::vector<Source> sources;
   for (const GgufTensor& t : f.tensors) {
     Source s;
-    s.desc = {t.name, std::vector<int64_t>(t.ne.begin(), t.ne.begin() + t.n_dims), t.type};
+    // Its dimensions as ggml_n_dims counts them (no trailing 1s), as llama-quantize writes them.
+    int n = t.n_dims;
+    while (n > 1 && t.ne[static_cast<size_t>(n - 1)] == 1) --n;
+    s.desc = {t.name, std::vector<int64_t>(t.ne.begin(), t.ne.begin() + n), t.type};
     s.raw = t.data;
     sources.push_back(std::move(s));
   }
@@ -507,8 +608,18 @@ GgufWriteReport write_from_folder(
     const std::string gname = gguf_tensor_name(p.name);
     MOE_CHECK(!gname.empty(), kWhere, "{}: parameter {} has no GGUF tensor name", in, p.name);
     Source s;
-    s.desc = {gname, ne_of(p.value.shape()), GgmlType::F32};
+    // Qwen2-MoE's shared-expert gate [1, D] stays 2-D (ne [D, 1]), as the converter writes it.
+    const bool gate =
+        p.name.size() > 11 && p.name.compare(p.name.size() - 11, 11, "shared.gate") == 0;
+    std::vector<int64_t> ne = ne_of(p.value.shape());
+    if (gate && ne.size() == 1) ne.push_back(1);
+    s.desc = {gname, ne, GgmlType::F32};
     const Tensor value = p.value;
+    if (arch == "deepseek2" && gname.size() > 16 &&
+        gname.compare(gname.size() - 16, 16, "attn_kv_b.weight") == 0) {
+      add_kv_b_halves(sources, c, gname.substr(0, gname.size() - 16), p.value);
+      continue;
+    }
     const bool q = p.name.size() > 7 && p.name.compare(p.name.size() - 7, 7, "attn.wq") == 0;
     const bool k = p.name.size() > 7 && p.name.compare(p.name.size() - 7, 7, "attn.wk") == 0;
     if (arch == "llama" && !c.rope_interleave && (q || k)) {
@@ -517,6 +628,19 @@ GgufWriteReport write_from_folder(
     } else {
       s.values = [value, model] { return value.to(DType::F32); };
     }
+    sources.push_back(std::move(s));
+  }
+  // The routers' selection biases (DeepSeek-V3's e_score_correction_bias): not parameters.
+  size_t mi = 0;
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    if (!c.is_moe_layer(i)) continue;
+    const std::vector<double>* bias = model->moe_layers()[mi++]->router().selection_bias();
+    if (bias == nullptr || arch != "deepseek2") continue;
+    Tensor t = Tensor::empty({static_cast<int64_t>(bias->size())}, DType::F32);
+    for (size_t e = 0; e < bias->size(); ++e) t.data<float>()[e] = static_cast<float>((*bias)[e]);
+    Source s;
+    s.desc = {"blk." + std::to_string(i) + ".exp_probs_b.bias", {t.numel()}, GgmlType::F32};
+    s.values = [t] { return t; };
     sources.push_back(std::move(s));
   }
   sort_tensors(sources);
