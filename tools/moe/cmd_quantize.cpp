@@ -91,10 +91,11 @@ Run add_quantize(CLI::App& app) {
                   "with --type: the .gguf file to write (atomically; never the input); else the "
                   "folder to write the quantized checkpoint to")
       ->required();
-  cmd->add_option("--type", a->type, types_help());
+  auto* type = cmd->add_option("--type", a->type, types_help());
   cmd->add_option("--to", a->format, "without --type: expert format, int8 or bf16")
       ->check(CLI::IsMember({"int8", "bf16"}))
-      ->capture_default_str();
+      ->capture_default_str()
+      ->excludes(type);
   return [a] { return run_quantize(*a); };
 }
 
