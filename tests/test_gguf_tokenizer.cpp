@@ -150,7 +150,8 @@ constexpr int32_t kPiece = 259;  // the id of the first piece of spm_vocab, "▁
 // llama.cpp's own files (tests/fixtures/gguf): its ids for the six texts of each reference, and
 // the texts back from them.
 TEST(GgufTokenizer, FixturesEncodeAsLlamaCpp) {
-  for (const char* name : {"qwen3moe-Q4_K_M", "mixtral-Q4_0", "deepseek_v3-Q8_0", "gpt_oss-MXFP4"}) {
+  for (const char* name :
+       {"qwen3moe-Q4_K_M", "mixtral-Q4_0", "deepseek_v3-Q8_0", "gpt_oss-MXFP4"}) {
     SCOPED_TRACE(name);
     const std::string path = kFixtures + "/gguf/" + name + ".gguf";
     const auto tok = load_tokenizer(path);

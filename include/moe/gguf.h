@@ -64,6 +64,16 @@ bool ggml_can_dequantize(GgmlType t);
 // dst: n floats.
 void dequantize_row(GgmlType t, const void* src, float* dst, int64_t n);
 
+// Whether quantize_row writes type t: F32, F16, BF16, Q4_0, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
+// and MXFP4.
+bool ggml_can_quantize(GgmlType t);
+// Converts `n` float32 values at `src` to type t at `dst` (ggml_row_bytes(t, n) bytes, any
+// alignment), bit-identical to ggml's reference quantizers (quantize_row_*_ref, what
+// llama-quantize runs without an importance matrix; src/io/gguf_quantize.cpp). n must be a
+// multiple of t's block size; the values should be finite (ggml's results for NaN and infinity
+// are not promised).
+void quantize_row(GgmlType t, const float* src, void* dst, int64_t n);
+
 // One block of a quantized type as float32, the values dequantize_row gives: `block` elements at
 // `out` from the block's bytes at `b`. nullptr for F32, F16 and BF16.
 using BlockDecoder = void (*)(const uint8_t* b, float* out);
@@ -199,6 +209,12 @@ struct GgufWriteTensor {
 // same checks are made here).
 std::string gguf_bytes(const std::vector<std::pair<std::string, GgufValue>>& metadata,
                        const std::vector<GgufWriteTensor>& tensors);
+// The bytes of such a file before its data section (header, metadata, tensor descriptions,
+// padding; `data` is not read), and each tensor's offset from the start of the data section, for
+// a writer that produces the tensors' bytes one after the other.
+std::string gguf_header(const std::vector<std::pair<std::string, GgufValue>>& metadata,
+                        const std::vector<GgufWriteTensor>& tensors,
+                        std::vector<uint64_t>& offsets);
 // gguf_bytes written to `path` atomically.
 void write_gguf(const std::string& path,
                 const std::vector<std::pair<std::string, GgufValue>>& metadata,

@@ -32,4 +32,9 @@ ModelConfig config_from_gguf(const GgufFile& f);
 // are left to the source the model already has (an ExpertCache: offloading).
 void load_gguf_weights(Model& model, const GgufFile& f, bool stored, bool experts = true);
 
+// The GGUF tensor name of the model parameter `ours` (params()' names, docs/model.md):
+// "layers.3.attn.wq" -> "blk.3.attn_q.weight", "layers.0.moe.experts.w_gate" ->
+// "blk.0.ffn_gate_exps.weight", ...; empty for a parameter llama.cpp's files have no name for.
+std::string gguf_tensor_name(const std::string& ours);
+
 }  // namespace moe

@@ -556,8 +556,9 @@ void put_value(std::string& out, const GgufValue& v) {
 
 }  // namespace
 
-std::string gguf_bytes(const std::vector<std::pair<std::string, GgufValue>>& metadata,
-                       const std::vector<GgufWriteTensor>& tensors) {
+std::string gguf_header(const std::vector<std::pair<std::string, GgufValue>>& metadata,
+                        const std::vector<GgufWriteTensor>& tensors,
+                        std::vector<uint64_t>& offsets) {
   std::string out = "GGUF";
   put(out, 3, 4);
   put(out, tensors.size(), 8);
@@ -572,7 +573,7 @@ std::string gguf_bytes(const std::vector<std::pair<std::string, GgufValue>>& met
   }
   MOE_CHECK(alignment > 0 && (alignment & (alignment - 1)) == 0, "gguf",
             "general.alignment {} is not a power of two", alignment);
-  std::vector<uint64_t> offsets, sizes;
+  offsets.clear();
   uint64_t offset = 0;
   for (const GgufWriteTensor& t : tensors) {
     MOE_CHECK(!t.ne.empty() && t.ne.size() <= 4, "gguf", "tensor '{}': {} dimensions", t.name,
@@ -586,14 +587,24 @@ std::string gguf_bytes(const std::vector<std::pair<std::string, GgufValue>>& met
     put(out, static_cast<uint32_t>(t.type), 4);
     put(out, offset, 8);
     offsets.push_back(offset);
-    sizes.push_back(bytes);
     offset = align_up(offset + bytes, alignment);
   }
   out.append(align_up(out.size(), alignment) - out.size(), '\0');
+  return out;
+}
+
+std::string gguf_bytes(const std::vector<std::pair<std::string, GgufValue>>& metadata,
+                       const std::vector<GgufWriteTensor>& tensors) {
+  std::vector<uint64_t> offsets;
+  std::string out = gguf_header(metadata, tensors, offsets);
   const size_t data_start = out.size();
   for (size_t i = 0; i < tensors.size(); ++i) {
+    const GgufWriteTensor& t = tensors[i];
+    int64_t rows = 1;
+    for (size_t d = 1; d < t.ne.size(); ++d) rows *= t.ne[d];
     out.resize(data_start + offsets[i], '\0');
-    out.append(static_cast<const char*>(tensors[i].data), sizes[i]);
+    out.append(static_cast<const char*>(t.data),
+               ggml_row_bytes(t.type, t.ne[0]) * static_cast<uint64_t>(rows));
   }
   // What is written must read back.
   parse_gguf(out.data(), out.size(), nullptr, "(being written)");

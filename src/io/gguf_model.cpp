@@ -243,10 +243,9 @@ ModelConfig config_from_gguf(const GgufFile& f) {
   return c;
 }
 
-namespace {
+namespace {}  // namespace
 
-// The GGUF name of our parameter `ours` (names of docs/model.md), or empty when it has none.
-std::string gguf_name(const std::string& ours) {
+std::string gguf_tensor_name(const std::string& ours) {
   if (ours == "embed.weight") return "token_embd.weight";
   if (ours == "norm.weight") return "output_norm.weight";
   if (ours == "lm_head.weight") return "output.weight";
@@ -293,6 +292,8 @@ std::string gguf_name(const std::string& ours) {
     if (rest == a) return blk + b;
   return "";
 }
+
+namespace {
 
 // A shape without its leading dimensions of 1 ([F, D] for [1, F, D]).
 Shape squeezed(const Shape& s) {
@@ -370,7 +371,7 @@ Tensor kv_b_from_halves(const ModelConfig& c, const GgufFile& f, const std::stri
 // The parameter `ours` from the file: its tensor, or what it is made of.
 Tensor param_tensor(const ModelConfig& c, const GgufFile& f, const std::string& ours,
                     const Shape& want) {
-  const std::string name = gguf_name(ours);
+  const std::string name = gguf_tensor_name(ours);
   MOE_CHECK(!name.empty(), kWhere, "{}: parameter {} has no GGUF tensor name", f.path, ours);
   // gpt-oss's converter names the FFN's norm post_attention_norm.
   const std::string ffn_norm = "ffn_norm.weight";

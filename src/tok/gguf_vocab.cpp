@@ -269,6 +269,14 @@ std::vector<std::string> gguf_pre_tokenizer_names() {
   return names;
 }
 
+std::string gguf_pre_tokenizer_for(const std::vector<std::string>& regexes, bool ignore_merges) {
+  for (const PreTokenizerDef& def : pre_tokenizers()) {
+    if (def.ignore_merges != ignore_merges || def.regexes.size() != regexes.size()) continue;
+    if (std::equal(regexes.begin(), regexes.end(), def.regexes.begin())) return def.names[0];
+  }
+  return "";
+}
+
 std::unique_ptr<Tokenizer> gguf_tokenizer(const GgufFile& f) {
   const Meta meta(f);
   if (!f.has("tokenizer.ggml.model"))

@@ -40,6 +40,11 @@ std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& path);
 std::unique_ptr<Tokenizer> gguf_tokenizer(const GgufFile& f);
 // The tokenizer.ggml.pre names whose pre-tokenizer gguf_tokenizer knows, sorted.
 std::vector<std::string> gguf_pre_tokenizer_names();
+// The tokenizer.ggml.pre name of a byte-level BPE pre-tokenizer given as its split regexes, in
+// order (a tokenizer.json's Split patterns), and whether words that are tokens skip the merges
+// (tokenizer.json's ignore_merges): the first of llama.cpp's names for the same regexes; empty
+// when none has them.
+std::string gguf_pre_tokenizer_for(const std::vector<std::string>& regexes, bool ignore_merges);
 
 }  // namespace tok
 
