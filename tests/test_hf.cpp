@@ -110,9 +110,9 @@ namespace moe {
 TEST(HfConfig, YarnRopeScaling) {
   nlohmann::json oss = nlohmann::json::parse(
       std::ifstream(std::string(MOE_TEST_FIXTURES) + "/gguf/gpt_oss_hf/config.json"));
-  oss["rope_scaling"] = {{"rope_type", "yarn"},          {"factor", 32.0},
-                         {"beta_fast", 32.0},            {"beta_slow", 1.0},
-                         {"truncate", false},            {"original_max_position_embeddings", 4096}};
+  oss["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 32.0},
+                         {"beta_fast", 32.0},   {"beta_slow", 1.0},
+                         {"truncate", false},   {"original_max_position_embeddings", 4096}};
   const ModelConfig c = config_from_hf(oss);
   ASSERT_TRUE(c.rope_scaling.yarn());
   EXPECT_FALSE(c.rope_scaling.truncate);
@@ -138,8 +138,12 @@ TEST(HfConfig, YarnRopeScaling) {
 
   nlohmann::json ds = nlohmann::json::parse(
       std::ifstream(std::string(MOE_TEST_FIXTURES) + "/hf/deepseek_v3/config.json"));
-  ds["rope_scaling"] = {{"type", "yarn"},       {"factor", 40.0},         {"mscale", 1.0},
-                        {"mscale_all_dim", 1.0}, {"beta_fast", 32},        {"beta_slow", 1},
+  ds["rope_scaling"] = {{"type", "yarn"},
+                        {"factor", 40.0},
+                        {"mscale", 1.0},
+                        {"mscale_all_dim", 1.0},
+                        {"beta_fast", 32},
+                        {"beta_slow", 1},
                         {"original_max_position_embeddings", 4096}};
   ds.erase("rope_parameters");
   ds["rope_theta"] = 10000.0;
