@@ -56,6 +56,8 @@ def main():
     ap.add_argument("--moe", default="build/release/moe")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="docs/results/gguf_inference.md")
+    ap.add_argument("--describe", default="Q4_K with Q6_K for half of the expert down projections "
+                    "and the output head", help="what the file's tensors are, for the page")
     a = ap.parse_args()
 
     rounds = []
@@ -82,11 +84,11 @@ def main():
     if name:
         cpu = name.group(1).strip() + (f" (model {model.group(1)})" if model else "")
     lines = [
-        "# moe.cpp against llama.cpp on a Q4_K_M GGUF file",
+        f"# moe.cpp against llama.cpp on {os.path.basename(a.gguf)}",
         "",
         "Written by `bench/gguf_inference.py` (its docstring says how the file was made). The",
         f"file: {os.path.basename(a.gguf)}, {last['checkpoint_mb']:.0f} MB, Qwen3-30B-A3B-shaped,",
-        f"6 layers (Q4_K with Q6_K for half of the expert down projections and the output head).",
+        f"6 layers ({a.describe}).",
         f"{last['threads']} threads on {cpu}, kernel path {last['path']}; each round runs both engines one",
         "after the other (this machine's speed varies by up to 30% from minute to minute).",
         "",

@@ -144,27 +144,60 @@ HWY_INLINE int32_t q6k_int_block(const uint8_t* b, const int8_t* xq, const int32
 #endif
 }
 
-// Q8_0 block against 32 int8 activations: sum_k w_k x_k.
-HWY_INLINE int32_t q8_0_int_block(const uint8_t* b, const int8_t* xq) {
-  const auto* w = reinterpret_cast<const int8_t*>(b + 2);
+// A Q8_0 row times one row of x as quantized: eight float lanes, lane l accumulating, block by
+// block, d_w d_x times the integer sum of the block's values 4l..4l+3 (one fused multiply-add
+// per lane and block, as llama.cpp's AVX2 kernel keeps its sums in a float vector rather than
+// reducing every block), then summed as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). The
+// plain loops compute the same lanes in the same order.
+HWY_INLINE float q8_0_int_row(const uint8_t* row, int64_t nb, const int8_t* q, const float* xd,
+                              bool prefetch) {
 #if defined(__AVX2__)
-  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-  // |w| (at most 128, unsigned) times x with w's sign: pairs of at most 2 * 128 * 127.
-  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-  return hsum_i32(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * 34;
+    if (prefetch) __builtin_prefetch(blk + kAheadBytes);
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * b));
+    // |w| (at most 128, unsigned) times x with w's sign: pairs of at most 2 * 128 * 127.
+    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * half_at(blk)),
+                          _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc);
+  }
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 #else
-  int32_t s = 0;
-  for (int k = 0; k < 32; ++k) s += w[k] * xq[k];
-  return s;
+  float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * 34;
+    if (prefetch) __builtin_prefetch(blk + kAheadBytes);
+    const auto* w = reinterpret_cast<const int8_t*>(blk + 2);
+    const int8_t* x = q + 32 * b;
+    const float d = xd[b] * half_at(blk);
+    for (int l = 0; l < 8; ++l) {
+      int32_t si = 0;
+      for (int k = 4 * l; k < 4 * l + 4; ++k) si += w[k] * x[k];
+      lane[l] = __builtin_fmaf(d, static_cast<float>(si), lane[l]);
+    }
+  }
+  const float s4[4] = {lane[0] + lane[4], lane[1] + lane[5], lane[2] + lane[6], lane[3] + lane[7]};
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 #endif
 }
 
 // Rows [r0, r1) of a K-quant or Q8_0 matrix times the n rows of x as quantized (xq).
 void dot_q_int(QuantKind kind, int64_t block_bytes, const uint8_t* w, int64_t cols,
                const QuantRows& xq, int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy) {
-  const bool k_quant = kind != QuantKind::q8_0;
-  const int64_t block = k_quant ? 256 : 32, nb = cols / block, row_bytes = nb * block_bytes;
+  if (kind == QuantKind::q8_0) {
+    const int64_t nb = cols / 32;
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < n; ++i)
+        y[i * ldy + r] =
+            q8_0_int_row(w + r * nb * block_bytes, nb, xq.q + i * cols, xq.d + i * nb, i == 0);
+    return;
+  }
+  const int64_t block = 256, nb = cols / block, row_bytes = nb * block_bytes;  // the K-quants
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w + r * row_bytes;
     for (int64_t i = 0; i < n; ++i) {
@@ -188,14 +221,10 @@ void dot_q_int(QuantKind kind, int64_t block_bytes, const uint8_t* w, int64_t co
             sum += __builtin_fmaf(xd[b] * half_at(blk), static_cast<float>(sumi), -off);
             break;
           }
-          case QuantKind::q6_k:
+          default:  // Q6_K
             sum = __builtin_fmaf(xd[b] * half_at(blk + 208),
                                  static_cast<float>(q6k_int_block(blk, q + 256 * b, bsum + 16 * b)),
                                  sum);
-            break;
-          default:  // Q8_0
-            sum = __builtin_fmaf(xd[b] * half_at(blk),
-                                 static_cast<float>(q8_0_int_block(blk, q + 32 * b)), sum);
             break;
         }
       }
