@@ -35,6 +35,8 @@ void load_gguf_weights(Model& model, const GgufFile& f, bool stored, bool expert
 // The GGUF tensor name of the model parameter `ours` (params()' names, docs/model.md):
 // "layers.3.attn.wq" -> "blk.3.attn_q.weight", "layers.0.moe.experts.w_gate" ->
 // "blk.0.ffn_gate_exps.weight", ...; empty for a parameter llama.cpp's files have no name for.
-std::string gguf_tensor_name(const std::string& ours);
+// `arch` (general.architecture) names the few tensors an architecture's converter names its own
+// way (gpt-oss's FFN norm is post_attention_norm).
+std::string gguf_tensor_name(const std::string& ours, const std::string& arch = "");
 
 }  // namespace moe

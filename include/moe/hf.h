@@ -76,14 +76,16 @@ class HfTensors {
 // biases and routers are read into float32.
 void load_hf_weights(Model& model, const std::string& model_type, HfTensors& src,
                      bool stored = false);
-// gpt-oss's routed experts of one layer (src/io/hf_gpt_oss.cpp): gate and up [E, F, D] and down
-// [E, D, F] in MXFP4 (ggml's blocks, rewritten from the checkpoint's _blocks and _scales) or
-// bf16 (from the transposed bf16 layout), biases [E, F], [E, F], [E, D] float32.
-struct GptOssExperts {
+// One layer's routed experts as stacked tensors: gate and up [E, F, D], down [E, D, F] in any
+// stored type, and optionally float32 biases [E, F], [E, F], [E, D].
+struct StackedExperts {
   Tensor gate, up, down, b_gate, b_up, b_down;
   std::vector<ExpertView> views() const;  // each expert's, sharing these tensors
 };
-GptOssExperts gpt_oss_experts(const ModelConfig& c, HfTensors& src, int64_t layer);
+// gpt-oss's routed experts of one layer (src/io/hf_gpt_oss.cpp): MXFP4 (ggml's blocks, rewritten
+// from the checkpoint's _blocks and _scales) or bf16 (from the transposed bf16 layout), with
+// their biases.
+StackedExperts gpt_oss_experts(const ModelConfig& c, HfTensors& src, int64_t layer);
 
 // Routed experts as views of mapped files (per MoE layer, each expert's ExpertView), any number
 // of them at once: the ExpertSource of a checkpoint computed from as stored.

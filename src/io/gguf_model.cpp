@@ -245,7 +245,7 @@ ModelConfig config_from_gguf(const GgufFile& f) {
 
 namespace {}  // namespace
 
-std::string gguf_tensor_name(const std::string& ours) {
+std::string gguf_tensor_name(const std::string& ours, const std::string& arch) {
   if (ours == "embed.weight") return "token_embd.weight";
   if (ours == "norm.weight") return "output_norm.weight";
   if (ours == "lm_head.weight") return "output.weight";
@@ -253,6 +253,7 @@ std::string gguf_tensor_name(const std::string& ours) {
   const size_t dot = ours.find('.', 7);
   if (dot == std::string::npos) return "";
   const std::string blk = "blk." + ours.substr(7, dot - 7) + ".", rest = ours.substr(dot + 1);
+  if (rest == "ffn_norm.weight" && arch == "gpt-oss") return blk + "post_attention_norm.weight";
   static const std::pair<const char*, const char*> kNames[] = {
       {"attn_norm.weight", "attn_norm.weight"},
       {"ffn_norm.weight", "ffn_norm.weight"},
@@ -323,27 +324,17 @@ std::vector<ExpertView> expert_views(const ModelConfig& c, const GgufFile& f, in
   const Tensor g = checked_view(f, blk + "ffn_gate_exps.weight", {E, F, D}, "the experts");
   const Tensor u = checked_view(f, blk + "ffn_up_exps.weight", {E, F, D}, "the experts");
   const Tensor d = checked_view(f, blk + "ffn_down_exps.weight", {E, D, F}, "the experts");
-  std::vector<ExpertView> out(static_cast<size_t>(E));
-  for (int64_t e = 0; e < E; ++e) {
-    ExpertView& v = out[static_cast<size_t>(e)];
-    v.w_gate = g.view_at(e * F * D, {F, D});
-    v.w_up = u.view_at(e * F * D, {F, D});
-    v.w_down = d.view_at(e * D * F, {D, F});
-  }
+  StackedExperts x{g, u, d, {}, {}, {}};
   if (c.moe.expert_bias) {  // gpt-oss: float32 [E, F] and [E, D]
     const auto bias = [&](const char* part, int64_t width) {
       const std::string name = blk + "ffn_" + part + "_exps.bias";
       return checked_view(f, name, {E, width}, "the experts' biases").to(DType::F32);
     };
-    const Tensor bg = bias("gate", F), bu = bias("up", F), bd = bias("down", D);
-    for (int64_t e = 0; e < E; ++e) {
-      ExpertView& v = out[static_cast<size_t>(e)];
-      v.b_gate = bg.view_at(e * F, {F});
-      v.b_up = bu.view_at(e * F, {F});
-      v.b_down = bd.view_at(e * D, {D});
-    }
+    x.b_gate = bias("gate", F);
+    x.b_up = bias("up", F);
+    x.b_down = bias("down", D);
   }
-  return out;
+  return x.views();
 }
 
 // MLA's key-and-value decompression kv_b [H * (nope + v), kv_lora] (HuggingFace's kv_b_proj),
@@ -371,17 +362,8 @@ Tensor kv_b_from_halves(const ModelConfig& c, const GgufFile& f, const std::stri
 // The parameter `ours` from the file: its tensor, or what it is made of.
 Tensor param_tensor(const ModelConfig& c, const GgufFile& f, const std::string& ours,
                     const Shape& want) {
-  const std::string name = gguf_tensor_name(ours);
+  const std::string name = gguf_tensor_name(ours, f.get_string("general.architecture"));
   MOE_CHECK(!name.empty(), kWhere, "{}: parameter {} has no GGUF tensor name", f.path, ours);
-  // gpt-oss's converter names the FFN's norm post_attention_norm.
-  const std::string ffn_norm = "ffn_norm.weight";
-  if (name.size() > ffn_norm.size() &&
-      name.compare(name.size() - ffn_norm.size(), ffn_norm.size(), ffn_norm) == 0 &&
-      !f.has_tensor(name)) {
-    const std::string post =
-        name.substr(0, name.size() - ffn_norm.size()) + "post_attention_norm.weight";
-    if (f.has_tensor(post)) return checked_view(f, post, want, ours);
-  }
   const std::string suffix = "attn_kv_b.weight";
   if (c.mla() && name.size() > suffix.size() &&
       name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0 &&

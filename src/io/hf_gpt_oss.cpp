@@ -98,13 +98,13 @@ Tensor bias(HfTensors& src, const std::string& name, int64_t E, int64_t width, i
 
 }  // namespace
 
-GptOssExperts gpt_oss_experts(const ModelConfig& c, HfTensors& src, int64_t layer) {
+StackedExperts gpt_oss_experts(const ModelConfig& c, HfTensors& src, int64_t layer) {
   const int64_t E = c.moe.n_experts, F = c.moe.d_ffn, D = c.d_model;
   const std::string p = "model.layers." + std::to_string(layer) + ".mlp.experts.";
   const auto gate_row = [](int64_t r) { return 2 * r; };
   const auto up_row = [](int64_t r) { return 2 * r + 1; };
   const auto same = [](int64_t r) { return r; };
-  GptOssExperts x;
+  StackedExperts x;
   if (src.has(p + "gate_up_proj_blocks")) {
     x.gate = mxfp4_matrices(src, p + "gate_up_proj", E, 2 * F, F, D, gate_row);
     // Read twice (once per half): the codes stay mapped until both are made.
@@ -121,21 +121,6 @@ GptOssExperts gpt_oss_experts(const ModelConfig& c, HfTensors& src, int64_t laye
   x.b_up = bias(src, p + "gate_up_proj_bias", E, 2 * F, F, up_row);
   x.b_down = bias(src, p + "down_proj_bias", E, D, D, same);
   return x;
-}
-
-std::vector<ExpertView> GptOssExperts::views() const {
-  const int64_t E = gate.size(0), F = gate.size(1), D = gate.size(2);
-  std::vector<ExpertView> out(static_cast<size_t>(E));
-  for (int64_t e = 0; e < E; ++e) {
-    ExpertView& v = out[static_cast<size_t>(e)];
-    v.w_gate = gate.view_at(e * F * D, {F, D});
-    v.w_up = up.view_at(e * F * D, {F, D});
-    v.w_down = down.view_at(e * D * F, {D, F});
-    v.b_gate = b_gate.view_at(e * F, {F});
-    v.b_up = b_up.view_at(e * F, {F});
-    v.b_down = b_down.view_at(e * D, {D});
-  }
-  return out;
 }
 
 }  // namespace moe

@@ -132,6 +132,21 @@ std::shared_ptr<ExpertSource> stored_expert_source(std::vector<std::vector<Exper
   return std::make_shared<StoredExperts>(std::move(layers));
 }
 
+std::vector<ExpertView> StackedExperts::views() const {
+  const int64_t E = gate.size(0), F = gate.size(1), D = gate.size(2);
+  std::vector<ExpertView> out(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) {
+    ExpertView& v = out[static_cast<size_t>(e)];
+    v.w_gate = gate.view_at(e * F * D, {F, D});
+    v.w_up = up.view_at(e * F * D, {F, D});
+    v.w_down = down.view_at(e * D * F, {D, F});
+    if (b_gate.defined()) v.b_gate = b_gate.view_at(e * F, {F});
+    if (b_up.defined()) v.b_up = b_up.view_at(e * F, {F});
+    if (b_down.defined()) v.b_down = b_down.view_at(e * D, {D});
+  }
+  return out;
+}
+
 namespace {
 
 // Views of MoE layer `layer`'s experts as stored: "<prefix>experts.<e>.<proj>.weight", or rows
@@ -290,7 +305,7 @@ void load_llama_like(Model& model, const std::string& type, HfTensors& src, View
                                                   n));
     model.set_expert_source(stored_expert_source(std::move(layers)));
   }
-  GptOssExperts oss;  // gpt-oss, float32 parameters: the current layer's, converted once
+  StackedExperts oss;  // gpt-oss, float32 parameters: the current layer's, converted once
   load_params(
       model, src, top, views, [&](int64_t i, const std::string& rest, NamedParam& p, auto& take) {
         const std::string M = "model.layers." + std::to_string(i) + "." + n.moe;
