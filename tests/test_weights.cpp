@@ -342,9 +342,7 @@ TEST(WeightFormats, QuantizedMatmulOnEveryPathWithinTheFloat32Bound) {
     for (WType type : kQuantTypes) {
       const int64_t block = dtype_block(wtype_dtype(type));
       // The integer products round x per block (quantize_activations): x_q is what they multiply.
-      const bool int8 =
-          acts == cpu::QuantActivations::int8 && (type == WType::q4_k || type == WType::q5_k ||
-                                                  type == WType::q6_k || type == WType::q8_0);
+      const bool int8 = acts == cpu::QuantActivations::int8 && cpu::activation_block(type) != 0;
       for (int64_t rows : {1, 6, 37}) {
         for (int64_t cols : {block, 3 * block, int64_t{512}}) {
           if (cols % block) continue;
@@ -363,7 +361,7 @@ TEST(WeightFormats, QuantizedMatmulOnEveryPathWithinTheFloat32Bound) {
             // What the product multiplies: x, or x as the integer products round it.
             std::vector<float> xm = x;
             if (int8 && n <= cpu::kMatvecMaxRows) {
-              const int64_t xb = type == WType::q8_0 ? 32 : 256;
+              const int64_t xb = cpu::activation_block(type);
               std::vector<int8_t> q(static_cast<size_t>(cols));
               std::vector<float> d(static_cast<size_t>(cols / xb));
               std::vector<int32_t> bsum(static_cast<size_t>(cols / 16));
@@ -378,7 +376,7 @@ TEST(WeightFormats, QuantizedMatmulOnEveryPathWithinTheFloat32Bound) {
                                       x[static_cast<size_t>(i * ldx + k)]),
                             0.5001 * std::fabs(d[static_cast<size_t>(k / xb)]));
                 }
-                if (type != WType::q8_0)
+                if (xb == 256)
                   for (int64_t g = 0; g < cols / 16; ++g) {
                     int32_t t = 0;
                     for (int64_t k = 0; k < 16; ++k) t += q[static_cast<size_t>(16 * g + k)];
@@ -442,7 +440,7 @@ TEST(WeightFormats, QuantizedMatmulOnEveryPathWithinTheFloat32Bound) {
 // The integer products give the same bits on every path (their sums are exact integers).
 TEST(WeightFormats, IntegerProductsAreTheSameOnEveryPath) {
   Rng rng(17);
-  for (WType type : {WType::q4_k, WType::q5_k, WType::q6_k, WType::q8_0}) {
+  for (WType type : {WType::q4_k, WType::q5_k, WType::q6_k, WType::q8_0, WType::mxfp4}) {
     const int64_t rows = 37, cols = 768;
     const Quantized s = make_quantized(type, rows, cols, rng);
     std::vector<float> x(static_cast<size_t>(2 * cols));

@@ -116,8 +116,8 @@ void round_to_bf16(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint
 // The SIMD target the weight kernels run on this path ("AVX3", "AVX2", "SCALAR").
 const char* weight_kernel_target();
 
-// How the one-pass products of quantized weights (Q4_K, Q5_K, Q6_K, Q8_0) treat x: rounded to
-// int8 per block and multiplied in integers, as llama.cpp does (the default: its error is
+// How the one-pass products of quantized weights (Q4_K, Q5_K, Q6_K, Q8_0, MXFP4) treat x: rounded
+// to int8 per block and multiplied in integers, as llama.cpp does (the default: its error is
 // llama.cpp's), or kept float32 (within float32's bound of the dequantized weights' products).
 // Process-wide; panels (many rows of x) always multiply float32 x.
 enum class QuantActivations { int8, f32 };
@@ -125,8 +125,12 @@ void set_quant_activations(QuantActivations a);
 QuantActivations quant_activations();
 const char* quant_activations_name(QuantActivations a);
 
-// x [cols] as the integer products of a quantized weight `type` round it: Q8_0, blocks of 32,
-// d [cols / 32] = max|x| / 127 and q = x / d to nearest; the K-quants, llama.cpp's Q8_K, blocks
+// The block length x is rounded in for the integer products with weights of `type`: 32 (Q8_0,
+// MXFP4), 256 (Q4_K, Q5_K, Q6_K), or 0 where the products keep x float32.
+int64_t activation_block(WType type);
+
+// x [cols] as the integer products of a quantized weight `type` round it: Q8_0 and MXFP4, blocks of
+// 32, d [cols / 32] = max|x| / 127 and q = x / d to nearest; the K-quants, llama.cpp's Q8_K, blocks
 // of 256, d [cols / 256] with the value of largest magnitude at -127, q [cols] to nearest (ties
 // to even), and bsum [cols / 16] the sums of every 16 codes (not written for Q8_0). x_q = d q.
 void quantize_activations(WType type, const float* x, int64_t cols, int8_t* q, float* d,

@@ -7,6 +7,7 @@
 
 #include "commands.h"
 #include "moe/cpu.h"
+#include "moe/gguf.h"
 #include "moe/kernels.h"
 #include "moe/rng.h"
 #include "moe/tensor.h"
@@ -191,6 +192,64 @@ int run_bench_gemm(const BenchGemm& b) {
                    library, 100 * engine / library, 100 * engine / peak, gbs);
     }
   }
+  // GGUF's block-quantized weights, one token at a time as decoding runs them (x rounded to int8
+  // per block where the type has integer products): a weight that stays in the cache (the
+  // kernel's arithmetic) and one that streams from memory, against the read bandwidth measured
+  // here (a token's products can go no faster than their weights' bytes arrive).
+  const double bw = cpu::read_bandwidth_gbs();
+  if (!b.json)
+    fmt::print("\n{:<18} {:>6} {:>6} {:>6} {:>11} {:>11} {:>14}\n", "quantized weights", "n",
+               "rows", "cols", "GFLOP/s", "GB/s of W", "of read bw");
+  nlohmann::json by_quant = nlohmann::json::object();
+  const struct {
+    const char* name;
+    const char* what;
+    int64_t rows, cols;
+  } kDecodeShapes[] = {
+      {"gemv", "one token through a 2048 x 2048 weight (in cache)", 2048, 2048},
+      {"gemv_stream", "one token through a 65536 x 2048 weight (from memory)", 65536, 2048},
+  };
+  for (WType t : {WType::q8_0, WType::q6_k, WType::q4_k, WType::mxfp4}) {
+    const GgmlType g = ggml_type_of(wtype_dtype(t));
+    for (const auto& s : kDecodeShapes) {
+      const size_t row_bytes = ggml_row_bytes(g, s.cols);
+      std::vector<uint8_t> bytes(row_bytes * static_cast<size_t>(s.rows));
+      std::vector<float> src(static_cast<size_t>(s.cols));
+      for (int64_t r = 0; r < s.rows; ++r) {
+        if (r < 64)  // (the values repeat every 64 rows: the speed does not depend on them)
+          for (float& v : src) v = static_cast<float>(0.02 * rng.normal());
+        quantize_row(g, src.data(), bytes.data() + static_cast<size_t>(r) * row_bytes, s.cols);
+      }
+      Tensor x = Tensor::empty({1, s.cols}, DType::F32), y = Tensor::empty({1, s.rows}, DType::F32);
+      rng.fill_normal(x, 0, 1);
+      const WeightMatrix w{t, bytes.data(), s.rows, s.cols};
+      const double flop = 2.0 * static_cast<double>(s.rows * s.cols);
+      const int calls = static_cast<int>(std::max<double>(1, 2e8 / flop));
+      const double ms = interleaved_median_ms(1, b.reps, {[&] {
+                                                for (int i = 0; i < calls; ++i)
+                                                  cpu::matmul_wt(w, x.data<float>(), s.cols, 1,
+                                                                 y.data<float>(), s.rows);
+                                              }})[0];
+      const double gflops = flop * calls / ms / 1e6;
+      const double gbs = static_cast<double>(bytes.size()) * calls / ms / 1e6;
+      by_quant[wtype_name(t)][s.name] = gflops;
+      rows.push_back({{"dtype", wtype_name(t)},
+                      {"shape", s.name},
+                      {"what", s.what},
+                      {"m", 1},
+                      {"n", s.rows},
+                      {"k", s.cols},
+                      {"gflops", gflops},
+                      {"weight_gb_per_s", gbs},
+                      {"of_read_bandwidth", gbs / bw},
+                      {"activations", cpu::activation_block(t) != 0 ? "int8" : "f32"}});
+      if (!b.json)
+        fmt::print("{:<18} {:>6} {:>6} {:>6} {:>11.1f} {:>11.1f} {:>13.0f}%\n",
+                   fmt::format("{} {}", wtype_name(t), s.name), 1, s.rows, s.cols, gflops, gbs,
+                   100 * gbs / bw);
+    }
+  }
+  if (!b.json) fmt::print("read bandwidth: {:.1f} GB/s\n", bw);
   // Mixed precision (`moe train --dtype bf16`): the same shape classes with bf16 operands and
   // float32 accumulation, against the float32 library on the same shape.
   nlohmann::json bf16_ops;
@@ -202,6 +261,7 @@ int run_bench_gemm(const BenchGemm& b) {
   bf16_ops = run_shapes(true, b, peak, rng, rows);
   if (b.json) {
     nlohmann::json gf = by_type;
+    gf.update(by_quant);
     gf["f32"] = f32;
     gf["bf16_operands"] = bf16_ops;
     const nlohmann::json j = {{"cpu", f.brand},
@@ -212,6 +272,7 @@ int run_bench_gemm(const BenchGemm& b) {
                               {"bf16_backend", bf16_backend},
                               {"threads", num_threads()},
                               {"fma_peak_gflops", peak},
+                              {"read_bandwidth_gbs", bw},
                               {"weight_kernels", cpu::weight_kernel_target()},
                               {"gflops", gf},
                               {"shapes", rows}};

@@ -211,12 +211,13 @@ void for_tasks(int64_t tasks, int64_t work, const Task& task) {
 // The block layout and decoder of a quantized weight type, for the ISA kernels.
 QuantFormat quant_format(WType t) {
   const DType d = wtype_dtype(t);
-  const QuantKind kind = t == WType::q8_0   ? QuantKind::q8_0
-                         : t == WType::q4_0 ? QuantKind::q4_0
-                         : t == WType::q4_k ? QuantKind::q4_k
-                         : t == WType::q5_k ? QuantKind::q5_k
-                         : t == WType::q6_k ? QuantKind::q6_k
-                                            : QuantKind::other;
+  const QuantKind kind = t == WType::q8_0    ? QuantKind::q8_0
+                         : t == WType::q4_0  ? QuantKind::q4_0
+                         : t == WType::q4_k  ? QuantKind::q4_k
+                         : t == WType::q5_k  ? QuantKind::q5_k
+                         : t == WType::q6_k  ? QuantKind::q6_k
+                         : t == WType::mxfp4 ? QuantKind::mxfp4
+                                             : QuantKind::other;
   return {kind, dtype_block(d), static_cast<int64_t>(dtype_block_bytes(d)),
           ggml_block_decoder(ggml_type_of(d))};
 }
@@ -233,14 +234,13 @@ struct QuantizedX {
 
 bool int8_products(const WeightMatrix& w, int64_t n) {
   return n <= kMatvecMaxRows && quant_activations() == QuantActivations::int8 &&
-         (w.type == WType::q4_k || w.type == WType::q5_k || w.type == WType::q6_k ||
-          w.type == WType::q8_0);
+         activation_block(w.type) != 0;
 }
 
 void quantize_x(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, QuantizedX& out) {
   out.used = int8_products(w, n);
   if (!out.used) return;
-  const int64_t block = w.type == WType::q8_0 ? 32 : 256, cols = w.cols;
+  const int64_t block = activation_block(w.type), cols = w.cols;
   out.q.resize(static_cast<size_t>(n * cols));
   out.d.resize(static_cast<size_t>(n * (cols / block)));
   out.bsum.resize(static_cast<size_t>(n * (cols / 16)));
@@ -486,9 +486,20 @@ int nearest_int(float f) {  // ggml's: round half to even, for |f| < 2^22
 
 }  // namespace
 
+int64_t activation_block(WType type) {
+  switch (type) {
+    case WType::q8_0:
+    case WType::mxfp4: return 32;
+    case WType::q4_k:
+    case WType::q5_k:
+    case WType::q6_k: return 256;
+    default: return 0;
+  }
+}
+
 void quantize_activations(WType type, const float* x, int64_t cols, int8_t* q, float* d,
                           int32_t* bsum) {
-  if (type == WType::q8_0) {  // blocks of 32, scale max|x| / 127 (llama.cpp's Q8_0, in float)
+  if (activation_block(type) == 32) {  // scale max|x| / 127 (llama.cpp's Q8_0, in float)
     for (int64_t b = 0; b < cols / 32; ++b) {
       const float* xb = x + 32 * b;
       float amax = 0;

@@ -16,7 +16,7 @@ namespace moe::cpu {
 
 // The quantized types with kernels of their own (quant_dot_impl.h); the others decode blocks
 // through QuantFormat::decode.
-enum class QuantKind { q8_0, q4_0, q4_k, q5_k, q6_k, other };
+enum class QuantKind { q8_0, q4_0, q4_k, q5_k, q6_k, mxfp4, other };
 
 // A block-quantized row format (ggml's types): `block` elements in `block_bytes` bytes, decode
 // writing one block's float32 values (moe::ggml_block_decoder, the values ggml's dequantization
@@ -52,8 +52,8 @@ struct IsaKernels {
   // The same for quantized rows (cols / q.block blocks each; quant_dot_impl.h says how each
   // type's sums are formed, and their error bound). A row's result does not depend on the rows
   // it is computed with.
-  // With xq (x as quantize_activations rounds it, for Q4_K, Q5_K, Q6_K and Q8_0), the products
-  // are the integer ones of quant_int_impl.h; else x is float32.
+  // With xq (x as quantize_activations rounds it, for Q4_K, Q5_K, Q6_K, Q8_0 and MXFP4), the
+  // products are the integer ones of quant_int_impl.h; else x is float32.
   void (*dot_q)(QuantFormat q, const uint8_t* w, int64_t cols, const float* x, int64_t ldx,
                 int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy, const QuantRows* xq);
   // out[(r - r0) * cols + k] = w[r, k] as float32, r in [r0, r1).

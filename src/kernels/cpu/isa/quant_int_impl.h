@@ -2,9 +2,9 @@
 // activations quantized to int8 per block, as llama.cpp computes its products. The rows of x come
 // rounded (cpu::quantize_activations, weights.cpp: llama.cpp's Q8_K for the K-quants, 256 values
 // and one float scale per block with the sums of every 16 codes; blocks of 32 with a float scale
-// for Q8_0), once per product; each weight block's codes multiply them in integers, exactly, and
-// one float per block (weight scale times activation scale times the integer sum) is added to the
-// row's sum.
+// for Q8_0 and MXFP4), once per product; each weight block's codes multiply them in integers,
+// exactly, and one float per block (weight scale times activation scale times the integer sum) is
+// added to the row's sum.
 //
 // The integer sums are exact on every path (AVX2's vpmaddubsw/vpmaddwd where the path has them,
 // plain loops elsewhere), and the float combination, block by block in order, uses explicit
@@ -144,24 +144,68 @@ HWY_INLINE int32_t q6k_int_block(const uint8_t* b, const int8_t* xq, const int32
 #endif
 }
 
-// A Q8_0 row times one row of x as quantized: eight float lanes, lane l accumulating, block by
-// block, d_w d_x times the integer sum of the block's values 4l..4l+3 (one fused multiply-add
-// per lane and block, as llama.cpp's AVX2 kernel keeps its sums in a float vector rather than
-// reducing every block), then summed as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). The
-// plain loops compute the same lanes in the same order.
-HWY_INLINE float q8_0_int_row(const uint8_t* row, int64_t nb, const int8_t* q, const float* xd,
-                              bool prefetch) {
+// Blocks of 32 weights with one scale, as the int8 codes they multiply x_q with: Q8_0's stored
+// codes and f16 scale; MXFP4's E2M1 codes doubled (ggml's kvalues_mxfp4, exact in int8) and its
+// E8M0 scale halved, 2^(e - 128) (ggml_e8m0_to_fp32_half, subnormal for e < 2).
+struct Q8_0Codes {
+  static constexpr int64_t kBytes = 34;
+  HWY_INLINE static float scale(const uint8_t* b) { return half_at(b); }
+  HWY_INLINE static void codes(const uint8_t* b, int8_t* out) {
+    for (int k = 0; k < 32; ++k) out[k] = static_cast<int8_t>(b[2 + k]);
+  }
+#if defined(__AVX2__)
+  HWY_INLINE static __m256i load(const uint8_t* b) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+  }
+#endif
+};
+struct Mxfp4Codes {
+  static constexpr int64_t kBytes = 17;
+  HWY_INLINE static float scale(const uint8_t* b) {
+    const uint32_t bits =
+        b[0] < 2 ? uint32_t{0x00200000u} << b[0] : static_cast<uint32_t>(b[0] - 1) << 23;
+    float d;
+    __builtin_memcpy(&d, &bits, 4);
+    return d;
+  }
+  static constexpr int8_t kValues[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+  HWY_INLINE static void codes(const uint8_t* b, int8_t* out) {
+    for (int k = 0; k < 16; ++k) {
+      out[k] = kValues[b[1 + k] & 0xF];
+      out[16 + k] = kValues[b[1 + k] >> 4];
+    }
+  }
+#if defined(__AVX2__)
+  HWY_INLINE static __m256i load(const uint8_t* b) {
+    const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kValues));
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 1));
+    const __m128i low = _mm_set1_epi8(0xF);
+    return _mm256_setr_m128i(_mm_shuffle_epi8(values, _mm_and_si128(bits, low)),
+                             _mm_shuffle_epi8(values, _mm_and_si128(_mm_srli_epi16(bits, 4), low)));
+  }
+#endif
+};
+
+// A row of such blocks times one row of x as quantized (Q8_0's blocks of 32): eight float lanes,
+// lane l accumulating, block by block, d_w d_x times the integer sum of the block's values
+// 4l..4l+3 (one fused multiply-add per lane and block, as llama.cpp's AVX2 kernels keep their
+// sums in a float vector rather than reducing every block), then summed as
+// ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). The plain loops compute the same lanes in
+// the same order.
+template <class Codes>
+HWY_INLINE float int_row32(const uint8_t* row, int64_t nb, const int8_t* q, const float* xd,
+                           bool prefetch) {
 #if defined(__AVX2__)
   __m256 acc = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = row + b * 34;
+    const uint8_t* blk = row + b * Codes::kBytes;
     if (prefetch) __builtin_prefetch(blk + kAheadBytes);
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    const __m256i wv = Codes::load(blk);
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * b));
     // |w| (at most 128, unsigned) times x with w's sign: pairs of at most 2 * 128 * 127.
     const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * half_at(blk)),
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * Codes::scale(blk)),
                           _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc);
   }
   const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
@@ -169,12 +213,13 @@ HWY_INLINE float q8_0_int_row(const uint8_t* row, int64_t nb, const int8_t* q, c
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 #else
   float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int8_t w[32];
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = row + b * 34;
+    const uint8_t* blk = row + b * Codes::kBytes;
     if (prefetch) __builtin_prefetch(blk + kAheadBytes);
-    const auto* w = reinterpret_cast<const int8_t*>(blk + 2);
+    Codes::codes(blk, w);
     const int8_t* x = q + 32 * b;
-    const float d = xd[b] * half_at(blk);
+    const float d = xd[b] * Codes::scale(blk);
     for (int l = 0; l < 8; ++l) {
       int32_t si = 0;
       for (int k = 4 * l; k < 4 * l + 4; ++k) si += w[k] * x[k];
@@ -186,17 +231,21 @@ HWY_INLINE float q8_0_int_row(const uint8_t* row, int64_t nb, const int8_t* q, c
 #endif
 }
 
-// Rows [r0, r1) of a K-quant or Q8_0 matrix times the n rows of x as quantized (xq).
+template <class Codes>
+void int_rows32(const uint8_t* w, int64_t cols, const QuantRows& xq, int64_t n, int64_t r0,
+                int64_t r1, float* y, int64_t ldy) {
+  const int64_t nb = cols / 32;
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t i = 0; i < n; ++i)
+      y[i * ldy + r] =
+          int_row32<Codes>(w + r * nb * Codes::kBytes, nb, xq.q + i * cols, xq.d + i * nb, i == 0);
+}
+
+// Rows [r0, r1) of a K-quant, Q8_0 or MXFP4 matrix times the n rows of x as quantized (xq).
 void dot_q_int(QuantKind kind, int64_t block_bytes, const uint8_t* w, int64_t cols,
                const QuantRows& xq, int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy) {
-  if (kind == QuantKind::q8_0) {
-    const int64_t nb = cols / 32;
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t i = 0; i < n; ++i)
-        y[i * ldy + r] =
-            q8_0_int_row(w + r * nb * block_bytes, nb, xq.q + i * cols, xq.d + i * nb, i == 0);
-    return;
-  }
+  if (kind == QuantKind::q8_0) return int_rows32<Q8_0Codes>(w, cols, xq, n, r0, r1, y, ldy);
+  if (kind == QuantKind::mxfp4) return int_rows32<Mxfp4Codes>(w, cols, xq, n, r0, r1, y, ldy);
   const int64_t block = 256, nb = cols / block, row_bytes = nb * block_bytes;  // the K-quants
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w + r * row_bytes;
