@@ -2,9 +2,11 @@
 """moe.cpp against llama.cpp on the same quantized GGUF file, and both against the bandwidth floor,
 in one run: writes docs/results/gguf_inference.md.
 
-The file is a quantization of the 6-layer Qwen3-30B-A3B-shaped model of bench/cpu_inference.py:
-`llama-quantize qwen3moe6-bf16.gguf qwen3moe6-Q4_K_M.gguf Q4_K_M 2` (llama.cpp 0.5.0, built by
-../shared/tools/llamacpp/build.sh). Each round measures, one after the other, 2 threads:
+The files: quantizations of the 6-layer Qwen3-30B-A3B-shaped model of bench/cpu_inference.py
+(`llama-quantize qwen3moe6-bf16.gguf qwen3moe6-Q4_K_M.gguf Q4_K_M 2`, llama.cpp 0.5.0, built by
+../shared/tools/llamacpp/build.sh), and the gpt-oss-20b-shaped MXFP4 file of
+bench/make_gpt_oss_gguf.py (`--model` and `--describe` say which). Each round measures, one after
+the other, 2 threads:
 
 - decoding 64 tokens: `moe bench decode -m FILE -n 64` with int8 activations (the default, as
   llama.cpp's products) and with float32 ones, against `llama-bench -p 0 -n 64`; the floor is the
@@ -16,6 +18,7 @@ The file is a quantization of the 6-layer Qwen3-30B-A3B-shaped model of bench/cp
 
     /usr/bin/python3 bench/gguf_inference.py --gguf FILE --llama LLAMA_BUILD_BIN
         [--moe build/release/moe] [--rounds 2] [--out docs/results/gguf_inference.md]
+        [--model "gpt-oss-20b-shaped, 24 layers" --describe "experts MXFP4, other matrices BF16"]
 """
 import argparse
 import json
@@ -56,6 +59,8 @@ def main():
     ap.add_argument("--moe", default="build/release/moe")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="docs/results/gguf_inference.md")
+    ap.add_argument("--model", default="Qwen3-30B-A3B-shaped, 6 layers",
+                    help="the model's shape, for the page")
     ap.add_argument("--describe", default="Q4_K with Q6_K for half of the expert down projections "
                     "and the output head", help="what the file's tensors are, for the page")
     a = ap.parse_args()
@@ -87,8 +92,8 @@ def main():
         f"# moe.cpp against llama.cpp on {os.path.basename(a.gguf)}",
         "",
         "Written by `bench/gguf_inference.py` (its docstring says how the file was made). The",
-        f"file: {os.path.basename(a.gguf)}, {last['checkpoint_mb']:.0f} MB, Qwen3-30B-A3B-shaped,",
-        f"6 layers ({a.describe}).",
+        f"file: {os.path.basename(a.gguf)}, {last['checkpoint_mb']:.0f} MB, {a.model}",
+        f"({a.describe}).",
         f"{last['threads']} threads on {cpu}, kernel path {last['path']}; each round runs both engines one",
         "after the other (this machine's speed varies by up to 30% from minute to minute).",
         "",

@@ -458,6 +458,35 @@ TEST(WeightFormats, IntegerProductsAreTheSameOnEveryPath) {
   reset_cpu_path_cap();
 }
 
+// MXFP4's integer products scale each block by its E8M0 byte as ggml's dequantization does, for
+// all 256 of them (subnormal and overflowing ones included): one block per row, every code 1
+// (the value 2^(e - 128) exactly), x all ones (x_q = 127 codes of scale 1/127): each of the eight
+// lanes holds d_x d_w times 4 * 127, their sum 8 times that, bit for bit on every path.
+TEST(WeightFormats, Mxfp4IntegerProductsScaleByEveryE8M0Byte) {
+  std::vector<uint8_t> bytes(256 * 17);
+  for (int e = 0; e < 256; ++e) {
+    bytes[static_cast<size_t>(17 * e)] = static_cast<uint8_t>(e);
+    for (int k = 1; k < 17; ++k) bytes[static_cast<size_t>(17 * e + k)] = 0x11;
+  }
+  const WeightMatrix w{WType::mxfp4, bytes.data(), 256, 32};
+  ASSERT_EQ(cpu::quant_activations(), cpu::QuantActivations::int8);
+  std::vector<float> deq(static_cast<size_t>(256 * 32));
+  cpu::weight_rows_f32(w, 0, 256, deq.data());
+  const std::vector<float> x(32, 1.0f);
+  const float dx = 1.0f / 127;
+  for (CpuPath p : cpu_paths_here()) {
+    set_cpu_path_cap(p);
+    std::vector<float> y(256);
+    cpu::matmul_wt(w, x.data(), 32, 1, y.data(), 256);
+    for (int e = 0; e < 256; ++e) {
+      const float lane = (dx * deq[static_cast<size_t>(32 * e)]) * 508.0f;
+      EXPECT_EQ(y[static_cast<size_t>(e)], 8.0f * lane) << "E8M0 byte " << e << " "
+                                                        << cpu_path_name(p);
+    }
+  }
+  reset_cpu_path_cap();
+}
+
 TEST(WeightFormats, QuantizedTensorsViewWholeBlocks) {
   std::vector<uint8_t> bytes(2 * 144);
   const Tensor t = Tensor::view(bytes.data(), {2, 256}, DType::Q4_K);

@@ -146,7 +146,8 @@ HWY_INLINE int32_t q6k_int_block(const uint8_t* b, const int8_t* xq, const int32
 
 // Blocks of 32 weights with one scale, as the int8 codes they multiply x_q with: Q8_0's stored
 // codes and f16 scale; MXFP4's E2M1 codes doubled (ggml's kvalues_mxfp4, exact in int8) and its
-// E8M0 scale halved, 2^(e - 128) (ggml_e8m0_to_fp32_half, subnormal for e < 2).
+// E8M0 scale halved, 2^(e - 128) (ggml_e8m0_to_fp32_half, subnormal for e < 2), read from a table
+// of the 256 values.
 struct Q8_0Codes {
   static constexpr int64_t kBytes = 34;
   HWY_INLINE static float scale(const uint8_t* b) { return half_at(b); }
@@ -159,16 +160,27 @@ struct Q8_0Codes {
   }
 #endif
 };
+
+struct E8m0Table {
+  float half[256];
+  constexpr E8m0Table() : half() {
+    for (int e = 0; e < 256; ++e) {
+      // 2^(e - 128), exactly: a power of two built by halving or doubling 1.
+      float v = 1.0f;
+      for (int k = e; k < 128; ++k) v *= 0.5f;
+      for (int k = 128; k < e; ++k) v *= 2.0f;
+      half[e] = v;
+    }
+  }
+};
+constexpr E8m0Table kE8m0;
+
 struct Mxfp4Codes {
   static constexpr int64_t kBytes = 17;
-  HWY_INLINE static float scale(const uint8_t* b) {
-    const uint32_t bits =
-        b[0] < 2 ? uint32_t{0x00200000u} << b[0] : static_cast<uint32_t>(b[0] - 1) << 23;
-    float d;
-    __builtin_memcpy(&d, &bits, 4);
-    return d;
-  }
-  static constexpr int8_t kValues[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+  HWY_INLINE static float scale(const uint8_t* b) { return kE8m0.half[b[0]]; }
+  alignas(32) static constexpr int8_t kValues[32] = {0,  1,  2,  3,  4,   6,  8,  12, 0,  -1, -2,
+                                                     -3, -4, -6, -8, -12, 0,  1,  2,  3,  4,  6,
+                                                     8,  12, 0,  -1, -2,  -3, -4, -6, -8, -12};
   HWY_INLINE static void codes(const uint8_t* b, int8_t* out) {
     for (int k = 0; k < 16; ++k) {
       out[k] = kValues[b[1 + k] & 0xF];
@@ -176,57 +188,68 @@ struct Mxfp4Codes {
     }
   }
 #if defined(__AVX2__)
+  // The 16 bytes in both halves, the high half shifted to its high nibbles, looked up at once.
   HWY_INLINE static __m256i load(const uint8_t* b) {
-    const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kValues));
-    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 1));
-    const __m128i low = _mm_set1_epi8(0xF);
-    return _mm256_setr_m128i(_mm_shuffle_epi8(values, _mm_and_si128(bits, low)),
-                             _mm_shuffle_epi8(values, _mm_and_si128(_mm_srli_epi16(bits, 4), low)));
+    const __m256i bits =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 1)));
+    const __m256i idx = _mm256_and_si256(_mm256_blend_epi32(bits, _mm256_srli_epi16(bits, 4), 0xF0),
+                                         _mm256_set1_epi8(0xF));
+    return _mm256_shuffle_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(kValues)), idx);
   }
 #endif
 };
 
-// A row of such blocks times one row of x as quantized (Q8_0's blocks of 32): eight float lanes,
-// lane l accumulating, block by block, d_w d_x times the integer sum of the block's values
-// 4l..4l+3 (one fused multiply-add per lane and block, as llama.cpp's AVX2 kernels keep their
-// sums in a float vector rather than reducing every block), then summed as
-// ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). The plain loops compute the same lanes in
-// the same order.
+// A row of such blocks times one row of x as quantized (Q8_0's blocks of 32): sixteen float
+// lanes, lane l of the even blocks' eight and of the odd blocks' eight accumulating, block by
+// block, d_w d_x times the integer sum of the block's values 4l..4l+3 (one fused multiply-add per
+// lane and block, as llama.cpp's AVX2 kernels keep their sums in float vectors rather than
+// reducing every block; two chains, so that the FMA's latency does not bound the rate), then
+// l = even_l + odd_l and the sum ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). The plain
+// loops compute the same lanes in the same order.
 template <class Codes>
 HWY_INLINE float int_row32(const uint8_t* row, int64_t nb, const int8_t* q, const float* xd,
                            bool prefetch) {
 #if defined(__AVX2__)
-  __m256 acc = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t b = 0; b < nb; ++b) {
+  const auto block = [&](int64_t b, __m256 acc) {
     const uint8_t* blk = row + b * Codes::kBytes;
-    if (prefetch) __builtin_prefetch(blk + kAheadBytes);
     const __m256i wv = Codes::load(blk);
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * b));
     // |w| (at most 128, unsigned) times x with w's sign: pairs of at most 2 * 128 * 127.
     const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * Codes::scale(blk)),
-                          _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc);
+    return _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * Codes::scale(blk)),
+                           _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc);
+  };
+  __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    if (prefetch) __builtin_prefetch(row + b * Codes::kBytes + kAheadBytes);
+    even = block(b, even);
+    odd = block(b + 1, odd);
   }
-  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  if (b < nb) even = block(b, even);
+  const __m256 l = _mm256_add_ps(even, odd);
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(l), _mm256_extractf128_ps(l, 1));
   const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 #else
-  float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float lane[2][8] = {{0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}};
   int8_t w[32];
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * Codes::kBytes;
-    if (prefetch) __builtin_prefetch(blk + kAheadBytes);
+    if (prefetch && (b & 1) == 0) __builtin_prefetch(blk + kAheadBytes);
     Codes::codes(blk, w);
     const int8_t* x = q + 32 * b;
     const float d = xd[b] * Codes::scale(blk);
     for (int l = 0; l < 8; ++l) {
       int32_t si = 0;
       for (int k = 4 * l; k < 4 * l + 4; ++k) si += w[k] * x[k];
-      lane[l] = __builtin_fmaf(d, static_cast<float>(si), lane[l]);
+      lane[b & 1][l] = __builtin_fmaf(d, static_cast<float>(si), lane[b & 1][l]);
     }
   }
-  const float s4[4] = {lane[0] + lane[4], lane[1] + lane[5], lane[2] + lane[6], lane[3] + lane[7]};
+  float l[8];
+  for (int k = 0; k < 8; ++k) l[k] = lane[0][k] + lane[1][k];
+  const float s4[4] = {l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]};
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 #endif
 }
