@@ -364,7 +364,7 @@ TEST(WeightFormats, QuantizedMatmulOnEveryPathWithinTheFloat32Bound) {
               const int64_t xb = cpu::activation_block(type);
               std::vector<int8_t> q(static_cast<size_t>(cols));
               std::vector<float> d(static_cast<size_t>(cols / xb));
-              std::vector<int32_t> bsum(static_cast<size_t>(cols / 16));
+              std::vector<int16_t> bsum(static_cast<size_t>(cols / 16));
               for (int64_t i = 0; i < n; ++i) {
                 cpu::quantize_activations(type, x.data() + i * ldx, cols, q.data(), d.data(),
                                           bsum.data());

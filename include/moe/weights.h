@@ -134,7 +134,7 @@ int64_t activation_block(WType type);
 // of 256, d [cols / 256] with the value of largest magnitude at -127, q [cols] to nearest (ties
 // to even), and bsum [cols / 16] the sums of every 16 codes (not written for Q8_0). x_q = d q.
 void quantize_activations(WType type, const float* x, int64_t cols, int8_t* q, float* d,
-                          int32_t* bsum);
+                          int16_t* bsum);
 
 // At most this many rows of x take the one-pass path of matmul_wt; more take the panels.
 constexpr int64_t kMatvecMaxRows = 4;

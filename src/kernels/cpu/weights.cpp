@@ -227,7 +227,7 @@ QuantFormat quant_format(WType t) {
 struct QuantizedX {
   std::vector<int8_t> q;
   std::vector<float> d;
-  std::vector<int32_t> bsum;
+  std::vector<int16_t> bsum;
   bool used = false;
   QuantRows rows() const { return {q.data(), d.data(), bsum.data()}; }
 };
@@ -498,7 +498,7 @@ int64_t activation_block(WType type) {
 }
 
 void quantize_activations(WType type, const float* x, int64_t cols, int8_t* q, float* d,
-                          int32_t* bsum) {
+                          int16_t* bsum) {
   if (activation_block(type) == 32) {  // scale max|x| / 127 (llama.cpp's Q8_0, in float)
     for (int64_t b = 0; b < cols / 32; ++b) {
       const float* xb = x + 32 * b;
@@ -534,7 +534,7 @@ void quantize_activations(WType type, const float* x, int64_t cols, int8_t* q, f
     for (int g = 0; g < 16; ++g) {
       int32_t sum = 0;
       for (int j = 0; j < 16; ++j) sum += qb[16 * g + j];
-      bsum[16 * b + g] = sum;
+      bsum[16 * b + g] = static_cast<int16_t>(sum);  // |sum| <= 16 * 127
     }
   }
 }

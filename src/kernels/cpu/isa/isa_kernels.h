@@ -34,7 +34,7 @@ struct QuantFormat {
 struct QuantRows {
   const int8_t* q;
   const float* d;
-  const int32_t* bsum;
+  const int16_t* bsum;
 };
 
 struct IsaKernels {

@@ -1,16 +1,20 @@
 // Part of the per-ISA kernels (isa_kernels_impl.h includes it): quantized weights times
 // activations quantized to int8 per block, as llama.cpp computes its products. The rows of x come
 // rounded (cpu::quantize_activations, weights.cpp: llama.cpp's Q8_K for the K-quants, 256 values
-// and one float scale per block with the sums of every 16 codes; blocks of 32 with a float scale
-// for Q8_0 and MXFP4), once per product; each weight block's codes multiply them in integers,
-// exactly, and one float per block (weight scale times activation scale times the integer sum) is
-// added to the row's sum.
+// and one float scale per block with the sums of every 16 codes as int16; blocks of 32 with a
+// float scale for Q8_0 and MXFP4), once per product; each weight block's codes multiply them in
+// integers, exactly, into eight int32 lanes (lane l: the block's values 4l..4l+3 of each run of
+// 32, as AVX2's vpmaddubsw/vpmaddwd pair them), and the lanes are added to eight float lanes
+// with one fused multiply-add per block (weight scale times activation scale times the lane),
+// summed across lanes once per row (sum8). This is the structure of llama.cpp's AVX2 kernels:
+// no horizontal sum per block, the offsets (Q6_K's -32, Q4_K/Q5_K's mins) formed in vectors from
+// the sums of x.
 //
-// The integer sums are exact on every path (AVX2's vpmaddubsw/vpmaddwd where the path has them,
-// plain loops elsewhere), and the float combination, block by block in order, uses explicit
-// fused multiply-adds (the C library's fmaf where the path lacks the instruction), so that no
-// compiler contraction differs between paths: the result is the same bits on every path and
-// for any split of the rows. Its error against float32 activations is the activations' rounding:
+// The integer sums are exact on every path (the vector instructions where the path has them,
+// plain loops elsewhere, lane for lane), and the float lanes use explicit fused multiply-adds
+// (the C library's fmaf where the path lacks the instruction) in the same order, so that no
+// compiler contraction differs between paths: the result is the same bits on every path and for
+// any split of the rows. Its error against float32 activations is the activations' rounding:
 // |x - x_q| <= d_x / 2 per element, d_x = max|x| / 127 per block (what llama.cpp's own products
 // carry).
 
@@ -21,37 +25,37 @@
 namespace moe::cpu::MOE_ISA_NS {
 namespace {
 
-// sum_k u[k] s[k] over 32 unsigned codes (< 128) and 32 int8 activations, in 16 pairwise int16
-// sums weighted by sc_lo (the first 16 values) and sc_hi (the last 16): sc_lo * sum(first 16) +
-// sc_hi * sum(last 16), exactly.
+// The final sums of the lanes, in one order for every path: eight lanes as
+// ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), four as (m0 + m2) + (m1 + m3).
+HWY_INLINE float sum8(const float* l) {
+  const float s4[4] = {l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]};
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
 #if defined(__AVX2__)
-HWY_INLINE __m256i dot32_scaled(__m256i u, const int8_t* s, int16_t sc_lo, int16_t sc_hi) {
+HWY_INLINE float sum8(__m256 v) {
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+HWY_INLINE float sum4(__m128 v) {
+  const __m128 s2 = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+// sc_lo * (u . s) over the first 16 of 32 codes + sc_hi * (u . s) over the last 16, as eight
+// int32 lanes (lane l: values 4l..4l+3), exactly: u unsigned (< 128), s int8.
+HWY_INLINE __m256i dot32_scaled(__m256i u, const int8_t* s, __m256i sc) {
   const __m256i p =
       _mm256_maddubs_epi16(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
-  const __m256i sc = _mm256_setr_m128i(_mm_set1_epi16(sc_lo), _mm_set1_epi16(sc_hi));
   return _mm256_madd_epi16(p, sc);
 }
-HWY_INLINE __m256i dot32_scaled(__m256i u, const int8_t* s, int16_t sc) {
-  const __m256i p =
-      _mm256_maddubs_epi16(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
-  return _mm256_madd_epi16(p, _mm256_set1_epi16(sc));
-}
-HWY_INLINE int32_t hsum_i32(__m256i v) {
-  const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  const __m128i t = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 1)));
+HWY_INLINE __m256i scales16(int sc_lo, int sc_hi) {
+  return _mm256_setr_m128i(_mm_set1_epi16(static_cast<int16_t>(sc_lo)),
+                           _mm_set1_epi16(static_cast<int16_t>(sc_hi)));
 }
 #endif
 
-// Q4_K / Q5_K block against a Q8_K block: sum_j sc_j (q . x)_j and sum_j m_j (sum x)_j.
-template <bool kFive>
-HWY_INLINE void qk_int_block(const uint8_t* b, const int8_t* xq, const int32_t* bsum, int32_t& sumi,
-                             int32_t& summ) {
-  const uint8_t* sm = b + 4;
-  const uint8_t* qh = b + 16;
-  const uint8_t* q = b + (kFive ? 48 : 16);
-  // The eight 6-bit scales and mins at once (the bytes of u[0..1] and u[2..3]), as
-  // scale_min_k4 reads them one by one.
+// Q4_K / Q5_K: the eight 6-bit scales and mins of a block (ggml's get_scale_min_k4, all at once).
+HWY_INLINE void scales_mins_k4(const uint8_t* sm, uint8_t* sc, uint8_t* m) {
   uint32_t u[4];
   __builtin_memcpy(u, sm, 12);
   constexpr uint32_t k6 = 0x3f3f3f3fu, k4 = 0x0f0f0f0fu, k2 = 0x03030303u;
@@ -60,87 +64,179 @@ HWY_INLINE void qk_int_block(const uint8_t* b, const int8_t* xq, const int32_t* 
   u[1] = (u[2] & k4) | (((u[0] >> 6) & k2) << 4);
   u[2] = mins_lo;
   u[0] &= k6;
-  uint8_t sc[8], m[8];
   __builtin_memcpy(sc, u, 8);
   __builtin_memcpy(m, u + 2, 8);
-  summ = 0;
-  for (int j = 0; j < 8; ++j) summ += m[j] * (bsum[2 * j] + bsum[2 * j + 1]);
+}
+
+// A Q4_K / Q5_K row (w = d sc_j q - dmin m_j over 32-element sub-block j) times one row of x as
+// quantized (Q8_K: blocks of 256, scale d_x, sums of every 16 codes bs), as llama.cpp's AVX2
+// kernel forms it. Per block, eight int32 lanes (lane l: sum_j sc_j times the codes 4l..4l+3 of
+// each 32 of sub-block j times x) and four (lane k: m_2k s_2k + m_2k+1 s_2k+1, s_j the sum of x
+// over sub-block j), all exact; then the float lanes acc += (d_x d) lanes and
+// accm -= (d_x dmin) lanes (fused), and at the end sum8(acc) + sum4(accm).
+template <bool kFive>
+HWY_INLINE float qk_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, const float* xd,
+                            const int16_t* bsum, bool prefetch) {
+  constexpr int64_t kBytes = kFive ? 176 : 144;
 #if defined(__AVX2__)
-  const __m256i low = _mm256_set1_epi8(0xF);
-  __m256i acc = _mm256_setzero_si256();
-  const __m256i hbits = kFive ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh)) : acc;
-  for (int p = 0; p < 4; ++p) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * p));
-    __m256i lo = _mm256_and_si256(v, low);
-    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    if constexpr (kFive) {  // bit 2p of qh[l] is the fifth bit of lo's element l, 2p + 1 of hi's
-      const __m256i one = _mm256_set1_epi8(1);
-      const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * p), one);
-      const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * p + 1), one);
-      lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
-      hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+  __m256 acc = _mm256_setzero_ps();
+  __m128 accm = _mm_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * kBytes;
+    if (prefetch) {
+      __builtin_prefetch(blk + kAheadBytes);
+      __builtin_prefetch(blk + kAheadBytes + 64);
     }
-    const auto s0 = static_cast<int16_t>(sc[2 * p]), s1 = static_cast<int16_t>(sc[2 * p + 1]);
-    acc = _mm256_add_epi32(acc, dot32_scaled(lo, xq + 64 * p, s0));
-    acc = _mm256_add_epi32(acc, dot32_scaled(hi, xq + 64 * p + 32, s1));
-  }
-  sumi = hsum_i32(acc);
-#else
-  sumi = 0;
-  for (int p = 0; p < 4; ++p) {
-    int32_t s0 = 0, s1 = 0;
-    for (int l = 0; l < 32; ++l) {
-      int lo = q[32 * p + l] & 0xF, hi = q[32 * p + l] >> 4;
-      if constexpr (kFive) {
-        lo |= ((qh[l] >> (2 * p)) & 1) << 4;
-        hi |= ((qh[l] >> (2 * p + 1)) & 1) << 4;
+    const uint8_t* qh = blk + 16;
+    const uint8_t* q = blk + (kFive ? 48 : 16);
+    const int8_t* x = xq + 256 * b;
+    // The scales (int16 lanes 0..7, in both halves) and the mins (lanes 8..15).
+    uint8_t sm[16];
+    scales_mins_k4(blk + 4, sm, sm + 8);
+    const __m256i both =
+        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm)));
+    const __m256i scales = _mm256_permute2x128_si256(both, both, 0x00);
+    // The mins against the sums of x per sub-block (pairs of the sums of 16).
+    const __m128i bs0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsum + 16 * b));
+    const __m128i bs1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsum + 16 * b + 8));
+    const __m128i prod =
+        _mm_madd_epi16(_mm256_extracti128_si256(both, 1), _mm_hadd_epi16(bs0, bs1));
+    accm = _mm_fmadd_ps(_mm_set1_ps(-(xd[b] * half_at(blk + 2))), _mm_cvtepi32_ps(prod), accm);
+    __m256i sumi = _mm256_setzero_si256();
+    const __m256i hbits = kFive ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh)) : sumi;
+    for (int p = 0; p < 4; ++p) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * p));
+      __m256i lo = _mm256_and_si256(v, low);
+      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      if constexpr (kFive) {  // bit 2p of qh[l] is the fifth bit of lo's element l, 2p + 1 of hi's
+        const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * p), one);
+        const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * p + 1), one);
+        lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+        hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
       }
-      s0 += lo * xq[64 * p + l];
-      s1 += hi * xq[64 * p + 32 + l];
+      // Scale j in every int16 lane: its two bytes picked by a shuffle.
+      const __m256i sl = _mm256_shuffle_epi8(
+          scales, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * (2 * p))));
+      const __m256i sh = _mm256_shuffle_epi8(
+          scales, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * (2 * p + 1))));
+      sumi = _mm256_add_epi32(sumi, dot32_scaled(lo, x + 64 * p, sl));
+      sumi = _mm256_add_epi32(sumi, dot32_scaled(hi, x + 64 * p + 32, sh));
     }
-    sumi += sc[2 * p] * s0 + sc[2 * p + 1] * s1;
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * half_at(blk)), _mm256_cvtepi32_ps(sumi), acc);
   }
+  return sum8(acc) + sum4(accm);
+#else
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, accm[4] = {0, 0, 0, 0};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * kBytes;
+    if (prefetch) {
+      __builtin_prefetch(blk + kAheadBytes);
+      __builtin_prefetch(blk + kAheadBytes + 64);
+    }
+    const uint8_t* qh = blk + 16;
+    const uint8_t* q = blk + (kFive ? 48 : 16);
+    const int8_t* x = xq + 256 * b;
+    const int16_t* bs = bsum + 16 * b;
+    uint8_t sc[8], m[8];
+    scales_mins_k4(blk + 4, sc, m);
+    const float dm = -(xd[b] * half_at(blk + 2));
+    for (int k = 0; k < 4; ++k) {
+      const int32_t s0 = bs[4 * k] + bs[4 * k + 1], s1 = bs[4 * k + 2] + bs[4 * k + 3];
+      accm[k] = __builtin_fmaf(dm, static_cast<float>(m[2 * k] * s0 + m[2 * k + 1] * s1), accm[k]);
+    }
+    int32_t sumi[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int p = 0; p < 4; ++p) {
+      for (int e = 0; e < 32; ++e) {
+        int lo = q[32 * p + e] & 0xF, hi = q[32 * p + e] >> 4;
+        if constexpr (kFive) {
+          lo |= ((qh[e] >> (2 * p)) & 1) << 4;
+          hi |= ((qh[e] >> (2 * p + 1)) & 1) << 4;
+        }
+        sumi[e / 4] += sc[2 * p] * lo * x[64 * p + e] + sc[2 * p + 1] * hi * x[64 * p + 32 + e];
+      }
+    }
+    const float d = xd[b] * half_at(blk);
+    for (int l = 0; l < 8; ++l) acc[l] = __builtin_fmaf(d, static_cast<float>(sumi[l]), acc[l]);
+  }
+  return sum8(acc) + ((accm[0] + accm[2]) + (accm[1] + accm[3]));
 #endif
 }
 
-// Q6_K block against a Q8_K block: sum_g sc_g ((q + 32) . x)_g - 32 sum_g sc_g (sum x)_g.
-HWY_INLINE int32_t q6k_int_block(const uint8_t* b, const int8_t* xq, const int32_t* bsum) {
-  const auto* sc = reinterpret_cast<const int8_t*>(b + 192);
-  int32_t off = 0;
-  for (int g = 0; g < 16; ++g) off += sc[g] * bsum[g];
+// A Q6_K row (w = d sc_g (q - 32), q 6 bits, sc_g int8 per 16 elements) times one row of x as
+// quantized (Q8_K). Per block, eight int32 lanes: lane l the sum over the eight 32-element runs of
+// sc_g q x over their values 4l..4l+3, minus 32 (sc_2l bs_2l + sc_2l+1 bs_2l+1), all exact; then
+// acc += (d_x d) lanes (fused), and at the end sum8(acc).
+HWY_INLINE float q6k_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, const float* xd,
+                             const int16_t* bsum, bool prefetch) {
 #if defined(__AVX2__)
+  __m256 acc = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0xF), m30 = _mm256_set1_epi8(0x30);
-  __m256i acc = _mm256_setzero_si256();
-  for (int h = 0; h < 2; ++h) {
-    const uint8_t* ql = b + 64 * h;
-    const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
-    const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
-    const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
-    const __m256i q[4] = {
-        _mm256_or_si256(_mm256_and_si256(l0, low), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30)),
-        _mm256_or_si256(_mm256_and_si256(l1, low), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low), _mm256_and_si256(hb, m30)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
-                        _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30))};
-    for (int k = 0; k < 4; ++k)
-      acc = _mm256_add_epi32(
-          acc, dot32_scaled(q[k], xq + 128 * h + 32 * k, sc[8 * h + 2 * k], sc[8 * h + 2 * k + 1]));
-  }
-  return hsum_i32(acc) - 32 * off;
-#else
-  int32_t sumi = 0;
-  for (int h = 0; h < 2; ++h) {
-    const uint8_t* ql = b + 64 * h;
-    const uint8_t* qh = b + 128 + 32 * h;
-    for (int l = 0; l < 32; ++l) {
-      const int q[4] = {
-          (ql[l] & 0xF) | ((qh[l] & 3) << 4), (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
-          (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4), (ql[l + 32] >> 4) | ((qh[l] >> 6) << 4)};
-      for (int k = 0; k < 4; ++k)
-        sumi += sc[8 * h + 2 * k + l / 16] * q[k] * xq[128 * h + 32 * k + l];
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * 210;
+    if (prefetch) {
+      __builtin_prefetch(blk + kAheadBytes);
+      __builtin_prefetch(blk + kAheadBytes + 64);
     }
+    const auto* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    const int8_t* x = xq + 256 * b;
+    // 32 times the scales against the sums of x per 16.
+    const __m256i sc16 =
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+    const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsum + 16 * b));
+    __m256i sumi =
+        _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* ql = blk + 64 * h;
+      const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+      const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+      const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));
+      const __m256i q[4] = {_mm256_or_si256(_mm256_and_si256(l0, low),
+                                            _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30)),
+                            _mm256_or_si256(_mm256_and_si256(l1, low),
+                                            _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30)),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
+                                            _mm256_and_si256(hb, m30)),
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
+                                            _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30))};
+      for (int k = 0; k < 4; ++k)
+        sumi = _mm256_add_epi32(sumi,
+                                dot32_scaled(q[k], x + 128 * h + 32 * k,
+                                             scales16(sc[8 * h + 2 * k], sc[8 * h + 2 * k + 1])));
+    }
+    acc =
+        _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * half_at(blk + 208)), _mm256_cvtepi32_ps(sumi), acc);
   }
-  return sumi - 32 * off;
+  return sum8(acc);
+#else
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * 210;
+    if (prefetch) {
+      __builtin_prefetch(blk + kAheadBytes);
+      __builtin_prefetch(blk + kAheadBytes + 64);
+    }
+    const auto* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    const int8_t* x = xq + 256 * b;
+    const int16_t* bs = bsum + 16 * b;
+    int32_t sumi[8];
+    for (int l = 0; l < 8; ++l)
+      sumi[l] = -32 * (sc[2 * l] * bs[2 * l] + sc[2 * l + 1] * bs[2 * l + 1]);
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* ql = blk + 64 * h;
+      const uint8_t* qh = blk + 128 + 32 * h;
+      for (int e = 0; e < 32; ++e) {
+        const int q[4] = {
+            (ql[e] & 0xF) | ((qh[e] & 3) << 4), (ql[e + 32] & 0xF) | (((qh[e] >> 2) & 3) << 4),
+            (ql[e] >> 4) | (((qh[e] >> 4) & 3) << 4), (ql[e + 32] >> 4) | ((qh[e] >> 6) << 4)};
+        for (int k = 0; k < 4; ++k)
+          sumi[e / 4] += sc[8 * h + 2 * k + e / 16] * q[k] * x[128 * h + 32 * k + e];
+      }
+    }
+    const float d = xd[b] * half_at(blk + 208);
+    for (int l = 0; l < 8; ++l) acc[l] = __builtin_fmaf(d, static_cast<float>(sumi[l]), acc[l]);
+  }
+  return sum8(acc);
 #endif
 }
 
@@ -269,38 +365,16 @@ void dot_q_int(QuantKind kind, int64_t block_bytes, const uint8_t* w, int64_t co
                const QuantRows& xq, int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy) {
   if (kind == QuantKind::q8_0) return int_rows32<Q8_0Codes>(w, cols, xq, n, r0, r1, y, ldy);
   if (kind == QuantKind::mxfp4) return int_rows32<Mxfp4Codes>(w, cols, xq, n, r0, r1, y, ldy);
-  const int64_t block = 256, nb = cols / block, row_bytes = nb * block_bytes;  // the K-quants
+  const int64_t nb = cols / 256, row_bytes = nb * block_bytes;  // the K-quants
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w + r * row_bytes;
     for (int64_t i = 0; i < n; ++i) {
       const int8_t* q = xq.q + i * cols;
-      const float* xd = xq.d + i * (cols / block);
-      const int32_t* bsum = xq.bsum + i * (cols / 16);
-      float sum = 0;
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* blk = row + b * block_bytes;
-        if (i == 0) __builtin_prefetch(blk + kAheadBytes);
-        switch (kind) {
-          case QuantKind::q4_k:
-          case QuantKind::q5_k: {
-            int32_t sumi, summ;
-            if (kind == QuantKind::q4_k) {
-              qk_int_block<false>(blk, q + 256 * b, bsum + 16 * b, sumi, summ);
-            } else {
-              qk_int_block<true>(blk, q + 256 * b, bsum + 16 * b, sumi, summ);
-            }
-            const float off = (xd[b] * half_at(blk + 2)) * static_cast<float>(summ);
-            sum += __builtin_fmaf(xd[b] * half_at(blk), static_cast<float>(sumi), -off);
-            break;
-          }
-          default:  // Q6_K
-            sum = __builtin_fmaf(xd[b] * half_at(blk + 208),
-                                 static_cast<float>(q6k_int_block(blk, q + 256 * b, bsum + 16 * b)),
-                                 sum);
-            break;
-        }
-      }
-      y[i * ldy + r] = sum;
+      const float* xd = xq.d + i * nb;
+      const int16_t* bsum = xq.bsum + i * (cols / 16);
+      y[i * ldy + r] = kind == QuantKind::q4_k   ? qk_int_row<false>(row, nb, q, xd, bsum, i == 0)
+                       : kind == QuantKind::q5_k ? qk_int_row<true>(row, nb, q, xd, bsum, i == 0)
+                                                 : q6k_int_row(row, nb, q, xd, bsum, i == 0);
     }
   }
 }
