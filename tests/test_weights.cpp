@@ -480,8 +480,8 @@ TEST(WeightFormats, Mxfp4IntegerProductsScaleByEveryE8M0Byte) {
     cpu::matmul_wt(w, x.data(), 32, 1, y.data(), 256);
     for (int e = 0; e < 256; ++e) {
       const float lane = (dx * deq[static_cast<size_t>(32 * e)]) * 508.0f;
-      EXPECT_EQ(y[static_cast<size_t>(e)], 8.0f * lane) << "E8M0 byte " << e << " "
-                                                        << cpu_path_name(p);
+      EXPECT_EQ(y[static_cast<size_t>(e)], 8.0f * lane)
+          << "E8M0 byte " << e << " " << cpu_path_name(p);
     }
   }
   reset_cpu_path_cap();
