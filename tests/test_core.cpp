@@ -1,9 +1,11 @@
 // Core: tensors, the arena, the RNG, errors.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "moe/arena.h"
+#include "moe/error.h"
 #include "moe/rng.h"
 #include "moe/tensor.h"
 
@@ -64,6 +66,29 @@ TEST(Arena, AlignedReusedAndAllocationFreeWhenSteady) {
     }
   }
   EXPECT_GE(arena.capacity(), arena.high_water());
+}
+
+// rewind(mark()) frees what came after the mark and keeps what came before: a pass of many steps
+// holds one step's scratch (the most used at once stays that of one step), and memory from
+// before the mark is untouched by what is allocated after.
+TEST(Arena, RewindFreesOnlyWhatCameAfterTheMark) {
+  Arena arena;
+  float* keep = arena.alloc<float>(100);
+  for (int i = 0; i < 100; ++i) keep[i] = static_cast<float>(i);
+  const size_t before = arena.used();
+  for (int step = 0; step < 10; ++step) {
+    const Arena::Mark m = arena.mark();
+    float* scratch = arena.alloc<float>(50000);
+    std::fill(scratch, scratch + 50000, -1.0f);
+    arena.alloc<double>(7);
+    arena.rewind(m);
+    EXPECT_EQ(arena.used(), before);
+  }
+  for (int i = 0; i < 100; ++i) ASSERT_EQ(keep[i], static_cast<float>(i));
+  EXPECT_LT(arena.high_water(), before + 2 * 50000 * sizeof(float));
+  // A mark past the current allocation is refused by name.
+  const Arena::Mark later{arena.mark().block, arena.mark().offset, arena.used() + 64};
+  EXPECT_THROW(arena.rewind(later), Error);
 }
 
 TEST(Rng, SeededAndWellDistributed) {

@@ -33,6 +33,15 @@ class Arena {
   // Frees every allocation at once and keeps the memory for the next round.
   void reset();
 
+  // A point to come back to: rewind(mark()) frees what was allocated after the mark (and nothing
+  // before it), keeping the memory. For a pass whose steps' scratch dies with each step (a
+  // prompt's layers), so that it holds one step's scratch rather than all of them.
+  struct Mark {
+    size_t block, offset, used;
+  };
+  Mark mark() const { return {current_, offset_, used_}; }
+  void rewind(const Mark& m);
+
   size_t used() const { return used_; }
   size_t capacity() const;
   size_t high_water() const { return high_water_; }

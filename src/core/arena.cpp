@@ -66,6 +66,15 @@ Tensor Arena::tensor(const Shape& shape, DType dtype) {
   return Tensor::view(p, shape, dtype);
 }
 
+void Arena::rewind(const Mark& m) {
+  MOE_CHECK(m.used <= used_ && m.block <= current_ && m.block <= blocks_.size(), "arena",
+            "rewind to a mark past the current allocation (used {} at the mark, {} now)", m.used,
+            used_);
+  current_ = m.block;
+  offset_ = m.offset;
+  used_ = m.used;
+}
+
 void Arena::reset() {
   if (blocks_.size() > 1) {
     // Merge: one block as large as the most this arena ever held at once.

@@ -357,7 +357,11 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
     routing->top_expert.resize(n_moe);
   }
   size_t mi = 0;
+  // Each layer's scratch dies with it, unless its routing is handed back (router_logits and
+  // routing view the arena): the pass then holds one layer's scratch, not all of them.
+  const bool scratch_per_layer = !router_logits && !routing;
   for (size_t li = 0; li < blocks.size(); ++li) {
+    const Arena::Mark layer_start = arena.mark();
     Block& blk = blocks[li];
     norm(a, h, blk.attn_norm, N);
     attention_step<T>(blk, a, B, Tq, pos, slot, start, cache.k[li], cache.v[li], cache.capacity, o,
@@ -393,6 +397,7 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
     }
     const T* yp = y.data<T>();
     for (int64_t i = 0; i < N * D; ++i) h[i] += yp[i];
+    if (scratch_per_layer) arena.rewind(layer_start);
   }
   for (int64_t b = 0; b < B; ++b) cache.length[static_cast<size_t>(slot[b])] += Tq;
   if (rows == Model::LogitRows::last && Tq > 1) {

@@ -3,6 +3,7 @@
 // GEMM on the same shape.
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
@@ -215,10 +216,15 @@ int run_bench_gemm(const BenchGemm& b) {
       const size_t row_bytes = ggml_row_bytes(g, s.cols);
       std::vector<uint8_t> bytes(row_bytes * static_cast<size_t>(s.rows));
       std::vector<float> src(static_cast<size_t>(s.cols));
+      // 64 rows quantized, then repeated (the speed does not depend on the values).
       for (int64_t r = 0; r < s.rows; ++r) {
-        if (r < 64)  // (the values repeat every 64 rows: the speed does not depend on them)
-          for (float& v : src) v = static_cast<float>(0.02 * rng.normal());
-        quantize_row(g, src.data(), bytes.data() + static_cast<size_t>(r) * row_bytes, s.cols);
+        uint8_t* at = bytes.data() + static_cast<size_t>(r) * row_bytes;
+        if (r >= 64) {
+          std::copy_n(at - 64 * row_bytes, row_bytes, at);
+          continue;
+        }
+        for (float& v : src) v = static_cast<float>(0.02 * rng.normal());
+        quantize_row(g, src.data(), at, s.cols);
       }
       Tensor x = Tensor::empty({1, s.cols}, DType::F32), y = Tensor::empty({1, s.rows}, DType::F32);
       rng.fill_normal(x, 0, 1);
