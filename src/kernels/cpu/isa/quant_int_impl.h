@@ -54,6 +54,13 @@ HWY_INLINE __m256i scales16(int sc_lo, int sc_hi) {
 }
 #endif
 
+// The lines a K-quant block's row will read next (the first pass over a row, x's first row).
+HWY_INLINE void prefetch_ahead(const uint8_t* blk, bool on) {
+  if (!on) return;
+  __builtin_prefetch(blk + kAheadBytes);
+  __builtin_prefetch(blk + kAheadBytes + 64);
+}
+
 // Q4_K / Q5_K: the eight 6-bit scales and mins of a block (ggml's get_scale_min_k4, all at once).
 HWY_INLINE void scales_mins_k4(const uint8_t* sm, uint8_t* sc, uint8_t* m) {
   uint32_t u[4];
@@ -84,10 +91,7 @@ HWY_INLINE float qk_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, co
   const __m256i low = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * kBytes;
-    if (prefetch) {
-      __builtin_prefetch(blk + kAheadBytes);
-      __builtin_prefetch(blk + kAheadBytes + 64);
-    }
+    prefetch_ahead(blk, prefetch);
     const uint8_t* qh = blk + 16;
     const uint8_t* q = blk + (kFive ? 48 : 16);
     const int8_t* x = xq + 256 * b;
@@ -130,10 +134,7 @@ HWY_INLINE float qk_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, co
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, accm[4] = {0, 0, 0, 0};
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * kBytes;
-    if (prefetch) {
-      __builtin_prefetch(blk + kAheadBytes);
-      __builtin_prefetch(blk + kAheadBytes + 64);
-    }
+    prefetch_ahead(blk, prefetch);
     const uint8_t* qh = blk + 16;
     const uint8_t* q = blk + (kFive ? 48 : 16);
     const int8_t* x = xq + 256 * b;
@@ -174,10 +175,7 @@ HWY_INLINE float q6k_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, c
   const __m256i low = _mm256_set1_epi8(0xF), m30 = _mm256_set1_epi8(0x30);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * 210;
-    if (prefetch) {
-      __builtin_prefetch(blk + kAheadBytes);
-      __builtin_prefetch(blk + kAheadBytes + 64);
-    }
+    prefetch_ahead(blk, prefetch);
     const auto* sc = reinterpret_cast<const int8_t*>(blk + 192);
     const int8_t* x = xq + 256 * b;
     // 32 times the scales against the sums of x per 16.
@@ -212,10 +210,7 @@ HWY_INLINE float q6k_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, c
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * 210;
-    if (prefetch) {
-      __builtin_prefetch(blk + kAheadBytes);
-      __builtin_prefetch(blk + kAheadBytes + 64);
-    }
+    prefetch_ahead(blk, prefetch);
     const auto* sc = reinterpret_cast<const int8_t*>(blk + 192);
     const int8_t* x = xq + 256 * b;
     const int16_t* bs = bsum + 16 * b;
