@@ -31,6 +31,7 @@ HWY_INLINE float sum8(const float* l) {
   const float s4[4] = {l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]};
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
+HWY_INLINE float sum4(const float* m) { return (m[0] + m[2]) + (m[1] + m[3]); }
 #if defined(__AVX2__)
 HWY_INLINE float sum8(__m256 v) {
   const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -160,7 +161,7 @@ HWY_INLINE float qk_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, co
     const float d = xd[b] * half_at(blk);
     for (int l = 0; l < 8; ++l) acc[l] = __builtin_fmaf(d, static_cast<float>(sumi[l]), acc[l]);
   }
-  return sum8(acc) + ((accm[0] + accm[2]) + (accm[1] + accm[3]));
+  return sum8(acc) + sum4(accm);
 #endif
 }
 
@@ -319,10 +320,7 @@ HWY_INLINE float int_row32(const uint8_t* row, int64_t nb, const int8_t* q, cons
     odd = block(b + 1, odd);
   }
   if (b < nb) even = block(b, even);
-  const __m256 l = _mm256_add_ps(even, odd);
-  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(l), _mm256_extractf128_ps(l, 1));
-  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+  return sum8(_mm256_add_ps(even, odd));
 #else
   float lane[2][8] = {{0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}};
   int8_t w[32];
@@ -340,8 +338,7 @@ HWY_INLINE float int_row32(const uint8_t* row, int64_t nb, const int8_t* q, cons
   }
   float l[8];
   for (int k = 0; k < 8; ++k) l[k] = lane[0][k] + lane[1][k];
-  const float s4[4] = {l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]};
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+  return sum8(l);
 #endif
 }
 
