@@ -49,9 +49,11 @@ HWY_INLINE __m256i dot32_scaled(__m256i u, const int8_t* s, __m256i sc) {
       _mm256_maddubs_epi16(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
   return _mm256_madd_epi16(p, sc);
 }
-HWY_INLINE __m256i scales16(int sc_lo, int sc_hi) {
-  return _mm256_setr_m128i(_mm_set1_epi16(static_cast<int16_t>(sc_lo)),
-                           _mm_set1_epi16(static_cast<int16_t>(sc_hi)));
+// The byte shuffle that fills a 128-bit half's int16 lanes with its lane 2k (low half) and
+// 2k + 1 (high half).
+HWY_INLINE __m256i scale_pair(int k) {
+  return _mm256_setr_m128i(_mm_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * (2 * k))),
+                           _mm_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * (2 * k + 1))));
 }
 #endif
 
@@ -62,9 +64,9 @@ HWY_INLINE void prefetch_ahead(const uint8_t* blk, bool on) {
   __builtin_prefetch(blk + kAheadBytes + 64);
 }
 
-// Q4_K / Q5_K: the eight 6-bit scales and mins of a block (ggml's get_scale_min_k4, all at once).
-HWY_INLINE void scales_mins_k4(const uint8_t* sm, uint8_t* sc, uint8_t* m) {
-  uint32_t u[4];
+// Q4_K / Q5_K: the eight 6-bit scales and mins of a block (ggml's get_scale_min_k4, all at once),
+// as four words: the scales' bytes in u[0..1], the mins' in u[2..3].
+HWY_INLINE void scales_mins_k4(const uint8_t* sm, uint32_t* u) {
   __builtin_memcpy(u, sm, 12);
   constexpr uint32_t k6 = 0x3f3f3f3fu, k4 = 0x0f0f0f0fu, k2 = 0x03030303u;
   u[3] = ((u[2] >> 4) & k4) | (((u[1] >> 6) & k2) << 4);
@@ -72,8 +74,6 @@ HWY_INLINE void scales_mins_k4(const uint8_t* sm, uint8_t* sc, uint8_t* m) {
   u[1] = (u[2] & k4) | (((u[0] >> 6) & k2) << 4);
   u[2] = mins_lo;
   u[0] &= k6;
-  __builtin_memcpy(sc, u, 8);
-  __builtin_memcpy(m, u + 2, 8);
 }
 
 // A Q4_K / Q5_K row (w = d sc_j q - dmin m_j over 32-element sub-block j) times one row of x as
@@ -97,10 +97,12 @@ HWY_INLINE float qk_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, co
     const uint8_t* q = blk + (kFive ? 48 : 16);
     const int8_t* x = xq + 256 * b;
     // The scales (int16 lanes 0..7, in both halves) and the mins (lanes 8..15).
-    uint8_t sm[16];
-    scales_mins_k4(blk + 4, sm, sm + 8);
-    const __m256i both =
-        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sm)));
+    // (Built from the words in registers: a 16-byte load of the words just stored would wait for
+    // the stores, as their forwarding fails.)
+    uint32_t u[4];
+    scales_mins_k4(blk + 4, u);
+    const __m256i both = _mm256_cvtepu8_epi16(_mm_setr_epi32(
+        static_cast<int>(u[0]), static_cast<int>(u[1]), static_cast<int>(u[2]), static_cast<int>(u[3])));
     const __m256i scales = _mm256_permute2x128_si256(both, both, 0x00);
     // The mins against the sums of x per sub-block (pairs of the sums of 16).
     const __m128i bs0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsum + 16 * b));
@@ -140,8 +142,11 @@ HWY_INLINE float qk_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, co
     const uint8_t* q = blk + (kFive ? 48 : 16);
     const int8_t* x = xq + 256 * b;
     const int16_t* bs = bsum + 16 * b;
+    uint32_t u[4];
+    scales_mins_k4(blk + 4, u);
     uint8_t sc[8], m[8];
-    scales_mins_k4(blk + 4, sc, m);
+    __builtin_memcpy(sc, u, 8);
+    __builtin_memcpy(m, u + 2, 8);
     const float dm = -(xd[b] * half_at(blk + 2));
     for (int k = 0; k < 4; ++k) {
       const int32_t s0 = bs[4 * k] + bs[4 * k + 1], s1 = bs[4 * k + 2] + bs[4 * k + 3];
@@ -174,6 +179,8 @@ HWY_INLINE float q6k_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, c
 #if defined(__AVX2__)
   __m256 acc = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0xF), m30 = _mm256_set1_epi8(0x30);
+  // The shuffles that put int16 lane 2k in the low half's lanes and 2k + 1 in the high half's.
+  const __m256i pair[4] = {scale_pair(0), scale_pair(1), scale_pair(2), scale_pair(3)};
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * 210;
     prefetch_ahead(blk, prefetch);
@@ -185,6 +192,10 @@ HWY_INLINE float q6k_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, c
     const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsum + 16 * b));
     __m256i sumi =
         _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));
+    // Each half block's eight scales (int16) in both 128-bit halves; run k's pair is picked by a
+    // shuffle: scale 2k in the low half, 2k + 1 in the high half.
+    const __m256i half_sc[2] = {_mm256_permute2x128_si256(sc16, sc16, 0x00),
+                                _mm256_permute2x128_si256(sc16, sc16, 0x11)};
     for (int h = 0; h < 2; ++h) {
       const uint8_t* ql = blk + 64 * h;
       const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
@@ -199,9 +210,8 @@ HWY_INLINE float q6k_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, c
                             _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
                                             _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30))};
       for (int k = 0; k < 4; ++k)
-        sumi = _mm256_add_epi32(sumi,
-                                dot32_scaled(q[k], x + 128 * h + 32 * k,
-                                             scales16(sc[8 * h + 2 * k], sc[8 * h + 2 * k + 1])));
+        sumi = _mm256_add_epi32(
+            sumi, dot32_scaled(q[k], x + 128 * h + 32 * k, _mm256_shuffle_epi8(half_sc[h], pair[k])));
     }
     acc =
         _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * half_at(blk + 208)), _mm256_cvtepi32_ps(sumi), acc);
