@@ -354,13 +354,13 @@ TEST(WeightFormats, QuantizedMatmulOnEveryPathWithinTheFloat32Bound) {
           for (int64_t r = 0; r < rows; r += 5)
             for (int64_t k = 0; k < cols; k += 7)
               ASSERT_EQ(all[static_cast<size_t>(r * cols + k)], w.at(r, k)) << wtype_name(type);
-          for (int64_t n : {1, 4, 9}) {
+          for (int64_t n : {1, 4, 9, 70}) {
             const int64_t ldx = cols + 5, ldy = rows + 1;
             std::vector<float> x(static_cast<size_t>(n * ldx));
             for (float& v : x) v = static_cast<float>(rng.normal());
             // What the product multiplies: x, or x as the integer products round it.
             std::vector<float> xm = x;
-            if (int8 && n <= cpu::kMatvecMaxRows) {
+            if (int8) {
               const int64_t xb = cpu::activation_block(type);
               std::vector<int8_t> q(static_cast<size_t>(cols));
               std::vector<float> d(static_cast<size_t>(cols / xb));
@@ -416,7 +416,7 @@ TEST(WeightFormats, QuantizedMatmulOnEveryPathWithinTheFloat32Bound) {
                       << wtype_name(type) << " " << cpu_path_name(p) << " n " << n;
                 }
               }
-              if (n > cpu::kMatvecMaxRows || rows < 6) continue;
+              if ((n > cpu::kMatvecMaxRows && !int8) || rows < 6) continue;
               // Rows [5, rows) on their own give the same bits as within the whole.
               const WeightMatrix tail{type, s.bytes.data() + 5 * w.row_bytes(), rows - 5, cols};
               std::vector<float> part(static_cast<size_t>(n * (rows - 5)));
@@ -434,6 +434,34 @@ TEST(WeightFormats, QuantizedMatmulOnEveryPathWithinTheFloat32Bound) {
   }
   cpu::set_quant_activations(cpu::QuantActivations::int8);
   omp_set_num_threads(saved);
+  reset_cpu_path_cap();
+}
+
+// A row of x multiplied alone (the one-row kernels) and among many (the kernels that unpack each
+// weight block once for a tile of rows) gives the same bits, on every path, for tiles of every
+// length and a last tile cut short.
+TEST(WeightFormats, IntegerProductsOfARowAreTheSameAloneOrAmongMany) {
+  Rng rng(19);
+  for (WType type : {WType::q4_k, WType::q5_k, WType::q6_k, WType::q8_0, WType::mxfp4}) {
+    for (int64_t cols : {int64_t{256}, int64_t{768}, int64_t{4864}}) {
+      const int64_t rows = 13, n = 75, ldx = cols + 3, ldy = rows + 2;
+      const Quantized s = make_quantized(type, rows, cols, rng);
+      std::vector<float> x(static_cast<size_t>(n * ldx));
+      for (float& v : x) v = static_cast<float>(rng.normal());
+      for (CpuPath p : cpu_paths_here()) {
+        set_cpu_path_cap(p);
+        std::vector<float> many(static_cast<size_t>(n * ldy), -7.0f),
+            one(static_cast<size_t>(rows));
+        cpu::matmul_wt(s.view(rows, cols), x.data(), ldx, n, many.data(), ldy);
+        for (int64_t i = 0; i < n; ++i) {
+          cpu::matmul_wt(s.view(rows, cols), x.data() + i * ldx, ldx, 1, one.data(), rows);
+          ASSERT_EQ(std::memcmp(one.data(), many.data() + i * ldy, one.size() * 4), 0)
+              << wtype_name(type) << " " << cpu_path_name(p) << " cols " << cols << " row " << i;
+          ASSERT_EQ(many[static_cast<size_t>(i * ldy + rows)], -7.0f);
+        }
+      }
+    }
+  }
   reset_cpu_path_cap();
 }
 

@@ -116,10 +116,11 @@ void round_to_bf16(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint
 // The SIMD target the weight kernels run on this path ("AVX3", "AVX2", "SCALAR").
 const char* weight_kernel_target();
 
-// How the one-pass products of quantized weights (Q4_K, Q5_K, Q6_K, Q8_0, MXFP4) treat x: rounded
-// to int8 per block and multiplied in integers, as llama.cpp does (the default: its error is
-// llama.cpp's), or kept float32 (within float32's bound of the dequantized weights' products).
-// Process-wide; panels (many rows of x) always multiply float32 x.
+// How the products of quantized weights (Q4_K, Q5_K, Q6_K, Q8_0, MXFP4) treat x: rounded to int8
+// per block and multiplied in integers, as llama.cpp does (the default: its error is llama.cpp's;
+// for any number of rows of x, a row's result the same bits alone or among many), or kept float32
+// (within float32's bound of the dequantized weights' products; many rows then multiply panels
+// decoded to float32). Process-wide.
 enum class QuantActivations { int8, f32 };
 void set_quant_activations(QuantActivations a);
 QuantActivations quant_activations();
@@ -136,7 +137,8 @@ int64_t activation_block(WType type);
 void quantize_activations(WType type, const float* x, int64_t cols, int8_t* q, float* d,
                           int16_t* bsum);
 
-// At most this many rows of x take the one-pass path of matmul_wt; more take the panels.
+// At most this many rows of x take the one-pass path of matmul_wt; more take the panels (or, for
+// the integer products, the kernels that unpack each weight block once for many rows).
 constexpr int64_t kMatvecMaxRows = 4;
 
 }  // namespace cpu

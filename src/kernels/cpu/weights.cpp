@@ -225,28 +225,38 @@ QuantFormat quant_format(WType t) {
 // x rounded to int8 per block for the integer products of a quantized weight (QuantRows), or
 // nothing where the product keeps x float32.
 struct QuantizedX {
-  std::vector<int8_t> q;
+  std::vector<int8_t> q;  // the codes from its first 64-byte boundary on (q0)
   std::vector<float> d;
-  std::vector<int16_t> bsum;
+  std::vector<int16_t> bsum, bsum32;
   bool used = false;
-  QuantRows rows() const { return {q.data(), d.data(), bsum.data()}; }
+  int8_t* q0 = nullptr;
+  QuantRows rows() const { return {q0, d.data(), bsum.data(), bsum32.data()}; }
 };
 
-bool int8_products(const WeightMatrix& w, int64_t n) {
-  return n <= kMatvecMaxRows && quant_activations() == QuantActivations::int8 &&
-         activation_block(w.type) != 0;
+bool int8_products(const WeightMatrix& w) {
+  return quant_activations() == QuantActivations::int8 && activation_block(w.type) != 0;
 }
 
 void quantize_x(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, QuantizedX& out) {
-  out.used = int8_products(w, n);
+  out.used = int8_products(w);
   if (!out.used) return;
   const int64_t block = activation_block(w.type), cols = w.cols;
-  out.q.resize(static_cast<size_t>(n * cols));
+  // Aligned to cache lines: the kernels' 32-byte loads of the codes then never straddle two
+  // (a row's codes are whole blocks of 32).
+  out.q.resize(static_cast<size_t>(n * cols + 63));
+  out.q0 = out.q.data() + (64 - reinterpret_cast<uintptr_t>(out.q.data()) % 64) % 64;
   out.d.resize(static_cast<size_t>(n * (cols / block)));
   out.bsum.resize(static_cast<size_t>(n * (cols / 16)));
-  for (int64_t i = 0; i < n; ++i)
-    quantize_activations(w.type, x + i * ldx, cols, out.q.data() + i * cols,
-                         out.d.data() + i * (cols / block), out.bsum.data() + i * (cols / 16));
+  out.bsum32.resize(static_cast<size_t>(n * (cols / 32)));
+  for_tasks(n, n * cols * 8, [&](int64_t i) {
+    int16_t* b16 = out.bsum.data() + i * (cols / 16);
+    quantize_activations(w.type, x + i * ldx, cols, out.q0 + i * cols,
+                         out.d.data() + i * (cols / block), b16);
+    if (block == 256)
+      for (int64_t g = 0; g < cols / 32; ++g)  // |sum| <= 32 * 127
+        out.bsum32[static_cast<size_t>(i * (cols / 32) + g)] =
+            static_cast<int16_t>(b16[2 * g] + b16[2 * g + 1]);
+  });
 }
 
 void dot_block(const IsaKernels& k, const WeightMatrix& w, const float* x, int64_t ldx, int64_t n,
@@ -393,8 +403,9 @@ void matmul_wt_many(const MatmulJob* jobs, size_t count) {
     }
     check_product(b.w, b.ldx, b.n, b.ldy, "matmul_wt_many");
     if (b.n == 0) continue;
-    const int64_t step = b.n <= kMatvecMaxRows ? kDotRows : panel_rows(b.w);
-    if (b.n > kMatvecMaxRows) xb[j] = rounded_rows(b.w, b.x, b.ldx, b.n);
+    const bool dot = b.n <= kMatvecMaxRows || int8_products(b.w);
+    const int64_t step = dot ? kDotRows : panel_rows(b.w);
+    if (!dot) xb[j] = rounded_rows(b.w, b.x, b.ldx, b.n);
     quantize_x(b.w, b.x, b.ldx, b.n, xq[j]);
     for (int64_t r = 0; r < b.w.rows; r += step) blocks.emplace_back(j, r);
     work += b.n * b.w.rows * b.w.cols;
@@ -403,7 +414,7 @@ void matmul_wt_many(const MatmulJob* jobs, size_t count) {
   for_tasks(static_cast<int64_t>(blocks.size()), work, [&](int64_t t) {
     const auto [j, r0] = blocks[static_cast<size_t>(t)];
     const MatmulJob& b = jobs[j];
-    if (b.n <= kMatvecMaxRows) {
+    if (b.n <= kMatvecMaxRows || xq[j].used) {
       dot_block(k, b.w, b.x, b.ldx, b.n, r0, std::min(b.w.rows, r0 + kDotRows), b.y, b.ldy, &xq[j]);
     } else {
       panel_product(k, b.w, b.x, b.ldx, xb[j].data(), b.n, r0,
@@ -422,7 +433,7 @@ void matmul_wt(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, fl
     return;
   }
   const IsaKernels& k = kernels();
-  if (n <= kMatvecMaxRows) {
+  if (n <= kMatvecMaxRows || int8_products(w)) {  // the dot kernels (quantized: any n)
     thread_local QuantizedX xq;
     quantize_x(w, x, ldx, n, xq);
     const QuantizedX* xqp = &xq;  // the workers read the caller's

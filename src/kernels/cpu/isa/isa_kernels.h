@@ -30,11 +30,12 @@ struct QuantFormat {
 
 // n rows of x rounded to int8 per block (weights.cpp's quantize_activations): codes q [n, cols],
 // a float scale per block d [n, cols / block], and (the K-quants' blocks of 256) the sums of
-// every 16 codes bsum [n, cols / 16].
+// every 16 codes bsum [n, cols / 16] and of every 32, bsum32 [n, cols / 32].
 struct QuantRows {
   const int8_t* q;
   const float* d;
   const int16_t* bsum;
+  const int16_t* bsum32;
 };
 
 struct IsaKernels {

@@ -77,14 +77,14 @@ HWY_INLINE void scales_mins_k4(const uint8_t* sm, uint32_t* u) {
 }
 
 // A Q4_K / Q5_K row (w = d sc_j q - dmin m_j over 32-element sub-block j) times one row of x as
-// quantized (Q8_K: blocks of 256, scale d_x, sums of every 16 codes bs), as llama.cpp's AVX2
+// quantized (Q8_K: blocks of 256, scale d_x, sums of every 32 codes s), as llama.cpp's AVX2
 // kernel forms it. Per block, eight int32 lanes (lane l: sum_j sc_j times the codes 4l..4l+3 of
 // each 32 of sub-block j times x) and four (lane k: m_2k s_2k + m_2k+1 s_2k+1, s_j the sum of x
 // over sub-block j), all exact; then the float lanes acc += (d_x d) lanes and
 // accm -= (d_x dmin) lanes (fused), and at the end sum8(acc) + sum4(accm).
 template <bool kFive>
 HWY_INLINE float qk_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, const float* xd,
-                            const int16_t* bsum, bool prefetch) {
+                            const int16_t* bsum32, bool prefetch) {
   constexpr int64_t kBytes = kFive ? 176 : 144;
 #if defined(__AVX2__)
   __m256 acc = _mm256_setzero_ps();
@@ -101,14 +101,14 @@ HWY_INLINE float qk_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, co
     // the stores, as their forwarding fails.)
     uint32_t u[4];
     scales_mins_k4(blk + 4, u);
-    const __m256i both = _mm256_cvtepu8_epi16(_mm_setr_epi32(
-        static_cast<int>(u[0]), static_cast<int>(u[1]), static_cast<int>(u[2]), static_cast<int>(u[3])));
+    const __m256i both =
+        _mm256_cvtepu8_epi16(_mm_setr_epi32(static_cast<int>(u[0]), static_cast<int>(u[1]),
+                                            static_cast<int>(u[2]), static_cast<int>(u[3])));
     const __m256i scales = _mm256_permute2x128_si256(both, both, 0x00);
-    // The mins against the sums of x per sub-block (pairs of the sums of 16).
-    const __m128i bs0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsum + 16 * b));
-    const __m128i bs1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsum + 16 * b + 8));
+    // The mins against the sums of x per sub-block.
     const __m128i prod =
-        _mm_madd_epi16(_mm256_extracti128_si256(both, 1), _mm_hadd_epi16(bs0, bs1));
+        _mm_madd_epi16(_mm256_extracti128_si256(both, 1),
+                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsum32 + 8 * b)));
     accm = _mm_fmadd_ps(_mm_set1_ps(-(xd[b] * half_at(blk + 2))), _mm_cvtepi32_ps(prod), accm);
     __m256i sumi = _mm256_setzero_si256();
     const __m256i hbits = kFive ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh)) : sumi;
@@ -141,17 +141,16 @@ HWY_INLINE float qk_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, co
     const uint8_t* qh = blk + 16;
     const uint8_t* q = blk + (kFive ? 48 : 16);
     const int8_t* x = xq + 256 * b;
-    const int16_t* bs = bsum + 16 * b;
+    const int16_t* bs = bsum32 + 8 * b;
     uint32_t u[4];
     scales_mins_k4(blk + 4, u);
     uint8_t sc[8], m[8];
     __builtin_memcpy(sc, u, 8);
     __builtin_memcpy(m, u + 2, 8);
     const float dm = -(xd[b] * half_at(blk + 2));
-    for (int k = 0; k < 4; ++k) {
-      const int32_t s0 = bs[4 * k] + bs[4 * k + 1], s1 = bs[4 * k + 2] + bs[4 * k + 3];
-      accm[k] = __builtin_fmaf(dm, static_cast<float>(m[2 * k] * s0 + m[2 * k + 1] * s1), accm[k]);
-    }
+    for (int k = 0; k < 4; ++k)
+      accm[k] = __builtin_fmaf(
+          dm, static_cast<float>(m[2 * k] * bs[2 * k] + m[2 * k + 1] * bs[2 * k + 1]), accm[k]);
     int32_t sumi[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int p = 0; p < 4; ++p) {
       for (int e = 0; e < 32; ++e) {
@@ -210,8 +209,8 @@ HWY_INLINE float q6k_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, c
                             _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
                                             _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30))};
       for (int k = 0; k < 4; ++k)
-        sumi = _mm256_add_epi32(
-            sumi, dot32_scaled(q[k], x + 128 * h + 32 * k, _mm256_shuffle_epi8(half_sc[h], pair[k])));
+        sumi = _mm256_add_epi32(sumi, dot32_scaled(q[k], x + 128 * h + 32 * k,
+                                                   _mm256_shuffle_epi8(half_sc[h], pair[k])));
     }
     acc =
         _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * half_at(blk + 208)), _mm256_cvtepi32_ps(sumi), acc);
@@ -362,9 +361,210 @@ void int_rows32(const uint8_t* w, int64_t cols, const QuantRows& xq, int64_t n, 
           int_row32<Codes>(w + r * nb * Codes::kBytes, nb, xq.q + i * cols, xq.d + i * nb, i == 0);
 }
 
+#if defined(__AVX2__)
+// The many-row products (a prompt's): each weight block is unpacked once, its codes as the bytes
+// vpmaddubsw takes and each run's scales as the int16 lanes vpmaddwd multiplies, then multiplies a
+// tile of x's rows, each row with float lanes of its own. The integer sums and the float
+// operations are the one-row kernels' above, in the same order: a row of y is the same bits
+// whichever kernel computed it and whatever rows it came with. Decoding the block's bits once
+// per tile rather than once per row of x is what makes the many-row products faster.
+
+// A K-quant block unpacked: run j multiplies x's elements 32j..32j+31.
+struct KBlock {
+  __m256i codes[8];  // unsigned (Q4_K < 16, Q5_K < 32, Q6_K < 64)
+  __m256i scale[8];  // the scale of the run's first 16 in the low half, of its last 16 in the high
+  __m256i sc16;      // Q6_K: the sixteen scales (the -32 against the sums of x per 16)
+  __m128i mins;      // Q4_K / Q5_K: the eight mins (int16)
+  float d, dmin;
+};
+
+template <bool kFive>
+HWY_INLINE void unpack_qk(const uint8_t* blk, KBlock& kb) {
+  const uint8_t* qh = blk + 16;
+  const uint8_t* q = blk + (kFive ? 48 : 16);
+  uint32_t u[4];
+  scales_mins_k4(blk + 4, u);
+  const __m256i both =
+      _mm256_cvtepu8_epi16(_mm_setr_epi32(static_cast<int>(u[0]), static_cast<int>(u[1]),
+                                          static_cast<int>(u[2]), static_cast<int>(u[3])));
+  const __m256i scales = _mm256_permute2x128_si256(both, both, 0x00);
+  kb.mins = _mm256_extracti128_si256(both, 1);
+  const __m256i low = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
+  const __m256i hbits = kFive ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh)) : low;
+  for (int p = 0; p < 4; ++p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * p));
+    __m256i lo = _mm256_and_si256(v, low);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    if constexpr (kFive) {
+      const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * p), one);
+      const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * p + 1), one);
+      lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+      hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+    }
+    kb.codes[2 * p] = lo;
+    kb.codes[2 * p + 1] = hi;
+    kb.scale[2 * p] = _mm256_shuffle_epi8(
+        scales, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * (2 * p))));
+    kb.scale[2 * p + 1] = _mm256_shuffle_epi8(
+        scales, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * (2 * p + 1))));
+  }
+  kb.d = half_at(blk);
+  kb.dmin = half_at(blk + 2);
+}
+
+HWY_INLINE void unpack_q6k(const uint8_t* blk, KBlock& kb) {
+  const __m256i low = _mm256_set1_epi8(0xF), m30 = _mm256_set1_epi8(0x30);
+  kb.sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
+  const __m256i half_sc[2] = {_mm256_permute2x128_si256(kb.sc16, kb.sc16, 0x00),
+                              _mm256_permute2x128_si256(kb.sc16, kb.sc16, 0x11)};
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* ql = blk + 64 * h;
+    const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+    const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+    const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));
+    kb.codes[4 * h] =
+        _mm256_or_si256(_mm256_and_si256(l0, low), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30));
+    kb.codes[4 * h + 1] =
+        _mm256_or_si256(_mm256_and_si256(l1, low), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30));
+    kb.codes[4 * h + 2] =
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low), _mm256_and_si256(hb, m30));
+    kb.codes[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
+                                          _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30));
+    for (int k = 0; k < 4; ++k)
+      kb.scale[4 * h + k] = _mm256_shuffle_epi8(half_sc[h], scale_pair(k));
+  }
+  kb.d = half_at(blk + 208);
+}
+
+// One unpacked block times one row of x's block (codes x, scale xd; bs the sums of 16 for Q6_K,
+// of 32 for Q4_K and Q5_K), into that
+// row's lanes: qk_int_row's and q6k_int_row's operations for the block.
+template <bool kSix>
+HWY_INLINE void kblock_row(const KBlock& kb, const int8_t* x, float xd, const int16_t* bs,
+                           __m256& acc, __m128& accm) {
+  __m256i sumi = _mm256_setzero_si256();
+  if constexpr (kSix) {
+    const __m256i b16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bs));
+    sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32(_mm256_madd_epi16(kb.sc16, b16), 5));
+  } else {
+    const __m128i prod =
+        _mm_madd_epi16(kb.mins, _mm_loadu_si128(reinterpret_cast<const __m128i*>(bs)));
+    accm = _mm_fmadd_ps(_mm_set1_ps(-(xd * kb.dmin)), _mm_cvtepi32_ps(prod), accm);
+  }
+  for (int j = 0; j < 8; ++j)
+    sumi = _mm256_add_epi32(sumi, dot32_scaled(kb.codes[j], x + 32 * j, kb.scale[j]));
+  acc = _mm256_fmadd_ps(_mm256_set1_ps(xd * kb.d), _mm256_cvtepi32_ps(sumi), acc);
+}
+
+// x's rows per pass over the weight rows: about 24 KB of their codes, so that they stay in the
+// core's L1 cache while each weight block, unpacked once per pass, multiplies them (measured on a
+// 32 KB L1: 16 KB and 32 KB tiles were 3% slower, 128 KB ones 12%).
+constexpr int64_t kMaxTile = 64, kTileBytes = 24576;
+HWY_INLINE int64_t tile_rows(int64_t cols) {
+  const int64_t t = kTileBytes / cols;
+  return t < 4 ? 4 : t > kMaxTile ? kMaxTile : t;
+}
+
+// x's rows from which the many-row kernels take over from the one-row ones.
+constexpr int64_t kGemmRows = 2;
+
+// Rows [r0, r1) of a Q4_K (kType 4), Q5_K (5) or Q6_K (6) matrix times n rows of x as quantized.
+template <int kType>
+void qk_int_gemm(const uint8_t* w, int64_t cols, const QuantRows& xq, int64_t n, int64_t r0,
+                 int64_t r1, float* y, int64_t ldy) {
+  constexpr bool kSix = kType == 6;
+  constexpr int64_t kBytes = kType == 4 ? 144 : kType == 5 ? 176 : 210;
+  const int64_t nb = cols / 256, tile = tile_rows(cols);
+  __m256 acc[kMaxTile];
+  __m128 accm[kMaxTile];
+  KBlock kb;
+  for (int64_t t0 = 0; t0 < n; t0 += tile) {
+    const int64_t t1 = t0 + tile < n ? t0 + tile : n;
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = w + r * nb * kBytes;
+      for (int64_t t = t0; t < t1; ++t) {
+        acc[t - t0] = _mm256_setzero_ps();
+        accm[t - t0] = _mm_setzero_ps();
+      }
+      for (int64_t b = 0; b < nb; ++b) {
+        if constexpr (kType == 4) unpack_qk<false>(row + b * kBytes, kb);
+        if constexpr (kType == 5) unpack_qk<true>(row + b * kBytes, kb);
+        if constexpr (kSix) unpack_q6k(row + b * kBytes, kb);
+        for (int64_t t = t0; t < t1; ++t)
+          kblock_row<kSix>(
+              kb, xq.q + t * cols + 256 * b, xq.d[t * nb + b],
+              kSix ? xq.bsum + t * (cols / 16) + 16 * b : xq.bsum32 + t * (cols / 32) + 8 * b,
+              acc[t - t0], accm[t - t0]);
+      }
+      for (int64_t t = t0; t < t1; ++t)
+        y[t * ldy + r] = kSix ? sum8(acc[t - t0]) : sum8(acc[t - t0]) + sum4(accm[t - t0]);
+    }
+  }
+}
+
+// Blocks of 32 (Q8_0, MXFP4) unpacked eight at a time: int_row32's even and odd lanes per row of
+// x, a block's parity its index's in the row.
+template <class Codes>
+void int_gemm32(const uint8_t* w, int64_t cols, const QuantRows& xq, int64_t n, int64_t r0,
+                int64_t r1, float* y, int64_t ldy) {
+  const int64_t nb = cols / 32, tile = tile_rows(cols);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 even[kMaxTile], odd[kMaxTile];
+  __m256i wv[8], aw[8];
+  float ws[8];
+  for (int64_t t0 = 0; t0 < n; t0 += tile) {
+    const int64_t t1 = t0 + tile < n ? t0 + tile : n;
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* row = w + r * nb * Codes::kBytes;
+      for (int64_t t = t0; t < t1; ++t) even[t - t0] = odd[t - t0] = _mm256_setzero_ps();
+      for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        const int g = nb - b0 < 8 ? static_cast<int>(nb - b0) : 8;
+        for (int k = 0; k < g; ++k) {
+          const uint8_t* blk = row + (b0 + k) * Codes::kBytes;
+          wv[k] = Codes::load(blk);
+          aw[k] = _mm256_sign_epi8(wv[k], wv[k]);
+          ws[k] = Codes::scale(blk);
+        }
+        for (int64_t t = t0; t < t1; ++t) {
+          const int8_t* x = xq.q + t * cols + 32 * b0;
+          const float* xd = xq.d + t * nb + b0;
+          __m256 e = even[t - t0], o = odd[t - t0];
+          for (int k = 0; k < g; ++k) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * k));
+            const __m256i p = _mm256_maddubs_epi16(aw[k], _mm256_sign_epi8(xv, wv[k]));
+            const __m256 v = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+            if (k % 2 == 0) {
+              e = _mm256_fmadd_ps(_mm256_set1_ps(xd[k] * ws[k]), v, e);
+            } else {
+              o = _mm256_fmadd_ps(_mm256_set1_ps(xd[k] * ws[k]), v, o);
+            }
+          }
+          even[t - t0] = e;
+          odd[t - t0] = o;
+        }
+      }
+      for (int64_t t = t0; t < t1; ++t)
+        y[t * ldy + r] = sum8(_mm256_add_ps(even[t - t0], odd[t - t0]));
+    }
+  }
+}
+#endif
+
 // Rows [r0, r1) of a K-quant, Q8_0 or MXFP4 matrix times the n rows of x as quantized (xq).
 void dot_q_int(QuantKind kind, int64_t block_bytes, const uint8_t* w, int64_t cols,
                const QuantRows& xq, int64_t n, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+#if defined(__AVX2__)
+  if (n >= kGemmRows) {
+    switch (kind) {
+      case QuantKind::q4_k: return qk_int_gemm<4>(w, cols, xq, n, r0, r1, y, ldy);
+      case QuantKind::q5_k: return qk_int_gemm<5>(w, cols, xq, n, r0, r1, y, ldy);
+      case QuantKind::q6_k: return qk_int_gemm<6>(w, cols, xq, n, r0, r1, y, ldy);
+      case QuantKind::q8_0: return int_gemm32<Q8_0Codes>(w, cols, xq, n, r0, r1, y, ldy);
+      case QuantKind::mxfp4: return int_gemm32<Mxfp4Codes>(w, cols, xq, n, r0, r1, y, ldy);
+      default: break;
+    }
+  }
+#endif
   if (kind == QuantKind::q8_0) return int_rows32<Q8_0Codes>(w, cols, xq, n, r0, r1, y, ldy);
   if (kind == QuantKind::mxfp4) return int_rows32<Mxfp4Codes>(w, cols, xq, n, r0, r1, y, ldy);
   const int64_t nb = cols / 256, row_bytes = nb * block_bytes;  // the K-quants
@@ -374,8 +574,9 @@ void dot_q_int(QuantKind kind, int64_t block_bytes, const uint8_t* w, int64_t co
       const int8_t* q = xq.q + i * cols;
       const float* xd = xq.d + i * nb;
       const int16_t* bsum = xq.bsum + i * (cols / 16);
-      y[i * ldy + r] = kind == QuantKind::q4_k   ? qk_int_row<false>(row, nb, q, xd, bsum, i == 0)
-                       : kind == QuantKind::q5_k ? qk_int_row<true>(row, nb, q, xd, bsum, i == 0)
+      const int16_t* bsum32 = xq.bsum32 + i * (cols / 32);
+      y[i * ldy + r] = kind == QuantKind::q4_k   ? qk_int_row<false>(row, nb, q, xd, bsum32, i == 0)
+                       : kind == QuantKind::q5_k ? qk_int_row<true>(row, nb, q, xd, bsum32, i == 0)
                                                  : q6k_int_row(row, nb, q, xd, bsum, i == 0);
     }
   }
