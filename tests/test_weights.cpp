@@ -342,7 +342,7 @@ TEST(WeightFormats, QuantizedMatmulOnEveryPathWithinTheFloat32Bound) {
     for (WType type : kQuantTypes) {
       const int64_t block = dtype_block(wtype_dtype(type));
       // The integer products round x per block (quantize_activations): x_q is what they multiply.
-      const bool int8 = acts == cpu::QuantActivations::int8 && cpu::activation_block(type) != 0;
+
       for (int64_t rows : {1, 6, 37}) {
         for (int64_t cols : {block, 3 * block, int64_t{512}}) {
           if (cols % block) continue;
@@ -360,6 +360,10 @@ TEST(WeightFormats, QuantizedMatmulOnEveryPathWithinTheFloat32Bound) {
             for (float& v : x) v = static_cast<float>(rng.normal());
             // What the product multiplies: x, or x as the integer products round it.
             std::vector<float> xm = x;
+            const bool int8 = cpu::integer_products(type, n);
+            ASSERT_EQ(int8, acts == cpu::QuantActivations::int8 &&
+                                cpu::activation_block(type) != 0 &&
+                                (type != WType::q8_0 || n <= cpu::kMatvecMaxRows));
             if (int8) {
               const int64_t xb = cpu::activation_block(type);
               std::vector<int8_t> q(static_cast<size_t>(cols));
@@ -439,12 +443,14 @@ TEST(WeightFormats, QuantizedMatmulOnEveryPathWithinTheFloat32Bound) {
 
 // A row of x multiplied alone (the one-row kernels) and among many (the kernels that unpack each
 // weight block once for a tile of rows) gives the same bits, on every path, for tiles of every
-// length and a last tile cut short.
+// length and a last tile cut short (Q8_0 up to kMatvecMaxRows rows: more take its float32 panels).
 TEST(WeightFormats, IntegerProductsOfARowAreTheSameAloneOrAmongMany) {
   Rng rng(19);
   for (WType type : {WType::q4_k, WType::q5_k, WType::q6_k, WType::q8_0, WType::mxfp4}) {
     for (int64_t cols : {int64_t{256}, int64_t{768}, int64_t{4864}}) {
-      const int64_t rows = 13, n = 75, ldx = cols + 3, ldy = rows + 2;
+      const int64_t rows = 13, n = type == WType::q8_0 ? cpu::kMatvecMaxRows : 75;
+      const int64_t ldx = cols + 3, ldy = rows + 2;
+      ASSERT_TRUE(cpu::integer_products(type, n));
       const Quantized s = make_quantized(type, rows, cols, rng);
       std::vector<float> x(static_cast<size_t>(n * ldx));
       for (float& v : x) v = static_cast<float>(rng.normal());

@@ -118,13 +118,19 @@ const char* weight_kernel_target();
 
 // How the products of quantized weights (Q4_K, Q5_K, Q6_K, Q8_0, MXFP4) treat x: rounded to int8
 // per block and multiplied in integers, as llama.cpp does (the default: its error is llama.cpp's;
-// for any number of rows of x, a row's result the same bits alone or among many), or kept float32
+// a row's result the same bits alone or among many, except Q8_0 beyond kMatvecMaxRows rows:
+// integer_products), or kept float32
 // (within float32's bound of the dequantized weights' products; many rows then multiply panels
 // decoded to float32). Process-wide.
 enum class QuantActivations { int8, f32 };
 void set_quant_activations(QuantActivations a);
 QuantActivations quant_activations();
 const char* quant_activations_name(QuantActivations a);
+
+// Whether matmul_wt multiplies n rows of x by a `type` weight in integers (x rounded per block
+// by quantize_activations): with int8 activations, for Q4_K, Q5_K, Q6_K and MXFP4 always, for
+// Q8_0 up to kMatvecMaxRows rows (more take its float32 panels, which are faster).
+bool integer_products(WType type, int64_t n);
 
 // The block length x is rounded in for the integer products with weights of `type`: 32 (Q8_0,
 // MXFP4), 256 (Q4_K, Q5_K, Q6_K), or 0 where the products keep x float32.

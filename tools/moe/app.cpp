@@ -24,10 +24,10 @@ void add_activations_option(CLI::App* cmd) {
            cpu::set_quant_activations(v == "f32" ? cpu::QuantActivations::f32
                                                  : cpu::QuantActivations::int8);
          },
-         "how decoding multiplies Q4_K, Q5_K, Q6_K and Q8_0 weights (GGUF): int8 rounds the "
+         "how Q4_K, Q5_K, Q6_K, Q8_0 and MXFP4 weights (GGUF) are multiplied: int8 rounds the "
          "activations per block and multiplies in integers, as llama.cpp does (default, "
-         "faster); f32 keeps them float32 (within 1e-5 of the dequantized weights' float32 "
-         "result)")
+         "faster; a token's result the same alone or in a prompt); f32 keeps them float32 "
+         "(within 1e-5 of the dequantized weights' float32 result)")
       ->check(CLI::IsMember({"int8", "f32"}))
       ->default_str("int8");
 }

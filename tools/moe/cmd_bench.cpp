@@ -563,6 +563,7 @@ Run add_bench(CLI::App& app) {
   prefill->add_flag("--json", pf->json,
                     "print one JSON object (tokens_per_s, load_s, peak_rss_mb, ...)");
   add_activations_option(decode);
+  add_activations_option(prefill);
   auto tr = std::make_shared<BenchTrain>();
   auto* train = bench->add_subcommand("train", "training steps of a preset model, tokens/s");
   train->add_option("--preset", tr->preset, "model preset")->capture_default_str();

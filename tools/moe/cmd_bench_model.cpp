@@ -162,6 +162,7 @@ int bench_model(const std::string& dir, BenchModel what, int64_t tokens, int thr
     const double tps = static_cast<double>(tokens) / total_s;
     const double floor_tps = bw * 1e9 / bytes;
     j.update({{"tokens", tokens},
+              {"activations", cpu::quant_activations_name(cpu::quant_activations())},
               {"tokens_per_s", tps},
               {"median_ms_per_token", sorted[sorted.size() / 2]},
               {"bytes_per_token_mb", bytes / 1e6},
@@ -213,6 +214,7 @@ int bench_model(const std::string& dir, BenchModel what, int64_t tokens, int thr
     const double best_s = times[1];
     const double tps = static_cast<double>(tokens) / best_s;
     j.update({{"tokens", tokens},
+              {"activations", cpu::quant_activations_name(cpu::quant_activations())},
               {"tokens_per_s", tps},
               {"first_pass_s", first_s},
               {"pass_s", best_s},
@@ -221,8 +223,9 @@ int bench_model(const std::string& dir, BenchModel what, int64_t tokens, int thr
     if (!json) {
       fmt::print("{}: loaded in {:.2f} s ({} weights)\n", dir, load_s,
                  model->weights_stored() ? "stored" : "float32");
-      fmt::print("prefill: {} tokens in one pass, {} threads, path {}\n", tokens, num_threads(),
-                 cpu_path_name(cpu_path()));
+      fmt::print("prefill: {} tokens in one pass, {} threads, path {}, {} activations\n", tokens,
+                 num_threads(), cpu_path_name(cpu_path()),
+                 cpu::quant_activations_name(cpu::quant_activations()));
       fmt::print("  {:.1f} tokens/s ({:.2f} s; the first pass, reading the weights in: {:.2f} s)\n",
                  tps, best_s, first_s);
       fmt::print("  peak resident {:.0f} MB = {:.2f}x the checkpoint's {:.0f} MB\n", peak_rss_mb(),

@@ -369,6 +369,11 @@ void int_rows32(const uint8_t* w, int64_t cols, const QuantRows& xq, int64_t n, 
 // whichever kernel computed it and whatever rows it came with. Decoding the block's bits once
 // per tile rather than once per row of x is what makes the many-row products faster.
 
+// Lanes 0..g-1 set, for a masked load of g < 8 floats.
+HWY_INLINE __m256i tail_mask(int g) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(g), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 // A K-quant block unpacked: run j multiplies x's elements 32j..32j+31.
 struct KBlock {
   __m256i codes[8];  // unsigned (Q4_K < 16, Q5_K < 32, Q6_K < 64)
@@ -503,15 +508,37 @@ void qk_int_gemm(const uint8_t* w, int64_t cols, const QuantRows& xq, int64_t n,
 }
 
 // Blocks of 32 (Q8_0, MXFP4) unpacked eight at a time: int_row32's even and odd lanes per row of
-// x, a block's parity its index's in the row.
+// x, a block's parity its index's in the row. kG blocks (all eight, or the row's last few) times
+// one row of x: the products d_x d_w formed eight at once (the same float products) and each
+// broadcast from memory.
+template <int kG>
+HWY_INLINE void blocks32_row(const __m256i* wv, const __m256i* aw, __m256 ws, const int8_t* x,
+                             const float* xd, int g, __m256& e, __m256& o) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(32) float sc[8];
+  const __m256 xdv = kG == 8 ? _mm256_loadu_ps(xd) : _mm256_maskload_ps(xd, tail_mask(g));
+  _mm256_store_ps(sc, _mm256_mul_ps(xdv, ws));
+  const int count = kG == 8 ? 8 : g;
+#pragma GCC unroll 8
+  for (int k = 0; k < count; ++k) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * k));
+    const __m256i p = _mm256_maddubs_epi16(aw[k], _mm256_sign_epi8(xv, wv[k]));
+    const __m256 v = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+    if (k % 2 == 0) {
+      e = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + k), v, e);
+    } else {
+      o = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + k), v, o);
+    }
+  }
+}
+
 template <class Codes>
 void int_gemm32(const uint8_t* w, int64_t cols, const QuantRows& xq, int64_t n, int64_t r0,
                 int64_t r1, float* y, int64_t ldy) {
   const int64_t nb = cols / 32, tile = tile_rows(cols);
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 even[kMaxTile], odd[kMaxTile];
   __m256i wv[8], aw[8];
-  float ws[8];
+  alignas(32) float ws[8];
   for (int64_t t0 = 0; t0 < n; t0 += tile) {
     const int64_t t1 = t0 + tile < n ? t0 + tile : n;
     for (int64_t r = r0; r < r1; ++r) {
@@ -519,28 +546,21 @@ void int_gemm32(const uint8_t* w, int64_t cols, const QuantRows& xq, int64_t n, 
       for (int64_t t = t0; t < t1; ++t) even[t - t0] = odd[t - t0] = _mm256_setzero_ps();
       for (int64_t b0 = 0; b0 < nb; b0 += 8) {
         const int g = nb - b0 < 8 ? static_cast<int>(nb - b0) : 8;
-        for (int k = 0; k < g; ++k) {
-          const uint8_t* blk = row + (b0 + k) * Codes::kBytes;
+        for (int k = 0; k < 8; ++k) {
+          const uint8_t* blk = row + (b0 + (k < g ? k : 0)) * Codes::kBytes;
           wv[k] = Codes::load(blk);
           aw[k] = _mm256_sign_epi8(wv[k], wv[k]);
           ws[k] = Codes::scale(blk);
         }
+        const __m256 wsv = _mm256_load_ps(ws);
         for (int64_t t = t0; t < t1; ++t) {
           const int8_t* x = xq.q + t * cols + 32 * b0;
           const float* xd = xq.d + t * nb + b0;
-          __m256 e = even[t - t0], o = odd[t - t0];
-          for (int k = 0; k < g; ++k) {
-            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * k));
-            const __m256i p = _mm256_maddubs_epi16(aw[k], _mm256_sign_epi8(xv, wv[k]));
-            const __m256 v = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-            if (k % 2 == 0) {
-              e = _mm256_fmadd_ps(_mm256_set1_ps(xd[k] * ws[k]), v, e);
-            } else {
-              o = _mm256_fmadd_ps(_mm256_set1_ps(xd[k] * ws[k]), v, o);
-            }
+          if (g == 8) {
+            blocks32_row<8>(wv, aw, wsv, x, xd, 8, even[t - t0], odd[t - t0]);
+          } else {
+            blocks32_row<0>(wv, aw, wsv, x, xd, g, even[t - t0], odd[t - t0]);
           }
-          even[t - t0] = e;
-          odd[t - t0] = o;
         }
       }
       for (int64_t t = t0; t < t1; ++t)
