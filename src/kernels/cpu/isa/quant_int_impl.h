@@ -76,6 +76,53 @@ HWY_INLINE void scales_mins_k4(const uint8_t* sm, uint32_t* u) {
   u[0] &= k6;
 }
 
+#if defined(__AVX2__)
+// Q4_K / Q5_K: the block's scales as int16 lanes 0..7 and its mins as lanes 8..15. (Built from
+// the words in registers: a 16-byte load of the words just stored would wait for the stores, as
+// their forwarding fails.)
+HWY_INLINE __m256i scales_mins16(const uint8_t* blk) {
+  uint32_t u[4];
+  scales_mins_k4(blk + 4, u);
+  return _mm256_cvtepu8_epi16(_mm_setr_epi32(static_cast<int>(u[0]), static_cast<int>(u[1]),
+                                             static_cast<int>(u[2]), static_cast<int>(u[3])));
+}
+
+// Q4_K / Q5_K: the codes of sub-blocks 2p (lo) and 2p + 1 (hi) from the block's 32 bytes of
+// nibbles q (and, Q5_K, its 32 bytes of fifth bits hbits: bit 2p of qh[l] is lo's element l's,
+// 2p + 1 hi's).
+template <bool kFive>
+HWY_INLINE void qk_codes(const uint8_t* q, __m256i hbits, int p, __m256i& lo, __m256i& hi) {
+  const __m256i low = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * p));
+  lo = _mm256_and_si256(v, low);
+  hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+  if constexpr (kFive) {
+    const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * p), one);
+    const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * p + 1), one);
+    lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+    hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+  }
+}
+
+// Q6_K: the 6-bit codes of half h of a block, its runs of 32 k = 0..3 (x's elements
+// 128h + 32k ..), from the low nibbles ql and the high bit pairs qh.
+HWY_INLINE void q6k_codes(const uint8_t* blk, int h, __m256i* q) {
+  const __m256i low = _mm256_set1_epi8(0xF), m30 = _mm256_set1_epi8(0x30);
+  const uint8_t* ql = blk + 64 * h;
+  const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+  const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+  const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));
+  q[0] =
+      _mm256_or_si256(_mm256_and_si256(l0, low), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30));
+  q[1] =
+      _mm256_or_si256(_mm256_and_si256(l1, low), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30));
+  q[2] =
+      _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low), _mm256_and_si256(hb, m30));
+  q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
+                         _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30));
+}
+#endif
+
 // A Q4_K / Q5_K row (w = d sc_j q - dmin m_j over 32-element sub-block j) times one row of x as
 // quantized (Q8_K: blocks of 256, scale d_x, sums of every 32 codes s), as llama.cpp's AVX2
 // kernel forms it. Per block, eight int32 lanes (lane l: sum_j sc_j times the codes 4l..4l+3 of
@@ -89,21 +136,13 @@ HWY_INLINE float qk_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, co
 #if defined(__AVX2__)
   __m256 acc = _mm256_setzero_ps();
   __m128 accm = _mm_setzero_ps();
-  const __m256i low = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = row + b * kBytes;
     prefetch_ahead(blk, prefetch);
     const uint8_t* qh = blk + 16;
     const uint8_t* q = blk + (kFive ? 48 : 16);
     const int8_t* x = xq + 256 * b;
-    // The scales (int16 lanes 0..7, in both halves) and the mins (lanes 8..15).
-    // (Built from the words in registers: a 16-byte load of the words just stored would wait for
-    // the stores, as their forwarding fails.)
-    uint32_t u[4];
-    scales_mins_k4(blk + 4, u);
-    const __m256i both =
-        _mm256_cvtepu8_epi16(_mm_setr_epi32(static_cast<int>(u[0]), static_cast<int>(u[1]),
-                                            static_cast<int>(u[2]), static_cast<int>(u[3])));
+    const __m256i both = scales_mins16(blk);
     const __m256i scales = _mm256_permute2x128_si256(both, both, 0x00);
     // The mins against the sums of x per sub-block.
     const __m128i prod =
@@ -113,15 +152,8 @@ HWY_INLINE float qk_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, co
     __m256i sumi = _mm256_setzero_si256();
     const __m256i hbits = kFive ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh)) : sumi;
     for (int p = 0; p < 4; ++p) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * p));
-      __m256i lo = _mm256_and_si256(v, low);
-      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      if constexpr (kFive) {  // bit 2p of qh[l] is the fifth bit of lo's element l, 2p + 1 of hi's
-        const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * p), one);
-        const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * p + 1), one);
-        lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
-        hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
-      }
+      __m256i lo, hi;
+      qk_codes<kFive>(q, hbits, p, lo, hi);
       // Scale j in every int16 lane: its two bytes picked by a shuffle.
       const __m256i sl = _mm256_shuffle_epi8(
           scales, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * (2 * p))));
@@ -177,7 +209,6 @@ HWY_INLINE float q6k_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, c
                              const int16_t* bsum, bool prefetch) {
 #if defined(__AVX2__)
   __m256 acc = _mm256_setzero_ps();
-  const __m256i low = _mm256_set1_epi8(0xF), m30 = _mm256_set1_epi8(0x30);
   // The shuffles that put int16 lane 2k in the low half's lanes and 2k + 1 in the high half's.
   const __m256i pair[4] = {scale_pair(0), scale_pair(1), scale_pair(2), scale_pair(3)};
   for (int64_t b = 0; b < nb; ++b) {
@@ -196,18 +227,8 @@ HWY_INLINE float q6k_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, c
     const __m256i half_sc[2] = {_mm256_permute2x128_si256(sc16, sc16, 0x00),
                                 _mm256_permute2x128_si256(sc16, sc16, 0x11)};
     for (int h = 0; h < 2; ++h) {
-      const uint8_t* ql = blk + 64 * h;
-      const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
-      const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
-      const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));
-      const __m256i q[4] = {_mm256_or_si256(_mm256_and_si256(l0, low),
-                                            _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30)),
-                            _mm256_or_si256(_mm256_and_si256(l1, low),
-                                            _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30)),
-                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low),
-                                            _mm256_and_si256(hb, m30)),
-                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
-                                            _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30))};
+      __m256i q[4];
+      q6k_codes(blk, h, q);
       for (int k = 0; k < 4; ++k)
         sumi = _mm256_add_epi32(sumi, dot32_scaled(q[k], x + 128 * h + 32 * k,
                                                    _mm256_shuffle_epi8(half_sc[h], pair[k])));
@@ -387,27 +408,13 @@ template <bool kFive>
 HWY_INLINE void unpack_qk(const uint8_t* blk, KBlock& kb) {
   const uint8_t* qh = blk + 16;
   const uint8_t* q = blk + (kFive ? 48 : 16);
-  uint32_t u[4];
-  scales_mins_k4(blk + 4, u);
-  const __m256i both =
-      _mm256_cvtepu8_epi16(_mm_setr_epi32(static_cast<int>(u[0]), static_cast<int>(u[1]),
-                                          static_cast<int>(u[2]), static_cast<int>(u[3])));
+  const __m256i both = scales_mins16(blk);
   const __m256i scales = _mm256_permute2x128_si256(both, both, 0x00);
   kb.mins = _mm256_extracti128_si256(both, 1);
-  const __m256i low = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
-  const __m256i hbits = kFive ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh)) : low;
+  const __m256i hbits =
+      kFive ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh)) : _mm256_setzero_si256();
   for (int p = 0; p < 4; ++p) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * p));
-    __m256i lo = _mm256_and_si256(v, low);
-    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    if constexpr (kFive) {
-      const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * p), one);
-      const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(hbits, 2 * p + 1), one);
-      lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
-      hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
-    }
-    kb.codes[2 * p] = lo;
-    kb.codes[2 * p + 1] = hi;
+    qk_codes<kFive>(q, hbits, p, kb.codes[2 * p], kb.codes[2 * p + 1]);
     kb.scale[2 * p] = _mm256_shuffle_epi8(
         scales, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * (2 * p))));
     kb.scale[2 * p + 1] = _mm256_shuffle_epi8(
@@ -418,23 +425,11 @@ HWY_INLINE void unpack_qk(const uint8_t* blk, KBlock& kb) {
 }
 
 HWY_INLINE void unpack_q6k(const uint8_t* blk, KBlock& kb) {
-  const __m256i low = _mm256_set1_epi8(0xF), m30 = _mm256_set1_epi8(0x30);
   kb.sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)));
   const __m256i half_sc[2] = {_mm256_permute2x128_si256(kb.sc16, kb.sc16, 0x00),
                               _mm256_permute2x128_si256(kb.sc16, kb.sc16, 0x11)};
   for (int h = 0; h < 2; ++h) {
-    const uint8_t* ql = blk + 64 * h;
-    const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
-    const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
-    const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));
-    kb.codes[4 * h] =
-        _mm256_or_si256(_mm256_and_si256(l0, low), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30));
-    kb.codes[4 * h + 1] =
-        _mm256_or_si256(_mm256_and_si256(l1, low), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30));
-    kb.codes[4 * h + 2] =
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low), _mm256_and_si256(hb, m30));
-    kb.codes[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low),
-                                          _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30));
+    q6k_codes(blk, h, kb.codes + 4 * h);
     for (int k = 0; k < 4; ++k)
       kb.scale[4 * h + k] = _mm256_shuffle_epi8(half_sc[h], scale_pair(k));
   }
