@@ -321,7 +321,7 @@ void dot_q(QuantFormat q, const uint8_t* w, int64_t cols, const float* x, int64_
     case QuantKind::q5_k:
       if (cols / 32 <= kMaxSubBlocks) return dot_rows<QK<true>>(w, cols, x, ldx, n, r0, r1, y, ldy);
       break;
-    case QuantKind::mxfp4:
+    case QuantKind::mxfp4: return dot_rows<MXFP4>(w, cols, x, ldx, n, r0, r1, y, ldy);
     case QuantKind::other: break;
   }
   dot_decoded(q, w, cols, x, ldx, n, r0, r1, y, ldy);

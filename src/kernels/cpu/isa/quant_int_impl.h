@@ -269,7 +269,7 @@ HWY_INLINE float q6k_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, c
 // Blocks of 32 weights with one scale, as the int8 codes they multiply x_q with: Q8_0's stored
 // codes and f16 scale; MXFP4's E2M1 codes doubled (ggml's kvalues_mxfp4, exact in int8) and its
 // E8M0 scale halved, 2^(e - 128) (ggml_e8m0_to_fp32_half, subnormal for e < 2), read from a table
-// of the 256 values.
+// of the 256 values (kE8m0, quant_dot_impl.h).
 struct Q8_0Codes {
   static constexpr int64_t kBytes = 34;
   HWY_INLINE static float scale(const uint8_t* b) { return half_at(b); }
@@ -282,20 +282,6 @@ struct Q8_0Codes {
   }
 #endif
 };
-
-struct E8m0Table {
-  float half[256];
-  constexpr E8m0Table() : half() {
-    for (int e = 0; e < 256; ++e) {
-      // 2^(e - 128), exactly: a power of two built by halving or doubling 1.
-      float v = 1.0f;
-      for (int k = e; k < 128; ++k) v *= 0.5f;
-      for (int k = 128; k < e; ++k) v *= 2.0f;
-      half[e] = v;
-    }
-  }
-};
-constexpr E8m0Table kE8m0;
 
 struct Mxfp4Codes {
   static constexpr int64_t kBytes = 17;
