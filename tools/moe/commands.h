@@ -56,5 +56,6 @@ Run add_generate(CLI::App& app);
 Run add_logits(CLI::App& app);
 Run add_tokenize(CLI::App& app);
 Run add_quantize(CLI::App& app);
+Run add_upcycle(CLI::App& app);
 
 }  // namespace moe::cli
