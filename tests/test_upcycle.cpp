@@ -141,6 +141,49 @@ TEST(Upcycle, ComputesWhatTheDenseModelComputes) {
   EXPECT_GT(rel_diff(sw.logits(ids, a4), want), 1e-4);
 }
 
+// Fine-grained experts: expert e holds the FFN's hidden units of run e % m (its down projection
+// times m), so that with the m runs each chosen with weight 1 / m (routers at zero: uniform
+// probabilities; m experts, top-m) the layer computes the dense FFN again, to float32's
+// rounding of the runs' sum.
+TEST(Upcycle, SegmentedExpertsSumToTheDenseFfn) {
+  Model dense = dense_model(9);
+  const ModelConfig& dc = dense.config();
+  UpcycleOptions o;
+  o.segments = 4;
+  o.experts = 8;
+  o.top_k = 4;
+  o.moe_every = 1;
+  Model up = upcycle(dense, o);
+  const int64_t F = dc.d_ffn, f = F / 4, D = dc.d_model;
+  ASSERT_EQ(up.config().moe.d_ffn, f);
+  std::map<std::string, const Tensor*> d;
+  for (NamedParam& p : dense.params()) d[p.name] = &p.value;
+  for (NamedParam& p : up.params()) {
+    const size_t at = p.name.find(".moe.experts.w_");
+    if (at == std::string::npos) continue;
+    const float* src = d.at(p.name.substr(0, at) + ".ffn." + p.name.substr(at + 13))->data<float>();
+    const float* v = p.value.data<float>();
+    const bool down = p.name.find("w_down") != std::string::npos;
+    for (int64_t e = 0; e < 8; ++e)
+      for (int64_t r = 0; r < (down ? D : f); ++r)
+        for (int64_t c = 0; c < (down ? f : D); ++c) {
+          const float want =
+              down ? 4 * src[r * F + (e % 4) * f + c] : src[((e % 4) * f + r) * D + c];
+          ASSERT_EQ(v[(e * (down ? D : f) + r) * (down ? f : D) + c], want) << p.name << " " << e;
+        }
+  }
+  // Four experts, one per run, all chosen with weight 1/4: the dense logits.
+  o.experts = 4;
+  Model four = upcycle(dense, o);
+  for (NamedParam& p : four.params())
+    if (p.name.find(".moe.router.") != std::string::npos)
+      std::fill(p.value.data<float>(), p.value.data<float>() + p.value.numel(), 0.0f);
+  const Tensor ids = random_tokens(dc, 2, 16, 4);
+  Arena a1, a2;
+  const Tensor want = dense.logits(ids, a1).clone();
+  EXPECT_LT(rel_diff(four.logits(ids, a2), want), 2e-6);
+}
+
 TEST(Upcycle, RefusesWhatItCannotDo) {
   Model dense = dense_model(1);
   const auto fails = [&](Model& m, const UpcycleOptions& o, const char* what) {
@@ -160,6 +203,9 @@ TEST(Upcycle, RefusesWhatItCannotDo) {
   o = {};
   o.moe_every = 0;
   fails(dense, o, "--moe-every");
+  o = {};
+  o.segments = 3;
+  fails(dense, o, "--segments");
   o = {};
   o.router = RouterKind::gshard;
   o.top_k = 1;

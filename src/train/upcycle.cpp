@@ -27,13 +27,17 @@ Model upcycle(Model& dense, const UpcycleOptions& o) {
             "--top-k must be in [1, --experts = {}], got {}", o.experts, o.top_k);
   MOE_CHECK(o.moe_every >= 1 && o.moe_every <= dc.n_layers, kWhere,
             "--moe-every must be in [1, layers = {}], got {}", dc.n_layers, o.moe_every);
+  const int64_t m = o.segments;
+  MOE_CHECK(m >= 1 && dc.d_ffn % m == 0 && o.experts % m == 0, kWhere,
+            "--segments must divide the FFN width {} and --experts {}, got {}", dc.d_ffn, o.experts,
+            m);
 
   ModelConfig c = dc;
   c.moe_every = o.moe_every;
   c.first_dense = 0;
   c.dense_layers.clear();
   c.moe.d_model = dc.d_model;
-  c.moe.d_ffn = dc.d_ffn;
+  c.moe.d_ffn = dc.d_ffn / m;
   c.moe.n_experts = o.experts;
   c.moe.top_k = o.top_k;
   c.moe.router = o.router;
@@ -66,14 +70,27 @@ Model upcycle(Model& dense, const UpcycleOptions& o) {
     const size_t at = p.name.find(".moe.experts.w_");
     if (at != std::string::npos) {
       const std::string ffn = p.name.substr(0, at) + ".ffn." + p.name.substr(at + 13);
-      const auto f = from.find(ffn);
-      MOE_CHECK(f != from.end(), kWhere, "the dense model has no {} for {}", ffn, p.name);
-      const Tensor src = f->second->to(DType::F32);
-      MOE_CHECK(src.numel() * o.experts == p.value.numel(), kWhere,
+      const auto it_ffn = from.find(ffn);
+      MOE_CHECK(it_ffn != from.end(), kWhere, "the dense model has no {} for {}", ffn, p.name);
+      const Tensor src = it_ffn->second->to(DType::F32);
+      MOE_CHECK(src.numel() * o.experts == p.value.numel() * m, kWhere,
                 "{}: {} values per expert, the dense {} has {}", p.name,
                 p.value.numel() / o.experts, ffn, src.numel());
-      for (int64_t e = 0; e < o.experts; ++e)
-        std::memcpy(dst + e * src.numel(), src.data<float>(), static_cast<size_t>(src.numel()) * 4);
+      // gate and up [F, D]: run s is rows s f ..; down [D, F]: columns s f .. of every row.
+      const int64_t F = dc.d_ffn, f = F / m, D = src.numel() / F;
+      const bool down = p.name.compare(p.name.size() - 6, 6, "w_down") == 0;
+      for (int64_t e = 0; e < o.experts; ++e) {
+        const int64_t s = e % m;
+        float* out = dst + e * f * D;
+        const float* in = src.data<float>();
+        if (!down) {
+          std::memcpy(out, in + s * f * D, static_cast<size_t>(f * D) * 4);
+        } else {
+          for (int64_t d = 0; d < D; ++d)
+            for (int64_t j = 0; j < f; ++j)
+              out[d * f + j] = static_cast<float>(m) * in[d * F + s * f + j];
+        }
+      }
       continue;
     }
     MOE_CHECK(p.name.find(".moe.router.") != std::string::npos, kWhere,

@@ -36,9 +36,9 @@ int run_upcycle(const UpcycleArgs& a) {
   int64_t moe_layers = 0;
   for (int64_t i = 0; i < up.config().n_layers; ++i) moe_layers += up.config().is_moe_layer(i);
   fmt::print(
-      "upcycled {} of {} layers to {} experts, top-{} ({} router): {:.2f}M -> {:.2f}M "
-      "parameters, {:.2f}M active per token\nwrote {}\n",
-      moe_layers, up.config().n_layers, o.experts, o.top_k, a.router,
+      "upcycled {} of {} layers to {} experts of width {}, top-{} ({} router): {:.2f}M -> "
+      "{:.2f}M parameters, {:.2f}M active per token\nwrote {}\n",
+      moe_layers, up.config().n_layers, o.experts, up.config().moe.d_ffn, o.top_k, a.router,
       static_cast<double>(before.total) / 1e6, static_cast<double>(after.total) / 1e6,
       static_cast<double>(after.active) / 1e6, a.out);
   return 0;
@@ -68,6 +68,11 @@ Run add_upcycle(CLI::App& app) {
                   "docs/routing.md)")
       ->capture_default_str();
   cmd->add_option("--seed", a->o.seed, "seed of the routers' initialization")
+      ->capture_default_str();
+  cmd->add_option("--segments", a->o.segments,
+                  "fine-grained experts (DeepSeekMoE): cut the FFN's hidden units into this many "
+                  "runs, expert e holding run e % N (its down projection times N); 1: whole "
+                  "copies")
       ->capture_default_str();
   return [a] { return run_upcycle(*a); };
 }
