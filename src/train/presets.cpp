@@ -89,6 +89,35 @@ ModelConfig deepseek_v3_like(int64_t vocab, int64_t experts, int64_t k, int64_t 
   return c;
 }
 
+// The Switch Transformer (Fedus et al. 2022, Table 9) as one stack: its encoder and decoder
+// layers counted together (T5's encoder-decoder), ReLU experts of two matrices (T5's FFN), one
+// expert per token, the 32128-token vocabulary with an untied output head. The stack has no
+// cross-attention (the decoder's 4 D^2 per layer are missing) and its dense FFNs are SwiGLU
+// (one matrix more than T5's): for Switch-Base the two nearly cancel, for Switch-C (every
+// layer MoE) the missing cross-attention is 0.25B of 1571B.
+ModelConfig switch_transformer(int64_t d, int64_t heads, int64_t layers, int64_t experts,
+                               int64_t ffn, int64_t moe_every) {
+  ModelConfig c;
+  c.vocab_size = 32128;
+  c.d_model = d;
+  c.n_layers = 2 * layers;
+  c.n_heads = heads;
+  c.n_kv_heads = heads;
+  c.head_dim = 64;
+  c.d_ffn = ffn;
+  c.max_seq_len = 512;
+  c.moe_every = moe_every;
+  c.moe.d_model = d;
+  c.moe.n_experts = experts;
+  c.moe.top_k = 1;
+  c.moe.d_ffn = ffn;
+  c.moe.act = ExpertAct::relu;
+  c.moe.router = RouterKind::switch_top1;
+  c.moe.renormalize = false;
+  c.moe.capacity_factor = 1.25;
+  return c;
+}
+
 using Maker = ModelConfig (*)();
 
 struct Preset {
@@ -170,6 +199,11 @@ const Preset kPresets[] = {
     // Mistral AI, Mistral Large 3 (2025): 675B total (with a 2.5B vision encoder not counted
     // here), 41B active; DeepSeek-V3's layout with 128 experts of twice the width, top-4.
     {"mistral-large-3", [] { return deepseek_v3_like(131072, 128, 4, 4096, 16384); }},
+    // Google, Switch Transformer (Fedus et al. 2022, Table 9): Switch-Base, 7.4B parameters (T5-
+    // Base's shape, 12 + 12 layers, 128 experts in every other FFN); Switch-C, 1571B (2048 experts
+    // in every FFN of 15 + 15 layers of width 2048).
+    {"switch-base", [] { return switch_transformer(768, 12, 12, 128, 3072, 2); }},
+    {"switch-c", [] { return switch_transformer(2048, 32, 15, 2048, 6144, 1); }},
     // GPT-4 as rumored (unconfirmed; OpenAI published no architecture): about 1.76T parameters,
     // 16 experts of which 2 per token, about 220B active.
     {"gpt-4-rumored", [] { return gqa_moe(100256, 8192, 120, 64, 8, 16, 2, 36864, 8192, 1e4); }},
