@@ -374,7 +374,8 @@ void int_rows32(const uint8_t* w, int64_t cols, const QuantRows& xq, int64_t n, 
 // tile of x's rows, each row with float lanes of its own. The integer sums and the float
 // operations are the one-row kernels' above, in the same order: a row of y is the same bits
 // whichever kernel computed it and whatever rows it came with. Decoding the block's bits once
-// per tile rather than once per row of x is what makes the many-row products faster.
+// per tile rather than once per row of x is what makes the many-row products faster (the tests
+// hold the two kernels to the same bits).
 
 // Lanes 0..g-1 set, for a masked load of g < 8 floats.
 HWY_INLINE __m256i tail_mask(int g) {
@@ -423,8 +424,8 @@ HWY_INLINE void unpack_q6k(const uint8_t* blk, KBlock& kb) {
 }
 
 // One unpacked block times one row of x's block (codes x, scale xd; bs the sums of 16 for Q6_K,
-// of 32 for Q4_K and Q5_K), into that
-// row's lanes: qk_int_row's and q6k_int_row's operations for the block.
+// of 32 for Q4_K and Q5_K), into that row's lanes: qk_int_row's and q6k_int_row's operations for
+// the block.
 template <bool kSix>
 HWY_INLINE void kblock_row(const KBlock& kb, const int8_t* x, float xd, const int16_t* bs,
                            __m256& acc, __m128& accm) {
