@@ -233,10 +233,8 @@ struct QuantizedX {
   QuantRows rows() const { return {q0, d.data(), bsum.data(), bsum32.data()}; }
 };
 
-bool int8_products(const WeightMatrix& w, int64_t n) { return integer_products(w.type, n); }
-
 void quantize_x(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, QuantizedX& out) {
-  out.used = int8_products(w, n);
+  out.used = integer_products(w.type, n);
   if (!out.used) return;
   const int64_t block = activation_block(w.type), cols = w.cols;
   // Aligned to cache lines: the kernels' 32-byte loads of the codes then never straddle two
@@ -401,7 +399,7 @@ void matmul_wt_many(const MatmulJob* jobs, size_t count) {
     }
     check_product(b.w, b.ldx, b.n, b.ldy, "matmul_wt_many");
     if (b.n == 0) continue;
-    const bool dot = b.n <= kMatvecMaxRows || int8_products(b.w, b.n);
+    const bool dot = b.n <= kMatvecMaxRows || integer_products(b.w.type, b.n);
     const int64_t step = dot ? kDotRows : panel_rows(b.w);
     if (!dot) xb[j] = rounded_rows(b.w, b.x, b.ldx, b.n);
     quantize_x(b.w, b.x, b.ldx, b.n, xq[j]);
@@ -431,7 +429,7 @@ void matmul_wt(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, fl
     return;
   }
   const IsaKernels& k = kernels();
-  if (n <= kMatvecMaxRows || int8_products(w, n)) {  // the dot kernels (quantized: any n)
+  if (n <= kMatvecMaxRows || integer_products(w.type, n)) {  // the dot kernels (quantized: any n)
     thread_local QuantizedX xq;
     quantize_x(w, x, ldx, n, xq);
     const QuantizedX* xqp = &xq;  // the workers read the caller's
@@ -498,8 +496,9 @@ int nearest_int(float f) {  // ggml's: round half to even, for |f| < 2^22
 bool integer_products(WType type, int64_t n) {
   if (quant_activations() != QuantActivations::int8 || activation_block(type) == 0) return false;
   // Many rows of Q8_0 x: its float32 panels are faster than its integer kernel (measured on an
-  // AMD EPYC, AVX2, 512 rows of x: 27 against about 40 GMAC/s per core), as its blocks widen to
-  // float32 with one multiply while the integer products convert and scale the sums of every 32.
+  // AMD EPYC, AVX2, 512 rows of x times a 768 x 2048 weight: 27 against 39 GMAC/s on one core), as
+  // its blocks widen to float32 with one multiply while the integer products convert and scale the
+  // sums of every 32.
   return type != WType::q8_0 || n <= kMatvecMaxRows;
 }
 

@@ -49,6 +49,11 @@ HWY_INLINE __m256i dot32_scaled(__m256i u, const int8_t* s, __m256i sc) {
       _mm256_maddubs_epi16(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
   return _mm256_madd_epi16(p, sc);
 }
+// Int16 lane j of `scales` (the same eight in both halves) in every int16 lane: its two bytes
+// picked by a shuffle.
+HWY_INLINE __m256i scale_of(__m256i scales, int j) {
+  return _mm256_shuffle_epi8(scales, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * j)));
+}
 // The byte shuffle that fills a 128-bit half's int16 lanes with its lane 2k (low half) and
 // 2k + 1 (high half).
 HWY_INLINE __m256i scale_pair(int k) {
@@ -154,13 +159,8 @@ HWY_INLINE float qk_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, co
     for (int p = 0; p < 4; ++p) {
       __m256i lo, hi;
       qk_codes<kFive>(q, hbits, p, lo, hi);
-      // Scale j in every int16 lane: its two bytes picked by a shuffle.
-      const __m256i sl = _mm256_shuffle_epi8(
-          scales, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * (2 * p))));
-      const __m256i sh = _mm256_shuffle_epi8(
-          scales, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * (2 * p + 1))));
-      sumi = _mm256_add_epi32(sumi, dot32_scaled(lo, x + 64 * p, sl));
-      sumi = _mm256_add_epi32(sumi, dot32_scaled(hi, x + 64 * p + 32, sh));
+      sumi = _mm256_add_epi32(sumi, dot32_scaled(lo, x + 64 * p, scale_of(scales, 2 * p)));
+      sumi = _mm256_add_epi32(sumi, dot32_scaled(hi, x + 64 * p + 32, scale_of(scales, 2 * p + 1)));
     }
     acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * half_at(blk)), _mm256_cvtepi32_ps(sumi), acc);
   }
@@ -402,10 +402,8 @@ HWY_INLINE void unpack_qk(const uint8_t* blk, KBlock& kb) {
       kFive ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh)) : _mm256_setzero_si256();
   for (int p = 0; p < 4; ++p) {
     qk_codes<kFive>(q, hbits, p, kb.codes[2 * p], kb.codes[2 * p + 1]);
-    kb.scale[2 * p] = _mm256_shuffle_epi8(
-        scales, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * (2 * p))));
-    kb.scale[2 * p + 1] = _mm256_shuffle_epi8(
-        scales, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * (2 * p + 1))));
+    kb.scale[2 * p] = scale_of(scales, 2 * p);
+    kb.scale[2 * p + 1] = scale_of(scales, 2 * p + 1);
   }
   kb.d = half_at(blk);
   kb.dmin = half_at(blk + 2);
