@@ -53,12 +53,13 @@ Model random_model(const ModelConfig& c, DType dtype, uint64_t seed, double std 
   return m;
 }
 
-void check_model_gradients(const ModelConfig& c, uint64_t seed) {
+// soft: distillation's teacher logits [2, 5, V] mixed into the targets (SoftTargets).
+void check_model_gradients(const ModelConfig& c, uint64_t seed, const SoftTargets* soft = nullptr) {
   Model m = random_model(c, DType::F64, seed);
   Tensor tok = tokens_for(c, 2, 6, seed + 1);
   Arena arena;
   m.zero_grad();
-  const double loss = m.forward_backward(tok, arena).loss;
+  const double loss = m.forward_backward(tok, arena, 1.0, soft).loss;
   ASSERT_TRUE(std::isfinite(loss));
   int64_t checked = 0;
   for (NamedParam& p : m.params()) {
@@ -67,10 +68,10 @@ void check_model_gradients(const ModelConfig& c, uint64_t seed) {
       const double saved = v[i], h = 1e-6;
       v[i] = saved + h;
       arena.reset();
-      const double lp = m.forward(tok, arena).loss;
+      const double lp = m.forward(tok, arena, soft).loss;
       v[i] = saved - h;
       arena.reset();
-      const double lm = m.forward(tok, arena).loss;
+      const double lm = m.forward(tok, arena, soft).loss;
       v[i] = saved;
       const double numeric = (lp - lm) / (2 * h);
       const double analytic = p.grad.at(i);
@@ -96,6 +97,56 @@ TEST(Model, FiniteDifferencesTiedAllMoeGroupedHeads) {
   c.moe.n_shared = 1;
   c.moe.capacity_factor = 1.0;
   check_model_gradients(c, 2);
+}
+
+// Distillation: the loss mixes the cross-entropy against the next tokens with the one against a
+// teacher's distributions, and its gradient is checked as the plain loss's is.
+TEST(Model, FiniteDifferencesWithSoftTargets) {
+  const ModelConfig c = tiny_config();
+  SoftTargets soft;
+  soft.logits = Tensor::empty({2, 5, c.vocab_size}, DType::F64);
+  Rng rng(7);
+  rng.fill_normal(soft.logits, 0, 2.0);
+  soft.weight = 0.3;
+  check_model_gradients(c, 3, &soft);
+
+  // The parts: weight 0 is the plain loss (and gradient), weight 1 the teacher's cross-entropy
+  // alone, which is smallest where the student's distributions are the teacher's.
+  Model m = random_model(c, DType::F64, 3);
+  const Tensor tok = tokens_for(c, 2, 6, 4);
+  Arena arena;
+  const ModelOutput plain = m.forward(tok, arena);
+  soft.weight = 0;
+  const ModelOutput w0 = m.forward(tok, arena, &soft);
+  EXPECT_EQ(w0.loss, plain.loss);
+  EXPECT_EQ(w0.ce_loss, plain.ce_loss);
+  EXPECT_GT(w0.soft_loss, 0);
+  soft.weight = 1;
+  const ModelOutput w1 = m.forward(tok, arena, &soft);
+  EXPECT_NEAR(w1.loss, w1.soft_loss + w1.aux_loss + w1.z_loss, 1e-12);
+  EXPECT_EQ(w1.ce_loss, plain.ce_loss);
+  // A teacher that is the student itself: the soft term is then at its minimum (the entropy of
+  // the student's distributions), so with weight 1 and no balancing terms every gradient is 0.
+  ModelConfig c0 = c;
+  c0.moe.aux_loss_coef = c0.moe.z_loss_coef = 0;
+  Model self = random_model(c0, DType::F64, 3);
+  Tensor inputs = Tensor::empty({2, 5}, DType::I32);
+  for (int64_t b = 0; b < 2; ++b)
+    for (int64_t t = 0; t < 5; ++t)
+      inputs.data<int32_t>()[b * 5 + t] = tok.data<int32_t>()[b * 6 + t];
+  SoftTargets same;
+  same.logits = self.logits(inputs, arena).to(DType::F64);
+  same.weight = 1;
+  self.zero_grad();
+  self.forward_backward(tok, arena, 1.0, &same);
+  for (const NamedParam& p : self.params())
+    for (int64_t i = 0; i < p.grad.numel(); ++i) ASSERT_NEAR(p.grad.at(i), 0, 1e-12) << p.name;
+  // A bad shape or weight is refused.
+  SoftTargets bad;
+  bad.logits = Tensor::empty({2, 4, c.vocab_size}, DType::F64);
+  EXPECT_THROW(m.forward(tok, arena, &bad), Error);
+  soft.weight = 1.5;
+  EXPECT_THROW(m.forward(tok, arena, &soft), Error);
 }
 
 TEST(Model, OverfitsOneBatch) {

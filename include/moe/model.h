@@ -151,9 +151,21 @@ struct NamedParam {
   int64_t first_expert = 0;  // routed: the expert of its row 0 (this rank's first when split)
 };
 
+// Distillation (Switch Transformer, Fedus et al. 2021, section 5): a teacher's logits for the
+// predicted positions, [B, T, V] for tokens [B, T+1], in the model's dtype. Each position's
+// target becomes (1 - weight) onehot(next token) + weight softmax(teacher logits), so the loss's
+// cross-entropy term is (1 - weight) ce_loss + weight soft_loss (docs/model.md).
+struct SoftTargets {
+  Tensor logits;
+  double weight = 0.25;  // the paper's: 0.25 of the teacher's probabilities, 0.75 of the label
+};
+
 struct ModelOutput {
-  double loss = 0;                    // cross-entropy + aux + z
-  double ce_loss = 0;                 // mean cross-entropy over the predicted tokens
+  double loss = 0;     // cross-entropy (mixed with soft_loss when distilling) + aux + z
+  double ce_loss = 0;  // mean cross-entropy over the predicted tokens
+  // With soft targets, the mean cross-entropy against the teacher's distributions
+  // (-sum_j p_teacher,j log p_j); 0 without.
+  double soft_loss = 0;
   double aux_loss = 0;                // sum over MoE layers
   double z_loss = 0;                  // sum over MoE layers
   std::vector<RoutingStats> routing;  // one per MoE layer
@@ -222,12 +234,15 @@ class Model {
   bool weights_stored() const;
 
   // tokens i32 [B, T+1] -> loss. With backward, accumulates every parameter gradient of the
-  // loss (scaled by grad_scale, e.g. 1 / accumulation steps).
-  ModelOutput forward(const Tensor& tokens, Arena& arena);
-  ModelOutput forward_backward(const Tensor& tokens, Arena& arena, double grad_scale = 1.0);
+  // loss (scaled by grad_scale, e.g. 1 / accumulation steps). `soft` (may be null) mixes a
+  // teacher's distributions into the targets.
+  ModelOutput forward(const Tensor& tokens, Arena& arena, const SoftTargets* soft = nullptr);
+  ModelOutput forward_backward(const Tensor& tokens, Arena& arena, double grad_scale = 1.0,
+                               const SoftTargets* soft = nullptr);
   // The same, filling `out` in place: its vectors keep their capacity from call to call, so the
   // steady-state training step allocates nothing.
-  void forward_backward(const Tensor& tokens, Arena& arena, double grad_scale, ModelOutput& out);
+  void forward_backward(const Tensor& tokens, Arena& arena, double grad_scale, ModelOutput& out,
+                        const SoftTargets* soft = nullptr);
   // logits [B, T, V] for tokens i32 [B, T] (no loss), in the arena; router_logits (when given)
   // receives each MoE layer's router logits [B*T, R], in the arena.
   Tensor logits(const Tensor& tokens, Arena& arena, std::vector<Tensor>* router_logits = nullptr);

@@ -52,6 +52,12 @@ struct TrainConfig {
   // accumulation, float32 master weights, gradients and optimizer; cpu::Bf16Operands). "auto"
   // is bf16 where the CPU multiplies bf16 in hardware (cpu::bf16_native), f32 elsewhere.
   std::string dtype = "f32";
+  // Distillation (Switch Transformer section 5): a checkpoint (folder or GGUF file) whose logits
+  // become part of every position's target, with weight soft_weight (SoftTargets); empty: none.
+  // The teacher runs inference on each micro-batch (its weights as stored); validation reports
+  // the student's plain cross-entropy.
+  std::string teacher;
+  double soft_weight = 0.25;
 
   void validate() const;
   // dtype with "auto" resolved on this machine: "f32" or "bf16".
@@ -67,6 +73,7 @@ void from_json(const nlohmann::json& j, TrainConfig& c);
 struct StepLog {
   int64_t step = 0;  // 1-based: the number of steps done
   double loss = 0, ce_loss = 0, aux_loss = 0, z_loss = 0, lr = 0, grad_norm = 0;
+  double soft_loss = 0;  // distillation: cross-entropy against the teacher (ModelOutput)
   double tokens_per_s = 0, load_imbalance = 0;
   // Per MoE layer, the (token, expert) pairs routed to each expert this step (whole batch);
   // owned by the trainer, valid until its next step.
@@ -116,6 +123,11 @@ class Trainer {
   // data position and every random stream.
   void resume(const std::string& dir);
 
+  // Distillation from an in-memory teacher (what TrainConfig::teacher loads): same vocabulary,
+  // context for seq_len, and no fewer parameters than the student; null stops distilling.
+  void set_teacher(std::unique_ptr<Model> teacher, const std::string& name = "the teacher");
+  Model* teacher() { return teacher_.get(); }
+
   // Starts from another model's weights (same config), e.g. a checkpoint to fine-tune; the
   // optimizer state stays fresh.
   void init_from(Model& src);
@@ -151,6 +163,8 @@ class Trainer {
   // bf16: the weights and saved activations of a step, rounded once (cpu::bf16_keep).
   cpu::Bf16Store bf16_store_;
   std::unique_ptr<Model> model_;
+  std::unique_ptr<Model> teacher_;  // distillation (set_teacher)
+  SoftTargets soft_;                // the teacher's logits of the current micro-batch
   std::unique_ptr<AdamW> opt_;
   TokenStream train_, val_;
   std::function<void(Model&, int64_t)> gradient_hook_;

@@ -270,9 +270,10 @@ void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int64_
 
 template <class T>
 double cross_entropy(T* dlogits, double* row_loss, const T* logits, const int32_t* targets,
-                     int64_t n, int64_t v, double scale) {
+                     int64_t n, int64_t v, double scale, SoftTargetsRef<T>* soft) {
   // Per-row losses summed afterwards in row order: the same sum for any thread count.
   const T g = static_cast<T>(scale / static_cast<double>(n));
+  const T alpha = soft ? static_cast<T>(soft->weight) : T(0);
 #pragma omp parallel for schedule(static) if (n * v > kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     const T* z = logits + i * v;
@@ -280,19 +281,46 @@ double cross_entropy(T* dlogits, double* row_loss, const T* logits, const int32_
     for (int64_t j = 1; j < v; ++j) mx = std::max(mx, z[j]);
     // The exponentials go to the row of dlogits (or a scratch row), written again below.
     thread_local std::vector<T> scratch;
-    T* e = dlogits ? dlogits + i * v : (scratch.resize(static_cast<size_t>(v)), scratch.data());
+    const bool need_scratch = !dlogits || soft;
+    if (need_scratch && static_cast<int64_t>(scratch.size()) < v)
+      scratch.resize(static_cast<size_t>(v));
+    T* e = dlogits ? dlogits + i * v : scratch.data();
     const T sum = cpu::exp_shifted(e, z, v, mx);
     const T lse = mx + std::log(sum);
     row_loss[i] = static_cast<double>(lse - z[targets[i]]);
+    T* p = nullptr;  // the teacher's distribution of row i
+    if (soft) {
+      const T* zt = soft->logits + i * v;
+      T mt = zt[0];
+      for (int64_t j = 1; j < v; ++j) mt = std::max(mt, zt[j]);
+      p = scratch.data();
+      const T st = cpu::exp_shifted(p, zt, v, mt);
+      T dot = 0;  // sum_j p_j z_j
+      for (int64_t j = 0; j < v; ++j) {
+        p[j] /= st;
+        dot += p[j] * z[j];
+      }
+      soft->row_loss[i] = static_cast<double>(lse - dot);
+    }
     if (dlogits) {
       T* dl = dlogits + i * v;
       cpu::exp_shifted(dl, z, v, lse);
-      for (int64_t j = 0; j < v; ++j) dl[j] *= g;
-      dl[targets[i]] -= g;
+      if (p) {
+        for (int64_t j = 0; j < v; ++j) dl[j] = g * (dl[j] - alpha * p[j]);
+        dl[targets[i]] -= g * (T(1) - alpha);
+      } else {
+        for (int64_t j = 0; j < v; ++j) dl[j] *= g;
+        dl[targets[i]] -= g;
+      }
     }
   }
   double loss = 0;
   for (int64_t i = 0; i < n; ++i) loss += row_loss[i];
+  if (soft) {
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i) s += soft->row_loss[i];
+    soft->loss = s / static_cast<double>(n);
+  }
   return loss / static_cast<double>(n);
 }
 
@@ -317,7 +345,8 @@ double cross_entropy(T* dlogits, double* row_loss, const T* logits, const int32_
   template void attention_cached<T>(T*, const T*, const T*, const T*, const int64_t*,            \
                                     const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, \
                                     int64_t, int64_t, int64_t, double, const T*);                \
-  template double cross_entropy<T>(T*, double*, const T*, const int32_t*, int64_t, int64_t, double);
+  template double cross_entropy<T>(T*, double*, const T*, const int32_t*, int64_t, int64_t,      \
+                                   double, SoftTargetsRef<T>*);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

@@ -73,10 +73,24 @@ void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int64_
                       int64_t dk, int64_t dv, int64_t cap, int64_t window, double scale,
                       const T* sinks = nullptr);
 
+// Soft targets mixed into the cross-entropy (distillation, Switch Transformer section 5): row i's
+// target distribution becomes q_i = (1 - weight) onehot(target_i) + weight softmax(logits_i),
+// logits [N, V] being a teacher's. row_loss [N] is scratch; loss receives the mean of the rows'
+// -sum_j softmax(teacher)_j log softmax(student)_j.
+template <class T>
+struct SoftTargetsRef {
+  const T* logits = nullptr;
+  double weight = 0;
+  double* row_loss = nullptr;
+  double loss = 0;
+};
+
 // Mean cross-entropy of logits [N, V] against targets [N]; dlogits (may be null) = scale *
 // (softmax - onehot) / N. row_loss [N] is scratch (the per-row losses, summed in row order).
+// With soft targets, dlogits = scale * (softmax - q) / N, the gradient of
+// (1 - weight) * (the returned mean) + weight * soft->loss.
 template <class T>
 double cross_entropy(T* dlogits, double* row_loss, const T* logits, const int32_t* targets,
-                     int64_t n, int64_t v, double scale);
+                     int64_t n, int64_t v, double scale, SoftTargetsRef<T>* soft = nullptr);
 
 }  // namespace moe::nn

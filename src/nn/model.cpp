@@ -97,7 +97,7 @@ T** Model::Impl::joint_aux(ModelOutput& out, int64_t n, bool backward, double sc
 
 template <class T>
 void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double scale,
-                      ModelOutput& out) {
+                      ModelOutput& out, const SoftTargets* soft) {
   const char* w = "model";
   MOE_CHECK(tokens.ndim() == 2 && tokens.dtype() == DType::I32, w,
             "tokens must be i32[B, T+1], got {}", tokens.str());
@@ -126,10 +126,20 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
   }
   int64_t* pos = arena.alloc<int64_t>(N);
   for (int64_t i = 0; i < N; ++i) pos[i] = i % Tn;
+  nn::SoftTargetsRef<T> soft_ref;
+  if (soft) {
+    const Tensor& t = soft->logits;
+    MOE_CHECK(t.dtype() == dtype_of<T>() && t.shape() == Shape({B, T1 - 1, V}), w,
+              "the soft targets' logits must be {}[{}, {}, {}] for tokens {}, got {}",
+              dtype_name(dtype_of<T>()), B, T1 - 1, V, tokens.str(), t.str());
+    MOE_CHECK(soft->weight >= 0 && soft->weight <= 1, w,
+              "the soft targets' weight must be in [0, 1], got {}", soft->weight);
+    soft_ref = {t.data<T>(), soft->weight, arena.alloc<double>(Np), 0};
+  }
 
   // Forward. `out` keeps its vectors' capacity: one entry per MoE layer, assigned in place.
   const size_t n_moe = moe_layers.size();
-  out.loss = out.ce_loss = out.aux_loss = out.z_loss = 0;
+  out.loss = out.ce_loss = out.soft_loss = out.aux_loss = out.z_loss = 0;
   out.routing.resize(n_moe);
   out.plan_offsets.resize(n_moe);
   out.plan_experts.resize(n_moe);
@@ -219,14 +229,17 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
                   static_cast<size_t>((T1 - 1) * V) * sizeof(T));
   }
   T* dlp = backward ? arena.alloc<T>(Np * V) : nullptr;
+  nn::SoftTargetsRef<T>* sp = soft ? &soft_ref : nullptr;
   if (groups) {
     // This rank holds Np of the batch's predicted tokens: the loss is the mean over all of them.
     const double nd = static_cast<double>(Np), n_all = groups->world.sum(nd);
-    const double ce =
-        nn::cross_entropy<T>(dlp, arena.alloc<double>(Np), lp, targets, Np, V, scale * nd / n_all);
+    const double ce = nn::cross_entropy<T>(dlp, arena.alloc<double>(Np), lp, targets, Np, V,
+                                           scale * nd / n_all, sp);
     out.ce_loss = groups->world.sum(ce * nd) / n_all;
+    if (soft) out.soft_loss = groups->world.sum(soft_ref.loss * nd) / n_all;
   } else {
-    out.ce_loss = nn::cross_entropy<T>(dlp, arena.alloc<double>(Np), lp, targets, Np, V, scale);
+    out.ce_loss = nn::cross_entropy<T>(dlp, arena.alloc<double>(Np), lp, targets, Np, V, scale, sp);
+    out.soft_loss = soft_ref.loss;
   }
   T* dlogits = dlp;
   if (backward && Np != N) {
@@ -238,7 +251,8 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
   }
   T** joint_dlogits =
       cfg.joint_aux_loss_coef > 0 ? joint_aux<T>(out, N, backward, scale, arena) : nullptr;
-  out.loss = out.ce_loss + out.aux_loss + out.z_loss;
+  const double alpha = soft ? soft->weight : 0;
+  out.loss = (1 - alpha) * out.ce_loss + alpha * out.soft_loss + out.aux_loss + out.z_loss;
   if (!backward) return;
 
   // Backward.
@@ -597,28 +611,29 @@ ExpertView Model::expert(int64_t layer, int64_t e) {
   return impl_->blocks[static_cast<size_t>(layer)].moe->expert(e);
 }
 
-ModelOutput Model::forward(const Tensor& tokens, Arena& arena) {
+ModelOutput Model::forward(const Tensor& tokens, Arena& arena, const SoftTargets* soft) {
   ModelOutput out;
   if (impl_->dtype == DType::F64) {
-    impl_->run<double>(tokens, arena, false, 1, out);
+    impl_->run<double>(tokens, arena, false, 1, out, soft);
   } else {
-    impl_->run<float>(tokens, arena, false, 1, out);
+    impl_->run<float>(tokens, arena, false, 1, out, soft);
   }
   return out;
 }
 
 void Model::forward_backward(const Tensor& tokens, Arena& arena, double grad_scale,
-                             ModelOutput& out) {
+                             ModelOutput& out, const SoftTargets* soft) {
   if (impl_->dtype == DType::F64) {
-    impl_->run<double>(tokens, arena, true, grad_scale, out);
+    impl_->run<double>(tokens, arena, true, grad_scale, out, soft);
   } else {
-    impl_->run<float>(tokens, arena, true, grad_scale, out);
+    impl_->run<float>(tokens, arena, true, grad_scale, out, soft);
   }
 }
 
-ModelOutput Model::forward_backward(const Tensor& tokens, Arena& arena, double grad_scale) {
+ModelOutput Model::forward_backward(const Tensor& tokens, Arena& arena, double grad_scale,
+                                    const SoftTargets* soft) {
   ModelOutput out;
-  forward_backward(tokens, arena, grad_scale, out);
+  forward_backward(tokens, arena, grad_scale, out, soft);
   return out;
 }
 

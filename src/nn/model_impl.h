@@ -290,7 +290,8 @@ struct Model::Impl {
 
   // tokens [B, T+1] (or [B, T] when targets are not needed) -> loss, and optionally gradients.
   template <class T>
-  void run(const Tensor& tokens, Arena& arena, bool backward, double scale, ModelOutput& out);
+  void run(const Tensor& tokens, Arena& arena, bool backward, double scale, ModelOutput& out,
+           const SoftTargets* soft);
 };
 
 }  // namespace moe

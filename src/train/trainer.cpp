@@ -45,6 +45,8 @@ void TrainConfig::validate() const {
   MOE_CHECK(expert_parallel >= 1, w, "expert_parallel must be >= 1, got {}", expert_parallel);
   MOE_CHECK(dtype == "f32" || dtype == "bf16" || dtype == "auto", w,
             "dtype must be f32, bf16 or auto, got '{}'", dtype);
+  MOE_CHECK(std::isfinite(soft_weight) && soft_weight >= 0 && soft_weight <= 1, w,
+            "soft_weight must be in [0, 1], got {}", soft_weight);
 }
 
 std::string TrainConfig::matmul_dtype() const {
@@ -83,7 +85,9 @@ void to_json(nlohmann::json& j, const TrainConfig& c) {
        {"val_every", c.val_every},
        {"seed", c.seed},
        {"expert_parallel", c.expert_parallel},
-       {"dtype", c.dtype}};
+       {"dtype", c.dtype},
+       {"teacher", c.teacher},
+       {"soft_weight", c.soft_weight}};
 }
 
 void from_json(const nlohmann::json& j, TrainConfig& c) {
@@ -115,6 +119,8 @@ void from_json(const nlohmann::json& j, TrainConfig& c) {
     json_into(j, "seed", c.seed, "train.config");
     json_into(j, "expert_parallel", c.expert_parallel, "train.config");
     json_into(j, "dtype", c.dtype, "train.config");
+    json_into(j, "teacher", c.teacher, "train.config");
+    json_into(j, "soft_weight", c.soft_weight, "train.config");
   } catch (const nlohmann::json::exception& e) {
     throw_error("train.config", fmt::format("bad value: {}", e.what()));
   }
@@ -164,7 +170,29 @@ Rng Trainer::setup() {
   const int64_t W = cfg_.seq_len + 1, local = cfg_.batch / ranks;
   full_batch_ = Tensor::empty({cfg_.batch, W}, DType::I32);
   batch_ = Tensor::view(full_batch_.data<int32_t>() + rank * local * W, {local, W}, DType::I32);
+  if (!cfg_.teacher.empty())
+    set_teacher(load_model(cfg_.teacher, WeightsAs::stored), "the teacher " + cfg_.teacher);
   return rng;
+}
+
+void Trainer::set_teacher(std::unique_ptr<Model> teacher, const std::string& name) {
+  teacher_ = std::move(teacher);
+  if (!teacher_) return;
+  const ModelConfig& t = teacher_->config();
+  MOE_CHECK(t.vocab_size == mcfg_.vocab_size, "distill",
+            "{} has a vocabulary of {} tokens and the student one of {}: distillation matches "
+            "their distributions token for token, so they must read the same tokens",
+            name, t.vocab_size, mcfg_.vocab_size);
+  MOE_CHECK(cfg_.seq_len <= t.max_seq_len, "distill",
+            "{} reads at most {} positions, the student's sequences are {} long", name,
+            t.max_seq_len, cfg_.seq_len);
+  const int64_t student = count_params(mcfg_).total, teacher_n = count_params(t).total;
+  MOE_CHECK(student <= teacher_n, "distill",
+            "the student ({:.2f}M parameters) is larger than {} ({:.2f}M): distillation "
+            "compresses a model into a smaller one",
+            static_cast<double>(student) / 1e6, name, static_cast<double>(teacher_n) / 1e6);
+  teacher_->set_training(false);
+  soft_.weight = cfg_.soft_weight;
 }
 
 Trainer::Trainer(const ModelConfig& model, const TrainConfig& cfg,
@@ -330,11 +358,19 @@ StepLog Trainer::train_step() {
     arena_.reset();
     ModelOutput& out = out_;
     try {
+      if (teacher_) {  // the teacher's logits of the positions the student predicts
+        const int64_t B = batch_.size(0), T = batch_.size(1) - 1;
+        Tensor inputs = arena_.tensor({B, T}, DType::I32);
+        for (int64_t b = 0; b < B; ++b)
+          std::copy_n(batch_.data<int32_t>() + b * (T + 1), T, inputs.data<int32_t>() + b * T);
+        soft_.logits = teacher_->logits(inputs, arena_);
+      }
       const cpu::Bf16Operands mixed(bf16_, &bf16_store_);
       if (bf16_)  // the weights hold still for the step: rounded once, read by every product
         for (const NamedParam& p : model_->params())
           cpu::bf16_keep(p.value.data<float>(), p.value.numel());
-      model_->forward_backward(batch_, arena_, 1.0 / static_cast<double>(cfg_.grad_accum), out);
+      model_->forward_backward(batch_, arena_, 1.0 / static_cast<double>(cfg_.grad_accum), out,
+                               teacher_ ? &soft_ : nullptr);
     } catch (const Error& e) {
       // A layer's own guard (a NaN reaching an MoE layer, say) stops the step too; a weight that
       // is not finite is named as the cause.
@@ -353,6 +389,7 @@ StepLog Trainer::train_step() {
     const double n = static_cast<double>(cfg_.grad_accum);
     log.loss += out.loss / n;
     log.ce_loss += out.ce_loss / n;
+    log.soft_loss += out.soft_loss / n;
     log.aux_loss += out.aux_loss / n;
     log.z_loss += out.z_loss / n;
     routed_.resize(out.routing.size());

@@ -2,8 +2,9 @@
 """lm_oracle.py: the PyTorch reference for the language model, written from docs/model.md alone.
 
 For a few small models (dense, MoE in every layer, dense-then-MoE, MoE every other layer with a
-shared expert and a capacity) it computes in float64 with autograd the loss of one batch, its
-three parts (cross-entropy, balancing loss, z-loss) and the gradient of the loss with respect to
+shared expert and a capacity, and one learning from a teacher's logits as distillation does) it
+computes in float64 with autograd the loss of one batch, its parts (cross-entropy, balancing
+loss, z-loss, the cross-entropy against the teacher) and the gradient of the loss with respect to
 every parameter, and a 10-step torch.optim.AdamW trajectory from the same weights; it writes them
 as JSON for test_lm_oracle.cpp to compare against. The MoE layer inside is moe_oracle.py's
 (docs/routing.md), which moe_torch_tests already holds our layer to.
@@ -154,9 +155,11 @@ def moe_ffn(cfg, P, p, f):
     return y.view(B, T, D), aux, z, info
 
 
-def forward(cfg, P, tokens, ffn_override=None):
-    """tokens [B, T+1] -> (loss, ce, aux, z, routing): routing lists, per MoE layer, its
-    decisions' margins and its per-expert counts."""
+def forward(cfg, P, tokens, ffn_override=None, soft=None):
+    """tokens [B, T+1] -> (loss, ce, aux, z, routing, soft_ce): routing lists, per MoE layer,
+    its decisions' margins and its per-expert counts. soft = (teacher logits [B, T, V], weight)
+    mixes the teacher's distributions into the targets (distillation, docs/model.md): the loss
+    then holds (1 - weight) ce + weight soft_ce, soft_ce the cross-entropy against them."""
     x, target = tokens[:, :-1], tokens[:, 1:]
     eps = cfg["norm_eps"]
     h = P["embed.weight"][x]
@@ -178,14 +181,20 @@ def forward(cfg, P, tokens, ffn_override=None):
         h = h + y
     w_out = P["embed.weight"] if cfg["tie_embeddings"] else P["lm_head.weight"]
     logits = rms_norm(h, P["norm.weight"], eps) @ w_out.T
-    ce = F.cross_entropy(logits.reshape(-1, cfg["vocab_size"]), target.reshape(-1))
-    return ce + aux + z, ce, aux, z, routing
+    V = cfg["vocab_size"]
+    ce = F.cross_entropy(logits.reshape(-1, V), target.reshape(-1))
+    if soft is None:
+        return ce + aux + z, ce, aux, z, routing, torch.zeros(())
+    teacher, w = soft
+    # torch's cross-entropy against class probabilities
+    soft_ce = F.cross_entropy(logits.reshape(-1, V), F.softmax(teacher.reshape(-1, V), dim=-1))
+    return (1 - w) * ce + w * soft_ce + aux + z, ce, aux, z, routing, soft_ce
 
 
 # ---- the same model as per-token loops, for the self-check ----
 
 
-def forward_loops(cfg, P, tokens):
+def forward_loops(cfg, P, tokens, soft=None):
     """The forward of docs/model.md written element by element (the MoE layer aside): the
     cross-check of forward()'s reshapes, head grouping, rotation and masking."""
     B, T1 = tokens.shape
@@ -254,15 +263,22 @@ def forward_loops(cfg, P, tokens):
                 y.append(row)
         h = [[[h[b][t][d] + y[b][t][d] for d in range(D)] for t in range(T)] for b in range(B)]
     w_out = P["embed.weight"] if cfg["tie_embeddings"] else P["lm_head.weight"]
-    ce = 0.0
+    ce = soft_ce = 0.0
     for b in range(B):
         for t in range(T):
             logits = matvec(w_out, norm(h[b][t], P["norm.weight"]))
             m = max(logits)
             lse = m + math.log(sum(math.exp(lv - m) for lv in logits))
             ce += lse - logits[int(tokens[b, t + 1])]
+            if soft is not None:
+                tl = [float(v) for v in soft[0][b, t]]
+                tm = max(tl)
+                tsum = sum(math.exp(v - tm) for v in tl)
+                soft_ce += sum(math.exp(tv - tm) / tsum * (lse - lv) for tv, lv in zip(tl, logits))
     ce /= B * T
-    return ce + aux + z, ce, aux, z
+    soft_ce /= B * T
+    w = 0.0 if soft is None else soft[1]
+    return (1 - w) * ce + w * soft_ce + aux + z, ce, aux, z, soft_ce
 
 
 # ---- cases ----
@@ -294,7 +310,7 @@ def draw(cfg, B, T, seed):
     return P, tokens
 
 
-def adamw_trajectory(cfg, P0, tokens):
+def adamw_trajectory(cfg, P0, tokens, soft=None):
     """Losses before each of ADAMW_STEPS full-batch AdamW steps and after the last one, with
     weight decay on the parameters whose table row says so; the routing margins of every
     forward. Returns (losses, problem or None)."""
@@ -309,7 +325,7 @@ def adamw_trajectory(cfg, P0, tokens):
     losses = []
     for step in range(ADAMW_STEPS + 1):
         opt.zero_grad()
-        loss, _, _, _, routing = forward(cfg, P, tokens)
+        loss, _, _, _, routing, _ = forward(cfg, P, tokens, soft=soft)
         why = routing_problem(routing, "trajectory step %d" % step)
         if why is not None:
             return None, why
@@ -320,14 +336,15 @@ def adamw_trajectory(cfg, P0, tokens):
     return losses, None
 
 
-def check_against_loops(name, cfg, P, tokens, values):
-    ref = forward_loops(cfg, P, tokens)
-    for what, ours, theirs in zip(("loss", "ce_loss", "aux_loss", "z_loss"), values, ref):
+def check_against_loops(name, cfg, P, tokens, values, soft=None):
+    ref = forward_loops(cfg, P, tokens, soft)
+    for what, ours, theirs in zip(("loss", "ce_loss", "aux_loss", "z_loss", "soft_loss"), values,
+                                  ref):
         assert abs(ours - theirs) <= 1e-12 * (1 + abs(theirs)), \
             "case %s: %s %.17g, per-token loops %.17g" % (name, what, ours, theirs)
 
 
-def check_finite_differences(name, cfg, P, tokens, grads, seed, n_dirs=3, h=1e-6):
+def check_finite_differences(name, cfg, P, tokens, grads, seed, n_dirs=3, h=1e-6, soft=None):
     """Central differences of the loss along random unit directions against the gradient."""
     gen = torch.Generator().manual_seed(seed)
     keys = list(P)
@@ -336,30 +353,34 @@ def check_finite_differences(name, cfg, P, tokens, grads, seed, n_dirs=3, h=1e-6
         norm = math.sqrt(sum(float((v * v).sum()) for v in d.values()))
         d = {k: v / norm for k, v in d.items()}
         with torch.no_grad():
-            plus = forward(cfg, {k: P[k] + h * d[k] for k in keys}, tokens)[0]
-            minus = forward(cfg, {k: P[k] - h * d[k] for k in keys}, tokens)[0]
+            plus = forward(cfg, {k: P[k] + h * d[k] for k in keys}, tokens, soft=soft)[0]
+            minus = forward(cfg, {k: P[k] - h * d[k] for k in keys}, tokens, soft=soft)[0]
         fd = float(plus - minus) / (2 * h)
         ad = sum(float((grads[k] * d[k]).sum()) for k in keys)
         assert abs(fd - ad) <= 1e-7 * (1 + abs(ad)), \
             "case %s: directional derivative %.12g, finite differences %.12g" % (name, ad, fd)
 
 
-def make_case(name, cfg, B, T, seed, require=None):
+def make_case(name, cfg, B, T, seed, require=None, soft_weight=None):
     """Draws seed, seed+1, ... until every routing margin holds in the first forward and along
-    the trajectory, and `require` is met."""
+    the trajectory, and `require` is met. soft_weight: a distillation case, with teacher logits
+    N(0, 2^2) drawn after the weights."""
     assert T <= cfg["max_seq_len"] and head_size(cfg) % 2 == 0
     assert cfg["n_heads"] % cfg["n_kv_heads"] == 0
     why = None
     for attempt in range(MAX_DRAWS):
         s = seed + attempt
         P, tokens = draw(cfg, B, T, s)
+        soft = None
+        if soft_weight is not None:
+            soft = (2.0 * torch.randn(B, T, cfg["vocab_size"]), soft_weight)
         with torch.no_grad():
-            routing = forward(cfg, P, tokens)[4]
+            routing = forward(cfg, P, tokens, soft=soft)[4]
         why = routing_problem(routing, "first forward")
         if why is None and require is not None:
             why = require(routing)
         if why is None:
-            losses, why = adamw_trajectory(cfg, P, tokens)
+            losses, why = adamw_trajectory(cfg, P, tokens, soft)
         if why is None:
             break
     else:
@@ -367,13 +388,14 @@ def make_case(name, cfg, B, T, seed, require=None):
 
     for t in P.values():
         t.requires_grad_(True)
-    loss, ce, aux, z, routing = forward(cfg, P, tokens)
+    loss, ce, aux, z, routing, soft_ce = forward(cfg, P, tokens, soft=soft)
     loss.backward()
     grads = {k: v.grad.detach().clone() for k, v in P.items()}
-    values = (float(loss), float(ce), float(aux), float(z))
+    values = (float(loss), float(ce), float(aux), float(z), float(soft_ce))
     assert values[0] == losses[0]
-    check_against_loops(name, cfg, P, tokens, values)
-    check_finite_differences(name, cfg, {k: v.detach() for k, v in P.items()}, tokens, grads, s)
+    check_against_loops(name, cfg, P, tokens, values, soft)
+    check_finite_differences(name, cfg, {k: v.detach() for k, v in P.items()}, tokens, grads, s,
+                             soft=soft)
 
     table = param_table(cfg)
     return {
@@ -387,10 +409,13 @@ def make_case(name, cfg, B, T, seed, require=None):
         "ce_loss": values[1],
         "aux_loss": values[2],
         "z_loss": values[3],
+        "soft_loss": values[4],
         "grads": {k: tensor_json(v) for k, v in grads.items()},
         "routing": [{k: r[k] for k in ("layer", "routed", "kept", "capacity")} for r in routing],
         "min_routing_margin": routing_margin(routing),
         "adamw": dict(ADAMW, steps=ADAMW_STEPS, losses=losses),
+        "soft_targets": None if soft is None else {"logits": tensor_json(soft[0]),
+                                                   "weight": soft[1]},
     }
 
 
@@ -433,6 +458,14 @@ def build_cases():
         model_config(moe4, vocab_size=28, d_model=12, n_layers=3, n_heads=3, n_kv_heads=3,
                      d_ffn=18, max_seq_len=7, moe_every=2),
         B=2, T=7, seed=41, require=require_drops))
+    # 5. distillation: case 3's model learning from a teacher's distributions, weight 0.25
+    #    (Switch Transformer section 5)
+    cases.append(make_case(
+        "distilled_soft_targets",
+        model_config(moe3, vocab_size=40, d_model=12, n_layers=3, n_heads=4, n_kv_heads=1,
+                     head_dim=4, d_ffn=20, max_seq_len=12, rope_theta=100.0, norm_eps=1e-2,
+                     moe_every=1, first_dense=1),
+        B=2, T=6, seed=51, soft_weight=0.25))
     return cases
 
 

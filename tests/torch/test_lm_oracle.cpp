@@ -19,6 +19,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <stdexcept>
@@ -71,8 +72,8 @@ constexpr Tolerance kTolF32[] = {
     {"lm_head.weight", 3e-6},
 };
 
-constexpr size_t kMinCases = 4;
-const char* const kLosses[] = {"loss", "ce_loss", "aux_loss", "z_loss"};
+constexpr size_t kMinCases = 5;
+const char* const kLosses[] = {"loss", "ce_loss", "aux_loss", "z_loss", "soft_loss"};
 
 // "layers.3.attn.wq" -> "attn.wq"; names outside the layers are their own kind.
 std::string kind_of(const std::string& name) {
@@ -188,8 +189,8 @@ void compare_scalar(const std::string& what, double ours, double ref, double tol
 
 void compare_losses(const std::string& which, const ModelOutput& out, const json& c, DType dtype,
                     const std::string& case_name, Report& report) {
-  const double ours[] = {out.loss, out.ce_loss, out.aux_loss, out.z_loss};
-  for (int i = 0; i < 4; ++i)
+  const double ours[] = {out.loss, out.ce_loss, out.aux_loss, out.z_loss, out.soft_loss};
+  for (int i = 0; i < 5; ++i)
     compare_scalar(which + " " + kLosses[i], ours[i], c.at(kLosses[i]).get<double>(),
                    loss_tolerance(dtype), kLosses[i], case_name, report);
 }
@@ -229,17 +230,31 @@ Model load_model(const json& c, DType dtype) {
   return model;
 }
 
+// A distillation case's teacher logits and weight (null when the case has none).
+std::unique_ptr<SoftTargets> soft_targets_of(const json& c, DType dtype) {
+  if (!c.contains("soft_targets") || c.at("soft_targets").is_null()) return nullptr;
+  const json& s = c.at("soft_targets");
+  const Ref r = ref_of(s.at("logits"));
+  auto soft = std::make_unique<SoftTargets>();
+  soft->logits = Tensor::empty(r.shape, DType::F64);
+  std::copy(r.data.begin(), r.data.end(), soft->logits.data<double>());
+  if (dtype != DType::F64) soft->logits = soft->logits.to(dtype);
+  soft->weight = s.at("weight").get<double>();
+  return soft;
+}
+
 void run_case(const json& c, DType dtype, Report& report) {
   const std::string name = c.at("name").get<std::string>();
   Model model = load_model(c, dtype);
   const Tensor tokens = tokens_of(c.at("tokens"));
+  const std::unique_ptr<SoftTargets> soft = soft_targets_of(c, dtype);
 
   // forward alone, then forward and backward: the same losses
   Arena arena;
-  compare_losses("forward", model.forward(tokens, arena), c, dtype, name, report);
+  compare_losses("forward", model.forward(tokens, arena, soft.get()), c, dtype, name, report);
   arena.reset();
   model.zero_grad();
-  const ModelOutput out = model.forward_backward(tokens, arena);
+  const ModelOutput out = model.forward_backward(tokens, arena, 1.0, soft.get());
   compare_losses("forward_backward", out, c, dtype, name, report);
 
   // torch's per-expert counts of every MoE layer (the decisions are margin-protected, so float32
@@ -310,16 +325,17 @@ void run_trajectory(const json& c, Report& report) {
                         a.at("weight_decay").get<double>()});
   for (NamedParam& p : model.params()) opt.add(p.name, p.value, p.grad, p.decay);
   const Tensor tokens = tokens_of(c.at("tokens"));
+  const std::unique_ptr<SoftTargets> soft = soft_targets_of(c, DType::F64);
   Arena arena;
   for (int64_t step = 0; step <= steps; ++step) {
     arena.reset();
     double loss = 0;
     if (step < steps) {
       model.zero_grad();
-      loss = model.forward_backward(tokens, arena).loss;
+      loss = model.forward_backward(tokens, arena, 1.0, soft.get()).loss;
       opt.step();
     } else {
-      loss = model.forward(tokens, arena).loss;
+      loss = model.forward(tokens, arena, soft.get()).loss;
     }
     const std::string what = step < steps ? "loss before step " + std::to_string(step + 1)
                                           : "loss after step " + std::to_string(steps);

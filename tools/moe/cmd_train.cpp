@@ -151,6 +151,9 @@ int run_train(TrainArgs& a) {
   if (!a.init_from.empty() && a.tokens.empty()) tokenizer = checkpoint_tokenizer(a.init_from);
   if (!a.resume.empty() && a.tokens.empty() && !tokenizer)
     tokenizer = checkpoint_tokenizer(a.resume);
+  // A student reads the text as its teacher does.
+  if (!a.train.teacher.empty() && a.tokens.empty() && !tokenizer && !is_gguf_file(a.train.teacher))
+    tokenizer = checkpoint_tokenizer(resolve_checkpoint(a.train.teacher));
   std::unique_ptr<Trainer> made;
   Corpus corpus;
   if (!a.tokens.empty()) {
@@ -177,10 +180,19 @@ int run_train(TrainArgs& a) {
         "rank, {} of {} sequences per rank\n",
         g->world.size(), g->ep_size(), g->dp_size(), mcfg.moe.n_experts / g->ep_size(),
         mcfg.moe.n_experts, trainer.config().batch / g->world.size(), trainer.config().batch);
-  fmt::print("moe train: {} layers, d_model {}, {} MoE layers ({}), {:.2f}M parameters\n",
-             mcfg.n_layers, mcfg.d_model, model.moe_layers().size(),
+  fmt::print("moe {}: {} layers, d_model {}, {} MoE layers ({}), {:.2f}M parameters\n",
+             trainer.teacher() ? "distill" : "train", mcfg.n_layers, mcfg.d_model,
+             model.moe_layers().size(),
              model.moe_layers().empty() ? std::string("dense") : mcfg.moe.summary(),
              static_cast<double>(model.n_params()) / 1e6);
+  if (Model* t = trainer.teacher()) {
+    const ParamCount n = count_params(t->config());
+    fmt::print(
+        "teacher: {} ({:.2f}M parameters, {:.2f}M active); targets {} of its distribution, {} "
+        "of the next token\n",
+        a.train.teacher, static_cast<double>(n.total) / 1e6, static_cast<double>(n.active) / 1e6,
+        a.train.soft_weight, 1 - a.train.soft_weight);
+  }
   if (a.tokens.empty()) {
     fmt::print("data: {} documents in {} languages, {} training and {} validation tokens ({})\n",
                corpus.docs.size(), corpus.languages.size(), trainer.train_tokens(),
@@ -221,6 +233,8 @@ int run_train(TrainArgs& a) {
                             {"loss", s.loss},
                             {"aux_loss", s.aux_loss},
                             {"z_loss", s.z_loss},
+                            {"ce_loss", s.ce_loss},
+                            {"soft_loss", s.soft_loss},
                             {"lr", s.lr},
                             {"grad_norm", s.grad_norm},
                             {"tokens_per_s", s.tokens_per_s},
@@ -282,7 +296,123 @@ void add_finetune_switches(CLI::App* cmd, TrainArgs& a) {
                 "fine-tuning: update the routed experts only; everything else stays as it is");
 }
 
+// The options of a training run, shared by train and distill.
+void add_training_options(CLI::App* cmd, TrainArgs& a) {
+  cmd->add_option("--config", a.config, "model config JSON (overrides --preset)");
+  cmd->add_option("--data", a.data, "text files or folders (default: the fortunes in 5 languages)");
+  cmd->add_option("--tokens", a.tokens,
+                  "train on this one batch of token ids, e.g. 1,2,3;4,5,6 (equal lengths), every "
+                  "step");
+  cmd->add_option("--out", a.out, "checkpoint folder")->capture_default_str();
+  cmd->add_option("--resume", a.resume, "continue from this checkpoint (or its folder)");
+  cmd->add_option("--init-from", a.init_from,
+                  "start from this checkpoint's model and weights (fresh optimizer): this "
+                  "engine's or a HuggingFace folder (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, "
+                  "DBRX, gpt-oss), whose tokenizer then reads --data and whose layout is kept "
+                  "(gpt-oss's MXFP4 experts are saved unquantized); or a GGUF file (its tensors "
+                  "dequantized to float32; saved in this engine's layout)");
+  cmd->add_option("--log", a.log, "write one JSON object per step and per validation");
+  cmd->add_option("--steps", a.train.steps, "optimizer steps")->capture_default_str();
+  cmd->add_option("--batch", a.train.batch, "sequences per micro-batch")->capture_default_str();
+  cmd->add_option("--seq-len", a.train.seq_len, "tokens per sequence")->capture_default_str();
+  cmd->add_option("--grad-accum", a.train.grad_accum, "micro-batches per step")
+      ->capture_default_str();
+  cmd->add_option("--lr", a.train.lr, "peak learning rate")->capture_default_str();
+  cmd->add_option("--min-lr", a.train.min_lr, "final learning rate")->capture_default_str();
+  cmd->add_option("--warmup", a.train.warmup, "warmup steps")->capture_default_str();
+  cmd->add_option("--weight-decay", a.train.weight_decay, "AdamW weight decay")
+      ->capture_default_str();
+  cmd->add_option("--beta1", a.train.beta1, "AdamW beta1")->capture_default_str();
+  cmd->add_option("--beta2", a.train.beta2, "AdamW beta2")->capture_default_str();
+  cmd->add_option("--eps", a.train.eps, "AdamW epsilon")->capture_default_str();
+  cmd->add_flag("--decay-all", a.train.decay_all,
+                "weight decay on every tensor, norms and biases too (torch.optim.AdamW's default "
+                "when given all the parameters)");
+  cmd->add_option("--schedule", a.train.schedule,
+                  "learning rate: cosine (warmup, then down to --min-lr) or constant (--lr)")
+      ->check(CLI::IsMember({"cosine", "constant"}))
+      ->capture_default_str();
+  cmd->add_option("--dtype", a.train.dtype,
+                  "matrix products: f32, bf16 (bf16 operands, float32 accumulation, float32 "
+                  "master weights and optimizer) or auto (bf16 where the CPU has AVX512-BF16 or "
+                  "AMX)")
+      ->check(CLI::IsMember({"f32", "bf16", "auto"}))
+      ->capture_default_str();
+  cmd->add_option("--clip,--grad-clip", a.train.clip, "gradient-norm clip (0: none)")
+      ->capture_default_str();
+  cmd->add_option("--eval-every", a.train.eval_every, "steps between validations")
+      ->capture_default_str();
+  cmd->add_option("--save-every", a.train.save_every, "steps between checkpoints")
+      ->capture_default_str();
+  cmd->add_option("--router", a.router, "override the MoE routing method");
+  cmd->add_option("--experts", a.experts, "override the number of experts");
+  cmd->add_option("--top-k", a.top_k, "override experts per token");
+  cmd->add_option("--aux-coef", a.aux_coef, "override the load-balancing loss coefficient");
+  cmd->add_option("--z-coef", a.z_coef, "override the router z-loss coefficient");
+  add_finetune_switches(cmd, a);
+  cmd->add_option("--seed", a.train.seed, "random seed")->capture_default_str();
+  cmd->add_option("--expert-parallel", a.train.expert_parallel,
+                  "under mpirun -np P: split each MoE layer's experts over EP ranks (P / EP "
+                  "data-parallel replicas; the batch is split over all P)")
+      ->capture_default_str();
+  cmd->add_option("-t,--threads", a.threads, "threads (0: all cores)")->capture_default_str();
+  cmd->add_option("--sample", a.sample, "tokens to generate at the end (0: none)")
+      ->capture_default_str();
+}
+
 }  // namespace
+
+Run add_train(CLI::App& app) {
+  auto a = std::make_shared<TrainArgs>();
+  a->train.steps = 1800;  // about five minutes on two cores
+  a->train.eval_every = 300;
+  auto* cmd = app.add_subcommand(
+      "train",
+      "train an MoE language model (default: the small MoE preset on the fortunes corpus)");
+  cmd->add_option("--preset", a->preset,
+                  "model preset: tiny, small, small-dense, medium (trainable)")
+      ->capture_default_str();
+  add_training_options(cmd, *a);
+  return [a] { return run_train(*a); };
+}
+
+Run add_distill(CLI::App& app) {
+  auto a = std::make_shared<TrainArgs>();
+  auto student = std::make_shared<std::string>();
+  a->preset = "small-dense";
+  a->out = "out/distill";
+  a->train.steps = 1800;
+  a->train.eval_every = 300;
+  auto* cmd = app.add_subcommand(
+      "distill",
+      "train a smaller (dense) student on a teacher's distributions (Switch Transformer, "
+      "section 5): each position's target is --soft-weight of the teacher's next-token "
+      "distribution and the rest of the true next token; validation reports the student's plain "
+      "cross-entropy. Takes every option of moe train");
+  cmd->add_option("--teacher", a->train.teacher,
+                  "the teacher: a checkpoint folder or GGUF file with the student's vocabulary "
+                  "(its weights as stored; run on each batch without gradients)")
+      ->required();
+  cmd->add_option("--soft-weight", a->train.soft_weight,
+                  "weight of the teacher's distribution in the targets (the paper's 0.25)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  cmd->add_option("--student", *student,
+                  "the student: a preset name, or a model config JSON file (*.json); the same as "
+                  "--preset or --config");
+  cmd->add_option("--preset", a->preset, "the student's preset (see moe params --help)")
+      ->capture_default_str();
+  add_training_options(cmd, *a);
+  return [a, student] {
+    if (!student->empty()) {
+      MOE_CHECK(a->config.empty(), "distill", "give --student or --config, not both");
+      (student->size() > 5 && student->substr(student->size() - 5) == ".json" ? a->config
+                                                                              : a->preset) =
+          *student;
+    }
+    return run_train(*a);
+  };
+}
 
 Run add_init(CLI::App& app) {
   auto a = std::make_shared<TrainArgs>();
@@ -300,80 +430,6 @@ Run add_init(CLI::App& app) {
   cmd->add_option("--out", a->out, "checkpoint folder to write")->required();
   cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
   return [a, d_ffn] { return run_init(*a, *d_ffn); };
-}
-
-Run add_train(CLI::App& app) {
-  auto a = std::make_shared<TrainArgs>();
-  a->train.steps = 1800;  // about five minutes on two cores
-  a->train.eval_every = 300;
-  auto* cmd = app.add_subcommand(
-      "train",
-      "train an MoE language model (default: the small MoE preset on the fortunes corpus)");
-  cmd->add_option("--preset", a->preset,
-                  "model preset: tiny, small, small-dense, medium (trainable)")
-      ->capture_default_str();
-  cmd->add_option("--config", a->config, "model config JSON (overrides --preset)");
-  cmd->add_option("--data", a->data,
-                  "text files or folders (default: the fortunes in 5 languages)");
-  cmd->add_option("--tokens", a->tokens,
-                  "train on this one batch of token ids, e.g. 1,2,3;4,5,6 (equal lengths), every "
-                  "step");
-  cmd->add_option("--out", a->out, "checkpoint folder")->capture_default_str();
-  cmd->add_option("--resume", a->resume, "continue from this checkpoint (or its folder)");
-  cmd->add_option("--init-from", a->init_from,
-                  "start from this checkpoint's model and weights (fresh optimizer): this "
-                  "engine's or a HuggingFace folder (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, "
-                  "DBRX, gpt-oss), whose tokenizer then reads --data and whose layout is kept "
-                  "(gpt-oss's MXFP4 experts are saved unquantized); or a GGUF file (its tensors "
-                  "dequantized to float32; saved in this engine's layout)");
-  cmd->add_option("--log", a->log, "write one JSON object per step and per validation");
-  cmd->add_option("--steps", a->train.steps, "optimizer steps")->capture_default_str();
-  cmd->add_option("--batch", a->train.batch, "sequences per micro-batch")->capture_default_str();
-  cmd->add_option("--seq-len", a->train.seq_len, "tokens per sequence")->capture_default_str();
-  cmd->add_option("--grad-accum", a->train.grad_accum, "micro-batches per step")
-      ->capture_default_str();
-  cmd->add_option("--lr", a->train.lr, "peak learning rate")->capture_default_str();
-  cmd->add_option("--min-lr", a->train.min_lr, "final learning rate")->capture_default_str();
-  cmd->add_option("--warmup", a->train.warmup, "warmup steps")->capture_default_str();
-  cmd->add_option("--weight-decay", a->train.weight_decay, "AdamW weight decay")
-      ->capture_default_str();
-  cmd->add_option("--beta1", a->train.beta1, "AdamW beta1")->capture_default_str();
-  cmd->add_option("--beta2", a->train.beta2, "AdamW beta2")->capture_default_str();
-  cmd->add_option("--eps", a->train.eps, "AdamW epsilon")->capture_default_str();
-  cmd->add_flag("--decay-all", a->train.decay_all,
-                "weight decay on every tensor, norms and biases too (torch.optim.AdamW's default "
-                "when given all the parameters)");
-  cmd->add_option("--schedule", a->train.schedule,
-                  "learning rate: cosine (warmup, then down to --min-lr) or constant (--lr)")
-      ->check(CLI::IsMember({"cosine", "constant"}))
-      ->capture_default_str();
-  cmd->add_option("--dtype", a->train.dtype,
-                  "matrix products: f32, bf16 (bf16 operands, float32 accumulation, float32 "
-                  "master weights and optimizer) or auto (bf16 where the CPU has AVX512-BF16 or "
-                  "AMX)")
-      ->check(CLI::IsMember({"f32", "bf16", "auto"}))
-      ->capture_default_str();
-  cmd->add_option("--clip,--grad-clip", a->train.clip, "gradient-norm clip (0: none)")
-      ->capture_default_str();
-  cmd->add_option("--eval-every", a->train.eval_every, "steps between validations")
-      ->capture_default_str();
-  cmd->add_option("--save-every", a->train.save_every, "steps between checkpoints")
-      ->capture_default_str();
-  cmd->add_option("--router", a->router, "override the MoE routing method");
-  cmd->add_option("--experts", a->experts, "override the number of experts");
-  cmd->add_option("--top-k", a->top_k, "override experts per token");
-  cmd->add_option("--aux-coef", a->aux_coef, "override the load-balancing loss coefficient");
-  cmd->add_option("--z-coef", a->z_coef, "override the router z-loss coefficient");
-  add_finetune_switches(cmd, *a);
-  cmd->add_option("--seed", a->train.seed, "random seed")->capture_default_str();
-  cmd->add_option("--expert-parallel", a->train.expert_parallel,
-                  "under mpirun -np P: split each MoE layer's experts over EP ranks (P / EP "
-                  "data-parallel replicas; the batch is split over all P)")
-      ->capture_default_str();
-  cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
-  cmd->add_option("--sample", a->sample, "tokens to generate at the end (0: none)")
-      ->capture_default_str();
-  return [a] { return run_train(*a); };
 }
 
 }  // namespace moe::cli

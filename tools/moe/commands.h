@@ -57,5 +57,6 @@ Run add_logits(CLI::App& app);
 Run add_tokenize(CLI::App& app);
 Run add_quantize(CLI::App& app);
 Run add_upcycle(CLI::App& app);
+Run add_distill(CLI::App& app);
 
 }  // namespace moe::cli
