@@ -33,7 +33,8 @@ def read_log(path):
     return steps, vals, last
 
 
-def svg(curves, path):
+def svg(curves, path, colors=None):
+    colors = colors or COLORS
     w, h, pad = 720, 420, 60
     all_steps = [s for c in curves.values() for s in c[0]]
     all_vals = [v for c in curves.values() for v in c[1]]
@@ -51,9 +52,9 @@ def svg(curves, path):
            f"<text x='5' y='{sy(y_max):.0f}'>{y_max:.3f}</text>"]
     for i, (name, (steps, vals)) in enumerate(curves.items()):
         pts = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in zip(steps, vals))
-        out.append(f"<polyline points='{pts}' fill='none' stroke='{COLORS[name]}' "
+        out.append(f"<polyline points='{pts}' fill='none' stroke='{colors[name]}' "
                    "stroke-width='2'/>")
-        out.append(f"<text x='{w - pad - 150}' y='{pad + 18 * i}' fill='{COLORS[name]}'>"
+        out.append(f"<text x='{w - pad - 150}' y='{pad + 18 * i}' fill='{colors[name]}'>"
                    f"{name}: {vals[-1]:.4f}</text>")
     out.append("</svg>")
     with open(path, "w") as f:

@@ -111,6 +111,11 @@ inline std::vector<NamedConfig> option_matrix() {
     c.jitter_eps = 0.05;
     c.capacity_factor = 1.0;
   });
+  add("device_balance", [](MoeConfig& c) {  // DeepSeek-V2's device-level loss
+    c.n_experts = 6;
+    c.n_devices = 3;
+    c.device_aux_loss_coef = 0.2;
+  });
   add("frozen_router", [](MoeConfig& c) { c.freeze_router = true; });
   add("frozen_experts", [](MoeConfig& c) {
     c.frozen_experts = {0, 2};

@@ -98,6 +98,8 @@ void check_layer(const EpCase& c) {
   cfg.d_ffn = 6;
   cfg.n_experts = 8;
   cfg.top_k = 2;
+  cfg.device_aux_loss_coef = 0.05;  // DeepSeek-V2's device-level balance, over 4 groups
+  cfg.n_devices = 4;
   const int64_t D = cfg.d_model, E = cfg.n_experts;
   // Tokens per rank: uneven, rank 1 none.
   std::vector<int64_t> n(static_cast<size_t>(P)), first(static_cast<size_t>(P) + 1, 0);

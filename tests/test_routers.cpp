@@ -209,6 +209,148 @@ TEST(Routers, ExplorationReplacesAboutPOfTheSlots) {
   EXPECT_GT(dist1, 0.4 * dist0);
 }
 
+// Router warm-up: dense routing is the soft router on the same weights, bit for bit (output,
+// losses, input and weight gradients), whatever the configured router; switched off, the
+// configured routing is back. Routers with other logits than one per expert are refused.
+TEST(Routers, DenseWarmupRoutesAsTheSoftRouterDoes) {
+  auto equal = [](const Tensor& a, const Tensor& b, const std::string& what) {
+    ASSERT_EQ(a.shape(), b.shape()) << what;
+    for (int64_t i = 0; i < a.numel(); ++i) ASSERT_EQ(a.at(i), b.at(i)) << what << "[" << i << "]";
+  };
+  for (RouterKind kind :
+       {RouterKind::topk, RouterKind::gshard, RouterKind::expert_choice, RouterKind::deepseek}) {
+    SCOPED_TRACE(to_string(kind));
+    MoeConfig cfg = router_config(kind);
+    if (kind == RouterKind::expert_choice || kind == RouterKind::gshard) cfg.capacity_factor = 1;
+    cfg.n_shared = 1;
+    MoeConfig soft = cfg;
+    soft.router = RouterKind::soft;
+    soft.capacity_factor = 0;
+    MoeLayer warm = test::random_layer(cfg, DType::F64, 5);
+    MoeLayer dense = test::random_layer(soft, DType::F64, 6);
+    test::copy_params(warm.params(), dense.params());
+    const Tensor x = test::random_tensor({10, cfg.d_model}, DType::F64, 7);
+    const Tensor dy = test::random_tensor({10, cfg.d_model}, DType::F64, 8);
+    warm.set_dense_routing(true);
+    Arena a1, a2;
+    const MoeOutput o1 = warm.forward(x, a1), o2 = dense.forward(x, a2);
+    equal(o1.y, o2.y, "y");
+    EXPECT_EQ(o1.z_loss, o2.z_loss);
+    EXPECT_EQ(o1.aux_loss, 0);
+    EXPECT_EQ(o1.stats.routed, std::vector<int64_t>(static_cast<size_t>(cfg.n_experts), 10));
+    Tensor dx1 = Tensor::empty(x.shape(), DType::F64), dx2 = Tensor::empty(x.shape(), DType::F64);
+    warm.zero_grad();
+    dense.zero_grad();
+    warm.backward(dy, dx1, a1);
+    dense.backward(dy, dx2, a2);
+    equal(dx1, dx2, "dx");
+    equal(warm.grads().w_router, dense.grads().w_router, "router gradient");
+    equal(warm.grads().experts.w_down, dense.grads().experts.w_down, "expert gradient");
+    // Warm-up over: the configured routing, as a layer that never warmed up.
+    warm.set_dense_routing(false);
+    MoeLayer plain = test::random_layer(cfg, DType::F64, 9);
+    test::copy_params(warm.params(), plain.params());
+    equal(forward(warm, x, a1).y, forward(plain, x, a2).y, "y after warm-up");
+  }
+  MoeConfig noisy = router_config(RouterKind::noisy_topk);
+  MoeLayer layer(noisy, DType::F64);
+  try {
+    layer.set_dense_routing(true);
+    ADD_FAILURE() << "noisy_topk's 2E logit rows were not refused";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("the noisy_topk router has 8 logit rows for 4 experts"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+// Global-batch balancing: f counts every micro-batch of the step so far. The first micro-batch's
+// losses are the plain ones; the second's use both batches' counts (checked against the
+// formula, and its gradient by finite differences in double precision with the first batch
+// replayed before every evaluation); after_step() starts a new window; inference adds nothing.
+TEST(Routers, GlobalBalanceCountsTheStepsMicroBatches) {
+  MoeConfig cfg = router_config(RouterKind::topk);
+  cfg.n_experts = 6;
+  cfg.aux_loss_coef = 0.3;
+  cfg.device_aux_loss_coef = 0.2;
+  cfg.n_devices = 2;
+  MoeConfig global = cfg;
+  global.global_balance = true;
+  const int64_t D = cfg.d_model, E = cfg.n_experts, K = cfg.top_k;
+  MoeLayer g = test::random_layer(global, DType::F64, 3);
+  MoeLayer plain = test::random_layer(cfg, DType::F64, 4);
+  test::copy_params(g.params(), plain.params());
+  const Tensor x1 = test::random_tensor({12, D}, DType::F64, 5);
+  const Tensor x2 = test::random_tensor({9, D}, DType::F64, 6);
+  Arena a1, a2;
+  const MoeOutput o1 = forward(g, x1, a1);
+  EXPECT_EQ(o1.aux_loss, forward(plain, x1, a2).aux_loss);
+  const std::vector<int64_t> c1 = o1.stats.routed;
+  const MoeOutput o2 = forward(g, x2, a1);
+  // The expected losses from the two batches' counts and the second one's probabilities.
+  std::vector<double> f(static_cast<size_t>(E)), p(static_cast<size_t>(E), 0.0);
+  for (int64_t e = 0; e < E; ++e)
+    f[static_cast<size_t>(e)] =
+        static_cast<double>(c1[static_cast<size_t>(e)] + o2.stats.routed[static_cast<size_t>(e)]) /
+        (21.0 * static_cast<double>(K));
+  const Tensor& l = o2.router_logits;
+  for (int64_t t = 0; t < 9; ++t) {
+    double mx = -1e300, sum = 0;
+    for (int64_t e = 0; e < E; ++e) mx = std::max(mx, l.at(t * E + e));
+    for (int64_t e = 0; e < E; ++e) sum += std::exp(l.at(t * E + e) - mx);
+    for (int64_t e = 0; e < E; ++e)
+      p[static_cast<size_t>(e)] += std::exp(l.at(t * E + e) - mx) / sum / 9.0;
+  }
+  double aux = 0, dev = 0;
+  for (int64_t e = 0; e < E; ++e)
+    aux += cfg.aux_loss_coef * static_cast<double>(E) * f[static_cast<size_t>(e)] *
+           p[static_cast<size_t>(e)];
+  for (int64_t d = 0; d < 2; ++d) {
+    double fd = 0, pd = 0;
+    for (int64_t e = 3 * d; e < 3 * d + 3; ++e) {
+      fd += static_cast<double>(E) * f[static_cast<size_t>(e)] / 3.0;
+      pd += p[static_cast<size_t>(e)];
+    }
+    dev += cfg.device_aux_loss_coef * fd * pd;
+  }
+  EXPECT_NEAR(o2.aux_loss, aux + dev, 1e-14);
+  EXPECT_NE(o2.aux_loss, forward(plain, x2, a2).aux_loss);
+
+  // Finite differences of L = <y, dy> + aux + z at the second micro-batch.
+  const Tensor dy = test::random_tensor({9, D}, DType::F64, 7);
+  auto objective = [&] {
+    g.after_step();
+    forward(g, x1, a1);
+    const MoeOutput o = forward(g, x2, a2);
+    double v = o.aux_loss + o.z_loss;
+    for (int64_t i = 0; i < dy.numel(); ++i) v += o.y.at(i) * dy.at(i);
+    return v;
+  };
+  objective();
+  g.zero_grad();
+  Tensor dx = Tensor::empty(x2.shape(), DType::F64);
+  g.backward(dy, dx, a2);
+  Tensor& wr = g.params().w_router;
+  for (int64_t i = 0; i < wr.numel(); ++i) {
+    double* v = wr.data<double>() + i;
+    const double saved = *v, h = 1e-6;
+    *v = saved + h;
+    const double lp = objective();
+    *v = saved - h;
+    const double lm = objective();
+    *v = saved;
+    ASSERT_NEAR(g.grads().w_router.at(i), (lp - lm) / (2 * h), 1e-7) << "router weight " << i;
+  }
+  // A new step's window, and inference, count this batch alone.
+  g.after_step();
+  EXPECT_EQ(forward(g, x2, a1).aux_loss, forward(plain, x2, a2).aux_loss);
+  g.after_step();
+  g.set_training(false);
+  forward(g, x1, a1);
+  g.set_training(true);
+  EXPECT_EQ(forward(g, x2, a1).aux_loss, forward(plain, x2, a2).aux_loss);
+}
+
 TEST(Routers, BadParametersGiveClearErrors) {
   auto expect_error = [](void (*edit)(MoeConfig&), const std::string& needle) {
     MoeConfig cfg = test::base_config();
@@ -276,6 +418,20 @@ TEST(Routers, BadParametersGiveClearErrors) {
       },
       "frozen_experts[1] = 9 is not an expert index in [0, 4)");
   expect_error([](MoeConfig& c) { c.capacity_group = -2; }, "capacity_group must be >= 0");
+  expect_error(
+      [](MoeConfig& c) {
+        c.device_aux_loss_coef = 0.05;
+        c.n_devices = 3;
+      },
+      "the device-level balance loss needs n_devices >= 1 dividing n_experts = 4, got 3");
+  expect_error(
+      [](MoeConfig& c) {
+        c.router = RouterKind::soft;
+        c.device_aux_loss_coef = 0.05;
+        c.n_devices = 2;
+      },
+      "the device-level balance loss (device_aux_loss_coef) needs the topk or switch router, got "
+      "soft");
   nlohmann::json j = test::base_config();
   j["router"] = "random";
   try {

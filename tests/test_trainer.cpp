@@ -222,6 +222,45 @@ namespace moe {
 
 // A fixed token batch (moe train --tokens): every step trains on all of it, and the model
 // overfits it.
+// --router-warmup: the first steps route every token to every expert (perfectly even load),
+// the following ones sparsely; a run stopped inside the warm-up resumes bit for bit; a router
+// that cannot route densely is refused when the trainer is made.
+TEST(Trainer, RouterWarmupRoutesDenselyThenSparsely) {
+  const Corpus corpus = toy_corpus();
+  ModelConfig m = toy_model();
+  m.moe.router = RouterKind::topk;
+  TrainConfig cfg = toy_train(5);
+  cfg.router_warmup = 2;
+  const std::string dir = temp_dir("warmup");
+  std::vector<double> straight, resumed;
+  {
+    Trainer t(m, cfg, corpus);
+    for (int i = 0; i < 5; ++i) {
+      const StepLog log = t.train_step();
+      straight.push_back(log.loss);
+      if (i < 2) {
+        EXPECT_EQ(log.load_imbalance, 1.0) << "step " << log.step;
+      } else {
+        EXPECT_GT(log.load_imbalance, 1.0) << "step " << log.step;
+      }
+    }
+  }
+  {
+    Trainer t(m, cfg, corpus);
+    resumed.push_back(t.train_step().loss);
+    t.save(dir);
+  }
+  {
+    Trainer t(m, cfg, corpus);
+    t.resume(dir);
+    for (int i = 0; i < 4; ++i) resumed.push_back(t.train_step().loss);
+  }
+  EXPECT_EQ(straight, resumed);
+  std::filesystem::remove_all(dir);
+  m.moe.router = RouterKind::noisy_topk;
+  EXPECT_THROW(Trainer(m, cfg, corpus), Error);
+}
+
 TEST(Trainer, FixedTokenBatchOverfits) {
   TrainConfig t;
   t.steps = 40;

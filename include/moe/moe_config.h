@@ -59,6 +59,15 @@ struct MoeConfig {
   DropPolicy drop_policy = DropPolicy::position;
   double aux_loss_coef = 0.01;  // alpha of the Switch/GShard load-balancing loss
   double z_loss_coef = 0.001;   // beta of the ST-MoE router z-loss
+  // DeepSeek-V2's device-level balance loss (section 3.3.3), topk and switch routers: the experts
+  // in n_devices groups of consecutive indices (as expert parallelism places them), and
+  // coef * sum_d mean_{i in d}(f_i) * sum_{i in d} P_i (docs/routing.md). 0: off.
+  double device_aux_loss_coef = 0;
+  int64_t n_devices = 0;
+  // Global-batch balancing (topk and switch routers, training): the balancing losses' f counts
+  // the choices of every micro-batch of the optimizer step so far (and, under expert
+  // parallelism, of every rank), not just this micro-batch's (docs/routing.md).
+  bool global_balance = false;
   RouterKind router = RouterKind::topk;
   double jitter_eps = 0;       // training: router input times U(1 - eps, 1 + eps) (Switch)
   double explore_prob = 0;     // training: a slot's expert replaced by a random one with this p

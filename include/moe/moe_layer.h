@@ -129,6 +129,14 @@ class MoeLayer {
   DType dtype() const { return dtype_; }
   Router& router() { return *router_; }
 
+  // Dense routing (router warm-up, TrainConfig::router_warmup): while on, every token goes to
+  // every expert weighted by the softmax of the router logits (the soft router, on the same
+  // router weights), whatever the configured router, with no capacity limit; then the configured
+  // sparse routing takes over. Refused for routers whose logits are not one per expert
+  // (hierarchical).
+  void set_dense_routing(bool on);
+  bool dense_routing() const { return dense_; }
+
   // Training mode (the default) enables the routers' noise, jitter and exploration.
   void set_training(bool training) { training_ = training; }
   bool training() const { return training_; }
@@ -192,6 +200,10 @@ class MoeLayer {
   MoeParams params_;
   MoeParams grads_;
   std::unique_ptr<Router> router_;
+  // set_dense_routing: the soft router and its config, and whether the last forward used them.
+  MoeConfig dense_cfg_;
+  std::unique_ptr<Router> dense_router_;
+  bool dense_ = false, dense_forward_ = false;
   Rng rng_;
   bool training_ = true;
   const std::vector<double>* noise_normal_ = nullptr;

@@ -102,6 +102,9 @@ class Router {
   // Called once per optimizer step with the tokens each expert received (DeepSeek-V3's
   // auxiliary-loss-free bias update); most routers do nothing.
   virtual void after_step(const std::vector<int64_t>& /*routed*/) {}
+  // Called at the end of every optimizer step, frozen router or not: routers that keep
+  // statistics of the step's micro-batches (global_balance) clear them.
+  virtual void end_step() {}
 
   // The per-expert selection bias [E] of routers that have one (DeepSeek-V3's
   // e_score_correction_bias): router state, saved with the model but not trained by gradient.

@@ -58,6 +58,10 @@ struct TrainConfig {
   // the student's plain cross-entropy.
   std::string teacher;
   double soft_weight = 0.25;
+  // Router warm-up: the first router_warmup steps route every token to every expert, weighted by
+  // the softmax of the router logits (MoeLayer::set_dense_routing); the configured sparse
+  // routing follows. 0: none.
+  int64_t router_warmup = 0;
 
   void validate() const;
   // dtype with "auto" resolved on this machine: "f32" or "bf16".

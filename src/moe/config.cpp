@@ -28,6 +28,20 @@ void MoeConfig::validate() const {
             "aux_loss_coef must be finite and >= 0, got {}", aux_loss_coef);
   MOE_CHECK(std::isfinite(z_loss_coef) && z_loss_coef >= 0, w,
             "z_loss_coef must be finite and >= 0, got {}", z_loss_coef);
+  MOE_CHECK(std::isfinite(device_aux_loss_coef) && device_aux_loss_coef >= 0, w,
+            "device_aux_loss_coef must be finite and >= 0, got {}", device_aux_loss_coef);
+  MOE_CHECK(n_devices >= 0, w, "n_devices must be >= 0, got {}", n_devices);
+  MOE_CHECK(!global_balance || router == RouterKind::topk || router == RouterKind::switch_top1, w,
+            "global_balance needs the topk or switch router, got {}", to_string(router));
+  if (device_aux_loss_coef > 0) {
+    MOE_CHECK(router == RouterKind::topk || router == RouterKind::switch_top1, w,
+              "the device-level balance loss (device_aux_loss_coef) needs the topk or switch "
+              "router, got {}",
+              to_string(router));
+    MOE_CHECK(n_devices >= 1 && n_experts % n_devices == 0, w,
+              "the device-level balance loss needs n_devices >= 1 dividing n_experts = {}, got {}",
+              n_experts, n_devices);
+  }
   MOE_CHECK(std::isfinite(jitter_eps) && jitter_eps >= 0 && jitter_eps < 1, w,
             "jitter_eps must be in [0, 1), got {}", jitter_eps);
   MOE_CHECK(std::isfinite(explore_prob) && explore_prob >= 0 && explore_prob <= 1, w,
@@ -106,6 +120,9 @@ std::string MoeConfig::summary() const {
   if (router != RouterKind::topk) s += fmt::format(" router={}", to_string(router));
   if (jitter_eps > 0) s += fmt::format(" jitter={}", jitter_eps);
   if (explore_prob > 0) s += fmt::format(" explore={}", explore_prob);
+  if (device_aux_loss_coef > 0)
+    s += fmt::format(" device-balance={}x{}", device_aux_loss_coef, n_devices);
+  if (global_balance) s += " global-balance";
   if (freeze_router) s += " frozen-router";
   if (!frozen_experts.empty()) s += fmt::format(" frozen-experts={}", frozen_experts.size());
   return s;
@@ -211,6 +228,9 @@ void to_json(nlohmann::json& j, const MoeConfig& c) {
        {"drop_policy", to_string(c.drop_policy)},
        {"aux_loss_coef", c.aux_loss_coef},
        {"z_loss_coef", c.z_loss_coef},
+       {"device_aux_loss_coef", c.device_aux_loss_coef},
+       {"n_devices", c.n_devices},
+       {"global_balance", c.global_balance},
        {"router", to_string(c.router)},
        {"jitter_eps", c.jitter_eps},
        {"explore_prob", c.explore_prob},
@@ -252,6 +272,9 @@ void from_json(const nlohmann::json& j, MoeConfig& c) {
         parse_drop_policy(json_value(j, "drop_policy", std::string("position"), "moe.config"));
     json_into(j, "aux_loss_coef", c.aux_loss_coef, "moe.config");
     json_into(j, "z_loss_coef", c.z_loss_coef, "moe.config");
+    json_into(j, "device_aux_loss_coef", c.device_aux_loss_coef, "moe.config");
+    json_into(j, "n_devices", c.n_devices, "moe.config");
+    json_into(j, "global_balance", c.global_balance, "moe.config");
     c.router = parse_router_kind(json_value(j, "router", std::string("topk"), "moe.config"));
     json_into(j, "jitter_eps", c.jitter_eps, "moe.config");
     json_into(j, "explore_prob", c.explore_prob, "moe.config");

@@ -203,8 +203,26 @@ void MoeLayer::set_noise(const std::vector<double>* normal, const std::vector<do
   noise_uniform_ = uniform;
 }
 
+void MoeLayer::set_dense_routing(bool on) {
+  if (on && !dense_router_) {
+    MOE_CHECK(router_->logit_rows() == cfg_.n_experts, "moe.router_warmup",
+              "dense warm-up routes with one logit per expert; the {} router has {} logit rows "
+              "for {} experts",
+              router_->name(), router_->logit_rows(), cfg_.n_experts);
+    dense_cfg_ = cfg_;
+    dense_cfg_.router = RouterKind::soft;
+    dense_cfg_.capacity_factor = 0;  // every expert takes every token
+    dense_cfg_.explore_prob = 0;
+    dense_cfg_.device_aux_loss_coef = 0;
+    dense_cfg_.global_balance = false;
+    dense_router_ = make_router(dense_cfg_);
+  }
+  dense_ = on;
+}
+
 void MoeLayer::after_step() {
   if (!cfg_.freeze_router && !step_routed_.empty()) router_->after_step(step_routed_);
+  router_->end_step();
   step_routed_.clear();
 }
 
@@ -757,10 +775,13 @@ void MoeLayer::forward(const Tensor& x, Arena& arena, MoeOutput& out) {
   const Placement where{ep_.get(), source_.get(), source_index_};
   NoiseSource noise = noise_normal_ || noise_uniform_ ? NoiseSource(noise_normal_, noise_uniform_)
                                                       : NoiseSource(&rng_);
+  dense_forward_ = dense_;
+  const MoeConfig& cfg = dense_ ? dense_cfg_ : cfg_;
+  Router& router = dense_ ? *dense_router_ : *router_;
   if (dtype_ == DType::F64) {
-    forward_impl<double>(cfg_, params_, *router_, training_, noise, *saved_, x, arena, where, out);
+    forward_impl<double>(cfg, params_, router, training_, noise, *saved_, x, arena, where, out);
   } else {
-    forward_impl<float>(cfg_, params_, *router_, training_, noise, *saved_, x, arena, where, out);
+    forward_impl<float>(cfg, params_, router, training_, noise, *saved_, x, arena, where, out);
   }
   // Training forwards since the last step (all micro-batches of an accumulated step) add up.
   if (training_) {
@@ -778,11 +799,14 @@ MoeOutput MoeLayer::forward(const Tensor& x, Arena& arena) {
 void MoeLayer::backward(const Tensor& dy, Tensor& dx, Arena& arena, double d_aux, double d_z,
                         const Tensor* dlogits_extra) {
   MOE_CHECK(!source_, "moe.offload", "offloaded experts run inference only: no backward");
+  // The routing of the forward this backward follows.
+  const MoeConfig& cfg = dense_forward_ ? dense_cfg_ : cfg_;
+  Router& router = dense_forward_ ? *dense_router_ : *router_;
   if (dtype_ == DType::F64) {
-    backward_impl<double>(cfg_, params_, grads_, *router_, *saved_, dy, dx, arena, d_aux, d_z,
+    backward_impl<double>(cfg, params_, grads_, router, *saved_, dy, dx, arena, d_aux, d_z,
                           ep_.get(), first_expert_, dlogits_extra);
   } else {
-    backward_impl<float>(cfg_, params_, grads_, *router_, *saved_, dy, dx, arena, d_aux, d_z,
+    backward_impl<float>(cfg, params_, grads_, router, *saved_, dy, dx, arena, d_aux, d_z,
                          ep_.get(), first_expert_, dlogits_extra);
   }
 }

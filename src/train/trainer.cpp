@@ -47,6 +47,7 @@ void TrainConfig::validate() const {
             "dtype must be f32, bf16 or auto, got '{}'", dtype);
   MOE_CHECK(std::isfinite(soft_weight) && soft_weight >= 0 && soft_weight <= 1, w,
             "soft_weight must be in [0, 1], got {}", soft_weight);
+  MOE_CHECK(router_warmup >= 0, w, "router_warmup must be >= 0, got {}", router_warmup);
 }
 
 std::string TrainConfig::matmul_dtype() const {
@@ -87,7 +88,8 @@ void to_json(nlohmann::json& j, const TrainConfig& c) {
        {"expert_parallel", c.expert_parallel},
        {"dtype", c.dtype},
        {"teacher", c.teacher},
-       {"soft_weight", c.soft_weight}};
+       {"soft_weight", c.soft_weight},
+       {"router_warmup", c.router_warmup}};
 }
 
 void from_json(const nlohmann::json& j, TrainConfig& c) {
@@ -121,6 +123,7 @@ void from_json(const nlohmann::json& j, TrainConfig& c) {
     json_into(j, "dtype", c.dtype, "train.config");
     json_into(j, "teacher", c.teacher, "train.config");
     json_into(j, "soft_weight", c.soft_weight, "train.config");
+    json_into(j, "router_warmup", c.router_warmup, "train.config");
   } catch (const nlohmann::json::exception& e) {
     throw_error("train.config", fmt::format("bad value: {}", e.what()));
   }
@@ -141,6 +144,8 @@ Rng Trainer::setup() {
   Rng rng(cfg_.seed);
   model_->init(rng);
   model_->set_experts_only(cfg_.only_experts);
+  if (cfg_.router_warmup > 0)  // refused now, not at the first step, where it cannot apply
+    for (MoeLayer* m : model_->moe_layers()) m->set_dense_routing(true);
   // A distributed run: every rank initializes the whole model as one process would, then keeps
   // its own experts and its share of each batch.
   const dist::Comm world = dist::Comm::world();
@@ -351,6 +356,7 @@ StepLog Trainer::train_step() {
   log.step = step_ + 1;
   model_->zero_grad();
   model_->set_training(true);
+  for (MoeLayer* m : model_->moe_layers()) m->set_dense_routing(step_ < cfg_.router_warmup);
   double imbalance = 0;
   int64_t moe_layers = 0;
   for (int64_t micro = 0; micro < cfg_.grad_accum; ++micro) {

@@ -3,7 +3,9 @@
 #  1. 2 and 4 ranks (EP=2, EP=4, EP=2 x DP=2) give the routing of one process at every step
 #     (each expert's token count per layer, exactly) and its losses within a float32
 #     reduction-order tolerance (relative 1e-6);
-#  2. a checkpoint saved with EP=2 resumes with EP=1 and with EP=4 on the same trajectory.
+#  2. the same with the balancing options (router warm-up, global-batch and device-level
+#     balancing) on 2 ranks;
+#  3. a checkpoint saved with EP=2 resumes with EP=1 and with EP=4 on the same trajectory.
 # usage: train_equivalence.sh MOE_BINARY WORK_DIR
 set -euo pipefail
 moe=$1
@@ -28,6 +30,15 @@ for run in "2 2" "4 4" "4 2"; do
     --out "$name" --log "$name.jsonl" > /dev/null
   compare one.jsonl "$name.jsonl"
 done
+
+# The balancing options: dense warm-up (the soft router), global-batch balancing over two
+# accumulated micro-batches and the device-level loss over the 2 ranks, against one process.
+bal=(--router-warmup 2 --global-balance --grad-accum 2 --device-aux-coef 0.05 --devices 2)
+"$moe" train "${args[@]}" "${bal[@]}" --out bal_one --log bal_one.jsonl > /dev/null
+echo "== mpirun -np 2 moe train --expert-parallel 2 ${bal[*]}"
+mpirun -np 2 --oversubscribe "$moe" train "${args[@]}" "${bal[@]}" --expert-parallel 2 \
+  --out bal_np2 --log bal_np2.jsonl > /dev/null
+compare bal_one.jsonl bal_np2.jsonl
 
 # Resharding: the EP=2 run's step-3 checkpoint, resumed with EP=1 and EP=4.
 for ep in 1 4; do

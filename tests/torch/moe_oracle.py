@@ -37,6 +37,9 @@ DEFAULTS = {
     "drop_policy": "position",
     "aux_loss_coef": 0.01,
     "z_loss_coef": 0.001,
+    "device_aux_loss_coef": 0.0,
+    "n_devices": 0,
+    "global_balance": False,
     "router": "topk",
     "jitter_eps": 0.0,
     "explore_prob": 0.0,
@@ -219,8 +222,9 @@ def pairs_from_idx(idx, w, score):
     return tok, idx.flatten().tolist(), slot, w.flatten(), score.flatten()
 
 
-def route_topk(cfg, l, draws, training, bias):
-    """Softmax top-k (Shazeer 2017 without noise, Switch, Mixtral), with exploration."""
+def route_topk(cfg, l, draws, training, bias, prior=None):
+    """Softmax top-k (Shazeer 2017 without noise, Switch, Mixtral), with exploration. prior =
+    (counts [E], tokens) of the step's earlier micro-batches, which global_balance adds to f."""
     N, E = l.shape
     K = cfg["top_k"]
     if cfg["router"] == "switch":
@@ -263,8 +267,18 @@ def route_topk(cfg, l, draws, training, bias):
                     sequential_matters += unused_orig[int(math.floor(v))] != int(idx[t, j])
     psel = p.gather(1, idx)
     w = psel / psel.sum(dim=1, keepdim=True) if cfg["renormalize"] else psel
-    f = torch.bincount(idx.flatten(), minlength=E).to(l.dtype) / (N * K)
+    counts, tokens = torch.bincount(idx.flatten(), minlength=E).to(l.dtype), N
+    if cfg["global_balance"] and training and prior is not None:
+        counts, tokens = counts + torch.tensor(prior[0], dtype=l.dtype), tokens + prior[1]
+    f = counts / (tokens * K)
     aux = cfg["aux_loss_coef"] * E * (f * p.mean(dim=0)).sum()
+    if cfg["device_aux_loss_coef"] > 0:
+        # DeepSeek-V2 eq. 14-16: f'_d = mean of the group's f_i (f_i = E / (K N) * count_i),
+        # P'_d = sum of the group's mean probabilities
+        D = cfg["n_devices"]
+        fd = (E * f).reshape(D, E // D).mean(dim=1)
+        pdv = p.mean(dim=0).reshape(D, E // D).sum(dim=1)
+        aux = aux + cfg["device_aux_loss_coef"] * (fd * pdv).sum()
     tok, exp, slot, w, score = pairs_from_idx(idx, w, pd.gather(1, idx))
     return {"tok": tok, "exp": exp, "slot": slot, "w": w, "score": score, "aux": aux,
             "z": z_loss(cfg, l), "checks": checks, "K": K, "explored": explored,
@@ -546,7 +560,7 @@ def apply_capacity(cfg, rt, N):
     return kept, caps.pop(), checks
 
 
-def moe_forward(cfg, P, x, draws, training, bias):
+def moe_forward(cfg, P, x, draws, training, bias, prior=None):
     N, D = x.shape
     E = cfg["n_experts"]
     xr = x
@@ -555,7 +569,10 @@ def moe_forward(cfg, P, x, draws, training, bias):
         eps = cfg["jitter_eps"]
         xr = x * (1 - eps + 2 * eps * draws.uniform(N * D).view(N, D))
     logits = xr @ P["router.weight"].T
-    rt = ROUTERS[cfg["router"]](cfg, logits, draws, training, bias)
+    if prior is not None:
+        rt = ROUTERS[cfg["router"]](cfg, logits, draws, training, bias, prior=prior)
+    else:
+        rt = ROUTERS[cfg["router"]](cfg, logits, draws, training, bias)
 
     if cfg["router"] == "expert_choice":
         # C tokens per expert by construction: the layer's capacity step does not apply
@@ -631,15 +648,26 @@ def tensor_json(t):
 
 
 def make_case(name, cfg, N, seed, d_aux=1.0, d_z=1.0, special=None, require=None, ties=False,
-              extra=None, training=True):
-    """Draws seed, seed+1, ... until the draw satisfies the margins and `require`."""
+              extra=None, training=True, earlier=0):
+    """Draws seed, seed+1, ... until the draw satisfies the margins and `require`. earlier > 0:
+    the layer first runs a micro-batch of that many tokens (earlier_x), whose routing counts
+    global_balance adds to f."""
     why = None
     for attempt in range(MAX_DRAWS):
         s = seed + attempt
         P, x, dy, noise, bias = draw(cfg, N, s, special, training)
+        prior = None
+        if earlier > 0:
+            earlier_x = torch.randn(earlier, cfg["d_model"])
+            with torch.no_grad():
+                _, _, _, info0 = moe_forward(cfg, P, earlier_x, Draws([], []), training, bias)
+            prior = (info0["routed"], earlier)
+            why = routing_problems(cfg, info0, ties)
+            if why is not None:
+                continue
         with torch.no_grad():
             draws = Draws(noise["normal"], noise["uniform"])
-            _, _, _, info = moe_forward(cfg, P, x, draws, training, bias)
+            _, _, _, info = moe_forward(cfg, P, x, draws, training, bias, prior)
         # the draws are exactly those the doc lists for this method
         assert draws.used == {k: len(v) for k, v in noise.items()}, (name, draws.used)
         why = routing_problems(cfg, info, ties)
@@ -654,7 +682,7 @@ def make_case(name, cfg, N, seed, d_aux=1.0, d_z=1.0, special=None, require=None
     for t in P.values():
         t.requires_grad_(True)
     y, aux, z, info = moe_forward(cfg, P, x, Draws(noise["normal"], noise["uniform"]), training,
-                                  bias)
+                                  bias, prior)
     L = (y * dy).sum() + d_aux * aux + d_z * z
     L.backward()
     grads = {k: v.grad.detach().clone() for k, v in P.items()}
@@ -676,6 +704,7 @@ def make_case(name, cfg, N, seed, d_aux=1.0, d_z=1.0, special=None, require=None
         "d_z": d_z,
         "x": tensor_json(x),
         "dy": tensor_json(dy),
+        "earlier_x": tensor_json(earlier_x) if earlier > 0 else None,
         "params": {k: tensor_json(v) for k, v in P.items()},
         "y": tensor_json(y),
         "aux_loss": float(aux),
@@ -770,6 +799,17 @@ def build_cases():
 
     add("mixtral_top2_swiglu",
         full_config(d_model=8, d_ffn=6, n_experts=8, top_k=2, act="swiglu"), N=32, seed=101)
+    # global-batch balancing: f counts an earlier micro-batch of the step too; with the
+    # device-level loss, whose f'_d does as well
+    add("top2_global_balance",
+        full_config(d_model=8, d_ffn=5, n_experts=6, top_k=2, act="swiglu", aux_loss_coef=0.1,
+                    global_balance=True, device_aux_loss_coef=0.05, n_devices=3),
+        N=16, seed=121, d_aux=2.0, earlier=20)
+    # DeepSeek-V2's device-level balance loss: 8 experts on 4 devices, alpha_2 = 0.05
+    add("top2_device_balance",
+        full_config(d_model=8, d_ffn=5, n_experts=8, top_k=2, act="swiglu",
+                    device_aux_loss_coef=0.05, n_devices=4),
+        N=24, seed=111, d_aux=2.0)
     add("switch_top1_relu_no_renorm",
         full_config(d_model=6, d_ffn=8, n_experts=4, top_k=1, act="relu", renormalize=False),
         N=24, seed=202, d_aux=0.7)

@@ -223,6 +223,10 @@ void run_case(const json& c, DType dtype, Report& report) {
     *bias = c.at("selection_bias").get<std::vector<double>>();
   }
 
+  // An earlier micro-batch of the same step, whose choices global_balance counts too.
+  Arena earlier_arena;
+  if (c.contains("earlier_x") && !c.at("earlier_x").is_null())
+    layer.forward(tensor_of(c.at("earlier_x"), dtype), earlier_arena);
   Arena arena;
   MoeOutput out = layer.forward(x, arena);
   compare("y", out.y, ref_of(c.at("y")), dtype, name, report);

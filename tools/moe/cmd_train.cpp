@@ -34,7 +34,9 @@ struct TrainArgs {
   std::string log;
   std::string router;
   int64_t experts = 0, top_k = 0;
-  double aux_coef = -1, z_coef = -1;
+  double aux_coef = -1, z_coef = -1, device_aux_coef = -1;
+  int64_t devices = 0;
+  bool global_balance = false;
   bool freeze_router = false;
   std::vector<int64_t> freeze_experts;
   int threads = 0;
@@ -84,6 +86,12 @@ void apply_overrides(const TrainArgs& a, ModelConfig& mcfg) {
   if (a.aux_coef >= 0)
     (mcfg.joint_aux_loss_coef > 0 ? mcfg.joint_aux_loss_coef : mcfg.moe.aux_loss_coef) = a.aux_coef;
   if (a.z_coef >= 0) mcfg.moe.z_loss_coef = a.z_coef;
+  if (a.device_aux_coef >= 0) mcfg.moe.device_aux_loss_coef = a.device_aux_coef;
+  if (a.devices > 0) mcfg.moe.n_devices = a.devices;
+  if (a.global_balance) mcfg.moe.global_balance = true;
+  // The devices of the device-level loss are the expert-parallel ranks unless given.
+  if (mcfg.moe.device_aux_loss_coef > 0 && mcfg.moe.n_devices == 0)
+    mcfg.moe.n_devices = a.train.expert_parallel;
   mcfg.validate();
 }
 
@@ -349,6 +357,19 @@ void add_training_options(CLI::App* cmd, TrainArgs& a) {
   cmd->add_option("--top-k", a.top_k, "override experts per token");
   cmd->add_option("--aux-coef", a.aux_coef, "override the load-balancing loss coefficient");
   cmd->add_option("--z-coef", a.z_coef, "override the router z-loss coefficient");
+  cmd->add_option("--router-warmup", a.train.router_warmup,
+                  "route every token to every expert (softmax weights) for the first N steps, "
+                  "then sparsely as configured")
+      ->capture_default_str();
+  cmd->add_option("--device-aux-coef", a.device_aux_coef,
+                  "DeepSeek-V2's device-level balance loss coefficient (0.05 in the paper; topk "
+                  "and switch routers)");
+  cmd->add_flag("--global-balance", a.global_balance,
+                "balancing losses count the choices of the whole step (every micro-batch so far "
+                "and every rank), not of each micro-batch alone (topk and switch routers)");
+  cmd->add_option("--devices", a.devices,
+                  "devices of the device-level loss: groups of consecutive experts (default: the "
+                  "--expert-parallel ranks)");
   add_finetune_switches(cmd, a);
   cmd->add_option("--seed", a.train.seed, "random seed")->capture_default_str();
   cmd->add_option("--expert-parallel", a.train.expert_parallel,

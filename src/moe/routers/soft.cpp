@@ -10,6 +10,8 @@ namespace {
 class SoftRouter : public RouterImpl<SoftRouter> {
  public:
   using RouterImpl::RouterImpl;
+  // Per token; the z-loss's statistics go through RouterForward::batch.
+  bool supports_expert_parallel() const override { return true; }
 
   template <class T>
   void fwd(RouterForward<T>& f) {
@@ -23,9 +25,18 @@ class SoftRouter : public RouterImpl<SoftRouter> {
       plan.score[p] = plan.weight[p];
     }
     f.plan = plan;
-    f.z_loss = z_loss(lse, N, cfg_.z_loss_coef);
-    f.entropy = mean_entropy(plan.weight, N, E);
+    // The batch's [tokens, sum of lse^2, entropy sum], over the ranks sharing it.
+    double st[3] = {static_cast<double>(N), 0, 0};
+    for (int64_t t = 0; t < N; ++t) st[1] += static_cast<double>(lse[t]) * lse[t];
+    for (int64_t i = 0; i < N * E; ++i) {
+      const double p = static_cast<double>(plan.weight[i]);
+      if (p > 0) st[2] -= p * std::log(p);
+    }
+    if (f.batch) f.batch->sum(st, 3);
+    f.z_loss = st[0] > 0 ? cfg_.z_loss_coef * st[1] / st[0] : 0;
+    f.entropy = st[0] > 0 ? st[2] / st[0] : 0;
     n_ = N;
+    n_batch_ = static_cast<int64_t>(st[0]);
     probs_ = plan.weight;
     lse_ = lse;
   }
@@ -35,7 +46,7 @@ class SoftRouter : public RouterImpl<SoftRouter> {
     const int64_t E = cfg_.n_experts;
     const T* probs = static_cast<const T*>(probs_);
     const T* lse = static_cast<const T*>(lse_);
-    const T zs = static_cast<T>(d_z * cfg_.z_loss_coef * 2.0 / static_cast<double>(n_));
+    const T zs = static_cast<T>(d_z * cfg_.z_loss_coef * 2.0 / static_cast<double>(n_batch_));
     for (int64_t t = 0; t < n_; ++t) {
       T* g = dlogits + t * E;
       std::copy_n(dweight + t * E, E, g);
@@ -44,7 +55,7 @@ class SoftRouter : public RouterImpl<SoftRouter> {
   }
 
  private:
-  int64_t n_ = 0;
+  int64_t n_ = 0, n_batch_ = 0;  // tokens here, and in the whole batch
   const void* probs_ = nullptr;  // [N, E], also the plan's weights
   const void* lse_ = nullptr;    // [N]
 };

@@ -12,6 +12,7 @@ class TopkRouter : public RouterImpl<TopkRouter> {
  public:
   using RouterImpl::RouterImpl;
   bool supports_expert_parallel() const override { return true; }
+  void end_step() override { window_.clear(); }
   template <class T>
   void fwd(RouterForward<T>& f);
   template <class T>
@@ -20,6 +21,10 @@ class TopkRouter : public RouterImpl<TopkRouter> {
  private:
   template <class T>
   void explore(RoutingPlan<T>& plan, const T* probs, int64_t n, NoiseSource& noise, Arena& arena);
+  // Adds the device-level loss's gradient w.r.t. one token's probabilities (the same for every
+  // token): d * coef * f'_d / N for each expert of device d.
+  template <class T>
+  void device_loss_grad(T* dprobs_row, double d) const;
 
   struct Saved {
     int64_t n = 0;                    // tokens here
@@ -29,8 +34,12 @@ class TopkRouter : public RouterImpl<TopkRouter> {
     const int32_t* expert = nullptr;  // [N, K]
     const void* top_p = nullptr;      // [N, K]
     const void* weight = nullptr;     // [N, K]
-    const int64_t* counts = nullptr;  // [E]
+    const int64_t* counts = nullptr;  // [E] the counts f is made of (global_balance: the window's)
+    int64_t n_f = 0;                  // the tokens f is made of
   } saved_;
+  // global_balance: the step's training micro-batches so far, [counts E | tokens] (end_step
+  // clears it).
+  std::vector<double> window_;
   Scratch scratch_;  // backward's per-token buffers
 };
 
@@ -57,8 +66,18 @@ void TopkRouter::fwd(RouterForward<T>& f) {
   }
   if (f.batch) f.batch->sum(st, 2 * E + 3);
   const double n = st[2 * E];
+  // f's counts: this batch's, or with global_balance those of the step's micro-batches so far.
+  const double* cf = st;
+  double nf = n;
+  if (cfg_.global_balance && f.training) {
+    if (window_.empty()) window_.assign(static_cast<size_t>(E) + 1, 0.0);
+    for (int64_t e = 0; e < E; ++e) window_[static_cast<size_t>(e)] += st[e];
+    window_[static_cast<size_t>(E)] += n;
+    cf = window_.data();
+    nf = window_[static_cast<size_t>(E)];
+  }
   int64_t* counts = arena.alloc<int64_t>(E);
-  for (int64_t e = 0; e < E; ++e) counts[e] = static_cast<int64_t>(st[e]);
+  for (int64_t e = 0; e < E; ++e) counts[e] = static_cast<int64_t>(cf[e]);
   const T rsf = static_cast<T>(cfg_.routed_scaling_factor);
   for (int64_t t = 0; t < N; ++t) {
     topk_weights(plan.weight + t * K, plan.score + t * K, K, cfg_.renormalize);
@@ -67,11 +86,26 @@ void TopkRouter::fwd(RouterForward<T>& f) {
   f.plan = plan;
   // Switch loss coef * E * sum_i f_i P_i, z-loss coef * mean lse^2 (common.h), over the batch.
   double aux = 0;
-  for (int64_t e = 0; e < E; ++e) aux += st[e] / (n * static_cast<double>(K)) * st[E + e] / n;
+  for (int64_t e = 0; e < E; ++e) aux += cf[e] / (nf * static_cast<double>(K)) * st[E + e] / n;
   f.aux_loss = n > 0 ? cfg_.aux_loss_coef * static_cast<double>(E) * aux : 0;
+  if (cfg_.device_aux_loss_coef > 0 && n > 0) {
+    // DeepSeek-V2's device-level loss: sum_d f'_d P'_d over groups of E / n_devices experts.
+    const int64_t G = E / cfg_.n_devices;
+    double dev = 0;
+    for (int64_t d = 0; d < cfg_.n_devices; ++d) {
+      double fd = 0, pd = 0;
+      for (int64_t e = d * G; e < (d + 1) * G; ++e) {
+        fd += cf[e] * static_cast<double>(E) / (nf * static_cast<double>(K));
+        pd += st[E + e] / n;
+      }
+      dev += fd / static_cast<double>(G) * pd;
+    }
+    f.aux_loss += cfg_.device_aux_loss_coef * dev;
+  }
   f.z_loss = n > 0 ? cfg_.z_loss_coef * st[2 * E + 1] / n : 0;
   f.entropy = n > 0 ? st[2 * E + 2] / n : 0;
-  saved_ = {N, static_cast<int64_t>(n), probs, lse, plan.expert, plan.score, plan.weight, counts};
+  saved_ = {N,      static_cast<int64_t>(n), probs, lse, plan.expert, plan.score, plan.weight,
+            counts, static_cast<int64_t>(nf)};
 }
 
 template <class T>
@@ -103,6 +137,20 @@ void TopkRouter::explore(RoutingPlan<T>& plan, const T* probs, int64_t n, NoiseS
 }
 
 template <class T>
+void TopkRouter::device_loss_grad(T* dprobs_row, double d) const {
+  const int64_t E = cfg_.n_experts, K = cfg_.top_k, G = E / cfg_.n_devices;
+  const double n = static_cast<double>(saved_.n_batch), nf = static_cast<double>(saved_.n_f);
+  for (int64_t dev = 0; dev < cfg_.n_devices; ++dev) {
+    double fd = 0;
+    for (int64_t e = dev * G; e < (dev + 1) * G; ++e)
+      fd += static_cast<double>(saved_.counts[e]) * static_cast<double>(E) /
+            (nf * static_cast<double>(K));
+    const T g = static_cast<T>(d * cfg_.device_aux_loss_coef * fd / static_cast<double>(G) / n);
+    for (int64_t e = dev * G; e < (dev + 1) * G; ++e) dprobs_row[e] += g;
+  }
+}
+
+template <class T>
 void TopkRouter::bwd(const T* dweight, double d_aux, double d_z, T* dlogits) {
   const int64_t N = saved_.n, E = cfg_.n_experts, K = cfg_.top_k;
   const T* probs = static_cast<const T*>(saved_.probs);
@@ -119,7 +167,8 @@ void TopkRouter::bwd(const T* dweight, double d_aux, double d_z, T* dlogits) {
   for (int64_t t = 0; t < N; ++t) {
     T* g = dlogits + t * E;
     std::fill_n(g, E, T(0));
-    balance_loss_grad(g, saved_.counts, Nb * K, Nb, E, cfg_.aux_loss_coef, d_aux);
+    balance_loss_grad(g, saved_.counts, saved_.n_f * K, Nb, E, cfg_.aux_loss_coef, d_aux);
+    if (cfg_.device_aux_loss_coef > 0) device_loss_grad(g, d_aux);
     for (int64_t j = 0; j < K; ++j) {
       du[j] = rsf * dweight[t * K + j];
       u[j] = weight[t * K + j] / rsf;
