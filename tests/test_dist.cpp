@@ -86,6 +86,9 @@ TEST(Collectives, AlltoallvDeliversEachRanksBlocks) {
 struct EpCase {
   int ep;
   DType dtype;
+  // A routing variant on top of the base config: "" (softmax top-k with the device-level loss),
+  // or a router that draws noise per token or routes densely.
+  std::string variant = "";
 };
 
 // The layer split over EP ranks (x DP replicas) gives, on each rank's tokens, the output, input
@@ -100,6 +103,26 @@ void check_layer(const EpCase& c) {
   cfg.top_k = 2;
   cfg.device_aux_loss_coef = 0.05;  // DeepSeek-V2's device-level balance, over 4 groups
   cfg.n_devices = 4;
+  if (c.variant == "noisy_topk") {
+    cfg.router = RouterKind::noisy_topk;
+    cfg.device_aux_loss_coef = 0;
+  } else if (c.variant == "jitter_explore") {
+    cfg.jitter_eps = 0.1;
+    cfg.explore_prob = 0.3;
+  } else if (c.variant == "gshard") {  // groups of one token: every rank's tokens split evenly
+    cfg.router = RouterKind::gshard;
+    cfg.capacity_group = 1;
+    cfg.device_aux_loss_coef = 0;
+  } else if (c.variant == "deepseek") {  // sequences of one token, so each rank's are whole
+    cfg.router = RouterKind::deepseek;
+    cfg.seq_len = 1;
+    cfg.n_group = 2;
+    cfg.topk_group = 1;
+    cfg.device_aux_loss_coef = 0;
+  } else if (c.variant == "soft") {
+    cfg.router = RouterKind::soft;
+    cfg.device_aux_loss_coef = 0;
+  }
   const int64_t D = cfg.d_model, E = cfg.n_experts;
   // Tokens per rank: uneven, rank 1 none.
   std::vector<int64_t> n(static_cast<size_t>(P)), first(static_cast<size_t>(P) + 1, 0);
@@ -123,7 +146,9 @@ void check_layer(const EpCase& c) {
   Tensor y_ref = ro.y.clone();
   Tensor dx_ref = Tensor::empty({Ng, D}, c.dtype);
   full.backward(dy, dx_ref, a1, 0.7, 1.3);
-  ASSERT_EQ(ro.stats.routed[3], 0) << "the case needs an expert without tokens";
+  if (c.variant.empty()) {
+    ASSERT_EQ(ro.stats.routed[3], 0) << "the case needs an expert without tokens";
+  }
 
   MoeLayer part = test::random_layer(cfg, c.dtype, 11);
   test::copy_params(full.params(), part.params());
@@ -191,6 +216,17 @@ TEST(ExpertParallel, LayerEqualsOneProcessF32) {
     SCOPED_TRACE(fmt::format("EP={} x DP={}", ep, world().size() / ep));
     check_layer({ep, DType::F32});
   }
+}
+
+// Routers that draw noise for every token (noisy top-k, jitter, exploration, GShard's second
+// expert) draw one process's noise and keep their share of it; GShard's capacity groups and the
+// soft router's statistics are summed over the ranks.
+TEST(ExpertParallel, NoisyAndDenseRoutingEqualsOneProcess) {
+  for (const char* variant : {"noisy_topk", "jitter_explore", "gshard", "deepseek", "soft"})
+    for (int ep = 1; ep <= world().size(); ep *= 2) {
+      SCOPED_TRACE(fmt::format("{}, EP={} x DP={}", variant, ep, world().size() / ep));
+      check_layer({ep, DType::F64, variant});
+    }
 }
 
 TEST(ExpertParallel, RefusesWhatItCannotSplit) {

@@ -47,9 +47,40 @@ class NoiseSource {
   void uniform(T* out, int64_t n) {
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(next(false));
   }
+  // Under expert parallelism this rank holds tokens [offset, offset + n) of a batch of `total`
+  // (the ranks' tokens in rank order). Per-token draws then take the whole batch's values in one
+  // process's order and keep this rank's, so every rank's stream advances alike and the draws
+  // are those of one process running the whole batch.
+  void set_share(int64_t offset, int64_t n, int64_t total) { share_ = {offset, n, total}; }
+  // per_token values for each of n_tokens tokens, token-major (normal or uniform).
+  template <class T>
+  void normal_tokens(T* out, int64_t n_tokens, int64_t per_token) {
+    tokens(out, n_tokens, per_token, true);
+  }
+  template <class T>
+  void uniform_tokens(T* out, int64_t n_tokens, int64_t per_token) {
+    tokens(out, n_tokens, per_token, false);
+  }
 
  private:
   double next(bool normal);
+  template <class T>
+  void tokens(T* out, int64_t n_tokens, int64_t per_token, bool normal) {
+    if (share_.total < 0) {
+      for (int64_t i = 0; i < n_tokens * per_token; ++i) out[i] = static_cast<T>(next(normal));
+      return;
+    }
+    share_check(n_tokens);
+    const int64_t lo = share_.offset * per_token, hi = lo + n_tokens * per_token;
+    for (int64_t i = 0; i < share_.total * per_token; ++i) {
+      const double v = next(normal);
+      if (i >= lo && i < hi) out[i - lo] = static_cast<T>(v);
+    }
+  }
+  void share_check(int64_t n_tokens) const;
+  struct Share {
+    int64_t offset = 0, n = 0, total = -1;  // total < 0: no share set
+  } share_;
   Rng* rng_ = nullptr;
   const std::vector<double>* normal_ = nullptr;
   const std::vector<double>* uniform_ = nullptr;

@@ -177,9 +177,6 @@ void MoeLayer::set_expert_parallel(const dist::ExpertGroups& groups) {
             "the {} router does not run under expert parallelism yet: its routing depends on the "
             "whole batch in ways not yet shared across ranks (topk and switch do)",
             router_->name());
-  MOE_CHECK(cfg_.jitter_eps <= 0 && cfg_.explore_prob <= 0, w,
-            "router jitter and exploration draw noise for every token of the batch and do not run "
-            "under expert parallelism yet");
   const int64_t El = E / P;
   keep_experts(groups.ep.rank() * El, El);
   ep_ = std::make_shared<const dist::ExpertGroups>(groups);
@@ -354,7 +351,7 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
   if (training && cfg.jitter_eps > 0) {
     T* jitter = arena.alloc<T>(N * D);
     T* xj = arena.alloc<T>(N * D);
-    noise.uniform(jitter, N * D);
+    noise.uniform_tokens(jitter, N, D);
     const T lo = static_cast<T>(1 - cfg.jitter_eps), width = static_cast<T>(2 * cfg.jitter_eps);
     for (int64_t i = 0; i < N * D; ++i) {
       jitter[i] = lo + width * jitter[i];
@@ -775,6 +772,20 @@ void MoeLayer::forward(const Tensor& x, Arena& arena, MoeOutput& out) {
   const Placement where{ep_.get(), source_.get(), source_index_};
   NoiseSource noise = noise_normal_ || noise_uniform_ ? NoiseSource(noise_normal_, noise_uniform_)
                                                       : NoiseSource(&rng_);
+  if (ep_ && training_) {
+    // The routing noise of one process running the whole batch: this rank's share of it (the
+    // ranks' tokens in rank order).
+    const dist::Comm& world = ep_->world;
+    std::vector<int64_t> n(static_cast<size_t>(world.size()));
+    const int64_t mine = x.ndim() == 2 ? x.size(0) : 0;
+    world.allgather(&mine, n.data(), sizeof(int64_t));
+    int64_t offset = 0, total = 0;
+    for (int q = 0; q < world.size(); ++q) {
+      if (q < world.rank()) offset += n[static_cast<size_t>(q)];
+      total += n[static_cast<size_t>(q)];
+    }
+    noise.set_share(offset, mine, total);
+  }
   dense_forward_ = dense_;
   const MoeConfig& cfg = dense_ ? dense_cfg_ : cfg_;
   Router& router = dense_ ? *dense_router_ : *router_;

@@ -34,7 +34,7 @@ std::unique_ptr<Routing<T>> route(const MoeConfig& cfg, const MoeParams& params,
   r->xr.assign(x, x + N * D);
   if (opt.training && cfg.jitter_eps > 0) {
     r->jitter.resize(static_cast<size_t>(N * D));
-    noise.uniform(r->jitter.data(), N * D);
+    noise.uniform_tokens(r->jitter.data(), N, D);
     for (size_t i = 0; i < r->jitter.size(); ++i) {
       r->jitter[i] = static_cast<T>(1 - cfg.jitter_eps + 2 * cfg.jitter_eps * r->jitter[i]);
       r->xr[i] *= r->jitter[i];

@@ -19,6 +19,10 @@ class DeepseekRouter : public RouterImpl<DeepseekRouter> {
   explicit DeepseekRouter(const MoeConfig& cfg)
       : RouterImpl(cfg), bias_(static_cast<size_t>(cfg.n_experts), 0.0) {}
   std::vector<double>* selection_bias() override { return &bias_; }
+  // With sequences of seq_len tokens, which then lie within a rank: the loss's sum over
+  // sequences and their count go through RouterForward::batch (the bias update reads the
+  // layer's counts, which are the whole batch's).
+  bool supports_expert_parallel() const override { return cfg_.seq_len > 0; }
 
   void after_step(const std::vector<int64_t>& routed) override {
     double mean = 0;
@@ -71,7 +75,9 @@ class DeepseekRouter : public RouterImpl<DeepseekRouter> {
     }
     // Sequence-wise balance loss, averaged over the sequences of the batch.
     const int64_t L = cfg_.seq_len > 0 ? cfg_.seq_len : N;
-    const int64_t n_seq = (N + L - 1) / L;
+    MOE_CHECK(!f.batch || N % L == 0, "moe.deepseek",
+              "under expert parallelism each rank's {} tokens must be whole sequences of {}", N, L);
+    const int64_t n_seq = L > 0 ? (N + L - 1) / L : 0;
     int64_t* counts = arena.alloc<int64_t>(n_seq * E);
     std::fill_n(counts, n_seq * E, 0);
     for (int64_t p = 0; p < N * K; ++p) ++counts[(p / K / L) * E + plan.expert[p]];
@@ -94,14 +100,17 @@ class DeepseekRouter : public RouterImpl<DeepseekRouter> {
       }
     }
     f.plan = plan;
-    f.aux_loss = cfg_.aux_loss_coef * loss / static_cast<double>(n_seq);
-    f.entropy = 0;
+    // The batch's [sum of the sequences' losses, sequences, tokens, entropy sum].
+    double st[4] = {loss, static_cast<double>(n_seq), static_cast<double>(N), 0};
     for (int64_t t = 0; t < N; ++t)
       for (int64_t e = 0; e < E; ++e) {
         const double p = static_cast<double>(s[t * E + e] / ssum[t]);
-        if (p > 0) f.entropy -= p * std::log(p) / static_cast<double>(N);
+        if (p > 0) st[3] -= p * std::log(p);
       }
-    sv_ = {N, L, n_seq, s, sel_s, plan.expert, plan.weight, counts, ssum};
+    if (f.batch) f.batch->sum(st, 4);
+    f.aux_loss = st[1] > 0 ? cfg_.aux_loss_coef * st[0] / st[1] : 0;
+    f.entropy = st[2] > 0 ? st[3] / st[2] : 0;
+    sv_ = {N, L, static_cast<int64_t>(st[1]), s, sel_s, plan.expert, plan.weight, counts, ssum};
   }
 
   template <class T>
@@ -147,13 +156,13 @@ class DeepseekRouter : public RouterImpl<DeepseekRouter> {
   std::vector<double> bias_;  // [E] selection bias (e_score_correction_bias)
   Scratch scratch_;           // backward's per-token buffers
   struct Saved {
-    int64_t n = 0, seq = 0, n_seq = 0;
-    const void* s = nullptr;          // [N, E] sigmoid affinities
-    const void* sel_s = nullptr;      // [N, K] affinities of the selected experts
-    const int32_t* expert = nullptr;  // [N, K]
-    const void* weight = nullptr;     // [N, K]
-    const int64_t* counts = nullptr;  // [sequences, E] selections per expert
-    const void* ssum = nullptr;       // [N] sum of s over all experts
+    int64_t n = 0, seq = 0, n_seq = 0;  // n_seq: the sequences of the whole batch (all ranks)
+    const void* s = nullptr;            // [N, E] sigmoid affinities
+    const void* sel_s = nullptr;        // [N, K] affinities of the selected experts
+    const int32_t* expert = nullptr;    // [N, K]
+    const void* weight = nullptr;       // [N, K]
+    const int64_t* counts = nullptr;    // [sequences, E] selections per expert
+    const void* ssum = nullptr;         // [N] sum of s over all experts
   } sv_;
 };
 

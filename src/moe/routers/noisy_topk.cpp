@@ -43,6 +43,9 @@ class NoisyTopkRouter : public RouterImpl<NoisyTopkRouter> {
  public:
   using RouterImpl::RouterImpl;
   int64_t logit_rows() const override { return 2 * cfg_.n_experts; }
+  // Per token (its noise drawn as one process draws it, NoiseSource::set_share); Importance and
+  // Load are sums over the batch, through RouterForward::batch.
+  bool supports_expert_parallel() const override { return true; }
 
   template <class T>
   void fwd(RouterForward<T>& f) {
@@ -50,7 +53,7 @@ class NoisyTopkRouter : public RouterImpl<NoisyTopkRouter> {
     Arena& arena = *f.arena;
     T* eps = arena.alloc<T>(N * E);
     if (f.training) {
-      f.noise->normal(eps, N * E);
+      f.noise->normal_tokens(eps, N, E);
     } else {
       std::fill_n(eps, N * E, T(0));
     }
@@ -90,7 +93,18 @@ class NoisyTopkRouter : public RouterImpl<NoisyTopkRouter> {
       }
     }
     f.plan = plan;
-    f.entropy = mean_entropy(plan.weight, N, K);  // of the gates, zero off the top K
+    // The gates' entropy (zero off the top K), summed with the token count over the batch.
+    double ent[2] = {static_cast<double>(N), 0};
+    for (int64_t i = 0; i < N * K; ++i) {
+      const double p = static_cast<double>(plan.weight[i]);
+      if (p > 0) ent[1] -= p * std::log(p);
+    }
+    if (f.batch) {
+      f.batch->sum(importance.data(), E);
+      f.batch->sum(load.data(), E);
+      f.batch->sum(ent, 2);
+    }
+    f.entropy = ent[0] > 0 ? ent[1] / ent[0] : 0;
     f.aux_loss =
         cfg_.aux_loss_coef * (cv_squared(importance, &g_importance_) + cv_squared(load, &g_load_));
     n_ = N;

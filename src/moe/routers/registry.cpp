@@ -22,6 +22,12 @@ std::unique_ptr<Router> make_router(const MoeConfig& cfg) {
 
 const char* Router::name() const { return to_string(cfg_.router); }
 
+void NoiseSource::share_check(int64_t n_tokens) const {
+  MOE_CHECK(n_tokens == share_.n && share_.offset >= 0 && share_.offset + share_.n <= share_.total,
+            "moe.noise", "draws for {} tokens, but this rank holds tokens [{}, {}) of {}", n_tokens,
+            share_.offset, share_.offset + share_.n, share_.total);
+}
+
 double NoiseSource::next(bool normal) {
   if (rng_) return normal ? rng_->normal() : rng_->uniform();
   const std::vector<double>* v = normal ? normal_ : uniform_;

@@ -114,7 +114,8 @@ void TopkRouter::explore(RoutingPlan<T>& plan, const T* probs, int64_t n, NoiseS
   // Two uniforms per slot, all drawn up front: u decides whether to replace, r which expert.
   const int64_t E = cfg_.n_experts, K = cfg_.top_k;
   T* u = arena.alloc<T>(2 * n * K);
-  noise.uniform(u, 2 * n * K);
+  noise.uniform_tokens(u, n, K);
+  noise.uniform_tokens(u + n * K, n, K);
   uint8_t* used = arena.alloc<uint8_t>(E);
   for (int64_t t = 0; t < n; ++t) {
     std::fill_n(used, E, uint8_t{0});
