@@ -119,6 +119,12 @@ void check_layer(const EpCase& c) {
     cfg.n_group = 2;
     cfg.topk_group = 1;
     cfg.device_aux_loss_coef = 0;
+  } else if (c.variant == "hierarchical") {
+    cfg.router = RouterKind::hierarchical;
+    cfg.hme_groups = 2;
+    cfg.hme_group_k = 1;
+    cfg.hme_expert_k = 2;
+    cfg.device_aux_loss_coef = 0;
   } else if (c.variant == "soft") {
     cfg.router = RouterKind::soft;
     cfg.device_aux_loss_coef = 0;
@@ -222,7 +228,8 @@ TEST(ExpertParallel, LayerEqualsOneProcessF32) {
 // expert) draw one process's noise and keep their share of it; GShard's capacity groups and the
 // soft router's statistics are summed over the ranks.
 TEST(ExpertParallel, NoisyAndDenseRoutingEqualsOneProcess) {
-  for (const char* variant : {"noisy_topk", "jitter_explore", "gshard", "deepseek", "soft"})
+  for (const char* variant :
+       {"noisy_topk", "jitter_explore", "gshard", "deepseek", "hierarchical", "soft"})
     for (int ep = 1; ep <= world().size(); ep *= 2) {
       SCOPED_TRACE(fmt::format("{}, EP={} x DP={}", variant, ep, world().size() / ep));
       check_layer({ep, DType::F64, variant});

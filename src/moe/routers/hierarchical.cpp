@@ -19,6 +19,8 @@ class HierarchicalRouter : public RouterImpl<HierarchicalRouter> {
         k1_(cfg.hme_group_k > 0 ? cfg.hme_group_k : G_),
         k2_(cfg.hme_expert_k > 0 ? cfg.hme_expert_k : B_) {}
   int64_t logit_rows() const override { return G_ + cfg_.n_experts; }
+  // Per token; the z-loss's and entropy's sums go through RouterForward::batch.
+  bool supports_expert_parallel() const override { return true; }
 
   template <class T>
   void fwd(RouterForward<T>& f) {
@@ -57,9 +59,14 @@ class HierarchicalRouter : public RouterImpl<HierarchicalRouter> {
       }
     }
     f.plan = plan;
-    f.z_loss = z_loss(lse, N * (1 + G_), cfg_.z_loss_coef) * static_cast<double>(1 + G_);
-    f.entropy = tree_entropy(probs, N);
-    s_ = {N, probs, lse, gsel, gp, gw, esel, ep, ew};
+    // The batch's [tokens, sum of every tree softmax's lse^2, entropy sum].
+    double st[3] = {static_cast<double>(N), 0, tree_entropy_sum(probs, N)};
+    for (int64_t i = 0; i < N * (1 + G_); ++i) st[1] += static_cast<double>(lse[i]) * lse[i];
+    if (f.batch) f.batch->sum(st, 3);
+    const double nl = st[0] * static_cast<double>(1 + G_);  // the softmaxes of the batch
+    f.z_loss = st[0] > 0 ? cfg_.z_loss_coef * st[1] / nl * static_cast<double>(1 + G_) : 0;
+    f.entropy = st[0] > 0 ? st[2] / st[0] : 0;
+    s_ = {N, static_cast<int64_t>(st[0]), probs, lse, gsel, gp, gw, esel, ep, ew};
   }
 
   template <class T>
@@ -71,7 +78,7 @@ class HierarchicalRouter : public RouterImpl<HierarchicalRouter> {
     const T* gw = static_cast<const T*>(s_.gw);
     const T* ep = static_cast<const T*>(s_.ep);
     const T* ew = static_cast<const T*>(s_.ew);
-    const T zs = static_cast<T>(d_z * cfg_.z_loss_coef * 2.0 / static_cast<double>(N));
+    const T zs = static_cast<T>(d_z * cfg_.z_loss_coef * 2.0 / static_cast<double>(s_.n_batch));
     T* dgw = scratch_.get<T>(2 * k1_ + 2 * k2_);
     T* dgp = dgw + k1_;
     T* dew = dgp + k1_;
@@ -102,7 +109,7 @@ class HierarchicalRouter : public RouterImpl<HierarchicalRouter> {
  private:
   // Mean entropy of the leaf distribution q_g * r_i (nats).
   template <class T>
-  double tree_entropy(const T* probs, int64_t n) const {
+  double tree_entropy_sum(const T* probs, int64_t n) const {
     const int64_t R = G_ + cfg_.n_experts;
     double h = 0;
     for (int64_t t = 0; t < n; ++t)
@@ -110,12 +117,12 @@ class HierarchicalRouter : public RouterImpl<HierarchicalRouter> {
         const double p = static_cast<double>(probs[t * R + i / B_] * probs[t * R + G_ + i]);
         if (p > 0) h -= p * std::log(p);
       }
-    return h / static_cast<double>(n);
+    return h;
   }
 
   int64_t G_, B_, k1_, k2_;
   struct Saved {
-    int64_t n = 0;
+    int64_t n = 0, n_batch = 0;     // tokens here, and in the whole batch (all ranks)
     const void* probs = nullptr;    // [N, G + E]
     const void* lse = nullptr;      // [N, 1 + G]
     const int32_t* gsel = nullptr;  // [N, k1]
