@@ -125,6 +125,10 @@ void check_layer(const EpCase& c) {
     cfg.hme_group_k = 1;
     cfg.hme_expert_k = 2;
     cfg.device_aux_loss_coef = 0;
+  } else if (c.variant == "expert_choice") {
+    cfg.router = RouterKind::expert_choice;
+    cfg.capacity_factor = 1.5;
+    cfg.device_aux_loss_coef = 0;
   } else if (c.variant == "soft") {
     cfg.router = RouterKind::soft;
     cfg.device_aux_loss_coef = 0;
@@ -228,8 +232,8 @@ TEST(ExpertParallel, LayerEqualsOneProcessF32) {
 // expert) draw one process's noise and keep their share of it; GShard's capacity groups and the
 // soft router's statistics are summed over the ranks.
 TEST(ExpertParallel, NoisyAndDenseRoutingEqualsOneProcess) {
-  for (const char* variant :
-       {"noisy_topk", "jitter_explore", "gshard", "deepseek", "hierarchical", "soft"})
+  for (const char* variant : {"noisy_topk", "jitter_explore", "gshard", "deepseek", "hierarchical",
+                              "expert_choice", "soft"})
     for (int ep = 1; ep <= world().size(); ep *= 2) {
       SCOPED_TRACE(fmt::format("{}, EP={} x DP={}", variant, ep, world().size() / ep));
       check_layer({ep, DType::F64, variant});
@@ -244,8 +248,7 @@ TEST(ExpertParallel, RefusesWhatItCannotSplit) {
     EXPECT_THROW(layer.set_expert_parallel(dist::make_expert_groups(world(), 4)), Error);
   }
   cfg.n_experts = 8;
-  cfg.router = RouterKind::expert_choice;
-  cfg.capacity_factor = 1;
+  cfg.router = RouterKind::gshard;  // one capacity group: the whole batch, across the ranks
   MoeLayer layer(cfg, DType::F32);
   EXPECT_THROW(layer.set_expert_parallel(dist::make_expert_groups(world(), world().size())), Error);
 }

@@ -174,8 +174,9 @@ void MoeLayer::set_expert_parallel(const dist::ExpertGroups& groups) {
   MOE_CHECK(!ep_, w, "the layer's experts are already split over ranks");
   MOE_CHECK(E % P == 0, w, "{} experts do not split evenly over {} expert-parallel ranks", E, P);
   MOE_CHECK(router_->supports_expert_parallel(), w,
-            "the {} router does not run under expert parallelism yet: its routing depends on the "
-            "whole batch in ways not yet shared across ranks (topk and switch do)",
+            "the {} router needs its groups within a rank under expert parallelism: set "
+            "capacity_group (gshard) or seq_len (deepseek) to a size that divides every rank's "
+            "tokens",
             router_->name());
   const int64_t El = E / P;
   keep_experts(groups.ep.rank() * El, El);
