@@ -179,6 +179,7 @@ class Trainer {
   Arena arena_;
   ModelOutput out_;                           // reused by every micro-batch
   std::vector<std::vector<int64_t>> routed_;  // StepLog::routed
+  std::vector<float> bucket_;                 // reduce_gradients' packed gradients
   std::vector<Tensor*> grads_;                // the step's gradients, and their sums of squares
   std::vector<double> grad_sums_;
   std::unique_ptr<dist::ExpertGroups> groups_;

@@ -450,8 +450,45 @@ StepLog Trainer::train_step() {
 
 void Trainer::reduce_gradients() {
   if (!groups_) return;
-  for (NamedParam& p : model_->params())
-    (p.routed ? groups_->dp : groups_->world).sum(p.grad.data<float>(), p.grad.numel());
+  // The gradients packed into buckets of up to kBucket values, one sum per bucket: the routed
+  // experts' over their data-parallel replicas, the others' over every rank. The sums are
+  // elementwise, so the packing changes no bit.
+  constexpr int64_t kBucket = int64_t(4) << 20;  // 16 MB of float32
+  for (const bool routed : {false, true}) {
+    const dist::Comm& comm = routed ? groups_->dp : groups_->world;
+    std::vector<std::pair<float*, int64_t>> parts;  // (data, count) of the current bucket
+    int64_t filled = 0;
+    auto flush = [&] {
+      if (filled == 0) return;
+      float* b = bucket_.data();
+      for (const auto& [data, n] : parts) b = std::copy_n(data, n, b);
+      comm.sum(bucket_.data(), filled);
+      b = bucket_.data();
+      for (const auto& [data, n] : parts) {
+        std::copy_n(b, n, data);
+        b += n;
+      }
+      parts.clear();
+      filled = 0;
+    };
+    for (NamedParam& p : model_->params()) {
+      if (p.routed != routed) continue;
+      float* g = p.grad.data<float>();
+      const int64_t n = p.grad.numel();
+      if (n >= kBucket) {  // large enough alone
+        flush();
+        comm.sum(g, n);
+        continue;
+      }
+      if (filled + n > kBucket) flush();
+      if (bucket_.size() < static_cast<size_t>(filled + n))
+        bucket_.resize(
+            static_cast<size_t>(std::min(kBucket, std::max<int64_t>(filled + n, 1 << 16))));
+      parts.emplace_back(g, n);
+      filled += n;
+    }
+    flush();
+  }
 }
 
 double Trainer::evaluate() {
