@@ -5,10 +5,12 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <ostream>
 #include <string>
 #include <vector>
 
+#include "moe/data.h"
 #include "moe/moe_layer.h"
 #include "moe/moe_ref.h"
 
@@ -20,6 +22,25 @@ struct NamedConfig {
 };
 inline void PrintTo(const NamedConfig& c, std::ostream* os) {
   *os << c.name << " (" << c.cfg.summary() << ")";
+}
+
+// A small two-language text corpus for training tests: 200 documents of repeated words.
+inline Corpus toy_corpus() {
+  Corpus c;
+  c.languages = {"en", "de"};
+  for (int i = 0; i < 200; ++i) {
+    std::string text;
+    for (int w = 0; w < 12; ++w) text += (i % 2 ? "der die das " : "the cat sat ");
+    c.docs.push_back({text + std::to_string(i), i % 2});
+  }
+  return c;
+}
+
+// A fresh (removed) path under the temporary folder.
+inline std::string temp_dir(const std::string& name) {
+  const auto p = std::filesystem::temp_directory_path() / ("moe_test_" + name);
+  std::filesystem::remove_all(p);
+  return p.string();
 }
 
 inline MoeConfig base_config() {

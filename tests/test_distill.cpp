@@ -6,21 +6,11 @@
 #include <filesystem>
 
 #include "moe/trainer.h"
+#include "moe_test_util.h"
 
 namespace moe {
 
 namespace {
-
-Corpus toy_corpus() {
-  Corpus c;
-  c.languages = {"en", "de"};
-  for (int i = 0; i < 200; ++i) {
-    std::string text;
-    for (int w = 0; w < 12; ++w) text += (i % 2 ? "der die das " : "the cat sat ");
-    c.docs.push_back({text + std::to_string(i), i % 2});
-  }
-  return c;
-}
 
 // The teacher: a small MoE; the student: a dense model of the same width, smaller.
 ModelConfig teacher_config() {
@@ -75,12 +65,6 @@ double soft_loss(Model& student, Model& teacher, const Tensor& batch) {
   return student.forward(batch, arena, &soft).soft_loss;
 }
 
-std::string temp_dir(const std::string& name) {
-  const auto p = std::filesystem::temp_directory_path() / ("moe_test_" + name);
-  std::filesystem::remove_all(p);
-  return p.string();
-}
-
 std::string message_of(const std::function<void()>& f) {
   try {
     f();
@@ -93,7 +77,7 @@ std::string message_of(const std::function<void()>& f) {
 }  // namespace
 
 TEST(Distill, TheStudentMovesTowardTheTeachersDistributions) {
-  const Corpus corpus = toy_corpus();
+  const Corpus corpus = test::toy_corpus();
   const int64_t steps = 30;
   TrainConfig cfg = train_config(steps);
   cfg.soft_weight = 1;  // the teacher's distributions alone
@@ -129,7 +113,7 @@ TEST(Distill, TheStudentMovesTowardTheTeachersDistributions) {
 }
 
 TEST(Distill, WeightZeroIsPlainTrainingBitForBit) {
-  const Corpus corpus = toy_corpus();
+  const Corpus corpus = test::toy_corpus();
   TrainConfig cfg = train_config(4);
   cfg.soft_weight = 0;
   Trainer distilled(student_config(), cfg, corpus);
@@ -145,8 +129,9 @@ TEST(Distill, WeightZeroIsPlainTrainingBitForBit) {
 }
 
 TEST(Distill, StopAndResumeIsBitIdentical) {
-  const Corpus corpus = toy_corpus();
-  const std::string teacher_dir = temp_dir("distill_teacher"), dir = temp_dir("distill_resume");
+  const Corpus corpus = test::toy_corpus();
+  const std::string teacher_dir = test::temp_dir("distill_teacher"),
+                    dir = test::temp_dir("distill_resume");
   save_model(*random_teacher(9), teacher_dir);
   TrainConfig cfg = train_config(6);
   cfg.teacher = teacher_dir;
@@ -172,7 +157,7 @@ TEST(Distill, StopAndResumeIsBitIdentical) {
 }
 
 TEST(Distill, RefusesWhatCannotBeDistilledNamingBoth) {
-  const Corpus corpus = toy_corpus();
+  const Corpus corpus = test::toy_corpus();
   const TrainConfig cfg = train_config(2);
   // A student larger than its teacher.
   ModelConfig big = teacher_config();
@@ -210,7 +195,7 @@ TEST(Distill, RefusesWhatCannotBeDistilledNamingBoth) {
   bad.soft_weight = 1.5;
   EXPECT_THROW(Trainer(student_config(), bad, corpus), Error);
   bad = cfg;
-  bad.teacher = temp_dir("no_such_teacher");
+  bad.teacher = test::temp_dir("no_such_teacher");
   EXPECT_THROW(Trainer(student_config(), bad, corpus), Error);
 }
 

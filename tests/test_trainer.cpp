@@ -11,22 +11,11 @@
 #include "moe/kernels.h"
 #include "moe/safetensors.h"
 #include "moe/trainer.h"
+#include "moe_test_util.h"
 
 namespace moe {
 
 namespace {
-
-Corpus toy_corpus() {
-  Corpus c;
-  c.languages = {"en", "de"};
-  Rng rng(1);
-  for (int i = 0; i < 200; ++i) {
-    std::string text;
-    for (int w = 0; w < 12; ++w) text += (i % 2 ? "der die das " : "the cat sat ");
-    c.docs.push_back({text + std::to_string(i), i % 2});
-  }
-  return c;
-}
 
 ModelConfig toy_model() {
   ModelConfig m = model_preset("tiny");
@@ -51,12 +40,6 @@ TrainConfig toy_train(int64_t steps) {
   return t;
 }
 
-std::string temp_dir(const std::string& name) {
-  const auto p = std::filesystem::temp_directory_path() / ("moe_test_" + name);
-  std::filesystem::remove_all(p);
-  return p.string();
-}
-
 }  // namespace
 
 TEST(Trainer, WarmupThenCosine) {
@@ -73,8 +56,8 @@ TEST(Trainer, WarmupThenCosine) {
 }
 
 TEST(Trainer, StopAndResumeIsBitIdentical) {
-  const Corpus corpus = toy_corpus();
-  const std::string dir = temp_dir("resume");
+  const Corpus corpus = test::toy_corpus();
+  const std::string dir = test::temp_dir("resume");
   // One run of 8 steps straight through.
   std::vector<double> straight;
   {
@@ -100,8 +83,8 @@ TEST(Trainer, StopAndResumeIsBitIdentical) {
 }
 
 TEST(Trainer, CheckpointRoundTripsAndKeepsTheNewest) {
-  const Corpus corpus = toy_corpus();
-  const std::string dir = temp_dir("ckpt");
+  const Corpus corpus = test::toy_corpus();
+  const std::string dir = test::temp_dir("ckpt");
   TrainConfig cfg = toy_train(5);
   cfg.keep = 2;
   Trainer t(toy_model(), cfg, corpus);
@@ -126,7 +109,7 @@ TEST(Trainer, CheckpointRoundTripsAndKeepsTheNewest) {
 }
 
 TEST(Trainer, NonFiniteValuesStopTheStepAndSayWhere) {
-  const Corpus corpus = toy_corpus();
+  const Corpus corpus = test::toy_corpus();
   Trainer t(toy_model(), toy_train(5), corpus);
   t.train_step();
   // Poison one weight: the loss becomes NaN and the step says so; the weights stay untouched.
@@ -166,7 +149,7 @@ TEST(Trainer, NonFiniteValuesStopTheStepAndSayWhere) {
 // A fault injected into a gradient (after the backward, before the update) stops that step with
 // the tensor, the index and the step named, and updates nothing; the next step goes on.
 TEST(Trainer, InjectedGradientFaultsAreNamedAndUpdateNothing) {
-  const Corpus corpus = toy_corpus();
+  const Corpus corpus = test::toy_corpus();
   Trainer t(toy_model(), toy_train(10), corpus);
   t.train_step();
   t.train_step();
@@ -204,7 +187,7 @@ TEST(Trainer, BadConfigsAreClearErrors) {
   TrainConfig t = toy_train(5);
   t.seq_len = 64;  // longer than the model's max_seq_len of 32
   try {
-    Trainer tr(toy_model(), t, toy_corpus());
+    Trainer tr(toy_model(), t, test::toy_corpus());
     FAIL();
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("seq_len 64 exceeds the model's max_seq_len 32"),
@@ -226,12 +209,12 @@ namespace moe {
 // the following ones sparsely; a run stopped inside the warm-up resumes bit for bit; a router
 // that cannot route densely is refused when the trainer is made.
 TEST(Trainer, RouterWarmupRoutesDenselyThenSparsely) {
-  const Corpus corpus = toy_corpus();
+  const Corpus corpus = test::toy_corpus();
   ModelConfig m = toy_model();
   m.moe.router = RouterKind::topk;
   TrainConfig cfg = toy_train(5);
   cfg.router_warmup = 2;
-  const std::string dir = temp_dir("warmup");
+  const std::string dir = test::temp_dir("warmup");
   std::vector<double> straight, resumed;
   {
     Trainer t(m, cfg, corpus);
@@ -288,7 +271,7 @@ namespace moe {
 // learn alike), the run is bit for bit the same on 1 and 2 threads, the eval stays float32, the
 // checkpoint keeps the float32 master weights and the setting, and a bad dtype is refused.
 TEST(Trainer, Bf16OperandsTrainLikeFloat32) {
-  const Corpus corpus = toy_corpus();
+  const Corpus corpus = test::toy_corpus();
   // Wide enough that the products go to bf16 (a dimension of 32 or less stays float32), and every
   // operand kept for a step is checked against its contents when a product reads it.
   ModelConfig wide = toy_model();

@@ -13,11 +13,13 @@
 namespace moe {
 
 struct LayerRouting {
-  int64_t layer = 0;                              // index of the transformer layer
-  std::vector<int64_t> tokens_per_expert;         // [E] (token, expert) pairs
-  double load_imbalance = 0;                      // max / mean of tokens_per_expert
-  int64_t dead_experts = 0;                       // experts that received no token
-  double router_entropy = 0;                      // mean over batches, nats
+  int64_t layer = 0;                       // index of the transformer layer
+  std::vector<int64_t> tokens_per_expert;  // [E] (token, expert) pairs
+  double load_imbalance = 0;               // max / mean of tokens_per_expert
+  int64_t dead_experts = 0;                // experts that received no token
+  double router_entropy = 0;               // mean over batches, nats
+  double dropped = 0;   // pairs dropped by the capacity limit / pairs routed, over all batches
+  double unrouted = 0;  // tokens that reached no expert (expert choice, drops) / tokens
   std::vector<std::vector<int64_t>> lang_expert;  // [languages][E] pairs
   double nmi = 0;                                 // NMI(language; top expert)
 };

@@ -57,6 +57,9 @@ RoutingReport inspect_routing(Model& model, const TokenStream& stream,
       lr.lang_expert.assign(static_cast<size_t>(L), std::vector<int64_t>(static_cast<size_t>(E)));
       r.layers.push_back(lr);
     }
+  // Per layer: pairs routed, pairs dropped, tokens that reached no expert.
+  std::vector<double> pairs(r.layers.size(), 0), dropped(r.layers.size(), 0),
+      unrouted(r.layers.size(), 0);
   std::vector<std::vector<std::vector<int64_t>>> top_joint(
       r.layers.size(), std::vector<std::vector<int64_t>>(
                            static_cast<size_t>(L), std::vector<int64_t>(static_cast<size_t>(E))));
@@ -82,6 +85,10 @@ RoutingReport inspect_routing(Model& model, const TokenStream& stream,
     for (size_t l = 0; l < r.layers.size(); ++l) {
       LayerRouting& lr = r.layers[l];
       lr.router_entropy += out.routing[l].router_entropy;
+      for (size_t e = 0; e < out.routing[l].routed.size(); ++e) {
+        pairs[l] += static_cast<double>(out.routing[l].routed[e]);
+        dropped[l] += static_cast<double>(out.routing[l].routed[e] - out.routing[l].kept[e]);
+      }
       const int64_t* off = out.plan_offsets[l].data<int64_t>();
       const int32_t* ex = out.plan_experts[l].data<int32_t>();
       const int32_t* top = out.top_expert[l].data<int32_t>();
@@ -92,6 +99,7 @@ RoutingReport inspect_routing(Model& model, const TokenStream& stream,
           ++lr.lang_expert[lg][static_cast<size_t>(ex[p])];
         }
         if (top[t] >= 0) ++top_joint[l][lg][static_cast<size_t>(top[t])];
+        if (top[t] < 0) unrouted[l] += 1;
       }
     }
     r.tokens += b * seq_len;
@@ -99,6 +107,8 @@ RoutingReport inspect_routing(Model& model, const TokenStream& stream,
   for (size_t l = 0; l < r.layers.size(); ++l) {
     LayerRouting& lr = r.layers[l];
     lr.router_entropy /= static_cast<double>(std::max<int64_t>(1, runs));
+    lr.dropped = pairs[l] > 0 ? dropped[l] / pairs[l] : 0;
+    lr.unrouted = r.tokens > 0 ? unrouted[l] / static_cast<double>(r.tokens) : 0;
     int64_t total = 0, most = 0;
     for (int64_t c : lr.tokens_per_expert) {
       total += c;

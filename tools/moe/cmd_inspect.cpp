@@ -42,6 +42,8 @@ int run_inspect(const InspectArgs& a) {
                         {"load_imbalance", l.load_imbalance},
                         {"dead_experts", l.dead_experts},
                         {"router_entropy", l.router_entropy},
+                        {"dropped", l.dropped},
+                        {"unrouted", l.unrouted},
                         {"language_expert", l.lang_expert},
                         {"nmi", l.nmi}});
     fmt::print("{}\n",
@@ -53,8 +55,10 @@ int run_inspect(const InspectArgs& a) {
     for (const LayerRouting& l : r.layers) {
       fmt::print(
           "layer {}: load imbalance {:.2f}, {} dead experts, router entropy {:.3f} nats, "
-          "NMI(language; expert) {:.3f}\n",
-          l.layer, l.load_imbalance, l.dead_experts, l.router_entropy, l.nmi);
+          "NMI(language; expert) {:.3f}, {:.1f}% of pairs dropped, {:.1f}% of tokens without an "
+          "expert\n",
+          l.layer, l.load_imbalance, l.dead_experts, l.router_entropy, l.nmi, 100 * l.dropped,
+          100 * l.unrouted);
       fmt::print("  {:<6}", "expert");
       for (size_t e = 0; e < l.tokens_per_expert.size(); ++e) fmt::print("{:>7}", e);
       fmt::print("\n  {:<6}", "tokens");
