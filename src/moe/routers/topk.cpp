@@ -21,10 +21,6 @@ class TopkRouter : public RouterImpl<TopkRouter> {
  private:
   template <class T>
   void explore(RoutingPlan<T>& plan, const T* probs, int64_t n, NoiseSource& noise, Arena& arena);
-  // Adds the device-level loss's gradient w.r.t. one token's probabilities (the same for every
-  // token): d * coef * f'_d / N for each expert of device d.
-  template <class T>
-  void device_loss_grad(T* dprobs_row, double d) const;
 
   struct Saved {
     int64_t n = 0;                    // tokens here
@@ -40,6 +36,8 @@ class TopkRouter : public RouterImpl<TopkRouter> {
   // global_balance: the step's training micro-batches so far, [counts E | tokens] (end_step
   // clears it).
   std::vector<double> window_;
+  // The device-level loss's f'_d of the last forward, one per device.
+  std::vector<double> device_f_;
   Scratch scratch_;  // backward's per-token buffers
 };
 
@@ -91,6 +89,7 @@ void TopkRouter::fwd(RouterForward<T>& f) {
   if (cfg_.device_aux_loss_coef > 0 && n > 0) {
     // DeepSeek-V2's device-level loss: sum_d f'_d P'_d over groups of E / n_devices experts.
     const int64_t G = E / cfg_.n_devices;
+    device_f_.assign(static_cast<size_t>(cfg_.n_devices), 0.0);
     double dev = 0;
     for (int64_t d = 0; d < cfg_.n_devices; ++d) {
       double fd = 0, pd = 0;
@@ -98,6 +97,7 @@ void TopkRouter::fwd(RouterForward<T>& f) {
         fd += cf[e] * static_cast<double>(E) / (nf * static_cast<double>(K));
         pd += st[E + e] / n;
       }
+      device_f_[static_cast<size_t>(d)] = fd;
       dev += fd / static_cast<double>(G) * pd;
     }
     f.aux_loss += cfg_.device_aux_loss_coef * dev;
@@ -138,20 +138,6 @@ void TopkRouter::explore(RoutingPlan<T>& plan, const T* probs, int64_t n, NoiseS
 }
 
 template <class T>
-void TopkRouter::device_loss_grad(T* dprobs_row, double d) const {
-  const int64_t E = cfg_.n_experts, K = cfg_.top_k, G = E / cfg_.n_devices;
-  const double n = static_cast<double>(saved_.n_batch), nf = static_cast<double>(saved_.n_f);
-  for (int64_t dev = 0; dev < cfg_.n_devices; ++dev) {
-    double fd = 0;
-    for (int64_t e = dev * G; e < (dev + 1) * G; ++e)
-      fd += static_cast<double>(saved_.counts[e]) * static_cast<double>(E) /
-            (nf * static_cast<double>(K));
-    const T g = static_cast<T>(d * cfg_.device_aux_loss_coef * fd / static_cast<double>(G) / n);
-    for (int64_t e = dev * G; e < (dev + 1) * G; ++e) dprobs_row[e] += g;
-  }
-}
-
-template <class T>
 void TopkRouter::bwd(const T* dweight, double d_aux, double d_z, T* dlogits) {
   const int64_t N = saved_.n, E = cfg_.n_experts, K = cfg_.top_k;
   const T* probs = static_cast<const T*>(saved_.probs);
@@ -162,14 +148,26 @@ void TopkRouter::bwd(const T* dweight, double d_aux, double d_z, T* dlogits) {
   const T zs = static_cast<T>(d_z * cfg_.z_loss_coef * 2.0 / static_cast<double>(Nb));
   // w = rsf * u with u the (renormalized) top-k probabilities.
   const T rsf = static_cast<T>(cfg_.routed_scaling_factor);
-  T* dp = scratch_.get<T>(3 * K);
+  T* dp = scratch_.get<T>(3 * K + E);
   T* du = dp + K;
   T* u = du + K;
+  // The device-level loss's gradient w.r.t. a token's probabilities, the same for every token:
+  // d_aux * coef * f'_d / N for each expert of device d.
+  T* dev = u + K;
+  const bool device_loss = cfg_.device_aux_loss_coef > 0 && N > 0;
+  if (device_loss) {
+    const int64_t G = E / cfg_.n_devices;
+    for (int64_t e = 0; e < E; ++e)
+      dev[e] =
+          static_cast<T>(d_aux * cfg_.device_aux_loss_coef * device_f_[static_cast<size_t>(e / G)] /
+                         static_cast<double>(G) / static_cast<double>(Nb));
+  }
   for (int64_t t = 0; t < N; ++t) {
     T* g = dlogits + t * E;
     std::fill_n(g, E, T(0));
     balance_loss_grad(g, saved_.counts, saved_.n_f * K, Nb, E, cfg_.aux_loss_coef, d_aux);
-    if (cfg_.device_aux_loss_coef > 0) device_loss_grad(g, d_aux);
+    if (device_loss)
+      for (int64_t e = 0; e < E; ++e) g[e] += dev[e];
     for (int64_t j = 0; j < K; ++j) {
       du[j] = rsf * dweight[t * K + j];
       u[j] = weight[t * K + j] / rsf;
