@@ -99,6 +99,57 @@ TEST(Model, FiniteDifferencesTiedAllMoeGroupedHeads) {
   check_model_gradients(c, 2);
 }
 
+// Multi-token prediction: two modules, the first dense (block 2) and the second MoE (block 3),
+// tied and untied heads; the loss adds mtp_weight times their mean cross-entropy.
+TEST(Model, FiniteDifferencesWithMtp) {
+  ModelConfig c = tiny_config();
+  c.mtp_depth = 2;
+  c.mtp_weight = 0.5;
+  check_model_gradients(c, 4);
+  c.tie_embeddings = true;
+  c.mtp_depth = 1;
+  check_model_gradients(c, 5);
+}
+
+TEST(Model, MtpLossParts) {
+  ModelConfig c = tiny_config();
+  c.mtp_depth = 2;
+  c.mtp_weight = 0.25;
+  Model m = random_model(c, DType::F64, 6);
+  const Tensor tok = tokens_for(c, 2, 6, 7);
+  Arena arena;
+  const ModelOutput out = m.forward(tok, arena);
+  ASSERT_EQ(out.mtp_ce.size(), 2u);
+  EXPECT_GT(out.mtp_ce[0], 0);
+  EXPECT_GT(out.mtp_ce[1], 0);
+  EXPECT_DOUBLE_EQ(out.mtp_loss, (out.mtp_ce[0] + out.mtp_ce[1]) / 2);
+  EXPECT_NEAR(out.loss, out.ce_loss + out.aux_loss + out.z_loss + 0.25 * out.mtp_loss, 1e-12);
+  EXPECT_EQ(out.routing.size(), 2u);  // block 1 and module 2's block 3
+  // The main model's loss is the same with or without the modules (they come after it, and take
+  // no weights from its draw).
+  ModelConfig c0 = c;
+  c0.mtp_depth = 0;
+  Model plain(c0, DType::F64);
+  for (NamedParam& p : plain.params())
+    for (NamedParam& q : m.params())
+      if (p.name == q.name) std::memcpy(p.value.raw(), q.value.raw(), p.value.nbytes());
+  const ModelOutput base = plain.forward(tok, arena);
+  EXPECT_EQ(base.ce_loss, out.ce_loss);
+  EXPECT_EQ(base.mtp_loss, 0);
+  EXPECT_TRUE(base.mtp_ce.empty());
+  // Sequences too short for the modules are refused, naming both.
+  const Tensor short_tok = tokens_for(c, 2, 3, 8);
+  try {
+    m.forward(short_tok, arena);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("2 MTP modules"), std::string::npos) << e.what();
+  }
+  ModelConfig bad = c;
+  bad.max_seq_len = 3;
+  EXPECT_THROW(bad.validate(), Error);
+}
+
 // Distillation: the loss mixes the cross-entropy against the next tokens with the one against a
 // teacher's distributions, and its gradient is checked as the plain loss's is.
 TEST(Model, FiniteDifferencesWithSoftTargets) {

@@ -100,6 +100,14 @@ struct ModelConfig {
   // over all T+1 tokens of each sequence (the last predicts nothing but is routed, so the
   // balancing loss covers it) instead of the first T. Set for HuggingFace checkpoints.
   bool transformers_loss = false;
+  // Multi-token prediction (DeepSeek-V3, Liu et al. 2024, section 2.2): mtp_depth sequential
+  // modules after the main model, module k (from 1) predicting the token k + 1 ahead from the
+  // previous module's representation (the main model's, after the final norm, for k = 1) and the
+  // embedding of the token k ahead: h' = W_eh [RMSNorm(emb); RMSNorm(h)], one transformer block
+  // (block index n_layers + k - 1 for the dense/MoE rule), its own final norm, and the model's
+  // output head. The training loss adds mtp_weight * mean_k(cross-entropy of module k).
+  int64_t mtp_depth = 0;
+  double mtp_weight = 0.3;  // lambda: the paper's for its first 10T tokens
 
   int64_t head_size() const { return head_dim > 0 ? head_dim : d_model / n_heads; }
   bool mla() const { return kv_lora_rank > 0; }
@@ -138,6 +146,7 @@ struct ParamCount {
   int64_t shared_experts = 0;  // all MoE layers
   int64_t router = 0;          // all MoE layers
   int64_t norms = 0;
+  int64_t mtp = 0;  // the MTP modules (in total, not in active: they serve training and drafts)
 };
 ParamCount count_params(const ModelConfig& cfg);
 
@@ -166,9 +175,13 @@ struct ModelOutput {
   // With soft targets, the mean cross-entropy against the teacher's distributions
   // (-sum_j p_teacher,j log p_j); 0 without.
   double soft_loss = 0;
-  double aux_loss = 0;                // sum over MoE layers
-  double z_loss = 0;                  // sum over MoE layers
-  std::vector<RoutingStats> routing;  // one per MoE layer
+  double aux_loss = 0;  // sum over MoE layers
+  double z_loss = 0;    // sum over MoE layers
+  // With MTP modules: the mean over modules of their cross-entropies (the loss adds mtp_weight
+  // times it), and each module's.
+  double mtp_loss = 0;
+  std::vector<double> mtp_ce;
+  std::vector<RoutingStats> routing;  // one per MoE layer (the MTP modules' last)
   // Per MoE layer, in the arena: which experts each of the B*T tokens went to (MoeOutput's
   // plan_offsets, plan_experts and top_expert).
   std::vector<Tensor> plan_offsets, plan_experts, top_expert;

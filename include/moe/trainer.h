@@ -78,6 +78,7 @@ struct StepLog {
   int64_t step = 0;  // 1-based: the number of steps done
   double loss = 0, ce_loss = 0, aux_loss = 0, z_loss = 0, lr = 0, grad_norm = 0;
   double soft_loss = 0;  // distillation: cross-entropy against the teacher (ModelOutput)
+  double mtp_loss = 0;   // multi-token prediction: the modules' mean cross-entropy (ModelOutput)
   double tokens_per_s = 0, load_imbalance = 0;
   // Per MoE layer, the (token, expert) pairs routed to each expert this step (whole batch);
   // owned by the trainer, valid until its next step.

@@ -12,7 +12,7 @@ bool is_mixtral(const ModelConfig& c) {
   return c.moe_every == 1 && c.first_dense == 0 && c.dense_layers.empty() && !c.uses_variants() &&
          m.routed_scaling_factor == 1.0 && m.router == RouterKind::topk && m.renormalize &&
          m.act == ExpertAct::swiglu && !m.expert_bias && !m.router_bias && m.n_shared == 0 &&
-         m.jitter_eps == 0 && m.explore_prob == 0;
+         m.jitter_eps == 0 && m.explore_prob == 0 && c.mtp_depth == 0;
 }
 
 nlohmann::json mixtral_config(const ModelConfig& c) {

@@ -96,6 +96,153 @@ T** Model::Impl::joint_aux(ModelOutput& out, int64_t n, bool backward, double sc
 }
 
 template <class T>
+T* Model::Impl::block_forward(Block& blk, T* h, int64_t B, int64_t Tn, const int64_t* pos,
+                              Arena& arena, ModelOutput& out, size_t& mi) {
+  const int64_t D = cfg.d_model, H = cfg.n_heads, N = B * Tn;
+  const int64_t KVh = kv_heads(), dk = key_dim(), dv = value_dim();
+  BlockSaved& s = blk.saved;
+  s = {};
+  s.h_in = h;
+  T* a = arena.alloc<T>(N * D);
+  T* a_rstd = arena.alloc<T>(N);
+  norm_forward<T>(a, a_rstd, h, blk.attn_norm, N);
+  T* q = arena.alloc<T>(N * H * dk);
+  T* k = arena.alloc<T>(N * KVh * dk);
+  T* v = arena.alloc<T>(N * KVh * dv);
+  qkv_forward<T>(blk, a, N, pos, q, k, v, arena, &s);
+  T* probs = arena.alloc<T>(B * H * Tn * Tn);
+  T* att = arena.alloc<T>(N * H * dv);
+  nn::attention_forward<T>(att, probs, q, k, v, B, Tn, H, KVh, dk, dv, blk.window,
+                           cfg.attn_sinks ? blk.sinks.value.data<T>() : nullptr,
+                           cfg.attn_scale_mult);
+  cpu::bf16_keep(att, N * H * dv);  // saved for the backward
+  T* h_mid = arena.alloc<T>(N * D);
+  std::memcpy(h_mid, h, static_cast<size_t>(N * D) * sizeof(T));
+  if (blk.wo.value.dtype() == dtype_of<T>()) {
+    cpu::gemm<T>(false, true, N, D, H * dv, T(1), att, H * dv, blk.wo.value.data<T>(), H * dv, T(1),
+                 h_mid, D);
+  } else {  // weights as stored (inference only)
+    T* o = arena.alloc<T>(N * D);
+    cpu::linear<T>(o, att, N, blk.wo.value);
+    for (int64_t i = 0; i < N * D; ++i) h_mid[i] += o[i];
+  }
+  if (cfg.o_bias) {
+    const T* bo = blk.b_o.value.data<T>();
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t d = 0; d < D; ++d) h_mid[i * D + d] += bo[d];
+  }
+  T* f = arena.alloc<T>(N * D);
+  T* f_rstd = arena.alloc<T>(N);
+  norm_forward<T>(f, f_rstd, h_mid, blk.ffn_norm, N);
+  Tensor ft = Tensor::view(f, {N, D}, dtype_of<T>());
+  Tensor y;
+  if (blk.moe) {
+    MoeOutput& mo = blk.moe_out;
+    blk.moe->forward(ft, arena, mo);
+    out.aux_loss += mo.aux_loss;
+    out.z_loss += mo.z_loss;
+    out.routing[mi] = mo.stats;
+    out.plan_offsets[mi] = mo.plan_offsets;
+    out.plan_experts[mi] = mo.plan_experts;
+    out.top_expert[mi] = mo.top_expert;
+    ++mi;
+    y = mo.y;
+  } else {
+    y = blk.dense->forward(ft, arena);
+  }
+  T* h_out = arena.alloc<T>(N * D);
+  const T* yp = y.data<T>();
+  for (int64_t i = 0; i < N * D; ++i) h_out[i] = h_mid[i] + yp[i];
+  s.h_mid = h_mid;
+  s.a = a;
+  s.a_rstd = a_rstd;
+  s.f = f;
+  s.f_rstd = f_rstd;
+  s.q = q;
+  s.k = k;
+  s.v = v;
+  s.probs = probs;
+  s.att = att;
+  return h_out;
+}
+
+template <class T>
+BackwardScratch<T> Model::Impl::backward_scratch(int64_t N, int64_t Tn, Arena& arena) const {
+  const int64_t D = cfg.d_model, H = cfg.n_heads;
+  const int64_t KVh = kv_heads(), dk = key_dim(), dv = value_dim();
+  BackwardScratch<T> sc;
+  sc.tmp = arena.alloc<T>(N * D);
+  sc.dmid = arena.alloc<T>(N * D);
+  sc.dq = arena.alloc<T>(N * H * dk);
+  sc.dkk = arena.alloc<T>(N * KVh * dk);
+  sc.dvv = arena.alloc<T>(N * KVh * dv);
+  sc.datt = arena.alloc<T>(N * H * dv);
+  sc.scratch = arena.alloc<T>(static_cast<int64_t>(omp_get_max_threads()) * 2 * Tn * Tn);
+  return sc;
+}
+
+template <class T>
+void Model::Impl::block_backward(Block& blk, T* dh, int64_t B, int64_t Tn, const int64_t* pos,
+                                 const BackwardScratch<T>& sc, Arena& arena, double scale,
+                                 T** joint_dlogits, size_t& mi) {
+  const int64_t D = cfg.d_model, H = cfg.n_heads, N = B * Tn;
+  const int64_t KVh = kv_heads(), dk = key_dim(), dv = value_dim();
+  BlockSaved& s = blk.saved;
+  Tensor dh_t = Tensor::view(dh, {N, D}, dtype_of<T>());
+  Tensor df_t = Tensor::view(sc.tmp, {N, D}, dtype_of<T>());
+  // h_out = h_mid + FFN(norm(h_mid)).
+  if (blk.moe) {
+    --mi;
+    Tensor extra;
+    if (joint_dlogits)
+      extra = Tensor::view(joint_dlogits[mi], {N, cfg.moe.n_experts}, dtype_of<T>());
+    blk.moe->backward(dh_t, df_t, arena, scale, scale, joint_dlogits ? &extra : nullptr);
+  } else {
+    blk.dense->backward(dh_t, df_t, arena);
+  }
+  norm_backward<T>(sc.dmid, blk.ffn_norm, sc.tmp, static_cast<T*>(s.h_mid),
+                   static_cast<T*>(s.f_rstd), N);
+  for (int64_t i = 0; i < N * D; ++i) dh[i] += sc.dmid[i];
+  // h_mid = h_in + att W_o^T.
+  {
+    const cpu::Bf16Kept dh_kept(dh, N * D);  // read by both products, then added to again
+    if (!blk.wo.frozen)
+      cpu::gemm<T>(true, false, D, H * dv, N, T(1), dh, D, static_cast<T*>(s.att), H * dv, T(1),
+                   blk.wo.grad.data<T>(), H * dv);
+    cpu::gemm<T>(false, false, N, H * dv, D, T(1), dh, D, blk.wo.value.data<T>(), H * dv, T(0),
+                 sc.datt, H * dv);
+  }
+  if (cfg.o_bias && !blk.b_o.frozen) {  // column sums in row order
+    T* db = blk.b_o.grad.data<T>();
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t d = 0; d < D; ++d) db[d] += dh[i * D + d];
+  }
+  nn::attention_backward<T>(
+      sc.dq, sc.dkk, sc.dvv, sc.scratch, sc.datt, static_cast<T*>(s.q), static_cast<T*>(s.k),
+      static_cast<T*>(s.v), static_cast<T*>(s.probs), B, Tn, H, KVh, dk, dv,
+      cfg.attn_sinks && !blk.sinks.frozen ? blk.sinks.grad.data<T>() : nullptr,
+      cfg.attn_scale_mult);
+  qkv_backward<T>(blk, static_cast<T*>(s.a), N, pos, sc.dq, sc.dkk, sc.dvv, sc.tmp, arena, s);
+  norm_backward<T>(sc.dmid, blk.attn_norm, sc.tmp, static_cast<T*>(s.h_in),
+                   static_cast<T*>(s.a_rstd), N);
+  for (int64_t i = 0; i < N * D; ++i) dh[i] += sc.dmid[i];
+}
+
+#define MOE_INSTANTIATE(T)                                                                        \
+  template T* Model::Impl::block_forward<T>(Block&, T*, int64_t, int64_t, const int64_t*, Arena&, \
+                                            ModelOutput&, size_t&);                               \
+  template BackwardScratch<T> Model::Impl::backward_scratch<T>(int64_t, int64_t, Arena&) const;   \
+  template void Model::Impl::block_backward<T>(Block&, T*, int64_t, int64_t, const int64_t*,      \
+                                               const BackwardScratch<T>&, Arena&, double, T**,    \
+                                               size_t&);                                          \
+  template void Model::Impl::norm_forward<T>(T*, T*, const T*, const Param&, int64_t) const;      \
+  template void Model::Impl::norm_backward<T>(T*, Param&, const T*, const T*, const T*, int64_t)  \
+      const;
+MOE_INSTANTIATE(float)
+MOE_INSTANTIATE(double)
+#undef MOE_INSTANTIATE
+
+template <class T>
 void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double scale,
                       ModelOutput& out, const SoftTargets* soft) {
   const char* w = "model";
@@ -111,9 +258,8 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
             "inference only; training loads float32 master weights (moe train --init-from)");
   MOE_CHECK(Tn <= cfg.max_seq_len, w, "sequence length {} exceeds max_seq_len = {}", Tn,
             cfg.max_seq_len);
-  const int64_t V = cfg.vocab_size, D = cfg.d_model, H = cfg.n_heads, N = B * Tn;
+  const int64_t V = cfg.vocab_size, D = cfg.d_model, N = B * Tn;
   const int64_t Np = B * (T1 - 1);  // predicted tokens
-  const int64_t KVh = kv_heads(), dk = key_dim(), dv = value_dim();
   const int32_t* tok = tokens.data<int32_t>();
   for (int64_t i = 0; i < B * T1; ++i)
     MOE_CHECK(tok[i] >= 0 && tok[i] < V, w,
@@ -147,72 +293,7 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
   size_t mi = 0;
   T* h = arena.alloc<T>(N * D);
   embed_rows<T>(h, inputs, N);
-  for (Block& blk : blocks) {
-    BlockSaved& s = blk.saved;
-    s = {};
-    s.h_in = h;
-    T* a = arena.alloc<T>(N * D);
-    T* a_rstd = arena.alloc<T>(N);
-    norm_forward<T>(a, a_rstd, h, blk.attn_norm, N);
-    T* q = arena.alloc<T>(N * H * dk);
-    T* k = arena.alloc<T>(N * KVh * dk);
-    T* v = arena.alloc<T>(N * KVh * dv);
-    qkv_forward<T>(blk, a, N, pos, q, k, v, arena, &s);
-    T* probs = arena.alloc<T>(B * H * Tn * Tn);
-    T* att = arena.alloc<T>(N * H * dv);
-    nn::attention_forward<T>(att, probs, q, k, v, B, Tn, H, KVh, dk, dv, blk.window,
-                             cfg.attn_sinks ? blk.sinks.value.data<T>() : nullptr,
-                             cfg.attn_scale_mult);
-    cpu::bf16_keep(att, N * H * dv);  // saved for the backward
-    T* h_mid = arena.alloc<T>(N * D);
-    std::memcpy(h_mid, h, static_cast<size_t>(N * D) * sizeof(T));
-    if (blk.wo.value.dtype() == dtype_of<T>()) {
-      cpu::gemm<T>(false, true, N, D, H * dv, T(1), att, H * dv, blk.wo.value.data<T>(), H * dv,
-                   T(1), h_mid, D);
-    } else {  // weights as stored (inference only)
-      T* o = arena.alloc<T>(N * D);
-      cpu::linear<T>(o, att, N, blk.wo.value);
-      for (int64_t i = 0; i < N * D; ++i) h_mid[i] += o[i];
-    }
-    if (cfg.o_bias) {
-      const T* bo = blk.b_o.value.data<T>();
-      for (int64_t i = 0; i < N; ++i)
-        for (int64_t d = 0; d < D; ++d) h_mid[i * D + d] += bo[d];
-    }
-    T* f = arena.alloc<T>(N * D);
-    T* f_rstd = arena.alloc<T>(N);
-    norm_forward<T>(f, f_rstd, h_mid, blk.ffn_norm, N);
-    Tensor ft = Tensor::view(f, {N, D}, dtype_of<T>());
-    Tensor y;
-    if (blk.moe) {
-      MoeOutput& mo = blk.moe_out;
-      blk.moe->forward(ft, arena, mo);
-      out.aux_loss += mo.aux_loss;
-      out.z_loss += mo.z_loss;
-      out.routing[mi] = mo.stats;
-      out.plan_offsets[mi] = mo.plan_offsets;
-      out.plan_experts[mi] = mo.plan_experts;
-      out.top_expert[mi] = mo.top_expert;
-      ++mi;
-      y = mo.y;
-    } else {
-      y = blk.dense->forward(ft, arena);
-    }
-    T* h_out = arena.alloc<T>(N * D);
-    const T* yp = y.data<T>();
-    for (int64_t i = 0; i < N * D; ++i) h_out[i] = h_mid[i] + yp[i];
-    s.h_mid = h_mid;
-    s.a = a;
-    s.a_rstd = a_rstd;
-    s.f = f;
-    s.f_rstd = f_rstd;
-    s.q = q;
-    s.k = k;
-    s.v = v;
-    s.probs = probs;
-    s.att = att;
-    h = h_out;
-  }
+  for (Block& blk : blocks) h = block_forward<T>(blk, h, B, Tn, pos, arena, out, mi);
   T* z = arena.alloc<T>(N * D);
   T* z_rstd = arena.alloc<T>(N);
   norm_forward<T>(z, z_rstd, h, final_norm, N);
@@ -251,8 +332,12 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
   }
   T** joint_dlogits =
       cfg.joint_aux_loss_coef > 0 ? joint_aux<T>(out, N, backward, scale, arena) : nullptr;
+  out.mtp_loss = 0;
+  out.mtp_ce.clear();
+  if (!mtp.empty()) mtp_forward<T>(tok, B, T1, Tn, z, arena, backward, scale, out, mi);
   const double alpha = soft ? soft->weight : 0;
-  out.loss = (1 - alpha) * out.ce_loss + alpha * out.soft_loss + out.aux_loss + out.z_loss;
+  out.loss = (1 - alpha) * out.ce_loss + alpha * out.soft_loss + out.aux_loss + out.z_loss +
+             cfg.mtp_weight * out.mtp_loss;
   if (!backward) return;
 
   // Backward.
@@ -263,57 +348,12 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
       cpu::gemm<T>(true, false, V, D, N, T(1), dlogits, V, z, D, T(1), lm_head.grad.data<T>(), D);
     cpu::gemm<T>(false, false, N, D, V, T(1), dlogits, V, lm_head.value.data<T>(), D, T(0), dz, D);
   }
+  const BackwardScratch<T> sc = backward_scratch<T>(N, Tn, arena);
+  if (!mtp.empty()) mtp_backward<T>(B, Tn, dz, sc, arena, scale, mi);
   T* dh = arena.alloc<T>(N * D);
   norm_backward<T>(dh, final_norm, dz, h, z_rstd, N);
-  T* tmp = arena.alloc<T>(N * D);
-  T* dmid = arena.alloc<T>(N * D);
-  T* dq = arena.alloc<T>(N * H * dk);
-  T* dkk = arena.alloc<T>(N * KVh * dk);
-  T* dvv = arena.alloc<T>(N * KVh * dv);
-  T* datt = arena.alloc<T>(N * H * dv);
-  T* scratch = arena.alloc<T>(static_cast<int64_t>(omp_get_max_threads()) * 2 * Tn * Tn);
-  Tensor dh_t = Tensor::view(dh, {N, D}, dtype_of<T>());
-  Tensor df_t = Tensor::view(tmp, {N, D}, dtype_of<T>());
-  for (size_t li = blocks.size(); li-- > 0;) {
-    Block& blk = blocks[li];
-    BlockSaved& s = blk.saved;
-    // h_out = h_mid + FFN(norm(h_mid)).
-    if (blk.moe) {
-      --mi;
-      Tensor extra;
-      if (joint_dlogits)
-        extra = Tensor::view(joint_dlogits[mi], {N, cfg.moe.n_experts}, dtype_of<T>());
-      blk.moe->backward(dh_t, df_t, arena, scale, scale, joint_dlogits ? &extra : nullptr);
-    } else {
-      blk.dense->backward(dh_t, df_t, arena);
-    }
-    norm_backward<T>(dmid, blk.ffn_norm, tmp, static_cast<T*>(s.h_mid), static_cast<T*>(s.f_rstd),
-                     N);
-    for (int64_t i = 0; i < N * D; ++i) dh[i] += dmid[i];
-    // h_mid = h_in + att W_o^T.
-    {
-      const cpu::Bf16Kept dh_kept(dh, N * D);  // read by both products, then added to again
-      if (!blk.wo.frozen)
-        cpu::gemm<T>(true, false, D, H * dv, N, T(1), dh, D, static_cast<T*>(s.att), H * dv, T(1),
-                     blk.wo.grad.data<T>(), H * dv);
-      cpu::gemm<T>(false, false, N, H * dv, D, T(1), dh, D, blk.wo.value.data<T>(), H * dv, T(0),
-                   datt, H * dv);
-    }
-    if (cfg.o_bias && !blk.b_o.frozen) {  // column sums in row order
-      T* db = blk.b_o.grad.data<T>();
-      for (int64_t i = 0; i < N; ++i)
-        for (int64_t d = 0; d < D; ++d) db[d] += dh[i * D + d];
-    }
-    nn::attention_backward<T>(
-        dq, dkk, dvv, scratch, datt, static_cast<T*>(s.q), static_cast<T*>(s.k),
-        static_cast<T*>(s.v), static_cast<T*>(s.probs), B, Tn, H, KVh, dk, dv,
-        cfg.attn_sinks && !blk.sinks.frozen ? blk.sinks.grad.data<T>() : nullptr,
-        cfg.attn_scale_mult);
-    qkv_backward<T>(blk, static_cast<T*>(s.a), N, pos, dq, dkk, dvv, tmp, arena, s);
-    norm_backward<T>(dmid, blk.attn_norm, tmp, static_cast<T*>(s.h_in), static_cast<T*>(s.a_rstd),
-                     N);
-    for (int64_t i = 0; i < N * D; ++i) dh[i] += dmid[i];
-  }
+  for (size_t li = blocks.size(); li-- > 0;)
+    block_backward<T>(blocks[li], dh, B, Tn, pos, sc, arena, scale, joint_dlogits, mi);
   if (!embed.frozen) nn::embedding_backward<T>(embed.grad.data<T>(), dh, inputs, N, D);
 }
 
@@ -495,10 +535,16 @@ void Model::zero_grad() {
 void Model::set_experts_only(bool on) {
   Impl& m = *impl_;
   m.embed.frozen = m.lm_head.frozen = on;
-  for (auto& b : m.blocks)
+  auto freeze = [on](Impl::Block& b) {
     for (Param* p : {&b.wq, &b.wq_a, &b.wq_b, &b.wk, &b.wv, &b.wkv_a, &b.wkv_b, &b.b_q, &b.b_k,
                      &b.b_v, &b.wo, &b.b_o, &b.sinks})
       p->frozen = on;
+  };
+  for (auto& b : m.blocks) freeze(b);
+  for (auto& mod : m.mtp) {
+    freeze(mod.block);
+    mod.eh_proj.frozen = on;
+  }
 }
 
 void Model::set_training(bool training) {
@@ -535,9 +581,21 @@ Tensor* Model::Impl::weight_slot(const std::string& name, bool* matrix) {
   const size_t dot = name.find('.', 7);  // layers.<i>.<rest>
   if (dot == std::string::npos) return nullptr;
   const auto i = static_cast<size_t>(std::stoll(name.substr(7, dot - 7)));
-  if (i >= m.blocks.size()) return nullptr;
-  Block& blk = m.blocks[i];
   const std::string rest = name.substr(dot + 1);
+  if (i < m.blocks.size()) return block_slot(m.blocks[i], rest, matrix);
+  if (i - m.blocks.size() >= m.mtp.size()) return nullptr;
+  MtpModule& mod = m.mtp[i - m.blocks.size()];
+  if (rest == "enorm.weight") return &mod.enorm.value;
+  if (rest == "hnorm.weight") return &mod.hnorm.value;
+  if (rest == "shared_head.norm.weight") return &mod.norm.value;
+  if (rest == "eh_proj.weight") {
+    *matrix = true;
+    return &mod.eh_proj.value;
+  }
+  return block_slot(mod.block, rest, matrix);
+}
+
+Tensor* Model::Impl::block_slot(Block& blk, const std::string& rest, bool* matrix) {
   for (const BlockParam& bp : kAttentionParams)
     if (rest == bp.name) {
       *matrix = bp.matrix;

@@ -1,6 +1,7 @@
 // The model's configuration (see moe/model.h): validation, JSON, and parameter counts computed
 // from the config alone.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <nlohmann/json.hpp>
 
@@ -75,8 +76,19 @@ void ModelConfig::validate() const {
             "joint_aux_loss_coef must be >= 0, got {}", joint_aux_loss_coef);
   MOE_CHECK(joint_aux_loss_coef == 0 || (moe.router == RouterKind::topk && moe.aux_loss_coef == 0),
             w, "joint_aux_loss_coef needs the topk router and moe.aux_loss_coef = 0");
+  MOE_CHECK(mtp_depth >= 0 && mtp_depth <= 16, w, "mtp_depth must be in [0, 16], got {}",
+            mtp_depth);
+  MOE_CHECK(std::isfinite(mtp_weight) && mtp_weight >= 0, w, "mtp_weight must be >= 0, got {}",
+            mtp_weight);
+  MOE_CHECK(mtp_depth == 0 || mtp_depth + 2 <= max_seq_len, w,
+            "mtp_depth = {} needs sequences of at least {} tokens, but max_seq_len = {}", mtp_depth,
+            mtp_depth + 2, max_seq_len);
+  MOE_CHECK(mtp_depth == 0 || joint_aux_loss_coef == 0, w,
+            "mtp_depth = {} with joint_aux_loss_coef = {}: the joint balancing loss covers the "
+            "main layers only; give the MoE layers their own aux_loss_coef",
+            mtp_depth, joint_aux_loss_coef);
   bool any_dense = false, any_moe = false;
-  for (int64_t i = 0; i < n_layers; ++i) (is_moe_layer(i) ? any_moe : any_dense) = true;
+  for (int64_t i = 0; i < n_layers + mtp_depth; ++i) (is_moe_layer(i) ? any_moe : any_dense) = true;
   MOE_CHECK(!any_dense || d_ffn >= 1, w, "d_ffn must be >= 1 for the dense layers, got {}", d_ffn);
   if (any_moe) {
     MOE_CHECK(moe.d_model == d_model, w, "moe.d_model = {} must equal d_model = {}", moe.d_model,
@@ -189,6 +201,10 @@ void to_json(nlohmann::json& j, const ModelConfig& c) {
   if (c.attn_scale_mult != 1.0) j["attn_scale_mult"] = c.attn_scale_mult;
   if (c.joint_aux_loss_coef != 0) j["joint_aux_loss_coef"] = c.joint_aux_loss_coef;
   if (c.transformers_loss) j["transformers_loss"] = true;
+  if (c.mtp_depth != 0) {
+    j["mtp_depth"] = c.mtp_depth;
+    j["mtp_weight"] = c.mtp_weight;
+  }
 }
 
 void from_json(const nlohmann::json& j, ModelConfig& c) {
@@ -226,7 +242,9 @@ void from_json(const nlohmann::json& j, ModelConfig& c) {
                                      "rope_scaling",
                                      "attn_scale_mult",
                                      "joint_aux_loss_coef",
-                                     "transformers_loss"};
+                                     "transformers_loss",
+                                     "mtp_depth",
+                                     "mtp_weight"};
   for (const auto& item : j.items()) {
     const std::string& key = item.key();
     MOE_CHECK(std::find_if(std::begin(keys), std::end(keys),
@@ -295,6 +313,8 @@ void from_json(const nlohmann::json& j, ModelConfig& c) {
     }
     json_into(j, "joint_aux_loss_coef", c.joint_aux_loss_coef, "model.config");
     json_into(j, "transformers_loss", c.transformers_loss, "model.config");
+    json_into(j, "mtp_depth", c.mtp_depth, "model.config");
+    json_into(j, "mtp_weight", c.mtp_weight, "model.config");
   } catch (const nlohmann::json::exception& e) {
     throw_error("model.config", fmt::format("bad value: {}", e.what()));
   }
@@ -325,24 +345,33 @@ ParamCount count_params(const ModelConfig& c) {
     if (c.attn_sinks) attention += H;
     if (c.o_bias) attention += D;
   }
-  for (int64_t i = 0; i < c.n_layers; ++i) {
-    n.attention += attention;
-    if (!c.is_moe_layer(i)) {
-      n.dense_ffn += 3 * D * c.d_ffn;
-      continue;
-    }
+  // One block's FFN: {dense, routed experts, the top_k's share, shared experts, router}.
+  const auto ffn = [&](int64_t i) -> std::array<int64_t, 5> {
+    if (!c.is_moe_layer(i)) return {3 * D * c.d_ffn, 0, 0, 0, 0};
     const int64_t bias = m.expert_bias ? (mats - 1) * m.d_ffn + D : 0;
     const int64_t expert = mats * D * m.d_ffn + bias;
     const int64_t sbias = m.expert_bias ? (mats - 1) * m.shared_width() + D : 0;
-    n.routed_experts += m.n_experts * expert;
-    active_experts += m.top_k * expert;
-    n.shared_experts += m.n_shared * (mats * D * m.shared_width() + sbias);
-    n.router +=
-        make_router(m)->logit_rows() * (D + (m.router_bias ? 1 : 0)) + (m.shared_gate ? D : 0);
+    return {0, m.n_experts * expert, m.top_k * expert,
+            m.n_shared * (mats * D * m.shared_width() + sbias),
+            make_router(m)->logit_rows() * (D + (m.router_bias ? 1 : 0)) + (m.shared_gate ? D : 0)};
+  };
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    n.attention += attention;
+    const auto f = ffn(i);
+    n.dense_ffn += f[0];
+    n.routed_experts += f[1];
+    active_experts += f[2];
+    n.shared_experts += f[3];
+    n.router += f[4];
+  }
+  // An MTP module: enorm, hnorm, its block's two norms and final norm, W_eh [D, 2D], a block.
+  for (int64_t k = 0; k < c.mtp_depth; ++k) {
+    const auto f = ffn(c.n_layers + k);
+    n.mtp += 5 * D + 2 * D * D + attention + f[0] + f[1] + f[3] + f[4];
   }
   const int64_t common =
       n.embedding + n.norms + n.attention + n.dense_ffn + n.shared_experts + n.router;
-  n.total = common + n.routed_experts;
+  n.total = common + n.routed_experts + n.mtp;
   n.active = common + active_experts;
   return n;
 }

@@ -48,6 +48,23 @@ struct BlockSaved {
   void *c = nullptr, *cn = nullptr, *c_rstd = nullptr;
 };
 
+// Buffers the blocks' backward reuses from block to block, sized for N rows of sequences of Tn.
+template <class T>
+struct BackwardScratch {
+  T *tmp, *dmid, *dq, *dkk, *dvv, *datt, *scratch;
+};
+
+// What an MTP module's training forward keeps for its backward (arena pointers): over its Nk =
+// B * Tk rows, the previous representation's rows h [Nk, D], the tokens k ahead [Nk], their
+// normed embeddings and normed h concatenated [Nk, 2D] with both 1/rms [Nk], the block's output
+// [Nk, D], its normed output g [Nk, D] with 1/rms, and d loss / d logits [Nk, V].
+struct MtpSaved {
+  int64_t Tk = 0;
+  int32_t* tokens = nullptr;
+  void *h = nullptr, *emb = nullptr, *cat = nullptr, *e_rstd = nullptr, *h_rstd = nullptr;
+  void *out = nullptr, *g = nullptr, *g_rstd = nullptr, *dlogits = nullptr;
+};
+
 struct Model::Impl {
   ModelConfig cfg;
   DType dtype;
@@ -64,7 +81,18 @@ struct Model::Impl {
     BlockSaved saved;
   };
   std::vector<Block> blocks;
-  std::vector<MoeLayer*> moe_layers;  // the blocks' MoE layers, in depth order
+  // A multi-token prediction module (ModelConfig::mtp_depth): the norms of the embedding and of
+  // the previous representation, their projection W_eh [D, 2D], a block, its final norm.
+  struct MtpModule {
+    Param enorm, hnorm, eh_proj, norm;
+    Block block;
+    MtpSaved saved;
+  };
+  std::vector<MtpModule> mtp;
+  // The blocks' MoE layers in depth order, then the MTP modules'; the first n_main_moe are the
+  // main model's.
+  std::vector<MoeLayer*> moe_layers;
+  size_t n_main_moe = 0;
   // A block's attention parameters, by their names after "layers.<i>.", in params() order;
   // `matrix`: a weight matrix (weight decay applies; may be kept as stored), or a norm or bias.
   struct BlockParam {
@@ -120,6 +148,7 @@ struct Model::Impl {
   // Where parameter `name` lives (its holder's tensor, in the holder's own shape) and whether it
   // is a weight matrix (may be kept as stored); null when the model has no such tensor.
   Tensor* weight_slot(const std::string& name, bool* matrix);
+  static Tensor* block_slot(Block& blk, const std::string& rest, bool* matrix);
 
   // The embedding rows of tokens [n] into out [n, D]: from a table in T, or (T = float) one kept
   // as stored (bf16, f16), each row widened exactly.
@@ -137,57 +166,74 @@ struct Model::Impl {
     }
   }
 
+  // Block i of the depth (the MTP modules' blocks follow the main ones: n_layers + k).
+  Block make_block(int64_t i, bool routed_experts) const {
+    const DType dt = dtype;
+    const int64_t D = cfg.d_model, hd = cfg.head_size();
+    const int64_t H = cfg.n_heads, KV = cfg.n_kv_heads;
+    Block b;
+    b.attn_norm = make_param({D}, dt);
+    if (cfg.mla()) {
+      const int64_t qk = cfg.qk_nope_dim + cfg.qk_rope_dim, r = cfg.q_lora_rank;
+      if (r > 0) {
+        b.wq_a = make_param({r, D}, dt);
+        b.q_a_norm = make_param({r}, dt);
+        b.wq_b = make_param({H * qk, r}, dt);
+      } else {
+        b.wq = make_param({H * qk, D}, dt);
+      }
+      b.wkv_a = make_param({cfg.kv_lora_rank + cfg.qk_rope_dim, D}, dt);
+      b.kv_a_norm = make_param({cfg.kv_lora_rank}, dt);
+      b.wkv_b = make_param({H * (cfg.qk_nope_dim + cfg.v_head_dim), cfg.kv_lora_rank}, dt);
+      b.wo = make_param({D, H * cfg.v_head_dim}, dt);
+    } else {
+      b.wq = make_param({H * hd, D}, dt);
+      b.wk = make_param({KV * hd, D}, dt);
+      b.wv = make_param({KV * hd, D}, dt);
+      b.wo = make_param({D, H * hd}, dt);
+      if (cfg.qkv_bias) {
+        b.b_q = make_param({H * hd}, dt);
+        b.b_k = make_param({KV * hd}, dt);
+        b.b_v = make_param({KV * hd}, dt);
+      }
+      if (cfg.qk_norm != QkNorm::none) {
+        const bool full = cfg.qk_norm == QkNorm::full;
+        b.q_norm = make_param({full ? H * hd : hd}, dt);
+        b.k_norm = make_param({full ? KV * hd : hd}, dt);
+      }
+    }
+    if (cfg.attn_sinks) b.sinks = make_param({H}, dt);
+    if (cfg.o_bias) b.b_o = make_param({D}, dt);
+    b.window = cfg.window_of(i);
+    b.ffn_norm = make_param({D}, dt);
+    if (cfg.is_moe_layer(i)) {
+      b.moe = std::make_unique<MoeLayer>(cfg.moe, dt, routed_experts);
+    } else {
+      b.dense = std::make_unique<DenseFfn>(D, cfg.d_ffn, ExpertAct::swiglu, false, dt);
+    }
+    return b;
+  }
+
   Impl(const ModelConfig& c, DType dt, bool routed_experts) : cfg(c), dtype(dt) {
     cfg.validate();
     MOE_CHECK(dt == DType::F32 || dt == DType::F64, "model", "dtype must be f32 or f64");
-    const int64_t V = cfg.vocab_size, D = cfg.d_model, hd = cfg.head_size();
-    const int64_t H = cfg.n_heads, KV = cfg.n_kv_heads;
+    const int64_t V = cfg.vocab_size, D = cfg.d_model;
     embed = make_param({V, D}, dt);
-    for (int64_t i = 0; i < cfg.n_layers; ++i) {
-      Block b;
-      b.attn_norm = make_param({D}, dt);
-      if (cfg.mla()) {
-        const int64_t qk = cfg.qk_nope_dim + cfg.qk_rope_dim, r = cfg.q_lora_rank;
-        if (r > 0) {
-          b.wq_a = make_param({r, D}, dt);
-          b.q_a_norm = make_param({r}, dt);
-          b.wq_b = make_param({H * qk, r}, dt);
-        } else {
-          b.wq = make_param({H * qk, D}, dt);
-        }
-        b.wkv_a = make_param({cfg.kv_lora_rank + cfg.qk_rope_dim, D}, dt);
-        b.kv_a_norm = make_param({cfg.kv_lora_rank}, dt);
-        b.wkv_b = make_param({H * (cfg.qk_nope_dim + cfg.v_head_dim), cfg.kv_lora_rank}, dt);
-        b.wo = make_param({D, H * cfg.v_head_dim}, dt);
-      } else {
-        b.wq = make_param({H * hd, D}, dt);
-        b.wk = make_param({KV * hd, D}, dt);
-        b.wv = make_param({KV * hd, D}, dt);
-        b.wo = make_param({D, H * hd}, dt);
-        if (cfg.qkv_bias) {
-          b.b_q = make_param({H * hd}, dt);
-          b.b_k = make_param({KV * hd}, dt);
-          b.b_v = make_param({KV * hd}, dt);
-        }
-        if (cfg.qk_norm != QkNorm::none) {
-          const bool full = cfg.qk_norm == QkNorm::full;
-          b.q_norm = make_param({full ? H * hd : hd}, dt);
-          b.k_norm = make_param({full ? KV * hd : hd}, dt);
-        }
-      }
-      if (cfg.attn_sinks) b.sinks = make_param({H}, dt);
-      if (cfg.o_bias) b.b_o = make_param({D}, dt);
-      b.window = cfg.window_of(i);
-      b.ffn_norm = make_param({D}, dt);
-      if (cfg.is_moe_layer(i)) {
-        b.moe = std::make_unique<MoeLayer>(cfg.moe, dt, routed_experts);
-      } else {
-        b.dense = std::make_unique<DenseFfn>(D, cfg.d_ffn, ExpertAct::swiglu, false, dt);
-      }
-      blocks.push_back(std::move(b));
+    for (int64_t i = 0; i < cfg.n_layers; ++i) blocks.push_back(make_block(i, routed_experts));
+    for (int64_t k = 0; k < cfg.mtp_depth; ++k) {
+      MtpModule m;
+      m.enorm = make_param({D}, dt);
+      m.hnorm = make_param({D}, dt);
+      m.eh_proj = make_param({D, 2 * D}, dt);
+      m.block = make_block(cfg.n_layers + k, routed_experts);
+      m.norm = make_param({D}, dt);
+      mtp.push_back(std::move(m));
     }
     for (Block& b : blocks)
       if (b.moe) moe_layers.push_back(b.moe.get());
+    n_main_moe = moe_layers.size();
+    for (MtpModule& m : mtp)
+      if (m.block.moe) moe_layers.push_back(m.block.moe.get());
     final_norm = make_param({D}, dt);
     lm_head = cfg.tie_embeddings ? embed : make_param({V, D}, dt);
     name_params();
@@ -210,40 +256,52 @@ struct Model::Impl {
   void name_params() {
     named.clear();
     named.push_back({"embed.weight", embed.value, embed.grad, true});
-    for (int64_t i = 0; i < cfg.n_layers; ++i) {
-      Block& b = blocks[static_cast<size_t>(i)];
-      const std::string p = fmt::format("layers.{}.", i);
-      named.push_back({p + "attn_norm.weight", b.attn_norm.value, b.attn_norm.grad, false});
-      for (const BlockParam& a : kAttentionParams) {
-        Param& q = b.*a.member;
-        if (q.value.defined()) named.push_back({p + a.name, q.value, q.grad, a.matrix});
-      }
-      named.push_back({p + "ffn_norm.weight", b.ffn_norm.value, b.ffn_norm.grad, false});
-      if (b.moe) {
-        std::vector<Tensor> grads;
-        b.moe->grads().for_each([&](const std::string&, Tensor& t) { grads.push_back(t); });
-        size_t k = 0;
-        b.moe->params().for_each([&](const std::string& n, Tensor& t) {
-          const bool routed = n.rfind("experts.", 0) == 0;
-          if (routed && t.size(0) == 0) return;  // held elsewhere (offloading)
-          named.push_back(
-              {p + "moe." + n, t, grads[k++], true, routed, routed ? b.moe->first_expert() : 0});
-        });
-      } else {
-        // The dense FFN stores its weights as one expert, [1, F, D]: expose them as [F, D].
-        auto view = [](Tensor& t) {
-          Shape s(t.shape().begin() + 1, t.shape().end());
-          return Tensor::view(t.raw(), s, t.dtype());
-        };
-        ExpertWeights& w = b.dense->params();
-        ExpertWeights& g = b.dense->grads();
-        named.push_back({p + "ffn.w_gate", view(w.w_gate), view(g.w_gate), true});
-        named.push_back({p + "ffn.w_up", view(w.w_up), view(g.w_up), true});
-        named.push_back({p + "ffn.w_down", view(w.w_down), view(g.w_down), true});
-      }
-    }
+    for (int64_t i = 0; i < cfg.n_layers; ++i)
+      name_block(blocks[static_cast<size_t>(i)], fmt::format("layers.{}.", i));
     named.push_back({"norm.weight", final_norm.value, final_norm.grad, false});
     if (!cfg.tie_embeddings) named.push_back({"lm_head.weight", lm_head.value, lm_head.grad, true});
+    // The MTP modules as DeepSeek-V3 numbers them: layers n_layers + k.
+    for (size_t k = 0; k < mtp.size(); ++k) {
+      MtpModule& m = mtp[k];
+      const std::string p = fmt::format("layers.{}.", cfg.n_layers + static_cast<int64_t>(k));
+      named.push_back({p + "enorm.weight", m.enorm.value, m.enorm.grad, false});
+      named.push_back({p + "hnorm.weight", m.hnorm.value, m.hnorm.grad, false});
+      named.push_back({p + "eh_proj.weight", m.eh_proj.value, m.eh_proj.grad, true});
+      name_block(m.block, p);
+      named.push_back({p + "shared_head.norm.weight", m.norm.value, m.norm.grad, false});
+    }
+  }
+
+  // A block's parameters, named p + "attn_norm.weight" and so on.
+  void name_block(Block& b, const std::string& p) {
+    named.push_back({p + "attn_norm.weight", b.attn_norm.value, b.attn_norm.grad, false});
+    for (const BlockParam& a : kAttentionParams) {
+      Param& q = b.*a.member;
+      if (q.value.defined()) named.push_back({p + a.name, q.value, q.grad, a.matrix});
+    }
+    named.push_back({p + "ffn_norm.weight", b.ffn_norm.value, b.ffn_norm.grad, false});
+    if (b.moe) {
+      std::vector<Tensor> grads;
+      b.moe->grads().for_each([&](const std::string&, Tensor& t) { grads.push_back(t); });
+      size_t k = 0;
+      b.moe->params().for_each([&](const std::string& n, Tensor& t) {
+        const bool routed = n.rfind("experts.", 0) == 0;
+        if (routed && t.size(0) == 0) return;  // held elsewhere (offloading)
+        named.push_back(
+            {p + "moe." + n, t, grads[k++], true, routed, routed ? b.moe->first_expert() : 0});
+      });
+    } else {
+      // The dense FFN stores its weights as one expert, [1, F, D]: expose them as [F, D].
+      auto view = [](Tensor& t) {
+        Shape s(t.shape().begin() + 1, t.shape().end());
+        return Tensor::view(t.raw(), s, t.dtype());
+      };
+      ExpertWeights& w = b.dense->params();
+      ExpertWeights& g = b.dense->grads();
+      named.push_back({p + "ffn.w_gate", view(w.w_gate), view(g.w_gate), true});
+      named.push_back({p + "ffn.w_up", view(w.w_up), view(g.w_up), true});
+      named.push_back({p + "ffn.w_down", view(w.w_down), view(g.w_down), true});
+    }
   }
 
   // Attention widths: heads of keys and values, key (and query) and value width per head.
@@ -287,6 +345,33 @@ struct Model::Impl {
   void attention_step(Block& blk, const T* a, int64_t B, int64_t Tq, const int64_t* pos,
                       const int64_t* slot, const int64_t* start, Tensor& kc, Tensor& vc,
                       int64_t cap, T* out, Arena& arena);
+
+  // One block's training forward over h [B*Tn, D] at positions pos (what its backward needs is
+  // kept in blk.saved); returns the block's output. MoE layers report into out's entry mi, which
+  // moves on.
+  template <class T>
+  T* block_forward(Block& blk, T* h, int64_t B, int64_t Tn, const int64_t* pos, Arena& arena,
+                   ModelOutput& out, size_t& mi);
+  template <class T>
+  BackwardScratch<T> backward_scratch(int64_t N, int64_t Tn, Arena& arena) const;
+  // dh [B*Tn, D]: d loss / d the block's output in, d loss / d its input out; the parameters'
+  // gradients accumulate. mi moves back over MoE layers (joint_dlogits: the joint balancing
+  // loss's router-logit gradients, by MoE index).
+  template <class T>
+  void block_backward(Block& blk, T* dh, int64_t B, int64_t Tn, const int64_t* pos,
+                      const BackwardScratch<T>& sc, Arena& arena, double scale, T** joint_dlogits,
+                      size_t& mi);
+
+  // The MTP modules' training forward (src/nn/mtp.cpp) over the main model's normed final
+  // representation z [B*Tn, D] of tokens [B, T1]: out.mtp_ce and out.mtp_loss; with
+  // `backward`, d loss / d logits kept, times scale.
+  template <class T>
+  void mtp_forward(const int32_t* tok, int64_t B, int64_t T1, int64_t Tn, const T* z, Arena& arena,
+                   bool backward, double scale, ModelOutput& out, size_t& mi);
+  // Their backward: the modules' gradients, and d loss / d z added into dz [B*Tn, D].
+  template <class T>
+  void mtp_backward(int64_t B, int64_t Tn, T* dz, const BackwardScratch<T>& sc, Arena& arena,
+                    double scale, size_t& mi);
 
   // tokens [B, T+1] (or [B, T] when targets are not needed) -> loss, and optionally gradients.
   template <class T>

@@ -140,6 +140,10 @@ Rng Trainer::setup() {
             mcfg_.transformers_loss
                 ? " less one (transformers' loss also runs the window's last token)"
                 : "");
+  MOE_CHECK(cfg_.seq_len > mcfg_.mtp_depth, "train",
+            "seq_len {} leaves no position for the model's {} MTP modules: module k predicts the "
+            "token k + 1 ahead, so seq_len must exceed {}",
+            cfg_.seq_len, mcfg_.mtp_depth, mcfg_.mtp_depth);
   model_ = std::make_unique<Model>(mcfg_, DType::F32);
   Rng rng(cfg_.seed);
   model_->init(rng);
@@ -396,6 +400,7 @@ StepLog Trainer::train_step() {
     log.loss += out.loss / n;
     log.ce_loss += out.ce_loss / n;
     log.soft_loss += out.soft_loss / n;
+    log.mtp_loss += out.mtp_loss / n;
     log.aux_loss += out.aux_loss / n;
     log.z_loss += out.z_loss / n;
     routed_.resize(out.routing.size());
@@ -606,13 +611,31 @@ bool Trainer::frozen(const NamedParam& p) const {
 void Trainer::copy_from(Model& src) {
   std::vector<NamedParam>& to = model_->params();
   std::vector<NamedParam>& from = src.params();
-  MOE_CHECK(to.size() == from.size(), "train", "the model to start from has {} tensors, not {}",
-            from.size(), to.size());
-  for (size_t i = 0; i < to.size(); ++i) {
-    const Tensor t = part(to[i], from[i].value);
-    t.expect("init-from", from[i].name.c_str(), to[i].value.shape(), to[i].value.dtype());
-    std::memcpy(to[i].value.raw(), t.raw(), to[i].value.nbytes());
+  // Tensors by name. The MTP modules may differ (--mtp adds fresh ones to a model trained
+  // without, or leaves a model's out); everything else must be there on both sides.
+  const int64_t L = model_->config().n_layers;
+  const auto mtp_module = [L](const std::string& name) {
+    if (name.rfind("layers.", 0) != 0) return false;
+    return std::stoll(name.substr(7, name.find('.', 7) - 7)) >= L;
+  };
+  std::map<std::string, const NamedParam*> by_name;
+  for (const NamedParam& p : from) by_name[p.name] = &p;
+  MOE_CHECK(src.config().n_layers == L, "train", "the model to start from has {} layers, not {}",
+            src.config().n_layers, L);
+  for (NamedParam& p : to) {
+    const auto it = by_name.find(p.name);
+    if (it == by_name.end()) {
+      MOE_CHECK(mtp_module(p.name), "train", "the model to start from has no tensor {}", p.name);
+      continue;  // a new MTP module keeps its initialization
+    }
+    const Tensor t = part(p, it->second->value);
+    t.expect("init-from", p.name.c_str(), p.value.shape(), p.value.dtype());
+    std::memcpy(p.value.raw(), t.raw(), p.value.nbytes());
+    by_name.erase(it);
   }
+  for (const auto& [name, p] : by_name)
+    MOE_CHECK(mtp_module(name), "train", "the model to start from has a tensor {} this one lacks",
+              name);
   const std::vector<MoeLayer*>&a = model_->moe_layers(), &b = src.moe_layers();
   for (size_t i = 0; i < a.size() && i < b.size(); ++i)
     if (std::vector<double>* bias = a[i]->router().selection_bias())

@@ -2,9 +2,10 @@
 """lm_oracle.py: the PyTorch reference for the language model, written from docs/model.md alone.
 
 For a few small models (dense, MoE in every layer, dense-then-MoE, MoE every other layer with a
-shared expert and a capacity, and one learning from a teacher's logits as distillation does) it
-computes in float64 with autograd the loss of one batch, its parts (cross-entropy, balancing
-loss, z-loss, the cross-entropy against the teacher) and the gradient of the loss with respect to
+shared expert and a capacity, one learning from a teacher's logits as distillation does, and one
+with DeepSeek-V3's multi-token prediction modules) it computes in float64 with autograd the loss
+of one batch, its parts (cross-entropy, balancing loss, z-loss, the cross-entropy against the
+teacher, the MTP modules' mean cross-entropy) and the gradient of the loss with respect to
 every parameter, and a 10-step torch.optim.AdamW trajectory from the same weights; it writes them
 as JSON for test_lm_oracle.cpp to compare against. The MoE layer inside is moe_oracle.py's
 (docs/routing.md), which moe_torch_tests already holds our layer to.
@@ -65,7 +66,7 @@ def model_config(moe, **kw):
         "init_std": 0.02,
     }
     for k in kw:
-        assert k in cfg, k
+        assert k in cfg or k in ("mtp_depth", "mtp_weight"), k
     cfg.update(kw)
     assert moe["d_model"] == cfg["d_model"]
     cfg["moe"] = moe
@@ -86,8 +87,8 @@ def param_table(cfg):
     V, D, L = cfg["vocab_size"], cfg["d_model"], cfg["n_layers"]
     H, KV, dh, Fd = cfg["n_heads"], cfg["n_kv_heads"], head_size(cfg), cfg["d_ffn"]
     table = {"embed.weight": ([V, D], True)}
-    for i in range(L):
-        p = "layers.%d." % i
+
+    def block(i, p):
         table[p + "attn_norm.weight"] = ([D], False)
         table[p + "attn.wq"] = ([H * dh, D], True)
         table[p + "attn.wk"] = ([KV * dh, D], True)
@@ -101,9 +102,20 @@ def param_table(cfg):
             table[p + "ffn.w_gate"] = ([Fd, D], True)
             table[p + "ffn.w_up"] = ([Fd, D], True)
             table[p + "ffn.w_down"] = ([D, Fd], True)
+
+    for i in range(L):
+        block(i, "layers.%d." % i)
     table["norm.weight"] = ([D], False)
     if not cfg["tie_embeddings"]:
         table["lm_head.weight"] = ([V, D], True)
+    # multi-token prediction modules, numbered after the main layers (DeepSeek-V3's layout)
+    for k in range(cfg.get("mtp_depth", 0)):
+        p = "layers.%d." % (L + k)
+        table[p + "enorm.weight"] = ([D], False)
+        table[p + "hnorm.weight"] = ([D], False)
+        table[p + "eh_proj.weight"] = ([D, 2 * D], True)
+        block(L + k, p)
+        table[p + "shared_head.norm.weight"] = ([D], False)
     return table
 
 
@@ -166,7 +178,9 @@ def forward(cfg, P, tokens, ffn_override=None, soft=None):
     aux = torch.zeros(())
     z = torch.zeros(())
     routing = []
-    for i in range(cfg["n_layers"]):
+
+    def block(i, h):
+        nonlocal aux, z
         p = "layers.%d." % i
         h = h + attention(cfg, P, p, rms_norm(h, P[p + "attn_norm.weight"], eps))
         f = rms_norm(h, P[p + "ffn_norm.weight"], eps)
@@ -178,17 +192,41 @@ def forward(cfg, P, tokens, ffn_override=None, soft=None):
                             "n_dropped": info["n_dropped"]})
         else:
             y = dense_ffn(P, p, f)
-        h = h + y
+        return h + y
+
+    L = cfg["n_layers"]
+    for i in range(L):
+        h = block(i, h)
     w_out = P["embed.weight"] if cfg["tie_embeddings"] else P["lm_head.weight"]
-    logits = rms_norm(h, P["norm.weight"], eps) @ w_out.T
+    hn = rms_norm(h, P["norm.weight"], eps)
+    logits = hn @ w_out.T
     V = cfg["vocab_size"]
     ce = F.cross_entropy(logits.reshape(-1, V), target.reshape(-1))
+    # Multi-token prediction (DeepSeek-V3 section 2.2, docs/model.md): module k reads the
+    # previous representation at position i (the main model's after its final norm for k = 1)
+    # and the embedding of token i + k, and predicts token i + k + 1, over i < T - k.
+    depth, T = cfg.get("mtp_depth", 0), x.shape[1]
+    mtp = torch.zeros(())
+    prev = hn
+    for k in range(1, depth + 1):
+        p = "layers.%d." % (L + k - 1)
+        Tk = T - k
+        e = rms_norm(P["embed.weight"][tokens[:, k:k + Tk]], P[p + "enorm.weight"], eps)
+        hk = rms_norm(prev[:, :Tk], P[p + "hnorm.weight"], eps)
+        xk = torch.cat([e, hk], dim=-1) @ P[p + "eh_proj.weight"].T
+        g = rms_norm(block(L + k - 1, xk), P[p + "shared_head.norm.weight"], eps)
+        mtp = mtp + F.cross_entropy((g @ w_out.T).reshape(-1, V),
+                                    tokens[:, k + 1:k + 1 + Tk].reshape(-1))
+        prev = g
+    if depth > 0:
+        mtp = mtp / depth
+    lam = cfg.get("mtp_weight", 0.0)
     if soft is None:
-        return ce + aux + z, ce, aux, z, routing, torch.zeros(())
+        return ce + aux + z + lam * mtp, ce, aux, z, routing, torch.zeros(()), mtp
     teacher, w = soft
     # torch's cross-entropy against class probabilities
     soft_ce = F.cross_entropy(logits.reshape(-1, V), F.softmax(teacher.reshape(-1, V), dim=-1))
-    return (1 - w) * ce + w * soft_ce + aux + z, ce, aux, z, routing, soft_ce
+    return (1 - w) * ce + w * soft_ce + aux + z + lam * mtp, ce, aux, z, routing, soft_ce, mtp
 
 
 # ---- the same model as per-token loops, for the self-check ----
@@ -325,7 +363,7 @@ def adamw_trajectory(cfg, P0, tokens, soft=None):
     losses = []
     for step in range(ADAMW_STEPS + 1):
         opt.zero_grad()
-        loss, _, _, _, routing, _ = forward(cfg, P, tokens, soft=soft)
+        loss, _, _, _, routing, _, _ = forward(cfg, P, tokens, soft=soft)
         why = routing_problem(routing, "trajectory step %d" % step)
         if why is not None:
             return None, why
@@ -337,6 +375,10 @@ def adamw_trajectory(cfg, P0, tokens, soft=None):
 
 
 def check_against_loops(name, cfg, P, tokens, values, soft=None):
+    """The main model's parts against the loops (the MTP modules are made of the same blocks,
+    norms and head; their terms and gradients are held to the finite differences)."""
+    if cfg.get("mtp_depth", 0) > 0:
+        return
     ref = forward_loops(cfg, P, tokens, soft)
     for what, ours, theirs in zip(("loss", "ce_loss", "aux_loss", "z_loss", "soft_loss"), values,
                                   ref):
@@ -388,10 +430,10 @@ def make_case(name, cfg, B, T, seed, require=None, soft_weight=None):
 
     for t in P.values():
         t.requires_grad_(True)
-    loss, ce, aux, z, routing, soft_ce = forward(cfg, P, tokens, soft=soft)
+    loss, ce, aux, z, routing, soft_ce, mtp = forward(cfg, P, tokens, soft=soft)
     loss.backward()
     grads = {k: v.grad.detach().clone() for k, v in P.items()}
-    values = (float(loss), float(ce), float(aux), float(z), float(soft_ce))
+    values = (float(loss), float(ce), float(aux), float(z), float(soft_ce), float(mtp))
     assert values[0] == losses[0]
     check_against_loops(name, cfg, P, tokens, values, soft)
     check_finite_differences(name, cfg, {k: v.detach() for k, v in P.items()}, tokens, grads, s,
@@ -410,6 +452,7 @@ def make_case(name, cfg, B, T, seed, require=None, soft_weight=None):
         "aux_loss": values[2],
         "z_loss": values[3],
         "soft_loss": values[4],
+        "mtp_loss": values[5],
         "grads": {k: tensor_json(v) for k, v in grads.items()},
         "routing": [{k: r[k] for k in ("layer", "routed", "kept", "capacity")} for r in routing],
         "min_routing_margin": routing_margin(routing),
@@ -466,6 +509,13 @@ def build_cases():
                      head_dim=4, d_ffn=20, max_seq_len=12, rope_theta=100.0, norm_eps=1e-2,
                      moe_every=1, first_dense=1),
         B=2, T=6, seed=51, soft_weight=0.25))
+    # 6. multi-token prediction: two modules (the first dense, the second MoE as block 3 of a
+    #    model whose odd blocks are MoE), weight 0.5, untied head
+    cases.append(make_case(
+        "mtp_two_modules",
+        model_config(moe4, vocab_size=28, d_model=12, n_layers=2, n_heads=3, n_kv_heads=3,
+                     d_ffn=18, max_seq_len=7, moe_every=2, mtp_depth=2, mtp_weight=0.5),
+        B=2, T=7, seed=61))
     return cases
 
 

@@ -36,6 +36,8 @@ struct TrainArgs {
   int64_t experts = 0, top_k = 0;
   double aux_coef = -1, z_coef = -1, device_aux_coef = -1;
   int64_t devices = 0;
+  int64_t mtp = -1;
+  double mtp_weight = -1;
   bool global_balance = false;
   bool freeze_router = false;
   std::vector<int64_t> freeze_experts;
@@ -60,9 +62,10 @@ class Progress {
     const int width = 24;
     const int filled = static_cast<int>(width * s.step / std::max<int64_t>(1, total_));
     const std::string line = fmt::format(
-        "step {:>5}/{} [{}{}] loss {:.4f} aux {:.4f} imbalance {:.2f} | {:.0f} tok/s | ETA {}",
+        "step {:>5}/{} [{}{}] loss {:.4f} aux {:.4f}{} imbalance {:.2f} | {:.0f} tok/s | ETA {}",
         s.step, total_, std::string(static_cast<size_t>(filled), '#'),
-        std::string(static_cast<size_t>(width - filled), '-'), s.loss, s.aux_loss, s.load_imbalance,
+        std::string(static_cast<size_t>(width - filled), '-'), s.loss, s.aux_loss,
+        s.mtp_loss > 0 ? fmt::format(" mtp {:.4f}", s.mtp_loss) : std::string(), s.load_imbalance,
         s.tokens_per_s, hms(eta));
     if (tty_) {
       fmt::print(stderr, "\r{}\x1b[K", line);
@@ -89,6 +92,8 @@ void apply_overrides(const TrainArgs& a, ModelConfig& mcfg) {
   if (a.device_aux_coef >= 0) mcfg.moe.device_aux_loss_coef = a.device_aux_coef;
   if (a.devices > 0) mcfg.moe.n_devices = a.devices;
   if (a.global_balance) mcfg.moe.global_balance = true;
+  if (a.mtp >= 0) mcfg.mtp_depth = a.mtp;
+  if (a.mtp_weight >= 0) mcfg.mtp_weight = a.mtp_weight;
   // The devices of the device-level loss are the expert-parallel ranks unless given.
   if (mcfg.moe.device_aux_loss_coef > 0 && mcfg.moe.n_devices == 0)
     mcfg.moe.n_devices = a.train.expert_parallel;
@@ -188,11 +193,14 @@ int run_train(TrainArgs& a) {
         "rank, {} of {} sequences per rank\n",
         g->world.size(), g->ep_size(), g->dp_size(), mcfg.moe.n_experts / g->ep_size(),
         mcfg.moe.n_experts, trainer.config().batch / g->world.size(), trainer.config().batch);
-  fmt::print("moe {}: {} layers, d_model {}, {} MoE layers ({}), {:.2f}M parameters\n",
+  fmt::print("moe {}: {} layers, d_model {}, {} MoE layers ({}), {:.2f}M parameters{}\n",
              trainer.teacher() ? "distill" : "train", mcfg.n_layers, mcfg.d_model,
              model.moe_layers().size(),
              model.moe_layers().empty() ? std::string("dense") : mcfg.moe.summary(),
-             static_cast<double>(model.n_params()) / 1e6);
+             static_cast<double>(model.n_params()) / 1e6,
+             mcfg.mtp_depth > 0 ? fmt::format("; {} MTP module{} (loss weight {})", mcfg.mtp_depth,
+                                              mcfg.mtp_depth > 1 ? "s" : "", mcfg.mtp_weight)
+                                : std::string());
   if (Model* t = trainer.teacher()) {
     const ParamCount n = count_params(t->config());
     fmt::print(
@@ -243,6 +251,7 @@ int run_train(TrainArgs& a) {
                             {"z_loss", s.z_loss},
                             {"ce_loss", s.ce_loss},
                             {"soft_loss", s.soft_loss},
+                            {"mtp_loss", s.mtp_loss},
                             {"lr", s.lr},
                             {"grad_norm", s.grad_norm},
                             {"tokens_per_s", s.tokens_per_s},
@@ -371,6 +380,11 @@ void add_training_options(CLI::App* cmd, TrainArgs& a) {
                   "devices of the device-level loss: groups of consecutive experts (default: the "
                   "--expert-parallel ranks)");
   add_finetune_switches(cmd, a);
+  cmd->add_option("--mtp", a.mtp,
+                  "multi-token prediction modules (DeepSeek-V3): module k also predicts the token "
+                  "k + 1 ahead; saved with the model, used by generate --speculative");
+  cmd->add_option("--mtp-weight", a.mtp_weight,
+                  "weight of the MTP modules' mean cross-entropy in the loss (default 0.3)");
   cmd->add_option("--seed", a.train.seed, "random seed")->capture_default_str();
   cmd->add_option("--expert-parallel", a.train.expert_parallel,
                   "under mpirun -np P: split each MoE layer's experts over EP ranks (P / EP "
