@@ -4,9 +4,11 @@
 
 #include <cmath>
 #include <cstring>
+#include <set>
 
 #include "moe/generate.h"
 #include "moe/trainer.h"
+#include "moe_test_util.h"
 
 namespace moe {
 
@@ -121,6 +123,86 @@ TEST(Sampling, PromptPassHeadOnLastPositions) {
     EXPECT_EQ(0,
               std::memcmp(full_cache.v[l].raw(), last_cache.v[l].raw(), full_cache.v[l].nbytes()));
   }
+}
+
+// Self-speculative decoding with the MTP modules gives plain greedy decoding's tokens, for any
+// draft depth, in float64 and float32, with a stop token; the counts add up.
+TEST(Speculative, GreedyOutputIsPlainGreedy) {
+  for (const DType dtype : {DType::F64, DType::F32}) {
+    ModelConfig cfg = model_preset("tiny");
+    cfg.max_seq_len = 64;
+    cfg.mtp_depth = 3;
+    Model model(cfg, dtype);
+    Rng init(9);
+    model.init(init);
+    // Larger weights than init's, so that the greedy path is not one token repeated.
+    for (NamedParam& p : model.params())
+      if (p.name.find("norm") == std::string::npos) {
+        Rng r(p.value.numel());
+        Tensor t = Tensor::empty(p.value.shape(), DType::F64);
+        r.fill_normal(t, 0, 0.2);
+        const Tensor c = t.to(dtype);
+        std::memcpy(p.value.raw(), c.raw(), c.nbytes());
+      }
+    const std::vector<int32_t> prompt = {256, 72, 101, 108, 108, 111};
+    SamplingConfig greedy;
+    greedy.temperature = 0;
+    const std::vector<int32_t> plain = generate(model, {prompt}, 40, greedy)[0];
+    std::set<int32_t> distinct(plain.begin() + 6, plain.end());
+    EXPECT_GT(distinct.size(), 3u) << "the greedy path should vary";
+    for (int64_t depth = 1; depth <= 3; ++depth) {
+      SpeculativeStats st;
+      std::vector<int32_t> streamed;
+      const std::vector<int32_t> spec = generate_speculative(
+          model, prompt, 40, depth, {}, [&](int32_t t) { streamed.push_back(t); }, &st);
+      EXPECT_EQ(spec, plain) << dtype_name(dtype) << " depth " << depth;
+      EXPECT_EQ(streamed, std::vector<int32_t>(plain.begin() + 6, plain.end()));
+      EXPECT_EQ(st.tokens, 40);
+      EXPECT_LE(st.accepted, st.drafted);
+      // Each round keeps its accepted guesses and one token of the model's own, the prompt's
+      // pass gives the first.
+      EXPECT_EQ(st.tokens, 1 + st.rounds + st.accepted);
+    }
+    // A stop token ends it where plain decoding ends.
+    const int32_t stop = plain[20];
+    const auto first = std::find(plain.begin() + 6, plain.end(), stop);
+    const std::vector<int32_t> want(plain.begin(), first + 1);
+    EXPECT_EQ(generate_speculative(model, prompt, 40, 2, {stop}), want);
+  }
+}
+
+// With modules trained alongside the model, most guesses are right; a model without modules
+// and a depth beyond its modules are refused.
+TEST(Speculative, TrainedModulesGuessRight) {
+  ModelConfig cfg = model_preset("tiny");
+  cfg.mtp_depth = 2;
+  TrainConfig tc;
+  tc.steps = 150;
+  tc.batch = 8;
+  tc.seq_len = 32;
+  tc.lr = 3e-3;
+  tc.warmup = 10;
+  tc.eval_every = 0;
+  Trainer trainer(cfg, tc, test::toy_corpus());
+  for (int64_t i = 0; i < tc.steps; ++i) trainer.train_step();
+  Model& model = trainer.model();
+  model.set_training(false);
+  const std::vector<int32_t> prompt = {256, 116, 104, 101, 32};  // <bos> "the "
+  SamplingConfig greedy;
+  greedy.temperature = 0;
+  const std::vector<int32_t> plain = generate(model, {prompt}, 60, greedy)[0];
+  for (int64_t depth = 1; depth <= 2; ++depth) {
+    SpeculativeStats st;
+    EXPECT_EQ(generate_speculative(model, prompt, 60, depth, {}, nullptr, &st), plain);
+    EXPECT_GT(st.acceptance(), 0.5)
+        << "depth " << depth << ": " << st.accepted << " of " << st.drafted;
+    EXPECT_LT(st.rounds, depth == 1 ? 40 : 30) << "depth " << depth;
+  }
+  EXPECT_THROW(generate_speculative(model, prompt, 10, 3), Error);
+  ModelConfig plain_cfg = cfg;
+  plain_cfg.mtp_depth = 0;
+  Model no_modules(plain_cfg);
+  EXPECT_THROW(generate_speculative(no_modules, prompt, 10, 0), Error);
 }
 
 }  // namespace moe

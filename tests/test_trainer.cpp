@@ -108,6 +108,59 @@ TEST(Trainer, CheckpointRoundTripsAndKeepsTheNewest) {
   std::filesystem::remove_all(dir);
 }
 
+// A model with MTP modules (the second's block MoE, with DeepSeek's selection bias): its
+// checkpoint loads back with the modules (float32 and as stored), resumes bit for bit, and a
+// model trained without modules starts one with them (fresh) or drops them.
+TEST(Trainer, MtpModulesSaveLoadAndResume) {
+  const Corpus corpus = test::toy_corpus();
+  const std::string dir = test::temp_dir("mtp");
+  ModelConfig mc = toy_model();
+  mc.moe.router = RouterKind::deepseek;
+  mc.moe.bias_update_rate = 0.01;
+  mc.mtp_depth = 2;
+  std::vector<double> straight;
+  {
+    Trainer t(mc, toy_train(6), corpus);
+    for (int i = 0; i < 6; ++i) straight.push_back(t.train_step().loss);
+  }
+  Trainer t(mc, toy_train(6), corpus);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(t.train_step().loss, straight[static_cast<size_t>(i)]);
+  EXPECT_GT(t.train_step().loss, 0);
+  t.save(dir);
+  Tensor tok = Tensor::empty({2, 12}, DType::I32);
+  for (int64_t i = 0; i < tok.numel(); ++i) tok.data<int32_t>()[i] = static_cast<int32_t>(i * 7);
+  t.model().set_training(false);
+  Arena arena;
+  const ModelOutput want = t.model().forward(tok, arena);
+  ASSERT_EQ(want.mtp_ce.size(), 2u);
+  for (const WeightsAs as : {WeightsAs::float32, WeightsAs::stored}) {
+    const std::unique_ptr<Model> m = load_model(dir, as);
+    EXPECT_EQ(m->config().mtp_depth, 2);
+    m->set_training(false);
+    const ModelOutput got = m->forward(tok, arena);
+    EXPECT_EQ(got.mtp_ce, want.mtp_ce);
+    EXPECT_EQ(got.loss, want.loss);
+  }
+  {
+    Trainer r(mc, toy_train(6), corpus);
+    r.resume(dir);
+    EXPECT_EQ(r.train_step().loss, straight[5]);
+  }
+  // Without modules, then with them again: the shared tensors carry over.
+  ModelConfig plain = mc;
+  plain.mtp_depth = 0;
+  Trainer p(plain, toy_train(1), corpus);
+  p.init_from(t.model());
+  Trainer q(mc, toy_train(1), corpus);
+  q.init_from(p.model());
+  for (NamedParam& a : q.model().params())
+    for (NamedParam& b : p.model().params())
+      if (a.name == b.name) {
+        EXPECT_EQ(std::memcmp(a.value.raw(), b.value.raw(), a.value.nbytes()), 0) << a.name;
+      }
+  std::filesystem::remove_all(dir);
+}
+
 TEST(Trainer, NonFiniteValuesStopTheStepAndSayWhere) {
   const Corpus corpus = test::toy_corpus();
   Trainer t(toy_model(), toy_train(5), corpus);

@@ -273,6 +273,21 @@ class Model {
                 const std::vector<int64_t>& slots = {},
                 std::vector<Tensor>* router_logits = nullptr, LogitRows rows = LogitRows::all);
 
+  // Multi-token prediction at inference (self-speculative decoding, moe/generate.h), one
+  // sequence (cache slot 0). decode_hidden is decode() of tokens [1, Tq] that also returns in
+  // *hidden each position's final representation [Tq, D] (after the final norm: the output
+  // head's input, and the first MTP module's); logits [1, Tq, V].
+  Tensor decode_hidden(const Tensor& tokens, KvCache& cache, Arena& arena, Tensor* hidden);
+  // A one-sequence cache for an MTP module's block.
+  KvCache make_mtp_cache(int64_t capacity) const;
+  // MTP module `module` (from 0) on the next n positions of its cache: hidden [n, D] the
+  // previous representations of those positions (decode_hidden's, or module - 1's), tokens
+  // i32 [n] the tokens module + 1 ahead of them. Returns the logits of the last position
+  // [1, V] (its guess at the token module + 2 ahead) and, in *hidden_out, the module's
+  // representations [n, D] (the next module's input).
+  Tensor mtp_decode(int64_t module, const Tensor& hidden, const Tensor& tokens, KvCache& cache,
+                    Arena& arena, Tensor* hidden_out);
+
  private:
   struct Impl;
   ModelConfig cfg_;

@@ -363,7 +363,7 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
 template <class T>
 Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
                            const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits,
-                           ModelOutput* routing, Model::LogitRows rows) {
+                           ModelOutput* routing, Model::LogitRows rows, Tensor* hidden) {
   const char* w = "model.decode";
   MOE_CHECK(tokens.ndim() == 2 && tokens.dtype() == DType::I32, w,
             "tokens must be i32[B, T], got {}", tokens.str());
@@ -431,10 +431,7 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
             guess_next_experts<T>(a, N, next, static_cast<int64_t>(mi) + 1, arena);
             break;
           }
-      const bool was = blk.moe->training();
-      blk.moe->set_training(false);
-      MoeOutput mo = blk.moe->forward(at, arena);
-      blk.moe->set_training(was);
+      MoeOutput mo = moe_inference(blk, at, arena);
       if (router_logits) router_logits->push_back(mo.router_logits);
       if (routing) {
         routing->aux_loss += mo.aux_loss;
@@ -454,7 +451,7 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
     if (scratch_per_layer) arena.rewind(layer_start);
   }
   for (int64_t b = 0; b < B; ++b) cache.length[static_cast<size_t>(slot[b])] += Tq;
-  if (rows == Model::LogitRows::last && Tq > 1) {
+  if (rows == Model::LogitRows::last && Tq > 1 && !hidden) {
     // Only each sequence's last position: its row of h, normalized, through the head.
     for (int64_t b = 0; b < B; ++b)
       std::copy(h + (b * Tq + Tq - 1) * D, h + (b * Tq + Tq) * D, o + b * D);
@@ -466,6 +463,7 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
   norm(a, h, final_norm, N);
   Tensor logits = arena.tensor({B, Tq, V}, dtype_of<T>());
   cpu::linear<T>(logits.data<T>(), a, N, lm_head.value);
+  if (hidden) *hidden = Tensor::view(a, {N, D}, dtype_of<T>());
   return logits;
 }
 
@@ -473,19 +471,14 @@ KvCache Model::make_cache(int64_t slots, int64_t capacity) const {
   MOE_CHECK(slots >= 1 && capacity >= 1 && capacity <= cfg_.max_seq_len, "model.cache",
             "need slots >= 1 and capacity in [1, max_seq_len = {}], got {} and {}",
             cfg_.max_seq_len, slots, capacity);
-  KvCache c;
-  c.slots = slots;
-  c.capacity = capacity;
-  c.length.assign(static_cast<size_t>(slots), 0);
-  const int64_t H = cfg_.n_heads;
-  const int64_t heads = cfg_.mla() ? H : cfg_.n_kv_heads;
-  const int64_t dk = cfg_.mla() ? cfg_.qk_nope_dim + cfg_.qk_rope_dim : cfg_.head_size();
-  const int64_t dv = cfg_.mla() ? cfg_.v_head_dim : cfg_.head_size();
-  for (int64_t i = 0; i < cfg_.n_layers; ++i) {
-    c.k.push_back(Tensor::zeros({slots, capacity, heads, dk}, impl_->dtype));
-    c.v.push_back(Tensor::zeros({slots, capacity, heads, dv}, impl_->dtype));
-  }
-  return c;
+  return impl_->make_cache(slots, capacity, cfg_.n_layers);
+}
+
+KvCache Model::make_mtp_cache(int64_t capacity) const {
+  MOE_CHECK(cfg_.mtp_depth > 0, "model.cache", "the model has no MTP module");
+  MOE_CHECK(capacity >= 1 && capacity <= cfg_.max_seq_len, "model.cache",
+            "need capacity in [1, max_seq_len = {}], got {}", cfg_.max_seq_len, capacity);
+  return impl_->make_cache(1, capacity, 1);
 }
 
 Tensor Model::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
@@ -494,6 +487,23 @@ Tensor Model::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
   return impl_->dtype == DType::F64
              ? impl_->decode<double>(tokens, cache, arena, slots, router_logits, nullptr, rows)
              : impl_->decode<float>(tokens, cache, arena, slots, router_logits, nullptr, rows);
+}
+
+Tensor Model::decode_hidden(const Tensor& tokens, KvCache& cache, Arena& arena, Tensor* hidden) {
+  MOE_CHECK(tokens.ndim() == 2 && tokens.size(0) == 1, "model.decode",
+            "decode_hidden runs one sequence, i32[1, T]; got {}", tokens.str());
+  MOE_CHECK(hidden != nullptr, "model.decode", "decode_hidden needs somewhere to put the states");
+  return impl_->dtype == DType::F64 ? impl_->decode<double>(tokens, cache, arena, {}, nullptr,
+                                                            nullptr, LogitRows::all, hidden)
+                                    : impl_->decode<float>(tokens, cache, arena, {}, nullptr,
+                                                           nullptr, LogitRows::all, hidden);
+}
+
+Tensor Model::mtp_decode(int64_t module, const Tensor& hidden, const Tensor& tokens, KvCache& cache,
+                         Arena& arena, Tensor* hidden_out) {
+  return impl_->dtype == DType::F64
+             ? impl_->mtp_decode<double>(module, hidden, tokens, cache, arena, hidden_out)
+             : impl_->mtp_decode<float>(module, hidden, tokens, cache, arena, hidden_out);
 }
 
 Model::Model(const ModelConfig& cfg, DType dtype, bool routed_experts)

@@ -304,6 +304,19 @@ struct Model::Impl {
     }
   }
 
+  // A cache of `layers` blocks' keys and values.
+  KvCache make_cache(int64_t slots, int64_t capacity, int64_t layers) const {
+    KvCache c;
+    c.slots = slots;
+    c.capacity = capacity;
+    c.length.assign(static_cast<size_t>(slots), 0);
+    for (int64_t i = 0; i < layers; ++i) {
+      c.k.push_back(Tensor::zeros({slots, capacity, kv_heads(), key_dim()}, dtype));
+      c.v.push_back(Tensor::zeros({slots, capacity, kv_heads(), value_dim()}, dtype));
+    }
+    return c;
+  }
+
   // Attention widths: heads of keys and values, key (and query) and value width per head.
   int64_t kv_heads() const { return cfg.mla() ? cfg.n_heads : cfg.n_kv_heads; }
   int64_t key_dim() const {
@@ -340,7 +353,20 @@ struct Model::Impl {
   // forward reports them.
   Tensor decode(const Tensor& tokens, KvCache& cache, Arena& arena,
                 const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits,
-                ModelOutput* routing = nullptr, Model::LogitRows rows = Model::LogitRows::all);
+                ModelOutput* routing = nullptr, Model::LogitRows rows = Model::LogitRows::all,
+                Tensor* hidden = nullptr);
+  // An MoE block's layer at inference (no training noise, whatever its mode).
+  MoeOutput moe_inference(Block& blk, const Tensor& a, Arena& arena) {
+    const bool was = blk.moe->training();
+    blk.moe->set_training(false);
+    MoeOutput mo = blk.moe->forward(a, arena);
+    blk.moe->set_training(was);
+    return mo;
+  }
+  // MTP module `module`'s inference step (Model::mtp_decode).
+  template <class T>
+  Tensor mtp_decode(int64_t module, const Tensor& hidden, const Tensor& tokens, KvCache& cache,
+                    Arena& arena, Tensor* hidden_out);
   template <class T>
   void attention_step(Block& blk, const T* a, int64_t B, int64_t Tq, const int64_t* pos,
                       const int64_t* slot, const int64_t* start, Tensor& kc, Tensor& vc,

@@ -8,6 +8,7 @@
 //   x = W_eh [norm_e(emb(t_{i+k})); norm_h(h^{k-1}_i)],  h^k = norm_k(Block_k(x)),
 //   logits = h^k W_head^T (the model's output head),
 // over the positions i < T - k of sequences whose T positions predict tokens 1..T.
+#include <algorithm>
 #include <cstring>
 
 #include "moe/kernels.h"
@@ -164,11 +165,70 @@ void Model::Impl::mtp_backward(int64_t B, int64_t Tn, T* dz, const BackwardScrat
       for (int64_t d = 0; d < D; ++d) dz[(b * Tn + i) * D + d] += dg[(b * T1m + i) * D + d];
 }
 
+template <class T>
+Tensor Model::Impl::mtp_decode(int64_t module, const Tensor& hidden, const Tensor& tokens,
+                               KvCache& cache, Arena& arena, Tensor* hidden_out) {
+  const char* w = "model.mtp";
+  MOE_CHECK(module >= 0 && module < static_cast<int64_t>(mtp.size()), w,
+            "MTP module {} is not one of the model's {}", module, mtp.size());
+  MOE_CHECK(hidden_out != nullptr, w, "mtp_decode needs somewhere to put the states");
+  const int64_t D = cfg.d_model, V = cfg.vocab_size, n = tokens.numel();
+  MOE_CHECK(tokens.dtype() == DType::I32 && n >= 1, w, "tokens must be i32[n >= 1], got {}",
+            tokens.str());
+  MOE_CHECK(hidden.dtype() == dtype_of<T>() && hidden.numel() == n * D, w,
+            "hidden must be {}[{}, {}] for {} tokens, got {}", dtype_name(dtype_of<T>()), n, D, n,
+            hidden.str());
+  MOE_CHECK(cache.k.size() == 1 && cache.slots == 1, w, "the cache was not made by make_mtp_cache");
+  const int64_t start = cache.length[0];
+  MOE_CHECK(start + n <= cache.capacity, w, "the module would reach {} positions, beyond its {}",
+            start + n, cache.capacity);
+  const int32_t* tok = tokens.data<int32_t>();
+  for (int64_t i = 0; i < n; ++i)
+    MOE_CHECK(tok[i] >= 0 && tok[i] < V, w, "token {} at {} is outside the vocabulary [0, {})",
+              tok[i], i, V);
+  MtpModule& m = mtp[static_cast<size_t>(module)];
+  int64_t* pos = arena.alloc<int64_t>(n);
+  for (int64_t i = 0; i < n; ++i) pos[i] = start + i;
+  const int64_t slot = 0;
+  T* rstd = arena.alloc<T>(n);
+  T* emb = arena.alloc<T>(n * D);
+  embed_rows<T>(emb, tok, n);
+  T* cat = arena.alloc<T>(n * 2 * D);
+  T* a = arena.alloc<T>(n * D);
+  norm_forward<T>(a, rstd, emb, m.enorm, n);
+  for (int64_t r = 0; r < n; ++r) std::copy(a + r * D, a + (r + 1) * D, cat + r * 2 * D);
+  norm_forward<T>(a, rstd, hidden.data<T>(), m.hnorm, n);
+  for (int64_t r = 0; r < n; ++r) std::copy(a + r * D, a + (r + 1) * D, cat + r * 2 * D + D);
+  T* h = arena.alloc<T>(n * D);
+  cpu::linear<T>(h, cat, n, m.eh_proj.value);
+  // The block, as decode() runs the main ones.
+  Block& blk = m.block;
+  T* o = arena.alloc<T>(n * D);
+  norm_forward<T>(a, rstd, h, blk.attn_norm, n);
+  attention_step<T>(blk, a, 1, n, pos, &slot, &start, cache.k[0], cache.v[0], cache.capacity, o,
+                    arena);
+  for (int64_t i = 0; i < n * D; ++i) h[i] += o[i];
+  norm_forward<T>(a, rstd, h, blk.ffn_norm, n);
+  const Tensor at = Tensor::view(a, {n, D}, dtype_of<T>());
+  const Tensor y = blk.moe ? moe_inference(blk, at, arena).y : blk.dense->forward(at, arena);
+  const T* yp = y.data<T>();
+  for (int64_t i = 0; i < n * D; ++i) h[i] += yp[i];
+  cache.length[0] += n;
+  T* g = arena.alloc<T>(n * D);
+  norm_forward<T>(g, rstd, h, m.norm, n);
+  *hidden_out = Tensor::view(g, {n, D}, dtype_of<T>());
+  Tensor logits = arena.tensor({1, V}, dtype_of<T>());
+  cpu::linear<T>(logits.data<T>(), g + (n - 1) * D, 1, lm_head.value);
+  return logits;
+}
+
 #define MOE_INSTANTIATE(T)                                                                       \
   template void Model::Impl::mtp_forward<T>(const int32_t*, int64_t, int64_t, int64_t, const T*, \
                                             Arena&, bool, double, ModelOutput&, size_t&);        \
   template void Model::Impl::mtp_backward<T>(int64_t, int64_t, T*, const BackwardScratch<T>&,    \
-                                             Arena&, double, size_t&);
+                                             Arena&, double, size_t&);                           \
+  template Tensor Model::Impl::mtp_decode<T>(int64_t, const Tensor&, const Tensor&, KvCache&,    \
+                                             Arena&, Tensor*);
 MOE_INSTANTIATE(float)
 MOE_INSTANTIATE(double)
 #undef MOE_INSTANTIATE

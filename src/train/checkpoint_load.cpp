@@ -64,7 +64,7 @@ std::vector<std::vector<ExpertView>> stacked_expert_views(const ModelConfig& c,
                                                           const std::string& path) {
   const int64_t E = c.moe.n_experts, F = c.moe.d_ffn, D = c.d_model;
   std::vector<std::vector<ExpertView>> layers;
-  for (int64_t i = 0; i < c.n_layers; ++i) {
+  for (int64_t i = 0; i < c.n_layers + c.mtp_depth; ++i) {  // the MTP modules' after
     if (!c.is_moe_layer(i)) continue;
     const std::string p = fmt::format("layers.{}.moe.experts.", i);
     // The stacked tensor `name` of shape [E, rows, cols] (absent: an empty tensor), and its

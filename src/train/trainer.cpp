@@ -517,7 +517,7 @@ double Trainer::evaluate() {
 
 std::string bias_name(const Model& model, size_t moe_index) {
   size_t k = 0;
-  for (int64_t i = 0; i < model.config().n_layers; ++i)
+  for (int64_t i = 0; i < model.config().n_layers + model.config().mtp_depth; ++i)
     if (model.config().is_moe_layer(i) && k++ == moe_index)
       return fmt::format("layers.{}.moe.router.selection_bias", i);
   return "";

@@ -78,6 +78,9 @@ struct GenerateArgs {
   bool ids = false;
   int threads = 0;
   std::string weights = "stored";
+  bool speculative = false;
+  int64_t draft_depth = 0;
+  bool temp_given = false;
 };
 
 int run_generate(const GenerateArgs& a) {
@@ -126,7 +129,19 @@ int run_generate(const GenerateArgs& a) {
     std::fwrite(a.prompt.data(), 1, a.prompt.size(), stdout);
     std::fflush(stdout);
   }
-  const auto out = generate(*model, {prompt}, a.n, a.sampling, stop, on_token);
+  SpeculativeStats spec;
+  std::vector<std::vector<int32_t>> out;
+  if (a.speculative) {
+    MOE_CHECK(!a.temp_given || a.sampling.temperature == 0, "generate",
+              "--speculative decodes greedily (its output is plain greedy decoding's); --temp {} "
+              "asks for sampling",
+              a.sampling.temperature);
+    MOE_CHECK(!cache, "generate", "--speculative with --expert-cache-mb is not supported");
+    out.push_back(generate_speculative(
+        *model, prompt, a.n, a.draft_depth, stop, [&](int32_t id) { on_token(0, id); }, &spec));
+  } else {
+    out = generate(*model, {prompt}, a.n, a.sampling, stop, on_token);
+  }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (a.ids) {
     fmt::print("{}\n", nlohmann::json(out[0]).dump());
@@ -140,6 +155,13 @@ int run_generate(const GenerateArgs& a) {
   fmt::print(stderr, "{} tokens in {:.3f} s ({:.1f} tokens/s)\n", made, secs,
              static_cast<double>(made) / std::max(secs, 1e-9));
   if (cache) fmt::print(stderr, "{} ({} policy)\n", cache->stats().str(), a.cache_policy);
+  if (a.speculative)
+    fmt::print(stderr,
+               "speculative: {} of {} drafted tokens accepted ({:.1f}%), {} passes of the model "
+               "after the prompt ({:.2f} tokens per pass)\n",
+               spec.accepted, spec.drafted, 100 * spec.acceptance(), spec.rounds,
+               static_cast<double>(spec.tokens - 1) /
+                   static_cast<double>(std::max<int64_t>(1, spec.rounds)));
   fmt::print(stderr, "peak resident memory: {:.1f} MB\n",
              static_cast<double>(peak_rss_bytes()) / 1e6);
   return 0;
@@ -224,6 +246,13 @@ Run add_generate(CLI::App& app) {
   cmd->add_option("--top-p", a->sampling.top_p, "nucleus sampling threshold")
       ->capture_default_str();
   cmd->add_option("--seed", a->sampling.seed, "random seed")->capture_default_str();
+  cmd->add_flag("--speculative", a->speculative,
+                "greedy decoding sped up by the model's multi-token prediction modules (moe train "
+                "--mtp): they draft tokens ahead, one pass of the model checks them; the output "
+                "is plain greedy decoding's");
+  cmd->add_option("--draft-depth", a->draft_depth,
+                  "with --speculative: tokens drafted per pass (0: one per MTP module)")
+      ->capture_default_str();
   cmd->add_flag("--ids", a->ids,
                 "print the token ids (prompt included) as one JSON array instead of text");
   cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
@@ -237,7 +266,10 @@ Run add_generate(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--no-prefetch", a->no_prefetch,
                 "with --expert-cache-mb: do not read the next layer's likely experts ahead");
-  return [a] { return run_generate(*a); };
+  return [a, cmd] {
+    a->temp_given = cmd->count("--temp") > 0;
+    return run_generate(*a);
+  };
 }
 
 Run add_logits(CLI::App& app) {
