@@ -2,6 +2,7 @@
 // loss, gradients and AdamW trajectory in reference.json and grads.safetensors): the first loss
 // equals transformers' train_loss, every gradient matches transformers' under the checkpoint's
 // own tensor names, and ten AdamW steps reproduce its losses.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -163,6 +164,49 @@ TEST_P(HfFinetune, AdamwTrajectoryMatchesTransformers) {
   }
   std::printf("%s: %zu AdamW steps, losses within %.2g of transformers'\n", GetParam(), want.size(),
               worst);
+}
+
+// DeepSeek-V3's multi-token prediction module in its released layout (model.layers.{L}: enorm,
+// hnorm, eh_proj, a decoder layer, shared_head.norm, with copies of the embedding and output
+// head): a fine-tuned model with one saves it there, and the checkpoint loads back with it, the
+// same bits, float32 and as stored; without the tensors (transformers' own checkpoints) the
+// model has no module.
+TEST(HfSave, DeepSeekV3MtpModuleRoundTrips) {
+  const std::string dir = hf_fixture("deepseek_v3");
+  std::unique_ptr<Model> base = load_model(dir);
+  EXPECT_EQ(base->config().mtp_depth, 0);  // num_nextn_predict_layers 1, no tensors
+  ModelConfig cfg = base->config();
+  cfg.mtp_depth = 1;
+  Model with(cfg);
+  Rng rng(5);
+  with.init(rng);
+  for (NamedParam& p : with.params())
+    for (NamedParam& q : base->params())
+      if (p.name == q.name) std::memcpy(p.value.raw(), q.value.raw(), p.value.nbytes());
+  const std::string out = (std::filesystem::temp_directory_path() / "moe_test_hf_mtp").string();
+  std::filesystem::remove_all(out);
+  save_hf_model(with, hf_origin(dir), out);
+  const SafetensorsFile f = load_safetensors(out + "/model.safetensors");
+  const int64_t L = cfg.n_layers;
+  for (const char* rest :
+       {"enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+        "shared_head.head.weight", "embed_tokens.weight", "input_layernorm.weight",
+        "mlp.experts.0.gate_proj.weight", "mlp.gate.e_score_correction_bias"})
+    EXPECT_TRUE(f.has(fmt::format("model.layers.{}.{}", L, rest))) << rest;
+  Tensor tok = Tensor::empty({1, 9}, DType::I32);
+  for (int64_t i = 0; i < 9; ++i) tok.data<int32_t>()[i] = static_cast<int32_t>(i * 11 + 3);
+  Arena arena;
+  with.set_training(false);
+  const ModelOutput want = with.forward(tok, arena);
+  ASSERT_EQ(want.mtp_ce.size(), 1u);
+  for (const WeightsAs as : {WeightsAs::float32, WeightsAs::stored}) {
+    std::unique_ptr<Model> back = load_model(out, as);
+    ASSERT_EQ(back->config().mtp_depth, 1);
+    const ModelOutput got = back->forward(tok, arena);
+    EXPECT_EQ(got.mtp_ce, want.mtp_ce);
+    EXPECT_EQ(got.ce_loss, want.ce_loss);
+  }
+  std::filesystem::remove_all(out);
 }
 
 // A checkpoint loaded and saved again is the same checkpoint: config.json byte for byte, every

@@ -232,8 +232,8 @@ class Model {
   // (MoeLayer::set_expert_source, the layers numbered in depth order); params() then lists the
   // other tensors only.
   void set_expert_source(const std::shared_ptr<ExpertSource>& source);
-  // Routed expert e of layer `layer` (a layer index of the model, which must be an MoE layer):
-  // views of its weights.
+  // Routed expert e of layer `layer` (a layer index of the model, which must be an MoE layer;
+  // n_layers + k is MTP module k + 1's block): views of its weights.
   ExpertView expert(int64_t layer, int64_t e);
   // Replaces parameter `name` (as params() names it) by t, which the model then computes from
   // as it is: same number of elements and the same trailing dimensions, dtype the model's or, for

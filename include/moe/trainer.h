@@ -225,6 +225,9 @@ struct CheckpointInfo {
   ModelConfig config;
   std::string model_type;
   bool ours = false;
+  // A HuggingFace config's num_nextn_predict_layers (DeepSeek-V3's MTP modules); the config's
+  // mtp_depth takes it when the checkpoint holds their tensors.
+  int64_t hf_mtp_layers = 0;
 };
 CheckpointInfo read_checkpoint_info(const std::string& dir);
 // A training checkpoint's files against the sizes and CRC-32s its trainer_state.json recorded

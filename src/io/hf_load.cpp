@@ -272,6 +272,10 @@ std::string layer_name(const Names& n, int64_t i, const std::string& rest) {
       {"attn.sinks", "sinks"}};
   for (const auto& [a, b] : attn)
     if (rest == a) return A + b;
+  // DeepSeek-V3's multi-token prediction module k: layer num_hidden_layers + k - 1.
+  if (rest == "enorm.weight" || rest == "hnorm.weight" || rest == "eh_proj.weight" ||
+      rest == "shared_head.norm.weight")
+    return L + rest;
   if (rest == "attn_norm.weight") return L + "input_layernorm.weight";
   if (rest == "ffn_norm.weight") return L + "post_attention_layernorm.weight";
   if (rest == "ffn.w_gate") return L + "mlp.gate_proj.weight";
@@ -297,8 +301,9 @@ void load_llama_like(Model& model, const std::string& type, HfTensors& src, View
   const bool gpt_oss = type == "gpt_oss";
   if (views) {  // the routed experts as stored, from a source of views
     std::vector<std::vector<ExpertView>> layers;
-    for (int64_t i = 0; i < model.config().n_layers; ++i)
-      if (model.config().is_moe_layer(i))
+    const ModelConfig& c = model.config();
+    for (int64_t i = 0; i < c.n_layers + c.mtp_depth; ++i)
+      if (c.is_moe_layer(i))
         layers.push_back(gpt_oss ? gpt_oss_experts(model.config(), src, i).views()
                                  : stored_experts(model.config(), src,
                                                   "model.layers." + std::to_string(i) + "." + n.moe,
@@ -692,9 +697,20 @@ std::vector<std::pair<std::string, Tensor>> hf_tensors(Model& model, const std::
     for (int64_t e = 0; e < E; ++e)
       out.emplace_back(fmt::format("{}experts.{}.{}.weight", M, e, proj), slice(t, e));
   }
+  // DeepSeek-V3's MTP modules also carry the embedding and output head they share (the same
+  // tensors), which vLLM and SGLang read there.
+  for (int64_t k = 0; k < c.mtp_depth; ++k) {
+    const std::string L = fmt::format("model.layers.{}.", c.n_layers + k);
+    for (NamedParam& p : params) {
+      Tensor& t = grads ? p.grad : p.value;
+      if (p.name == "embed.weight") out.emplace_back(L + "embed_tokens.weight", t);
+      if (p.name == (c.tie_embeddings ? "embed.weight" : "lm_head.weight"))
+        out.emplace_back(L + "shared_head.head.weight", t);
+    }
+  }
   if (!grads) {
     // DeepSeek-V3's selection bias (a buffer, float32 in transformers).
-    for (int64_t i = 0, mi = 0; i < c.n_layers; ++i) {
+    for (int64_t i = 0, mi = 0; i < c.n_layers + c.mtp_depth; ++i) {
       if (!c.is_moe_layer(i)) continue;
       const std::vector<double>* b =
           model.moe_layers()[static_cast<size_t>(mi++)]->router().selection_bias();
@@ -748,6 +764,13 @@ HfOrigin hf_origin(const std::string& dir) {
 void save_hf_model(Model& model, const HfOrigin& origin, const std::string& dir) {
   fs::create_directories(dir);
   std::string config = origin.config_text;
+  const int64_t mtp = model.config().mtp_depth;
+  if (mtp > 0 && json::parse(config).value("num_nextn_predict_layers", int64_t{0}) != mtp) {
+    // The MTP modules' count, in DeepSeek-V3's key.
+    json j = json::parse(config);
+    j["num_nextn_predict_layers"] = mtp;
+    config = j.dump(2) + "\n";
+  }
   if (origin.model_type == "gpt_oss") {
     // The experts are written unquantized (float32): the MXFP4 quantization_config no longer
     // describes them.

@@ -674,9 +674,14 @@ void Model::set_weight(const std::string& name, const Tensor& t) {
 bool Model::weights_stored() const { return impl_->stored; }
 
 ExpertView Model::expert(int64_t layer, int64_t e) {
-  MOE_CHECK(layer >= 0 && layer < cfg_.n_layers && impl_->blocks[static_cast<size_t>(layer)].moe,
-            "model", "layer {} is not an MoE layer", layer);
-  return impl_->blocks[static_cast<size_t>(layer)].moe->expert(e);
+  // Layers n_layers + k are the MTP modules' blocks.
+  MOE_CHECK(layer >= 0 && layer < cfg_.n_layers + cfg_.mtp_depth, "model",
+            "layer {} is not an MoE layer", layer);
+  Impl::Block& blk = layer < cfg_.n_layers
+                         ? impl_->blocks[static_cast<size_t>(layer)]
+                         : impl_->mtp[static_cast<size_t>(layer - cfg_.n_layers)].block;
+  MOE_CHECK(blk.moe != nullptr, "model", "layer {} is not an MoE layer", layer);
+  return blk.moe->expert(e);
 }
 
 ModelOutput Model::forward(const Tensor& tokens, Arena& arena, const SoftTargets* soft) {

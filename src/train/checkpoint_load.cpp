@@ -170,6 +170,11 @@ CheckpointInfo read_checkpoint_info(const std::string& dir) {
   const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   CheckpointInfo info = parse_checkpoint_config(text, (ckpt / "config.json").string());
   info.dir = ckpt.string();
+  // DeepSeek-V3's multi-token prediction modules, when the checkpoint holds them (released
+  // weights do; transformers neither runs nor saves them).
+  if (info.hf_mtp_layers > 0 &&
+      HfTensors(info.dir).has(fmt::format("model.layers.{}.eh_proj.weight", info.config.n_layers)))
+    info.config.mtp_depth = info.hf_mtp_layers;
   return info;
 }
 
@@ -182,6 +187,7 @@ CheckpointInfo parse_checkpoint_config(const std::string& text, const std::strin
     info.ours = j.contains("moe_cpp");
     // Ours carries its own config; a HuggingFace checkpoint of a supported architecture, its.
     info.config = info.ours ? j.at("moe_cpp").get<ModelConfig>() : config_from_hf(j);
+    if (!info.ours) info.hf_mtp_layers = j.value("num_nextn_predict_layers", int64_t{0});
   } catch (const nlohmann::json::exception& e) {
     throw_error("checkpoint", fmt::format("bad {}: {}", name, e.what()));
   }

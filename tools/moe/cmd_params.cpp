@@ -59,7 +59,8 @@ int run_params(const ParamsArgs& a) {
                                       {"routed_experts", n.routed_experts},
                                       {"shared_experts", n.shared_experts},
                                       {"router", n.router},
-                                      {"norms", n.norms}}
+                                      {"norms", n.norms},
+                                      {"mtp", n.mtp}}
                            .dump());
     return 0;
   }
@@ -72,7 +73,8 @@ int run_params(const ParamsArgs& a) {
                                                    {"routed experts", n.routed_experts},
                                                    {"shared experts", n.shared_experts},
                                                    {"routers", n.router},
-                                                   {"norms", n.norms}};
+                                                   {"norms", n.norms},
+                                                   {"mtp", n.mtp}};
   for (const auto& [name, v] : parts)
     if (v > 0) fmt::print("  {:<17}{:>16}  ({})\n", name, v, human(v));
   return 0;
