@@ -5,11 +5,14 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
 #include "moe/dist.h"
+#include "moe/model.h"
 #include "moe/threading.h"
+#include "moe/trainer.h"
 #include "moe_test_util.h"
 
 namespace moe {
@@ -238,6 +241,60 @@ TEST(ExpertParallel, NoisyAndDenseRoutingEqualsOneProcess) {
       SCOPED_TRACE(fmt::format("{}, EP={} x DP={}", variant, ep, world().size() / ep));
       check_layer({ep, DType::F64, variant});
     }
+}
+
+// A model built split (each rank allocating its own experts only) holds, after init(), the
+// values a whole model's init() gives those experts, and loads its experts alone from a whole
+// checkpoint, in this engine's layout and in Mixtral's.
+TEST(ExpertParallel, ModelBuiltSplitInitsAndLoadsItsOwnExperts) {
+  ModelConfig c = model_preset("tiny");
+  c.moe.n_experts = 8;
+  for (const bool mixtral : {false, true}) {
+    c.moe_every = mixtral ? 1 : 2;
+    for (int ep = 2; ep <= world().size(); ep *= 2) {
+      SCOPED_TRACE(fmt::format("{} layout, EP={}", mixtral ? "Mixtral" : "native", ep));
+      const dist::ExpertGroups groups = dist::make_expert_groups(world(), ep);
+      Model whole(c);
+      Rng r1(42);
+      whole.init(r1);
+      Model split(c, DType::F32, groups);
+      Rng r2(42);
+      split.init(r2);
+      EXPECT_EQ(r1.next_u64(), r2.next_u64()) << "the generators end in the same state";
+      whole.set_expert_parallel(groups);
+      ASSERT_EQ(split.params().size(), whole.params().size());
+      for (size_t i = 0; i < split.params().size(); ++i) {
+        const NamedParam &a = split.params()[i], &b = whole.params()[i];
+        ASSERT_EQ(a.name, b.name);
+        ASSERT_EQ(a.value.shape(), b.value.shape()) << a.name;
+        if (a.routed) {
+          EXPECT_EQ(a.value.size(0), c.moe.n_experts / ep) << a.name;
+        }
+        EXPECT_EQ(std::memcmp(a.value.raw(), b.value.raw(), a.value.nbytes()), 0) << a.name;
+      }
+      // A whole checkpoint (rank 0 writes it), loaded into a split model.
+      const std::string dir = (std::filesystem::temp_directory_path() /
+                               fmt::format("moe_test_ep_load_{}_{}", mixtral, ep))
+                                  .string();
+      Model writer(c);
+      Rng r3(7);
+      writer.init(r3);
+      if (world().rank() == 0) {
+        std::filesystem::remove_all(dir);
+        save_model(writer, dir);
+      }
+      world().barrier();
+      Model loaded(c, DType::F32, groups);
+      load_checkpoint_weights(loaded, read_checkpoint_info(dir));
+      writer.set_expert_parallel(groups);
+      for (size_t i = 0; i < loaded.params().size(); ++i) {
+        const NamedParam &a = loaded.params()[i], &b = writer.params()[i];
+        EXPECT_EQ(std::memcmp(a.value.raw(), b.value.raw(), a.value.nbytes()), 0) << a.name;
+      }
+      world().barrier();
+      if (world().rank() == 0) std::filesystem::remove_all(dir);
+    }
+  }
 }
 
 TEST(ExpertParallel, RefusesWhatItCannotSplit) {

@@ -25,6 +25,10 @@ ModelConfig config_from_mixtral(const nlohmann::json& j);
 
 // The model's weights under Mixtral's names (one tensor per expert).
 std::vector<std::pair<std::string, Tensor>> mixtral_tensors(Model& model);
+// The Mixtral tensors of our parameter `name` whose whole tensor has `shape` (a routed one: one
+// per expert, in order, each [F, D] or [D, F]): (name, shape), in file order.
+std::vector<std::pair<std::string, Shape>> mixtral_entries(const std::string& name,
+                                                           const Shape& shape);
 // Fills the model from Mixtral-named tensors; every tensor must be there with its shape.
 void load_mixtral_tensors(Model& model, const SafetensorsFile& file);
 

@@ -200,6 +200,10 @@ class Model {
  public:
   // routed_experts false: no memory for the routed experts (see set_expert_source).
   explicit Model(const ModelConfig& cfg, DType dtype = DType::F32, bool routed_experts = true);
+  // A model split over expert-parallel ranks from the start (set_expert_parallel): each MoE layer
+  // allocates this rank's experts only, and init() gives them the values a whole model's init()
+  // gives those experts.
+  Model(const ModelConfig& cfg, DType dtype, const dist::ExpertGroups& groups);
   ~Model();
   Model(Model&&) noexcept;
   Model& operator=(Model&&) noexcept;
@@ -225,7 +229,7 @@ class Model {
   // (MoeLayer's set_expert_parallel) and params() lists those; the batch is spread over
   // groups.world, so forward and forward_backward report the losses of the whole batch (their
   // cross-entropy averages over every rank's tokens) and this rank's share of each gradient,
-  // which the ranks then sum. Call after init() or loading.
+  // which the ranks then sum. Call after init() or loading (or construct the model split).
   void set_expert_parallel(const dist::ExpertGroups& groups);
   const dist::ExpertGroups* expert_parallel() const;
   // Expert offloading (inference): every MoE layer's routed experts come from `source`

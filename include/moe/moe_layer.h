@@ -79,6 +79,8 @@ struct MoeParams {
   // Allocates every tensor the config (and its router) needs, zero-filled; without `routed`,
   // the routed experts' tensors hold no expert ([0, ...]).
   static MoeParams zeros(const MoeConfig& cfg, DType dtype, bool routed = true);
+  // With n_routed routed experts ([n_routed, ...]: a rank's share under expert parallelism).
+  static MoeParams zeros(const MoeConfig& cfg, DType dtype, int64_t n_routed);
   // Calls f(name, tensor) for every defined tensor, in a fixed order.
   void for_each(const std::function<void(const std::string&, Tensor&)>& f);
   void for_each(const std::function<void(const std::string&, const Tensor&)>& f) const;
@@ -119,6 +121,9 @@ class MoeLayer {
   // routed_experts false: no memory for the routed experts' weights (and gradients), which then
   // come from set_expert_source.
   MoeLayer(const MoeConfig& cfg, DType dtype = DType::F32, bool routed_experts = true);
+  // A layer split over expert-parallel ranks from the start (set_expert_parallel): only this
+  // rank's experts are allocated.
+  MoeLayer(const MoeConfig& cfg, DType dtype, const dist::ExpertGroups& groups);
   // A layer owns its weights: moving is fine, copying (which would share them) is not allowed.
   MoeLayer(MoeLayer&&) = default;
   MoeLayer& operator=(MoeLayer&&) = default;
@@ -159,7 +164,8 @@ class MoeLayer {
   // experts by all-to-all within groups.ep and brings the outputs back, and the routing
   // statistics (balancing losses, counts) are summed over groups.world, every rank holding part
   // of the batch, so that they are those of the whole batch. Call after init() or loading: the
-  // kept experts keep their values. A rank may pass zero tokens; it still takes part.
+  // kept experts keep their values (or construct the layer split). A rank may pass zero tokens;
+  // it still takes part.
   void set_expert_parallel(const dist::ExpertGroups& groups);
   const dist::ExpertGroups* expert_parallel() const { return ep_.get(); }
   int64_t first_expert() const { return first_expert_; }
@@ -215,6 +221,9 @@ class MoeLayer {
   int64_t source_index_ = 0;
   // Keeps the routed experts [first, first + count) (weights and gradients) and drops the rest.
   void keep_experts(int64_t first, int64_t count);
+  // This rank's share of the experts under `groups` (checked: they split evenly, the router
+  // supports it).
+  int64_t expert_share(const dist::ExpertGroups& groups) const;
   std::vector<int64_t> step_routed_;  // tokens per expert over this step's training forwards
 };
 

@@ -44,6 +44,13 @@ class AdamW {
   std::vector<std::pair<std::string, Tensor>> state(const Reshard& whole = {}) const;
   // The moments and the step count, for checkpoints.
   void save(const std::string& path) const;
+  // save() for a run split over ranks: every rank calls it, each moment going through `whole`
+  // (a collective for a routed parameter's), whose result's shape whole_shape gives beforehand;
+  // the writer alone writes, one tensor at a time (no rank holds every moment at once).
+  void save_streamed(
+      const std::string& path, const Reshard& whole,
+      const std::function<Shape(const std::string& param, const Shape&)>& whole_shape,
+      bool writer) const;
   // Restores what save() wrote; every registered parameter must be present with its shape
   // (after `part`, if given).
   void load(const std::string& path, const Reshard& part = {});

@@ -29,6 +29,9 @@ class Rng {
   // Fills a float tensor with N(mean, std) or U(lo, hi).
   void fill_normal(Tensor& t, double mean, double std);
   void fill_uniform(Tensor& t, double lo, double hi);
+  // fill_normal of the middle part of a longer tensor (before + t.numel() + after values): t
+  // gets the values, and the generator the state, that filling the whole would give them.
+  void fill_normal_part(Tensor& t, double mean, double std, int64_t before, int64_t after);
 
   RngState state() const;
   void set_state(const RngState& st);

@@ -56,6 +56,8 @@ class SafetensorsWriter {
   size_t left_ = 0;  // its bytes still to come (0: not started)
 };
 
+// The safetensors name of a dtype (throws for one it has none).
+const char* st_dtype(DType d);
 // Bytes per value of a safetensors dtype (0 for one not supported).
 size_t st_dtype_size(const std::string& dtype);
 

@@ -200,6 +200,12 @@ std::unique_ptr<Tokenizer> checkpoint_tokenizer(const std::string& dir);
 // atomically: Mixtral's layout and config when the model is a Mixtral (with this engine's config
 // under "moe_cpp"), else this engine's names.
 void save_model(Model& model, const std::string& dir);
+// The same for a model split over expert-parallel ranks: every rank calls it, `whole` gathering
+// a routed parameter's whole tensor [E, ...] from its share (a collective, called for each
+// routed parameter in params() order), and the writer alone writes, one tensor at a time.
+using GatherExperts = std::function<Tensor(const NamedParam&, const Tensor&)>;
+void save_model_streamed(Model& model, const std::string& dir, const GatherExperts& whole,
+                         bool writer);
 // How a checkpoint's weights are held: float32 copies (what training needs), or the weight
 // matrices kept as the files store them (bf16, f16, f32), mapped and computed from as they are
 // (inference; norms, biases and routers still become float32).

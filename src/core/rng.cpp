@@ -71,6 +71,13 @@ void Rng::fill_normal(Tensor& t, double mean, double std) {
   }
 }
 
+void Rng::fill_normal_part(Tensor& t, double mean, double std, int64_t before, int64_t after) {
+  MOE_CHECK(before >= 0 && after >= 0, "rng", "negative skips {} and {}", before, after);
+  for (int64_t i = 0; i < before; ++i) normal();
+  fill_normal(t, mean, std);
+  for (int64_t i = 0; i < after; ++i) normal();
+}
+
 void Rng::fill_uniform(Tensor& t, double lo, double hi) {
   if (t.dtype() == DType::F64) {
     fill_with<double>(t, *this, false, lo, hi);

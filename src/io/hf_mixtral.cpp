@@ -129,12 +129,27 @@ void for_each_mapping(Model& model, Fn&& fn) {
     const char* w = expert_suffix(p.name.substr(dot + 1));
     MOE_CHECK(w != nullptr, "hf", "{} has no Mixtral name", p.name);
     const std::string prefix = "model." + p.name.substr(0, dot + 1) + "block_sparse_moe.experts.";
+    // A rank's share of the experts (expert parallelism) starts at p.first_expert.
     for (int64_t e = 0; e < p.value.size(0); ++e)
-      fn(prefix + std::to_string(e) + "." + w + ".weight", p.value, e);
+      fn(prefix + std::to_string(p.first_expert + e) + "." + w + ".weight", p.value, e);
   }
 }
 
 }  // namespace
+
+std::vector<std::pair<std::string, Shape>> mixtral_entries(const std::string& name,
+                                                           const Shape& shape) {
+  if (const std::string m = mixtral_name(name); !m.empty()) return {{m, shape}};
+  const size_t dot = name.find('.', 7);
+  const char* w = expert_suffix(name.substr(dot + 1));
+  MOE_CHECK(w != nullptr, "hf", "{} has no Mixtral name", name);
+  const std::string prefix = "model." + name.substr(0, dot + 1) + "block_sparse_moe.experts.";
+  const Shape one(shape.begin() + 1, shape.end());
+  std::vector<std::pair<std::string, Shape>> out;
+  for (int64_t e = 0; e < shape[0]; ++e)
+    out.emplace_back(prefix + std::to_string(e) + "." + w + ".weight", one);
+  return out;
+}
 
 std::vector<std::pair<std::string, Tensor>> mixtral_tensors(Model& model) {
   MOE_CHECK(is_mixtral(model.config()), "hf", "the model is not a Mixtral");

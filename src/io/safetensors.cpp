@@ -103,8 +103,6 @@ void write_file_atomic(const std::string& path, const std::string& contents) {
   f.commit();
 }
 
-namespace {
-
 const char* st_dtype(DType d) {
   switch (d) {
     case DType::F32: return "F32";
@@ -120,8 +118,6 @@ const char* st_dtype(DType d) {
       "safetensors",
       fmt::format("{} tensors have no safetensors dtype (write them as GGUF)", dtype_name(d)));
 }
-
-}  // namespace
 
 size_t st_dtype_size(const std::string& dtype) {
   if (dtype == "F32" || dtype == "I32") return 4;

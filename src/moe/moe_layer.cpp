@@ -21,6 +21,10 @@ namespace moe {
 // Parameters
 
 MoeParams MoeParams::zeros(const MoeConfig& cfg, DType dtype, bool routed) {
+  return zeros(cfg, dtype, routed ? cfg.n_experts : int64_t{0});
+}
+
+MoeParams MoeParams::zeros(const MoeConfig& cfg, DType dtype, int64_t n_routed) {
   cfg.validate();
   const int64_t D = cfg.d_model, E = cfg.n_experts, F = cfg.d_ffn;
   const bool swiglu = gated(cfg.act);
@@ -39,7 +43,8 @@ MoeParams MoeParams::zeros(const MoeConfig& cfg, DType dtype, bool routed) {
   MoeParams p;
   p.w_router = Tensor::zeros({make_router(cfg)->logit_rows(), D}, dtype);
   if (cfg.router_bias) p.b_router = Tensor::zeros({make_router(cfg)->logit_rows()}, dtype);
-  p.experts = experts(routed ? E : 0, F);
+  MOE_CHECK(n_routed >= 0 && n_routed <= E, "moe.layer", "{} routed experts of {}", n_routed, E);
+  p.experts = experts(n_routed, F);
   if (cfg.n_shared > 0) p.shared = experts(cfg.n_shared, cfg.shared_width());
   if (cfg.shared_gate) p.w_shared_gate = Tensor::zeros({1, D}, dtype);
   return p;
@@ -126,6 +131,15 @@ MoeLayer::MoeLayer(const MoeConfig& cfg, DType dtype, bool routed_experts)
   grads_ = MoeParams::zeros(cfg_, dtype, routed_experts);
 }
 
+MoeLayer::MoeLayer(const MoeConfig& cfg, DType dtype, const dist::ExpertGroups& groups)
+    : MoeLayer(cfg, dtype, false) {
+  const int64_t El = expert_share(groups);
+  first_expert_ = groups.ep.rank() * El;
+  params_.experts = MoeParams::zeros(cfg_, dtype_, El).experts;
+  grads_.experts = MoeParams::zeros(cfg_, dtype_, El).experts;
+  ep_ = std::make_shared<const dist::ExpertGroups>(groups);
+}
+
 void MoeLayer::set_expert_source(std::shared_ptr<ExpertSource> source, int64_t index) {
   MOE_CHECK(dtype_ == DType::F32 && !ep_, "moe.offload",
             "expert offloading runs float32 layers in one process");
@@ -168,7 +182,7 @@ void MoeLayer::init(Rng& rng) {
   rng_ = Rng(rng.next_u64());
 }
 
-void MoeLayer::set_expert_parallel(const dist::ExpertGroups& groups) {
+int64_t MoeLayer::expert_share(const dist::ExpertGroups& groups) const {
   const char* w = "moe.expert_parallel";
   const int64_t E = cfg_.n_experts, P = groups.ep_size();
   MOE_CHECK(!ep_, w, "the layer's experts are already split over ranks");
@@ -178,7 +192,11 @@ void MoeLayer::set_expert_parallel(const dist::ExpertGroups& groups) {
             "capacity_group (gshard) or seq_len (deepseek) to a size that divides every rank's "
             "tokens",
             router_->name());
-  const int64_t El = E / P;
+  return E / P;
+}
+
+void MoeLayer::set_expert_parallel(const dist::ExpertGroups& groups) {
+  const int64_t El = expert_share(groups);
   keep_experts(groups.ep.rank() * El, El);
   ep_ = std::make_shared<const dist::ExpertGroups>(groups);
 }
@@ -406,11 +424,16 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
   const int64_t M = dispatch(cfg, capped, plan, pair_token, N, arena, routed, offsets, row_pair,
                              pair_row, capacity);
 
-  T* xs = arena.alloc<T>(M * D);
   T* ys = arena.alloc<T>(M * D);
+  // The rows' inputs: copies of their tokens' rows (under expert parallelism each token travels
+  // once to each rank holding any of its experts, which makes the copies).
+  T* xs = nullptr;
+  if (!ep) {
+    xs = arena.alloc<T>(M * D);
 #pragma omp parallel for schedule(static) if (M * D > kParallelMin)
-  for (int64_t r = 0; r < M; ++r)
-    std::memcpy(xs + r * D, xp + pair_token[row_pair[r]] * D, static_cast<size_t>(D) * sizeof(T));
+    for (int64_t r = 0; r < M; ++r)
+      std::memcpy(xs + r * D, xp + pair_token[row_pair[r]] * D, static_cast<size_t>(D) * sizeof(T));
+  }
   // The experts held here run on their rows: this process's own, or under expert parallelism
   // the rows the group sends them (expert_parallel.h), whose outputs then travel back.
   const int64_t El = where.source ? E : params.experts.w_up.size(0);
@@ -424,7 +447,10 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
     e_offsets = s.exchange.local_offsets();
     xe = arena.alloc<T>(Me * D);
     ye = arena.alloc<T>(Me * D);
-    s.exchange.to_experts(xs, xe, D * static_cast<int64_t>(sizeof(T)), arena);
+    int32_t* row_token = arena.alloc<int32_t>(std::max<int64_t>(1, M));
+    for (int64_t r = 0; r < M; ++r) row_token[r] = static_cast<int32_t>(pair_token[row_pair[r]]);
+    s.exchange.index_tokens(row_token, arena);
+    s.exchange.tokens_to_experts<T>(xp, xe, D, nullptr, arena);
   }
   T* a_gate = gated(cfg.act) ? arena.alloc<T>(Me * F) : nullptr;
   T* a_up = arena.alloc<T>(Me * F);
@@ -636,8 +662,10 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
   const T* ys = static_cast<const T*>(s.ys);
 
   // Combine: y_t = sum_p w_p ys[row(p)]. dw_p = <dy_t, ys[row]>, dys[row] = w_p dy_t.
+  // (Under expert parallelism the rows' dy are made on the experts' rank: only their weights.)
   T* dw = arena.alloc<T>(P);
-  T* dys = arena.alloc<T>(M * D);
+  T* dys = ep ? nullptr : arena.alloc<T>(M * D);
+  T* row_weight = ep ? arena.alloc<T>(std::max<int64_t>(1, M)) : nullptr;
 #pragma omp parallel for schedule(static) if (N * D > kParallelMin)
   for (int64_t t = 0; t < N; ++t) {
     for (int64_t p = s.token_offsets[t]; p < s.token_offsets[t + 1]; ++p) {
@@ -645,9 +673,11 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
       T acc = 0;
       if (r >= 0) {
         const T wt = weight[p];
-        for (int64_t d = 0; d < D; ++d) {
-          acc += dy[t * D + d] * ys[r * D + d];
-          dys[r * D + d] = wt * dy[t * D + d];
+        for (int64_t d = 0; d < D; ++d) acc += dy[t * D + d] * ys[r * D + d];
+        if (ep) {
+          row_weight[r] = wt;  // the experts' rank makes the row from the token's dy
+        } else {
+          for (int64_t d = 0; d < D; ++d) dys[r * D + d] = wt * dy[t * D + d];
         }
       }
       dw[p] = acc;
@@ -658,15 +688,14 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
   // Under expert parallelism the output gradients travel to the experts' ranks as the rows did,
   // and the input gradients come back.
   const int64_t Me = s.me, El = params.experts.w_up.size(0);
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  T* dxs = arena.alloc<T>(M * D);
+  T* dxs = ep ? nullptr : arena.alloc<T>(M * D);
   const T* dye = dys;
   T* dxe = dxs;
   if (ep) {
-    T* buf = arena.alloc<T>(Me * D);
-    s.exchange.to_experts(dys, buf, row_bytes, arena);
+    T* buf = arena.alloc<T>(std::max<int64_t>(1, Me) * D);
+    s.exchange.tokens_to_experts<T>(dy, buf, D, row_weight, arena);
     dye = buf;
-    dxe = arena.alloc<T>(Me * D);
+    dxe = arena.alloc<T>(std::max<int64_t>(1, Me) * D);
   }
   T* dh = arena.alloc<T>(Me * F);
   T* da_gate = gated(cfg.act) ? arena.alloc<T>(Me * F) : nullptr;
@@ -682,17 +711,21 @@ void backward_impl(const MoeConfig& cfg, MoeParams& params, MoeParams& grads, Ro
                     dye + r0 * D, a_gate ? a_gate + r0 * F : nullptr, a_up + r0 * F, h + r0 * F,
                     dh + r0 * F, da_gate ? da_gate + r0 * F : nullptr, dxe + r0 * D);
   });
-  if (ep) s.exchange.to_home(dxe, dxs, row_bytes, arena);
-
+  if (ep) {
+    // dx_t = its rows' input gradients, summed on each experts' rank, then over the ranks.
+    std::fill_n(dx, N * D, T(0));
+    s.exchange.sum_to_tokens<T>(dxe, dx, D, arena);
+  } else {
     // dx_t = sum of its pairs' rows of dxs, in plan order.
 #pragma omp parallel for schedule(static) if (N * D > kParallelMin)
-  for (int64_t t = 0; t < N; ++t) {
-    T* out = dx + t * D;
-    std::fill_n(out, D, T(0));
-    for (int64_t p = s.token_offsets[t]; p < s.token_offsets[t + 1]; ++p) {
-      const int32_t r = s.pair_row[p];
-      if (r < 0) continue;
-      for (int64_t d = 0; d < D; ++d) out[d] += dxs[r * D + d];
+    for (int64_t t = 0; t < N; ++t) {
+      T* out = dx + t * D;
+      std::fill_n(out, D, T(0));
+      for (int64_t p = s.token_offsets[t]; p < s.token_offsets[t + 1]; ++p) {
+        const int32_t r = s.pair_row[p];
+        if (r < 0) continue;
+        for (int64_t d = 0; d < D; ++d) out[d] += dxs[r * D + d];
+      }
     }
   }
 

@@ -508,6 +508,8 @@ Tensor Model::mtp_decode(int64_t module, const Tensor& hidden, const Tensor& tok
 
 Model::Model(const ModelConfig& cfg, DType dtype, bool routed_experts)
     : cfg_(cfg), impl_(std::make_unique<Impl>(cfg, dtype, routed_experts)) {}
+Model::Model(const ModelConfig& cfg, DType dtype, const dist::ExpertGroups& groups)
+    : cfg_(cfg), impl_(std::make_unique<Impl>(cfg, dtype, true, &groups)) {}
 Model::~Model() = default;
 Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
@@ -527,6 +529,11 @@ void Model::init(Rng& rng) {
       p.value.fill(1.0);
     } else if (p.name.find(".b_") != std::string::npos) {
       p.value.fill(0.0);
+    } else if (p.routed && p.value.size(0) < cfg_.moe.n_experts) {
+      // A rank's share of the experts: the draws of the whole tensor, this share's kept.
+      const int64_t row = p.value.size(0) > 0 ? p.value.numel() / p.value.size(0) : 0;
+      rng.fill_normal_part(p.value, 0, cfg_.init_std, p.first_expert * row,
+                           (cfg_.moe.n_experts - p.first_expert - p.value.size(0)) * row);
     } else {
       rng.fill_normal(p.value, 0, cfg_.init_std);
     }

@@ -167,7 +167,7 @@ struct Model::Impl {
   }
 
   // Block i of the depth (the MTP modules' blocks follow the main ones: n_layers + k).
-  Block make_block(int64_t i, bool routed_experts) const {
+  Block make_block(int64_t i, bool routed_experts, const dist::ExpertGroups* ep) const {
     const DType dt = dtype;
     const int64_t D = cfg.d_model, hd = cfg.head_size();
     const int64_t H = cfg.n_heads, KV = cfg.n_kv_heads;
@@ -207,31 +207,34 @@ struct Model::Impl {
     b.window = cfg.window_of(i);
     b.ffn_norm = make_param({D}, dt);
     if (cfg.is_moe_layer(i)) {
-      b.moe = std::make_unique<MoeLayer>(cfg.moe, dt, routed_experts);
+      b.moe = ep ? std::make_unique<MoeLayer>(cfg.moe, dt, *ep)
+                 : std::make_unique<MoeLayer>(cfg.moe, dt, routed_experts);
     } else {
       b.dense = std::make_unique<DenseFfn>(D, cfg.d_ffn, ExpertAct::swiglu, false, dt);
     }
     return b;
   }
 
-  Impl(const ModelConfig& c, DType dt, bool routed_experts) : cfg(c), dtype(dt) {
+  Impl(const ModelConfig& c, DType dt, bool routed_experts, const dist::ExpertGroups* ep = nullptr)
+      : cfg(c), dtype(dt) {
     cfg.validate();
     MOE_CHECK(dt == DType::F32 || dt == DType::F64, "model", "dtype must be f32 or f64");
     const int64_t V = cfg.vocab_size, D = cfg.d_model;
     embed = make_param({V, D}, dt);
-    for (int64_t i = 0; i < cfg.n_layers; ++i) blocks.push_back(make_block(i, routed_experts));
+    for (int64_t i = 0; i < cfg.n_layers; ++i) blocks.push_back(make_block(i, routed_experts, ep));
     for (int64_t k = 0; k < cfg.mtp_depth; ++k) {
       MtpModule m;
       m.enorm = make_param({D}, dt);
       m.hnorm = make_param({D}, dt);
       m.eh_proj = make_param({D, 2 * D}, dt);
-      m.block = make_block(cfg.n_layers + k, routed_experts);
+      m.block = make_block(cfg.n_layers + k, routed_experts, ep);
       m.norm = make_param({D}, dt);
       mtp.push_back(std::move(m));
     }
     for (Block& b : blocks)
       if (b.moe) moe_layers.push_back(b.moe.get());
     n_main_moe = moe_layers.size();
+    if (ep) groups = std::make_shared<const dist::ExpertGroups>(*ep);
     for (MtpModule& m : mtp)
       if (m.block.moe) moe_layers.push_back(m.block.moe.get());
     final_norm = make_param({D}, dt);

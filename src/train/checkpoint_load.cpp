@@ -147,6 +147,21 @@ void load_weights(Model& model, const std::string& path, WeightsAs as) {
         continue;
       }
     }
+    if (p.routed && p.value.size(0) < model.config().moe.n_experts) {
+      // This rank's experts (expert parallelism): their rows of the mapped file, nothing else.
+      const Tensor whole = weights.view(p.name);
+      Shape want = p.value.shape();
+      want[0] = model.config().moe.n_experts;
+      MOE_CHECK(whole.shape() == want, "checkpoint", "{}: {} must be {}, got {}", path, p.name,
+                shape_str(want), whole.str());
+      const size_t row = whole.nbytes() / static_cast<size_t>(want[0]);
+      const Tensor rows = Tensor::view(const_cast<char*>(static_cast<const char*>(whole.raw())) +
+                                           static_cast<size_t>(p.first_expert) * row,
+                                       p.value.shape(), whole.dtype());
+      const Tensor f = rows.dtype() == p.value.dtype() ? rows : rows.to(p.value.dtype());
+      std::memcpy(p.value.raw(), f.raw(), f.nbytes());
+      continue;
+    }
     const Tensor& src = weights.at(p.name);
     src.expect(path.c_str(), p.name.c_str(), p.value.shape(), p.value.dtype());
     std::memcpy(p.value.raw(), src.raw(), src.nbytes());

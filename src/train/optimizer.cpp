@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 
 #include "kernels/cpu/isa/isa_kernels.h"
 #include "moe/safetensors.h"
@@ -113,6 +114,27 @@ std::vector<std::pair<std::string, Tensor>> AdamW::state(const Reshard& whole) c
 
 void AdamW::save(const std::string& path) const {
   save_safetensors(path, state(), {{"step", std::to_string(t_)}});
+}
+
+void AdamW::save_streamed(
+    const std::string& path, const Reshard& whole,
+    const std::function<Shape(const std::string& param, const Shape&)>& whole_shape,
+    bool writer) const {
+  std::unique_ptr<SafetensorsWriter> w;
+  if (writer) {
+    std::vector<SafetensorsWriter::Entry> entries;
+    for (const Slot& s : slots_)
+      for (const char* prefix : {"m.", "v."})
+        entries.push_back({prefix + s.name, "F64", whole_shape(s.name, s.m.shape())});
+    w = std::make_unique<SafetensorsWriter>(
+        path, std::move(entries), std::map<std::string, std::string>{{"step", std::to_string(t_)}});
+  }
+  for (const Slot& s : slots_)
+    for (const Tensor* t : {&s.m, &s.v}) {
+      const Tensor full = whole(s.name, *t);
+      if (w) w->write(full.raw(), full.nbytes());
+    }
+  if (w) w->commit();
 }
 
 void AdamW::load(const std::string& path, const Reshard& part) {

@@ -144,14 +144,8 @@ Rng Trainer::setup() {
             "seq_len {} leaves no position for the model's {} MTP modules: module k predicts the "
             "token k + 1 ahead, so seq_len must exceed {}",
             cfg_.seq_len, mcfg_.mtp_depth, mcfg_.mtp_depth);
-  model_ = std::make_unique<Model>(mcfg_, DType::F32);
-  Rng rng(cfg_.seed);
-  model_->init(rng);
-  model_->set_experts_only(cfg_.only_experts);
-  if (cfg_.router_warmup > 0)  // refused now, not at the first step, where it cannot apply
-    for (MoeLayer* m : model_->moe_layers()) m->set_dense_routing(true);
-  // A distributed run: every rank initializes the whole model as one process would, then keeps
-  // its own experts and its share of each batch.
+  // A distributed run: each rank allocates its own experts only, initialized as one process
+  // initializes the whole model, and takes its share of each batch.
   const dist::Comm world = dist::Comm::world();
   int64_t ranks = 1, rank = 0;
   if (world.size() > 1 || cfg_.expert_parallel > 1) {
@@ -161,8 +155,15 @@ Rng Trainer::setup() {
               "the batch of {} sequences does not split evenly over {} ranks", cfg_.batch, ranks);
     groups_ = std::make_unique<dist::ExpertGroups>(
         dist::make_expert_groups(world, static_cast<int>(cfg_.expert_parallel)));
-    model_->set_expert_parallel(*groups_);
+    model_ = std::make_unique<Model>(mcfg_, DType::F32, *groups_);
+  } else {
+    model_ = std::make_unique<Model>(mcfg_, DType::F32);
   }
+  Rng rng(cfg_.seed);
+  model_->init(rng);
+  model_->set_experts_only(cfg_.only_experts);
+  if (cfg_.router_warmup > 0)  // refused now, not at the first step, where it cannot apply
+    for (MoeLayer* m : model_->moe_layers()) m->set_dense_routing(true);
   opt_ = std::make_unique<AdamW>(
       AdamWConfig{cfg_.lr, cfg_.beta1, cfg_.beta2, cfg_.eps, cfg_.weight_decay});
   // Frozen tensors are left out of the optimizer (no update, no weight decay); frozen experts
@@ -515,14 +516,6 @@ double Trainer::evaluate() {
   return total / static_cast<double>(cfg_.eval_batches);
 }
 
-std::string bias_name(const Model& model, size_t moe_index) {
-  size_t k = 0;
-  for (int64_t i = 0; i < model.config().n_layers + model.config().mtp_depth; ++i)
-    if (model.config().is_moe_layer(i) && k++ == moe_index)
-      return fmt::format("layers.{}.moe.router.selection_bias", i);
-  return "";
-}
-
 namespace {
 
 nlohmann::json rng_json(const Rng& r) {
@@ -542,31 +535,6 @@ void rng_from_json(const nlohmann::json& j, Rng& r) {
 std::string step_name(int64_t step) { return fmt::format("step-{:06d}", step); }
 
 }  // namespace
-
-void save_model(Model& model, const std::string& dir) {
-  fs::create_directories(dir);
-  // A Mixtral-shaped model is written in Mixtral's layout, so that transformers loads it; the
-  // engine's own config rides along under "moe_cpp".
-  const ModelConfig& cfg = model.config();
-  const bool hf = is_mixtral(cfg);
-  nlohmann::json config = hf ? mixtral_config(cfg) : nlohmann::json{{"model_type", "moe_cpp"}};
-  config["moe_cpp"] = cfg;
-  write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
-  std::vector<std::pair<std::string, Tensor>> weights;
-  if (hf) {
-    weights = mixtral_tensors(model);
-  } else {
-    for (NamedParam& p : model.params()) weights.emplace_back(p.name, p.value);
-  }
-  const std::vector<MoeLayer*>& layers = model.moe_layers();
-  for (size_t i = 0; i < layers.size(); ++i)
-    if (std::vector<double>* b = layers[i]->router().selection_bias()) {
-      Tensor t = Tensor::empty({static_cast<int64_t>(b->size())}, DType::F64);
-      std::copy(b->begin(), b->end(), t.data<double>());
-      weights.emplace_back(bias_name(model, i), t);
-    }
-  save_safetensors((fs::path(dir) / "model.safetensors").string(), weights, {{"format", "pt"}});
-}
 
 const NamedParam& Trainer::param(const std::string& name) {
   for (const NamedParam& p : model_->params())
@@ -645,14 +613,31 @@ void Trainer::copy_from(Model& src) {
 std::string Trainer::save(const std::string& out_dir) {
   const std::string name = step_name(step_);
   const fs::path final_dir = fs::path(out_dir) / name;
-  // A distributed run gathers the experts (every rank takes part), then rank 0 writes the
-  // checkpoint of the whole model, the same files one process writes.
+  // A distributed run writes the checkpoint of the whole model, the same files one process
+  // writes: rank 0 writes them tensor by tensor, each routed tensor gathered from its
+  // expert-parallel ranks as its turn comes (every rank takes part), so that no rank holds the
+  // whole model. A HuggingFace layout (fine-tuning) is written from a gathered copy.
+  const bool streamed = groups_ && !hf_origin_;
+  const GatherExperts gather = [this](const NamedParam& p, const Tensor& t) { return whole(p, t); };
+  const AdamW::Reshard gather_moment = [this](const std::string& n, const Tensor& t) {
+    return whole(param(n), t);
+  };
+  const auto moment_shape = [this](const std::string& n, const Shape& s) {
+    Shape out = s;
+    if (param(n).routed) out[0] = mcfg_.moe.n_experts;
+    return out;
+  };
   std::unique_ptr<Model> gathered;
   std::vector<std::pair<std::string, Tensor>> opt_state;
-  if (groups_) {
+  if (streamed && !is_writer()) {
+    save_model_streamed(*model_, "", gather, false);
+    opt_->save_streamed("", gather_moment, moment_shape, false);
+    groups_->world.barrier();  // until the checkpoint is written
+    return final_dir.string();
+  }
+  if (groups_ && !streamed) {
     std::vector<std::pair<std::string, Tensor>> params = whole_params();
-    opt_state =
-        opt_->state([&](const std::string& n, const Tensor& t) { return whole(param(n), t); });
+    opt_state = opt_->state(gather_moment);
     if (!is_writer()) {
       groups_->world.barrier();  // until the checkpoint is written
       return final_dir.string();
@@ -665,7 +650,7 @@ std::string Trainer::save(const std::string& out_dir) {
     for (size_t i = 0; i < a.size(); ++i)
       if (std::vector<double>* bias = a[i]->router().selection_bias())
         *bias = *b[i]->router().selection_bias();
-  } else {
+  } else if (!streamed) {
     opt_state = opt_->state();
   }
   Model& model = gathered ? *gathered : *model_;
@@ -676,13 +661,19 @@ std::string Trainer::save(const std::string& out_dir) {
   try {
     fs::remove_all(tmp_dir);
     fs::create_directories(tmp_dir);
-    if (hf_origin_) {
-      save_hf_model(model, *hf_origin_, tmp_dir.string());
+    if (streamed) {
+      save_model_streamed(model, tmp_dir.string(), gather, true);
+      opt_->save_streamed((tmp_dir / "optimizer.safetensors").string(), gather_moment, moment_shape,
+                          true);
     } else {
-      save_model(model, tmp_dir.string());
+      if (hf_origin_) {
+        save_hf_model(model, *hf_origin_, tmp_dir.string());
+      } else {
+        save_model(model, tmp_dir.string());
+      }
+      save_safetensors((tmp_dir / "optimizer.safetensors").string(), opt_state,
+                       {{"step", std::to_string(opt_->steps())}});
     }
-    save_safetensors((tmp_dir / "optimizer.safetensors").string(), opt_state,
-                     {{"step", std::to_string(opt_->steps())}});
     nlohmann::json state = {{"step", step_},
                             {"train", cfg_},
                             {"data_rng", sampler_ ? rng_json(sampler_->rng()) : nlohmann::json()},
@@ -752,11 +743,9 @@ void Trainer::resume(const std::string& dir) {
             "{} has no trainer_state.json to resume from", ckpt.string());
   verify_checkpoint_files(ckpt.string());
   if (groups_) {
-    // Any checkpoint holds the whole model: take this rank's experts from it (whatever EP it
-    // was saved with).
-    Model whole_model(mcfg_, DType::F32);
-    load_checkpoint_weights(whole_model, read_checkpoint_info(ckpt.string()));
-    copy_from(whole_model);
+    // Any checkpoint holds the whole model: this rank reads its own experts from it (whatever
+    // EP it was saved with), nothing else of theirs.
+    load_checkpoint_weights(*model_, read_checkpoint_info(ckpt.string()));
     opt_->load((ckpt / "optimizer.safetensors").string(),
                [&](const std::string& n, const Tensor& t) { return part(param(n), t); });
   } else {

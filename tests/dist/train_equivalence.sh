@@ -5,7 +5,10 @@
 #     reduction-order tolerance (relative 1e-6);
 #  2. the same with the balancing options (router warm-up, global-batch and device-level
 #     balancing) on 2 ranks;
-#  3. a checkpoint saved with EP=2 resumes with EP=1 and with EP=4 on the same trajectory.
+#  3. a checkpoint saved with EP=2 resumes with EP=1 and with EP=4 on the same trajectory;
+#  4. the checkpoints a distributed run writes (streamed, each routed tensor gathered in turn)
+#     are the one process's files: the same tensors in the same order, values within 1e-5, in
+#     Mixtral's layout and (a model with an MTP module) this engine's.
 # usage: train_equivalence.sh MOE_BINARY WORK_DIR
 set -euo pipefail
 moe=$1
@@ -20,6 +23,9 @@ args=(--preset tiny --data "$root/README.md" --batch 4 --seq-len 32 --steps 6 --
 compare() {  # compare.py ONE OTHER [FIRST_STEP]
   /usr/bin/python3 "$here/compare_logs.py" "$@"
 }
+same_files() {  # compare_checkpoints.py ONE_DIR OTHER_DIR
+  /usr/bin/python3 "$here/compare_checkpoints.py" "$@"
+}
 
 "$moe" train "${args[@]}" --out one --log one.jsonl > /dev/null
 for run in "2 2" "4 4" "4 2"; do
@@ -29,7 +35,16 @@ for run in "2 2" "4 4" "4 2"; do
   mpirun -np "$1" --oversubscribe "$moe" train "${args[@]}" --expert-parallel "$2" \
     --out "$name" --log "$name.jsonl" > /dev/null
   compare one.jsonl "$name.jsonl"
+  same_files one/step-000003 "$name/step-000003"
 done
+
+# A model with a multi-token prediction module: this engine's own checkpoint layout.
+"$moe" train "${args[@]}" --mtp 1 --out mtp_one --log mtp_one.jsonl > /dev/null
+echo "== mpirun -np 2 moe train --expert-parallel 2 --mtp 1"
+mpirun -np 2 --oversubscribe "$moe" train "${args[@]}" --mtp 1 --expert-parallel 2 \
+  --out mtp_np2 --log mtp_np2.jsonl > /dev/null
+compare mtp_one.jsonl mtp_np2.jsonl
+same_files mtp_one/step-000006 mtp_np2/step-000006
 
 # The balancing options: dense warm-up (the soft router), global-batch balancing over two
 # accumulated micro-batches and the device-level loss over the 2 ranks, against one process.
