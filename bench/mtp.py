@@ -34,12 +34,12 @@ def timed_generate(moe, model, prompt, n, speculative, repeats):
         cmd = [moe, "generate", "-m", model, "-p", prompt, "-n", str(n), "--temp", "0"]
         if speculative:
             cmd.append("--speculative")
-        r = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        secs = float(re.search(r"tokens in ([0-9.]+) s", r.stderr).group(1))
+        r = subprocess.run(cmd, check=True, capture_output=True)  # bytes: any text the model makes
+        err = r.stderr.decode("utf-8", "replace")
+        secs = float(re.search(r"tokens in ([0-9.]+) s", err).group(1))
         best = secs if best is None else min(best, secs)
         text = r.stdout
-        m = re.search(r"speculative: (\d+) of (\d+) drafted tokens accepted.*?(\d+) passes",
-                      r.stderr)
+        m = re.search(r"speculative: (\d+) of (\d+) drafted tokens accepted.*?(\d+) passes", err)
         if m:
             counts = tuple(int(g) for g in m.groups())
     return best, text, counts
@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--depth", type=int, default=1)
     ap.add_argument("--weight", type=float, default=0.3)
     ap.add_argument("--medium-steps", type=int, default=200)
+    ap.add_argument("--dense-steps", type=int, default=3000,
+                    help="also train small-dense with the modules (0: not)")
     ap.add_argument("--tokens", type=int, default=400, help="tokens generated per prompt")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
@@ -84,6 +86,9 @@ def main():
     if args.medium_steps > 0:
         runs.append((f"medium + MTP, {args.medium_steps} steps", "medium_mtp",
                      ["--preset", "medium", "--steps", str(args.medium_steps), *mtp]))
+    if args.dense_steps > 0:
+        runs.append((f"small-dense + MTP, {args.dense_steps} steps", "dense_mtp",
+                     ["--preset", "small-dense", "--steps", str(args.dense_steps), *mtp]))
     curves, rows = {}, {}
     for label, name, flags in runs:
         log = os.path.join(args.out, name + ".jsonl")
@@ -92,13 +97,15 @@ def main():
                  "--log", log])
         steps, vals, last = read_log(log)
         rows[label] = (vals[-1], last.get("mtp_loss", 0.0), last.get("tokens_per_s", 0))
-        if name != "medium_mtp":
+        if name in ("plain", "mtp"):
             curves[label] = (steps, vals)
     svg(curves, os.path.join(args.results, "mtp.svg"),
         {"small": "#444444", label_mtp: "#2ca02c"})
     spec = {"small": speed(args, os.path.join(args.out, "mtp"))}
     if args.medium_steps > 0:
         spec["medium"] = speed(args, os.path.join(args.out, "medium_mtp"))
+    if args.dense_steps > 0:
+        spec["small-dense"] = speed(args, os.path.join(args.out, "dense_mtp"))
 
     tokens = args.steps * 16 * 128
     path = os.path.join(args.results, "mtp.md")
