@@ -87,6 +87,8 @@ def main():
         runs.append((f"medium + MTP, {args.medium_steps} steps", "medium_mtp",
                      ["--preset", "medium", "--steps", str(args.medium_steps), *mtp]))
     if args.dense_steps > 0:
+        runs.append((f"small-dense, {args.dense_steps} steps", "dense",
+                     ["--preset", "small-dense", "--steps", str(args.dense_steps)]))
         runs.append((f"small-dense + MTP, {args.dense_steps} steps", "dense_mtp",
                      ["--preset", "small-dense", "--steps", str(args.dense_steps), *mtp]))
     curves, rows = {}, {}
@@ -117,9 +119,15 @@ def main():
         for label, (val, m, tps) in rows.items():
             f.write(f"| {label} | {val:.4f} | {m:.4f} | {tps:.0f} |\n")
         plain, with_mtp = rows["small"][0], rows[label_mtp][0]
-        f.write(f"\nWith the modules the main model's validation loss changes by "
+        f.write(f"\nWith the modules the MoE's validation loss changes by "
                 f"{with_mtp - plain:+.4f} nats (negative: better); a step costs "
-                f"{rows['small'][2] / max(1, rows[label_mtp][2]):.2f}x the time.\n\n")
+                f"{rows['small'][2] / max(1, rows[label_mtp][2]):.2f}x the time.")
+        if args.dense_steps > 0:
+            d0 = rows[f"small-dense, {args.dense_steps} steps"]
+            d1 = rows[f"small-dense + MTP, {args.dense_steps} steps"]
+            f.write(f" The dense model's changes by {d1[0] - d0[0]:+.4f} nats, its step costing "
+                    f"{d0[2] / max(1, d1[2]):.2f}x the time.")
+        f.write("\n\n")
         f.write("![validation loss](mtp.svg)\n\n")
         f.write(f"## Self-speculative decoding (greedy, {args.tokens} tokens per prompt, best of "
                 f"{args.repeats})\n\n")
