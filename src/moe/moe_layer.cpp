@@ -11,11 +11,11 @@
 #include <type_traits>
 
 #include "expert_parallel.h"
-#include "moe_layer_impl.h"
 #include "moe/expert_ffn.h"
 #include "moe/kernels.h"
 #include "moe/threading.h"
 #include "moe/weights.h"
+#include "moe_layer_impl.h"
 
 namespace moe {
 
@@ -90,7 +90,6 @@ int64_t MoeParams::numel() const {
 
 // ---------------------------------------------------------------------------------------------
 // Layer
-
 
 MoeLayer::MoeLayer(const MoeConfig& cfg, DType dtype, bool routed_experts)
     : cfg_(cfg), dtype_(dtype), saved_(std::make_shared<Saved>()) {

@@ -74,7 +74,6 @@ std::vector<std::pair<std::string, Tensor>> Trainer::whole_params() {
   return out;
 }
 
-
 void Trainer::copy_from(Model& src) {
   std::vector<NamedParam>& to = model_->params();
   std::vector<NamedParam>& from = src.params();
