@@ -403,7 +403,7 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
   T* o = arena.alloc<T>(N * D);
   if (router_logits) router_logits->clear();
   if (routing) {
-    const size_t n_moe = moe_layers.size();
+    const size_t n_moe = n_main_moe;  // decoding runs the main model's layers, not the MTP ones
     routing->aux_loss = routing->z_loss = 0;
     routing->routing.resize(n_moe);
     routing->plan_offsets.resize(n_moe);
