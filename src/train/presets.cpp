@@ -204,6 +204,19 @@ const Preset kPresets[] = {
     // in every FFN of 15 + 15 layers of width 2048).
     {"switch-base", [] { return switch_transformer(768, 12, 12, 128, 3072, 2); }},
     {"switch-c", [] { return switch_transformer(2048, 32, 15, 2048, 6144, 1); }},
+    // Google, GShard (Lepikhin et al. 2021, Table 3): MoE(2048E, 36L), "beyond 600 billion
+    // parameters" (the abstract); 18 + 18 layers of width 1024 (16 heads, FFN 8192, which with
+    // T(96L) gives that table's 2.3B dense baseline), 2048 experts in every other FFN, top-2
+    // GShard routing with expert capacity 2N/E, a 64000-token vocabulary.
+    {"gshard-600b",
+     [] {
+       ModelConfig c = switch_transformer(1024, 16, 18, 2048, 8192, 2);
+       c.vocab_size = 64000;
+       c.moe.router = RouterKind::gshard;
+       c.moe.top_k = 2;
+       c.moe.capacity_factor = 2.0;
+       return c;
+     }},
     // GPT-4 as rumored (unconfirmed; OpenAI published no architecture): about 1.76T parameters,
     // 16 experts of which 2 per token, about 220B active.
     {"gpt-4-rumored", [] { return gqa_moe(100256, 8192, 120, 64, 8, 16, 2, 36864, 8192, 1e4); }},
