@@ -175,6 +175,8 @@ def main():
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    ap.add_argument("--skip-small", action="store_true",
+                    help="leave out the long run of the small preset")
     ap.add_argument("--out", default="out/moe_vs_dense")
     ap.add_argument("--results", default="docs/results")
     args = ap.parse_args()
@@ -197,17 +199,20 @@ def main():
     # 2. Timing, alone on the machine.
     tps_dense = b.tokens_per_s("dense", None)
     tps_best = b.tokens_per_s(best[0], best[2])
-    tps_small = b.tokens_per_s("8x256-top2", {})
+    tps_small = None if args.skip_small else b.tokens_per_s("8x256-top2", {})
     steps_eq = min(args.steps, round(args.steps * tps_best / tps_dense))
 
     # 3. The long runs.
     L = args.steps
-    long = b.train_all([(f"dense-{L}", None, L), (f"small-{L}", {}, L),
-                        (f"{best[0]}-{L}", best[2], L),
-                        (f"{best[0]}-{steps_eq}", best[2], steps_eq)])
-    runs = [("dense", f"dense-{L}", tps_dense), ("small MoE", f"small-{L}", tps_small),
-            ("best MoE", f"{best[0]}-{L}", tps_best),
-            ("best MoE, dense's wall-clock", f"{best[0]}-{steps_eq}", tps_best)]
+    runs = [("dense", f"dense-{L}", None, L, tps_dense),
+            ("small MoE", f"small-{L}", {}, L, tps_small),
+            ("best MoE", f"{best[0]}-{L}", best[2], L, tps_best),
+            ("best MoE, dense's wall-clock", f"{best[0]}-{steps_eq}", best[2], steps_eq,
+             tps_best)]
+    if args.skip_small:
+        del runs[1]
+    long = b.train_all([(key, change, steps) for _, key, change, steps, _ in runs])
+    runs = [(label, key, tps) for label, key, _, _, tps in runs]
 
     by_tokens = {label: ([s * TOKENS_PER_STEP / 1e6 for s in long[key][0]], long[key][1])
                  for label, key, _ in runs}

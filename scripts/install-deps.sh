@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(build-essential cmake ninja-build pkg-config
           libopenblas-openmp-dev libdnnl-dev libhwy-dev nlohmann-json3-dev libcli11-dev libfmt-dev
           libopenmpi-dev openmpi-bin zlib1g-dev
-          libpcre2-dev libicu-dev libsentencepiece-dev
+          libpcre2-dev libicu-dev libsentencepiece-dev libcpp-httplib-dev
           fortunes fortunes-de fortunes-es fortunes-it fortunes-ru)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(libgtest-dev libgmock-dev libbenchmark-dev python3 python3-torch python3-numpy clang-format

@@ -182,9 +182,9 @@ struct ModelOutput {
   double mtp_loss = 0;
   std::vector<double> mtp_ce;
   std::vector<RoutingStats> routing;  // one per MoE layer (the MTP modules' last)
-  // Per MoE layer, in the arena: which experts each of the B*T tokens went to (MoeOutput's
-  // plan_offsets, plan_experts and top_expert).
-  std::vector<Tensor> plan_offsets, plan_experts, top_expert;
+  // Per MoE layer, in the arena: which experts each of the B*T tokens went to, with what
+  // weights (MoeOutput's plan_offsets, plan_experts, plan_weights and top_expert).
+  std::vector<Tensor> plan_offsets, plan_experts, plan_weights, top_expert;
 };
 
 // Keys and values of the positions already run, for incremental decoding: per layer, k
@@ -272,10 +272,12 @@ class Model {
   enum class LogitRows { all, last };
   // Runs tokens i32 [B, Tq] as the next Tq positions of cache slots `slots` (B of them; empty:
   // 0..B-1), appending their keys and values; returns logits [B, Tq, V] (LogitRows::last:
-  // [B, 1, V]) in the arena.
+  // [B, 1, V]) in the arena. `routing` (when given) receives each MoE layer's routing of the
+  // B*Tq tokens (its routing stats and plan tensors, in the arena).
   Tensor decode(const Tensor& tokens, KvCache& cache, Arena& arena,
                 const std::vector<int64_t>& slots = {},
-                std::vector<Tensor>* router_logits = nullptr, LogitRows rows = LogitRows::all);
+                std::vector<Tensor>* router_logits = nullptr, LogitRows rows = LogitRows::all,
+                ModelOutput* routing = nullptr);
 
   // Multi-token prediction at inference (self-speculative decoding, moe/generate.h), one
   // sequence (cache slot 0). decode_hidden is decode() of tokens [1, Tq] that also returns in

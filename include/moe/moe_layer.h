@@ -111,6 +111,7 @@ struct MoeOutput {
   Tensor top_expert;     // i32[N], in the arena: each token's highest-weight expert, -1 if none
   Tensor plan_offsets;   // i64[N + 1], in the arena: token t's pairs are [offsets[t], offsets[t+1])
   Tensor plan_experts;   // i32[P], in the arena: the expert of every pair the router chose
+  Tensor plan_weights;   // [P], in the arena: each pair's combine weight
   double aux_loss = 0;
   double z_loss = 0;
   RoutingStats stats;

@@ -509,6 +509,7 @@ void forward_impl(const MoeConfig& cfg, MoeParams& params, Router& router, bool 
   out.router_logits = Tensor::view(logits, {N, R}, dtype_of<T>());
   out.plan_offsets = Tensor::view(plan.token_offsets, {N + 1}, DType::I64);
   out.plan_experts = Tensor::view(plan.expert, {P}, DType::I32);
+  out.plan_weights = Tensor::view(plan.weight, {P}, dtype_of<T>());
   out.top_expert = arena.tensor({N}, DType::I32);
   int32_t* top = out.top_expert.data<int32_t>();
   for (int64_t t = 0; t < N; ++t) {

@@ -144,6 +144,7 @@ T* Model::Impl::block_forward(Block& blk, T* h, int64_t B, int64_t Tn, const int
     out.routing[mi] = mo.stats;
     out.plan_offsets[mi] = mo.plan_offsets;
     out.plan_experts[mi] = mo.plan_experts;
+    out.plan_weights[mi] = mo.plan_weights;
     out.top_expert[mi] = mo.top_expert;
     ++mi;
     y = mo.y;
@@ -289,6 +290,7 @@ void Model::Impl::run(const Tensor& tokens, Arena& arena, bool backward, double 
   out.routing.resize(n_moe);
   out.plan_offsets.resize(n_moe);
   out.plan_experts.resize(n_moe);
+  out.plan_weights.resize(n_moe);
   out.top_expert.resize(n_moe);
   size_t mi = 0;
   T* h = arena.alloc<T>(N * D);
@@ -408,6 +410,7 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
     routing->routing.resize(n_moe);
     routing->plan_offsets.resize(n_moe);
     routing->plan_experts.resize(n_moe);
+    routing->plan_weights.resize(n_moe);
     routing->top_expert.resize(n_moe);
   }
   size_t mi = 0;
@@ -439,6 +442,7 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
         routing->routing[mi] = mo.stats;
         routing->plan_offsets[mi] = mo.plan_offsets;
         routing->plan_experts[mi] = mo.plan_experts;
+        routing->plan_weights[mi] = mo.plan_weights;
         routing->top_expert[mi] = mo.top_expert;
       }
       ++mi;
@@ -483,10 +487,10 @@ KvCache Model::make_mtp_cache(int64_t capacity) const {
 
 Tensor Model::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
                      const std::vector<int64_t>& slots, std::vector<Tensor>* router_logits,
-                     LogitRows rows) {
+                     LogitRows rows, ModelOutput* routing) {
   return impl_->dtype == DType::F64
-             ? impl_->decode<double>(tokens, cache, arena, slots, router_logits, nullptr, rows)
-             : impl_->decode<float>(tokens, cache, arena, slots, router_logits, nullptr, rows);
+             ? impl_->decode<double>(tokens, cache, arena, slots, router_logits, routing, rows)
+             : impl_->decode<float>(tokens, cache, arena, slots, router_logits, routing, rows);
 }
 
 Tensor Model::decode_hidden(const Tensor& tokens, KvCache& cache, Arena& arena, Tensor* hidden) {

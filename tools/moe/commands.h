@@ -58,5 +58,6 @@ Run add_tokenize(CLI::App& app);
 Run add_quantize(CLI::App& app);
 Run add_upcycle(CLI::App& app);
 Run add_distill(CLI::App& app);
+Run add_serve(CLI::App& app);
 
 }  // namespace moe::cli

@@ -1,0 +1,343 @@
+// The continuous-batching generation engine (see moe/serve.h).
+#include <algorithm>
+#include <numeric>
+
+#include "moe/arena.h"
+#include "moe/error.h"
+#include "moe/moe_layer.h"
+#include "moe/serve.h"
+
+namespace moe::serve {
+
+const char* finish_name(Finish f) {
+  switch (f) {
+    case Finish::stop: return "stop";
+    case Finish::length: return "length";
+    case Finish::cancelled: return "cancelled";
+    case Finish::error: return "error";
+    case Finish::none: break;
+  }
+  return "";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream
+
+bool Stream::next(Event& ev, std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lk(mu_);
+  if (!cv_.wait_for(lk, timeout, [&] { return !events_.empty(); })) return false;
+  ev = std::move(events_.front());
+  events_.pop_front();
+  return true;
+}
+
+void Stream::cancel() {
+  std::lock_guard<std::mutex> lk(mu_);
+  cancelled_ = true;
+}
+
+bool Stream::cancelled() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return cancelled_;
+}
+
+double Stream::first_token_s() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return first_token_s_;
+}
+
+void Stream::push(Event ev) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (first_token_s_ == 0 && ev.token >= 0)
+      first_token_s_ =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - submitted_).count();
+    events_.push_back(std::move(ev));
+  }
+  cv_.notify_all();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Engine
+
+struct Engine::Job {
+  Request req;
+  std::shared_ptr<Stream> stream;
+  Rng rng;
+  int64_t slot = -1;
+  int64_t generated = 0;
+  int32_t last = -1;  // the newest token, the next step's input
+  bool done = false;
+  explicit Job(const Request& r)
+      : req(r), stream(std::make_shared<Stream>()), rng(r.sampling.seed) {}
+};
+
+Engine::Engine(Model& model, const EngineOptions& opt) : model_(model), opt_(opt) {
+  const int64_t max_seq = model.config().max_seq_len;
+  MOE_CHECK(opt.parallel >= 1 && opt.parallel <= 4096, "serve",
+            "--parallel must be in [1, 4096], got {}", opt.parallel);
+  MOE_CHECK(opt.queue >= 0, "serve", "the queue length must be >= 0, got {}", opt.queue);
+  ctx_ = opt.ctx > 0 ? opt.ctx : max_seq;
+  MOE_CHECK(ctx_ >= 2 && ctx_ <= max_seq, "serve",
+            "--ctx must be in [2, {}] (the model's max_seq_len), got {}", max_seq, opt.ctx);
+  cache_ = model.make_cache(opt.parallel, ctx_);
+  slots_.resize(static_cast<size_t>(opt.parallel));
+  model_.set_training(false);
+  thread_ = std::thread([this] { loop(); });
+}
+
+Engine::~Engine() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+std::shared_ptr<Stream> Engine::submit(const Request& r) {
+  const int64_t V = model_.config().vocab_size;
+  const auto T = static_cast<int64_t>(r.prompt.size());
+  MOE_CHECK(T >= 1, "request", "the prompt is empty");
+  for (size_t i = 0; i < r.prompt.size(); ++i)
+    MOE_CHECK(r.prompt[i] >= 0 && r.prompt[i] < V, "request",
+              "prompt token {} (at {}) is outside the vocabulary [0, {})", r.prompt[i], i, V);
+  MOE_CHECK(r.max_tokens >= 1, "request", "max_tokens must be >= 1, got {}", r.max_tokens);
+  MOE_CHECK(T < ctx_, "request", "the prompt has {} tokens; the context holds {}", T, ctx_);
+  MOE_CHECK(T + r.max_tokens <= ctx_, "request",
+            "the prompt ({} tokens) plus max_tokens ({}) exceed the context of {} tokens", T,
+            r.max_tokens, ctx_);
+  // The sampling settings are checked here, not on the engine's thread.
+  MOE_CHECK(r.sampling.temperature >= 0 && r.sampling.temperature <= 1e6, "request",
+            "temperature must be in [0, 1e6], got {}", r.sampling.temperature);
+  MOE_CHECK(r.sampling.top_p > 0 && r.sampling.top_p <= 1, "request",
+            "top_p must be in (0, 1], got {}", r.sampling.top_p);
+  MOE_CHECK(r.sampling.top_k >= 0, "request", "top_k must be >= 0, got {}", r.sampling.top_k);
+  auto job = std::make_shared<Job>(r);
+  job->stream->prompt_tokens_ = T;
+  job->stream->submitted_ = std::chrono::steady_clock::now();
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    MOE_CHECK(!stopping_, "serve", "the engine is stopping");
+    const auto free_slots = std::count(slots_.begin(), slots_.end(), nullptr);
+    if (static_cast<int64_t>(waiting_.size()) >= opt_.queue + free_slots) {
+      ++stats_.rejected;
+      return nullptr;
+    }
+    waiting_.push_back(job);
+    ++stats_.requests;
+  }
+  cv_.notify_all();
+  return job->stream;
+}
+
+EngineStats Engine::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  EngineStats s = stats_;
+  s.queued = static_cast<int64_t>(waiting_.size());
+  s.active = std::count_if(slots_.begin(), slots_.end(), [](auto& j) { return j != nullptr; });
+  return s;
+}
+
+void Engine::finish(Job& job, Finish f, const std::string& error) {
+  job.done = true;
+  Event ev;
+  ev.finish = f;
+  ev.error = error;
+  job.stream->push(std::move(ev));
+  std::lock_guard<std::mutex> lk(mu_);
+  if (f == Finish::cancelled) ++stats_.cancelled;
+  if (job.slot >= 0) slots_[static_cast<size_t>(job.slot)] = nullptr;
+}
+
+void Engine::count_routing(const ModelOutput& r, int64_t n, std::vector<TokenRouting>* out) {
+  const size_t layers = r.plan_offsets.size();
+  if (out) out->assign(static_cast<size_t>(n), {});
+  std::lock_guard<std::mutex> lk(mu_);
+  if (stats_.expert_tokens.size() != layers) {
+    stats_.expert_tokens.assign(layers, {});
+    for (size_t l = 0; l < layers; ++l)
+      stats_.expert_tokens[l].assign(
+          static_cast<size_t>(model_.moe_layers()[l]->config().n_experts), 0);
+  }
+  for (size_t l = 0; l < layers; ++l) {
+    const int64_t* off = r.plan_offsets[l].data<int64_t>();
+    const int32_t* ex = r.plan_experts[l].data<int32_t>();
+    const Tensor w = r.plan_weights[l].to(DType::F32);
+    const float* wt = w.data<float>();
+    std::vector<int64_t>& counts = stats_.expert_tokens[l];
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t p = off[t]; p < off[t + 1]; ++p)
+        if (ex[p] >= 0 && ex[p] < static_cast<int32_t>(counts.size()))
+          ++counts[static_cast<size_t>(ex[p])];
+      if (!out) continue;
+      std::vector<int64_t> order(static_cast<size_t>(off[t + 1] - off[t]));
+      std::iota(order.begin(), order.end(), off[t]);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int64_t a, int64_t b) { return wt[a] > wt[b]; });
+      TokenRouting& tr = (*out)[static_cast<size_t>(t)];
+      tr.experts.emplace_back();
+      tr.weights.emplace_back();
+      for (int64_t p : order) {
+        tr.experts.back().push_back(ex[p]);
+        tr.weights.back().push_back(wt[p]);
+      }
+    }
+  }
+}
+
+// Runs a new job's prompt through its slot in one pass and chooses its first token.
+void Engine::admit(Job& job, int64_t slot) {
+  const auto T = static_cast<int64_t>(job.req.prompt.size());
+  cache_.length[static_cast<size_t>(slot)] = 0;
+  Tensor tok = Tensor::empty({1, T}, DType::I32);
+  std::copy(job.req.prompt.begin(), job.req.prompt.end(), tok.data<int32_t>());
+  Arena arena;
+  ModelOutput routing;
+  const auto t0 = std::chrono::steady_clock::now();
+  const Tensor logits =
+      model_.decode(tok, cache_, arena, {slot}, nullptr, Model::LogitRows::last, &routing)
+          .to(DType::F32);
+  Event ev;
+  count_routing(routing, T, job.req.routing ? &ev.routing : nullptr);
+  ev.token =
+      sample_token(logits.data<float>(), model_.config().vocab_size, job.req.sampling, job.rng);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stats_.prompt_tokens += T;
+    stats_.generated_tokens += 1;
+    stats_.busy_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  job.last = ev.token;
+  job.generated = 1;
+  const bool stop = std::find(job.req.stop_tokens.begin(), job.req.stop_tokens.end(), ev.token) !=
+                    job.req.stop_tokens.end();
+  if (stop || job.generated >= job.req.max_tokens) ev.finish = stop ? Finish::stop : Finish::length;
+  job.stream->push(std::move(ev));
+  if (stop || job.generated >= job.req.max_tokens) {
+    job.done = true;
+    std::lock_guard<std::mutex> lk(mu_);
+    slots_[static_cast<size_t>(slot)] = nullptr;
+  }
+}
+
+// One token for every running job, in one batched pass.
+void Engine::step() {
+  std::vector<std::shared_ptr<Job>> run;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& j : slots_)
+      if (j) run.push_back(j);
+  }
+  std::vector<std::shared_ptr<Job>> live;
+  for (auto& j : run) {
+    if (j->stream->cancelled())
+      finish(*j, Finish::cancelled);
+    else
+      live.push_back(j);
+  }
+  if (live.empty()) return;
+  const auto R = static_cast<int64_t>(live.size());
+  Tensor tok = Tensor::empty({R, 1}, DType::I32);
+  std::vector<int64_t> slots(static_cast<size_t>(R));
+  for (int64_t r = 0; r < R; ++r) {
+    tok.data<int32_t>()[r] = live[static_cast<size_t>(r)]->last;
+    slots[static_cast<size_t>(r)] = live[static_cast<size_t>(r)]->slot;
+  }
+  Arena arena;
+  ModelOutput routing;
+  const auto t0 = std::chrono::steady_clock::now();
+  const Tensor logits =
+      model_.decode(tok, cache_, arena, slots, nullptr, Model::LogitRows::all, &routing)
+          .to(DType::F32);
+  std::vector<TokenRouting> routed;
+  const bool any_routing =
+      std::any_of(live.begin(), live.end(), [](auto& j) { return j->req.routing; });
+  count_routing(routing, R, any_routing ? &routed : nullptr);
+  const int64_t V = model_.config().vocab_size;
+  for (int64_t r = 0; r < R; ++r) {
+    Job& job = *live[static_cast<size_t>(r)];
+    Event ev;
+    if (job.req.routing) {
+      ev.routed_from = static_cast<int64_t>(job.req.prompt.size()) + job.generated - 1;
+      ev.routing.push_back(std::move(routed[static_cast<size_t>(r)]));
+    }
+    ev.token = sample_token(logits.data<float>() + r * V, V, job.req.sampling, job.rng);
+    job.last = ev.token;
+    ++job.generated;
+    const bool stop = std::find(job.req.stop_tokens.begin(), job.req.stop_tokens.end(), ev.token) !=
+                      job.req.stop_tokens.end();
+    const bool full = job.generated >= job.req.max_tokens;
+    if (stop || full) ev.finish = stop ? Finish::stop : Finish::length;
+    job.stream->push(std::move(ev));
+    if (stop || full) {
+      job.done = true;
+      std::lock_guard<std::mutex> lk(mu_);
+      slots_[static_cast<size_t>(job.slot)] = nullptr;
+    }
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  stats_.generated_tokens += R;
+  stats_.steps += 1;
+  stats_.busy_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+void Engine::loop() {
+  for (;;) {
+    std::vector<std::shared_ptr<Job>> admitted;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] {
+        return stopping_ || !waiting_.empty() ||
+               std::any_of(slots_.begin(), slots_.end(), [](auto& j) { return j != nullptr; });
+      });
+      if (stopping_) break;
+      // Requests join between steps, into the free slots, oldest first.
+      for (size_t s = 0; s < slots_.size() && !waiting_.empty(); ++s) {
+        if (slots_[s]) continue;
+        std::shared_ptr<Job> j = std::move(waiting_.front());
+        waiting_.pop_front();
+        j->slot = static_cast<int64_t>(s);
+        slots_[s] = j;
+        admitted.push_back(std::move(j));
+      }
+    }
+    // A job's own failure (a NaN logit, say) ends it alone; the others go on.
+    for (auto& j : admitted) {
+      if (j->stream->cancelled()) {
+        finish(*j, Finish::cancelled);
+        continue;
+      }
+      try {
+        admit(*j, j->slot);
+      } catch (const std::exception& e) {
+        finish(*j, Finish::error, e.what());
+      }
+    }
+    // The jobs admitted just now have their first token and join this step.
+    try {
+      step();
+    } catch (const std::exception& e) {
+      // A failed batch step ends every job of the batch: their caches are no longer whole.
+      std::vector<std::shared_ptr<Job>> run;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        for (auto& j : slots_)
+          if (j) run.push_back(j);
+      }
+      for (auto& j : run) finish(*j, Finish::error, e.what());
+    }
+  }
+  // Stopping: every stream still open ends with an error.
+  std::vector<std::shared_ptr<Job>> open;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& j : slots_)
+      if (j) open.push_back(j);
+    for (auto& j : waiting_) open.push_back(j);
+    waiting_.clear();
+  }
+  for (auto& j : open) finish(*j, Finish::error, "the server is stopping");
+}
+
+}  // namespace moe::serve

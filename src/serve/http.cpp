@@ -1,0 +1,609 @@
+// `moe serve`'s HTTP side (see moe/serve_http.h): requests validated field by field, answered
+// in OpenAI's shapes, errors as {"error": {"message", "type", "code"}}.
+#include <fmt/core.h>
+#include <httplib.h>
+
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "moe/error.h"
+#include "moe/serve_http.h"
+
+namespace moe::serve {
+
+namespace {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+// A request error: its HTTP status and OpenAI's error type.
+struct ApiError : std::runtime_error {
+  int status;
+  std::string type, code;
+  ApiError(int s, std::string t, const std::string& msg, std::string c = {})
+      : std::runtime_error(msg), status(s), type(std::move(t)), code(std::move(c)) {}
+};
+
+ApiError bad_request(const std::string& msg, const std::string& code = {}) {
+  return ApiError(400, "invalid_request_error", msg, code);
+}
+
+// JSON text; bytes that are not UTF-8 (a byte-level model can produce them) become U+FFFD.
+std::string dumps(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+std::string error_body(const std::string& message, const std::string& type,
+                       const std::string& code) {
+  json e = {{"message", message}, {"type", type}, {"code", nullptr}};
+  if (!code.empty()) e["code"] = code;
+  return dumps(json{{"error", e}});
+}
+
+void send_error(httplib::Response& res, int status, const std::string& message,
+                const std::string& type, const std::string& code = {}) {
+  res.status = status;
+  res.set_content(error_body(message, type, code), "application/json");
+}
+
+// Length of the longest prefix of s that ends on a whole UTF-8 character.
+size_t complete_utf8(const std::string& s) {
+  size_t i = s.size();
+  for (size_t back = 0; back < 4 && i > 0; ++back) {
+    const auto c = static_cast<unsigned char>(s[i - 1]);
+    if ((c & 0xC0) != 0x80) {
+      const size_t need = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : 4;
+      return back + 1 >= need ? s.size() : i - 1;
+    }
+    --i;
+  }
+  return s.size();
+}
+
+// The fields a completion request may carry. Fields OpenAI defines that this server does not
+// implement are accepted only at their neutral values, so a client never gets silently less
+// than it asked for.
+struct CompletionParams {
+  std::vector<int32_t> prompt_ids;
+  std::string prompt_text;
+  bool prompt_is_text = true;
+  int64_t max_tokens = 16;
+  SamplingConfig sampling;
+  std::vector<std::string> stop;
+  bool stream = false;
+  bool include_usage = false;
+  bool routing = false;
+};
+
+double number_field(const json& j, const char* name, double lo, double hi) {
+  const json& v = j.at(name);
+  if (!v.is_number()) throw bad_request(fmt::format("'{}' must be a number", name), "invalid_type");
+  const double x = v.get<double>();
+  if (!(x >= lo && x <= hi))
+    throw bad_request(fmt::format("'{}' must be in [{}, {}], got {}", name, lo, hi, x),
+                      "invalid_value");
+  return x;
+}
+
+int64_t int_field(const json& j, const char* name, int64_t lo, int64_t hi) {
+  const json& v = j.at(name);
+  if (!v.is_number_integer() && !v.is_number_unsigned())
+    throw bad_request(fmt::format("'{}' must be an integer", name), "invalid_type");
+  const auto x = v.is_number_unsigned() ? static_cast<int64_t>(std::min<uint64_t>(
+                                              v.get<uint64_t>(), static_cast<uint64_t>(INT64_MAX)))
+                                        : v.get<int64_t>();
+  if (x < lo || x > hi)
+    throw bad_request(fmt::format("'{}' must be in [{}, {}], got {}", name, lo, hi, x),
+                      "invalid_value");
+  return x;
+}
+
+bool bool_field(const json& j, const char* name) {
+  const json& v = j.at(name);
+  if (!v.is_boolean())
+    throw bad_request(fmt::format("'{}' must be a boolean", name), "invalid_type");
+  return v.get<bool>();
+}
+
+CompletionParams parse_completion(const std::string& body, int64_t vocab) {
+  json j;
+  try {
+    j = json::parse(body);
+  } catch (const json::parse_error& e) {
+    throw bad_request(fmt::format("the body is not valid JSON: {}", e.what()), "invalid_json");
+  }
+  if (!j.is_object()) throw bad_request("the body must be a JSON object", "invalid_json");
+  CompletionParams p;
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& k = it.key();
+    const json& v = it.value();
+    if (k == "model" || k == "user") {
+      if (!v.is_string() && !v.is_null())
+        throw bad_request(fmt::format("'{}' must be a string", k), "invalid_type");
+    } else if (k == "prompt") {
+      if (v.is_string()) {
+        p.prompt_text = v.get<std::string>();
+      } else if (v.is_array() && !v.empty() && v.front().is_number_integer()) {
+        p.prompt_is_text = false;
+        for (const json& id : v) {
+          if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() >= vocab)
+            throw bad_request(fmt::format("'prompt' token ids must be integers in [0, {})", vocab),
+                              "invalid_value");
+          p.prompt_ids.push_back(static_cast<int32_t>(id.get<int64_t>()));
+        }
+      } else if (v.is_array() && v.size() == 1 && v.front().is_string()) {
+        p.prompt_text = v.front().get<std::string>();
+      } else {
+        throw bad_request("'prompt' must be a string, or an array of token ids (one prompt: n = 1)",
+                          "invalid_type");
+      }
+    } else if (k == "max_tokens" || k == "max_completion_tokens") {
+      if (!v.is_null()) p.max_tokens = int_field(j, k.c_str(), 1, INT32_MAX);
+    } else if (k == "temperature") {
+      if (!v.is_null()) p.sampling.temperature = number_field(j, "temperature", 0, 2);
+    } else if (k == "top_p") {
+      if (!v.is_null()) p.sampling.top_p = number_field(j, "top_p", 1e-9, 1);
+    } else if (k == "top_k") {
+      if (!v.is_null()) p.sampling.top_k = int_field(j, "top_k", 0, INT32_MAX);
+    } else if (k == "seed") {
+      if (!v.is_null())
+        p.sampling.seed = static_cast<uint64_t>(int_field(j, "seed", INT64_MIN, INT64_MAX));
+    } else if (k == "stop") {
+      if (v.is_string()) {
+        p.stop.push_back(v.get<std::string>());
+      } else if (v.is_array() && v.size() <= 4) {
+        for (const json& s : v) {
+          if (!s.is_string()) throw bad_request("'stop' must hold strings", "invalid_type");
+          p.stop.push_back(s.get<std::string>());
+        }
+      } else if (!v.is_null()) {
+        throw bad_request("'stop' must be a string or an array of up to 4 strings", "invalid_type");
+      }
+      for (const std::string& s : p.stop)
+        if (s.empty()) throw bad_request("'stop' strings must not be empty", "invalid_value");
+    } else if (k == "stream") {
+      if (!v.is_null()) p.stream = bool_field(j, "stream");
+    } else if (k == "stream_options") {
+      if (v.is_null()) continue;
+      if (!v.is_object()) throw bad_request("'stream_options' must be an object", "invalid_type");
+      for (auto o = v.begin(); o != v.end(); ++o) {
+        if (o.key() != "include_usage")
+          throw bad_request(fmt::format("unknown field 'stream_options.{}'", o.key()),
+                            "unknown_field");
+        p.include_usage = bool_field(v, "include_usage");
+      }
+    } else if (k == "n" || k == "best_of") {
+      if (!v.is_null() && int_field(j, k.c_str(), 1, 1) != 1)
+        throw bad_request(fmt::format("'{}' must be 1", k));
+    } else if (k == "presence_penalty" || k == "frequency_penalty") {
+      if (!v.is_null() && number_field(j, k.c_str(), -2, 2) != 0)
+        throw bad_request(fmt::format("'{}' is not supported (only 0)", k), "unsupported_value");
+    } else if (k == "logprobs" || k == "echo" || k == "logit_bias" || k == "suffix") {
+      const bool neutral = v.is_null() || (v.is_boolean() && !v.get<bool>()) ||
+                           (v.is_object() && v.empty()) ||
+                           (v.is_string() && v.get<std::string>().empty());
+      if (!neutral) throw bad_request(fmt::format("'{}' is not supported", k), "unsupported_value");
+    } else if (k == "routing") {  // this server's extension: each token's experts
+      if (!v.is_null()) p.routing = bool_field(j, "routing");
+    } else {
+      throw bad_request(fmt::format("unknown field '{}'", k), "unknown_field");
+    }
+  }
+  if (!j.contains("prompt")) throw bad_request("'prompt' is required", "missing_field");
+  if (p.include_usage && !p.stream)
+    throw bad_request("'stream_options' is only allowed with 'stream': true");
+  return p;
+}
+
+// The routing of some positions as JSON: {"from": i, "experts": [token][layer][k], "weights"}.
+json routing_json(const Event& ev) {
+  json experts = json::array(), weights = json::array();
+  for (const TokenRouting& t : ev.routing) {
+    experts.push_back(t.experts);
+    json w = json::array();
+    for (const auto& layer : t.weights) {
+      json lw = json::array();
+      for (float x : layer) lw.push_back(std::round(x * 1e4) / 1e4);
+      w.push_back(lw);
+    }
+    weights.push_back(w);
+  }
+  return {{"from", ev.routed_from}, {"experts", experts}, {"weights", weights}};
+}
+
+int64_t now_s() {
+  return std::chrono::duration_cast<std::chrono::seconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// Turns a stream's tokens into text, stopping at the request's stop strings: text() grows
+// by whole UTF-8 characters, held back while it could still be the start of a stop string.
+class TextStream {
+ public:
+  TextStream(const Tokenizer& tok, std::vector<std::string> stop)
+      : tok_(tok), stop_(std::move(stop)) {}
+  // Adds a token; returns the text that became final (may be empty). stopped() tells whether
+  // a stop string was found (the text then ends before it).
+  std::string add(int32_t id) {
+    ids_.push_back(id);
+    const std::string all = tok_.decode(ids_);
+    const std::string whole = all.substr(0, complete_utf8(all));
+    for (const std::string& s : stop_) {
+      const size_t from = sent_ > s.size() ? sent_ - s.size() : 0;
+      const size_t at = whole.find(s, from);
+      if (at != std::string::npos) {
+        stopped_ = true;
+        return take(whole, std::max(at, sent_));
+      }
+    }
+    // Hold back the longest tail that begins some stop string.
+    size_t keep = whole.size();
+    for (const std::string& s : stop_)
+      for (size_t n = std::min(s.size() - 1, whole.size()); n > 0; --n)
+        if (whole.compare(whole.size() - n, n, s, 0, n) == 0) {
+          keep = std::min(keep, whole.size() - n);
+          break;
+        }
+    return take(whole, std::max(keep, sent_));
+  }
+  // At the end: whatever was held back (no stop string came).
+  std::string flush() {
+    if (stopped_) return {};
+    const std::string all = tok_.decode(ids_);
+    return take(all, all.size());
+  }
+  bool stopped() const { return stopped_; }
+
+ private:
+  std::string take(const std::string& text, size_t upto) {
+    std::string out = text.substr(sent_, upto - sent_);
+    sent_ = upto;
+    return out;
+  }
+  const Tokenizer& tok_;
+  std::vector<std::string> stop_;
+  std::vector<int32_t> ids_;
+  size_t sent_ = 0;
+  bool stopped_ = false;
+};
+
+}  // namespace
+
+struct HttpServer::Impl {
+  Engine& engine;
+  const Tokenizer& tok;
+  HttpOptions opt;
+  httplib::Server svr;
+  int port = 0;
+  std::atomic<int64_t> next_id{1};
+  std::mutex metrics_mu;
+  std::map<int, int64_t> responses;  // by status
+  double last_rate = 0, last_time = 0;
+  int64_t last_generated = 0;
+  Clock::time_point start = Clock::now();
+
+  Impl(Engine& e, const Tokenizer& t, const HttpOptions& o) : engine(e), tok(t), opt(o) {}
+
+  void routes();
+  void completion(const httplib::Request& req, httplib::Response& res);
+  std::string metrics();
+};
+
+void HttpServer::Impl::routes() {
+  const size_t threads = static_cast<size_t>(engine.parallel()) + 40;
+  svr.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+  svr.set_payload_max_length(opt.max_body);
+  svr.set_read_timeout(30, 0);
+  svr.set_write_timeout(30, 0);
+  svr.set_keep_alive_timeout(5);
+  svr.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+    if (opt.api_key.empty() || req.path == "/health")
+      return httplib::Server::HandlerResponse::Unhandled;
+    if (req.get_header_value("Authorization") != "Bearer " + opt.api_key) {
+      send_error(res, 401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                 "authentication_error", "invalid_api_key");
+      return httplib::Server::HandlerResponse::Handled;
+    }
+    return httplib::Server::HandlerResponse::Unhandled;
+  });
+  const httplib::Server::HandlerWithResponse on_error = [](const httplib::Request& req,
+                                                           httplib::Response& res) {
+    if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+    const std::string msg = res.status == 404 ? fmt::format("no route {} {}", req.method, req.path)
+                            : res.status == 413 ? std::string("the request body is too large")
+                                                : fmt::format("HTTP {}", res.status);
+    send_error(res, res.status, msg,
+               res.status == 404 ? "not_found_error" : "invalid_request_error");
+    return httplib::Server::HandlerResponse::Handled;
+  };
+  svr.set_error_handler(on_error);
+  svr.set_exception_handler(
+      [](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
+        std::string msg = "internal error";
+        try {
+          std::rethrow_exception(ep);
+        } catch (const std::exception& e) {
+          msg = e.what();
+        } catch (...) {
+        }
+        send_error(res, 500, msg, "server_error");
+      });
+  svr.set_logger([this](const httplib::Request&, const httplib::Response& res) {
+    std::lock_guard<std::mutex> lk(metrics_mu);
+    ++responses[res.status];
+  });
+  svr.Get("/health", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content(R"({"status":"ok"})", "application/json");
+  });
+  svr.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+    const json m = {
+        {"id", opt.model_name}, {"object", "model"}, {"created", now_s()}, {"owned_by", "moe.cpp"}};
+    res.set_content(dumps(json{{"object", "list"}, {"data", json::array({m})}}),
+                    "application/json");
+  });
+  svr.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(metrics(), "text/plain; version=0.0.4");
+  });
+  svr.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    try {
+      completion(req, res);
+    } catch (const ApiError& e) {
+      send_error(res, e.status, e.what(), e.type, e.code);
+    } catch (const Error& e) {
+      send_error(res, 400, e.what(), "invalid_request_error");
+    }
+  });
+}
+
+void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response& res) {
+  CompletionParams p = parse_completion(req.body, tok.vocab_size());
+  Request r;
+  if (p.prompt_is_text) {
+    r.prompt = tok.encode(p.prompt_text);
+    if (auto bos = tok.bos_id()) r.prompt.insert(r.prompt.begin(), *bos);
+  } else {
+    r.prompt = p.prompt_ids;
+  }
+  if (r.prompt.empty()) throw bad_request("the prompt encodes to no tokens", "invalid_value");
+  const auto T = static_cast<int64_t>(r.prompt.size());
+  if (T >= engine.ctx())
+    throw bad_request(
+        fmt::format("the prompt has {} tokens; the context holds {}", T, engine.ctx()),
+        "context_length_exceeded");
+  if (T + p.max_tokens > engine.ctx())
+    throw bad_request(fmt::format("the prompt ({} tokens) plus max_tokens ({}) exceed the context "
+                                  "of {} tokens",
+                                  T, p.max_tokens, engine.ctx()),
+                      "context_length_exceeded");
+  r.max_tokens = p.max_tokens;
+  r.sampling = p.sampling;
+  r.routing = p.routing;
+  if (auto eos = tok.eos_id()) r.stop_tokens.push_back(*eos);
+  std::shared_ptr<Stream> stream = engine.submit(r);
+  if (!stream) {
+    res.set_header("Retry-After", "1");
+    send_error(res, 503, "the server is busy: every slot is taken and the queue is full",
+               "server_error", "overloaded");
+    return;
+  }
+  const std::string id = fmt::format("cmpl-{}", next_id++);
+  const int64_t created = now_s();
+  auto text = std::make_shared<TextStream>(tok, p.stop);
+  const std::string model = opt.model_name;
+  // Both ways run in the provider, on the connection's thread: events become text as they come,
+  // and a failed write (the client left) cancels the request, which frees its slot.
+  struct State {
+    int64_t completion_tokens = 0;
+    std::string text;
+    std::string finish;
+    json routing = json::array();
+    Clock::time_point last_write = Clock::now();
+    bool finished = false;
+  };
+  auto st = std::make_shared<State>();
+  auto usage = [T, st] {
+    return json{{"prompt_tokens", T},
+                {"completion_tokens", st->completion_tokens},
+                {"total_tokens", T + st->completion_tokens}};
+  };
+  // Reads the next event into the state; returns the text it made final.
+  auto advance = [stream, text, st](bool& got) -> std::string {
+    Event ev;
+    got = stream->next(ev, std::chrono::milliseconds(100));
+    if (!got) return {};
+    std::string piece;
+    if (ev.token >= 0) {
+      ++st->completion_tokens;
+      piece = text->add(ev.token);
+      if (text->stopped()) {
+        st->finish = "stop";
+        stream->cancel();
+      }
+    }
+    if (!ev.routing.empty()) st->routing.push_back(routing_json(ev));
+    if (ev.finish == Finish::error) throw Error(ev.error);
+    if (ev.finish != Finish::none || text->stopped()) {
+      if (st->finish.empty()) st->finish = ev.finish == Finish::stop ? "stop" : "length";
+      if (!text->stopped()) piece += text->flush();
+      st->finished = true;
+    }
+    return piece;
+  };
+  auto release = [stream](bool) { stream->cancel(); };
+  if (!p.stream) {
+    // The body is written at the end; until then a space every half second (JSON allows
+    // leading whitespace) finds out whether the client is still there.
+    res.set_chunked_content_provider(
+        "application/json",
+        [=](size_t, httplib::DataSink& sink) {
+          while (!st->finished) {
+            bool got = false;
+            try {
+              st->text += advance(got);
+            } catch (const std::exception& e) {  // the engine failed this request
+              const std::string body = error_body(e.what(), "server_error", "generation_failed");
+              sink.write(body.data(), body.size());
+              sink.done();
+              return true;
+            }
+            if (Clock::now() - st->last_write > std::chrono::milliseconds(500)) {
+              if (!sink.write(" ", 1)) return false;
+              st->last_write = Clock::now();
+            }
+          }
+          json out = {{"id", id},
+                      {"object", "text_completion"},
+                      {"created", created},
+                      {"model", model},
+                      {"choices", json::array({json{{"index", 0},
+                                                    {"text", st->text},
+                                                    {"logprobs", nullptr},
+                                                    {"finish_reason", st->finish}}})},
+                      {"usage", usage()}};
+          if (p.routing) out["routing"] = st->routing;
+          const std::string body = dumps(out);
+          if (!sink.write(body.data(), body.size())) return false;
+          sink.done();
+          return true;
+        },
+        release);
+    return;
+  }
+  const bool include_usage = p.include_usage, with_routing = p.routing;
+  res.set_chunked_content_provider(
+      "text/event-stream",
+      [=](size_t, httplib::DataSink& sink) {
+        auto send = [&](const json& chunk) {
+          const std::string s = "data: " + dumps(chunk) + "\n\n";
+          return sink.write(s.data(), s.size());
+        };
+        while (!st->finished) {
+          bool got = false;
+          const size_t routed_before = st->routing.size();
+          std::string piece;
+          try {
+            piece = advance(got);
+          } catch (const std::exception& e) {  // the engine failed this request
+            const std::string s =
+                "data: " + error_body(e.what(), "server_error", "generation_failed") +
+                "\n\ndata: [DONE]\n\n";
+            sink.write(s.data(), s.size());
+            sink.done();
+            return true;
+          }
+          if (!got) {
+            // An SSE comment now and then finds out whether the client is still there.
+            if (Clock::now() - st->last_write > std::chrono::milliseconds(500)) {
+              if (!sink.write(": ping\n\n", 8)) return false;
+              st->last_write = Clock::now();
+            }
+            continue;
+          }
+          json choice = {{"index", 0},
+                         {"text", piece},
+                         {"logprobs", nullptr},
+                         {"finish_reason", st->finished ? json(st->finish) : json(nullptr)}};
+          json chunk = {{"id", id},
+                        {"object", "text_completion"},
+                        {"created", created},
+                        {"model", model},
+                        {"choices", json::array({choice})}};
+          if (with_routing && st->routing.size() > routed_before)
+            chunk["routing"] = st->routing.back();
+          if (!send(chunk)) return false;
+          st->last_write = Clock::now();
+        }
+        if (include_usage) {
+          json chunk = {{"id", id},       {"object", "text_completion"}, {"created", created},
+                        {"model", model}, {"choices", json::array()},    {"usage", usage()}};
+          if (!send(chunk)) return false;
+        }
+        if (!sink.write("data: [DONE]\n\n", 14)) return false;
+        sink.done();
+        return true;
+      },
+      release);
+}
+
+std::string HttpServer::Impl::metrics() {
+  const EngineStats s = engine.stats();
+  std::string out;
+  auto metric = [&](const char* name, const char* type, const char* help, double value) {
+    out += fmt::format("# HELP {} {}\n# TYPE {} {}\n{} {}\n", name, help, name, type, name, value);
+  };
+  metric("moe_requests_total", "counter", "Generation requests accepted.",
+         static_cast<double>(s.requests));
+  metric("moe_requests_rejected_total", "counter", "Requests refused with 503 (queue full).",
+         static_cast<double>(s.rejected));
+  metric("moe_requests_cancelled_total", "counter",
+         "Requests ended early by their clients (gone, or a stop string reached).",
+         static_cast<double>(s.cancelled));
+  metric("moe_requests_active", "gauge", "Requests in the decode batch.",
+         static_cast<double>(s.active));
+  metric("moe_queue_length", "gauge", "Requests waiting for a slot.",
+         static_cast<double>(s.queued));
+  metric("moe_prompt_tokens_total", "counter", "Prompt tokens run through the model.",
+         static_cast<double>(s.prompt_tokens));
+  metric("moe_generated_tokens_total", "counter", "Tokens generated.",
+         static_cast<double>(s.generated_tokens));
+  metric("moe_decode_steps_total", "counter", "Batched decode steps.",
+         static_cast<double>(s.steps));
+  metric("moe_busy_seconds_total", "counter", "Time spent computing.", s.busy_s);
+  {
+    // Tokens per second since the previous scrape (at least a second apart).
+    std::lock_guard<std::mutex> lk(metrics_mu);
+    const double t = std::chrono::duration<double>(Clock::now() - start).count();
+    if (t - last_time >= 1) {
+      last_rate = static_cast<double>(s.generated_tokens - last_generated) / (t - last_time);
+      last_time = t;
+      last_generated = s.generated_tokens;
+    }
+    metric("moe_tokens_per_second", "gauge",
+           "Tokens generated per second between the last two scrapes.", last_rate);
+    out +=
+        "# HELP moe_http_responses_total HTTP responses by status.\n"
+        "# TYPE moe_http_responses_total counter\n";
+    for (const auto& [code, n] : responses)
+      out += fmt::format("moe_http_responses_total{{code=\"{}\"}} {}\n", code, n);
+  }
+  out +=
+      "# HELP moe_expert_tokens_total Tokens routed to each expert of each MoE layer.\n"
+      "# TYPE moe_expert_tokens_total counter\n";
+  for (size_t l = 0; l < s.expert_tokens.size(); ++l)
+    for (size_t e = 0; e < s.expert_tokens[l].size(); ++e)
+      out += fmt::format("moe_expert_tokens_total{{layer=\"{}\",expert=\"{}\"}} {}\n", l, e,
+                         s.expert_tokens[l][e]);
+  return out;
+}
+
+HttpServer::HttpServer(Engine& engine, const Tokenizer& tokenizer, const HttpOptions& opt)
+    : impl_(std::make_unique<Impl>(engine, tokenizer, opt)) {
+  impl_->routes();
+}
+
+HttpServer::~HttpServer() { stop(); }
+
+int HttpServer::bind() {
+  const HttpOptions& o = impl_->opt;
+  MOE_CHECK(o.port >= 0 && o.port <= 65535, "serve", "--port must be in [0, 65535], got {}",
+            o.port);
+  if (o.port == 0) {
+    impl_->port = impl_->svr.bind_to_any_port(o.host);
+  } else {
+    impl_->port = impl_->svr.bind_to_port(o.host, o.port) ? o.port : -1;
+  }
+  MOE_CHECK(impl_->port > 0, "serve", "cannot listen on {}:{} (in use, or not an address here)",
+            o.host, o.port);
+  return impl_->port;
+}
+
+void HttpServer::serve() { impl_->svr.listen_after_bind(); }
+
+void HttpServer::stop() {
+  if (impl_->svr.is_running()) impl_->svr.stop();
+}
+
+int HttpServer::port() const { return impl_->port; }
+
+}  // namespace moe::serve
