@@ -53,16 +53,18 @@ COLORS = {"dense": "#444444", "small MoE": "#aec7e8", "best MoE": "#1f77b4",
 
 
 def read_log(path):
-    steps, vals, last = [], [], {}
+    """Validation (steps, losses) and the last step's record of a training log. A run resumed
+    from a checkpoint logs again from there: a step's last record wins."""
+    val, last = {}, {}
     with open(path) as f:
         for line in f:
             j = json.loads(line)
             if "val_loss" in j:
-                steps.append(j["step"])
-                vals.append(j["val_loss"])
-            else:
+                val[j["step"]] = j["val_loss"]
+            elif j.get("step", 0) >= last.get("step", 0):
                 last = j
-    return steps, vals, last
+    steps = sorted(val)
+    return steps, [val[s] for s in steps], last
 
 
 def svg(curves, path, colors=None, xlabel="step", title="Validation loss (nats per byte) by step"):
@@ -126,11 +128,14 @@ class Bench:
         out = os.path.join(self.args.out, name)
         log = out + ".jsonl"
         flags = self.config(name, change)
-        if not os.path.exists(os.path.join(out, "latest")):
-            run([self.args.moe, "train", *flags, "--steps", str(steps), "--eval-every",
-                 str(self.args.eval_every), "--save-every", "0", "--sample", "0", "--seed",
-                 str(self.args.seed), "--threads", str(threads), "--out", out, "--log", log],
-                stdout=subprocess.DEVNULL)
+        done = os.path.exists(log) and read_log(log)[2].get("step") == steps
+        if not done:
+            # Checkpoints every --save-every steps: a run cut short resumes where it was.
+            resume = ["--resume", out] if os.path.exists(os.path.join(out, "latest")) else []
+            run([self.args.moe, "train", *flags, *resume, "--steps", str(steps), "--eval-every",
+                 str(self.args.eval_every), "--save-every", str(self.args.save_every),
+                 "--sample", "0", "--seed", str(self.args.seed), "--threads", str(threads),
+                 "--out", out, "--log", log], stdout=subprocess.DEVNULL)
         params = json.loads(run([self.args.moe, "params", "-m", out, "--json"],
                                 capture_output=True, text=True).stdout)
         return (*read_log(log), params)
@@ -173,6 +178,7 @@ def main():
     ap.add_argument("--search-steps", type=int, default=2000)
     ap.add_argument("--timing-steps", type=int, default=150)
     ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
     ap.add_argument("--skip-small", action="store_true",
