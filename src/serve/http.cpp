@@ -3,19 +3,21 @@
 #include <fmt/core.h>
 #include <httplib.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <map>
 #include <nlohmann/json.hpp>
 
 #include "moe/error.h"
+#include "moe/jinja.h"
 #include "moe/serve_http.h"
 
 namespace moe::serve {
 
 namespace {
 
-using json = nlohmann::json;
+using json = nlohmann::ordered_json;
 using Clock = std::chrono::steady_clock;
 
 // A request error: its HTTP status and OpenAI's error type.
@@ -64,6 +66,8 @@ size_t complete_utf8(const std::string& s) {
 // implement are accepted only at their neutral values, so a client never gets silently less
 // than it asked for.
 struct CompletionParams {
+  bool chat = false;  // /v1/chat/completions: messages instead of a prompt
+  nlohmann::ordered_json messages, tools;
   std::vector<int32_t> prompt_ids;
   std::string prompt_text;
   bool prompt_is_text = true;
@@ -105,22 +109,69 @@ bool bool_field(const json& j, const char* name) {
   return v.get<bool>();
 }
 
-CompletionParams parse_completion(const std::string& body, int64_t vocab) {
-  json j;
+// A chat message: a role and content (a string, null, or a list of {"type": "text", "text"}
+// parts, joined); other keys (tool_calls, name, tool_call_id, reasoning_content) go to the
+// template as they are.
+nlohmann::ordered_json chat_message(const nlohmann::ordered_json& m, size_t i) {
+  if (!m.is_object())
+    throw bad_request(fmt::format("messages[{}] must be an object", i), "invalid_type");
+  if (!m.contains("role") || !m["role"].is_string())
+    throw bad_request(fmt::format("messages[{}] needs a string 'role'", i), "invalid_type");
+  nlohmann::ordered_json out = m;
+  if (m.contains("content") && m["content"].is_array()) {
+    std::string text;
+    for (const auto& part : m["content"]) {
+      if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+          !part["text"].is_string())
+        throw bad_request(fmt::format("messages[{}]: only text content parts are supported", i),
+                          "unsupported_value");
+      text += part["text"].get<std::string>();
+    }
+    out["content"] = text;
+  } else if (m.contains("content") && !m["content"].is_string() && !m["content"].is_null()) {
+    throw bad_request(
+        fmt::format("messages[{}].content must be a string, null or a list of parts", i),
+        "invalid_type");
+  } else if (!m.contains("content")) {
+    out["content"] = nullptr;
+  }
+  return out;
+}
+
+CompletionParams parse_completion(const std::string& body, int64_t vocab, bool chat) {
+  nlohmann::ordered_json j;
   try {
-    j = json::parse(body);
-  } catch (const json::parse_error& e) {
+    j = nlohmann::ordered_json::parse(body);
+  } catch (const nlohmann::ordered_json::parse_error& e) {
     throw bad_request(fmt::format("the body is not valid JSON: {}", e.what()), "invalid_json");
   }
   if (!j.is_object()) throw bad_request("the body must be a JSON object", "invalid_json");
   CompletionParams p;
+  p.chat = chat;
   for (auto it = j.begin(); it != j.end(); ++it) {
     const std::string& k = it.key();
-    const json& v = it.value();
+    const nlohmann::ordered_json& v = it.value();
     if (k == "model" || k == "user") {
       if (!v.is_string() && !v.is_null())
         throw bad_request(fmt::format("'{}' must be a string", k), "invalid_type");
-    } else if (k == "prompt") {
+    } else if (chat && k == "messages") {
+      if (!v.is_array() || v.empty())
+        throw bad_request("'messages' must be a non-empty array", "invalid_type");
+      p.messages = nlohmann::ordered_json::array();
+      for (size_t i = 0; i < v.size(); ++i) p.messages.push_back(chat_message(v[i], i));
+    } else if (chat && k == "tools") {
+      if (!v.is_array() && !v.is_null())
+        throw bad_request("'tools' must be an array", "invalid_type");
+      p.tools = v;
+    } else if (chat && (k == "tool_choice" || k == "parallel_tool_calls")) {
+      // The tools reach the template; calling them is the client's reading of the text.
+      if (k == "tool_choice" && !v.is_null() && !(v.is_string() && (v == "auto" || v == "none")))
+        throw bad_request("'tool_choice' may only be \"auto\" or \"none\"", "unsupported_value");
+    } else if (chat && k == "response_format") {
+      if (!v.is_null() && !(v.is_object() && v.value("type", "") == "text" && v.size() == 1))
+        throw bad_request("'response_format' may only be {\"type\": \"text\"}",
+                          "unsupported_value");
+    } else if (!chat && k == "prompt") {
       if (v.is_string()) {
         p.prompt_text = v.get<std::string>();
       } else if (v.is_array() && !v.empty() && v.front().is_number_integer()) {
@@ -178,7 +229,8 @@ CompletionParams parse_completion(const std::string& body, int64_t vocab) {
     } else if (k == "presence_penalty" || k == "frequency_penalty") {
       if (!v.is_null() && number_field(j, k.c_str(), -2, 2) != 0)
         throw bad_request(fmt::format("'{}' is not supported (only 0)", k), "unsupported_value");
-    } else if (k == "logprobs" || k == "echo" || k == "logit_bias" || k == "suffix") {
+    } else if (k == "logprobs" || k == "echo" || k == "logit_bias" || k == "suffix" ||
+               k == "top_logprobs") {
       const bool neutral = v.is_null() || (v.is_boolean() && !v.get<bool>()) ||
                            (v.is_object() && v.empty()) ||
                            (v.is_string() && v.get<std::string>().empty());
@@ -189,7 +241,8 @@ CompletionParams parse_completion(const std::string& body, int64_t vocab) {
       throw bad_request(fmt::format("unknown field '{}'", k), "unknown_field");
     }
   }
-  if (!j.contains("prompt")) throw bad_request("'prompt' is required", "missing_field");
+  if (!chat && !j.contains("prompt")) throw bad_request("'prompt' is required", "missing_field");
+  if (chat && !j.contains("messages")) throw bad_request("'messages' is required", "missing_field");
   if (p.include_usage && !p.stream)
     throw bad_request("'stream_options' is only allowed with 'stream': true");
   return p;
@@ -283,10 +336,27 @@ struct HttpServer::Impl {
   int64_t last_generated = 0;
   Clock::time_point start = Clock::now();
 
-  Impl(Engine& e, const Tokenizer& t, const HttpOptions& o) : engine(e), tok(t), opt(o) {}
+  std::unique_ptr<jinja::Template> chat_template;  // null: the checkpoint has none
+  ChatTemplateSource chat_source;
+  std::vector<int32_t> stop_tokens;  // end of text: the tokenizer's, and the template's eos_token
+
+  Impl(Engine& e, const Tokenizer& t, const HttpOptions& o) : engine(e), tok(t), opt(o) {
+    if (auto eos = tok.eos_id()) stop_tokens.push_back(*eos);
+    if (!opt.chat_template.source.empty()) {
+      chat_source = opt.chat_template;
+      chat_template =
+          std::make_unique<jinja::Template>(chat_source.source);  // refuses what it cannot render
+      const std::vector<int32_t> ids = chat_source.eos_token.empty()
+                                           ? std::vector<int32_t>{}
+                                           : tok.encode(chat_source.eos_token);
+      if (ids.size() == 1 &&
+          std::find(stop_tokens.begin(), stop_tokens.end(), ids[0]) == stop_tokens.end())
+        stop_tokens.push_back(ids[0]);
+    }
+  }
 
   void routes();
-  void completion(const httplib::Request& req, httplib::Response& res);
+  void completion(const httplib::Request& req, httplib::Response& res, bool chat);
   std::string metrics();
 };
 
@@ -345,21 +415,41 @@ void HttpServer::Impl::routes() {
   svr.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(metrics(), "text/plain; version=0.0.4");
   });
-  svr.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    try {
-      completion(req, res);
-    } catch (const ApiError& e) {
-      send_error(res, e.status, e.what(), e.type, e.code);
-    } catch (const Error& e) {
-      send_error(res, 400, e.what(), "invalid_request_error");
-    }
-  });
+  for (const bool chat : {false, true})
+    svr.Post(chat ? "/v1/chat/completions" : "/v1/completions",
+             [this, chat](const httplib::Request& req, httplib::Response& res) {
+               try {
+                 completion(req, res, chat);
+               } catch (const ApiError& e) {
+                 send_error(res, e.status, e.what(), e.type, e.code);
+               } catch (const Error& e) {
+                 send_error(res, 400, e.what(), "invalid_request_error");
+               }
+             });
 }
 
-void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response& res) {
-  CompletionParams p = parse_completion(req.body, tok.vocab_size());
+void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response& res, bool chat) {
+  CompletionParams p = parse_completion(req.body, tok.vocab_size(), chat);
   Request r;
-  if (p.prompt_is_text) {
+  if (chat) {
+    // The checkpoint's template renders the conversation, as transformers' apply_chat_template
+    // does; its text is tokenized without adding special tokens (the template writes them).
+    if (!chat_template)
+      throw ApiError(400, "invalid_request_error",
+                     "this model has no chat template: use /v1/completions", "no_chat_template");
+    const json ctx = {{"messages", p.messages},
+                      {"add_generation_prompt", true},
+                      {"bos_token", chat_source.bos_token},
+                      {"eos_token", chat_source.eos_token},
+                      {"tools", p.tools}};
+    std::string text;
+    try {
+      text = chat_template->render(ctx);
+    } catch (const Error& e) {
+      throw bad_request(e.what(), "chat_template_error");
+    }
+    r.prompt = tok.encode(text);
+  } else if (p.prompt_is_text) {
     r.prompt = tok.encode(p.prompt_text);
     if (auto bos = tok.bos_id()) r.prompt.insert(r.prompt.begin(), *bos);
   } else {
@@ -379,7 +469,7 @@ void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response
   r.max_tokens = p.max_tokens;
   r.sampling = p.sampling;
   r.routing = p.routing;
-  if (auto eos = tok.eos_id()) r.stop_tokens.push_back(*eos);
+  r.stop_tokens = stop_tokens;
   std::shared_ptr<Stream> stream = engine.submit(r);
   if (!stream) {
     res.set_header("Retry-After", "1");
@@ -387,7 +477,9 @@ void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response
                "server_error", "overloaded");
     return;
   }
-  const std::string id = fmt::format("cmpl-{}", next_id++);
+  const std::string id = fmt::format("{}-{}", chat ? "chatcmpl" : "cmpl", next_id++);
+  const char* object = chat ? "chat.completion" : "text_completion";
+  const char* chunk_object = chat ? "chat.completion.chunk" : "text_completion";
   const int64_t created = now_s();
   auto text = std::make_shared<TextStream>(tok, p.stop);
   const std::string model = opt.model_name;
@@ -400,6 +492,7 @@ void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response
     json routing = json::array();
     Clock::time_point last_write = Clock::now();
     bool finished = false;
+    bool role_sent = false;
   };
   auto st = std::make_shared<State>();
   auto usage = [T, st] {
@@ -452,14 +545,18 @@ void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response
               st->last_write = Clock::now();
             }
           }
+          json choice = {{"index", 0}};
+          if (chat)
+            choice["message"] = {{"role", "assistant"}, {"content", st->text}};
+          else
+            choice["text"] = st->text;
+          choice["logprobs"] = nullptr;
+          choice["finish_reason"] = st->finish;
           json out = {{"id", id},
-                      {"object", "text_completion"},
+                      {"object", object},
                       {"created", created},
                       {"model", model},
-                      {"choices", json::array({json{{"index", 0},
-                                                    {"text", st->text},
-                                                    {"logprobs", nullptr},
-                                                    {"finish_reason", st->finish}}})},
+                      {"choices", json::array({choice})},
                       {"usage", usage()}};
           if (p.routing) out["routing"] = st->routing;
           const std::string body = dumps(out);
@@ -500,12 +597,19 @@ void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response
             }
             continue;
           }
-          json choice = {{"index", 0},
-                         {"text", piece},
-                         {"logprobs", nullptr},
-                         {"finish_reason", st->finished ? json(st->finish) : json(nullptr)}};
+          json choice = {{"index", 0}};
+          if (chat) {  // the first chunk names the role, as OpenAI's do
+            choice["delta"] = json::object();
+            if (!st->role_sent) choice["delta"]["role"] = "assistant";
+            st->role_sent = true;
+            if (!piece.empty() || !st->finished) choice["delta"]["content"] = piece;
+          } else {
+            choice["text"] = piece;
+          }
+          choice["logprobs"] = nullptr;
+          choice["finish_reason"] = st->finished ? json(st->finish) : json(nullptr);
           json chunk = {{"id", id},
-                        {"object", "text_completion"},
+                        {"object", chunk_object},
                         {"created", created},
                         {"model", model},
                         {"choices", json::array({choice})}};
@@ -515,8 +619,8 @@ void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response
           st->last_write = Clock::now();
         }
         if (include_usage) {
-          json chunk = {{"id", id},       {"object", "text_completion"}, {"created", created},
-                        {"model", model}, {"choices", json::array()},    {"usage", usage()}};
+          json chunk = {{"id", id},       {"object", chunk_object},   {"created", created},
+                        {"model", model}, {"choices", json::array()}, {"usage", usage()}};
           if (!send(chunk)) return false;
         }
         if (!sink.write("data: [DONE]\n\n", 14)) return false;

@@ -21,6 +21,12 @@ import threading
 import time
 
 KEY = "test-key"
+# A chat template for the byte-level test model (its checkpoint has none).
+CHAT_TEMPLATE = """{%- for m in messages %}
+{%- if m.role not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role ' ~ m.role) }}{% endif %}
+<{{ m.role }}>{{ m.content }}
+{% endfor %}
+{%- if add_generation_prompt %}<assistant>{% endif %}"""
 FAILURES = []
 
 
@@ -88,6 +94,17 @@ def main():
     subprocess.run([args.moe, "train", "--preset", "tiny", "--steps", "40", "--batch", "8",
                     "--seq-len", "64", "--eval-every", "0", "--sample", "0", "--save-every", "0",
                     "--out", ckpt], check=True, capture_output=True)
+    with open(os.path.join(ckpt, "chat_template.jinja"), "w") as f:
+        f.write(CHAT_TEMPLATE)
+    # A template using what the engine cannot render is refused at start-up, by name.
+    bad = os.path.join(args.work, "bad_template")
+    shutil.copytree(ckpt, bad)
+    with open(os.path.join(bad, "chat_template.jinja"), "w") as f:
+        f.write("{% include 'x.jinja' %}")
+    r = subprocess.run([args.moe, "serve", "-m", bad, "--port", "0"], capture_output=True, text=True,
+                       timeout=60)
+    check(r.returncode != 0 and "'{% include %}' is not supported" in r.stderr,
+          f"an unsupported chat template is refused at start-up ({r.stderr.strip()[-90:]})")
     ctx = 96
     server = subprocess.Popen([args.moe, "serve", "-m", ckpt, "--port", "0", "--parallel", "3",
                                "--queue", "4", "--ctx", str(ctx), "--api-key", KEY,
@@ -159,6 +176,44 @@ def run_checks(args, ckpt, port, pid, ctx):
           "finish_reason on the last chunk only")
     check("usage" in chunks[-1] and chunks[-1]["usage"]["completion_tokens"] == 24,
           "include_usage: a last chunk with the usage")
+
+    # Chat: the template's text as the prompt, no BOS added (the template writes what it wants).
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rendered = "<system>Be brief.\n<user>Hi\n<assistant>"
+    s, _, b = request(port, "POST", "/v1/chat/completions",
+                      {"messages": msgs, "max_tokens": 12, "temperature": 0})
+    r = json.loads(b)
+    s2, _, b2 = request(port, "POST", "/v1/completions",
+                        {"prompt": list(rendered.encode()), "max_tokens": 12, "temperature": 0})
+    check(s == 200 and r["object"] == "chat.completion" and
+          r["choices"][0]["message"]["role"] == "assistant", "POST /v1/chat/completions: 200")
+    check(r["choices"][0]["message"]["content"] == json.loads(b2)["choices"][0]["text"],
+          "chat answer equals the completion of the rendered template")
+    check(r["usage"]["prompt_tokens"] == len(rendered.encode()), "chat usage counts the template's tokens")
+    s, h, b = request(port, "POST", "/v1/chat/completions",
+                      {"messages": msgs, "max_tokens": 12, "temperature": 0, "stream": True})
+    ev = sse_events(b)
+    chunks = [json.loads(e) for e in ev[:-1]]
+    check(ev[-1] == "[DONE]" and all(c["object"] == "chat.completion.chunk" for c in chunks) and
+          chunks[0]["choices"][0]["delta"].get("role") == "assistant" and
+          "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) ==
+          r["choices"][0]["message"]["content"] and chunks[-1]["choices"][0]["finish_reason"] == "length",
+          "streamed chat: role first, the same content, finish_reason last")
+    parts = [{"role": "user", "content": [{"type": "text", "text": "H"}, {"type": "text", "text": "i"}]}]
+    s, _, b = request(port, "POST", "/v1/chat/completions", {"messages": parts, "max_tokens": 2})
+    check(s == 200, "chat content as text parts")
+    for what, body, code in [
+            ("a message without a role", {"messages": [{"content": "x"}]}, "invalid_type"),
+            ("content of the wrong type", {"messages": [{"role": "user", "content": 3}]}, "invalid_type"),
+            ("no messages", {"max_tokens": 3}, "missing_field"),
+            ("an image part", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+             "unsupported_value"),
+            ("tool_choice required", {"messages": msgs, "tool_choice": "required"}, "unsupported_value"),
+            ("a role the template refuses", {"messages": [{"role": "robot", "content": "x"}]},
+             "chat_template_error"),
+            ("a prompt field in chat", {"messages": msgs, "prompt": "x"}, "unknown_field")]:
+        s, _, b = request(port, "POST", "/v1/chat/completions", body)
+        check(s == 400 and is_error_shape(b, code), f"chat, {what}: 400, error shape")
 
     # A stop string ends the text before it.
     if len(want) > 6:

@@ -69,6 +69,7 @@ std::unique_ptr<Cli> make_cli() {
   add(add_upcycle);
   add(add_distill);
   add(add_serve);
+  add(add_template);
   add(add_params);
   add(add_inspect);
   add(add_demo);

@@ -42,6 +42,13 @@ int run_serve(const ServeArgs& a) {
     if (!p.has_filename()) p = p.parent_path();
     opt.model_name = p.filename().string();
   }
+  std::string chat_note;
+  try {
+    opt.chat_template = serve::find_chat_template(a.model_dir);
+    chat_note = fmt::format("chat template from {}", opt.chat_template.origin);
+  } catch (const Error& e) {
+    chat_note = fmt::format("no chat template ({}): /v1/chat/completions answers 400", e.what());
+  }
   serve::HttpServer server(engine, *tok, opt);
   const int port = server.bind();
   g_server = &server;
@@ -52,6 +59,7 @@ int run_serve(const ServeArgs& a) {
              "moe serve: {} on http://{}:{} ({} sequences at once, context {}, queue {}{})\n",
              opt.model_name, a.host, port, a.parallel, engine.ctx(), a.queue,
              a.api_key.empty() ? "" : ", API key required");
+  fmt::print(stderr, "moe serve: {}\n", chat_note);
   std::fflush(stderr);
   server.serve();
   g_server = nullptr;

@@ -59,5 +59,6 @@ Run add_quantize(CLI::App& app);
 Run add_upcycle(CLI::App& app);
 Run add_distill(CLI::App& app);
 Run add_serve(CLI::App& app);
+Run add_template(CLI::App& app);
 
 }  // namespace moe::cli
