@@ -7,7 +7,8 @@ Three phases, each resumable (a finished run is read back, not trained again):
 1. Search (--search-steps, 4.1M tokens by default): MoE shapes at the dense model's active FFN
    width (512 per token: 8 x 256 top-2 is the `small` preset; more experts, fine-grained experts
    of width 128 or 64 with top-4 or top-8, a shared expert), then the best shape's routing with
-   other routers. The lowest validation loss wins.
+   other routers. The lowest validation loss wins. Finished runs are kept in bench/runs/ (their
+   validation curves), so the script goes on from them on a fresh checkout.
 2. Timing: a short clean run of the dense model and of the winner (--timing-steps, alone on the
    machine, all its cores) gives each one's tokens/s.
 3. The long runs (--steps, 20.5M tokens by default): the dense model, the `small` MoE, the
@@ -24,6 +25,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,7 +35,6 @@ TOKENS_PER_STEP = 16 * 128
 # name, description, MoE config changes over the small preset's (same active FFN width: 512)
 SHAPES = [
     ("8x256-top2", "8 experts of width 256, top-2 (the `small` preset)", {}),
-    ("16x256-top2", "16 experts of width 256, top-2", {"n_experts": 16}),
     ("32x256-top2", "32 experts of width 256, top-2", {"n_experts": 32}),
     ("32x128-top4", "32 experts of width 128, top-4 (fine-grained)",
      {"n_experts": 32, "top_k": 4, "d_ffn": 128}),
@@ -124,10 +125,15 @@ class Bench:
         return ["--config", path]
 
     def train(self, name, change, steps, threads):
-        """Trains (unless done); returns (steps, val losses, last step's log, params)."""
+        """Trains (unless done); returns (steps, val losses, last step's log, params). A finished
+        run's validations and last record are kept in --saved (committed with the results), so a
+        later run of the script, on a fresh checkout, reads them instead of training again."""
         out = os.path.join(self.args.out, name)
         log = out + ".jsonl"
+        saved = os.path.join(self.args.saved, name + ".jsonl")
         flags = self.config(name, change)
+        if not os.path.exists(log) and os.path.exists(saved):
+            shutil.copyfile(saved, log)
         done = os.path.exists(log) and read_log(log)[2].get("step") == steps
         if not done:
             # Checkpoints every --save-every steps: a run cut short resumes where it was.
@@ -136,9 +142,17 @@ class Bench:
                  str(self.args.eval_every), "--save-every", str(self.args.save_every),
                  "--sample", "0", "--seed", str(self.args.seed), "--threads", str(threads),
                  "--out", out, "--log", log], stdout=subprocess.DEVNULL)
-        params = json.loads(run([self.args.moe, "params", "-m", out, "--json"],
+        params = json.loads(run([self.args.moe, "params", *flags, "--json"],
                                 capture_output=True, text=True).stdout)
-        return (*read_log(log), params)
+        steps_, vals, last = read_log(log)
+        if not os.path.exists(saved):
+            os.makedirs(self.args.saved, exist_ok=True)
+            keep = {k: v for k, v in last.items() if k != "routed"}
+            with open(saved, "w") as f:
+                for s, v in zip(steps_, vals):
+                    f.write(json.dumps({"step": s, "val_loss": v}) + "\n")
+                f.write(json.dumps(keep) + "\n")
+        return steps_, vals, last, params
 
     def train_all(self, jobs):
         """jobs: [(name, change, steps)], run --jobs at a time; returns {name: result}."""
@@ -185,6 +199,8 @@ def main():
                     help="leave out the long run of the small preset")
     ap.add_argument("--out", default="out/moe_vs_dense")
     ap.add_argument("--results", default="docs/results")
+    ap.add_argument("--saved", default="bench/runs/moe_vs_dense",
+                    help="finished runs' validation curves, read instead of training again")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.results, exist_ok=True)
