@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "moe/arena.h"
 #include "moe/generate.h"
 #include "moe/model.h"
 
@@ -124,6 +125,7 @@ class Engine {
   EngineOptions opt_;
   int64_t ctx_ = 0;
   KvCache cache_;
+  Arena arena_;  // each pass's scratch (the engine's thread only)
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Job>> waiting_;
