@@ -174,7 +174,12 @@ class Interp {
 
   Value macro(const Node& n, const FramePtr& defined_in) {
     const Node* node = &n;
-    return Value::function([this, node, defined_in](Args& a, Kwargs& kw) {
+    // The macro lives in the frame it was defined in: holding that frame weakly keeps the two from
+    // owning each other (which would leak both).
+    std::weak_ptr<Frame> scope = defined_in;
+    return Value::function([this, node, scope](Args& a, Kwargs& kw) {
+      FramePtr outer = scope.lock();
+      if (!outer) error(fmt::format("macro '{}' is called outside its scope", node->macro_name));
       if (++calls > kMaxCalls)
         error(fmt::format("macro calls nested more than {} deep", kMaxCalls));
       struct Leave {
@@ -182,7 +187,7 @@ class Interp {
         ~Leave() { --c; }
       } leave{calls};
       auto frame = std::make_shared<Frame>();
-      frame->parent = defined_in;
+      frame->parent = outer;
       if (a.size() > node->params.size())
         error(fmt::format("macro '{}' takes {} arguments, got {}", node->macro_name,
                           node->params.size(), a.size()));
