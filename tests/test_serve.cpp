@@ -3,6 +3,7 @@
 // cancelled stream frees its slot, and the routing it reports is the model's.
 #include <gtest/gtest.h>
 
+#include <future>
 #include <thread>
 
 #include "moe/arena.h"
@@ -120,24 +121,38 @@ TEST(Serve, StopTokenEndsTheRequest) {
 // with "cancelled" and its slot serves the next request.
 TEST(Serve, QueueBoundAndCancel) {
   Model model = tiny_model();
-  serve::Engine engine(model, {1, 48, 1});
+  // The engine waits at its first decode step until the test has queued, been refused and
+  // cancelled: nothing here depends on how fast the machine is.
+  std::promise<void> go;
+  std::shared_future<void> gate = go.get_future().share();
+  serve::Engine engine(model, {1, 48, 1}, [gate] { gate.wait(); });
+  struct OpenOnExit {  // a failed assertion must not leave the engine's thread waiting
+    std::promise<void>& go;
+    bool open = false;
+    ~OpenOnExit() {
+      if (!open) go.set_value();
+    }
+  } guard{go};
   serve::Request r;
   r.prompt = prompts()[0];
   r.max_tokens = 40;
   r.sampling.seed = 1;
   auto first = engine.submit(r);
   ASSERT_NE(first, nullptr);
-  // Wait for the first to hold the slot, then fill the queue's one place.
+  // The first holds the slot once its first token comes; the second fills the queue's one place.
   serve::Event ev;
   ASSERT_TRUE(first->next(ev, 10s));
   auto second = engine.submit(r);
   ASSERT_NE(second, nullptr);
   EXPECT_EQ(engine.submit(r), nullptr);  // queue full
   EXPECT_EQ(engine.stats().rejected, 1);
+  EXPECT_EQ(engine.stats().queued, 1);
   first->cancel();
+  go.set_value();
+  guard.open = true;
   const auto rest = drain(*first);
   EXPECT_EQ(rest.back().finish, serve::Finish::cancelled);
-  EXPECT_LT(tokens_of(rest).size(), 39u);
+  EXPECT_TRUE(tokens_of(rest).empty());  // cancelled before its second token
   const auto evs = drain(*second);
   EXPECT_EQ(evs.back().finish, serve::Finish::length);
   EXPECT_EQ(tokens_of(evs).size(), 40u);

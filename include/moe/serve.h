@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -98,7 +99,9 @@ struct EngineStats {
 class Engine {
  public:
   // The model must outlive the engine; the engine's thread is its only user.
-  Engine(Model& model, const EngineOptions& opt);
+  // before_step, when given, is called on the engine's thread before each decode step: a hook
+  // for tests that need the batch to hold still while they queue, refuse or cancel requests.
+  Engine(Model& model, const EngineOptions& opt, std::function<void()> before_step = {});
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
@@ -123,6 +126,7 @@ class Engine {
 
   Model& model_;
   EngineOptions opt_;
+  std::function<void()> before_step_;
   int64_t ctx_ = 0;
   KvCache cache_;
   Arena arena_;  // each pass's scratch (the engine's thread only)

@@ -72,7 +72,8 @@ struct Engine::Job {
       : req(r), stream(std::make_shared<Stream>()), rng(r.sampling.seed) {}
 };
 
-Engine::Engine(Model& model, const EngineOptions& opt) : model_(model), opt_(opt) {
+Engine::Engine(Model& model, const EngineOptions& opt, std::function<void()> before_step)
+    : model_(model), opt_(opt), before_step_(std::move(before_step)) {
   const int64_t max_seq = model.config().max_seq_len;
   MOE_CHECK(opt.parallel >= 1 && opt.parallel <= 4096, "serve",
             "--parallel must be in [1, 4096], got {}", opt.parallel);
@@ -227,6 +228,7 @@ void Engine::admit(Job& job, int64_t slot) {
 
 // One token for every running job, in one batched pass.
 void Engine::step() {
+  if (before_step_) before_step_();
   std::vector<std::shared_ptr<Job>> run;
   {
     std::lock_guard<std::mutex> lk(mu_);
