@@ -471,11 +471,23 @@ TEST(WeightFormats, IntegerProductsOfARowAreTheSameAloneOrAmongMany) {
   reset_cpu_path_cap();
 }
 
-// The integer products give the same bits on every path (their sums are exact integers).
+// The integer products give the same bits on every path (their sums are exact integers), for
+// even and odd counts of blocks (the wide paths take two blocks of 32 at once).
 TEST(WeightFormats, IntegerProductsAreTheSameOnEveryPath) {
   Rng rng(17);
-  for (WType type : {WType::q4_k, WType::q5_k, WType::q6_k, WType::q8_0, WType::mxfp4}) {
-    const int64_t rows = 37, cols = 768;
+  for (const auto& [type, cols] : {std::pair{WType::q4_k, 768},
+                                   {WType::q4_k, 1280},
+                                   {WType::q5_k, 768},
+                                   {WType::q5_k, 1280},
+                                   {WType::q6_k, 768},
+                                   {WType::q6_k, 1280},
+                                   {WType::q8_0, 768},
+                                   {WType::q8_0, 800},
+                                   {WType::q8_0, 32},
+                                   {WType::mxfp4, 768},
+                                   {WType::mxfp4, 800},
+                                   {WType::mxfp4, 32}}) {
+    const int64_t rows = 37;
     const Quantized s = make_quantized(type, rows, cols, rng);
     std::vector<float> x(static_cast<size_t>(2 * cols));
     for (float& v : x) v = static_cast<float>(rng.normal());
@@ -486,7 +498,7 @@ TEST(WeightFormats, IntegerProductsAreTheSameOnEveryPath) {
       cpu::matmul_wt(s.view(rows, cols), x.data(), cols, 2, y.data(), rows);
       if (first.empty()) first = y;
       ASSERT_EQ(std::memcmp(y.data(), first.data(), y.size() * 4), 0)
-          << wtype_name(type) << " " << cpu_path_name(p);
+          << wtype_name(type) << " " << cpu_path_name(p) << " cols " << cols;
     }
   }
   reset_cpu_path_cap();

@@ -163,6 +163,7 @@ template void linear<double>(double*, const double*, int64_t, const Tensor&, con
 
 const IsaKernels& path_kernels() {
   const CpuPath p = cpu_path();
+  if (p >= CpuPath::avx512_vnni) return kIsaKernelsAvx512Vnni;
   if (p >= CpuPath::avx512) return kIsaKernelsAvx512;
   if (p >= CpuPath::avx2) return kIsaKernelsAvx2;
   return kIsaKernelsGeneric;

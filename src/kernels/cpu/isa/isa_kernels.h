@@ -1,7 +1,7 @@
 // The per-ISA kernels: products with weights in their stored formats (moe/weights.h), bf16
 // rounding, SwiGLU, softmax's exponentials and AdamW's update. One source (isa_kernels_impl.h),
 // compiled once per kernel path with that path's compiler flags (isa_generic.cpp, isa_avx2.cpp,
-// isa_avx512.cpp) into its own namespace, on Highway's ops for the target those flags make
+// isa_avx512.cpp, isa_avx512_vnni.cpp) into its own namespace, on Highway's ops for the target those flags make
 // static. path_kernels() (weights.cpp) picks the table from moe::cpu_path(), never from a
 // library's CPU detection.
 //
@@ -84,5 +84,6 @@ const IsaKernels& path_kernels();
 extern const IsaKernels kIsaKernelsGeneric;
 extern const IsaKernels kIsaKernelsAvx2;
 extern const IsaKernels kIsaKernelsAvx512;
+extern const IsaKernels kIsaKernelsAvx512Vnni;
 
 }  // namespace moe::cpu

@@ -42,12 +42,31 @@ HWY_INLINE float sum4(__m128 v) {
   const __m128 s2 = _mm_add_ps(v, _mm_movehl_ps(v, v));
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
-// sc_lo * (u . s) over the first 16 of 32 codes + sc_hi * (u . s) over the last 16, as eight
-// int32 lanes (lane l: values 4l..4l+3), exactly: u unsigned (< 128), s int8.
-HWY_INLINE __m256i dot32_scaled(__m256i u, const int8_t* s, __m256i sc) {
+// The int8 products of u (unsigned, at most 128) and s (|s| <= 127) summed in fours into int32
+// lanes (lane l: values 4l..4l+3), exactly: vpmaddubsw's pairs (at most 2 * 128 * 127, never
+// saturated) summed by vpmaddwd, or VNNI's vpdpbusd.
+HWY_INLINE __m256i dot4_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+// acc + the int16 pairs of a times b, summed pairwise into int32 lanes (vpmaddwd), fused into
+// VNNI's vpdpwssd where the path has it: the same exact sums either way.
+HWY_INLINE __m256i madd_add(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+// acc + sc_lo * (u . s) over the first 16 of 32 codes + sc_hi * (u . s) over the last 16, as
+// eight int32 lanes (lane l: values 4l..4l+3), exactly: u unsigned (< 128), s int8.
+HWY_INLINE __m256i dot32_scaled(__m256i acc, __m256i u, const int8_t* s, __m256i sc) {
   const __m256i p =
       _mm256_maddubs_epi16(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
-  return _mm256_madd_epi16(p, sc);
+  return madd_add(acc, p, sc);
 }
 // Int16 lane j of `scales` (the same eight in both halves) in every int16 lane: its two bytes
 // picked by a shuffle.
@@ -154,14 +173,16 @@ HWY_INLINE float qk_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, co
         _mm_madd_epi16(_mm256_extracti128_si256(both, 1),
                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(bsum32 + 8 * b)));
     accm = _mm_fmadd_ps(_mm_set1_ps(-(xd[b] * half_at(blk + 2))), _mm_cvtepi32_ps(prod), accm);
-    __m256i sumi = _mm256_setzero_si256();
-    const __m256i hbits = kFive ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh)) : sumi;
+    // Two chains of integer sums (a fused vpdpwssd waits for the one before it), added at the end.
+    __m256i sum_lo = _mm256_setzero_si256(), sum_hi = sum_lo;
+    const __m256i hbits = kFive ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh)) : sum_lo;
     for (int p = 0; p < 4; ++p) {
       __m256i lo, hi;
       qk_codes<kFive>(q, hbits, p, lo, hi);
-      sumi = _mm256_add_epi32(sumi, dot32_scaled(lo, x + 64 * p, scale_of(scales, 2 * p)));
-      sumi = _mm256_add_epi32(sumi, dot32_scaled(hi, x + 64 * p + 32, scale_of(scales, 2 * p + 1)));
+      sum_lo = dot32_scaled(sum_lo, lo, x + 64 * p, scale_of(scales, 2 * p));
+      sum_hi = dot32_scaled(sum_hi, hi, x + 64 * p + 32, scale_of(scales, 2 * p + 1));
     }
+    const __m256i sumi = _mm256_add_epi32(sum_lo, sum_hi);
     acc = _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * half_at(blk)), _mm256_cvtepi32_ps(sumi), acc);
   }
   return sum8(acc) + sum4(accm);
@@ -226,13 +247,19 @@ HWY_INLINE float q6k_int_row(const uint8_t* row, int64_t nb, const int8_t* xq, c
     // shuffle: scale 2k in the low half, 2k + 1 in the high half.
     const __m256i half_sc[2] = {_mm256_permute2x128_si256(sc16, sc16, 0x00),
                                 _mm256_permute2x128_si256(sc16, sc16, 0x11)};
+    // Two chains of integer sums (a fused vpdpwssd waits for the one before it).
+    __m256i other = _mm256_setzero_si256();
     for (int h = 0; h < 2; ++h) {
       __m256i q[4];
       q6k_codes(blk, h, q);
-      for (int k = 0; k < 4; ++k)
-        sumi = _mm256_add_epi32(sumi, dot32_scaled(q[k], x + 128 * h + 32 * k,
-                                                   _mm256_shuffle_epi8(half_sc[h], pair[k])));
+      for (int k = 0; k < 4; k += 2) {
+        sumi = dot32_scaled(sumi, q[k], x + 128 * h + 32 * k,
+                            _mm256_shuffle_epi8(half_sc[h], pair[k]));
+        other = dot32_scaled(other, q[k + 1], x + 128 * h + 32 * k + 32,
+                             _mm256_shuffle_epi8(half_sc[h], pair[k + 1]));
+      }
     }
+    sumi = _mm256_add_epi32(sumi, other);
     acc =
         _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * half_at(blk + 208)), _mm256_cvtepi32_ps(sumi), acc);
   }
@@ -318,15 +345,14 @@ template <class Codes>
 HWY_INLINE float int_row32(const uint8_t* row, int64_t nb, const int8_t* q, const float* xd,
                            bool prefetch) {
 #if defined(__AVX2__)
-  const __m256i ones = _mm256_set1_epi16(1);
   const auto block = [&](int64_t b, __m256 acc) {
     const uint8_t* blk = row + b * Codes::kBytes;
     const __m256i wv = Codes::load(blk);
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * b));
-    // |w| (at most 128, unsigned) times x with w's sign: pairs of at most 2 * 128 * 127.
-    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-    return _mm256_fmadd_ps(_mm256_set1_ps(xd[b] * Codes::scale(blk)),
-                           _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc);
+    // |w| (at most 128, unsigned) times x with w's sign.
+    return _mm256_fmadd_ps(
+        _mm256_set1_ps(xd[b] * Codes::scale(blk)),
+        _mm256_cvtepi32_ps(dot4_u8s8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv))), acc);
   };
   __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
   int64_t b = 0;
@@ -436,8 +462,12 @@ HWY_INLINE void kblock_row(const KBlock& kb, const int8_t* x, float xd, const in
         _mm_madd_epi16(kb.mins, _mm_loadu_si128(reinterpret_cast<const __m128i*>(bs)));
     accm = _mm_fmadd_ps(_mm_set1_ps(-(xd * kb.dmin)), _mm_cvtepi32_ps(prod), accm);
   }
-  for (int j = 0; j < 8; ++j)
-    sumi = _mm256_add_epi32(sumi, dot32_scaled(kb.codes[j], x + 32 * j, kb.scale[j]));
+  __m256i other = _mm256_setzero_si256();  // two chains, as the one-row kernels
+  for (int j = 0; j < 8; j += 2) {
+    sumi = dot32_scaled(sumi, kb.codes[j], x + 32 * j, kb.scale[j]);
+    other = dot32_scaled(other, kb.codes[j + 1], x + 32 * j + 32, kb.scale[j + 1]);
+  }
+  sumi = _mm256_add_epi32(sumi, other);
   acc = _mm256_fmadd_ps(_mm256_set1_ps(xd * kb.d), _mm256_cvtepi32_ps(sumi), acc);
 }
 
@@ -494,7 +524,6 @@ void qk_int_gemm(const uint8_t* w, int64_t cols, const QuantRows& xq, int64_t n,
 template <int kG>
 HWY_INLINE void blocks32_row(const __m256i* wv, const __m256i* aw, __m256 ws, const int8_t* x,
                              const float* xd, int g, __m256& e, __m256& o) {
-  const __m256i ones = _mm256_set1_epi16(1);
   alignas(32) float sc[8];
   const __m256 xdv = kG == 8 ? _mm256_loadu_ps(xd) : _mm256_maskload_ps(xd, tail_mask(g));
   _mm256_store_ps(sc, _mm256_mul_ps(xdv, ws));
@@ -502,8 +531,7 @@ HWY_INLINE void blocks32_row(const __m256i* wv, const __m256i* aw, __m256 ws, co
 #pragma GCC unroll 8
   for (int k = 0; k < count; ++k) {
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * k));
-    const __m256i p = _mm256_maddubs_epi16(aw[k], _mm256_sign_epi8(xv, wv[k]));
-    const __m256 v = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+    const __m256 v = _mm256_cvtepi32_ps(dot4_u8s8(aw[k], _mm256_sign_epi8(xv, wv[k])));
     if (k % 2 == 0) {
       e = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + k), v, e);
     } else {
