@@ -9,11 +9,13 @@ Three phases, each resumable (a finished run is read back, not trained again):
    of width 128 or 64 with top-4 or top-8, a shared expert), then the best shape's routing with
    other routers. The lowest validation loss wins. Finished runs are kept in bench/runs/ (their
    validation curves), so the script goes on from them on a fresh checkout.
-2. Timing: a short clean run of the dense model and of the winner (--timing-steps, alone on the
-   machine, all its cores) gives each one's tokens/s.
-3. The long runs (--steps, 20.5M tokens by default): the dense model, the `small` MoE, the
-   winner, and the winner trained for as long as the dense model trains (its steps scaled by the
-   ratio of the two speeds, with its own full schedule): the comparison at equal wall-clock time.
+2. The long runs (--steps, 20.5M tokens by default): the dense model, the `small` MoE and the
+   winner, at equal tokens (--no-timing stops here: these losses do not depend on the machine's
+   load, the timing does).
+3. Timing: a short clean run of the dense model and of the winner (--timing-steps, alone on the
+   machine, all its cores) gives each one's tokens/s; then the winner trained for as long as the
+   dense model trains (its steps scaled by the ratio of the two speeds, with its own full
+   schedule): the comparison at equal wall-clock time.
 
 Writes docs/results/moe_vs_dense.md with the tables and two plots (validation loss by tokens and
 by time). Independent runs go --jobs at a time (results do not depend on the thread count).
@@ -197,6 +199,9 @@ def main():
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
     ap.add_argument("--skip-small", action="store_true",
                     help="leave out the long run of the small preset")
+    ap.add_argument("--no-timing", action="store_true",
+                    help="stop after the runs at equal tokens (for a machine that is not quiet: "
+                    "the timing and the equal wall-clock run come later)")
     ap.add_argument("--out", default="out/moe_vs_dense")
     ap.add_argument("--results", default="docs/results")
     ap.add_argument("--saved", default="bench/runs/moe_vs_dense",
@@ -218,23 +223,27 @@ def main():
     found.update(b.train_all([(f"search-{S}-{n}", c, S) for n, _, c in tried[len(SHAPES):]]))
     best = min(tried, key=lambda s: found[f"search-{S}-{s[0]}"][1][-1])
 
-    # 2. Timing, alone on the machine.
+    # 2. The long runs at equal tokens: their losses do not depend on the machine's load.
+    L = args.steps
+    equal = [("dense", f"dense-{L}", None), ("small MoE", f"small-{L}", {}),
+             ("best MoE", f"{best[0]}-{L}", best[2])]
+    if args.skip_small:
+        del equal[1]
+    long = b.train_all([(key, change, L) for _, key, change in equal])
+    if args.no_timing:
+        for label, key, _ in equal:
+            print(f"{label}: {long[key][1][-1]:.4f} after {L} steps")
+        return
+
+    # 3. Timing, alone on the machine, then the best MoE for the dense model's wall-clock time.
     tps_dense = b.tokens_per_s("dense", None)
     tps_best = b.tokens_per_s(best[0], best[2])
     tps_small = None if args.skip_small else b.tokens_per_s("8x256-top2", {})
-    steps_eq = min(args.steps, round(args.steps * tps_best / tps_dense))
-
-    # 3. The long runs.
-    L = args.steps
-    runs = [("dense", f"dense-{L}", None, L, tps_dense),
-            ("small MoE", f"small-{L}", {}, L, tps_small),
-            ("best MoE", f"{best[0]}-{L}", best[2], L, tps_best),
-            ("best MoE, dense's wall-clock", f"{best[0]}-{steps_eq}", best[2], steps_eq,
-             tps_best)]
-    if args.skip_small:
-        del runs[1]
-    long = b.train_all([(key, change, steps) for _, key, change, steps, _ in runs])
-    runs = [(label, key, tps) for label, key, _, _, tps in runs]
+    steps_eq = min(L, round(L * tps_best / tps_dense))
+    long.update(b.train_all([(f"{best[0]}-{steps_eq}", best[2], steps_eq)]))
+    tps = {"dense": tps_dense, "small MoE": tps_small, "best MoE": tps_best}
+    runs = [(label, key, tps[label]) for label, key, _ in equal]
+    runs.append(("best MoE, dense's wall-clock", f"{best[0]}-{steps_eq}", tps_best))
 
     by_tokens = {label: ([s * TOKENS_PER_STEP / 1e6 for s in long[key][0]], long[key][1])
                  for label, key, _ in runs}

@@ -1,9 +1,9 @@
 // The per-ISA kernels: products with weights in their stored formats (moe/weights.h), bf16
 // rounding, SwiGLU, softmax's exponentials and AdamW's update. One source (isa_kernels_impl.h),
 // compiled once per kernel path with that path's compiler flags (isa_generic.cpp, isa_avx2.cpp,
-// isa_avx512.cpp, isa_avx512_vnni.cpp) into its own namespace, on Highway's ops for the target those flags make
-// static. path_kernels() (weights.cpp) picks the table from moe::cpu_path(), never from a
-// library's CPU detection.
+// isa_avx512.cpp, isa_avx512_vnni.cpp) into its own namespace, on Highway's ops for the target
+// those flags make static. path_kernels() (weights.cpp) picks the table from moe::cpu_path(), never
+// from a library's CPU detection.
 //
 // These files include nothing but Highway and <cstdint>: a template of the standard library
 // instantiated here would be compiled for the wider ISA and could be the copy the linker keeps
