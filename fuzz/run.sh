@@ -12,7 +12,8 @@ build=${1:?usage: fuzz/run.sh BUILD SECONDS [TARGET...]}
 seconds=${2:?usage: fuzz/run.sh BUILD SECONDS [TARGET...]}
 shift 2
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(fuzz_safetensors fuzz_gguf fuzz_config fuzz_tokenizer_json fuzz_tokenize fuzz_cli)
+[[ ${#targets[@]} -gt 0 ]] || targets=(fuzz_safetensors fuzz_gguf fuzz_config fuzz_tokenizer_json fuzz_tokenize fuzz_cli
+                                  fuzz_chat_template)
 mkdir -p "$build/fuzz_artifacts"
 
 status=0
