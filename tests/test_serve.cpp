@@ -52,6 +52,37 @@ std::vector<std::vector<int32_t>> prompts() {
       {256, 99, 98},  {256, 10}};
 }
 
+// Expects got[t] (t < n) to be the routing of token t in ref (a decode()'s plan): the same
+// experts with the same weights, by decreasing weight.
+void expect_routing_is(const ModelOutput& ref, const std::vector<serve::TokenRouting>& got,
+                       int64_t n) {
+  const int64_t L = static_cast<int64_t>(ref.plan_offsets.size());
+  ASSERT_EQ(static_cast<int64_t>(got.size()), n);
+  for (int64_t t = 0; t < n; ++t) {
+    ASSERT_EQ(static_cast<int64_t>(got[static_cast<size_t>(t)].experts.size()), L);
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t* off = ref.plan_offsets[static_cast<size_t>(l)].data<int64_t>();
+      const int32_t* ex = ref.plan_experts[static_cast<size_t>(l)].data<int32_t>();
+      const double* wt = ref.plan_weights[static_cast<size_t>(l)].data<double>();
+      const auto& ge = got[static_cast<size_t>(t)].experts[static_cast<size_t>(l)];
+      const auto& gw = got[static_cast<size_t>(t)].weights[static_cast<size_t>(l)];
+      ASSERT_EQ(static_cast<int64_t>(ge.size()), off[t + 1] - off[t]) << t << " " << l;
+      for (size_t k = 0; k < ge.size(); ++k) {
+        if (k > 0) {
+          EXPECT_GE(gw[k - 1], gw[k]);
+        }
+        bool found = false;
+        for (int64_t p = off[t]; p < off[t + 1]; ++p)
+          if (ex[p] == ge[k]) {
+            found = true;
+            EXPECT_NEAR(gw[k], wt[p], 1e-6);
+          }
+        EXPECT_TRUE(found) << "token " << t << " layer " << l << " expert " << ge[k];
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // Seven requests through three slots, sampled and greedy, in float64 and float32: each gets
@@ -171,8 +202,15 @@ TEST(Serve, BadRequestsAreRefused) {
   r.prompt = {256, 1, 2};
   r.max_tokens = 14;
   EXPECT_THROW(engine.submit(r), Error);  // 3 + 14 > 16
-  r.max_tokens = 0;
+  r.max_tokens = -1;
   EXPECT_THROW(engine.submit(r), Error);
+  r.prompt.assign(16, 7);
+  r.max_tokens = 1;
+  EXPECT_THROW(engine.submit(r), Error);  // 16 + 1 > 16
+  r.prompt.assign(17, 7);
+  r.max_tokens = 0;
+  EXPECT_THROW(engine.submit(r), Error);  // 17 > 16, even for the prompt alone
+  r.prompt = {256, 1, 2};
   r.max_tokens = 4;
   r.sampling.top_p = 0;
   EXPECT_THROW(engine.submit(r), Error);
@@ -216,30 +254,7 @@ TEST(Serve, RoutingIsTheModels) {
     EXPECT_EQ(evs[i].routing.size(), i == 0 ? static_cast<size_t>(T) : 1u);
     got.insert(got.end(), evs[i].routing.begin(), evs[i].routing.end());
   }
-  ASSERT_EQ(static_cast<int64_t>(got.size()), T + 4);
-  for (int64_t t = 0; t < T + 4; ++t) {
-    ASSERT_EQ(static_cast<int64_t>(got[static_cast<size_t>(t)].experts.size()), L);
-    for (int64_t l = 0; l < L; ++l) {
-      const int64_t* off = ref.plan_offsets[static_cast<size_t>(l)].data<int64_t>();
-      const int32_t* ex = ref.plan_experts[static_cast<size_t>(l)].data<int32_t>();
-      const double* wt = ref.plan_weights[static_cast<size_t>(l)].data<double>();
-      const auto& ge = got[static_cast<size_t>(t)].experts[static_cast<size_t>(l)];
-      const auto& gw = got[static_cast<size_t>(t)].weights[static_cast<size_t>(l)];
-      ASSERT_EQ(static_cast<int64_t>(ge.size()), off[t + 1] - off[t]) << t << " " << l;
-      for (size_t k = 0; k < ge.size(); ++k) {
-        if (k > 0) {
-          EXPECT_GE(gw[k - 1], gw[k]);
-        }
-        bool found = false;
-        for (int64_t p = off[t]; p < off[t + 1]; ++p)
-          if (ex[p] == ge[k]) {
-            found = true;
-            EXPECT_NEAR(gw[k], wt[p], 1e-6);
-          }
-        EXPECT_TRUE(found) << "token " << t << " layer " << l << " expert " << ge[k];
-      }
-    }
-  }
+  expect_routing_is(ref, got, T + 4);
   const serve::EngineStats st = engine.stats();
   ASSERT_EQ(static_cast<int64_t>(st.expert_tokens.size()), L);
   for (int64_t l = 0; l < L; ++l) {
@@ -247,6 +262,43 @@ TEST(Serve, RoutingIsTheModels) {
     for (int64_t c : st.expert_tokens[static_cast<size_t>(l)]) pairs += c;
     EXPECT_EQ(pairs, ref.plan_offsets[static_cast<size_t>(l)].data<int64_t>()[T + 4]);
   }
+}
+
+// A prompt-only request (max_tokens 0) runs its prompt once and ends: one event with the
+// prompt's routing and no token; its slot is free for the next request, and a prompt may fill
+// the whole context. The engine reports its routing's shape.
+TEST(Serve, PromptOnlyGivesTheRouting) {
+  Model model = tiny_model(DType::F64);
+  const std::vector<int32_t> prompt = prompts()[3];
+  const auto T = static_cast<int64_t>(prompt.size());
+  KvCache cache = model.make_cache(1, 32);
+  Arena arena;
+  Tensor tok = Tensor::empty({1, T}, DType::I32);
+  std::copy(prompt.begin(), prompt.end(), tok.data<int32_t>());
+  ModelOutput ref;
+  model.decode(tok, cache, arena, {}, nullptr, Model::LogitRows::last, &ref);
+
+  serve::Engine engine(model, {1, T, 4});  // one slot, just the prompt's length
+  const serve::RoutingShape& shape = engine.routing_shape();
+  EXPECT_EQ(shape.layers, static_cast<int64_t>(ref.plan_offsets.size()));
+  EXPECT_EQ(shape.experts, model.config().moe.n_experts);
+  EXPECT_EQ(shape.top_k, model.config().moe.top_k);
+  serve::Request r;
+  r.prompt = prompt;
+  r.max_tokens = 0;
+  r.routing = true;
+  for (int rep = 0; rep < 2; ++rep) {  // the second needs the slot the first had
+    const auto evs = drain(*engine.submit(r));
+    ASSERT_EQ(evs.size(), 1u);
+    EXPECT_EQ(evs[0].token, -1);
+    EXPECT_EQ(evs[0].finish, serve::Finish::length);
+    EXPECT_EQ(evs[0].routed_from, 0);
+    expect_routing_is(ref, evs[0].routing, T);
+  }
+  const serve::EngineStats st = engine.stats();
+  EXPECT_EQ(st.prompt_tokens, 2 * T);
+  EXPECT_EQ(st.generated_tokens, 0);
+  EXPECT_EQ(st.active, 0);
 }
 
 }  // namespace moe

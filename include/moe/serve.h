@@ -29,15 +29,22 @@ struct TokenRouting {
   std::vector<std::vector<float>> weights;
 };
 
+// The shape of the routing the engine reports: MoE layers, routed experts per layer (the most
+// of any layer) and experts per token.
+struct RoutingShape {
+  int64_t layers = 0, experts = 0, top_k = 0;
+};
+
 enum class Finish { none, stop, length, cancelled, error };
 const char* finish_name(Finish f);  // "stop", "length", ... ("" for none)
 
 // A token's routing is known once the token has gone through the model, one step after it was
 // chosen: the first event carries the prompt's routing (positions 0..T-1), each later one the
 // routing of the token before it (position T + j - 1 for new token j). The last new token is
-// never run, so it has none.
+// never run, so it has none. A prompt-only request (max_tokens 0) gets one event: the prompt's
+// routing, no token, Finish::length.
 struct Event {
-  int32_t token = -1;                 // the new token; -1 when the event only finishes the stream
+  int32_t token = -1;                 // the new token; -1 when there is none
   Finish finish = Finish::none;       // set on the stream's last event
   std::string error;                  // Finish::error's message
   int64_t routed_from = 0;            // position of routing[0] in the sequence, prompt included
@@ -46,7 +53,7 @@ struct Event {
 
 struct Request {
   std::vector<int32_t> prompt;
-  int64_t max_tokens = 16;
+  int64_t max_tokens = 16;  // 0: run the prompt only (for its routing), generate nothing
   SamplingConfig sampling;
   std::vector<int32_t> stop_tokens;  // a sequence ends after generating any of these
   bool routing = false;              // report each token's routing (and the prompt's)
@@ -113,6 +120,7 @@ class Engine {
   EngineStats stats() const;
   int64_t ctx() const { return ctx_; }
   int64_t parallel() const { return opt_.parallel; }
+  const RoutingShape& routing_shape() const { return shape_; }
 
  private:
   struct Job;
@@ -128,6 +136,7 @@ class Engine {
   EngineOptions opt_;
   std::function<void()> before_step_;
   int64_t ctx_ = 0;
+  RoutingShape shape_;
   KvCache cache_;
   Arena arena_;  // each pass's scratch (the engine's thread only)
   mutable std::mutex mu_;

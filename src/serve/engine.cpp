@@ -81,6 +81,11 @@ Engine::Engine(Model& model, const EngineOptions& opt, std::function<void()> bef
   ctx_ = opt.ctx > 0 ? opt.ctx : max_seq;
   MOE_CHECK(ctx_ >= 2 && ctx_ <= max_seq, "serve",
             "--ctx must be in [2, {}] (the model's max_seq_len), got {}", max_seq, opt.ctx);
+  for (MoeLayer* m : model_.moe_layers()) {
+    ++shape_.layers;
+    shape_.experts = std::max(shape_.experts, m->config().n_experts);
+    shape_.top_k = std::max(shape_.top_k, m->config().top_k);
+  }
   cache_ = model.make_cache(opt.parallel, ctx_);
   slots_.resize(static_cast<size_t>(opt.parallel));
   model_.set_training(false);
@@ -103,8 +108,8 @@ std::shared_ptr<Stream> Engine::submit(const Request& r) {
   for (size_t i = 0; i < r.prompt.size(); ++i)
     MOE_CHECK(r.prompt[i] >= 0 && r.prompt[i] < V, "request",
               "prompt token {} (at {}) is outside the vocabulary [0, {})", r.prompt[i], i, V);
-  MOE_CHECK(r.max_tokens >= 1, "request", "max_tokens must be >= 1, got {}", r.max_tokens);
-  MOE_CHECK(T < ctx_, "request", "the prompt has {} tokens; the context holds {}", T, ctx_);
+  MOE_CHECK(r.max_tokens >= 0, "request", "max_tokens must be >= 0, got {}", r.max_tokens);
+  MOE_CHECK(T <= ctx_, "request", "the prompt has {} tokens; the context holds {}", T, ctx_);
   MOE_CHECK(T + r.max_tokens <= ctx_, "request",
             "the prompt ({} tokens) plus max_tokens ({}) exceed the context of {} tokens", T,
             r.max_tokens, ctx_);
@@ -190,7 +195,8 @@ void Engine::count_routing(const ModelOutput& r, int64_t n, std::vector<TokenRou
   }
 }
 
-// Runs a new job's prompt through its slot in one pass and chooses its first token.
+// Runs a new job's prompt through its slot in one pass and chooses its first token (none for a
+// prompt-only request, which ends there).
 void Engine::admit(Job& job, int64_t slot) {
   const auto T = static_cast<int64_t>(job.req.prompt.size());
   cache_.length[static_cast<size_t>(slot)] = 0;
@@ -205,18 +211,22 @@ void Engine::admit(Job& job, int64_t slot) {
           .to(DType::F32);
   Event ev;
   count_routing(routing, T, job.req.routing ? &ev.routing : nullptr);
-  ev.token =
-      sample_token(logits.data<float>(), model_.config().vocab_size, job.req.sampling, job.rng);
+  const bool prompt_only = job.req.max_tokens == 0;
+  if (!prompt_only) {
+    ev.token =
+        sample_token(logits.data<float>(), model_.config().vocab_size, job.req.sampling, job.rng);
+    job.last = ev.token;
+    job.generated = 1;
+  }
   {
     std::lock_guard<std::mutex> lk(mu_);
     stats_.prompt_tokens += T;
-    stats_.generated_tokens += 1;
+    stats_.generated_tokens += job.generated;
     stats_.busy_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
-  job.last = ev.token;
-  job.generated = 1;
-  const bool stop = std::find(job.req.stop_tokens.begin(), job.req.stop_tokens.end(), ev.token) !=
-                    job.req.stop_tokens.end();
+  const bool stop =
+      !prompt_only && std::find(job.req.stop_tokens.begin(), job.req.stop_tokens.end(), ev.token) !=
+                          job.req.stop_tokens.end();
   if (stop || job.generated >= job.req.max_tokens) {
     ev.finish = stop ? Finish::stop : Finish::length;
     job.done = true;
