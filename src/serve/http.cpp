@@ -1,38 +1,17 @@
 // `moe serve`'s HTTP side (see moe/serve_http.h): requests validated field by field, answered
-// in OpenAI's shapes, errors as {"error": {"message", "type", "code"}}.
+// in OpenAI's shapes, errors as {"error": {"message", "type", "code"}}. The routing endpoint is
+// in http_routing.cpp.
 #include <fmt/core.h>
-#include <httplib.h>
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
-#include <map>
-#include <nlohmann/json.hpp>
 
+#include "http_internal.h"
 #include "moe/error.h"
-#include "moe/jinja.h"
-#include "moe/serve_http.h"
 
 namespace moe::serve {
 
-namespace {
+namespace http_detail {
 
-using json = nlohmann::ordered_json;
-using Clock = std::chrono::steady_clock;
-
-// A request error: its HTTP status and OpenAI's error type.
-struct ApiError : std::runtime_error {
-  int status;
-  std::string type, code;
-  ApiError(int s, std::string t, const std::string& msg, std::string c = {})
-      : std::runtime_error(msg), status(s), type(std::move(t)), code(std::move(c)) {}
-};
-
-ApiError bad_request(const std::string& msg, const std::string& code = {}) {
-  return ApiError(400, "invalid_request_error", msg, code);
-}
-
-// JSON text; bytes that are not UTF-8 (a byte-level model can produce them) become U+FFFD.
 std::string dumps(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
 std::string error_body(const std::string& message, const std::string& type,
@@ -43,10 +22,59 @@ std::string error_body(const std::string& message, const std::string& type,
 }
 
 void send_error(httplib::Response& res, int status, const std::string& message,
-                const std::string& type, const std::string& code = {}) {
+                const std::string& type, const std::string& code) {
   res.status = status;
   res.set_content(error_body(message, type, code), "application/json");
 }
+
+json parse_object(const std::string& body) {
+  json j;
+  try {
+    j = json::parse(body);
+  } catch (const json::parse_error& e) {
+    throw bad_request(fmt::format("the body is not valid JSON: {}", e.what()), "invalid_json");
+  }
+  if (!j.is_object()) throw bad_request("the body must be a JSON object", "invalid_json");
+  return j;
+}
+
+bool keep_alive(httplib::DataSink& sink, Clock::time_point& last_write, const std::string& ping) {
+  if (Clock::now() - last_write <= std::chrono::milliseconds(500)) return true;
+  last_write = Clock::now();
+  return sink.write(ping.data(), ping.size());
+}
+
+json token_texts(const Tokenizer& tok, const std::vector<int32_t>& ids, size_t from, size_t n) {
+  json out = json::array();
+  for (size_t i = from; i < from + n; ++i) out.push_back(tok.decode({ids.at(i)}));
+  return out;
+}
+
+json routing_json(const Event& ev, const Tokenizer& tok, const std::vector<int32_t>* ids) {
+  json experts = json::array(), weights = json::array();
+  for (const TokenRouting& r : ev.routing) {
+    experts.push_back(r.experts);
+    json w = json::array();
+    for (const auto& layer : r.weights) {
+      json lw = json::array();
+      for (float x : layer) lw.push_back(std::round(x * 1e4) / 1e4);
+      w.push_back(lw);
+    }
+    weights.push_back(w);
+  }
+  json out = {{"from", ev.routed_from}};
+  if (ids)
+    out["tokens"] = token_texts(tok, *ids, static_cast<size_t>(ev.routed_from), ev.routing.size());
+  out["experts"] = experts;
+  out["weights"] = weights;
+  return out;
+}
+
+}  // namespace http_detail
+
+namespace {
+
+using namespace http_detail;
 
 // Length of the longest prefix of s that ends on a whole UTF-8 character.
 size_t complete_utf8(const std::string& s) {
@@ -139,13 +167,7 @@ nlohmann::ordered_json chat_message(const nlohmann::ordered_json& m, size_t i) {
 }
 
 CompletionParams parse_completion(const std::string& body, int64_t vocab, bool chat) {
-  nlohmann::ordered_json j;
-  try {
-    j = nlohmann::ordered_json::parse(body);
-  } catch (const nlohmann::ordered_json::parse_error& e) {
-    throw bad_request(fmt::format("the body is not valid JSON: {}", e.what()), "invalid_json");
-  }
-  if (!j.is_object()) throw bad_request("the body must be a JSON object", "invalid_json");
+  const json j = parse_object(body);
   CompletionParams p;
   p.chat = chat;
   for (auto it = j.begin(); it != j.end(); ++it) {
@@ -248,22 +270,6 @@ CompletionParams parse_completion(const std::string& body, int64_t vocab, bool c
   return p;
 }
 
-// The routing of some positions as JSON: {"from": i, "experts": [token][layer][k], "weights"}.
-json routing_json(const Event& ev) {
-  json experts = json::array(), weights = json::array();
-  for (const TokenRouting& t : ev.routing) {
-    experts.push_back(t.experts);
-    json w = json::array();
-    for (const auto& layer : t.weights) {
-      json lw = json::array();
-      for (float x : layer) lw.push_back(std::round(x * 1e4) / 1e4);
-      w.push_back(lw);
-    }
-    weights.push_back(w);
-  }
-  return {{"from", ev.routed_from}, {"experts", experts}, {"weights", weights}};
-}
-
 int64_t now_s() {
   return std::chrono::duration_cast<std::chrono::seconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -323,42 +329,36 @@ class TextStream {
 
 }  // namespace
 
-struct HttpServer::Impl {
-  Engine& engine;
-  const Tokenizer& tok;
-  HttpOptions opt;
-  httplib::Server svr;
-  int port = 0;
-  std::atomic<int64_t> next_id{1};
-  std::mutex metrics_mu;
-  std::map<int, int64_t> responses;  // by status
-  double last_rate = 0, last_time = 0;
-  int64_t last_generated = 0;
-  Clock::time_point start = Clock::now();
-
-  std::unique_ptr<jinja::Template> chat_template;  // null: the checkpoint has none
-  ChatTemplateSource chat_source;
-  std::vector<int32_t> stop_tokens;  // end of text: the tokenizer's, and the template's eos_token
-
-  Impl(Engine& e, const Tokenizer& t, const HttpOptions& o) : engine(e), tok(t), opt(o) {
-    if (auto eos = tok.eos_id()) stop_tokens.push_back(*eos);
-    if (!opt.chat_template.source.empty()) {
-      chat_source = opt.chat_template;
-      chat_template =
-          std::make_unique<jinja::Template>(chat_source.source);  // refuses what it cannot render
-      const std::vector<int32_t> ids = chat_source.eos_token.empty()
-                                           ? std::vector<int32_t>{}
-                                           : tok.encode(chat_source.eos_token);
-      if (ids.size() == 1 &&
-          std::find(stop_tokens.begin(), stop_tokens.end(), ids[0]) == stop_tokens.end())
-        stop_tokens.push_back(ids[0]);
-    }
+HttpServer::Impl::Impl(Engine& e, const Tokenizer& t, const HttpOptions& o)
+    : engine(e), tok(t), opt(o) {
+  if (auto eos = tok.eos_id()) stop_tokens.push_back(*eos);
+  if (!opt.chat_template.source.empty()) {
+    chat_source = opt.chat_template;
+    chat_template =
+        std::make_unique<jinja::Template>(chat_source.source);  // refuses what it cannot render
+    const std::vector<int32_t> ids =
+        chat_source.eos_token.empty() ? std::vector<int32_t>{} : tok.encode(chat_source.eos_token);
+    if (ids.size() == 1 &&
+        std::find(stop_tokens.begin(), stop_tokens.end(), ids[0]) == stop_tokens.end())
+      stop_tokens.push_back(ids[0]);
   }
+}
 
-  void routes();
-  void completion(const httplib::Request& req, httplib::Response& res, bool chat);
-  std::string metrics();
-};
+std::vector<int32_t> HttpServer::Impl::text_prompt(const std::string& text) const {
+  std::vector<int32_t> ids = tok.encode(text);
+  if (auto bos = tok.bos_id()) ids.insert(ids.begin(), *bos);
+  return ids;
+}
+
+std::shared_ptr<Stream> HttpServer::Impl::submit(const Request& r, httplib::Response& res) {
+  std::shared_ptr<Stream> stream = engine.submit(r);
+  if (!stream) {
+    res.set_header("Retry-After", "1");
+    send_error(res, 503, "the server is busy: every slot is taken and the queue is full",
+               "server_error", "overloaded");
+  }
+  return stream;
+}
 
 void HttpServer::Impl::routes() {
   const size_t threads = static_cast<size_t>(engine.parallel()) + 40;
@@ -407,25 +407,43 @@ void HttpServer::Impl::routes() {
     res.set_content(R"({"status":"ok"})", "application/json");
   });
   svr.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
-    const json m = {
-        {"id", opt.model_name}, {"object", "model"}, {"created", now_s()}, {"owned_by", "moe.cpp"}};
+    // This server's extension `moe`: what a client needs to draw the routing.
+    const RoutingShape& shape = engine.routing_shape();
+    const json ext = {{"layers", shape.layers},
+                      {"experts", shape.experts},
+                      {"top_k", shape.top_k},
+                      {"context", engine.ctx()},
+                      {"chat_template", chat_template != nullptr}};
+    const json m = {{"id", opt.model_name},
+                    {"object", "model"},
+                    {"created", now_s()},
+                    {"owned_by", "moe.cpp"},
+                    {"moe", ext}};
     res.set_content(dumps(json{{"object", "list"}, {"data", json::array({m})}}),
                     "application/json");
   });
   svr.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(metrics(), "text/plain; version=0.0.4");
   });
+  // An API handler whose errors become OpenAI's error shape.
+  const auto api = [](auto handler) {
+    return [handler](const httplib::Request& req, httplib::Response& res) {
+      try {
+        handler(req, res);
+      } catch (const ApiError& e) {
+        send_error(res, e.status, e.what(), e.type, e.code);
+      } catch (const Error& e) {
+        send_error(res, 400, e.what(), "invalid_request_error");
+      }
+    };
+  };
   for (const bool chat : {false, true})
     svr.Post(chat ? "/v1/chat/completions" : "/v1/completions",
-             [this, chat](const httplib::Request& req, httplib::Response& res) {
-               try {
-                 completion(req, res, chat);
-               } catch (const ApiError& e) {
-                 send_error(res, e.status, e.what(), e.type, e.code);
-               } catch (const Error& e) {
-                 send_error(res, 400, e.what(), "invalid_request_error");
-               }
-             });
+             api([this, chat](const httplib::Request& req, httplib::Response& res) {
+               completion(req, res, chat);
+             }));
+  svr.Post("/v1/routing",
+           api([this](const httplib::Request& req, httplib::Response& res) { routing(req, res); }));
 }
 
 void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response& res, bool chat) {
@@ -450,8 +468,7 @@ void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response
     }
     r.prompt = tok.encode(text);
   } else if (p.prompt_is_text) {
-    r.prompt = tok.encode(p.prompt_text);
-    if (auto bos = tok.bos_id()) r.prompt.insert(r.prompt.begin(), *bos);
+    r.prompt = text_prompt(p.prompt_text);
   } else {
     r.prompt = p.prompt_ids;
   }
@@ -470,13 +487,8 @@ void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response
   r.sampling = p.sampling;
   r.routing = p.routing;
   r.stop_tokens = stop_tokens;
-  std::shared_ptr<Stream> stream = engine.submit(r);
-  if (!stream) {
-    res.set_header("Retry-After", "1");
-    send_error(res, 503, "the server is busy: every slot is taken and the queue is full",
-               "server_error", "overloaded");
-    return;
-  }
+  std::shared_ptr<Stream> stream = submit(r, res);
+  if (!stream) return;
   const std::string id = fmt::format("{}-{}", chat ? "chatcmpl" : "cmpl", next_id++);
   const char* object = chat ? "chat.completion" : "text_completion";
   const char* chunk_object = chat ? "chat.completion.chunk" : "text_completion";
@@ -486,6 +498,7 @@ void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response
   // Both ways run in the provider, on the connection's thread: events become text as they come,
   // and a failed write (the client left) cancels the request, which frees its slot.
   struct State {
+    std::vector<int32_t> ids;  // the prompt's, then each new token: the routing's token texts
     int64_t completion_tokens = 0;
     std::string text;
     std::string finish;
@@ -495,18 +508,21 @@ void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response
     bool role_sent = false;
   };
   auto st = std::make_shared<State>();
+  st->ids = r.prompt;
   auto usage = [T, st] {
     return json{{"prompt_tokens", T},
                 {"completion_tokens", st->completion_tokens},
                 {"total_tokens", T + st->completion_tokens}};
   };
   // Reads the next event into the state; returns the text it made final.
-  auto advance = [stream, text, st](bool& got) -> std::string {
+  auto advance = [this, stream, text, st](bool& got) -> std::string {
     Event ev;
     got = stream->next(ev, std::chrono::milliseconds(100));
     if (!got) return {};
     std::string piece;
+    if (!ev.routing.empty()) st->routing.push_back(routing_json(ev, tok, &st->ids));
     if (ev.token >= 0) {
+      st->ids.push_back(ev.token);
       ++st->completion_tokens;
       piece = text->add(ev.token);
       if (text->stopped()) {
@@ -514,7 +530,6 @@ void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response
         stream->cancel();
       }
     }
-    if (!ev.routing.empty()) st->routing.push_back(routing_json(ev));
     if (ev.finish == Finish::error) throw Error(ev.error);
     if (ev.finish != Finish::none || text->stopped()) {
       if (st->finish.empty()) st->finish = ev.finish == Finish::stop ? "stop" : "length";
@@ -540,10 +555,7 @@ void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response
               sink.done();
               return true;
             }
-            if (Clock::now() - st->last_write > std::chrono::milliseconds(500)) {
-              if (!sink.write(" ", 1)) return false;
-              st->last_write = Clock::now();
-            }
+            if (!keep_alive(sink, st->last_write, " ")) return false;
           }
           json choice = {{"index", 0}};
           if (chat)
@@ -590,11 +602,7 @@ void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response
             return true;
           }
           if (!got) {
-            // An SSE comment now and then finds out whether the client is still there.
-            if (Clock::now() - st->last_write > std::chrono::milliseconds(500)) {
-              if (!sink.write(": ping\n\n", 8)) return false;
-              st->last_write = Clock::now();
-            }
+            if (!keep_alive(sink, st->last_write, ": ping\n\n")) return false;
             continue;
           }
           json choice = {{"index", 0}};

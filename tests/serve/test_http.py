@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """`moe serve` driven over HTTP on 127.0.0.1, as clients would: OpenAI's completions API
 (plain and streamed), its answers checked against `moe generate` on the same checkpoint; the
-routing extension; /v1/models, /health and /metrics; and bad input: malformed JSON, wrong types,
+routing extension and /v1/routing (a text's routing, the same as a completion's for its
+prompt); /v1/models with its `moe` extension, /health and /metrics; and bad input: malformed JSON, wrong types,
 unknown fields, contexts overrun, a missing API key, 200 concurrent connections, clients that
 stall or vanish. Each bad request must get OpenAI's error shape with the right status, and the
 server must keep serving with bounded memory.
@@ -147,6 +148,9 @@ def run_checks(args, ckpt, port, pid, ctx):
     models = json.loads(b)
     check(s == 200 and models["object"] == "list" and models["data"][0]["id"] == "model",
           "GET /v1/models lists the model")
+    check(models["data"][0].get("moe") == {"layers": 2, "experts": 4, "top_k": 2, "context": ctx,
+                                           "chat_template": True},
+          f"GET /v1/models: the moe extension ({models['data'][0].get('moe')})")
 
     # A greedy completion equals `moe generate`'s text.
     prompt = "The "
@@ -255,6 +259,46 @@ def run_checks(args, ckpt, port, pid, ctx):
         x["from"] == n_prompt + i for i, x in enumerate(routed[1:])), "routing: one position per token")
     first = routed[0]["experts"][0]
     check(len(first) == 2 and all(len(l) == 2 for l in first), "routing: 2 layers, top-2 each")
+    streamed = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    check(routed[0]["tokens"] == ["<bos>"] + list(prompt) and
+          "".join(t for x in routed[1:] for t in x["tokens"]) == streamed[:5],
+          f"routing: the text of each position ({[x['tokens'] for x in routed]})")
+
+    # /v1/routing: a text's prompt pass alone, the same routing a completion reports for it.
+    s, _, b = request(port, "POST", "/v1/routing", {"text": prompt, "model": "model"})
+    r = json.loads(b)
+    check(s == 200 and r["object"] == "routing" and r["tokens"] == routed[0]["tokens"] and
+          r["usage"] == {"prompt_tokens": n_prompt}, "POST /v1/routing: the tokens of the text")
+    check(r["routing"] == {"from": 0, "experts": routed[0]["experts"], "weights": routed[0]["weights"]},
+          "/v1/routing: the experts and weights a completion reports for its prompt")
+    s, _, b = request(port, "POST", "/v1/completions",
+                      {"prompt": prompt, "max_tokens": 3, "temperature": 0, "routing": True})
+    plain = json.loads(b)["routing"]
+    check(plain[0]["tokens"] == r["tokens"] and plain[0]["experts"] == r["routing"]["experts"] and
+          [x["from"] for x in plain] == [0, n_prompt, n_prompt + 1],
+          "a plain completion's routing: the same, and one position per later token")
+    s, _, b = request(port, "POST", "/v1/routing", {"text": "y" * (ctx - 1)})
+    check(s == 200 and len(json.loads(b)["routing"]["experts"]) == ctx,
+          "/v1/routing: a text that fills the context")
+    long_text = "The routing of a longer text, to check it against the prompt of a completion."
+    s, _, b = request(port, "POST", "/v1/routing", {"text": long_text})
+    s2, _, b2 = request(port, "POST", "/v1/completions",
+                        {"prompt": long_text, "max_tokens": 1, "routing": True})
+    check(s == 200 and s2 == 200 and
+          json.loads(b)["routing"]["experts"] == json.loads(b2)["routing"][0]["experts"],
+          "/v1/routing of a longer text: the completion's routing of its prompt")
+    for what, body, raw, status, code in [
+            ("malformed JSON", None, b'{"text": ', 400, "invalid_json"),
+            ("no text", {"model": "model"}, None, 400, "missing_field"),
+            ("text of the wrong type", {"text": ["a"]}, None, 400, "invalid_type"),
+            ("empty text", {"text": ""}, None, 400, "invalid_value"),
+            ("model of the wrong type", {"text": "a", "model": 3}, None, 400, "invalid_type"),
+            ("an unknown field", {"text": "a", "max_tokens": 3}, None, 400, "unknown_field"),
+            ("a text beyond the context", {"text": "y" * ctx}, None, 400, "context_length_exceeded")]:
+        s, _, b = request(port, "POST", "/v1/routing", body, raw=raw)
+        check(s == status and is_error_shape(b, code), f"/v1/routing, {what}: {status}, error shape")
+    s, _, b = request(port, "POST", "/v1/routing", {"text": "a"}, key=None)
+    check(s == 401 and is_error_shape(b, "invalid_api_key"), "/v1/routing without the API key: 401")
 
     # Bad requests: OpenAI's error shape and the right status.
     bad = [
