@@ -1,6 +1,6 @@
 // `moe serve`'s HTTP side (see moe/serve_http.h): requests validated field by field, answered
-// in OpenAI's shapes, errors as {"error": {"message", "type", "code"}}. The routing endpoint is
-// in http_routing.cpp.
+// in OpenAI's shapes, errors as {"error": {"message", "type", "code"}}. The routing endpoint and
+// page are in http_routing.cpp.
 #include <fmt/core.h>
 
 #include <algorithm>
@@ -368,7 +368,8 @@ void HttpServer::Impl::routes() {
   svr.set_write_timeout(30, 0);
   svr.set_keep_alive_timeout(5);
   svr.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-    if (opt.api_key.empty() || req.path == "/health")
+    // /health and the page itself are open: the page asks for the key and sends it.
+    if (opt.api_key.empty() || req.path == "/health" || req.path == "/")
       return httplib::Server::HandlerResponse::Unhandled;
     if (req.get_header_value("Authorization") != "Bearer " + opt.api_key) {
       send_error(res, 401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
@@ -444,6 +445,7 @@ void HttpServer::Impl::routes() {
              }));
   svr.Post("/v1/routing",
            api([this](const httplib::Request& req, httplib::Response& res) { routing(req, res); }));
+  svr.Get("/", [this](const httplib::Request&, httplib::Response& res) { page(res); });
 }
 
 void HttpServer::Impl::completion(const httplib::Request& req, httplib::Response& res, bool chat) {

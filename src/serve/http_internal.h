@@ -1,5 +1,5 @@
 // What the two halves of `moe serve`'s HTTP side share (http.cpp: the completions API,
-// /v1/models, /metrics; http_routing.cpp: POST /v1/routing):
+// /v1/models, /metrics; http_routing.cpp: POST /v1/routing and the routing page at GET /):
 // the server's state, OpenAI's error shape, and the routing JSON. Internal to the library.
 #pragma once
 
@@ -84,8 +84,10 @@ struct HttpServer::Impl {
   void routes();
   void completion(const httplib::Request& req, httplib::Response& res, bool chat);
   std::string metrics();
-  // http_routing.cpp: POST /v1/routing (a text's routing, its prompt run alone).
+  // http_routing.cpp: POST /v1/routing (a text's routing, its prompt run alone) and GET / (the
+  // page that draws it).
   void routing(const httplib::Request& req, httplib::Response& res);
+  void page(httplib::Response& res);
 
   // The ids of a text prompt: its tokens after the tokenizer's BOS, if it has one.
   std::vector<int32_t> text_prompt(const std::string& text) const;

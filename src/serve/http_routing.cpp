@@ -1,14 +1,25 @@
-// `moe serve`'s routing endpoint: POST /v1/routing runs a text's tokens through the model once
-// (a prompt-only request: no token is generated) and answers each position's experts and
-// weights.
+// `moe serve`'s routing endpoint and page: POST /v1/routing runs a text's tokens through the
+// model once (a prompt-only request: no token is generated) and answers each position's experts
+// and weights; GET / serves the page that draws them (src/serve/page.html, embedded at build
+// time by cmake/embed.cmake).
 #include <fmt/core.h>
 
 #include "http_internal.h"
 #include "moe/error.h"
 
+namespace moe::embedded {
+extern const unsigned char page_html[];
+extern const size_t page_html_size;
+}  // namespace moe::embedded
+
 namespace moe::serve {
 
 using namespace http_detail;
+
+void HttpServer::Impl::page(httplib::Response& res) {
+  res.set_content(reinterpret_cast<const char*>(embedded::page_html), embedded::page_html_size,
+                  "text/html; charset=utf-8");
+}
 
 // {"text": "...", "model": optional} -> {"object": "routing", "model", "tokens": [text of each
 // position], "routing": {"from": 0, "experts": [token][layer][k], "weights": [token][layer][k]},

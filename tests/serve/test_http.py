@@ -2,7 +2,7 @@
 """`moe serve` driven over HTTP on 127.0.0.1, as clients would: OpenAI's completions API
 (plain and streamed), its answers checked against `moe generate` on the same checkpoint; the
 routing extension and /v1/routing (a text's routing, the same as a completion's for its
-prompt); /v1/models with its `moe` extension, /health and /metrics; and bad input: malformed JSON, wrong types,
+prompt); /v1/models with its `moe` extension, /health, /metrics and the page at /; and bad input: malformed JSON, wrong types,
 unknown fields, contexts overrun, a missing API key, 200 concurrent connections, clients that
 stall or vanish. Each bad request must get OpenAI's error shape with the right status, and the
 server must keep serving with bounded memory.
@@ -151,6 +151,10 @@ def run_checks(args, ckpt, port, pid, ctx):
     check(models["data"][0].get("moe") == {"layers": 2, "experts": 4, "top_k": 2, "context": ctx,
                                            "chat_template": True},
           f"GET /v1/models: the moe extension ({models['data'][0].get('moe')})")
+    s, h, b = request(port, "GET", "/", key=None)
+    check(s == 200 and h.get("Content-Type") == "text/html; charset=utf-8" and
+          b.startswith(b"<!doctype html>") and b"/v1/routing" in b,
+          "GET / without a key: the routing page, as UTF-8 HTML")
 
     # A greedy completion equals `moe generate`'s text.
     prompt = "The "
