@@ -2,6 +2,8 @@
 // in OpenAI's shapes, errors as {"error": {"message", "type", "code"}}. The routing endpoint and
 // page are in http_routing.cpp.
 #include <fmt/core.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 
@@ -698,6 +700,31 @@ HttpServer::HttpServer(Engine& engine, const Tokenizer& tokenizer, const HttpOpt
 
 HttpServer::~HttpServer() { stop(); }
 
+namespace {
+
+// cpp-httplib (Debian's 0.11, compiled into its own library) listens with a backlog of 5
+// connections; beyond those, a burst of clients is dropped or, with SYN cookies, reset (200
+// clients at once were, in the tests, on a loaded machine). Listening again on the same socket
+// sets a longer backlog (POSIX allows it; Linux caps it at net.core.somaxconn): the server's
+// socket is the one of this process that listens on `port`.
+void widen_backlog(int port, int backlog) {
+  for (int fd = 0; fd < 1024; ++fd) {
+    int listening = 0;
+    socklen_t len = sizeof(listening);
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening) continue;
+    sockaddr_storage addr{};
+    socklen_t alen = sizeof(addr);
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &alen) != 0) continue;
+    int bound = -1;
+    if (addr.ss_family == AF_INET) bound = ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+    if (addr.ss_family == AF_INET6)
+      bound = ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port);
+    if (bound == port) ::listen(fd, backlog);
+  }
+}
+
+}  // namespace
+
 int HttpServer::bind() {
   const HttpOptions& o = impl_->opt;
   MOE_CHECK(o.port >= 0 && o.port <= 65535, "serve", "--port must be in [0, 65535], got {}",
@@ -709,6 +736,7 @@ int HttpServer::bind() {
   }
   MOE_CHECK(impl_->port > 0, "serve", "cannot listen on {}:{} (in use, or not an address here)",
             o.host, o.port);
+  widen_backlog(impl_->port, 1024);
   return impl_->port;
 }
 
