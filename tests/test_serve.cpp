@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <future>
+#include <mutex>
 #include <thread>
 
 #include "moe/arena.h"
@@ -101,7 +102,7 @@ TEST(Serve, BatchedRequestsGetWhatTheyGetAlone) {
       const auto g = generate(model, {ps[i]}, 6 + static_cast<int64_t>(i), sampling[i]);
       alone.emplace_back(g[0].begin() + static_cast<int64_t>(ps[i].size()), g[0].end());
     }
-    serve::Engine engine(model, {3, 32, 16});
+    serve::Engine engine(model, {3, 32, 16, 256});
     std::vector<std::shared_ptr<serve::Stream>> streams;
     for (size_t i = 0; i < ps.size(); ++i) {
       serve::Request r;
@@ -134,7 +135,7 @@ TEST(Serve, StopTokenEndsTheRequest) {
   greedy.temperature = 0;
   const auto g = generate(model, {prompts()[0]}, 8, greedy);
   const int32_t stop = g[0][prompts()[0].size() + 2];
-  serve::Engine engine(model, {2, 32, 4});
+  serve::Engine engine(model, {2, 32, 4, 256});
   serve::Request r;
   r.prompt = prompts()[0];
   r.max_tokens = 8;
@@ -156,7 +157,7 @@ TEST(Serve, QueueBoundAndCancel) {
   // cancelled: nothing here depends on how fast the machine is.
   std::promise<void> go;
   std::shared_future<void> gate = go.get_future().share();
-  serve::Engine engine(model, {1, 48, 1}, [gate] { gate.wait(); });
+  serve::Engine engine(model, {1, 48, 1, 256}, [gate] { gate.wait(); });
   struct OpenOnExit {  // a failed assertion must not leave the engine's thread waiting
     std::promise<void>& go;
     bool open = false;
@@ -193,7 +194,7 @@ TEST(Serve, QueueBoundAndCancel) {
 // Requests that cannot run are refused by name before they queue.
 TEST(Serve, BadRequestsAreRefused) {
   Model model = tiny_model();
-  serve::Engine engine(model, {2, 16, 4});
+  serve::Engine engine(model, {2, 16, 4, 256});
   serve::Request r;
   r.prompt = {};
   EXPECT_THROW(engine.submit(r), Error);  // empty prompt
@@ -240,7 +241,7 @@ TEST(Serve, RoutingIsTheModels) {
   const int64_t L = static_cast<int64_t>(ref.plan_offsets.size());
   ASSERT_GE(L, 1);
 
-  serve::Engine engine(model, {2, 32, 4});
+  serve::Engine engine(model, {2, 32, 4, 256});
   serve::Request r;
   r.prompt = prompt;
   r.max_tokens = 5;
@@ -278,7 +279,7 @@ TEST(Serve, PromptOnlyGivesTheRouting) {
   ModelOutput ref;
   model.decode(tok, cache, arena, {}, nullptr, Model::LogitRows::last, &ref);
 
-  serve::Engine engine(model, {1, T, 4});  // one slot, just the prompt's length
+  serve::Engine engine(model, {1, T, 4, 256});  // one slot, just the prompt's length
   const serve::RoutingShape& shape = engine.routing_shape();
   EXPECT_EQ(shape.layers, static_cast<int64_t>(ref.plan_offsets.size()));
   EXPECT_EQ(shape.experts, model.config().moe.n_experts);
@@ -299,6 +300,72 @@ TEST(Serve, PromptOnlyGivesTheRouting) {
   EXPECT_EQ(st.prompt_tokens, 2 * T);
   EXPECT_EQ(st.generated_tokens, 0);
   EXPECT_EQ(st.active, 0);
+}
+
+// A prompt longer than --prefill-chunk runs over several rounds, between the decode steps of
+// the request already running: both get exactly what generate() gives them alone, and the long
+// prompt's routing is that of one pass.
+TEST(Serve, LongPromptsRunInChunksBetweenSteps) {
+  for (DType dtype : {DType::F64, DType::F32}) {
+    Model model = tiny_model(dtype);
+    std::vector<int32_t> long_prompt = {256};
+    for (int32_t i = 0; i < 29; ++i) long_prompt.push_back(65 + (i * 7) % 50);
+    const auto T = static_cast<int64_t>(long_prompt.size());
+    SamplingConfig greedy, sampled;
+    greedy.temperature = 0;
+    sampled.temperature = 0.9;
+    sampled.seed = 5;
+    const auto g_short = generate(model, {prompts()[2]}, 16, greedy);
+    const auto g_long = generate(model, {long_prompt}, 6, sampled);
+    KvCache cache = model.make_cache(1, 48);
+    Arena arena;
+    Tensor tok = Tensor::empty({1, T}, DType::I32);
+    std::copy(long_prompt.begin(), long_prompt.end(), tok.data<int32_t>());
+    ModelOutput ref;
+    model.decode(tok, cache, arena, {}, nullptr, Model::LogitRows::last, &ref);
+
+    // The prompt positions run so far, seen at every decode step.
+    std::vector<int64_t> seen;
+    std::mutex seen_mu;
+    serve::Engine* e = nullptr;
+    serve::Engine engine(model, {2, 48, 4, 4}, [&] {
+      std::lock_guard<std::mutex> lk(seen_mu);
+      seen.push_back(e->stats().prompt_tokens);
+    });
+    e = &engine;
+    serve::Request a;
+    a.prompt = prompts()[2];
+    a.max_tokens = 16;
+    a.sampling = greedy;
+    serve::Request b;
+    b.prompt = long_prompt;
+    b.max_tokens = 6;
+    b.sampling = sampled;
+    b.routing = true;
+    auto sa = engine.submit(a);
+    auto sb = engine.submit(b);
+    ASSERT_TRUE(sa && sb);
+    const auto ea = drain(*sa), eb = drain(*sb);
+    EXPECT_EQ(tokens_of(ea),
+              std::vector<int32_t>(g_short[0].begin() + static_cast<int64_t>(a.prompt.size()),
+                                   g_short[0].end()));
+    EXPECT_EQ(tokens_of(eb), std::vector<int32_t>(g_long[0].begin() + T, g_long[0].end()));
+    ASSERT_FALSE(eb.empty());
+    EXPECT_EQ(eb[0].routed_from, 0);
+    EXPECT_EQ(static_cast<int64_t>(eb[0].routing.size()), T);
+    if (dtype == DType::F64) expect_routing_is(ref, eb[0].routing, T);
+    // The long prompt went in by chunks of at most 4 positions a round, the short request's
+    // steps running between them.
+    const auto total = static_cast<int64_t>(a.prompt.size()) + T;
+    std::lock_guard<std::mutex> lk(seen_mu);
+    int64_t rounds = 0;
+    for (size_t i = 1; i < seen.size(); ++i) {
+      EXPECT_LE(seen[i] - seen[i - 1], 4);
+      if (seen[i] > seen[i - 1]) ++rounds;
+    }
+    EXPECT_EQ(engine.stats().prompt_tokens, total);
+    EXPECT_GE(rounds, (total - 4) / 4 - 1);
+  }
 }
 
 }  // namespace moe

@@ -269,10 +269,11 @@ class Model {
   // Which positions of a decode step get the output head: every one (logits of a whole text),
   // or each sequence's last (generation samples only from it; a prompt of T tokens then costs
   // one row of the head instead of T).
-  enum class LogitRows { all, last };
+  enum class LogitRows { all, last, none };
   // Runs tokens i32 [B, Tq] as the next Tq positions of cache slots `slots` (B of them; empty:
   // 0..B-1), appending their keys and values; returns logits [B, Tq, V] (LogitRows::last:
-  // [B, 1, V]) in the arena. `routing` (when given) receives each MoE layer's routing of the
+  // [B, 1, V]; LogitRows::none: no logits, an empty tensor, for a prompt's chunk that samples
+  // nothing) in the arena. `routing` (when given) receives each MoE layer's routing of the
   // B*Tq tokens (its routing stats and plan tensors, in the arena).
   Tensor decode(const Tensor& tokens, KvCache& cache, Arena& arena,
                 const std::vector<int64_t>& slots = {},

@@ -87,6 +87,10 @@ struct EngineOptions {
   int64_t parallel = 4;  // sequences decoded together (key/value cache slots)
   int64_t ctx = 0;       // positions per slot, prompt included (0: the model's max_seq_len)
   int64_t queue = 32;    // requests that may wait for a slot; beyond, submit() refuses
+  // Prompt positions run between two decode steps, shared by the prompts joining (oldest
+  // first); a longer prompt goes on at the next round, so the running streams wait for at most
+  // this many positions (0: every prompt in one pass).
+  int64_t prefill_chunk = 256;
 };
 
 struct EngineStats {
@@ -125,7 +129,10 @@ class Engine {
  private:
   struct Job;
   void loop();
-  void admit(Job& job, int64_t slot);
+  // Runs the next chunks of the prompts joining, within opt_.prefill_chunk positions; a prompt
+  // whose last chunk ran chooses its first token.
+  void prefill();
+  void prefill_chunk(Job& job, int64_t n);
   void step();
   void finish(Job& job, Finish f, const std::string& error = {});
   // Adds a pass's routing of n tokens to the expert counts; fills out (when given) with each
@@ -145,6 +152,7 @@ class Engine {
   std::vector<std::shared_ptr<Job>> slots_;  // the running job of each cache slot
   EngineStats stats_;
   bool stopping_ = false;
+  int64_t admitted_ = 0;  // jobs given a slot so far (the engine's thread only)
   std::thread thread_;
 };
 

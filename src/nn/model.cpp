@@ -455,6 +455,7 @@ Tensor Model::Impl::decode(const Tensor& tokens, KvCache& cache, Arena& arena,
     if (scratch_per_layer) arena.rewind(layer_start);
   }
   for (int64_t b = 0; b < B; ++b) cache.length[static_cast<size_t>(slot[b])] += Tq;
+  if (rows == Model::LogitRows::none && !hidden) return Tensor();
   if (rows == Model::LogitRows::last && Tq > 1 && !hidden) {
     // Only each sequence's last position: its row of h, normalized, through the head.
     for (int64_t b = 0; b < B; ++b)

@@ -1,5 +1,6 @@
 // The continuous-batching generation engine (see moe/serve.h).
 #include <algorithm>
+#include <iterator>
 #include <numeric>
 
 #include "moe/arena.h"
@@ -65,9 +66,22 @@ struct Engine::Job {
   std::shared_ptr<Stream> stream;
   Rng rng;
   int64_t slot = -1;
+  int64_t order = 0;      // the order of admission (prompts are run oldest first)
+  int64_t prefilled = 0;  // prompt positions in the cache so far
+  std::vector<TokenRouting> prompt_routing;  // of those positions, when the request asked
   int64_t generated = 0;
   int32_t last = -1;  // the newest token, the next step's input
   bool done = false;
+  bool ready() const { return prefilled == static_cast<int64_t>(req.prompt.size()); }
+  // Takes a new token: the next step's input, counted; how the job finishes with it (none
+  // while it goes on).
+  Finish take(int32_t token) {
+    last = token;
+    ++generated;
+    if (std::find(req.stop_tokens.begin(), req.stop_tokens.end(), token) != req.stop_tokens.end())
+      return Finish::stop;
+    return generated >= req.max_tokens ? Finish::length : Finish::none;
+  }
   explicit Job(const Request& r)
       : req(r), stream(std::make_shared<Stream>()), rng(r.sampling.seed) {}
 };
@@ -195,45 +209,77 @@ void Engine::count_routing(const ModelOutput& r, int64_t n, std::vector<TokenRou
   }
 }
 
-// Runs a new job's prompt through its slot in one pass and chooses its first token (none for a
-// prompt-only request, which ends there).
-void Engine::admit(Job& job, int64_t slot) {
+// The prompts joining advance, oldest first, by at most opt_.prefill_chunk positions in all.
+// A job's own failure (a NaN logit, say) ends it alone; the others go on.
+void Engine::prefill() {
+  std::vector<std::shared_ptr<Job>> joining;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& j : slots_)
+      if (j && !j->ready()) joining.push_back(j);
+  }
+  std::sort(joining.begin(), joining.end(), [](auto& a, auto& b) { return a->order < b->order; });
+  int64_t budget = opt_.prefill_chunk > 0 ? opt_.prefill_chunk : ctx_;
+  for (auto& j : joining) {
+    if (budget == 0) break;
+    if (j->stream->cancelled()) {
+      finish(*j, Finish::cancelled);
+      continue;
+    }
+    const int64_t n = std::min(static_cast<int64_t>(j->req.prompt.size()) - j->prefilled, budget);
+    budget -= n;
+    try {
+      prefill_chunk(*j, n);
+    } catch (const std::exception& e) {
+      finish(*j, Finish::error, e.what());
+    }
+  }
+}
+
+// Runs the next n positions of a job's prompt through its slot; after the last, chooses its
+// first token (none for a prompt-only request, which ends there).
+void Engine::prefill_chunk(Job& job, int64_t n) {
   const auto T = static_cast<int64_t>(job.req.prompt.size());
-  cache_.length[static_cast<size_t>(slot)] = 0;
-  Tensor tok = Tensor::empty({1, T}, DType::I32);
-  std::copy(job.req.prompt.begin(), job.req.prompt.end(), tok.data<int32_t>());
+  const int64_t p0 = job.prefilled;
+  const bool last = p0 + n == T;
+  if (p0 == 0) cache_.length[static_cast<size_t>(job.slot)] = 0;
+  Tensor tok = Tensor::empty({1, n}, DType::I32);
+  std::copy_n(job.req.prompt.begin() + p0, n, tok.data<int32_t>());
   Arena& arena = arena_;  // reused: a step allocates nothing once warm
   arena.reset();
   ModelOutput routing;
   const auto t0 = std::chrono::steady_clock::now();
   const Tensor logits =
-      model_.decode(tok, cache_, arena, {slot}, nullptr, Model::LogitRows::last, &routing)
-          .to(DType::F32);
+      model_.decode(tok, cache_, arena, {job.slot}, nullptr,
+                    last ? Model::LogitRows::last : Model::LogitRows::none, &routing);
+  std::vector<TokenRouting> routed;
+  count_routing(routing, n, job.req.routing ? &routed : nullptr);
+  std::move(routed.begin(), routed.end(), std::back_inserter(job.prompt_routing));
+  job.prefilled += n;
   Event ev;
-  count_routing(routing, T, job.req.routing ? &ev.routing : nullptr);
-  const bool prompt_only = job.req.max_tokens == 0;
-  if (!prompt_only) {
-    ev.token =
-        sample_token(logits.data<float>(), model_.config().vocab_size, job.req.sampling, job.rng);
-    job.last = ev.token;
-    job.generated = 1;
+  if (last) {
+    ev.routing = std::move(job.prompt_routing);
+    if (job.req.max_tokens == 0) {
+      ev.finish = Finish::length;
+    } else {
+      const Tensor l = logits.to(DType::F32);
+      ev.token =
+          sample_token(l.data<float>(), model_.config().vocab_size, job.req.sampling, job.rng);
+      ev.finish = job.take(ev.token);
+    }
   }
+  // The counts and the freed slot are settled before the client sees the event.
   {
     std::lock_guard<std::mutex> lk(mu_);
-    stats_.prompt_tokens += T;
-    stats_.generated_tokens += job.generated;
+    stats_.prompt_tokens += n;
+    stats_.generated_tokens += last ? job.generated : 0;
     stats_.busy_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (ev.finish != Finish::none) {
+      job.done = true;
+      slots_[static_cast<size_t>(job.slot)] = nullptr;
+    }
   }
-  const bool stop =
-      !prompt_only && std::find(job.req.stop_tokens.begin(), job.req.stop_tokens.end(), ev.token) !=
-                          job.req.stop_tokens.end();
-  if (stop || job.generated >= job.req.max_tokens) {
-    ev.finish = stop ? Finish::stop : Finish::length;
-    job.done = true;
-    std::lock_guard<std::mutex> lk(mu_);
-    slots_[static_cast<size_t>(slot)] = nullptr;
-  }
-  job.stream->push(std::move(ev));
+  if (last) job.stream->push(std::move(ev));
 }
 
 // One token for every running job, in one batched pass.
@@ -243,7 +289,7 @@ void Engine::step() {
   {
     std::lock_guard<std::mutex> lk(mu_);
     for (auto& j : slots_)
-      if (j) run.push_back(j);
+      if (j && j->ready()) run.push_back(j);
   }
   std::vector<std::shared_ptr<Job>> live;
   for (auto& j : run) {
@@ -281,15 +327,8 @@ void Engine::step() {
       ev.routing.push_back(std::move(routed[static_cast<size_t>(r)]));
     }
     ev.token = sample_token(logits.data<float>() + r * V, V, job.req.sampling, job.rng);
-    job.last = ev.token;
-    ++job.generated;
-    const bool stop = std::find(job.req.stop_tokens.begin(), job.req.stop_tokens.end(), ev.token) !=
-                      job.req.stop_tokens.end();
-    const bool full = job.generated >= job.req.max_tokens;
-    if (stop || full) {
-      ev.finish = stop ? Finish::stop : Finish::length;
-      job.done = true;
-    }
+    ev.finish = job.take(ev.token);
+    job.done = ev.finish != Finish::none;
     events.push_back(std::move(ev));
   }
   // The counts and the freed slots are settled before the clients see the events.
@@ -308,7 +347,6 @@ void Engine::step() {
 
 void Engine::loop() {
   for (;;) {
-    std::vector<std::shared_ptr<Job>> admitted;
     {
       std::unique_lock<std::mutex> lk(mu_);
       cv_.wait(lk, [&] {
@@ -322,23 +360,12 @@ void Engine::loop() {
         std::shared_ptr<Job> j = std::move(waiting_.front());
         waiting_.pop_front();
         j->slot = static_cast<int64_t>(s);
-        slots_[s] = j;
-        admitted.push_back(std::move(j));
+        j->order = admitted_++;
+        slots_[s] = std::move(j);
       }
     }
-    // A job's own failure (a NaN logit, say) ends it alone; the others go on.
-    for (auto& j : admitted) {
-      if (j->stream->cancelled()) {
-        finish(*j, Finish::cancelled);
-        continue;
-      }
-      try {
-        admit(*j, j->slot);
-      } catch (const std::exception& e) {
-        finish(*j, Finish::error, e.what());
-      }
-    }
-    // The jobs admitted just now have their first token and join this step.
+    prefill();
+    // The jobs whose prompts ran to the end just now have their first token and join this step.
     try {
       step();
     } catch (const std::exception& e) {
@@ -347,7 +374,7 @@ void Engine::loop() {
       {
         std::lock_guard<std::mutex> lk(mu_);
         for (auto& j : slots_)
-          if (j) run.push_back(j);
+          if (j && j->ready()) run.push_back(j);
       }
       for (auto& j : run) finish(*j, Finish::error, e.what());
     }

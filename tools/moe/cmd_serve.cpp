@@ -16,7 +16,7 @@ namespace {
 struct ServeArgs {
   std::string model_dir, host = "127.0.0.1", api_key, name;
   int port = 8080;
-  int64_t parallel = 4, ctx = 0, queue = 32;
+  int64_t parallel = 4, ctx = 0, queue = 32, prefill_chunk = 256;
   int threads = 0;
   std::string weights = "stored";
 };
@@ -31,7 +31,7 @@ int run_serve(const ServeArgs& a) {
   set_num_threads(a.threads);
   std::unique_ptr<Model> model = load_model(a.model_dir, weights_as(a.weights));
   std::unique_ptr<Tokenizer> tok = load_tokenizer(a.model_dir);
-  serve::Engine engine(*model, {a.parallel, a.ctx, a.queue});
+  serve::Engine engine(*model, {a.parallel, a.ctx, a.queue, a.prefill_chunk});
   serve::HttpOptions opt;
   opt.host = a.host;
   opt.port = a.port;
@@ -94,6 +94,11 @@ Run add_serve(CLI::App& app) {
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--queue", a->queue,
                   "requests that may wait for a slot; beyond, 503 with Retry-After")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--prefill-chunk", a->prefill_chunk,
+                  "prompt positions run between two decode steps (a long prompt goes on over "
+                  "several; 0: each prompt in one pass)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--api-key", a->api_key,
