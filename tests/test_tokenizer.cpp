@@ -349,3 +349,17 @@ TEST(TokenizerErrors, CorruptSentencePieceModel) {
 }
 
 }  // namespace moe
+
+namespace moe {
+
+// The text shown while a character's bytes are still coming: every prefix of a string of 1-, 2-,
+// 3- and 4-byte characters is cut back to its last whole character.
+TEST(Tokenizer, CompleteUtf8PrefixStopsBeforeAPartialCharacter) {
+  const std::string s = "a\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80z";  // a é € 😀 z
+  const size_t ends[] = {0, 1, 1, 3, 3, 3, 6, 6, 6, 6, 10, 11};    // for each prefix length
+  for (size_t n = 0; n <= s.size(); ++n)
+    EXPECT_EQ(complete_utf8_prefix(s.substr(0, n)), ends[n]) << n;
+  EXPECT_EQ(complete_utf8_prefix("\x80\x80"), 2u);  // stray continuation bytes are left as they are
+}
+
+}  // namespace moe

@@ -50,4 +50,8 @@ std::unique_ptr<Tokenizer> gguf_tokenizer(const GgufFile& file);
 // The project's own byte-level tokenizer behind the same interface.
 std::unique_ptr<Tokenizer> make_byte_tokenizer();
 
+// Length of the longest prefix of s that ends on a whole UTF-8 character: the text to show of
+// tokens decoded so far, while a character's bytes are still coming in later tokens.
+size_t complete_utf8_prefix(const std::string& s);
+
 }  // namespace moe

@@ -9,6 +9,7 @@
 
 #include "http_internal.h"
 #include "moe/error.h"
+#include "moe/tokenizer.h"
 
 namespace moe::serve {
 
@@ -77,20 +78,6 @@ json routing_json(const Event& ev, const Tokenizer& tok, const std::vector<int32
 namespace {
 
 using namespace http_detail;
-
-// Length of the longest prefix of s that ends on a whole UTF-8 character.
-size_t complete_utf8(const std::string& s) {
-  size_t i = s.size();
-  for (size_t back = 0; back < 4 && i > 0; ++back) {
-    const auto c = static_cast<unsigned char>(s[i - 1]);
-    if ((c & 0xC0) != 0x80) {
-      const size_t need = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : 4;
-      return back + 1 >= need ? s.size() : i - 1;
-    }
-    --i;
-  }
-  return s.size();
-}
 
 // The fields a completion request may carry. Fields OpenAI defines that this server does not
 // implement are accepted only at their neutral values, so a client never gets silently less
@@ -289,7 +276,7 @@ class TextStream {
   std::string add(int32_t id) {
     ids_.push_back(id);
     const std::string all = tok_.decode(ids_);
-    const std::string whole = all.substr(0, complete_utf8(all));
+    const std::string whole = all.substr(0, complete_utf8_prefix(all));
     for (const std::string& s : stop_) {
       const size_t from = sent_ > s.size() ? sent_ - s.size() : 0;
       const size_t at = whole.find(s, from);

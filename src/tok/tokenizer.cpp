@@ -125,4 +125,17 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   return looks_like_json(p) ? tok::load_hf_tokenizer(path) : tok::load_sentencepiece(path);
 }
 
+size_t complete_utf8_prefix(const std::string& s) {
+  size_t i = s.size();
+  for (size_t back = 0; back < 4 && i > 0; ++back) {
+    const auto c = static_cast<unsigned char>(s[i - 1]);
+    if ((c & 0xC0) != 0x80) {  // a lead byte (or ASCII): is its sequence whole?
+      const size_t need = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : 4;
+      return back + 1 >= need ? s.size() : i - 1;
+    }
+    --i;
+  }
+  return s.size();
+}
+
 }  // namespace moe

@@ -54,20 +54,6 @@ std::vector<std::vector<int32_t>> parse_id_lists(const std::string& text, const 
 
 namespace {
 
-// Length of the longest prefix of s that ends on a whole UTF-8 character.
-size_t complete_utf8(const std::string& s) {
-  size_t i = s.size();
-  for (size_t back = 0; back < 4 && i > 0; ++back) {
-    const auto c = static_cast<unsigned char>(s[i - 1]);
-    if ((c & 0xC0) != 0x80) {  // a lead byte (or ASCII): is its sequence whole?
-      const size_t need = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : 4;
-      return back + 1 >= need ? s.size() : i - 1;
-    }
-    --i;
-  }
-  return s.size();
-}
-
 struct GenerateArgs {
   std::string model_dir, prompt, prompt_ids;
   int64_t n = 64;
@@ -118,7 +104,7 @@ int run_generate(const GenerateArgs& a) {
     if (a.ids) return;
     fresh.push_back(id);
     const std::string text = tok->decode(fresh);
-    const size_t whole = complete_utf8(text);
+    const size_t whole = complete_utf8_prefix(text);
     if (whole > printed) {
       std::fwrite(text.data() + printed, 1, whole - printed, stdout);
       std::fflush(stdout);
