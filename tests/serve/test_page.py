@@ -167,6 +167,16 @@ def positions(routing_list):
     return tokens, experts
 
 
+def route_text(wd, port, text):
+    """Routes a text in the page's text tab, waits for its grid, and returns the API's answer
+    for the same text (POST /v1/routing)."""
+    wd.type("#text-input", text)
+    wd.click("#route")
+    wait_for(lambda: wd.js("return document.getElementById('text-status').textContent"
+                           ".includes('positions routed');"), "the text's routing is drawn")
+    return json.loads(api(port, "POST", "/v1/routing", {"text": text})[1])
+
+
 def check_view(wd, view, experts, palette, top_k, what):
     """The grid and load bars of #view against the API's experts[pos][layer][k]."""
     P, L = len(experts), len(experts[0])
@@ -360,11 +370,7 @@ def check_chat_model(wd, port, work):
     check(wd.js("return !document.getElementById('tab-text').hidden && "
                 "document.getElementById('tab-chat').hidden;"), "text: the tab shows")
     text = "Routing, token by token."
-    wd.type("#text-input", text)
-    wd.click("#route")
-    wait_for(lambda: wd.js("return document.getElementById('text-status').textContent"
-                           ".includes('positions routed');"), "the text's routing is drawn")
-    r = json.loads(api(port, "POST", "/v1/routing", {"text": text})[1])
+    r = route_text(wd, port, text)
     check_view(wd, "#text-view", r["routing"]["experts"], palette, model["top_k"], "text")
     check_tip(wd, "#text-view", r["tokens"], r["routing"]["experts"], 5, 0, "text")
     wd.screenshot(os.path.join(work, "serve_page_text.png"))
@@ -403,11 +409,7 @@ def check_big_model(wd, port, work):
     model, palette = page_checks(wd, port)
     wd.click('nav button[data-tab="text"]')
     text = "A wide and deep model, drawn whole: " * 3
-    wd.type("#text-input", text)
-    wd.click("#route")
-    wait_for(lambda: wd.js("return document.getElementById('text-status').textContent"
-                           ".includes('positions routed');"), "the big model's routing is drawn")
-    r = json.loads(api(port, "POST", "/v1/routing", {"text": text})[1])
+    r = route_text(wd, port, text)
     check_view(wd, "#text-view", r["routing"]["experts"], palette, model["top_k"], "48 x 128")
     scrolls = wd.js("const s = document.querySelector('#text-view .grid-scroll');"
                     "return s.scrollHeight > s.clientHeight && s.scrollWidth > s.clientWidth;")
