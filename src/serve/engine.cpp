@@ -7,6 +7,7 @@
 #include "moe/error.h"
 #include "moe/moe_layer.h"
 #include "moe/serve.h"
+#include "moe/threading.h"
 
 namespace moe::serve {
 
@@ -103,7 +104,12 @@ Engine::Engine(Model& model, const EngineOptions& opt, std::function<void()> bef
   cache_ = model.make_cache(opt.parallel, ctx_);
   slots_.resize(static_cast<size_t>(opt.parallel));
   model_.set_training(false);
-  thread_ = std::thread([this] { loop(); });
+  // OpenMP's thread count is a setting of each thread: a new one starts from the default (every
+  // core), so the engine's thread takes the count of the thread that made it.
+  thread_ = std::thread([this, threads = num_threads()] {
+    set_num_threads(threads);
+    loop();
+  });
 }
 
 Engine::~Engine() {
