@@ -280,6 +280,57 @@ TEST(KernelPaths, ExpShiftedWithinTwoUlpOnEveryPath) {
   reset_cpu_path_cap();
 }
 
+// One query row's attention over a strided cache (cpu::attend_row) on every path against the
+// float64 reference on the same values: the scores within float32's dot-product bound, so each
+// probability within twice that plus the exponential's and the sum's rounding, and the output
+// (a convex combination of the values) within that times the largest value. Windows (lo > 0),
+// sinks, head widths below, at and past every vector width, and the same bits in place of the
+// rows around it.
+TEST(KernelPaths, AttendRowWithinTheFloat32BoundOnEveryPath) {
+  Rng rng(16);
+  for (CpuPath p : cpu_paths_here()) {
+    set_cpu_path_cap(p);
+    for (const auto& [dk, dv, n, lo] : std::vector<std::array<int64_t, 4>>{
+             {8, 8, 1, 0}, {32, 32, 7, 0}, {37, 5, 40, 3}, {64, 64, 130, 17}, {128, 80, 9, 1}}) {
+      for (bool with_sink : {false, true}) {
+        const int64_t hi = lo + n, ldk = dk + 3, ldv = dv + 5;
+        std::vector<float> q = normals(dk, rng), k = normals(hi * ldk, rng),
+                           v = normals(hi * ldv, rng);
+        const float sink = 0.7f, scale = 1.0f / std::sqrt(static_cast<float>(dk));
+        std::vector<float> out(static_cast<size_t>(dv)), s(static_cast<size_t>(n));
+        cpu::attend_row<float>(out.data(), q.data(), k.data(), ldk, dk, v.data(), ldv, dv, lo, hi,
+                               scale, with_sink ? &sink : nullptr, s.data());
+        std::vector<double> qd(q.begin(), q.end()), kd(k.begin(), k.end()), vd(v.begin(), v.end()),
+            want(static_cast<size_t>(dv)), sd(static_cast<size_t>(n));
+        const double sink_d = sink;
+        cpu::attend_row<double>(want.data(), qd.data(), kd.data(), ldk, dk, vd.data(), ldv, dv, lo,
+                                hi, scale, with_sink ? &sink_d : nullptr, sd.data());
+        double score_err = 0, vmax = 0;
+        for (int64_t j = lo; j < hi; ++j) {
+          double a = 0;
+          for (int64_t c = 0; c < dk; ++c) a += std::fabs(qd[c] * kd[j * ldk + c]);
+          score_err = std::max(score_err, (dk + 2) * kU * scale * a);
+          for (int64_t c = 0; c < dv; ++c) vmax = std::max(vmax, std::fabs(vd[j * ldv + c]));
+        }
+        const double bound = (2 * score_err + (n + 8) * kU) * vmax + (n + 2) * kU * vmax;
+        for (int64_t c = 0; c < dv; ++c)
+          ASSERT_LE(std::fabs(out[c] - want[c]), bound)
+              << cpu_path_name(p) << " dk " << dk << " dv " << dv << " n " << n << " sink "
+              << with_sink << " column " << c;
+        // The same query against a longer cache whose keys outside [lo, hi) differ: the same bits.
+        std::vector<float> k2 = k, v2 = v, out2(static_cast<size_t>(dv));
+        k2.resize(static_cast<size_t>((hi + 4) * ldk), 9.0f);
+        v2.resize(static_cast<size_t>((hi + 4) * ldv), 9.0f);
+        for (int64_t i = 0; i < lo * ldk; ++i) k2[i] = -k2[i];
+        cpu::attend_row<float>(out2.data(), q.data(), k2.data(), ldk, dk, v2.data(), ldv, dv, lo,
+                               hi, scale, with_sink ? &sink : nullptr, s.data());
+        EXPECT_EQ(out2, out) << cpu_path_name(p);
+      }
+    }
+  }
+  reset_cpu_path_cap();
+}
+
 TEST(MixedPrecision, BackendIsNamed) {
   const std::string info = cpu::gemm_bf16_backend_info();
   if (cpu_path() >= CpuPath::avx512)

@@ -163,6 +163,25 @@ float exp_shifted<float>(float* y, const float* x, int64_t n, float shift);
 template <>
 double exp_shifted<double>(double* y, const double* x, int64_t n, double shift);
 
+// One query row's attention over keys and values j in [lo, hi) of a cache (lo < hi):
+// s_j = scale q.k_j, p = softmax(s_lo, ..., s_{hi-1}, sink) (sink, when not null, a logit that
+// takes part in the normalisation and has no value), out[dv] = sum_j p_j v_j; k_j at k + j ldk
+// (dk values), v_j at v + j ldv (dv values); scratch: hi - lo values. float32 runs on the kernel
+// path's vectors (each score a dot product on its own lanes, exp_shifted's exponential, the
+// values' sum j by j per lane): a row's result depends only on its own keys, not on the rows or
+// thread it runs with. float64 sums in order with std::exp: the reference.
+template <class T>
+void attend_row(T* out, const T* q, const T* k, int64_t ldk, int64_t dk, const T* v, int64_t ldv,
+                int64_t dv, int64_t lo, int64_t hi, T scale, const T* sink, T* scratch);
+template <>
+void attend_row<float>(float* out, const float* q, const float* k, int64_t ldk, int64_t dk,
+                       const float* v, int64_t ldv, int64_t dv, int64_t lo, int64_t hi, float scale,
+                       const float* sink, float* scratch);
+template <>
+void attend_row<double>(double* out, const double* q, const double* k, int64_t ldk, int64_t dk,
+                        const double* v, int64_t ldv, int64_t dv, int64_t lo, int64_t hi,
+                        double scale, const double* sink, double* scratch);
+
 // out[rows, cols] = softmax(in) per row; lse[rows] = logsumexp of each row (may be null).
 template <class T>
 void softmax_rows(T* out, T* lse, const T* in, int64_t rows, int64_t cols);

@@ -237,33 +237,27 @@ void attention_cached(T* out, const T* q, const T* kc, const T* vc, const int64_
                       const int64_t* start, int64_t b, int64_t tq, int64_t h, int64_t kv,
                       int64_t dk, int64_t dv, int64_t cap, int64_t window, double scale,
                       const T* sinks) {
+  // Every query row on its own (cpu::attend_row): its result does not depend on the rows, the
+  // step or the thread it runs with, and a decoding step of a few rows runs on one thread.
   const int64_t group = h / kv;
-#pragma omp parallel
+  int64_t work = 0;
+  for (int64_t bi = 0; bi < b; ++bi) work += h * tq * (start[bi] + tq) * (dk + dv);
+#pragma omp parallel if (work > kParallelMin)
   {
     std::vector<T> p;
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < b * h; ++task) {
       const int64_t bi = task / h, hh = task % h, g = hh / group;
-      const int64_t len = start[bi] + tq;                 // keys [0, len)
       const T* kb = kc + (slot[bi] * cap * kv + g) * dk;  // row stride kv * dk
       const T* vb = vc + (slot[bi] * cap * kv + g) * dv;  // row stride kv * dv
-      const T* qb = q + (bi * tq * h + hh) * dk;          // row stride h * dk
-      p.resize(static_cast<size_t>(tq * len));
-      cpu::gemm<T>(false, true, tq, len, dk, static_cast<T>(scale), qb, h * dk, kb, kv * dk, T(0),
-                   p.data(), len);
+      p.resize(static_cast<size_t>(start[bi] + tq));
       for (int64_t i = 0; i < tq; ++i) {
-        T* row = p.data() + i * len;
         const int64_t at = start[bi] + i;
         const int64_t lo = window > 0 ? std::max<int64_t>(0, at - window + 1) : 0;
-        T mx = row[lo];
-        for (int64_t j = lo; j <= at; ++j) mx = std::max(mx, row[j]);
-        if (sinks) mx = std::max(mx, sinks[hh]);
-        T sum = cpu::exp_shifted(row + lo, row + lo, at - lo + 1, mx);
-        if (sinks) sum += std::exp(sinks[hh] - mx);
-        for (int64_t j = 0; j < len; ++j) row[j] = (j >= lo && j <= at) ? row[j] / sum : T(0);
+        const int64_t row = (bi * tq + i) * h + hh;
+        cpu::attend_row<T>(out + row * dv, q + row * dk, kb, kv * dk, dk, vb, kv * dv, dv, lo,
+                           at + 1, static_cast<T>(scale), sinks ? sinks + hh : nullptr, p.data());
       }
-      cpu::gemm<T>(false, false, tq, dv, len, T(1), p.data(), len, vb, kv * dv, T(0),
-                   out + (bi * tq * h + hh) * dv, h * dv);
     }
   }
 }

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "kernels/cpu/isa/isa_kernels.h"
 #include "kernels/ref/ref.h"
@@ -129,6 +130,39 @@ void swiglu_backward(T* da_gate, T* da_up, const T* dh, const T* a_gate, const T
 template <>
 float exp_shifted<float>(float* y, const float* x, int64_t n, float shift) {
   return path_kernels().exp_shifted(y, x, n, shift);
+}
+
+template <>
+void attend_row<float>(float* out, const float* q, const float* k, int64_t ldk, int64_t dk,
+                       const float* v, int64_t ldv, int64_t dv, int64_t lo, int64_t hi, float scale,
+                       const float* sink, float* scratch) {
+  path_kernels().attend_f32(out, q, k, ldk, dk, v, ldv, dv, lo, hi, scale, sink, scratch);
+}
+
+template <>
+void attend_row<double>(double* out, const double* q, const double* k, int64_t ldk, int64_t dk,
+                        const double* v, int64_t ldv, int64_t dv, int64_t lo, int64_t hi,
+                        double scale, const double* sink, double* s) {
+  const int64_t n = hi - lo;
+  double mx = sink ? *sink : -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    const double* kj = k + (lo + j) * ldk;
+    double t = 0;
+    for (int64_t c = 0; c < dk; ++c) t += q[c] * kj[c];
+    s[j] = scale * t;
+    mx = std::max(mx, s[j]);
+  }
+  double sum = sink ? std::exp(*sink - mx) : 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  for (int64_t c = 0; c < dv; ++c) out[c] = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double p = s[j] / sum;
+    const double* vj = v + (lo + j) * ldv;
+    for (int64_t c = 0; c < dv; ++c) out[c] += p * vj[c];
+  }
 }
 
 template <>

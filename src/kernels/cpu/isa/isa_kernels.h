@@ -73,6 +73,12 @@ struct IsaKernels {
   // y[j] = exp(x[j] - shift) for j < n (y may be x), returning their float32 sum (summed
   // lane-wise, then across lanes, then the tail).
   float (*exp_shifted)(float* y, const float* x, int64_t n, float shift);
+  // One query row's attention over the keys and values j in [lo, hi) of a cache (moe/kernels.h's
+  // attend_row): k_j = k + j ldk (dk floats), v_j = v + j ldv (dv floats); s: hi - lo floats of
+  // scratch.
+  void (*attend_f32)(float* out, const float* q, const float* k, int64_t ldk, int64_t dk,
+                     const float* v, int64_t ldv, int64_t dv, int64_t lo, int64_t hi, float scale,
+                     const float* sink, float* s);
   // AdamW on float32 weights with float64 moments, element by element in torch.optim.AdamW's
   // order (train/optimizer.cpp): c = {1 - lr wd, beta1, beta2, eps, lr / bc1, sqrt(bc2)}.
   void (*adamw_f32)(float* p, const float* g, double* m, double* v, int64_t n, const double* c);

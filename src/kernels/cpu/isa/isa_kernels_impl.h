@@ -270,6 +270,62 @@ float exp_shifted(float* y, const float* x, int64_t n, float shift) {
   return sum;
 }
 
+// Four keys at a time, each dot product on its own accumulator (the lanes summed at the end):
+// a key's score does not depend on the keys beside it.
+void attend_f32(float* out, const float* q, const float* k, int64_t ldk, int64_t dk, const float* v,
+                int64_t ldv, int64_t dv, int64_t lo, int64_t hi, float scale, const float* sink,
+                float* s) {
+  const DF d;
+  const int64_t L = static_cast<int64_t>(hn::Lanes(d));
+  const int64_t kv = dk - dk % L, n = hi - lo;
+  const auto score = [&](const float* kj, VF a) {
+    float t = hn::GetLane(hn::SumOfLanes(d, a));
+    for (int64_t c = kv; c < dk; ++c) t += kj[c] * q[c];
+    return t * scale;
+  };
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* k0 = k + (lo + j) * ldk;
+    const float *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
+    VF a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
+    for (int64_t c = 0; c < kv; c += L) {
+      const VF qv = hn::LoadU(d, q + c);
+      a0 = hn::MulAdd(hn::LoadU(d, k0 + c), qv, a0);
+      a1 = hn::MulAdd(hn::LoadU(d, k1 + c), qv, a1);
+      a2 = hn::MulAdd(hn::LoadU(d, k2 + c), qv, a2);
+      a3 = hn::MulAdd(hn::LoadU(d, k3 + c), qv, a3);
+    }
+    s[j] = score(k0, a0);
+    s[j + 1] = score(k1, a1);
+    s[j + 2] = score(k2, a2);
+    s[j + 3] = score(k3, a3);
+  }
+  for (; j < n; ++j) {
+    const float* kj = k + (lo + j) * ldk;
+    VF a = hn::Zero(d);
+    for (int64_t c = 0; c < kv; c += L)
+      a = hn::MulAdd(hn::LoadU(d, kj + c), hn::LoadU(d, q + c), a);
+    s[j] = score(kj, a);
+  }
+  float mx = sink ? *sink : s[0];
+  for (j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  float sum = exp_shifted(s, s, n, mx);
+  if (sink) sum += std::exp(*sink - mx);
+  const VF inv = hn::Set(d, 1.0f / sum);
+  const int64_t vv = dv - dv % L;
+  for (int64_t c = 0; c < vv; c += L) {
+    VF a = hn::Zero(d);
+    for (j = 0; j < n; ++j)
+      a = hn::MulAdd(hn::Set(d, s[j]), hn::LoadU(d, v + (lo + j) * ldv + c), a);
+    hn::StoreU(hn::Mul(a, inv), d, out + c);
+  }
+  for (int64_t c = vv; c < dv; ++c) {
+    float a = 0;
+    for (j = 0; j < n; ++j) a += s[j] * v[(lo + j) * ldv + c];
+    out[c] = a * (1.0f / sum);
+  }
+}
+
 void adamw_f32(float* p, const float* g, double* m, double* v, int64_t n, const double* c) {
   const hn::ScalableTag<double> dd;
   const hn::Rebind<float, decltype(dd)> dfh;
@@ -353,5 +409,6 @@ const IsaKernels MOE_ISA_TABLE = {kTargetName,
                                   MOE_ISA_NS::swiglu_forward,
                                   MOE_ISA_NS::swiglu_backward,
                                   MOE_ISA_NS::exp_shifted,
+                                  MOE_ISA_NS::attend_f32,
                                   MOE_ISA_NS::adamw_f32};
 }  // namespace moe::cpu
