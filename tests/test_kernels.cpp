@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "kernels/ref/ref.h"
@@ -10,6 +11,7 @@
 #include "moe/kernels.h"
 #include "moe/rng.h"
 #include "moe/threading.h"
+#include "moe/weights.h"
 
 namespace moe {
 
@@ -61,6 +63,35 @@ TYPED_TEST(KernelTest, GemmMatchesReferenceForEveryTranspose) {
         EXPECT_LE(max_abs_diff(c0, c1), tol * static_cast<double>(k + 1))
             << "m=" << m << " n=" << n << " k=" << k << " ta=" << ta << " tb=" << tb;
       }
+  }
+}
+
+// A few rows through a weight [n, k] (C = A B^T, alpha 1, beta 0: a decoding step of up to
+// kF32DotMaxRows sequences) take the one-pass dot kernels: against the reference, with rows of A
+// and C strided, and each row the same bits as alone.
+TEST(KernelTest, FewRowsThroughAWeightMatchTheReference) {
+  Rng rng(3);
+  for (const int64_t m : {2, 3, 5, 8, 9}) {
+    for (const auto& [n, k] :
+         std::vector<std::pair<int64_t, int64_t>>{{7, 9}, {130, 33}, {64, 128}}) {
+      const int64_t lda = k + 3, ldc = n + 1;
+      auto a = randn<float>(rng, m * lda);
+      auto b = randn<float>(rng, n * k);
+      std::vector<float> c0(static_cast<size_t>(m * ldc), 7.0f), c1 = c0;
+      cpu::gemm<float>(false, true, m, n, k, 1.0f, a.data(), lda, b.data(), k, 0.0f, c0.data(),
+                       ldc);
+      ref::gemm<float>(false, true, m, n, k, 1.0f, a.data(), lda, b.data(), k, 0.0f, c1.data(),
+                       ldc);
+      EXPECT_LE(max_abs_diff(c0, c1), 2e-5 * static_cast<double>(k + 1))
+          << "m=" << m << " n=" << n << " k=" << k;
+      if (m > cpu::kF32DotMaxRows) continue;
+      for (int64_t i = 0; i < m; ++i) {
+        std::vector<float> one(static_cast<size_t>(n));
+        cpu::gemm<float>(false, true, 1, n, k, 1.0f, a.data() + i * lda, lda, b.data(), k, 0.0f,
+                         one.data(), n);
+        for (int64_t j = 0; j < n; ++j) ASSERT_EQ(one[j], c0[i * ldc + j]) << "row " << i;
+      }
+    }
   }
 }
 

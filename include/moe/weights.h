@@ -146,6 +146,13 @@ void quantize_activations(WType type, const float* x, int64_t cols, int8_t* q, f
 // At most this many rows of x take the one-pass path of matmul_wt; more take the panels (or, for
 // the integer products, the kernels that unpack each weight block once for many rows).
 constexpr int64_t kMatvecMaxRows = 4;
+// float32 weights: up to this many rows (a continuous-batching decode step) take the one-pass dot
+// kernels too, each weight block read from memory once and from L1 again for every row; a GEMM
+// library's call costs more than such a product (measured: a decode step of 8 sequences of the
+// `small` model).
+constexpr int64_t kF32DotMaxRows = 8;
+// Whether matmul_wt multiplies n rows of x by a `type` weight with the dot kernels.
+bool dot_products(WType type, int64_t n);
 
 }  // namespace cpu
 }  // namespace moe

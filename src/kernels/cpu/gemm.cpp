@@ -494,10 +494,10 @@ void gemm<float>(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
     gemm_bf16(trans_a, trans_b, m, n, k, alpha, pa, la, pb, lb, beta, c, ldc);
     return;
   }
-  if (m == 1 && trans_b && !trans_a && ldb == k && lda >= k && ldc >= n && alpha == 1.0f &&
-      beta == 0.0f && k > 0) {
-    // One row through a weight [n, k] (decoding): our one-pass kernel (moe/weights.h).
-    matmul_wt(WeightMatrix{WType::f32, b, n, k, nullptr}, a, lda, 1, c, ldc);
+  if (m <= kF32DotMaxRows && trans_b && !trans_a && ldb == k && lda >= k && ldc >= n &&
+      alpha == 1.0f && beta == 0.0f && k > 0) {
+    // A few rows through a weight [n, k] (decoding): our one-pass kernel (moe/weights.h).
+    matmul_wt(WeightMatrix{WType::f32, b, n, k, nullptr}, a, lda, m, c, ldc);
     return;
   }
   gemm_tiled(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, sgemm_backend(),

@@ -394,13 +394,13 @@ void matmul_wt_many(const MatmulJob* jobs, size_t count) {
   for (size_t j = 0; j < count; ++j) {
     const MatmulJob& b = jobs[j];
     check(b.w, "matmul_wt_many");
-    if (b.w.cols == 0 || (b.w.type == WType::f32 && b.n > kMatvecMaxRows)) {  // float32 GEMM
+    if (b.w.cols == 0 || (b.w.type == WType::f32 && !dot_products(b.w.type, b.n))) {  // GEMM
       matmul_wt(b.w, b.x, b.ldx, b.n, b.y, b.ldy);
       continue;
     }
     check_product(b.w, b.ldx, b.n, b.ldy, "matmul_wt_many");
     if (b.n == 0) continue;
-    const bool dot = b.n <= kMatvecMaxRows || integer_products(b.w.type, b.n);
+    const bool dot = dot_products(b.w.type, b.n);
     const int64_t step = dot ? kDotRows : panel_rows(b.w);
     if (!dot) xb[j] = rounded_rows(b.w, b.x, b.ldx, b.n);
     quantize_x(b.w, b.x, b.ldx, b.n, xq[j]);
@@ -411,7 +411,7 @@ void matmul_wt_many(const MatmulJob* jobs, size_t count) {
   for_tasks(static_cast<int64_t>(blocks.size()), work, [&](int64_t t) {
     const auto [j, r0] = blocks[static_cast<size_t>(t)];
     const MatmulJob& b = jobs[j];
-    if (b.n <= kMatvecMaxRows || xq[j].used) {
+    if (dot_products(b.w.type, b.n)) {
       dot_block(k, b.w, b.x, b.ldx, b.n, r0, std::min(b.w.rows, r0 + kDotRows), b.y, b.ldy, &xq[j]);
     } else {
       panel_product(k, b.w, b.x, b.ldx, xb[j].data(), b.n, r0,
@@ -430,7 +430,7 @@ void matmul_wt(const WeightMatrix& w, const float* x, int64_t ldx, int64_t n, fl
     return;
   }
   const IsaKernels& k = kernels();
-  if (n <= kMatvecMaxRows || integer_products(w.type, n)) {  // the dot kernels (quantized: any n)
+  if (dot_products(w.type, n)) {  // the dot kernels (quantized: any n)
     thread_local QuantizedX xq;
     quantize_x(w, x, ldx, n, xq);
     const QuantizedX* xqp = &xq;  // the workers read the caller's
@@ -493,6 +493,10 @@ int nearest_int(float f) {  // ggml's: round half to even, for |f| < 2^22
 }
 
 }  // namespace
+
+bool dot_products(WType type, int64_t n) {
+  return n <= (type == WType::f32 ? kF32DotMaxRows : kMatvecMaxRows) || integer_products(type, n);
+}
 
 bool integer_products(WType type, int64_t n) {
   if (quant_activations() != QuantActivations::int8 || activation_block(type) == 0) return false;
