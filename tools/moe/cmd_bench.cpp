@@ -199,11 +199,13 @@ struct BenchDecode {
   bool json = false;
   std::string model;    // a checkpoint folder: measure it instead of a made-up model
   double cache_mb = 0;  // with model: offload the experts behind a cache of this size
+  int64_t batch = 1;    // with model: also decode this many sequences together
 };
 
 int run_bench_decode(const BenchDecode& b) {
   if (!b.model.empty())
-    return bench_model(b.model, BenchModel::decode, b.tokens, b.threads, b.json, b.cache_mb);
+    return bench_model(b.model, BenchModel::decode, b.tokens, b.threads, b.json, b.cache_mb,
+                       b.batch);
   set_num_threads(b.threads);
   ModelConfig c;
   c.vocab_size = b.vocab;
@@ -554,6 +556,11 @@ Run add_bench(CLI::App& app) {
                    "with -m: keep the routed experts in the files and at most this many MB of "
                    "them in memory (routing policy, read-ahead; 0: every expert mapped)")
       ->check(CLI::NonNegativeNumber);
+  decode
+      ->add_option("--batch", d->batch,
+                   "with -m: also decode this many sequences together (a continuous-batching "
+                   "step) and report their tokens/s against one sequence's")
+      ->check(CLI::PositiveNumber);
   auto pf = std::make_shared<BenchPrefill>();
   auto* prefill = bench->add_subcommand(
       "prefill", "one prompt of a checkpoint in one pass: tokens/s against the GEMM limit");

@@ -42,9 +42,10 @@ Run add_bench(CLI::App& app);
 // with its weights as stored, tokens/s against the bandwidth floor, load time, peak memory.
 enum class BenchModel { decode, prefill };
 // With cache_mb > 0 (decode), the routed experts stay in the files behind an expert cache of
-// that size (routing policy, read-ahead), and its counts are reported.
+// that size (routing policy, read-ahead), and its counts are reported. With batch > 1 (decode),
+// the same steps for that many sequences at once are measured too, against one sequence.
 int bench_model(const std::string& dir, BenchModel what, int64_t tokens, int threads, bool json,
-                double cache_mb = 0);
+                double cache_mb = 0, int64_t batch = 1);
 // `moe bench gemm`, under `bench` (cmd_bench_gemm.cpp).
 std::pair<CLI::App*, Run> add_bench_gemm(CLI::App& bench);
 Run add_train(CLI::App& app);
