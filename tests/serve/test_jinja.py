@@ -2,8 +2,9 @@
 """Chat templates: `moe template` against Python's jinja2 configured as transformers configures
 it for apply_chat_template (an immutable sandbox with trim_blocks, lstrip_blocks and loop
 controls, its own tojson, raise_exception and strftime_now). Every case must render to the same
-text: the real templates of Qwen3, DeepSeek-V3 and Mistral NeMo (Mistral's template with tool
-calls, as Mixtral 8x22B's; from their tokenizer_config.json, fetched at test setup) over conversations with system prompts, reasoning, tool definitions, tool calls and
+text: the real templates of Qwen3, DeepSeek-V3, Mistral NeMo (Mistral's template with tool
+calls, as Mixtral 8x22B's; from their tokenizer_config.json, fetched at test setup) and gpt-oss
+(the harmony format, from a folder's chat_template.jinja as gpt-oss ships it) over conversations with system prompts, reasoning, tool definitions, tool calls and
 tool results; and templates written here for each construct the engine supports. Constructs it
 does not support must be refused by name, with the line.
 
@@ -12,6 +13,7 @@ does not support must be refused by name, with the line.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -208,7 +210,7 @@ CONVERSATIONS = {
 
 def conversation_cases(key, bos, eos):
     for name, msgs in CONVERSATIONS.items():
-        if key == "qwen3":  # Qwen3's template reads tool calls' arguments as objects or strings
+        if key in ("qwen3", "gpt_oss"):  # these read a message's content as a string
             msgs = [dict(m, content=m["content"] if m["content"] is not None else "") for m in msgs]
         for gen in (True, False):
             ctx = {"messages": msgs, "add_generation_prompt": gen, "bos_token": bos, "eos_token": eos,
@@ -217,6 +219,26 @@ def conversation_cases(key, bos, eos):
         if "tool" in name:
             yield f"{name}, with tool definitions", {"messages": msgs, "add_generation_prompt": True,
                                                      "bos_token": bos, "eos_token": eos, "tools": TOOLS}
+    if key == "gpt_oss":  # the harmony format's own settings and fields
+        base = {"add_generation_prompt": True, "bos_token": bos, "eos_token": eos}
+        yield "reasoning_effort, model_identity, builtin_tools", dict(
+            base, messages=CONVERSATIONS["system and user"], reasoning_effort="high",
+            model_identity="You are Moe.", builtin_tools=["browser", "python"])
+        yield "developer message and thinking in the history", dict(base, messages=[
+            {"role": "developer", "content": "Answer in one word."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "Four.", "thinking": "Easy: 4."},
+            {"role": "user", "content": "3+3?"}])
+        yield "thinking before a tool call", dict(base, tools=TOOLS, messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "thinking": "I should call the tool.",
+             "tool_calls": [{"id": "call00001", "type": "function", "function": {
+                 "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+            {"role": "tool", "content": "18 C, sunny", "tool_call_id": "call00001"}])
+        yield "raises on channel tags in the content", dict(base, messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "<|channel|>analysis<|message|>x"},
+            {"role": "user", "content": "again"}])
     if key == "qwen3":
         yield "enable_thinking false", {"messages": CONVERSATIONS["one user message"],
                                         "add_generation_prompt": True, "enable_thinking": False,
@@ -238,10 +260,23 @@ def main():
         for source, message in UNSUPPORTED:
             ok, got = render_cpp(args.moe, source, CTX, work)
             check(not ok and message in got and "line" in got, f"refused: {message}", got)
-        for key in ("qwen3", "deepseek_v3", "mistral_nemo"):
+        for key in ("qwen3", "deepseek_v3", "mistral_nemo", "gpt_oss"):
             path = os.path.join(args.tokenizers, key, "config", "tokenizer_config.json")
+            if key == "gpt_oss":
+                # A folder as gpt-oss ships it: the template in chat_template.jinja beside the
+                # tokenizer's tokenizer_config.json (special tokens, no template).
+                folder = os.path.join(work, "gpt_oss")
+                os.makedirs(folder, exist_ok=True)
+                path = os.path.join(folder, "tokenizer_config.json")
+                shutil.copy(os.path.join(args.tokenizers, "gptoss", "config",
+                                         "tokenizer_config.json"), path)
+                shutil.copy(os.path.join(args.tokenizers, "templates", "openai-gpt-oss-120b.jinja"),
+                            os.path.join(folder, "chat_template.jinja"))
             with open(path) as f:
                 cfg = json.load(f)
+            if key == "gpt_oss":
+                with open(os.path.join(os.path.dirname(path), "chat_template.jinja")) as f:
+                    cfg["chat_template"] = f.read()
             source = cfg["chat_template"]
             bos, eos = token_text(cfg.get("bos_token")), token_text(cfg.get("eos_token"))
             for what, ctx in conversation_cases(key, bos, eos):
