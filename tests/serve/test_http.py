@@ -132,8 +132,43 @@ def main():
             server.kill()
             FAILURES.append("server did not stop on SIGTERM")
     check(server.returncode == 0, f"server exits cleanly on SIGTERM (status {server.returncode})")
+    slow = subprocess.Popen([args.moe, "serve", "-m", ckpt, "--port", "0", "--parallel", "1",
+                             "--ctx", str(ctx), "--api-key", KEY, "--threads", "1",
+                             "--step-delay-ms", "50"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", slow.stderr.readline())
+        check(m is not None, "a server with --step-delay-ms starts")
+        if m:
+            threading.Thread(target=lambda: [None for _ in slow.stderr], daemon=True).start()
+            check_vanishing_client(int(m.group(1)))
+    finally:
+        slow.terminate()
+        slow.wait(timeout=20)
     print(f"{len(FAILURES)} failure(s)")
     return 1 if FAILURES else 0
+
+
+def check_vanishing_client(port):
+    """A client that vanishes mid-stream frees its slot at once: its request is cancelled, not
+    run to its end (this server pauses 50 ms before each step, so that the 80 tokens would take
+    4 s: the test does not race the engine's speed)."""
+    cancelled0 = metric(request(port, "GET", "/metrics")[2].decode(), "moe_requests_cancelled_total")
+    sock = socket.create_connection(("127.0.0.1", port))
+    req = json.dumps({"prompt": "The ", "max_tokens": 80, "stream": True, "seed": 1})
+    sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(req)}\r\n\r\n{req}")
+                 .encode())
+    sock.recv(100)
+    sock.close()
+    freed = False
+    for _ in range(40):
+        m = request(port, "GET", "/metrics")[2].decode()
+        if metric(m, "moe_requests_active") == 0 and \
+                metric(m, "moe_requests_cancelled_total") == cancelled0 + 1:
+            freed = True
+            break
+        time.sleep(0.05)
+    check(freed, "a vanished client's request is cancelled and its slot free within 2 s")
 
 
 def run_checks(args, ckpt, port, pid, ctx):
@@ -329,24 +364,6 @@ def run_checks(args, ckpt, port, pid, ctx):
     s, _, b = request(port, "POST", "/v1/completions", raw=b'{"prompt": "' + b"x" * (2 << 20) + b'"}')
     check(s == 413 and is_error_shape(b), "a 2 MB body: 413, error shape")
 
-    # A client that vanishes mid-stream frees its slot at once.
-    cancelled0 = metric(request(port, "GET", "/metrics")[2].decode(), "moe_requests_cancelled_total")
-    sock = socket.create_connection(("127.0.0.1", port))
-    req = json.dumps({"prompt": "The ", "max_tokens": 80, "stream": True, "seed": 1})
-    sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-                  f"Content-Type: application/json\r\nContent-Length: {len(req)}\r\n\r\n{req}")
-                 .encode())
-    sock.recv(100)
-    sock.close()
-    freed = False
-    for _ in range(40):
-        m = request(port, "GET", "/metrics")[2].decode()
-        if metric(m, "moe_requests_active") == 0 and \
-                metric(m, "moe_requests_cancelled_total") == cancelled0 + 1:
-            freed = True
-            break
-        time.sleep(0.05)
-    check(freed, "a vanished client's request is cancelled and its slot free within 2 s")
     # A client that stalls mid-request does not hold up the others.
     stall = socket.create_connection(("127.0.0.1", port))
     stall.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")

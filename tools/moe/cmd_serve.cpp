@@ -1,8 +1,11 @@
 // `moe serve`: an OpenAI-compatible HTTP server over a checkpoint (docs/serve.md).
 #include <fmt/core.h>
 
+#include <chrono>
 #include <csignal>
 #include <filesystem>
+#include <functional>
+#include <thread>
 
 #include "commands.h"
 #include "moe/serve_http.h"
@@ -18,6 +21,7 @@ struct ServeArgs {
   int port = 8080;
   int64_t parallel = 4, ctx = 0, queue = 32, prefill_chunk = 256;
   int threads = 0;
+  double step_delay_ms = 0;
   std::string weights = "stored";
 };
 
@@ -31,7 +35,12 @@ int run_serve(const ServeArgs& a) {
   set_num_threads(a.threads);
   std::unique_ptr<Model> model = load_model(a.model_dir, weights_as(a.weights));
   std::unique_ptr<Tokenizer> tok = load_tokenizer(a.model_dir);
-  serve::Engine engine(*model, {a.parallel, a.ctx, a.queue, a.prefill_chunk});
+  std::function<void()> before_step;
+  if (a.step_delay_ms > 0)
+    before_step = [d = std::chrono::duration<double, std::milli>(a.step_delay_ms)] {
+      std::this_thread::sleep_for(d);
+    };
+  serve::Engine engine(*model, {a.parallel, a.ctx, a.queue, a.prefill_chunk}, before_step);
   serve::HttpOptions opt;
   opt.host = a.host;
   opt.port = a.port;
@@ -105,6 +114,11 @@ Run add_serve(CLI::App& app) {
                   "require 'Authorization: Bearer KEY' (else 401; /health stays open)");
   cmd->add_option("--name", a->name, "the model's name in responses (default: the folder's)");
   cmd->add_option("-t,--threads", a->threads, "threads (0: all cores)")->capture_default_str();
+  cmd->add_option("--step-delay-ms", a->step_delay_ms,
+                  "pause this long before each decode step: to follow the routing page at "
+                  "reading speed, or to try a client against a slow server (0: none)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   add_weights_option(cmd, a->weights);
   return [a] { return run_serve(*a); };
 }
