@@ -103,6 +103,40 @@ def svg(rows, path):
         f.write("\n".join(out) + "\n")
 
 
+def engine_rows(args, model, batch):
+    """moe bench decode --batch for the served model on one thread and on every core, and for a
+    dense model of the same active parameters (the `small-dense` preset, two training steps: its
+    speed does not depend on its weights) on one thread."""
+    dense = "out/serve_dense_model"
+    if not os.path.exists(os.path.join(dense, "latest")):
+        subprocess.run([args.moe, "train", "--preset", "small-dense", "--steps", "2", "--sample",
+                        "0", "--eval-every", "0", "--out", dense], check=True,
+                       capture_output=True)
+    out = []
+    for name, m, threads in ((f"`{model}`", model, 1), (f"`{model}`", model, 0),
+                             ("dense, same active parameters", dense, 1)):
+        r = subprocess.run([args.moe, "bench", "decode", "-m", m, "-n", str(args.max_tokens),
+                            "--batch", str(batch), "-t", str(threads), "--json"],
+                           capture_output=True, text=True, check=True)
+        j = json.loads(r.stdout.strip().splitlines()[-1])
+        j["experts"] = experts_of(m)
+        out.append((name, j))
+        print(json.dumps(j), flush=True)
+    return out
+
+
+def experts_of(model):
+    """Routed experts per MoE layer of a checkpoint of this engine (0 for a dense one)."""
+    d = model
+    latest = os.path.join(model, "latest")
+    if os.path.exists(latest):
+        d = os.path.join(model, open(latest).read().strip())
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    own = cfg["moe_cpp"]
+    return own["moe"]["n_experts"] if own.get("moe_every", 1) > 0 else 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--moe", default="build/release/moe")
@@ -135,6 +169,7 @@ def main():
     finally:
         server.terminate()
         server.wait()
+    engine = engine_rows(args, model, max(clients))
     os.makedirs(args.results, exist_ok=True)
     svg(rows, os.path.join(args.results, "serve.svg"))
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
@@ -153,6 +188,24 @@ def main():
                     f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x "
                     f"| {r['ttft_p50_ms']:.1f} ms | {r['ttft_p99_ms']:.1f} ms |\n")
         f.write("\n![aggregate tokens/s](serve.svg)\n")
+        b = max(clients)
+        f.write(f"\n## The engine alone: {b} sequences a step against one\n\n"
+                f"`moe bench decode -m MODEL -n {args.max_tokens} --batch {b}` (no HTTP, no "
+                "clients): greedy decoding of one sequence, then of "
+                f"{b} together, in one run. A step reads the fixed weights once, each routed "
+                "expert that any of its tokens chose once, and every sequence's keys and values; "
+                "were both read at the same speed, the batch could be at most "
+                f"{b} x bytes(one) / bytes(batch) times faster (the bound).\n\n"
+                "| model | threads | one sequence, tokens/s | batch, tokens/s | against one | "
+                "experts read per MoE layer | MB a step reads (one / batch) | bound | "
+                "of the bound |\n|---|---|---|---|---|---|---|---|---|\n")
+        for name, j in engine:
+            f.write(f"| {name} | {j['threads']} | {j['tokens_per_s']:.0f} | "
+                    f"{j['batch_tokens_per_s']:.0f} | {j['batch_of_one']:.2f}x | "
+                    f"{j['experts_per_layer_batch']:.2f} of {j.get('experts', 0)} | "
+                    f"{j['step_mb_one']:.2f} / {j['step_mb_batch']:.2f} | "
+                    f"{j['batch_of_one_bytes_bound']:.2f}x | "
+                    f"{100 * j['batch_of_one'] / j['batch_of_one_bytes_bound']:.0f}% |\n")
     print(open(path).read())
 
 
