@@ -16,16 +16,10 @@ import sys
 import numpy as np
 
 import moe_cpp
+from checks import check, raises, status
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIX = os.path.join(HERE, "..", "fixtures")
-FAILURES = []
-
-
-def check(cond, what, detail=""):
-    print(("ok   " if cond else "FAIL ") + what + (f" ({detail})" if detail else ""), flush=True)
-    if not cond:
-        FAILURES.append(what)
 
 
 def read_safetensors(path):
@@ -129,12 +123,6 @@ def test_trace_and_errors(work):
           "generate: an iterator of tokens, the same for the same seed, whose texts join to the "
           "decoded text")
 
-    def raises(fn, text, what):
-        try:
-            fn()
-            check(False, what, "no error")
-        except moe_cpp.Error as e:
-            check(text in str(e), what, str(e))
     raises(lambda: m.logits([m.vocab_size]), "outside the vocabulary", "a token past the vocabulary")
     raises(lambda: m.logits([1] * (m.max_seq_len + 1)), "exceed the model's",
            "more tokens than the model's positions")
@@ -151,8 +139,7 @@ def main():
         test_hf(arch)
     test_gguf()
     test_trace_and_errors(work)
-    print(f"{len(FAILURES)} failure(s)")
-    return 1 if FAILURES else 0
+    return status()
 
 
 if __name__ == "__main__":

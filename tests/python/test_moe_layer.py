@@ -19,16 +19,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "torch"))
 import moe_oracle as O  # noqa: E402
 import moe_cpp  # noqa: E402
+from checks import check, raises, status  # noqa: E402
 
 torch.set_default_dtype(torch.float32)  # the oracle sets float64 for itself (see reference)
 
-FAILURES = []
-
-
-def check(cond, what, detail=""):
-    print(("ok   " if cond else "FAIL ") + what + (f" ({detail})" if detail else ""), flush=True)
-    if not cond:
-        FAILURES.append(what)
 
 
 # One configuration per router (the oracle's cases, eval mode: no random draws).
@@ -139,12 +133,6 @@ def test_shared_parameters():
 
 
 def test_errors():
-    def raises(fn, text, what):
-        try:
-            fn()
-            check(False, what, "no error")
-        except moe_cpp.Error as e:
-            check(text in str(e), what, str(e))
     cfg = ROUTERS["topk"]
     raises(lambda: moe_cpp.MoeLayer(cfg, routr="topk"), "unknown key 'routr'",
            "an unknown option: moe_cpp.Error naming it")
@@ -221,8 +209,7 @@ def main():
     test_errors()
     test_gil_released()
     test_training_loop()
-    print(f"{len(FAILURES)} failure(s)")
-    return 1 if FAILURES else 0
+    return status()
 
 
 if __name__ == "__main__":
