@@ -49,12 +49,13 @@ py::array_t<T> to_array(const Tensor& t) {
 
 // A routing as numpy arrays: each token's (expert, weight) pairs as a CSR (offsets [n + 1],
 // experts, weights) and its top-1 expert.
-py::dict routing_of(const MoeOutput& o) {
+py::dict routing_of(const Tensor& offsets, const Tensor& experts, const Tensor& weights,
+                    const Tensor& top_expert) {
   py::dict r;
-  r["offsets"] = to_array<int64_t>(o.plan_offsets);
-  r["experts"] = to_array<int32_t>(o.plan_experts);
-  r["weights"] = to_array<float>(o.plan_weights.to(DType::F32));
-  r["top_expert"] = to_array<int32_t>(o.top_expert);
+  r["offsets"] = to_array<int64_t>(offsets);
+  r["experts"] = to_array<int32_t>(experts);
+  r["weights"] = to_array<float>(weights.to(DType::F32));
+  r["top_expert"] = to_array<int32_t>(top_expert);
   return r;
 }
 
@@ -80,7 +81,6 @@ class Layer {
   }
 
   std::string config_json() const { return nlohmann::json(layer_->config()).dump(); }
-  std::string dtype() const { return dtype_ == DType::F64 ? "float64" : "float32"; }
   int64_t d_model() const { return layer_->config().d_model; }
 
   // (name, shape) of every parameter, in the layer's order.
@@ -170,7 +170,8 @@ class Layer {
 
   // The routing of the latest forward (routing_of) with the layer's statistics.
   py::dict routing() const {
-    py::dict r = routing_of(out_);
+    py::dict r =
+        routing_of(out_.plan_offsets, out_.plan_experts, out_.plan_weights, out_.top_expert);
     const RoutingStats& s = out_.stats;
     r["routed"] = s.routed;
     r["kept"] = s.kept;
@@ -237,14 +238,9 @@ class LoadedModel {
       model_->decode(tokens(ids), cache, arena, {}, nullptr, Model::LogitRows::none, &r);
     }
     py::list layers;
-    for (size_t l = 0; l < r.plan_offsets.size(); ++l) {
-      MoeOutput o;
-      o.plan_offsets = r.plan_offsets[l];
-      o.plan_experts = r.plan_experts[l];
-      o.plan_weights = r.plan_weights[l];
-      o.top_expert = r.top_expert[l];
-      layers.append(routing_of(o));
-    }
+    for (size_t l = 0; l < r.plan_offsets.size(); ++l)
+      layers.append(
+          routing_of(r.plan_offsets[l], r.plan_experts[l], r.plan_weights[l], r.top_expert[l]));
     return layers;
   }
 
@@ -366,7 +362,6 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<const std::string&, const std::string&, uint64_t>(), py::arg("config_json"),
            py::arg("dtype"), py::arg("seed"))
       .def("config_json", &Layer::config_json)
-      .def("dtype", &Layer::dtype)
       .def("d_model", &Layer::d_model)
       .def("params", &Layer::params)
       .def("copy_params_to", &Layer::copy_params_to)

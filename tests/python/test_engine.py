@@ -126,7 +126,8 @@ def test_trace_and_errors(work):
     raises(lambda: m.logits([m.vocab_size]), "outside the vocabulary", "a token past the vocabulary")
     raises(lambda: m.logits([1] * (m.max_seq_len + 1)), "exceed the model's",
            "more tokens than the model's positions")
-    raises(lambda: moe_cpp.load(os.path.join(work, "nothing")), "", "a missing checkpoint")
+    raises(lambda: moe_cpp.load(os.path.join(work, "nothing")), "is not a checkpoint",
+           "a missing checkpoint, named")
     raises(lambda: moe_cpp.train(preset="nope", steps=1, out=os.path.join(work, "x")),
            "unknown preset 'nope'", "moe_cpp.train: an unknown preset, named")
     raises(lambda: moe_cpp.train(stepz=1), "stepz", "moe_cpp.train: an unknown option, named")
